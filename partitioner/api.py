@@ -1,0 +1,91 @@
+"""``partition(model, policy)``: the pipeline of DESIGN.md, one named step after another."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from partitioner.capture import DEFAULT_REFERENCE, Captured, capture
+from partitioner.placement import ENCLAVE, place
+from partitioner.policy import Policy
+from partitioner.program import SplitProgram, _Signature
+from partitioner.shapes import ShapeContext, node_flops
+from partitioner.split import build_stages, validate
+from passes.attention import decompose_attention
+from passes.label_set import Label
+from passes.labels import label_program
+
+
+def needs_attention_decomposition(policy: Policy) -> bool:
+    """SDPA hides a softmax: split it when softmax must stay in the enclave but QKᵀ may leave."""
+    return (
+        policy.pinned_side(Label.NONLINEAR) == ENCLAVE
+        and policy.pinned_side(Label.ATTENTION) != ENCLAVE
+    )
+
+
+def partition(
+    model: torch.nn.Module | ExportedProgram | Captured,
+    policy: Policy | str | Path = "secureinfer",
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    model_name: str | None = None,
+    reference_dims: Mapping[str, int] | None = None,
+) -> SplitProgram:
+    """Capture, label, place and split ``model`` under ``policy``.
+
+    ``policy`` is a :class:`Policy`, a preset name (``cmif``, ``secureinfer``, ``slalom``,
+    ``all_enclave``, ``all_gpu``) or a YAML/JSON policy file. ``example_inputs`` may be
+    omitted for Hugging Face text models. ``reference_dims`` sets the sizes at which bytes and
+    FLOPs are counted (default batch=1, seq=128).
+    """
+    policy = Policy.resolve(policy)
+    captured = model if isinstance(model, Captured) else capture(
+        model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name
+    )
+    program = captured.program
+    if needs_attention_decomposition(policy):
+        program = decompose_attention(program)
+    label_program(program)
+    shapes = ShapeContext(program, captured.dim_names, reference_dims or DEFAULT_REFERENCE)
+    placement = place(program, policy, shapes)
+    stages, edges, flat_outputs = build_stages(program, placement, shapes)
+    validate(program, placement, stages, edges)
+    labels = {}
+    rules = {}
+    flops = {}
+    for node in program.graph.nodes:
+        meta = node.meta.get("teesplit")
+        if meta and "label" in meta:
+            labels[node.name] = meta["label"]
+            rules[node.name] = meta["label_rule"]
+            if node.name in placement.sides:
+                flops[node.name] = node_flops(node, shapes)
+    param_bytes = {fqn: t.numel() * t.element_size() for fqn, t in program.state_dict.items()}
+    if policy.masking != "none" or policy.rnm is not None or policy.integrity != "none":
+        warnings.warn(
+            f"policy {policy.name!r} asks for masking={policy.masking!r}, "
+            f"rnm={'on' if policy.rnm else 'off'}, integrity={policy.integrity!r}; the "
+            "protection passes are not implemented yet, so cut edges cross unprotected",
+            stacklevel=2,
+        )
+    return SplitProgram(
+        model_name=model_name or captured.model_name,
+        policy=policy,
+        stages=stages,
+        edges=edges,
+        flat_outputs=flat_outputs,
+        signature=_Signature.of(program),
+        shapes=shapes,
+        placement=placement,
+        labels=labels,
+        label_rules=rules,
+        flops=flops,
+        param_bytes=param_bytes,
+    )

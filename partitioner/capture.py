@@ -1,0 +1,162 @@
+"""Capture: model + example inputs -> ``torch.export.ExportedProgram``.
+
+Reads an ``nn.Module`` (or an ``ExportedProgram``, passed through), writes nothing to the model,
+and guarantees a functional inference graph: export runs non-strict under ``no_grad`` and a
+program that mutates a buffer is refused with a :class:`CaptureError` naming the buffer.
+Hugging Face models get example inputs built from their config, with batch and sequence
+length dynamic (``torch.export.Dim``) so one split program serves any prompt length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from partitioner.errors import CaptureError
+
+# Reference sizes at which symbolic shapes are evaluated for byte and FLOP accounting.
+DEFAULT_REFERENCE = {"batch": 1, "seq": 128}
+_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 16  # >1 so export does not specialise the dims to 0/1
+
+
+@dataclass
+class Captured:
+    """An exported program plus what the later steps need to name its symbolic dims."""
+
+    program: ExportedProgram
+    model_name: str
+    # sympy symbol name (``s70``) -> user-facing dim name (``seq``)
+    dim_names: dict[str, str] = field(default_factory=dict)
+
+
+def _is_hf_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def model_name_of(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") if config is not None else ""
+    return name or type(model).__name__
+
+
+def hf_example_inputs(
+    model: torch.nn.Module,
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """Example ``(args, kwargs, dynamic_shapes)`` for a text model, built from its config."""
+    import inspect
+
+    config = model.config
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise CaptureError(
+            f"{type(model).__name__} takes {model.main_input_name!r}, not token ids; "
+            "pass example_inputs explicitly"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise CaptureError(f"{type(model).__name__}.config has no vocab_size; pass example_inputs")
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQ), generator=gen).to(device)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    max_len = getattr(config, "max_position_embeddings", None) or 4096
+    seq = Dim("seq", min=1, max=int(max_len))
+    batch = Dim("batch", min=1, max=1024)
+    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: seq}}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+        dynamic["use_cache"] = None
+    return (), kwargs, dynamic
+
+
+def _dim_names(ep: ExportedProgram, dynamic_shapes: Any, args: tuple[Any, ...]) -> dict[str, str]:
+    """Map the export's shape symbols back to the ``Dim`` names the caller chose."""
+    if dynamic_shapes is None:
+        return {}
+    user_inputs = list(ep.graph_signature.user_inputs)
+    if isinstance(dynamic_shapes, Mapping):
+        specs = dict(dynamic_shapes)
+    else:
+        specs = dict(zip(user_inputs, dynamic_shapes, strict=False))
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    names: dict[str, str] = {}
+    for input_name, spec in specs.items():
+        node = placeholders.get(input_name)
+        if node is None or not isinstance(spec, Mapping):
+            continue
+        val = node.meta.get("val")
+        for dim, dim_spec in spec.items():
+            size = val.shape[dim] if isinstance(val, torch.Tensor) else None
+            label = getattr(dim_spec, "__name__", None)
+            if isinstance(size, torch.SymInt) and label:
+                names.setdefault(str(size.node.expr), label)
+    return names
+
+
+def capture(
+    model: torch.nn.Module | ExportedProgram,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    model_name: str | None = None,
+) -> Captured:
+    """Export ``model`` (non-strict, no_grad) into an ``ExportedProgram``.
+
+    ``example_inputs`` is a tuple of positional arguments or a mapping of keyword arguments.
+    For Hugging Face text models it may be omitted: token ids are generated and batch/sequence
+    made dynamic. Other modules are captured with static shapes unless ``dynamic_shapes``
+    (torch.export's format) is given.
+    """
+    if isinstance(model, ExportedProgram):
+        _refuse_mutation(model, model_name or "ExportedProgram")
+        return Captured(model, model_name or "ExportedProgram")
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
+    name = model_name or model_name_of(model)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    if example_inputs is None:
+        if not _is_hf_model(model):
+            raise CaptureError(f"{name}: example_inputs are required for a non-Hugging Face module")
+        args, kwargs, auto_dynamic = hf_example_inputs(model)
+        if dynamic_shapes is None:
+            dynamic_shapes = auto_dynamic
+    elif isinstance(example_inputs, Mapping):
+        kwargs = dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args = example_inputs
+    else:
+        raise CaptureError(
+            f"{name}: example_inputs must be a tuple or a mapping, got {type(example_inputs).__name__}"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except Exception as exc:  # torch raises many types; all mean "cannot capture"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not capture {name}: {reason}") from exc
+    finally:
+        model.train(was_training)
+    _refuse_mutation(ep, name)
+    return Captured(ep, name, _dim_names(ep, dynamic_shapes, args))
+
+
+def _refuse_mutation(ep: ExportedProgram, name: str) -> None:
+    sig = ep.graph_signature
+    mutated = sorted(sig.buffers_to_mutate.values()) + sorted(sig.user_inputs_to_mutate.values())
+    if mutated:
+        raise CaptureError(
+            f"{name} mutates {mutated} during forward; teesplit splits pure inference graphs"
+        )

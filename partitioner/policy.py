@@ -1,0 +1,236 @@
+"""Privacy policies: what goes to the enclave, what the enclave protects, and how.
+
+A :class:`Policy` is frozen and validated when it is built, so an impossible policy fails at
+construction with a :class:`PolicyError` naming the offending key or labels, never later inside
+placement. Presets follow DESIGN.md; files (YAML or JSON) build the same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partitioner.errors import PolicyError
+from passes.label_set import ALL_LABELS, WEIGHT_BEARING, Label
+
+PROTECTABLE = frozenset({"input", "model"})
+MASKING_MODES = ("none", "additive", "field")
+INTEGRITY_MODES = ("none", "freivalds")
+
+
+@dataclass(frozen=True)
+class RNMConfig:
+    """Report-Noisy-Max settings (CMIF): per-token privacy budget and candidate-set size."""
+
+    epsilon: float = 1.0
+    candidates: int = 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
+            raise PolicyError(f"rnm.epsilon must be a positive number, got {self.epsilon!r}")
+        if not isinstance(self.candidates, int) or self.candidates < 2:
+            raise PolicyError(f"rnm.candidates must be an integer >= 2, got {self.candidates!r}")
+
+
+def _labels(value: Iterable[str] | str, key: str) -> frozenset[Label]:
+    if isinstance(value, str):
+        raise PolicyError(f"{key} must be a list of labels, got the string {value!r}")
+    names = list(value)
+    unknown = sorted(str(v) for v in names if v not in ALL_LABELS)
+    if unknown:
+        raise PolicyError(
+            f"{key} names unknown labels {unknown}; known labels: {sorted(ALL_LABELS)}"
+        )
+    return frozenset(Label(v) for v in names)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where each label runs and how crossing tensors are protected.
+
+    ``enclave`` and ``gpu`` pin labels to a side; labels in neither are *free* and placed by the
+    byte-minimising min-cut. ``protects`` says what the enclave keeps secret: ``"model"`` makes
+    every parameter protected (a node reading one is forced into the enclave); ``"input"`` means
+    values derived from the request must not reach the GPU in the clear, so it needs masking or
+    RNM whenever anything runs on the GPU.
+    """
+
+    name: str = "custom"
+    enclave: frozenset[Label] = frozenset()
+    gpu: frozenset[Label] = frozenset()
+    protects: frozenset[str] = frozenset()
+    masking: str = "none"
+    rnm: RNMConfig | None = None
+    integrity: str = "none"
+    min_gpu_block: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "enclave", _labels(self.enclave, "enclave"))
+        set_(self, "gpu", _labels(self.gpu, "gpu"))
+        if isinstance(self.protects, str):
+            raise PolicyError(f"protects must be a list, got the string {self.protects!r}")
+        set_(self, "protects", frozenset(self.protects))
+        if isinstance(self.rnm, Mapping):
+            set_(self, "rnm", _rnm_from_dict(self.rnm))
+        self._validate()
+
+    def _validate(self) -> None:
+        both = sorted(self.enclave & self.gpu)
+        if both:
+            raise PolicyError(f"labels {both} are pinned to both the enclave and the GPU")
+        bad = sorted(self.protects - PROTECTABLE)
+        if bad:
+            raise PolicyError(f"protects names {bad}; allowed: {sorted(PROTECTABLE)}")
+        if self.masking not in MASKING_MODES:
+            raise PolicyError(f"masking={self.masking!r}; allowed: {list(MASKING_MODES)}")
+        if self.integrity not in INTEGRITY_MODES:
+            raise PolicyError(f"integrity={self.integrity!r}; allowed: {list(INTEGRITY_MODES)}")
+        if not isinstance(self.min_gpu_block, int) or self.min_gpu_block < 1:
+            raise PolicyError(f"min_gpu_block must be an integer >= 1, got {self.min_gpu_block!r}")
+        if self.rnm is not None and not isinstance(self.rnm, RNMConfig):
+            raise PolicyError(f"rnm must be an RNMConfig, a mapping or None, got {self.rnm!r}")
+        if "model" in self.protects:
+            weighted = sorted(self.gpu & WEIGHT_BEARING)
+            if weighted:
+                raise PolicyError(
+                    f"protects 'model' but pins weight-bearing labels {weighted} to the GPU"
+                )
+        if self.rnm is not None:
+            if Label.EMBEDDING not in self.enclave:
+                raise PolicyError("rnm is set but 'embedding' is not pinned to the enclave")
+            if "input" not in self.protects:
+                raise PolicyError("rnm is set but protects does not include 'input'")
+        if "input" in self.protects and self.gpu and self.masking == "none" and self.rnm is None:
+            raise PolicyError(
+                "protects 'input' and pins labels to the GPU, but masking='none' and rnm is "
+                "unset: nothing would protect the values that cross"
+            )
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, preset: str, /, **overrides: Any) -> Policy:
+        """A named preset from DESIGN.md, optionally with fields overridden."""
+        if preset not in PRESETS:
+            raise PolicyError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        base = PRESETS[preset]
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "policy") -> Policy:
+        """Build from a mapping; ``preset`` names a base whose fields the others override."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
+        allowed = {f.name for f in dataclasses.fields(cls) if f.init} | {"preset"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise PolicyError(f"{source}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        fields = dict(data)
+        preset = fields.pop("preset", None)
+        try:
+            if preset is not None:
+                fields.setdefault("name", f"{preset}+custom" if fields else preset)
+                return cls.preset(preset, **fields)
+            return cls(**fields)
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Load a YAML (``.yaml``/``.yml``) or JSON policy file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # yaml and json raise different types; both are parse errors
+            raise PolicyError(f"cannot parse policy file {path}: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def resolve(cls, policy: Policy | str | Path) -> Policy:
+        """Accept a Policy, a preset name, or a path to a policy file."""
+        if isinstance(policy, Policy):
+            return policy
+        if isinstance(policy, str) and policy in PRESETS:
+            return PRESETS[policy]
+        if isinstance(policy, (str, Path)) and Path(policy).suffix in (".json", ".yaml", ".yml"):
+            return cls.from_file(policy)
+        raise PolicyError(
+            f"policy {policy!r} is neither a Policy, a preset {sorted(PRESETS)}, nor a "
+            ".json/.yaml file"
+        )
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def pinned_side(self, label: Label) -> str | None:
+        if label in self.enclave:
+            return "enclave"
+        if label in self.gpu:
+            return "gpu"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical, JSON-ready form (sorted lists), used in plans and golden files."""
+        return {
+            "name": self.name,
+            "enclave": sorted(str(label) for label in self.enclave),
+            "gpu": sorted(str(label) for label in self.gpu),
+            "protects": sorted(self.protects),
+            "masking": self.masking,
+            "rnm": dataclasses.asdict(self.rnm) if self.rnm else None,
+            "integrity": self.integrity,
+            "min_gpu_block": self.min_gpu_block,
+        }
+
+
+def _rnm_from_dict(data: Mapping[str, Any]) -> RNMConfig:
+    allowed = {f.name for f in dataclasses.fields(RNMConfig)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PolicyError(f"rnm: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    return RNMConfig(**data)
+
+
+L = Label
+PRESETS: dict[str, Policy] = {
+    "cmif": Policy(
+        name="cmif",
+        enclave=frozenset({L.EMBEDDING}),
+        gpu=ALL_LABELS - {L.EMBEDDING, L.SHAPE, L.ELEMENTWISE, L.OTHER},
+        protects=frozenset({"input"}),
+        rnm=RNMConfig(epsilon=1.0, candidates=20),
+    ),
+    "secureinfer": Policy(
+        name="secureinfer",
+        enclave=frozenset({L.NONLINEAR, L.NORM, L.ATTENTION_PROJECTION, L.FFN, L.LORA}),
+        gpu=frozenset({L.ATTENTION}),
+        protects=frozenset({"input", "model"}),
+        masking="additive",
+    ),
+    "slalom": Policy(
+        name="slalom",
+        enclave=frozenset({L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE}),
+        gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD, L.LORA}),
+        protects=frozenset({"input"}),
+        masking="field",
+        integrity="freivalds",
+    ),
+    "all_enclave": Policy(
+        name="all_enclave", enclave=ALL_LABELS, protects=frozenset({"input", "model"})
+    ),
+    "all_gpu": Policy(name="all_gpu", gpu=ALL_LABELS),
+}
+del L

@@ -1,0 +1,1 @@
+"""Graph passes: labelling, attention decomposition, and (next) protection."""

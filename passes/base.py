@@ -1,0 +1,47 @@
+"""Pass infrastructure on top of ``torch.fx.passes.infra.pass_base.PassBase``.
+
+An :class:`AnalysisPass` may only write its own metadata namespace (``node.meta["teesplit"]``);
+the framework fingerprints the graph before and after the pass and raises if the pass edited
+it, the way ExecuTorch validates that a partitioner only tagged nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from partitioner.errors import LabelError
+
+META_KEY = "teesplit"
+
+
+def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
+    """The node's teesplit metadata dict, created on first use."""
+    return node.meta.setdefault(META_KEY, {})
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule) -> tuple[tuple[str, str, str, str], ...]:
+    return tuple(
+        (n.name, n.op, str(n.target), repr((n.args, n.kwargs))) for n in gm.graph.nodes
+    )
+
+
+class AnalysisPass(PassBase):
+    """A pass that annotates ``node.meta`` and must leave the graph itself untouched."""
+
+    def __call__(self, graph_module: torch.fx.GraphModule) -> PassResult | None:
+        before = graph_fingerprint(graph_module)
+        result = super().__call__(graph_module)
+        after = graph_fingerprint(graph_module)
+        if before != after:
+            changed = next(
+                (b[0] for b, a in zip(before, after, strict=False) if b != a),
+                "the node count",
+            )
+            raise LabelError(
+                f"{type(self).__name__} edited the graph (first difference at {changed}); "
+                "analysis passes may only write node.meta"
+            )
+        return result

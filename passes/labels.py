@@ -1,0 +1,308 @@
+"""Labelling pass: one sensitivity label per compute node.
+
+Reads an ExportedProgram's graph and signature; writes ``node.meta["teesplit"]["label"]`` (a
+:class:`Label`) and ``["label_rule"]`` (why) on every ``call_function`` node; guarantees the
+graph is unchanged and no compute node is left unlabelled. Placeholders and the output node are
+not labelled: they are the program's signature (parameters, buffers, user inputs, results).
+
+Labels come from the op and from ``nn_module_stack`` (module class and qualified name), never
+from a list of model names, so an architecture nobody tried still gets labelled. Scopes are
+recognised by class-name patterns (``*Attention*``, ``*Norm*``, ``*Layer``/``*Block``, ``*MLP*``,
+rotary/positional embeddings, activation modules) and peft's LoRA wrappers.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.export import ExportedProgram
+from torch.fx.passes.infra.pass_base import PassResult
+
+from partitioner.errors import LabelError
+from passes.base import AnalysisPass, teesplit_meta
+from passes.label_set import Label
+
+LINEAR_OPS = frozenset(
+    {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d", "convolution"}
+)
+SDPA_OPS = frozenset(
+    {
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+    }
+)
+NORM_OPS = frozenset(
+    {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "batch_norm",
+     "_native_batch_norm_legit_no_training", "instance_norm"}
+)
+EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
+GATHER_OPS = frozenset({"index_select", "index", "gather", "take"})
+NONLINEAR_OPS = frozenset(
+    {"softmax", "_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "relu", "relu6",
+     "tanh", "sigmoid", "exp", "log", "erf", "elu", "selu", "celu", "leaky_relu", "hardtanh",
+     "hardswish", "hardsigmoid", "mish", "softplus", "glu", "cos", "sin", "sqrt", "rsqrt",
+     "pow", "reciprocal", "logsumexp"}
+)
+ELEMENTWISE_OPS = frozenset(
+    {"add", "sub", "rsub", "mul", "div", "neg", "where", "masked_fill", "clamp", "clamp_min",
+     "clamp_max", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__",
+     "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_not", "logical_and",
+     "logical_or", "logical_not", "cumsum", "diff", "sum", "mean", "max", "min", "amax", "amin",
+     "argmax", "argmin", "abs", "dropout", "square", "floor_divide", "remainder", "any", "all",
+     "isinf", "isnan", "sign", "floor", "ceil", "round", "trunc", "fill", "lerp", "addcmul",
+     "addcdiv", "var", "std", "prod", "topk", "sort"}
+)
+SHAPE_OPS = frozenset(
+    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze",
+     "expand", "expand_as", "slice", "select", "cat", "concat", "stack", "split",
+     "split_with_sizes", "chunk", "unbind", "contiguous", "clone", "to", "_to_copy", "alias",
+     "detach", "flatten", "unflatten", "narrow", "repeat", "repeat_interleave", "arange", "ones",
+     "zeros", "full", "new_ones", "new_zeros", "new_full", "new_empty", "empty", "zeros_like",
+     "ones_like", "full_like", "empty_like", "scalar_tensor", "lift_fresh_copy", "tril", "triu",
+     "flip", "roll", "constant_pad_nd", "pad", "movedim", "as_strided", "view_as", "reshape_as",
+     "type_as", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
+     "sym_size", "sym_numel", "sym_stride", "_local_scalar_dense", "item", "index", "gather",
+     "index_select", "take", "one_hot"}
+)
+
+_ATTENTION = re.compile(r"Attention|Attn")
+_NORM = re.compile(r"Norm")
+_POSITIONAL = re.compile(r"Rotary|Positional|PositionEmbedding|PosEmb")
+_LAYER = re.compile(r"(Layer|Block)$")
+_MLP = re.compile(r"MLP|FeedForward|FFN|Intermediate|Expert")
+_ACTIVATION_MODULES = ("torch.nn.modules.activation.", "transformers.activations.")
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """Short op name: ``aten.linear.default`` -> ``linear``; ``operator.getitem`` -> ``getitem``."""
+    target = node.target
+    name = getattr(target, "_opname", None)
+    if name is None:
+        name = getattr(target, "__name__", str(target))
+    return name
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One ``nn_module_stack`` entry: qualified name and class path."""
+
+    qualname: str
+    classpath: str
+
+    @property
+    def cls(self) -> str:
+        return self.classpath.rsplit(".", 1)[-1]
+
+
+def module_stack(node: torch.fx.Node) -> list[Scope]:
+    """Outermost-first module scopes of ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    scopes = []
+    for qualname, cls in stack.values():
+        classpath = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        scopes.append(Scope(qualname, classpath))
+    return scopes
+
+
+def _effective_scopes(scopes: list[Scope]) -> tuple[list[Scope], bool]:
+    """Split off LoRA: returns (scopes for labelling, whether the node belongs to an adapter).
+
+    A peft LoRA wrapper holds the frozen ``base_layer`` and the adapter (``lora_A``/``lora_B``,
+    scaling, the add). Nodes under ``base_layer`` are labelled as if the wrapper were absent.
+    """
+    for i, scope in enumerate(scopes):
+        is_wrapper = ".lora." in scope.classpath
+        leaf = scope.qualname.rsplit(".", 1)[-1]
+        if leaf.startswith("lora_"):
+            return scopes, True
+        if is_wrapper:
+            inner = scopes[i + 1 :]
+            if inner and inner[0].qualname.endswith(".base_layer"):
+                return scopes[:i] + inner, False
+            return scopes, True
+    return scopes, False
+
+
+class LabelPass(AnalysisPass):
+    """Assign a :class:`Label` to every ``call_function`` node of an exported graph."""
+
+    def __init__(self, program: ExportedProgram) -> None:
+        super().__init__()
+        sig = program.graph_signature
+        self.weights: dict[str, str] = {
+            **sig.inputs_to_parameters,
+            **sig.inputs_to_buffers,
+            **sig.inputs_to_lifted_tensor_constants,
+        }
+        self.user_inputs = user_input_names(program)
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        names = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
+        missing = sorted((set(self.weights) | set(self.user_inputs)) - names)
+        if missing:
+            raise LabelError(f"graph does not match its export signature: no placeholders {missing}")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        weight_derived = self._weight_derived(graph.nodes)
+        vocab_sizes, embedding_weights = self._embedding_tables(graph.nodes)
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            label, rule = self._label(node, weight_derived, vocab_sizes, embedding_weights)
+            meta = teesplit_meta(node)
+            meta["label"] = label
+            meta["label_rule"] = rule
+        return PassResult(graph_module, False)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        unlabelled = [
+            n.name
+            for n in graph_module.graph.nodes
+            if n.op == "call_function" and "label" not in teesplit_meta(n)
+        ]
+        if unlabelled:
+            raise LabelError(f"nodes left unlabelled: {unlabelled[:10]}")
+
+    # -- analysis helpers ------------------------------------------------------------------
+
+    def _weight_derived(self, nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+        """Nodes whose value is a weight, or a weight reshaped/cast without arithmetic."""
+        derived: set[torch.fx.Node] = set()
+        for node in nodes:
+            if node.op == "placeholder" and node.name in self.weights:
+                derived.add(node)
+            elif node.op == "call_function" and op_name(node) in SHAPE_OPS:
+                inputs = node.all_input_nodes
+                if inputs and all(i in derived for i in inputs):
+                    derived.add(node)
+        return derived
+
+    def _embedding_tables(self, nodes: Iterable[torch.fx.Node]) -> tuple[set[int], set[str]]:
+        sizes: set[int] = set()
+        weights: set[str] = set()
+        for node in nodes:
+            if node.op == "call_function" and op_name(node) in EMBEDDING_OPS:
+                table = node.args[0]
+                if isinstance(table, torch.fx.Node):
+                    weights.add(self.weights.get(table.name, table.name))
+                    val = table.meta.get("val")
+                    if isinstance(val, torch.Tensor) and isinstance(val.shape[0], int):
+                        sizes.add(val.shape[0])
+        return sizes, weights
+
+    def _label(
+        self,
+        node: torch.fx.Node,
+        weight_derived: set[torch.fx.Node],
+        vocab_sizes: set[int],
+        embedding_weights: set[str],
+    ) -> tuple[Label, str]:
+        name = op_name(node)
+        if node.target is operator.getitem or name.startswith("sym_") or node.target in _SYM_OPS:
+            return Label.SHAPE, "structural"
+        scopes, in_lora = _effective_scopes(module_stack(node))
+        classes = [s.cls for s in scopes]
+        in_attention = any(_ATTENTION.search(c) for c in classes)
+        if in_lora:
+            return Label.LORA, "scope:lora-adapter"
+        norm_scope = next((c for c in reversed(classes) if _NORM.search(c)), None)
+        if name in NORM_OPS or norm_scope:
+            return Label.NORM, f"scope:{norm_scope}" if norm_scope else f"op:{name}"
+        operands = [a for a in node.all_input_nodes]
+        weight_operands = [a for a in operands if a in weight_derived]
+        if name in EMBEDDING_OPS:
+            return Label.EMBEDDING, f"op:{name}"
+        if name in GATHER_OPS and operands and operands[0] in weight_derived and len(
+            weight_operands
+        ) < len(operands):
+            return Label.EMBEDDING, f"op:{name}-from-weight"
+        positional = next((c for c in reversed(classes) if _POSITIONAL.search(c)), None)
+        if positional:
+            return Label.EMBEDDING, f"scope:{positional}"
+        activation = next(
+            (s.cls for s in reversed(scopes)
+             if s.classpath.startswith(_ACTIVATION_MODULES) or s.cls.endswith("Activation")),
+            None,
+        )
+        if activation:
+            return Label.NONLINEAR, f"scope:{activation}"
+        if name in NONLINEAR_OPS:
+            return Label.NONLINEAR, f"op:{name}"
+        if name in SDPA_OPS:
+            return Label.ATTENTION, f"op:{name}"
+        if name in LINEAR_OPS:
+            return self._label_linear(
+                node, name, classes, in_attention, weight_operands, vocab_sizes, embedding_weights
+            )
+        if name in ELEMENTWISE_OPS:
+            return Label.ELEMENTWISE, f"op:{name}"
+        if name in SHAPE_OPS:
+            return Label.SHAPE, f"op:{name}"
+        return Label.OTHER, f"unrecognised op {node.target}"
+
+    def _label_linear(
+        self,
+        node: torch.fx.Node,
+        name: str,
+        classes: list[str],
+        in_attention: bool,
+        weight_operands: list[torch.fx.Node],
+        vocab_sizes: set[int],
+        embedding_weights: set[str],
+    ) -> tuple[Label, str]:
+        if not weight_operands:
+            if in_attention:
+                return Label.ATTENTION, f"op:{name}-of-activations-in-attention"
+            return Label.OTHER, f"{name} of two activations outside an attention module"
+        if in_attention:
+            return Label.ATTENTION_PROJECTION, f"weight-{name}-in-attention"
+        in_layer = any(_LAYER.search(c) and not _NORM.search(c) for c in classes)
+        in_mlp = any(_MLP.search(c) for c in classes)
+        weights = {self.weights.get(w.name, w.name) for w in weight_operands}
+        val = node.meta.get("val")
+        out_dim = val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() else None
+        if not in_layer and not in_mlp and (weights & embedding_weights or out_dim in vocab_sizes):
+            return Label.LM_HEAD, f"weight-{name}-to-vocab"
+        if in_layer or in_mlp:
+            return Label.FFN, f"weight-{name}-in-layer"
+        return Label.OTHER, f"weight-{name} outside any layer, attention or MLP module"
+
+
+_SYM_OPS = frozenset(
+    {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+     operator.mod, operator.neg, operator.eq, operator.ne, operator.lt, operator.le,
+     operator.gt, operator.ge, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int,
+     torch.sym_float, torch.sym_sqrt, torch.sym_ite}
+)
+
+
+def user_input_names(program: ExportedProgram) -> list[str]:
+    """Placeholder names of the user's tensor inputs (constant arguments are baked in)."""
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    return [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT and isinstance(spec.arg, TensorArgument)
+    ]
+
+
+def label_program(program: ExportedProgram) -> ExportedProgram:
+    """Run :class:`LabelPass` over ``program`` in place (metadata only) and return it."""
+    LabelPass(program)(program.graph_module)
+    return program
+
+
+def label_of(node: torch.fx.Node) -> Label:
+    label = node.meta.get("teesplit", {}).get("label")
+    if label is None:
+        raise LabelError(f"node {node.name} ({node.target}) has no label; run LabelPass first")
+    return label
