@@ -1,32 +1,34 @@
-"""teesplit: split PyTorch models between an SGX enclave and an untrusted GPU."""
+"""teesplit: split PyTorch models between an SGX enclave and an untrusted GPU.
 
-from partitioner.api import partition
-from partitioner.capture import Captured, capture
-from partitioner.errors import (
-    ArtifactError,
-    AuditError,
-    CaptureError,
-    LabelError,
-    PartitionError,
-    PolicyError,
-    TeesplitError,
-)
-from partitioner.policy import PRESETS, Policy, RNMConfig
-from partitioner.program import SplitProgram
+Names are imported on first use (PEP 562) so that ``passes`` can import
+``partitioner.errors`` without pulling in the whole pipeline and creating an import cycle.
+"""
 
-__all__ = [
-    "PRESETS",
-    "ArtifactError",
-    "AuditError",
-    "CaptureError",
-    "Captured",
-    "LabelError",
-    "PartitionError",
-    "Policy",
-    "PolicyError",
-    "RNMConfig",
-    "SplitProgram",
-    "TeesplitError",
-    "capture",
-    "partition",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "partition": "partitioner.api",
+    "Captured": "partitioner.capture",
+    "capture": "partitioner.capture",
+    "ArtifactError": "partitioner.errors",
+    "AuditError": "partitioner.errors",
+    "CaptureError": "partitioner.errors",
+    "LabelError": "partitioner.errors",
+    "PartitionError": "partitioner.errors",
+    "PolicyError": "partitioner.errors",
+    "TeesplitError": "partitioner.errors",
+    "PRESETS": "partitioner.policy",
+    "Policy": "partitioner.policy",
+    "RNMConfig": "partitioner.policy",
+    "SplitProgram": "partitioner.program",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

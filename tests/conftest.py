@@ -1,0 +1,53 @@
+"""Shared fixtures: models are built and captured once per session (SmolLM2 takes ~20 s)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from partitioner import Captured, capture
+from partitioner.models import BUILTIN
+
+PRESET_NAMES = ["cmif", "secureinfer", "slalom", "all_enclave", "all_gpu"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite tests/golden/*.json from the current compiler instead of comparing",
+    )
+
+
+@functools.cache
+def built(name: str) -> torch.nn.Module:
+    return BUILTIN[name]()
+
+
+@functools.cache
+def captured(name: str) -> Captured:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture(built(name), model_name=name)
+
+
+def model_output(out: object) -> torch.Tensor:
+    """The main tensor of a transformers output (logits or last hidden state)."""
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def eager(name: str, ids: torch.Tensor) -> torch.Tensor:
+    model = built(name)
+    kwargs = {}
+    if "use_cache" in (captured(name).program.call_spec.in_spec.children_specs[1].context or []):
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        return model_output(model(input_ids=ids, **kwargs))
