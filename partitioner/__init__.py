@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "partition": "partitioner.api",
-    "Captured": "partitioner.capture",
-    "capture": "partitioner.capture",
+    "Captured": "partitioner.capturing",
+    "capture": "partitioner.capturing",
     "ArtifactError": "partitioner.errors",
     "AuditError": "partitioner.errors",
     "CaptureError": "partitioner.errors",

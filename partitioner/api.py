@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from partitioner.capture import DEFAULT_REFERENCE, Captured, capture
+from partitioner.capturing import DEFAULT_REFERENCE, Captured, capture
 from partitioner.placement import ENCLAVE, place
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram, _Signature
@@ -46,8 +46,10 @@ def partition(
     FLOPs are counted (default batch=1, seq=128).
     """
     policy = Policy.resolve(policy)
-    captured = model if isinstance(model, Captured) else capture(
-        model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name
+    captured = (
+        model
+        if isinstance(model, Captured)
+        else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
     program = captured.program
     if needs_attention_decomposition(policy):

@@ -23,7 +23,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise CaptureError(f"package {pip_name} is not installed (pip install {pip_name})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def minilm_path() -> Path:
@@ -71,8 +71,13 @@ def tiny_llama() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return _seeded(lambda: LlamaForCausalLM(config))
 
@@ -81,8 +86,13 @@ def tiny_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return _seeded(lambda: GPT2LMHeadModel(config))
 
@@ -91,8 +101,13 @@ def tiny_qwen2() -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return _seeded(lambda: Qwen2ForCausalLM(config))
 
@@ -101,9 +116,16 @@ def tiny_opt() -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=256,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     return _seeded(lambda: OPTForCausalLM(config))
 
@@ -112,9 +134,16 @@ def tiny_phi3() -> torch.nn.Module:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     config = Phi3Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return _seeded(lambda: Phi3ForCausalLM(config))
 
@@ -125,7 +154,9 @@ def tiny_llama_lora() -> torch.nn.Module:
 
     base = tiny_llama()
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
         target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
     )
     model = get_peft_model(base, config)
@@ -145,8 +176,12 @@ def llama2_7b_meta(num_hidden_layers: int = 32) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
         max_position_embeddings=4096,
     )
     config._name_or_path = "llama-2-7b-shape (meta)"

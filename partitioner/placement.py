@@ -207,7 +207,7 @@ class Placer:
         nodes = heads + sorted(self.user_inputs) + ["output"]
         unit_sides, cost = min_cut_sides(nodes, self._values(), pinned)
         sides = {name: unit_sides[head] for name, head in self.units.items()}
-        for name, head in self.units.items():
+        for name, _head in self.units.items():
             why.setdefault(name, f"min-cut (free label {label_of(self._node(name))})")
         stages = self.schedule(sides)
         stages = self._apply_min_gpu_block(stages, sides, why)

@@ -125,7 +125,9 @@ class Policy:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "policy") -> Policy:
         """Build from a mapping; ``preset`` names a base whose fields the others override."""
         if not isinstance(data, Mapping):
-            raise PolicyError(f"{source}: expected a mapping at top level, got {type(data).__name__}")
+            raise PolicyError(
+                f"{source}: expected a mapping at top level, got {type(data).__name__}"
+            )
         allowed = {f.name for f in dataclasses.fields(cls) if f.init} | {"preset"}
         unknown = sorted(set(data) - allowed)
         if unknown:

@@ -12,14 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind
 
 from partitioner.placement import ENCLAVE, GPU, Placement
 from partitioner.policy import Policy
-from partitioner.shapes import ShapeContext, node_flops
+from partitioner.shapes import ShapeContext
 from partitioner.split import Edge, Stage
 from passes.label_set import Label
 
@@ -63,7 +62,9 @@ class _Signature:
             raise TypeError(f"unexpected arguments {unknown}; the program takes {names}")
         flat_leaves, spec = pytree.tree_flatten((args, kwargs))
         defaults = _constants_by_kwarg(self, names)
-        full = {name: kwargs[name] if name in kwargs else defaults.get(name, _MISSING) for name in names}
+        full = {
+            name: kwargs[name] if name in kwargs else defaults.get(name, _MISSING) for name in names
+        }
         missing = sorted(n for n, v in full.items() if v is _MISSING)
         if missing:
             raise TypeError(f"missing arguments {missing}")
@@ -75,7 +76,9 @@ class _Signature:
             if name is not None:
                 bound[name] = leaf
             elif leaf != constant:
-                raise TypeError(f"the program was exported with a constant {constant!r}, got {leaf!r}")
+                raise TypeError(
+                    f"the program was exported with a constant {constant!r}, got {leaf!r}"
+                )
         return bound
 
 
@@ -138,9 +141,11 @@ class SplitProgram:
         for stage in self.stages:
             flops[stage.side] += sum(self.flops.get(n, 0) for n in stage.nodes)
             params[stage.side] += sum(self.param_bytes.get(p, 0) for p in stage.params)
+
         def ratio(d: dict[str, int]) -> float:
             total = d[ENCLAVE] + d[GPU]
             return d[ENCLAVE] / total if total else 0.0
+
         return {
             "flops": ratio(flops),
             "params": ratio(params),
@@ -152,7 +157,11 @@ class SplitProgram:
 
     def other_nodes(self) -> dict[str, str]:
         """Nodes the labeller could not classify, with the reason: reported, never silent."""
-        return {n: self.label_rules[n] for n, l in sorted(self.labels.items()) if l == Label.OTHER}
+        return {
+            n: self.label_rules[n]
+            for n, label in sorted(self.labels.items())
+            if label == Label.OTHER
+        }
 
     def plan(self) -> dict[str, Any]:
         """Canonical, deterministic description (the golden-file format)."""
@@ -162,7 +171,9 @@ class SplitProgram:
                 {
                     "name": stage.name,
                     "side": stage.side,
-                    "labels": dict(sorted(Counter(str(self.labels[n]) for n in stage.nodes).items())),
+                    "labels": dict(
+                        sorted(Counter(str(self.labels[n]) for n in stage.nodes).items())
+                    ),
                     "nodes": stage.nodes,
                     "params": stage.params,
                     "inputs": stage.inputs,
@@ -189,8 +200,10 @@ class SplitProgram:
             f"stages: {len(self.stages)} ({n_enc} enclave, {len(self.stages) - n_enc} gpu); "
             f"cut edges: {len(self.cut_edges)}; sizes at {ref}"
         )
-        lines.append(f"  {'stage':<12}{'side':<9}{'ops':>6}{'params':>9}{'MFLOP':>12}"
-                     f"{'in KiB':>11}{'out KiB':>11}")
+        lines.append(
+            f"  {'stage':<12}{'side':<9}{'ops':>6}{'params':>9}{'MFLOP':>12}"
+            f"{'in KiB':>11}{'out KiB':>11}"
+        )
         for stage in self.stages:
             in_b = sum(e.nbytes for e in self.edges if e.consumer == stage.name and e.crossing)
             out_b = sum(e.nbytes for e in self.edges if e.producer == stage.name and e.crossing)
@@ -219,7 +232,8 @@ class SplitProgram:
             f"gpu->enclave {crossing['gpu->enclave']:,}"
         )
         overrides = Counter(
-            why for why in self.placement.why.values()
+            why
+            for why in self.placement.why.values()
             if why.startswith(("reads protected", "GPU block"))
         )
         if overrides:

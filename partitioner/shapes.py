@@ -60,7 +60,9 @@ class ShapeContext:
         expr = self._expr(size)
         if isinstance(expr, int) or expr.is_Integer:
             return int(expr)
-        renamed = expr.xreplace({s: sympy.Symbol(self.names.get(s, str(s))) for s in expr.free_symbols})
+        renamed = expr.xreplace(
+            {s: sympy.Symbol(self.names.get(s, str(s))) for s in expr.free_symbols}
+        )
         return str(renamed)
 
     def shape(self, val: torch.Tensor) -> list[int | str]:
@@ -84,8 +86,18 @@ class ShapeContext:
 
 
 _MATMUL_OPS = frozenset(
-    {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d",
-     "convolution"}
+    {
+        "linear",
+        "addmm",
+        "mm",
+        "matmul",
+        "bmm",
+        "baddbmm",
+        "einsum",
+        "conv1d",
+        "conv2d",
+        "convolution",
+    }
 )
 
 

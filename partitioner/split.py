@@ -16,8 +16,8 @@ per stage; the exported graph itself is not edited); guarantees:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -182,7 +182,8 @@ class _StageBuilder:
         carrier = self.carrier(expr)
         if carrier is not None:
             dim = next(
-                i for i, s in enumerate(carrier.meta["val"].shape)
+                i
+                for i, s in enumerate(carrier.meta["val"].shape)
                 if isinstance(s, torch.SymInt) and s.node.expr == expr
             )
             return self.graph.call_function(_SYM_SIZE, (self._add_input(carrier), dim))
@@ -320,9 +321,7 @@ def build_stages(
     stages: list[Stage] = []
     for idx, (name, nodes, builder) in enumerate(zip(names, members, builders, strict=True)):
         outputs = [
-            n.name
-            for n in nodes
-            if n.name in needed_later and producer_of.get(n.name) == name
+            n.name for n in nodes if n.name in needed_later and producer_of.get(n.name) == name
         ]
         module = builder.finish(outputs)
         stages.append(

@@ -23,9 +23,7 @@ def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def graph_fingerprint(gm: torch.fx.GraphModule) -> tuple[tuple[str, str, str, str], ...]:
-    return tuple(
-        (n.name, n.op, str(n.target), repr((n.args, n.kwargs))) for n in gm.graph.nodes
-    )
+    return tuple((n.name, n.op, str(n.target), repr((n.args, n.kwargs))) for n in gm.graph.nodes)
 
 
 class AnalysisPass(PassBase):

@@ -28,7 +28,18 @@ from passes.base import AnalysisPass, teesplit_meta
 from passes.label_set import Label
 
 LINEAR_OPS = frozenset(
-    {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d", "convolution"}
+    {
+        "linear",
+        "addmm",
+        "mm",
+        "matmul",
+        "bmm",
+        "baddbmm",
+        "einsum",
+        "conv1d",
+        "conv2d",
+        "convolution",
+    }
 )
 SDPA_OPS = frozenset(
     {
@@ -39,37 +50,191 @@ SDPA_OPS = frozenset(
     }
 )
 NORM_OPS = frozenset(
-    {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "batch_norm",
-     "_native_batch_norm_legit_no_training", "instance_norm"}
+    {
+        "layer_norm",
+        "native_layer_norm",
+        "rms_norm",
+        "group_norm",
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "instance_norm",
+    }
 )
 EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
 GATHER_OPS = frozenset({"index_select", "index", "gather", "take"})
 NONLINEAR_OPS = frozenset(
-    {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "relu", "relu6",
-     "tanh", "sigmoid", "exp", "log", "erf", "elu", "selu", "celu", "leaky_relu", "hardtanh",
-     "hardswish", "hardsigmoid", "mish", "softplus", "glu", "cos", "sin", "sqrt", "rsqrt",
-     "pow", "reciprocal", "logsumexp"}
+    {
+        "softmax",
+        "_softmax",
+        "_safe_softmax",
+        "log_softmax",
+        "_log_softmax",
+        "gelu",
+        "silu",
+        "relu",
+        "relu6",
+        "tanh",
+        "sigmoid",
+        "exp",
+        "log",
+        "erf",
+        "elu",
+        "selu",
+        "celu",
+        "leaky_relu",
+        "hardtanh",
+        "hardswish",
+        "hardsigmoid",
+        "mish",
+        "softplus",
+        "glu",
+        "cos",
+        "sin",
+        "sqrt",
+        "rsqrt",
+        "pow",
+        "reciprocal",
+        "logsumexp",
+    }
 )
 ELEMENTWISE_OPS = frozenset(
-    {"add", "sub", "rsub", "mul", "div", "neg", "where", "masked_fill", "clamp", "clamp_min",
-     "clamp_max", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__",
-     "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_not", "logical_and",
-     "logical_or", "logical_not", "cumsum", "diff", "sum", "mean", "max", "min", "amax", "amin",
-     "argmax", "argmin", "abs", "dropout", "square", "floor_divide", "remainder", "any", "all",
-     "isinf", "isnan", "sign", "floor", "ceil", "round", "trunc", "fill", "lerp", "addcmul",
-     "addcdiv", "var", "std", "prod", "topk", "sort"}
+    {
+        "add",
+        "sub",
+        "rsub",
+        "mul",
+        "div",
+        "neg",
+        "where",
+        "masked_fill",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "maximum",
+        "minimum",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "__and__",
+        "__or__",
+        "__xor__",
+        "__invert__",
+        "bitwise_and",
+        "bitwise_or",
+        "bitwise_not",
+        "logical_and",
+        "logical_or",
+        "logical_not",
+        "cumsum",
+        "diff",
+        "sum",
+        "mean",
+        "max",
+        "min",
+        "amax",
+        "amin",
+        "argmax",
+        "argmin",
+        "abs",
+        "dropout",
+        "square",
+        "floor_divide",
+        "remainder",
+        "any",
+        "all",
+        "isinf",
+        "isnan",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "trunc",
+        "fill",
+        "lerp",
+        "addcmul",
+        "addcdiv",
+        "var",
+        "std",
+        "prod",
+        "topk",
+        "sort",
+    }
 )
 SHAPE_OPS = frozenset(
-    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze",
-     "expand", "expand_as", "slice", "select", "cat", "concat", "stack", "split",
-     "split_with_sizes", "chunk", "unbind", "contiguous", "clone", "to", "_to_copy", "alias",
-     "detach", "flatten", "unflatten", "narrow", "repeat", "repeat_interleave", "arange", "ones",
-     "zeros", "full", "new_ones", "new_zeros", "new_full", "new_empty", "empty", "zeros_like",
-     "ones_like", "full_like", "empty_like", "scalar_tensor", "lift_fresh_copy", "tril", "triu",
-     "flip", "roll", "constant_pad_nd", "pad", "movedim", "as_strided", "view_as", "reshape_as",
-     "type_as", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
-     "sym_size", "sym_numel", "sym_stride", "_local_scalar_dense", "item", "index", "gather",
-     "index_select", "take", "one_hot"}
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "permute",
+        "transpose",
+        "t",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "expand_as",
+        "slice",
+        "select",
+        "cat",
+        "concat",
+        "stack",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "contiguous",
+        "clone",
+        "to",
+        "_to_copy",
+        "alias",
+        "detach",
+        "flatten",
+        "unflatten",
+        "narrow",
+        "repeat",
+        "repeat_interleave",
+        "arange",
+        "ones",
+        "zeros",
+        "full",
+        "new_ones",
+        "new_zeros",
+        "new_full",
+        "new_empty",
+        "empty",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "empty_like",
+        "scalar_tensor",
+        "lift_fresh_copy",
+        "tril",
+        "triu",
+        "flip",
+        "roll",
+        "constant_pad_nd",
+        "pad",
+        "movedim",
+        "as_strided",
+        "view_as",
+        "reshape_as",
+        "type_as",
+        "_assert_tensor_metadata",
+        "_assert_scalar",
+        "sym_constrain_range_for_size",
+        "sym_size",
+        "sym_numel",
+        "sym_stride",
+        "_local_scalar_dense",
+        "item",
+        "index",
+        "gather",
+        "index_select",
+        "take",
+        "one_hot",
+    }
 )
 
 _ATTENTION = re.compile(r"Attention|Attn")
@@ -147,7 +312,9 @@ class LabelPass(AnalysisPass):
         names = {n.name for n in graph_module.graph.nodes if n.op == "placeholder"}
         missing = sorted((set(self.weights) | set(self.user_inputs)) - names)
         if missing:
-            raise LabelError(f"graph does not match its export signature: no placeholders {missing}")
+            raise LabelError(
+                f"graph does not match its export signature: no placeholders {missing}"
+            )
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -220,16 +387,22 @@ class LabelPass(AnalysisPass):
         weight_operands = [a for a in operands if a in weight_derived]
         if name in EMBEDDING_OPS:
             return Label.EMBEDDING, f"op:{name}"
-        if name in GATHER_OPS and operands and operands[0] in weight_derived and len(
-            weight_operands
-        ) < len(operands):
+        if (
+            name in GATHER_OPS
+            and operands
+            and operands[0] in weight_derived
+            and len(weight_operands) < len(operands)
+        ):
             return Label.EMBEDDING, f"op:{name}-from-weight"
         positional = next((c for c in reversed(classes) if _POSITIONAL.search(c)), None)
         if positional:
             return Label.EMBEDDING, f"scope:{positional}"
         activation = next(
-            (s.cls for s in reversed(scopes)
-             if s.classpath.startswith(_ACTIVATION_MODULES) or s.cls.endswith("Activation")),
+            (
+                s.cls
+                for s in reversed(scopes)
+                if s.classpath.startswith(_ACTIVATION_MODULES) or s.cls.endswith("Activation")
+            ),
             None,
         )
         if activation:
@@ -277,10 +450,28 @@ class LabelPass(AnalysisPass):
 
 
 _SYM_OPS = frozenset(
-    {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-     operator.mod, operator.neg, operator.eq, operator.ne, operator.lt, operator.le,
-     operator.gt, operator.ge, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_int,
-     torch.sym_float, torch.sym_sqrt, torch.sym_ite}
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.truediv,
+        operator.mod,
+        operator.neg,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        torch.sym_max,
+        torch.sym_min,
+        torch.sym_not,
+        torch.sym_int,
+        torch.sym_float,
+        torch.sym_sqrt,
+        torch.sym_ite,
+    }
 )
 
 

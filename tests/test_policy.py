@@ -18,7 +18,13 @@ def test_preset_contents_follow_design():
     assert Policy.preset("cmif").enclave == {Label.EMBEDDING}
     assert Policy.preset("cmif").rnm == RNMConfig(epsilon=1.0, candidates=20)
     si = Policy.preset("secureinfer")
-    assert {Label.NONLINEAR, Label.NORM, Label.ATTENTION_PROJECTION, Label.FFN, Label.LORA} <= si.enclave
+    assert {
+        Label.NONLINEAR,
+        Label.NORM,
+        Label.ATTENTION_PROJECTION,
+        Label.FFN,
+        Label.LORA,
+    } <= si.enclave
     assert si.protects == {"input", "model"}
     assert Policy.preset("slalom").masking == "field"
     assert Policy.preset("all_enclave").enclave == ALL_LABELS
@@ -58,7 +64,10 @@ def test_custom_label_sets():
         ({"protects": ["model"], "gpu": ["ffn"]}, "weight-bearing labels ['ffn']"),
         ({"rnm": {"epsilon": 1.0}, "protects": ["input"]}, "'embedding' is not pinned"),
         ({"rnm": {"epsilon": -1}, "enclave": ["embedding"], "protects": ["input"]}, "epsilon"),
-        ({"rnm": {"eps": 1}, "enclave": ["embedding"], "protects": ["input"]}, "unknown keys ['eps']"),
+        (
+            {"rnm": {"eps": 1}, "enclave": ["embedding"], "protects": ["input"]},
+            "unknown keys ['eps']",
+        ),
         ({"protects": ["input"], "gpu": ["attention"]}, "nothing would protect"),
         ({"enclave": "norm"}, "must be a list"),
         ({"preset": "tee"}, "unknown preset 'tee'"),

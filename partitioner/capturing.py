@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch.export import Dim, ExportedProgram
 
 from partitioner.errors import CaptureError
@@ -57,7 +58,9 @@ def hf_example_inputs(
 
     base = _hf_base(model)
     if base is None:
-        raise CaptureError(f"{type(model).__name__} is not a Hugging Face model; pass example_inputs")
+        raise CaptureError(
+            f"{type(model).__name__} is not a Hugging Face model; pass example_inputs"
+        )
     config = base.config
     if getattr(base, "main_input_name", "input_ids") != "input_ids":
         raise CaptureError(
@@ -144,7 +147,8 @@ def capture(
         args = example_inputs
     else:
         raise CaptureError(
-            f"{name}: example_inputs must be a tuple or a mapping, got {type(example_inputs).__name__}"
+            f"{name}: example_inputs must be a tuple or a mapping, "
+            f"got {type(example_inputs).__name__}"
         )
     was_training = model.training
     model.eval()
@@ -163,9 +167,38 @@ def capture(
 
 
 def _refuse_mutation(ep: ExportedProgram, name: str) -> None:
+    """Refuse programs that write to a buffer, parameter or input.
+
+    Export's default IR keeps in-place ops (``add_``) instead of functionalising them, so the
+    signature's ``buffers_to_mutate`` is not enough: the graph is also searched for mutating
+    ops whose written argument is, or is a view of, a placeholder.
+    """
     sig = ep.graph_signature
     mutated = sorted(sig.buffers_to_mutate.values()) + sorted(sig.user_inputs_to_mutate.values())
     if mutated:
         raise CaptureError(
             f"{name} mutates {mutated} during forward; teesplit splits pure inference graphs"
         )
+    owners = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+    roots: dict[torch.fx.Node, str] = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            roots[node] = owners.get(node.name, node.name)
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for arg, value in zip(schema.arguments, node.args, strict=False):
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            if isinstance(value, torch.fx.Node) and value in roots:
+                if written:
+                    raise CaptureError(
+                        f"{name} mutates {[roots[value]]} in place at node {node.name} "
+                        f"({node.target}); teesplit splits pure inference graphs"
+                    )
+                if arg.alias_info is not None:  # a view of a placeholder stays one
+                    roots[node] = roots[value]
