@@ -231,15 +231,19 @@ class SplitProgram:
             f"bytes crossing: enclave->gpu {crossing['enclave->gpu']:,}, "
             f"gpu->enclave {crossing['gpu->enclave']:,}"
         )
-        overrides = Counter(
-            why
-            for why in self.placement.why.values()
-            if why.startswith(("reads protected", "GPU block"))
+        protected = [w for w in self.placement.why.values() if w.startswith("reads protected")]
+        overrode = sorted(
+            {w.split("gpu pin of ")[1].rstrip(")") for w in protected if "gpu pin" in w}
         )
-        if overrides:
-            lines.append("placement overrides:")
-            for why, count in sorted(overrides.items()):
-                lines.append(f"  {count:>5} x {why}")
+        moved = [w for w in self.placement.why.values() if w.startswith("GPU block")]
+        if protected:
+            note = f"; overriding gpu pins of {', '.join(overrode)}" if overrode else ""
+            lines.append(
+                f"kept in the enclave because they read protected parameters: "
+                f"{len(protected)} nodes{note}"
+            )
+        if moved:
+            lines.append(f"moved into the enclave by min_gpu_block: {len(moved)} nodes")
         others = self.other_nodes()
         if others:
             lines.append(f"unclassified nodes (label 'other'): {len(others)}")
