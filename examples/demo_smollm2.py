@@ -7,18 +7,14 @@ Greedy decoding recomputes the whole prefix each step (no KV cache yet).
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from partitioner.api import partition  # noqa: E402
-from partitioner.models import smollm2, smollm2_tokenizer  # noqa: E402
+from partitioner.api import partition
+from partitioner.models import smollm2, smollm2_tokenizer
 
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 12
