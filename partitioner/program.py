@@ -60,7 +60,6 @@ class _Signature:
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(f"unexpected arguments {unknown}; the program takes {names}")
-        flat_leaves, spec = pytree.tree_flatten((args, kwargs))
         defaults = _constants_by_kwarg(self, names)
         full = {
             name: kwargs[name] if name in kwargs else defaults.get(name, _MISSING) for name in names

@@ -85,22 +85,6 @@ class ShapeContext:
         return torch.empty(self.concrete_shape(val), dtype=val.dtype, device="meta")
 
 
-_MATMUL_OPS = frozenset(
-    {
-        "linear",
-        "addmm",
-        "mm",
-        "matmul",
-        "bmm",
-        "baddbmm",
-        "einsum",
-        "conv1d",
-        "conv2d",
-        "convolution",
-    }
-)
-
-
 def node_flops(node: torch.fx.Node, shapes: ShapeContext) -> int:
     """FLOPs of one node as ``torch.utils.flop_counter`` counts them (matrix products, attention).
 
@@ -108,13 +92,13 @@ def node_flops(node: torch.fx.Node, shapes: ShapeContext) -> int:
     ``FlopCounterMode``; whole SDPA ops use ``sdpa_flop_count`` (the CPU kernel is not in the
     counter's registry). Elementwise work is not counted, as in the counter itself.
     """
-    from passes.labels import SDPA_OPS, op_name
+    from passes.labels import LINEAR_OPS, SDPA_OPS, op_name
 
     name = op_name(node)
     if name in SDPA_OPS:
         q, k, v = (shapes.concrete_shape(a.meta["val"]) for a in node.args[:3])
         return int(sdpa_flop_count(q, k, v))
-    if name not in _MATMUL_OPS:
+    if name not in LINEAR_OPS:
         return 0
 
     def to_meta(a: Any) -> Any:
