@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch.export import ExportedProgram
 
 from partitioner.capturing import DEFAULT_REFERENCE, Captured, capture
+from partitioner.errors import PartitionError
 from partitioner.placement import ENCLAVE, place
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram, _Signature
@@ -18,7 +18,11 @@ from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
 from passes.label_set import Label
-from passes.labels import label_program
+from passes.audit import audit
+from passes.labels import label_program, user_input_names
+from passes.pool import MaskPool
+from passes.protect import MoveToEnclave, protect
+from passes.randomness import CSPRNG
 
 
 def needs_attention_decomposition(policy: Policy) -> bool:
@@ -37,13 +41,20 @@ def partition(
     dynamic_shapes: Any = None,
     model_name: str | None = None,
     reference_dims: Mapping[str, int] | None = None,
+    special_token_ids: tuple[int, ...] | None = None,
+    seed: int | None = None,
 ) -> SplitProgram:
     """Capture, label, place and split ``model`` under ``policy``.
 
     ``policy`` is a :class:`Policy`, a preset name (``cmif``, ``secureinfer``, ``slalom``,
     ``all_enclave``, ``all_gpu``) or a YAML/JSON policy file. ``example_inputs`` may be
     omitted for Hugging Face text models. ``reference_dims`` sets the sizes at which bytes and
-    FLOPs are counted (default batch=1, seq=128).
+    FLOPs are counted (default batch=1, seq=128). ``special_token_ids`` are the tokens RNM
+    passes through (default: those the model's config names). ``seed`` makes masks and noise
+    reproducible and is for tests only: by default the pool keys its CSPRNG from the OS.
+
+    Protection is inserted and the audit run on every call; a split that the audit rejects
+    raises :class:`AuditError`.
     """
     policy = Policy.resolve(policy)
     captured = (
@@ -56,9 +67,23 @@ def partition(
         program = decompose_attention(program)
     label_program(program)
     shapes = ShapeContext(program, captured.dim_names, reference_dims or DEFAULT_REFERENCE)
-    placement = place(program, policy, shapes)
-    stages, edges, flat_outputs = build_stages(program, placement, shapes)
-    validate(program, placement, stages, edges)
+    special = captured.special_token_ids if special_token_ids is None else special_token_ids
+    force: dict[str, str] = {}
+    while True:
+        placement = place(program, policy, shapes, force)
+        stages, edges, flat_outputs = build_stages(program, placement, shapes)
+        validate(program, placement, stages, edges)
+        try:
+            stages, edges, protection = protect(
+                program, policy, shapes, stages, edges, flat_outputs, special
+            )
+        except MoveToEnclave as move:
+            fresh = {n: why for n, why in move.nodes.items() if n not in force}
+            if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
+                raise PartitionError(f"on_unmaskable='enclave' could not place {move.nodes}")
+            force.update(fresh)
+            continue
+        break
     labels = {}
     rules = {}
     flops = {}
@@ -70,14 +95,8 @@ def partition(
             if node.name in placement.sides:
                 flops[node.name] = node_flops(node, shapes)
     param_bytes = {fqn: t.numel() * t.element_size() for fqn, t in program.state_dict.items()}
-    if policy.masking != "none" or policy.rnm is not None or policy.integrity != "none":
-        warnings.warn(
-            f"policy {policy.name!r} asks for masking={policy.masking!r}, "
-            f"rnm={'on' if policy.rnm else 'off'}, integrity={policy.integrity!r}; the "
-            "protection passes are not implemented yet, so cut edges cross unprotected",
-            stacklevel=2,
-        )
-    return SplitProgram(
+    users = set(user_input_names(program))
+    split = SplitProgram(
         model_name=model_name or captured.model_name,
         policy=policy,
         stages=stages,
@@ -90,4 +109,10 @@ def partition(
         label_rules=rules,
         flops=flops,
         param_bytes=param_bytes,
+        input_vals={n.name: n.meta.get("val") for n in program.graph.nodes if n.name in users},
+        protection=protection,
+        pool=MaskPool(protection, CSPRNG(seed)) if protection.needs_pool else None,
+        source=program,
     )
+    audit(split, verbose=False)
+    return split

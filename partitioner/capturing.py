@@ -32,6 +32,32 @@ class Captured:
     model_name: str
     # sympy symbol name (``s70``) -> user-facing dim name (``seq``)
     dim_names: dict[str, str] = field(default_factory=dict)
+    # token ids RNM passes through unchanged (BOS/EOS/PAD … from the model's config)
+    special_token_ids: tuple[int, ...] = ()
+
+
+_SPECIAL_CONFIG_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "unk_token_id",
+    "decoder_start_token_id",
+)
+
+
+def special_token_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    """Special token ids a transformers config names (each key may hold an int or a list)."""
+    config = getattr(_hf_base(model) or model, "config", None)
+    ids: set[int] = set()
+    for key in _SPECIAL_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, int) and item >= 0:
+                ids.add(item)
+    return tuple(sorted(ids))
 
 
 def _hf_base(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -163,7 +189,7 @@ def capture(
     finally:
         model.train(was_training)
     _refuse_mutation(ep, name)
-    return Captured(ep, name, _dim_names(ep, dynamic_shapes, args))
+    return Captured(ep, name, _dim_names(ep, dynamic_shapes, args), special_token_ids(model))
 
 
 def _refuse_mutation(ep: ExportedProgram, name: str) -> None:

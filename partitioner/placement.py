@@ -112,8 +112,15 @@ def is_tensor_value(val: object) -> bool:
 class Placer:
     """Computes a :class:`Placement` for one labelled program under one policy."""
 
-    def __init__(self, program: ExportedProgram, policy: Policy, shapes: ShapeContext) -> None:
+    def __init__(
+        self,
+        program: ExportedProgram,
+        policy: Policy,
+        shapes: ShapeContext,
+        force_enclave: Mapping[str, str] | None = None,
+    ) -> None:
         self.program = program
+        self.force_enclave = dict(force_enclave or {})
         self.policy = policy
         self.shapes = shapes
         self.graph = program.graph
@@ -171,6 +178,9 @@ class Placer:
                 # A multi-output op and its getitems must share a side; the enclave is safe.
                 side, reason = ENCLAVE, f"{reason}; shares a unit with {head}, pinned enclave"
             pinned[head] = side
+            why[name] = reason
+        for name, reason in self.force_enclave.items():
+            pinned[self.units.get(name, name)] = ENCLAVE
             why[name] = reason
         return pinned, why, protected
 
@@ -290,6 +300,15 @@ class Placer:
             stages = self.schedule(sides)
 
 
-def place(program: ExportedProgram, policy: Policy, shapes: ShapeContext) -> Placement:
-    """Place every compute node of a labelled ``program`` under ``policy``."""
-    return Placer(program, policy, shapes).place()
+def place(
+    program: ExportedProgram,
+    policy: Policy,
+    shapes: ShapeContext,
+    force_enclave: Mapping[str, str] | None = None,
+) -> Placement:
+    """Place every compute node of a labelled ``program`` under ``policy``.
+
+    ``force_enclave`` maps node names to the reason they must run in the enclave (protection
+    moves ops it cannot mask there under ``on_unmaskable="enclave"``).
+    """
+    return Placer(program, policy, shapes, force_enclave).place()

@@ -20,6 +20,7 @@ from passes.label_set import ALL_LABELS, WEIGHT_BEARING, Label
 PROTECTABLE = frozenset({"input", "model"})
 MASKING_MODES = ("none", "additive", "field")
 INTEGRITY_MODES = ("none", "freivalds")
+UNMASKABLE_MODES = ("error", "enclave", "cross_terms")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class Policy:
     every parameter protected (a node reading one is forced into the enclave); ``"input"`` means
     values derived from the request must not reach the GPU in the clear, so it needs masking or
     RNM whenever anything runs on the GPU.
+
+    ``on_unmaskable`` says what to do with a GPU op that a masked value reaches but whose
+    result is not affine in it (QKᵀ, softmax·V, or a nonlinearity): ``"error"`` refuses with a
+    :class:`PartitionError` naming the edge, ``"enclave"`` moves the op into the enclave, and
+    ``"cross_terms"`` keeps products of two activations on the GPU while the enclave computes
+    the cross terms online (two products of the same size; the plan states the cost).
+    ``mask_scale`` is the half-width of the uniform float masks (``masking="additive"``).
     """
 
     name: str = "custom"
@@ -67,6 +75,8 @@ class Policy:
     rnm: RNMConfig | None = None
     integrity: str = "none"
     min_gpu_block: int = 1
+    on_unmaskable: str = "error"
+    mask_scale: float = 1.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -90,6 +100,12 @@ class Policy:
             raise PolicyError(f"masking={self.masking!r}; allowed: {list(MASKING_MODES)}")
         if self.integrity not in INTEGRITY_MODES:
             raise PolicyError(f"integrity={self.integrity!r}; allowed: {list(INTEGRITY_MODES)}")
+        if self.on_unmaskable not in UNMASKABLE_MODES:
+            raise PolicyError(
+                f"on_unmaskable={self.on_unmaskable!r}; allowed: {list(UNMASKABLE_MODES)}"
+            )
+        if not isinstance(self.mask_scale, (int, float)) or not self.mask_scale > 0:
+            raise PolicyError(f"mask_scale must be a positive number, got {self.mask_scale!r}")
         if not isinstance(self.min_gpu_block, int) or self.min_gpu_block < 1:
             raise PolicyError(f"min_gpu_block must be an integer >= 1, got {self.min_gpu_block!r}")
         if self.rnm is not None and not isinstance(self.rnm, RNMConfig):
@@ -195,6 +211,8 @@ class Policy:
             "rnm": dataclasses.asdict(self.rnm) if self.rnm else None,
             "integrity": self.integrity,
             "min_gpu_block": self.min_gpu_block,
+            "on_unmaskable": self.on_unmaskable,
+            "mask_scale": self.mask_scale,
         }
 
 
@@ -221,11 +239,14 @@ PRESETS: dict[str, Policy] = {
         gpu=frozenset({L.ATTENTION}),
         protects=frozenset({"input", "model"}),
         masking="additive",
+        on_unmaskable="cross_terms",
     ),
     "slalom": Policy(
         name="slalom",
-        enclave=frozenset({L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE}),
-        gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD, L.LORA}),
+        enclave=frozenset(
+            {L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE, L.LORA}
+        ),
+        gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD}),
         protects=frozenset({"input"}),
         masking="field",
         integrity="freivalds",

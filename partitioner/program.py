@@ -8,10 +8,13 @@ timestamps) so golden files can compare it exactly.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind
@@ -21,6 +24,9 @@ from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
 from partitioner.split import Edge, Stage
 from passes.label_set import Label
+from passes.ops import OPS
+from passes.pool import MaskPool, MaskSet
+from passes.protect import Protection
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -110,16 +116,109 @@ class SplitProgram:
     label_rules: dict[str, str] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     param_bytes: dict[str, int] = field(default_factory=dict)
+    input_vals: dict[str, Any] = field(default_factory=dict)
+    protection: Protection | None = None
+    pool: MaskPool | None = None
+    source: ExportedProgram | None = None  # the labelled program the stages were cut from
+    # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
+    last_request: dict[str, Any] = field(default_factory=dict)
 
     # -- execution ---------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         env = self.signature.bind(args, dict(kwargs))
-        for stage in self.stages:
-            outs = stage.module(*(env[name] for name in stage.inputs))
-            env.update(zip(stage.outputs, outs, strict=True))
-        flat = [env[v] if isinstance(v, str) else v for v in self.flat_outputs]
+        masks = self.pool.take(self.binding(env)) if self.pool is not None else None
+        flat = self.execute(env, masks)
         return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def binding(self, env: dict[str, Any]) -> dict[Any, int]:
+        """The symbolic dims' values for one call, read off the user inputs' shapes."""
+        out: dict[Any, int] = {}
+        for name, val in self.input_vals.items():
+            value = env.get(name)
+            if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+                continue
+            for size, actual in zip(val.shape, value.shape, strict=False):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    out[size.node.expr] = int(actual)
+        return out
+
+    def execute(self, env: dict[str, Any], masks: MaskSet | None) -> list[Any]:
+        """Run the stages in order, keeping what the enclave and the GPU each hold apart.
+
+        ``env`` is the enclave's plaintext; ``gpu`` what the GPU holds (masked where the plan
+        masks); ``delta`` the corrections the enclave knows for masked GPU values; ``shadow``
+        plaintext of GPU values that a product correction needs.
+        """
+        prot = self.protection
+        gpu: dict[str, Any] = {}
+        delta: dict[str, Any] = {}
+        shadow: dict[str, Any] = {}
+        if masks is not None:
+            delta.update(masks.pads)
+            delta.update(masks.deltas)
+        clear = self._sent_clear
+        for stage in self.stages:
+            if stage.side == ENCLAVE:
+                args = [env[n] if n in env else gpu[n] for n in stage.inputs]
+                for kind, name in stage.extra_inputs:
+                    if kind == "mask":
+                        args.append(masks.pads[name])
+                    elif kind == "delta":
+                        args.append(delta[name])
+                    else:
+                        args.append(masks.noise[name])
+                outs = stage.module(*args)
+                n = len(stage.outputs)
+                env.update(zip(stage.outputs, outs[:n], strict=True))
+                gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
+                for name in stage.outputs:
+                    if name in clear:
+                        gpu[name] = env[name]
+                continue
+            outs = stage.module(*(gpu[n] if n in gpu else env[n] for n in stage.inputs))
+            gpu.update(zip(stage.outputs, outs, strict=True))
+            corr = prot.corrections.get(stage.name) if prot is not None else None
+            if corr is None or stage.name in prot.pooled:
+                continue
+            results = corr.module(
+                *(delta[n] for n in corr.delta_inputs),
+                *(env[n] if n in env else shadow[n] for n in corr.primal_inputs),
+            )
+            k = len(corr.delta_outputs)
+            delta.update(zip(corr.delta_outputs, results[:k], strict=True))
+            shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
+        if prot is not None and prot.rnm is not None:
+            site = prot.rnm
+            self.last_request = {
+                "sanitised_tokens": env[site.sanitised],
+                "epsilon": site.tables.request_epsilon(env[site.token_input]),
+                "epsilon_per_token": site.tables.epsilon,
+            }
+        return [self._output(v, env, gpu, delta) for v in self.flat_outputs]
+
+    def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value in env:
+            return env[value]
+        prot = self.protection
+        if prot is not None and value in prot.gpu_masked:
+            if prot.field_plan is not None:
+                bits = prot.field_plan.output_bits[value]
+                return OPS.field_unmask(gpu[value], delta[value], bits, prot.field_plan.prime)
+            return OPS.unmask(gpu[value], delta[value])
+        return gpu[value]
+
+    @functools.cached_property
+    def _sent_clear(self) -> set[str]:
+        """Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected)."""
+        masked = self.protection.masked if self.protection is not None else {}
+        return {
+            e.name
+            for e in self.edges
+            if e.direction == "enclave->gpu" and e.name not in masked
+        }
 
     # -- description --------------------------------------------------------------------------
 

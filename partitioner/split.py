@@ -17,7 +17,7 @@ per stage; the exported graph itself is not edited); guarantees:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,10 @@ class Stage:
     outputs: list[str]  # value names, in output order
     nodes: list[str]  # placed compute nodes, topological order
     params: list[str]  # fqns of the weights this stage owns
+    # Protection adds inputs after ``inputs``: ("mask", value) takes the pad for value,
+    # ("delta", value) the correction that unmasks it, ("noise", value) RNM's Laplace noise.
+    extra_inputs: list[tuple[str, str]] = field(default_factory=list)
+    masked_outputs: list[str] = field(default_factory=list)  # returned after ``outputs``
 
 
 @dataclass

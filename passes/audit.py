@@ -1,0 +1,210 @@
+"""The audit: proves from the split program itself that no secret reaches the GPU in the clear.
+
+Reads a protected :class:`~partitioner.program.SplitProgram` (its source graph, stages, edges and
+protection record); writes nothing; raises :class:`AuditError` listing every violation. It does
+not trust the protection pass's own edge labels: taint is recomputed from the source graph, and
+each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It checks that
+
+1. no GPU stage holds a protected parameter (by name and by tensor storage);
+2. every enclave -> GPU edge whose value depends on the request or on protected weights is
+   either masked (a ``teesplit::mask``/``field_mask`` op produces what crosses) or depends on the
+   token input only through RNM (a ``teesplit::rnm`` op in an enclave stage); other edges must
+   be public (depend on no secret);
+3. every masked value on the GPU that comes back is unmasked: the consuming enclave stage has a
+   ``teesplit::unmask``/``field_unmask`` on that input and a correction produces its delta;
+4. every GPU stage that receives a masked input has a correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from partitioner.errors import AuditError
+from partitioner.placement import ENCLAVE, GPU
+from partitioner.split import INPUT, OUTPUT
+from passes.ops import OPS
+from passes.protect import DP_TAINT, taint_of
+
+if TYPE_CHECKING:
+    from partitioner.program import SplitProgram
+
+_MASK_OPS = {OPS.mask.default, OPS.field_mask.default}
+_UNMASK_OPS = {OPS.unmask.default, OPS.field_unmask.default}
+
+
+@dataclass
+class AuditRow:
+    edge: str
+    producer: str
+    consumer: str
+    direction: str
+    secrets: str
+    protection: str
+    verdict: str
+
+
+@dataclass
+class AuditReport:
+    program: str
+    rows: list[AuditRow]
+    violations: list[str]
+
+    def __str__(self) -> str:
+        head = ("edge", "from", "to", "direction", "depends on", "protection", "verdict")
+        table = [head] + [
+            (r.edge, r.producer, r.consumer, r.direction, r.secrets, r.protection, r.verdict)
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        lines = [f"audit of {self.program}: {len(self.rows)} cut edges, "
+                 f"{len(self.violations)} violations"]
+        for i, row in enumerate(table):
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        lines += [f"VIOLATION: {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+def _output_producer(stage: object, value: str) -> torch.fx.Node | None:
+    """The node a stage returns for one of its masked outputs."""
+    module = stage.module
+    out = next(iter(module.graph.find_nodes(op="output")))
+    index = len(stage.outputs) + stage.masked_outputs.index(value)
+    node = out.args[0][index]
+    return node if isinstance(node, torch.fx.Node) else None
+
+
+def _unmasks(stage: object, value: str) -> bool:
+    phs = list(stage.module.graph.find_nodes(op="placeholder"))
+    ph = phs[stage.inputs.index(value)]
+    return bool(ph.users) and all(u.target in _UNMASK_OPS for u in ph.users)
+
+
+def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
+    """Check ``program``; print the edge table when ``verbose``; raise :class:`AuditError`."""
+    policy = program.policy
+    prot = program.protection
+    source = program.source
+    violations: list[str] = []
+    site = prot.rnm if prot is not None else None
+    taint = taint_of(source, policy, site.token_input if site else None)
+    if site is not None:
+        taint[site.sanitised] = taint[site.token_input]
+    stages = {s.name: s for s in program.stages}
+    side = {name: s.side for name, s in stages.items()}
+    side[INPUT] = side[OUTPUT] = ENCLAVE
+
+    # 1. protected weights
+    if "model" in policy.protects:
+        protected = dict(source.graph_signature.inputs_to_parameters).values()
+        storages = {
+            source.state_dict[fqn].untyped_storage().data_ptr()
+            for fqn in protected
+            if fqn in source.state_dict and source.state_dict[fqn].device.type != "meta"
+        }
+        for stage in program.stages:
+            if stage.side != GPU:
+                continue
+            held = sorted(set(stage.params) & set(protected))
+            if held:
+                violations.append(f"GPU stage {stage.name} holds protected parameters {held[:3]}")
+            for name, tensor in list(stage.module.named_parameters()) + list(
+                stage.module.named_buffers()
+            ):
+                if tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() in storages:
+                    violations.append(
+                        f"GPU stage {stage.name} attribute {name} shares storage with a "
+                        "protected parameter"
+                    )
+            for node in stage.module.graph.find_nodes(op="get_attr"):
+                tensor = getattr(stage.module, node.target, None)
+                if (
+                    isinstance(tensor, torch.Tensor)
+                    and tensor.device.type != "meta"
+                    and tensor.untyped_storage().data_ptr() in storages
+                ):
+                    violations.append(
+                        f"GPU stage {stage.name} reads {node.target}, a protected parameter"
+                    )
+
+    # 2-3. edges
+    rows: list[AuditRow] = []
+    rnm_ok = site is not None and any(
+        n.target is OPS.rnm.default for n in stages[site.stage].module.graph.nodes
+    )
+    gpu_masked = prot.gpu_masked if prot is not None else set()
+    corrected = (
+        {v for c in prot.corrections.values() for v in c.delta_outputs} if prot else set()
+    )
+    for edge in program.edges:
+        if not edge.crossing and not (edge.consumer == OUTPUT and side[edge.producer] == GPU):
+            continue
+        secrets = taint.get(edge.name, frozenset())
+        verdict = "ok"
+        if edge.direction == "enclave->gpu":
+            masked_here = (
+                edge.producer in stages
+                and edge.name in stages[edge.producer].masked_outputs
+                and (node := _output_producer(stages[edge.producer], edge.name)) is not None
+                and node.target in _MASK_OPS
+            )
+            if secrets - {DP_TAINT}:
+                if not masked_here:
+                    verdict = "LEAK"
+                    violations.append(
+                        f"edge {edge.name} ({edge.producer} -> {edge.consumer}) carries "
+                        f"{'/'.join(sorted(secrets))} data to the GPU without a mask"
+                    )
+            elif secrets == {DP_TAINT} and not (masked_here or rnm_ok):
+                verdict = "LEAK"
+                violations.append(
+                    f"edge {edge.name} ({edge.producer} -> {edge.consumer}) depends on the "
+                    "token input but no RNM op sanitises it in the enclave"
+                )
+        else:  # GPU -> enclave or the program output
+            if edge.name in gpu_masked:
+                consumer = stages.get(edge.consumer)
+                unmasked = (
+                    consumer is not None
+                    and ("delta", edge.name) in consumer.extra_inputs
+                    and _unmasks(consumer, edge.name)
+                ) or edge.consumer == OUTPUT
+                if not unmasked or edge.name not in corrected:
+                    verdict = "NO UNMASK"
+                    violations.append(
+                        f"edge {edge.name} ({edge.producer} -> {edge.consumer}) carries a "
+                        "masked value that is never unmasked"
+                    )
+        rows.append(
+            AuditRow(
+                edge.name,
+                edge.producer,
+                edge.consumer,
+                edge.direction,
+                ",".join(sorted(secrets)) or "-",
+                edge.protection,
+                verdict,
+            )
+        )
+
+    # 4. corrections for every masked GPU input
+    if prot is not None:
+        masked_values = set(prot.masked) | gpu_masked
+        for stage in program.stages:
+            if stage.side == GPU and set(stage.inputs) & masked_values:
+                if stage.name not in prot.corrections:
+                    violations.append(f"GPU stage {stage.name} gets masked inputs but no correction")
+
+    report = AuditReport(f"{program.model_name} under {policy.name!r}", rows, violations)
+    if verbose:
+        print(report)
+    if violations:
+        raise AuditError(
+            f"audit of {report.program} failed with {len(violations)} violations: "
+            + "; ".join(violations[:5])
+        )
+    return report

@@ -1,0 +1,221 @@
+"""Field masking (``masking="field"``): GPU stages rewritten to exact arithmetic modulo a prime.
+
+Reads a GPU stage and which of its inputs arrive masked; returns a new GraphModule (the stage is
+not edited) in which masked values are int64 residues modulo ``PRIME``:
+
+* the enclave quantises a crossing value to fixed point, ``q = round(x * 2**FRAC_BITS)``, and
+  sends ``q + r mod p`` with ``r`` uniform on ``[0, p)``: a one-time pad, so the GPU learns
+  nothing about ``q`` (perfect hiding, unlike float masks);
+* each linear layer becomes ``teesplit::field_linear`` with weights quantised to ``w_bits``
+  fractional bits chosen per weight so that ``p * max|w_q| * fan_in < 2**62``: int64 sums of
+  products never overflow (float32 partial sums would lose exactness at LLM fan-ins);
+* biases are quantised at the output scale and added mod ``p``; shape ops are unchanged.
+
+The result is exact: after the enclave subtracts ``L(r)`` and lifts the residue to the signed
+range, it equals the fixed-point computation without masks bit for bit, as long as the true
+output satisfies ``|y| * 2**(FRAC_BITS + w_bits) < p / 2`` (the plan states each bound).
+Anything else on a masked value (a scale by a non-integer, a nonlinearity, a second weight
+product in the same stage) raises :class:`PartitionError` naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from partitioner.errors import PartitionError
+from partitioner.shapes import ShapeContext
+from passes.labels import op_name
+from passes.linearity import _LINEAR_IN_FIRST
+from passes.ops import OPS, quantize
+
+PRIME = 1_099_511_627_689  # the largest prime below 2**40
+FRAC_BITS = 14
+_PRODUCT_BUDGET = 62  # log2 bound on |x + r| * |w_q| * fan_in
+_SHAPE_ONLY = _LINEAR_IN_FIRST - {"neg", "sum", "mean", "_to_copy"}
+
+
+@dataclass
+class FieldPlan:
+    prime: int = PRIME
+    frac_bits: int = FRAC_BITS
+    weight_bits: dict[str, int] = field(default_factory=dict)  # node -> weight fractional bits
+    output_bits: dict[str, int] = field(default_factory=dict)  # value -> fractional bits
+    output_range: dict[str, float] = field(default_factory=dict)  # value -> max |y| that is exact
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prime": self.prime,
+            "activation_frac_bits": self.frac_bits,
+            "weight_frac_bits": dict(sorted(self.weight_bits.items())),
+            "exact_output_range": dict(sorted(self.output_range.items())),
+        }
+
+    def mark_edges(
+        self, edges: list[Any], masked: dict[str, Any], gpu_masked: set[str], shapes: ShapeContext
+    ) -> None:
+        """Masked values cross as int64 residues: record the dtype and the doubled bytes."""
+        for edge in edges:
+            if edge.crossing and (edge.name in masked or edge.name in gpu_masked):
+                if edge.dtype != "int64":
+                    edge.nbytes = edge.nbytes * 8 // _itemsize(edge.dtype)
+                    edge.dtype = "int64"
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int) -> int:
+    budget = _PRODUCT_BUDGET - math.ceil(math.log2(prime)) - math.ceil(math.log2(max(fan_in, 2)))
+    largest = float(weight.abs().max())
+    if budget < 2 or largest == 0.0:
+        return max(budget, 0)
+    return math.floor(math.log2((2**budget - 1) / largest))
+
+
+def to_field(
+    stage: Any, masked_inputs: list[str], plan: FieldPlan, shapes: ShapeContext
+) -> torch.fx.GraphModule:
+    """The stage with masked values carried as residues mod ``plan.prime``."""
+    module: torch.fx.GraphModule = stage.module
+    graph = torch.fx.Graph()
+    env: dict[str, Any] = {}
+    scale: dict[str, int] = {}  # masked value -> its fractional bits
+    attrs: dict[str, torch.Tensor] = {}
+
+    def arg(a: Any) -> Any:
+        return env[a.name] if isinstance(a, torch.fx.Node) else a
+
+    def refuse(node: torch.fx.Node, why: str) -> PartitionError:
+        return PartitionError(
+            f"masking='field': GPU stage {stage.name} runs {node.name} ({op_name(node)}) on a "
+            f"masked value, and {why}; field masking supports linear layers, bias adds and "
+            "shape ops on the GPU. Use masking='additive' or pin its label to the enclave"
+        )
+
+    def const(a: Any) -> torch.Tensor | None:
+        if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+            return _attr(module, a.target)
+        return None
+
+    def new_attr(prefix: str, tensor: torch.Tensor) -> torch.fx.Node:
+        name = f"_field_{prefix}"
+        attrs[name] = tensor
+        node = graph.get_attr(name)
+        node.meta["val"] = tensor
+        return node
+
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            env[node.name] = graph.placeholder(node.name)
+            env[node.name].meta = dict(node.meta)
+            if node.name in masked_inputs:
+                scale[node.name] = plan.frac_bits
+            continue
+        if node.op == "get_attr":
+            env[node.name] = graph.get_attr(node.target)
+            env[node.name].meta = dict(node.meta)
+            attrs[node.target] = _attr(module, node.target)
+            continue
+        if node.op == "output":
+            graph.output(torch.fx.node.map_arg(node.args[0], arg))
+            continue
+        varying = [a for a in node.all_input_nodes if a.name in scale]
+        if not varying:
+            env[node.name] = graph.node_copy(node, lambda a: env[a.name])
+            continue
+        name = op_name(node)
+        if name in _SHAPE_ONLY:
+            if varying != [node.args[0]]:
+                raise refuse(node, "a shape op may take only one masked operand")
+            env[node.name] = graph.node_copy(node, lambda a: env[a.name])
+            scale[node.name] = scale[node.args[0].name]
+            continue
+        if name == "_to_copy" and node.kwargs.get("dtype") in (None, torch.float32,
+                                                                torch.float16, torch.bfloat16):
+            # residues have no float dtype to cast to; keep the node (and its name) as an alias
+            env[node.name] = graph.create_node(
+                "call_function", torch.ops.aten.alias.default, (env[node.args[0].name],),
+                name=node.name,
+            )
+            env[node.name].meta = dict(node.meta)
+            scale[node.name] = scale[node.args[0].name]
+            continue
+        if name in ("linear", "addmm", "mm", "matmul"):
+            if name == "addmm":
+                bias, x, w = node.args[0], node.args[1], node.args[2]
+                weight = const(w)
+                weight = weight.t() if weight is not None else None
+            else:
+                x, w = node.args[0], node.args[1]
+                bias = node.args[2] if name == "linear" and len(node.args) > 2 else None
+                weight = const(w)
+                if weight is not None and name != "linear":
+                    weight = weight.t()
+            if weight is None or weight.dim() != 2 or x.name not in scale:
+                raise refuse(node, "its weight is not a constant matrix")
+            if scale[x.name] != plan.frac_bits:
+                raise refuse(node, "its input already went through a weight product")
+            fan_in = int(weight.shape[1])
+            bits = _weight_bits(weight, fan_in, plan.prime)
+            w_q = quantize(weight.detach(), bits)
+            out_bits = scale[x.name] + bits
+            b_node = None
+            if bias is not None:
+                b = const(bias)
+                if b is None:
+                    raise refuse(node, "its bias is not a constant")
+                b_node = new_attr(f"{node.name}_bias", quantize(b.detach(), out_bits) % plan.prime)
+            w_node = new_attr(f"{node.name}_weight", w_q)
+            out = graph.create_node(
+                "call_function",
+                OPS.field_linear.default,
+                (env[x.name], w_node, b_node, plan.prime),
+                name=node.name,  # stage outputs and corrections refer to values by name
+            )
+            out.meta = dict(node.meta)
+            env[node.name] = out
+            scale[node.name] = out_bits
+            plan.weight_bits[node.name] = bits
+            continue
+        if name == "add" and node.kwargs.get("alpha", 1) == 1:
+            a, b = node.args[0], node.args[1]
+            if a.name in scale and isinstance(b, torch.fx.Node) and b.name in scale:
+                if scale[a.name] != scale[b.name]:
+                    raise refuse(node, "its operands have different fixed-point scales")
+                other = env[b.name]
+            else:
+                masked_arg, c = (a, b) if a.name in scale else (b, a)
+                tensor = const(c)
+                if tensor is None:
+                    raise refuse(node, "it adds a value that is neither masked nor a constant")
+                a = masked_arg
+                other = new_attr(f"{node.name}_const",
+                                 quantize(tensor.detach(), scale[a.name]) % plan.prime)
+            out = graph.create_node(
+                "call_function", OPS.field_add.default, (env[a.name], other, plan.prime),
+                name=node.name,
+            )
+            out.meta = dict(node.meta)
+            env[node.name] = out
+            scale[node.name] = scale[a.name]
+            continue
+        raise refuse(node, "it is not exact in a prime field")
+    for out in stage.outputs:
+        if out in scale:
+            plan.output_bits[out] = scale[out]
+            plan.output_range[out] = plan.prime / 2 / 2 ** scale[out]
+    graph.lint()
+    return torch.fx.GraphModule(attrs, graph, class_name=f"{stage.name}_field")

@@ -1,0 +1,97 @@
+"""The mask pool: pads, RNM noise and precomputable corrections, drawn ahead of requests.
+
+Reads a :class:`~passes.protect.Protection`; writes nothing. A :class:`MaskSet` holds, for one
+request at one shape binding, a fresh pad for every masked value, RNM noise for the token input,
+and the correction of every stage whose correction depends on the pads alone (Slalom's ``W·r``),
+so a request's online cost is one add per masked value and one subtract per unmasked one.
+Each set is handed out once (``take`` pops it): a pad is never reused. A request whose shapes
+have no precomputed set draws one on the spot and counts a ``miss``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+
+from passes.randomness import CSPRNG
+
+Binding = tuple[tuple[str, int], ...]
+
+
+@dataclass
+class MaskSet:
+    pads: dict[str, torch.Tensor] = field(default_factory=dict)
+    noise: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def concrete_shape(val: torch.Tensor, binding: Mapping[sympy.Symbol, int]) -> list[int]:
+    out = []
+    for size in val.shape:
+        if isinstance(size, torch.SymInt):
+            expr = sympy.sympify(sympy.sympify(size.node.expr).xreplace(dict(binding)))
+            if not expr.is_Integer:
+                raise ValueError(f"shape {list(val.shape)} has a dim unbound by the inputs: {expr}")
+            out.append(int(expr))
+        else:
+            out.append(int(size))
+    return out
+
+
+class MaskPool:
+    """Precomputed :class:`MaskSet` objects per shape binding."""
+
+    def __init__(self, protection: Any, rng: CSPRNG | None = None) -> None:
+        self.protection = protection
+        self.rng = rng or CSPRNG()
+        self._sets: dict[Binding, deque[MaskSet]] = {}
+        self.misses = 0
+        self.drawn = 0
+
+    @staticmethod
+    def key(binding: Mapping[sympy.Symbol, int]) -> Binding:
+        return tuple(sorted((str(s), int(v)) for s, v in binding.items()))
+
+    def draw(self, binding: Mapping[sympy.Symbol, int]) -> MaskSet:
+        prot = self.protection
+        out = MaskSet()
+        for name, val in prot.masked.items():
+            shape = concrete_shape(val, binding)
+            if prot.masking == "field":
+                out.pads[name] = self.rng.field(shape, prot.field_plan.prime)
+            else:
+                scale = prot.mask_scale
+                out.pads[name] = self.rng.uniform(shape, -scale, scale).to(val.dtype)
+        if prot.rnm is not None:
+            site = prot.rnm
+            shape = [*concrete_shape(prot.token_val, binding), site.tables.k]
+            out.noise[site.token_input] = self.rng.laplace(shape, site.tables.noise_scale)
+        deltas: dict[str, torch.Tensor] = dict(out.pads)
+        for stage in prot.pooled:
+            corr = prot.corrections[stage]
+            results = corr.module(*(deltas[n] for n in corr.delta_inputs))
+            deltas.update(zip(corr.delta_outputs, results, strict=True))
+            out.deltas.update(zip(corr.delta_outputs, results, strict=True))
+        self.drawn += 1
+        return out
+
+    def fill(self, binding: Mapping[sympy.Symbol, int], count: int) -> None:
+        queue = self._sets.setdefault(self.key(binding), deque())
+        with torch.no_grad():
+            for _ in range(count):
+                queue.append(self.draw(binding))
+
+    def take(self, binding: Mapping[sympy.Symbol, int]) -> MaskSet:
+        queue = self._sets.get(self.key(binding))
+        if queue:
+            return queue.popleft()
+        self.misses += 1
+        return self.draw(binding)
+
+    def available(self, binding: Mapping[sympy.Symbol, int]) -> int:
+        return len(self._sets.get(self.key(binding), ()))
