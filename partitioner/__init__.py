@@ -16,6 +16,7 @@ _EXPORTS = {
     "ArtifactError": "partitioner.errors",
     "AuditError": "partitioner.errors",
     "CaptureError": "partitioner.errors",
+    "IntegrityError": "partitioner.errors",
     "LabelError": "partitioner.errors",
     "PartitionError": "partitioner.errors",
     "PolicyError": "partitioner.errors",
@@ -24,6 +25,7 @@ _EXPORTS = {
     "Policy": "partitioner.policy",
     "RNMConfig": "partitioner.policy",
     "SplitProgram": "partitioner.program",
+    "audit": "passes.audit",
 }
 __all__ = sorted(_EXPORTS)
 

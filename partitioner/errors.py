@@ -29,3 +29,7 @@ class AuditError(TeesplitError):
 
 class ArtifactError(TeesplitError):
     """A saved split program is missing, malformed or tampered with."""
+
+
+class IntegrityError(TeesplitError):
+    """A GPU stage returned results that fail the enclave's Freivalds check."""

@@ -8,6 +8,7 @@ timestamps) so golden files can compare it exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ from partitioner.placement import ENCLAVE, GPU, Placement
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
 from partitioner.split import Edge, Stage
+from passes import integrity
 from passes.label_set import Label
 from passes.ops import OPS
 from passes.pool import MaskPool, MaskSet
 from passes.protect import Protection
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -178,6 +180,14 @@ class SplitProgram:
                 continue
             outs = stage.module(*(gpu[n] if n in gpu else env[n] for n in stage.inputs))
             gpu.update(zip(stage.outputs, outs, strict=True))
+            if masks is not None and stage.name in masks.freivalds:
+                integrity.check(
+                    stage.name,
+                    masks.freivalds[stage.name],
+                    [gpu[n] for n in stage.inputs],
+                    list(outs),
+                    prot.field_plan.prime if prot.field_plan is not None else None,
+                )
             corr = prot.corrections.get(stage.name) if prot is not None else None
             if corr is None or stage.name in prot.pooled:
                 continue
@@ -219,6 +229,20 @@ class SplitProgram:
             for e in self.edges
             if e.direction == "enclave->gpu" and e.name not in masked
         }
+
+    def without_protection(self) -> SplitProgram:
+        """The same placement split again with no masks, RNM or checks.
+
+        For measuring what protection costs (``benchmarks/overhead.py``); the result has not
+        passed the audit and sends protected values in the clear.
+        """
+        from partitioner.split import build_stages
+
+        stages, edges, flat_outputs = build_stages(self.source, self.placement, self.shapes)
+        return dataclasses.replace(
+            self, stages=stages, edges=edges, flat_outputs=flat_outputs, protection=None,
+            pool=None, last_request={},
+        )
 
     # -- description --------------------------------------------------------------------------
 
@@ -276,6 +300,8 @@ class SplitProgram:
                     "params": stage.params,
                     "inputs": stage.inputs,
                     "outputs": stage.outputs,
+                    "extra_inputs": [list(x) for x in stage.extra_inputs],
+                    "masked_outputs": stage.masked_outputs,
                 }
             )
         return {
@@ -287,7 +313,43 @@ class SplitProgram:
             "edges": [e.to_dict() for e in self.edges],
             "bytes_crossing": self.bytes_crossing(),
             "other_nodes": self.other_nodes(),
+            "protection": self.protection.summary() if self.protection is not None else None,
         }
+
+    def _protection_lines(self) -> list[str]:
+        prot = self.protection
+        if prot is None:
+            return []
+        counts = Counter(e.protection for e in self.cut_edges)
+        lines = [
+            "protection of cut edges: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        ]
+        if prot.masked:
+            scale = f", pads uniform on [-{prot.mask_scale:g}, {prot.mask_scale:g}]"
+            if prot.field_plan is not None:
+                scale = f", pads uniform mod p={prot.field_plan.prime}"
+            lines.append(
+                f"masking: {prot.masking}{scale}; {len(prot.masked)} masked values, "
+                f"{len(prot.pooled)} of {len(prot.corrections)} corrections precomputed"
+            )
+        online = sum(c["enclave_online_mflop"] for c in prot.cost.values())
+        if online:
+            offloaded = sum(
+                c["gpu_mflop"] for n, c in prot.cost.items() if c["enclave_online_mflop"]
+            )
+            lines.append(
+                f"cross terms: the enclave computes {online:.1f} MFLOP online to unmask "
+                f"{offloaded:.1f} MFLOP of products of two activations on the GPU"
+            )
+        if prot.rnm is not None:
+            lines.append(
+                f"RNM: ε={prot.rnm.tables.epsilon:g} per token, {prot.rnm.tables.k} candidates, "
+                f"in {prot.rnm.stage}; a request's ε is ε x its non-special tokens"
+            )
+        if prot.freivalds:
+            lines.append(f"Freivalds checks on {len(prot.freivalds)} GPU stages")
+        return lines
 
     def report(self) -> str:
         """Human-readable summary: stages, labels per side, enclave share, bytes crossing."""
@@ -329,6 +391,7 @@ class SplitProgram:
             f"bytes crossing: enclave->gpu {crossing['enclave->gpu']:,}, "
             f"gpu->enclave {crossing['gpu->enclave']:,}"
         )
+        lines += self._protection_lines()
         protected = [w for w in self.placement.why.values() if w.startswith("reads protected")]
         overrode = sorted(
             {w.split("gpu pin of ")[1].rstrip(")") for w in protected if "gpu pin" in w}

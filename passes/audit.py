@@ -12,7 +12,8 @@ each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It 
    be public (depend on no secret);
 3. every masked value on the GPU that comes back is unmasked: the consuming enclave stage has a
    ``teesplit::unmask``/``field_unmask`` on that input and a correction produces its delta;
-4. every GPU stage that receives a masked input has a correction.
+4. every GPU stage that receives a masked input has a correction;
+5. under ``integrity="freivalds"``, every GPU stage's results are checked.
 """
 
 from __future__ import annotations
@@ -84,6 +85,29 @@ def _unmasks(stage: object, value: str) -> bool:
     return bool(ph.users) and all(u.target in _UNMASK_OPS for u in ph.users)
 
 
+def _masked_on_gpu(program: SplitProgram) -> set[str]:
+    """GPU values that depend on a masked value, by data flow through the stage graphs."""
+    masked: set[str] = set()
+    for stage in program.stages:
+        if stage.side == ENCLAVE:
+            masked |= {
+                v for v in stage.masked_outputs
+                if (n := _output_producer(stage, v)) is not None and n.target in _MASK_OPS
+            }
+            continue
+        phs = list(stage.module.graph.find_nodes(op="placeholder"))
+        tainted = {ph.name for ph, v in zip(phs, stage.inputs, strict=False) if v in masked}
+        for node in stage.module.graph.nodes:
+            if node.op == "call_function" and any(a.name in tainted for a in node.all_input_nodes):
+                if isinstance(node.meta.get("val"), (torch.Tensor, list, tuple)):
+                    tainted.add(node.name)
+        out = next(iter(stage.module.graph.find_nodes(op="output")))
+        for value, node in zip(stage.outputs, out.args[0], strict=True):
+            if isinstance(node, torch.fx.Node) and node.name in tainted:
+                masked.add(value)
+    return masked - {v for s in program.stages if s.side == ENCLAVE for v in s.masked_outputs}
+
+
 def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
     """Check ``program``; print the edge table when ``verbose``; raise :class:`AuditError`."""
     policy = program.policy
@@ -136,7 +160,12 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
     rnm_ok = site is not None and any(
         n.target is OPS.rnm.default for n in stages[site.stage].module.graph.nodes
     )
-    gpu_masked = prot.gpu_masked if prot is not None else set()
+    gpu_masked = _masked_on_gpu(program)
+    if prot is not None and gpu_masked != prot.gpu_masked:
+        violations.append(
+            "the protection record's masked GPU values differ from the data flow: "
+            f"{sorted(gpu_masked ^ prot.gpu_masked)[:5]}"
+        )
     corrected = (
         {v for c in prot.corrections.values() for v in c.delta_outputs} if prot else set()
     )
@@ -198,6 +227,13 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
             if stage.side == GPU and set(stage.inputs) & masked_values:
                 if stage.name not in prot.corrections:
                     violations.append(f"GPU stage {stage.name} gets masked inputs but no correction")
+
+    # 5. integrity: every GPU stage is checked when the policy asks for it
+    if policy.integrity == "freivalds":
+        checked = prot.freivalds if prot is not None else {}
+        for stage in program.stages:
+            if stage.side == GPU and stage.name not in checked:
+                violations.append(f"GPU stage {stage.name} has no Freivalds check")
 
     report = AuditReport(f"{program.model_name} under {policy.name!r}", rows, violations)
     if verbose:

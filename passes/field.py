@@ -79,7 +79,7 @@ def _attr(module: torch.nn.Module, target: str) -> Any:
 
 def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int) -> int:
     budget = _PRODUCT_BUDGET - math.ceil(math.log2(prime)) - math.ceil(math.log2(max(fan_in, 2)))
-    largest = float(weight.abs().max())
+    largest = float(weight.detach().abs().max())
     if budget < 2 or largest == 0.0:
         return max(budget, 0)
     return math.floor(math.log2((2**budget - 1) / largest))
@@ -219,3 +219,98 @@ def to_field(
             plan.output_range[out] = plan.prime / 2 / 2 ** scale[out]
     graph.lint()
     return torch.fx.GraphModule(attrs, graph, class_name=f"{stage.name}_field")
+
+
+def quantised_reference(split: Any) -> Any:
+    """The *unsplit* program with its GPU layers computed in fixed point, without masks.
+
+    An independent executor for checking field masking: it walks the source graph node by node
+    (not the stages), quantises a value where it enters the GPU region, multiplies by the same
+    quantised weights in plain int64 (no prime, no pads) and dequantises where a value leaves
+    the region. The masked split program must equal it bit for bit while every output stays in
+    its exact range. Returns a callable taking the program's inputs.
+    """
+    import torch.utils._pytree as pytree
+
+    from passes.ops import dequantize
+
+    prot = split.protection
+    plan: FieldPlan = prot.field_plan
+    source = split.source
+    sig = source.graph_signature
+    weights = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+    state = {**source.state_dict, **source.constants}
+    region = {n for stage in split.stages if stage.side == "gpu" for n in stage.nodes}
+    entering = set(prot.masked)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        env: dict[str, Any] = split.signature.bind(args, dict(kwargs))
+        ints: dict[str, tuple[torch.Tensor, int]] = {}
+
+        def plain(name: str) -> Any:
+            if name in ints:
+                q, bits = ints[name]
+                return dequantize(q, bits)
+            return env[name]
+
+        def fixed(node: torch.fx.Node) -> tuple[torch.Tensor, int] | None:
+            if node.name in ints:
+                return ints[node.name]
+            if node.name in entering:
+                return quantize(env[node.name], plan.frac_bits), plan.frac_bits
+            return None
+
+        for node in source.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in weights:
+                    env[node.name] = state[weights[node.name]]
+                continue
+            if node.op == "output":
+                flat = [plain(a.name) if isinstance(a, torch.fx.Node) else a
+                        for a in node.args[0]]
+                return pytree.tree_unflatten(flat, split.signature.out_spec)
+            operands = {a.name: fixed(a) for a in node.all_input_nodes}
+            if node.name not in region or not any(v is not None for v in operands.values()):
+                env[node.name] = node.target(
+                    *torch.fx.node.map_arg(node.args, lambda a: plain(a.name)),
+                    **torch.fx.node.map_arg(node.kwargs, lambda a: plain(a.name)),
+                )
+                continue
+            name = op_name(node)
+            if name in ("linear", "addmm", "mm", "matmul"):
+                if name == "addmm":
+                    bias, x, w = node.args
+                    weight = env[w.name].t()
+                else:
+                    x, w = node.args[0], node.args[1]
+                    bias = node.args[2] if name == "linear" and len(node.args) > 2 else None
+                    weight = env[w.name] if name == "linear" else env[w.name].t()
+                q, bits = operands[x.name]
+                wbits = plan.weight_bits[node.name]
+                out = torch.matmul(q, quantize(weight.detach(), wbits).t())
+                if bias is not None:
+                    out = out + quantize(env[bias.name].detach(), bits + wbits)
+                ints[node.name] = (out, bits + wbits)
+            elif name == "add":
+                a, b = node.args[0], node.args[1]
+                qa = operands.get(a.name) if isinstance(a, torch.fx.Node) else None
+                qb = operands.get(b.name) if isinstance(b, torch.fx.Node) else None
+                if qa is None:
+                    (a, qa), (b, qb) = (b, qb), (a, qa)
+                bits = qa[1]
+                other = qb[0] if qb is not None else quantize(plain(b.name), bits)
+                ints[node.name] = (qa[0] + other, bits)
+            elif name == "_to_copy":
+                ints[node.name] = operands[node.args[0].name]
+            else:  # a shape op: the same op on the integers
+                q, bits = operands[node.args[0].name]
+                rest = torch.fx.node.map_arg(node.args[1:], lambda a: plain(a.name))
+                kwargs_ = torch.fx.node.map_arg(node.kwargs, lambda a: plain(a.name))
+                ints[node.name] = (node.target(q, *rest, **kwargs_), bits)
+        raise AssertionError("the source graph has no output node")
+
+    return run

@@ -18,6 +18,7 @@ from typing import Any
 import sympy
 import torch
 
+from passes import integrity
 from passes.randomness import CSPRNG
 
 Binding = tuple[tuple[str, int], ...]
@@ -28,6 +29,7 @@ class MaskSet:
     pads: dict[str, torch.Tensor] = field(default_factory=dict)
     noise: dict[str, torch.Tensor] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    freivalds: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def concrete_shape(val: torch.Tensor, binding: Mapping[sympy.Symbol, int]) -> list[int]:
@@ -77,6 +79,18 @@ class MaskPool:
             results = corr.module(*(deltas[n] for n in corr.delta_inputs))
             deltas.update(zip(corr.delta_outputs, results, strict=True))
             out.deltas.update(zip(corr.delta_outputs, results, strict=True))
+        prime = prot.field_plan.prime if prot.field_plan is not None else None
+        for name, (module, outputs) in prot.freivalds.items():
+            corr = prot.corrections[name]
+            out.freivalds[name] = integrity.precompute(
+                corr,
+                module,
+                outputs,
+                [deltas[n] for n in corr.delta_inputs],
+                [deltas[n] for n in corr.delta_outputs],
+                self.rng,
+                prime,
+            )
         self.drawn += 1
         return out
 

@@ -22,6 +22,7 @@ input stages are not edited) and a :class:`Protection` record; guarantees:
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ class Protection:
     rnm: RNMSite | None = None
     token_val: Any = None  # the token input's fake value (RNM noise takes its shape)
     field_plan: field_pass.FieldPlan | None = None
-    freivalds: dict[str, Any] = field(default_factory=dict)
+    # GPU stage -> (the enclave's own copy of its module, its outputs): checked per request
+    freivalds: dict[str, tuple[torch.fx.GraphModule, list[str]]] = field(default_factory=dict)
 
     @property
     def needs_pool(self) -> bool:
@@ -162,19 +164,35 @@ def protection_of(tags: frozenset[str], masking: str) -> str:
 
 
 def _token_input(program: ExportedProgram) -> tuple[str, str]:
-    """(token input placeholder, embedding weight fqn) of the lookup that reads user tokens."""
+    """(token input placeholder, embedding weight fqn) of the lookup that reads user tokens.
+
+    The indices may reach the lookup through shape ops (GPT-2 views ``input_ids`` first);
+    sanitising the input itself is the same as sanitising its reshaped view.
+    """
     users = set(user_input_names(program))
     sig = program.graph_signature
     weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     for node in program.graph.nodes:
         if node.op == "call_function" and op_name(node) in EMBEDDING_OPS:
             weight, indices = node.args[0], node.args[1]
-            if indices.name in users and weight.name in weights:
+            while (
+                isinstance(indices, torch.fx.Node)
+                and indices.op == "call_function"
+                and op_name(indices) in _VIEW_OPS
+            ):
+                indices = indices.args[0]
+            if isinstance(indices, torch.fx.Node) and indices.name in users and (
+                weight.name in weights
+            ):
                 return indices.name, weights[weight.name]
     raise PartitionError(
-        "rnm is set but no embedding lookup reads a user input directly; RNM sanitises the "
-        "token ids before the embedding, so the model must take token ids"
+        "rnm is set but no embedding lookup reads a user input; RNM sanitises the token ids "
+        "before the embedding, so the model must take token ids"
     )
+
+
+_VIEW_OPS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze",
+                       "contiguous", "clone", "alias"})
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,6 +219,15 @@ def _copy_module(module: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict[str
     out = graph.graph_copy(module.graph, value_map)
     graph.output(out)
     return graph, {old.name: new for old, new in value_map.items()}
+
+
+def _fake(val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = ()) -> torch.Tensor:
+    """A fake tensor like ``val`` (same symbolic shape) for a new placeholder's ``meta["val"]``."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([val])
+    with mode:
+        return val.new_empty((*val.shape, *extra), dtype=dtype)
 
 
 def _append_placeholder(graph: torch.fx.Graph, name: str, like: Any) -> torch.fx.Node:
@@ -276,7 +303,11 @@ class _Protector:
         graph, nodes = _copy_module(stage.module)
         attrs = {}
         token = _input_node(stage, nodes, site.token_input)
-        noise = _append_placeholder(graph, f"rnm_noise_{site.token_input}", None)
+        noise = _append_placeholder(
+            graph,
+            f"rnm_noise_{site.token_input}",
+            _fake(token.meta["val"], torch.float64, (site.tables.k,)),
+        )
         tables = {}
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first_op):
@@ -370,6 +401,7 @@ class _Protector:
         if field_plan is not None:
             field_plan.mark_edges(self.edges, masked, gpu_masked, self.shapes)
         pooled = self._pooled(corrections)
+        freivalds = self._freivalds(stages, corrections, pooled)
         cost = {name: self._cost(name, modules[name], corr) for name, corr in corrections.items()}
         protection = Protection(
             masking=masking,
@@ -383,8 +415,40 @@ class _Protector:
             rnm=site,
             token_val=self.vals[site.token_input] if site else None,
             field_plan=field_plan,
+            freivalds=freivalds,
         )
         return stages, self.edges, protection
+
+    def _freivalds(
+        self, stages: list[Stage], corrections: dict[str, Correction], pooled: list[str]
+    ) -> dict[str, tuple[torch.fx.GraphModule, list[str]]]:
+        if self.policy.integrity != "freivalds":
+            return {}
+        checked: dict[str, tuple[torch.fx.GraphModule, list[str]]] = {}
+        for stage in stages:
+            if stage.side != GPU:
+                continue
+            corr = corrections.get(stage.name)
+            why = None
+            if corr is None:
+                why = "none of its inputs is masked, so there is no linear map to check"
+            elif stage.name not in pooled:
+                why = f"it is not affine in its inputs (products {corr.products})"
+            elif corr.delta_inputs != stage.inputs:
+                unmasked = sorted(set(stage.inputs) - set(corr.delta_inputs))
+                why = f"its inputs {unmasked} are not masked"
+            elif corr.delta_outputs != stage.outputs:
+                why = "some of its outputs do not depend on its inputs"
+            if why is not None:
+                raise PartitionError(
+                    f"integrity='freivalds' cannot check GPU stage {stage.name}: {why}; use "
+                    "integrity='none' or pin its ops to the enclave"
+                )
+            # The enclave computes the bias term f(0) with its own module object (weights are
+            # shared: they multiply zeros), never by asking the GPU.
+            own = torch.fx.GraphModule(stage.module, copy.deepcopy(stage.module.graph))
+            checked[stage.name] = (own, list(stage.outputs))
+        return checked
 
     def _users_in(self, stage: Stage, value: str) -> list[str]:
         ph = next(n for n in stage.module.graph.find_nodes(op="placeholder") if n.name == value)
@@ -500,7 +564,10 @@ class _Protector:
         extras = list(stage.extra_inputs)
         for name in unmask_in:
             ph = _input_node(stage, nodes, name)
-            delta = _append_placeholder(graph, f"delta_{name}", ph.meta.get("val"))
+            plain_val = ph.meta["val"]
+            if field_plan is not None:  # residues arrive as int64
+                ph.meta["val"] = _fake(plain_val, torch.int64)
+            delta = _append_placeholder(graph, f"delta_{name}", ph.meta["val"])
             extras.append(("delta", name))
             first_op = next(n for n in graph.nodes if n.op != "placeholder")
             with graph.inserting_before(first_op):
@@ -511,13 +578,16 @@ class _Protector:
                     plain = graph.call_function(
                         OPS.field_unmask.default, (ph, delta, bits, field_plan.prime)
                     )
-            plain.meta = dict(ph.meta)
+            plain.meta = {**ph.meta, "val": plain_val}
             ph.replace_all_uses_with(plain, delete_user_cb=lambda n, p=plain: n is not p)
         out_node = next(iter(graph.find_nodes(op="output")))
         results = list(out_node.args[0])
         for name in mask_out:
             value = results[stage.outputs.index(name)]
-            r = _append_placeholder(graph, f"mask_{name}", None)
+            val = value.meta["val"]
+            r = _append_placeholder(
+                graph, f"mask_{name}", val if field_plan is None else _fake(val, torch.int64)
+            )
             extras.append(("mask", name))
             with graph.inserting_before(out_node):
                 if field_plan is None:
@@ -527,7 +597,7 @@ class _Protector:
                         OPS.field_mask.default,
                         (value, r, field_plan.frac_bits, field_plan.prime),
                     )
-            hidden.meta["val"] = value.meta.get("val")
+            hidden.meta["val"] = r.meta["val"]
             results.append(hidden)
         out_node.args = (tuple(results),)
         graph.lint()

@@ -62,7 +62,14 @@ def test_protected_weights_never_reach_a_gpu_stage():
     with pytest.raises(Exception, match="weight-bearing"):
         Policy(gpu=["ffn"], protects=["model"], masking="additive")
     # ...and a policy that lets min-cut choose keeps every parameter reader in the enclave.
-    policy = Policy(name="free", gpu=["attention"], protects=["model", "input"], masking="additive")
+    policy = Policy(
+        name="free",
+        enclave=["nonlinear"],
+        gpu=["attention"],
+        protects=["model", "input"],
+        masking="additive",
+        on_unmaskable="cross_terms",
+    )
     sp = partition(captured("tiny-llama"), policy)
     gpu_params = [p for s in sp.stages if s.side == GPU for p in s.params]
     protected = set(captured("tiny-llama").program.graph_signature.inputs_to_parameters.values())

@@ -1,0 +1,138 @@
+"""Freivalds integrity checks of GPU results (``integrity="freivalds"``).
+
+For a GPU stage that is affine in its (masked) inputs, ``y = L(x) + c``, the enclave draws a
+random vector ``s`` over the outputs and precomputes, ahead of the request, ``a = Lᵀs`` (the
+generalisation of Slalom's ``sᵀW`` to a stage with several inputs, outputs and shape ops; a
+vector-Jacobian product of the stage's correction graph, which *is* ``L``) and ``κ = ⟨s, c⟩``.
+Online it checks ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` on the values the GPU got and returned: two dot
+products, linear in the tensor sizes, instead of the stage's matrix products.
+
+False negatives. ``masking="field"``: ``s`` is uniform on ``[0, 2**20)`` and the check is exact
+mod ``p``; a wrong result ``y' = y + e`` with ``e != 0 mod p`` passes only if ``⟨s, e⟩ = 0 mod p``,
+which by Schwartz–Zippel has probability at most ``2**-20`` per check (fresh ``s`` per request).
+``masking="additive"`` (floats): ``s`` is standard normal and the check allows a rounding
+tolerance ``τ = FLOAT_RTOL · (Σ|s·y'| + Σ|a·x'| + |κ|)``; an error ``e`` passes when
+``|⟨s, e⟩| <= τ``, probability ``erf(τ / (‖e‖₂·√2))`` for Gaussian ``s``: negligible for
+errors well above ``τ``, certain for errors below it. The tolerance is reported per check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from partitioner.errors import IntegrityError
+from passes.labels import op_name
+
+FIELD_S_BITS = 20
+FLOAT_RTOL = 1e-5
+
+
+def _linear64(x: torch.Tensor, w: torch.Tensor, b: Any = None, prime: int = 0) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w.to(torch.float64))
+
+
+def _add64(a: torch.Tensor, b: torch.Tensor, prime: int = 0) -> torch.Tensor:
+    return a + b
+
+
+def float64_linear_part(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A field correction graph with its mod-p ops as plain float64 ops (for autograd).
+
+    Exact while every intermediate stays below 2**53, which the sizes of ``s`` guarantee.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(module.graph, env)
+    graph.output(out)
+    for node in graph.nodes:
+        if node.op == "call_function" and op_name(node) == "field_linear":
+            node.target = _linear64
+        elif node.op == "call_function" and op_name(node) == "field_add":
+            node.target = _add64
+    return torch.fx.GraphModule(module, graph)
+
+
+def _mulmod(a: torch.Tensor, b: torch.Tensor, prime: int) -> torch.Tensor:
+    """``a * b mod prime`` for residues below 2**40 without int64 overflow (20-bit split)."""
+    hi, lo = b >> 20, b & ((1 << 20) - 1)
+    return torch.remainder(torch.remainder(a * hi, prime) * (1 << 20) + a * lo, prime)
+
+
+def _dot_mod(a: torch.Tensor, b: torch.Tensor, prime: int) -> int:
+    prods = _mulmod(torch.remainder(a, prime), torch.remainder(b, prime), prime)
+    return int(torch.remainder(prods.flatten(), prime).sum().remainder(prime))
+
+
+def precompute(
+    corr: Any,
+    stage_module: torch.fx.GraphModule,
+    stage_outputs: list[str],
+    pads: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    rng: Any,
+    field_prime: int | None,
+) -> dict[str, Any]:
+    """Draw ``s`` for one request and compute ``a = Lᵀs`` and ``κ = ⟨s, f(0)⟩`` offline.
+
+    ``pads`` are the stage's inputs' pads (every input is masked), ``deltas`` the correction's
+    outputs for them (only their shapes are used).
+    """
+    with torch.no_grad():
+        constant = stage_module(*(torch.zeros_like(p) for p in pads))
+    biases = [constant[stage_outputs.index(o)] for o in corr.delta_outputs]
+    if field_prime is None:
+        samples = [rng.normal(list(d.shape)).to(torch.float64) for d in deltas]
+        _, vjp = torch.func.vjp(lambda *xs: tuple(corr.module(*xs)), *pads)
+        a = [g.to(torch.float64) for g in vjp(tuple(s.to(pads[0].dtype) for s in samples))]
+        kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
+        return {"s": samples, "a": a, "kappa": kappa}
+    samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
+    linear = float64_linear_part(corr.module)
+    _, vjp = torch.func.vjp(
+        lambda *xs: tuple(linear(*xs)), *(p.to(torch.float64) for p in pads)
+    )
+    grads = vjp(tuple(s.to(torch.float64) for s in samples))
+    for g in grads:
+        if g.abs().max() >= 2**52:
+            raise IntegrityError("Freivalds precomputation left float64's exact range")
+    a = [torch.remainder(g.round().to(torch.int64), field_prime) for g in grads]
+    kappa = sum(
+        _dot_mod(s, c, field_prime) for s, c in zip(samples, biases, strict=True)
+    ) % field_prime
+    return {"s": samples, "a": a, "kappa": kappa}
+
+
+def check(
+    stage: str, vectors: dict[str, Any], inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+    field_prime: int | None,
+) -> dict[str, float]:
+    """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats)."""
+    s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
+    if field_prime is not None:
+        lhs = sum(_dot_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
+        rhs = sum(_dot_mod(ai, xi, field_prime) for ai, xi in zip(a, inputs, strict=True))
+        if (lhs - rhs - kappa) % field_prime != 0:
+            raise IntegrityError(
+                f"GPU stage {stage} returned results that fail the Freivalds check mod p "
+                f"(false-positive probability 0; a wrong result passes with probability "
+                f"<= 2**-{FIELD_S_BITS})"
+            )
+        return {"tolerance": 0.0}
+    terms_y = [si * yi.double() for si, yi in zip(s, outputs, strict=True)]
+    terms_x = [ai * xi.double() for ai, xi in zip(a, inputs, strict=True)]
+    lhs = float(sum(t.sum() for t in terms_y))
+    rhs = float(sum(t.sum() for t in terms_x)) + kappa
+    tol = FLOAT_RTOL * (
+        float(sum(t.abs().sum() for t in terms_y))
+        + float(sum(t.abs().sum() for t in terms_x))
+        + abs(kappa)
+    )
+    if abs(lhs - rhs) > tol:
+        raise IntegrityError(
+            f"GPU stage {stage} returned results that fail the Freivalds check: "
+            f"|<s,y'> - <a,x'> - k| = {abs(lhs - rhs):.4g} > tolerance {tol:.4g}"
+        )
+    return {"tolerance": tol}
