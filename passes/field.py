@@ -35,6 +35,7 @@ from passes.ops import OPS, quantize
 
 PRIME = 1_099_511_627_689  # the largest prime below 2**40
 FRAC_BITS = 14
+RANGE_BITS = 12  # outputs are exact while |y| < 2**RANGE_BITS; weights get the bits left over
 _PRODUCT_BUDGET = 62  # log2 bound on |x + r| * |w_q| * fan_in
 _SHAPE_ONLY = _LINEAR_IN_FIRST - {"neg", "sum", "mean", "_to_copy"}
 
@@ -77,12 +78,15 @@ def _attr(module: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int) -> int:
+def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int, frac_bits: int) -> int:
+    """Fractional bits for a weight: as many as the int64 product bound allows, capped so that
+    outputs up to ``2**RANGE_BITS`` in magnitude stay below ``prime / 2``."""
     budget = _PRODUCT_BUDGET - math.ceil(math.log2(prime)) - math.ceil(math.log2(max(fan_in, 2)))
+    cap = math.floor(math.log2(prime)) - 1 - frac_bits - RANGE_BITS
     largest = float(weight.detach().abs().max())
     if budget < 2 or largest == 0.0:
-        return max(budget, 0)
-    return math.floor(math.log2((2**budget - 1) / largest))
+        return max(min(budget, cap), 0)
+    return min(math.floor(math.log2((2**budget - 1) / largest)), cap)
 
 
 def to_field(
@@ -169,7 +173,7 @@ def to_field(
             if scale[x.name] != plan.frac_bits:
                 raise refuse(node, "its input already went through a weight product")
             fan_in = int(weight.shape[1])
-            bits = _weight_bits(weight, fan_in, plan.prime)
+            bits = _weight_bits(weight, fan_in, plan.prime, plan.frac_bits)
             w_q = quantize(weight.detach(), bits)
             out_bits = scale[x.name] + bits
             b_node = None

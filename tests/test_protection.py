@@ -1,0 +1,307 @@
+"""Masks, unmasks, corrections, field arithmetic, the pool and Freivalds checks."""
+
+import math
+
+import pytest
+import torch
+from conftest import captured, eager, model_output
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from partitioner.api import partition
+from partitioner.errors import IntegrityError, PartitionError, PolicyError
+from partitioner.policy import Policy
+from passes import ops  # noqa: F401 - registers torch.ops.teesplit
+from passes.field import PRIME
+from passes.linearity import AFFINE, NONLINEAR, PRODUCT, analyse, build_correction
+from passes.randomness import CSPRNG
+
+# -- randomness ------------------------------------------------------------------------------
+
+
+def test_csprng_seeded_streams_repeat_and_os_streams_do_not():
+    assert torch.equal(CSPRNG(5).uniform([64], -1, 1), CSPRNG(5).uniform([64], -1, 1))
+    assert not torch.equal(CSPRNG().uniform([64], -1, 1), CSPRNG().uniform([64], -1, 1))
+    rng = CSPRNG(5)
+    assert not torch.equal(rng.uniform([64], -1, 1), rng.uniform([64], -1, 1))  # never reused
+
+
+def test_csprng_ignores_torchs_global_generator():
+    torch.manual_seed(0)
+    a = CSPRNG().uniform([8], 0, 1)
+    torch.manual_seed(0)
+    b = CSPRNG().uniform([8], 0, 1)
+    assert not torch.equal(a, b)
+
+
+def test_field_pads_are_uniform_residues():
+    pads = CSPRNG(1).field([200_000], PRIME)
+    assert pads.dtype == torch.int64
+    assert int(pads.min()) >= 0 and int(pads.max()) < PRIME
+    counts = torch.bincount((pads * 16 // PRIME), minlength=16).double()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 45.0  # 15 degrees of freedom: p < 1e-4 beyond this
+
+
+def test_laplace_has_the_asked_scale():
+    draws = CSPRNG(2).laplace([200_000], 2.0)
+    assert abs(float(draws.mean())) < 0.03
+    assert abs(float(draws.abs().mean()) - 2.0) < 0.03  # E|X| = b
+
+
+# -- ops -------------------------------------------------------------------------------------
+
+
+def test_ops_round_trip_and_survive_export():
+    x, r = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(torch.ops.teesplit.unmask(torch.ops.teesplit.mask(x, r), r), x)
+    q = torch.ops.teesplit.field_mask(x, CSPRNG(0).field([3, 5], PRIME), 14, PRIME)
+    assert q.dtype == torch.int64
+
+    class Masker(torch.nn.Module):
+        def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return torch.ops.teesplit.unmask(torch.ops.teesplit.mask(x, r) * 2, r * 2)
+
+    ep = torch.export.export(Masker(), (x, r))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"teesplit.mask.default", "teesplit.unmask.default"} <= targets
+    torch.testing.assert_close(ep.module()(x, r), x * 2)
+
+
+def test_field_mask_unmask_is_exact_on_the_fixed_point_grid():
+    x = torch.randint(-(2**20), 2**20, (4, 7)).double() / 2**14
+    pad = CSPRNG(3).field([4, 7], PRIME)
+    hidden = torch.ops.teesplit.field_mask(x.float(), pad, 14, PRIME)
+    back = torch.ops.teesplit.field_unmask(hidden, pad, 14, PRIME)
+    assert torch.equal(back, x.float())
+
+
+# -- linearity -------------------------------------------------------------------------------
+
+
+WEIGHT, BIAS = torch.randn(6, 4), torch.randn(6)
+
+
+def _graph(fn):
+    """An aten-level stage graph (as the split produces) with placeholders ``x`` and ``y``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x, y: fn(x, y), tracing_mode="real")(torch.randn(3, 4), torch.randn(3, 4))
+    for ph, name in zip(gm.graph.find_nodes(op="placeholder"), "xy", strict=True):
+        ph.name = ph.target = name
+    gm.recompile()
+    result = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    return gm, [result.name]
+
+
+AFFINE_STAGES = {
+    "linear+bias": lambda x, y: torch.nn.functional.linear(x, WEIGHT, BIAS),
+    "views+cat": lambda x, y: torch.cat([x.t().reshape(2, 6), y.reshape(2, 6)], 0) * 3.0,
+    "sum+neg": lambda x, y: -(x + y).sum(0) - 1.5,
+    "matmul-const": lambda x, y: (x - y) @ WEIGHT.t(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AFFINE_STAGES))
+def test_affine_stage_correction_is_precomputable_and_exact(case):
+    gm, outputs = _graph(AFFINE_STAGES[case])
+    analysis = analyse(gm, ["x", "y"])
+    assert set(analysis.kinds.values()) == {AFFINE}
+    corr = build_correction("s", gm, outputs, ["x", "y"], analysis=analysis)
+    assert corr.precomputable and corr.primal_inputs == []
+    x, y, rx, ry = (torch.randn(3, 4) for _ in range(4))
+    masked = gm(x + rx, y + ry)
+    (delta,) = corr.module(*({"x": rx, "y": ry}[n] for n in corr.delta_inputs))
+    torch.testing.assert_close(masked - delta, gm(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_products_of_activations_need_the_plaintext_and_nonlinear_ops_have_no_correction():
+    product, outputs = _graph(lambda x, y: (x * 2.0) @ y.t())
+    analysis = analyse(product, ["x", "y"])
+    assert analysis.products == [next(n for n, k in analysis.kinds.items() if k == PRODUCT)]
+    corr = build_correction("s", product, outputs, ["x", "y"], analysis=analysis)
+    assert not corr.precomputable and sorted(corr.primal_inputs) == ["x", "y"]
+    x, y, rx, ry = (torch.randn(3, 4) for _ in range(4))
+    (delta,) = corr.module(rx, ry, *(x if n == "x" else y for n in corr.primal_inputs))
+    torch.testing.assert_close(product(x + rx, y + ry) - delta, product(x, y), rtol=1e-5,
+                               atol=1e-5)
+    softmax, _ = _graph(lambda x, y: torch.softmax(x, -1) + y)
+    assert NONLINEAR in analyse(softmax, ["x"]).kinds.values()
+    assert set(analyse(softmax, ["y"]).kinds.values()) == {AFFINE}  # softmax of a public x
+
+
+# -- presets: the GPU sees only masked values --------------------------------------------------
+
+
+def _record_gpu_inputs(sp):
+    seen = {}
+    for stage in sp.stages:
+        if stage.side == "gpu":
+            inner = stage.module
+
+            def spy(*args, _inner=inner, _stage=stage):
+                seen.update(zip(_stage.inputs, args, strict=True))
+                return _inner(*args)
+
+            stage.module = spy
+    return seen
+
+
+@pytest.mark.parametrize("preset", ["secureinfer", "slalom"])
+def test_gpu_stages_see_only_masked_values(preset):
+    sp = partition(captured("tiny-llama"), preset, seed=11)
+    plain = sp.without_protection()
+    seen_masked = _record_gpu_inputs(sp)
+    seen_plain = _record_gpu_inputs(plain)
+    ids = torch.randint(3, 250, (1, 9))
+    with torch.no_grad():
+        sp(input_ids=ids)
+        plain(input_ids=ids)
+    masked_values = set(sp.protection.masked)
+    assert masked_values and masked_values <= set(seen_masked)
+    for name in masked_values:
+        hidden, clear = seen_masked[name], seen_plain[name]
+        if preset == "slalom":
+            assert hidden.dtype == torch.int64
+            assert float((hidden - torch.round(clear.double() * 2**14)).abs().min()) > 0
+        else:
+            assert float((hidden - clear).abs().min()) > 0  # every element moved by its pad
+    assert all(e.protection in ("additive", "field") for e in sp.cut_edges
+               if e.direction == "enclave->gpu" and sp.protection.taint[e.name])
+
+
+def test_fresh_pads_per_request_and_the_pool_hands_each_set_out_once():
+    sp = partition(captured("tiny-llama"), "secureinfer", seed=4)
+    seen = _record_gpu_inputs(sp)
+    ids = torch.randint(3, 250, (1, 9))
+    with torch.no_grad():
+        first = model_output(sp(input_ids=ids))
+        hidden_first = {k: v.clone() for k, v in seen.items()}
+        second = model_output(sp(input_ids=ids))
+    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
+    name = next(iter(sp.protection.masked))
+    assert not torch.equal(hidden_first[name], seen[name])
+    binding = sp.binding({"input_ids": ids})
+    sp.pool.fill(binding, 2)
+    assert sp.pool.available(binding) == 2
+    misses = sp.pool.misses
+    a, b = sp.pool.take(binding), sp.pool.take(binding)
+    assert sp.pool.available(binding) == 0 and sp.pool.misses == misses
+    assert not torch.equal(a.pads[name], b.pads[name])
+    sp.pool.take(binding)
+    assert sp.pool.misses == misses + 1
+
+
+def test_precomputed_corrections_make_the_online_cost_one_add_and_one_subtract():
+    sp = partition(captured("tiny-llama"), Policy.preset("slalom", masking="additive"), seed=1)
+    prot = sp.protection
+    assert prot.pooled == list(prot.corrections)  # every slalom GPU stage is affine
+    assert all(c["enclave_online_mflop"] == 0 for c in prot.cost.values())
+    for stage in sp.stages:
+        if stage.side == "enclave":
+            ops_used = [n.target for n in stage.module.graph.nodes if n.op == "call_function"]
+            assert ops_used.count(torch.ops.teesplit.mask.default) == len(stage.masked_outputs)
+            unmasks = [x for x in stage.extra_inputs if x[0] == "delta"]
+            assert ops_used.count(torch.ops.teesplit.unmask.default) == len(unmasks)
+
+
+# -- products of two activations ---------------------------------------------------------------
+
+
+def test_unmaskable_products_are_refused_by_default_naming_the_edge():
+    policy = Policy.preset("secureinfer", on_unmaskable="error")
+    with pytest.raises(PartitionError, match=r"GPU stage gpu_\d+ receives masked edge \w+ "
+                       r"\(enclave_\d+ -> gpu_\d+\), but matmul\w* cannot run on masked data"):
+        partition(captured("tiny-llama"), policy)
+
+
+def test_on_unmaskable_enclave_moves_the_products_into_the_enclave():
+    sp = partition(captured("tiny-llama"), Policy.preset("secureinfer", on_unmaskable="enclave"))
+    assert not [n for s in sp.stages if s.side == "gpu" for n in s.nodes
+                if sp.labels[n] == "attention" and "matmul" in n]
+    moved = [w for w in sp.placement.why.values() if w.startswith("on_unmaskable='enclave'")]
+    assert moved
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        torch.testing.assert_close(model_output(sp(input_ids=ids)), eager("tiny-llama", ids))
+
+
+def test_cross_terms_state_their_enclave_cost_in_the_plan():
+    sp = partition(captured("tiny-llama"), "secureinfer")
+    corrections = sp.plan()["protection"]["corrections"]
+    pv = [c for c in corrections.values() if c["products"] and len(c["delta_inputs"]) == 2]
+    assert pv, corrections
+    for cost in pv:  # softmax·V alone: the enclave pays exactly two products of the same size
+        assert not cost["precomputed"]
+        assert math.isclose(cost["enclave_online_mflop"], 2 * cost["gpu_mflop"], rel_tol=1e-9)
+    assert "cross terms: the enclave computes" in sp.report()
+
+
+# -- field masking -------------------------------------------------------------------------------
+
+
+def test_field_edges_cross_as_int64_and_the_plan_states_the_exact_range():
+    sp = partition(captured("tiny-llama"), "slalom", seed=2)
+    masked = [e for e in sp.cut_edges if e.protection in ("field", "unmask")]
+    assert masked and all(e.dtype == "int64" for e in masked)
+    field = sp.plan()["protection"]["field"]
+    assert field["prime"] == PRIME and field["activation_frac_bits"] == 14
+    assert all(r > 1000 for r in field["exact_output_range"].values())
+    # every quantised weight obeys the int64 bound the field pass promises
+    for stage in sp.stages:
+        if stage.side == "gpu":
+            for node in stage.module.graph.find_nodes(
+                op="call_function", target=torch.ops.teesplit.field_linear.default
+            ):
+                w = getattr(stage.module, node.args[1].target)
+                assert PRIME * int(w.abs().max()) * w.shape[1] < 2**62
+
+
+def test_field_masking_refuses_an_op_it_cannot_compute_exactly():
+    policy = Policy(name="bad-field", enclave=["embedding", "norm", "lm_head"], gpu=["nonlinear",
+                    "ffn"], protects=["input"], masking="field")
+    with pytest.raises(PartitionError, match=r"masking='field': GPU stage gpu_\d+ runs \w+"):
+        partition(captured("tiny-llama"), policy)
+
+
+# -- integrity -------------------------------------------------------------------------------
+
+
+def _corrupt_first_gpu_stage(sp, amount):
+    stage = next(s for s in sp.stages if s.side == "gpu")
+    inner = stage.module
+
+    def corrupted(*args):
+        outs = [o.clone() for o in inner(*args)]
+        outs[0].view(-1)[3] += amount
+        return tuple(outs)
+
+    stage.module = corrupted
+    return stage.name
+
+
+@pytest.mark.parametrize("masking", ["field", "additive"])
+def test_freivalds_catches_a_gpu_that_returns_wrong_values(masking):
+    policy = Policy.preset("slalom", masking=masking)
+    sp = partition(captured("tiny-llama"), policy, seed=9)
+    ids = torch.randint(3, 250, (1, 9))
+    with torch.no_grad():
+        sp(input_ids=ids)  # clean results pass
+        name = _corrupt_first_gpu_stage(sp, 1 if masking == "field" else 0.5)
+        with pytest.raises(IntegrityError, match=f"GPU stage {name} returned results that fail"):
+            sp(input_ids=ids)
+
+
+def test_freivalds_refuses_stages_it_cannot_check():
+    policy = Policy.preset("secureinfer", integrity="freivalds")
+    with pytest.raises(PartitionError, match="integrity='freivalds' cannot check GPU stage"):
+        partition(captured("tiny-llama"), policy)
+
+
+# -- policy keys -------------------------------------------------------------------------------
+
+
+def test_protection_policy_keys_are_validated():
+    with pytest.raises(PolicyError, match="on_unmaskable='ignore'"):
+        Policy(on_unmaskable="ignore")
+    with pytest.raises(PolicyError, match="mask_scale must be a positive number"):
+        Policy(mask_scale=0)
