@@ -64,14 +64,26 @@ def main() -> None:
     for preset in args.presets.split(","):
         out = subprocess.run(
             [sys.executable, __file__, "--one", preset, "--layers", str(args.layers)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    header = ("preset", "nodes", "stages", "capture_s", "partition_s", "ratio", "peak_rss_mb",
-              "enclave_flops_share")
-    print(f"Llama-2-7B shape (meta device, {args.layers} layers, hidden 4096, FFN 11008, "
-          "vocab 32000)\n")
+    header = (
+        "preset",
+        "nodes",
+        "stages",
+        "capture_s",
+        "partition_s",
+        "ratio",
+        "peak_rss_mb",
+        "enclave_flops_share",
+    )
+    print(
+        f"Llama-2-7B shape (meta device, {args.layers} layers, hidden 4096, FFN 11008, "
+        "vocab 32000)\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

@@ -17,8 +17,8 @@ from partitioner.program import SplitProgram, _Signature
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
-from passes.label_set import Label
 from passes.audit import audit
+from passes.label_set import Label
 from passes.labels import label_program, user_input_names
 from passes.pool import MaskPool
 from passes.protect import MoveToEnclave, protect
@@ -80,7 +80,9 @@ def partition(
         except MoveToEnclave as move:
             fresh = {n: why for n, why in move.nodes.items() if n not in force}
             if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
-                raise PartitionError(f"on_unmaskable='enclave' could not place {move.nodes}")
+                raise PartitionError(
+                    f"on_unmaskable='enclave' could not place {sorted(move.nodes)[:5]}"
+                ) from None
             force.update(fresh)
             continue
         break

@@ -243,9 +243,7 @@ PRESETS: dict[str, Policy] = {
     ),
     "slalom": Policy(
         name="slalom",
-        enclave=frozenset(
-            {L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE, L.LORA}
-        ),
+        enclave=frozenset({L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE, L.LORA}),
         gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD}),
         protects=frozenset({"input"}),
         masking="field",

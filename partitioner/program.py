@@ -225,9 +225,7 @@ class SplitProgram:
         """Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected)."""
         masked = self.protection.masked if self.protection is not None else {}
         return {
-            e.name
-            for e in self.edges
-            if e.direction == "enclave->gpu" and e.name not in masked
+            e.name for e in self.edges if e.direction == "enclave->gpu" and e.name not in masked
         }
 
     def without_protection(self) -> SplitProgram:
@@ -240,8 +238,13 @@ class SplitProgram:
 
         stages, edges, flat_outputs = build_stages(self.source, self.placement, self.shapes)
         return dataclasses.replace(
-            self, stages=stages, edges=edges, flat_outputs=flat_outputs, protection=None,
-            pool=None, last_request={},
+            self,
+            stages=stages,
+            edges=edges,
+            flat_outputs=flat_outputs,
+            protection=None,
+            pool=None,
+            last_request={},
         )
 
     # -- description --------------------------------------------------------------------------
@@ -322,8 +325,7 @@ class SplitProgram:
             return []
         counts = Counter(e.protection for e in self.cut_edges)
         lines = [
-            "protection of cut edges: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            "protection of cut edges: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         ]
         if prot.masked:
             scale = f", pads uniform on [-{prot.mask_scale:g}, {prot.mask_scale:g}]"

@@ -60,8 +60,10 @@ class AuditReport:
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-        lines = [f"audit of {self.program}: {len(self.rows)} cut edges, "
-                 f"{len(self.violations)} violations"]
+        lines = [
+            f"audit of {self.program}: {len(self.rows)} cut edges, "
+            f"{len(self.violations)} violations"
+        ]
         for i, row in enumerate(table):
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
             if i == 0:
@@ -91,7 +93,8 @@ def _masked_on_gpu(program: SplitProgram) -> set[str]:
     for stage in program.stages:
         if stage.side == ENCLAVE:
             masked |= {
-                v for v in stage.masked_outputs
+                v
+                for v in stage.masked_outputs
                 if (n := _output_producer(stage, v)) is not None and n.target in _MASK_OPS
             }
             continue
@@ -166,9 +169,7 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
             "the protection record's masked GPU values differ from the data flow: "
             f"{sorted(gpu_masked ^ prot.gpu_masked)[:5]}"
         )
-    corrected = (
-        {v for c in prot.corrections.values() for v in c.delta_outputs} if prot else set()
-    )
+    corrected = {v for c in prot.corrections.values() for v in c.delta_outputs} if prot else set()
     for edge in program.edges:
         if not edge.crossing and not (edge.consumer == OUTPUT and side[edge.producer] == GPU):
             continue
@@ -226,7 +227,9 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
         for stage in program.stages:
             if stage.side == GPU and set(stage.inputs) & masked_values:
                 if stage.name not in prot.corrections:
-                    violations.append(f"GPU stage {stage.name} gets masked inputs but no correction")
+                    violations.append(
+                        f"GPU stage {stage.name} gets masked inputs but no correction"
+                    )
 
     # 5. integrity: every GPU stage is checked when the policy asks for it
     if policy.integrity == "freivalds":

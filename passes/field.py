@@ -147,11 +147,17 @@ def to_field(
             env[node.name] = graph.node_copy(node, lambda a: env[a.name])
             scale[node.name] = scale[node.args[0].name]
             continue
-        if name == "_to_copy" and node.kwargs.get("dtype") in (None, torch.float32,
-                                                                torch.float16, torch.bfloat16):
+        if name == "_to_copy" and node.kwargs.get("dtype") in (
+            None,
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
             # residues have no float dtype to cast to; keep the node (and its name) as an alias
             env[node.name] = graph.create_node(
-                "call_function", torch.ops.aten.alias.default, (env[node.args[0].name],),
+                "call_function",
+                torch.ops.aten.alias.default,
+                (env[node.args[0].name],),
                 name=node.name,
             )
             env[node.name].meta = dict(node.meta)
@@ -206,10 +212,13 @@ def to_field(
                 if tensor is None:
                     raise refuse(node, "it adds a value that is neither masked nor a constant")
                 a = masked_arg
-                other = new_attr(f"{node.name}_const",
-                                 quantize(tensor.detach(), scale[a.name]) % plan.prime)
+                other = new_attr(
+                    f"{node.name}_const", quantize(tensor.detach(), scale[a.name]) % plan.prime
+                )
             out = graph.create_node(
-                "call_function", OPS.field_add.default, (env[a.name], other, plan.prime),
+                "call_function",
+                OPS.field_add.default,
+                (env[a.name], other, plan.prime),
                 name=node.name,
             )
             out.meta = dict(node.meta)
@@ -274,8 +283,7 @@ def quantised_reference(split: Any) -> Any:
                     env[node.name] = state[weights[node.name]]
                 continue
             if node.op == "output":
-                flat = [plain(a.name) if isinstance(a, torch.fx.Node) else a
-                        for a in node.args[0]]
+                flat = [plain(a.name) if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
                 return pytree.tree_unflatten(flat, split.signature.out_spec)
             operands = {a.name: fixed(a) for a in node.all_input_nodes}
             if node.name not in region or not any(v is not None for v in operands.values()):

@@ -91,22 +91,23 @@ def precompute(
         return {"s": samples, "a": a, "kappa": kappa}
     samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
     linear = float64_linear_part(corr.module)
-    _, vjp = torch.func.vjp(
-        lambda *xs: tuple(linear(*xs)), *(p.to(torch.float64) for p in pads)
-    )
+    _, vjp = torch.func.vjp(lambda *xs: tuple(linear(*xs)), *(p.to(torch.float64) for p in pads))
     grads = vjp(tuple(s.to(torch.float64) for s in samples))
     for g in grads:
         if g.abs().max() >= 2**52:
             raise IntegrityError("Freivalds precomputation left float64's exact range")
     a = [torch.remainder(g.round().to(torch.int64), field_prime) for g in grads]
-    kappa = sum(
-        _dot_mod(s, c, field_prime) for s, c in zip(samples, biases, strict=True)
-    ) % field_prime
+    kappa = (
+        sum(_dot_mod(s, c, field_prime) for s, c in zip(samples, biases, strict=True)) % field_prime
+    )
     return {"s": samples, "a": a, "kappa": kappa}
 
 
 def check(
-    stage: str, vectors: dict[str, Any], inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+    stage: str,
+    vectors: dict[str, Any],
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
     field_prime: int | None,
 ) -> dict[str, float]:
     """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats)."""

@@ -353,16 +353,18 @@ class _DeltaBuilder:
         if name in ("add", "sub", "rsub", "field_add"):
             return self._additive(node, name)
         if name == "masked_fill":
-            return self._call(aten.masked_fill.Scalar, (self.delta(node.args[0]),
-                                                        self.value(node.args[1]), 0.0), node)
+            return self._call(
+                aten.masked_fill.Scalar,
+                (self.delta(node.args[0]), self.value(node.args[1]), 0.0),
+                node,
+            )
         if name == "div":
-            return self._call(node.target, (self.delta(node.args[0]), self.value(node.args[1])),
-                              node)
+            return self._call(
+                node.target, (self.delta(node.args[0]), self.value(node.args[1])), node
+            )
         if name == "field_linear":  # affine: the bias drops out of the difference
             x, w, _b, prime = node.args
-            out = self.graph.call_function(
-                node.target, (self.delta(x), self.value(w), None, prime)
-            )
+            out = self.graph.call_function(node.target, (self.delta(x), self.value(w), None, prime))
             out.meta["val"] = node.meta.get("val")
             return out
         if name == "linear":

@@ -47,7 +47,7 @@ INPUT_TAINT, MODEL_TAINT, DP_TAINT = "input", "model", "dp"
 MASKED_PROTECTIONS = ("additive", "field")
 
 
-class MoveToEnclave(Exception):  # noqa: N818 - a control-flow signal, caught by partition()
+class MoveToEnclave(Exception):
     """Nodes that a mask reaches but cannot pass; ``on_unmaskable="enclave"`` re-places them."""
 
     def __init__(self, nodes: Mapping[str, str]) -> None:
@@ -141,8 +141,9 @@ def taint_of(
                 tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
             elif node.name in params and "model" in policy.protects:
                 tags.add(MODEL_TAINT)
-        elif node.op == "call_function" and isinstance(node.meta.get("val"), (torch.Tensor,
-                                                                             list, tuple)):
+        elif node.op == "call_function" and isinstance(
+            node.meta.get("val"), (torch.Tensor, list, tuple)
+        ):
             for inp in node.all_input_nodes:
                 tags |= taint.get(inp.name, frozenset())
         taint[node.name] = frozenset(tags)
@@ -181,8 +182,10 @@ def _token_input(program: ExportedProgram) -> tuple[str, str]:
                 and op_name(indices) in _VIEW_OPS
             ):
                 indices = indices.args[0]
-            if isinstance(indices, torch.fx.Node) and indices.name in users and (
-                weight.name in weights
+            if (
+                isinstance(indices, torch.fx.Node)
+                and indices.name in users
+                and (weight.name in weights)
             ):
                 return indices.name, weights[weight.name]
     raise PartitionError(
@@ -191,8 +194,19 @@ def _token_input(program: ExportedProgram) -> tuple[str, str]:
     )
 
 
-_VIEW_OPS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze",
-                       "contiguous", "clone", "alias"})
+_VIEW_OPS = frozenset(
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "flatten",
+        "unsqueeze",
+        "squeeze",
+        "contiguous",
+        "clone",
+        "alias",
+    }
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,7 +246,9 @@ def _fake(val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = ()) ->
 
 def _append_placeholder(graph: torch.fx.Graph, name: str, like: Any) -> torch.fx.Node:
     last = list(graph.find_nodes(op="placeholder"))
-    ctx = graph.inserting_after(last[-1]) if last else graph.inserting_before(next(iter(graph.nodes)))
+    ctx = (
+        graph.inserting_after(last[-1]) if last else graph.inserting_before(next(iter(graph.nodes)))
+    )
     with ctx:
         ph = graph.placeholder(name)
     ph.meta["val"] = like
@@ -457,14 +473,22 @@ class _Protector:
     def _refuse(self, offenders: dict[str, str], masked_in: dict[str, list[str]]) -> None:
         if self.policy.on_unmaskable == "enclave":
             raise MoveToEnclave(
-                {n: f"on_unmaskable='enclave': {why}, and a masked value reaches it"
-                 for n, why in offenders.items()}
+                {
+                    n: f"on_unmaskable='enclave': {why}, and a masked value reaches it"
+                    for n, why in offenders.items()
+                }
             )
         node, why = next(iter(offenders.items()))
-        stage = next(s for s in self.stages if node in s.nodes or node in
-                     {n.name for n in s.module.graph.nodes})
-        edges = [e for e in self.edges if e.consumer == stage.name and e.name in
-                 masked_in.get(stage.name, [])]
+        stage = next(
+            s
+            for s in self.stages
+            if node in s.nodes or node in {n.name for n in s.module.graph.nodes}
+        )
+        edges = [
+            e
+            for e in self.edges
+            if e.consumer == stage.name and e.name in masked_in.get(stage.name, [])
+        ]
         edge = edges[0] if edges else None
         via = f" masked edge {edge.name} ({edge.producer} -> {edge.consumer})" if edge else ""
         raise PartitionError(
@@ -537,9 +561,11 @@ class _Protector:
 
         return {
             "gpu_mflop": round(flops(module) / 1e6, 3),
-            "enclave_online_mflop": 0.0 if corr.precomputable else round(flops(corr.module) / 1e6,
-                                                                          3),
-            "enclave_offline_mflop": round(flops(corr.module) / 1e6, 3) if corr.precomputable
+            "enclave_online_mflop": 0.0
+            if corr.precomputable
+            else round(flops(corr.module) / 1e6, 3),
+            "enclave_offline_mflop": round(flops(corr.module) / 1e6, 3)
+            if corr.precomputable
             else 0.0,
         }
 
@@ -554,8 +580,15 @@ class _Protector:
         if stage.side == GPU:
             if modules.get(stage.name, stage.module) is stage.module:
                 return stage
-            return Stage(stage.name, stage.side, modules[stage.name], stage.inputs,
-                         stage.outputs, stage.nodes, stage.params)
+            return Stage(
+                stage.name,
+                stage.side,
+                modules[stage.name],
+                stage.inputs,
+                stage.outputs,
+                stage.nodes,
+                stage.params,
+            )
         mask_out = [o for o in stage.outputs if o in masked]
         unmask_in = [i for i in stage.inputs if i in gpu_masked]
         if not mask_out and not unmask_in:

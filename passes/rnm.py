@@ -120,10 +120,14 @@ class RNMTables:
             raise ArtifactError(f"cannot read RNM tables {path}: {exc}") from None
         if "epsilon" not in meta:
             raise ArtifactError(f"RNM tables {path} carry no epsilon in their metadata")
-        return cls(tensors["candidates"], tensors["scores"], tensors["keep"], float(meta["epsilon"]))
+        return cls(
+            tensors["candidates"], tensors["scores"], tensors["keep"], float(meta["epsilon"])
+        )
 
 
-def exact_distribution(scores: torch.Tensor, noise_scale: float, grid: int = 200_001) -> torch.Tensor:
+def exact_distribution(
+    scores: torch.Tensor, noise_scale: float, grid: int = 200_001
+) -> torch.Tensor:
     """``P[argmax(score + Laplace) = j]`` for each candidate, by numerical integration.
 
     ``P[j] = ∫ f(t - s_j) Π_{i≠j} F(t - s_i) dt`` with Laplace pdf ``f`` and cdf ``F``; an

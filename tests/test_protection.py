@@ -122,8 +122,7 @@ def test_products_of_activations_need_the_plaintext_and_nonlinear_ops_have_no_co
     assert not corr.precomputable and sorted(corr.primal_inputs) == ["x", "y"]
     x, y, rx, ry = (torch.randn(3, 4) for _ in range(4))
     (delta,) = corr.module(rx, ry, *(x if n == "x" else y for n in corr.primal_inputs))
-    torch.testing.assert_close(product(x + rx, y + ry) - delta, product(x, y), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(product(x + rx, y + ry) - delta, product(x, y), rtol=1e-5, atol=1e-5)
     softmax, _ = _graph(lambda x, y: torch.softmax(x, -1) + y)
     assert NONLINEAR in analyse(softmax, ["x"]).kinds.values()
     assert set(analyse(softmax, ["y"]).kinds.values()) == {AFFINE}  # softmax of a public x
@@ -165,8 +164,11 @@ def test_gpu_stages_see_only_masked_values(preset):
             assert float((hidden - torch.round(clear.double() * 2**14)).abs().min()) > 0
         else:
             assert float((hidden - clear).abs().min()) > 0  # every element moved by its pad
-    assert all(e.protection in ("additive", "field") for e in sp.cut_edges
-               if e.direction == "enclave->gpu" and sp.protection.taint[e.name])
+    assert all(
+        e.protection in ("additive", "field")
+        for e in sp.cut_edges
+        if e.direction == "enclave->gpu" and sp.protection.taint[e.name]
+    )
 
 
 def test_fresh_pads_per_request_and_the_pool_hands_each_set_out_once():
@@ -209,15 +211,23 @@ def test_precomputed_corrections_make_the_online_cost_one_add_and_one_subtract()
 
 def test_unmaskable_products_are_refused_by_default_naming_the_edge():
     policy = Policy.preset("secureinfer", on_unmaskable="error")
-    with pytest.raises(PartitionError, match=r"GPU stage gpu_\d+ receives masked edge \w+ "
-                       r"\(enclave_\d+ -> gpu_\d+\), but matmul\w* cannot run on masked data"):
+    with pytest.raises(
+        PartitionError,
+        match=r"GPU stage gpu_\d+ receives masked edge \w+ "
+        r"\(enclave_\d+ -> gpu_\d+\), but matmul\w* cannot run on masked data",
+    ):
         partition(captured("tiny-llama"), policy)
 
 
 def test_on_unmaskable_enclave_moves_the_products_into_the_enclave():
     sp = partition(captured("tiny-llama"), Policy.preset("secureinfer", on_unmaskable="enclave"))
-    assert not [n for s in sp.stages if s.side == "gpu" for n in s.nodes
-                if sp.labels[n] == "attention" and "matmul" in n]
+    assert not [
+        n
+        for s in sp.stages
+        if s.side == "gpu"
+        for n in s.nodes
+        if sp.labels[n] == "attention" and "matmul" in n
+    ]
     moved = [w for w in sp.placement.why.values() if w.startswith("on_unmaskable='enclave'")]
     assert moved
     ids = torch.randint(0, 256, (1, 7))
@@ -257,8 +267,13 @@ def test_field_edges_cross_as_int64_and_the_plan_states_the_exact_range():
 
 
 def test_field_masking_refuses_an_op_it_cannot_compute_exactly():
-    policy = Policy(name="bad-field", enclave=["embedding", "norm", "lm_head"], gpu=["nonlinear",
-                    "ffn"], protects=["input"], masking="field")
+    policy = Policy(
+        name="bad-field",
+        enclave=["embedding", "norm", "lm_head"],
+        gpu=["nonlinear", "ffn"],
+        protects=["input"],
+        masking="field",
+    )
     with pytest.raises(PartitionError, match=r"masking='field': GPU stage gpu_\d+ runs \w+"):
         partition(captured("tiny-llama"), policy)
 
