@@ -21,6 +21,7 @@ product in the same stage) raises :class:`PartitionError` naming the node.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +72,6 @@ def _itemsize(dtype: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int, frac_bits: int) -> int:
     """Fractional bits for a weight: as many as the int64 product bound allows, capped so that
     outputs up to ``2**RANGE_BITS`` in magnitude stay below ``prime / 2``."""
@@ -111,7 +105,7 @@ def to_field(
 
     def const(a: Any) -> torch.Tensor | None:
         if isinstance(a, torch.fx.Node) and a.op == "get_attr":
-            return _attr(module, a.target)
+            return operator.attrgetter(a.target)(module)
         return None
 
     def new_attr(prefix: str, tensor: torch.Tensor) -> torch.fx.Node:
@@ -131,7 +125,7 @@ def to_field(
         if node.op == "get_attr":
             env[node.name] = graph.get_attr(node.target)
             env[node.name].meta = dict(node.meta)
-            attrs[node.target] = _attr(module, node.target)
+            attrs[node.target] = operator.attrgetter(node.target)(module)
             continue
         if node.op == "output":
             graph.output(torch.fx.node.map_arg(node.args[0], arg))

@@ -24,6 +24,7 @@ in its masked inputs with constant weights.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,13 +219,6 @@ class Correction:
         return not self.primal_inputs
 
 
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class _DeltaBuilder:
     """Emits the correction graph; ``primal`` and ``delta`` map stage nodes to new nodes."""
 
@@ -284,7 +278,7 @@ class _DeltaBuilder:
         elif node.op == "get_attr":
             out = self.graph.get_attr(node.target)
             out.meta = dict(node.meta)
-            self.attrs[node.target] = _attr(self.source, node.target)
+            self.attrs[node.target] = operator.attrgetter(node.target)(self.source)
         elif not _is_tensor_like(node):
             out = self.shape_value(node)
         else:

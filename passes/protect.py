@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -660,15 +661,8 @@ def _graph_module(
     attrs: dict[str, Any] = dict(extra)
     for node in graph.find_nodes(op="get_attr"):
         if node.target not in attrs:
-            attrs[node.target] = _get_attr(root, node.target)
+            attrs[node.target] = operator.attrgetter(node.target)(root)
     return torch.fx.GraphModule(attrs, graph, class_name=name)
-
-
-def _get_attr(module: torch.nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def protect(

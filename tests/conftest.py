@@ -12,6 +12,16 @@ from partitioner import Captured, capture
 from partitioner.models import BUILTIN
 
 PRESET_NAMES = ["cmif", "secureinfer", "slalom", "all_enclave", "all_gpu"]
+# Every architecture the core supports, at sizes that keep the suite fast (SmolLM2 is `slow`).
+MODELS = [
+    "tiny-llama",
+    "tiny-gpt2",
+    "tiny-qwen2",
+    "tiny-opt",
+    "tiny-phi3",
+    "minilm",
+    "tiny-llama-lora",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

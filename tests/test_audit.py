@@ -2,22 +2,12 @@
 
 import pytest
 import torch
-from conftest import PRESET_NAMES, captured
+from conftest import MODELS, PRESET_NAMES, captured
 
 import passes.protect
 from partitioner.api import partition
 from partitioner.errors import AuditError
 from passes.audit import audit
-
-MODELS = [
-    "tiny-llama",
-    "tiny-gpt2",
-    "tiny-qwen2",
-    "tiny-opt",
-    "tiny-phi3",
-    "minilm",
-    "tiny-llama-lora",
-]
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)

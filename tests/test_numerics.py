@@ -16,22 +16,13 @@ the decomposition reproduces op for op.
 
 import pytest
 import torch
-from conftest import PRESET_NAMES, built, captured, eager, model_output
+from conftest import MODELS, PRESET_NAMES, built, captured, eager, model_output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from partitioner.api import needs_attention_decomposition, partition
 from partitioner.policy import Policy
 from passes.field import quantised_reference
 
-MODELS = [
-    "tiny-llama",
-    "tiny-gpt2",
-    "tiny-qwen2",
-    "tiny-opt",
-    "tiny-phi3",
-    "minilm",
-    "tiny-llama-lora",
-]
 MASKED_TOL = {"rtol": 1e-4, "atol": 1e-3}
 
 
