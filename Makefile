@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile clean golden
+.PHONY: demo test lint bench-compile bench-overhead bench-field clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ golden: $(STAMP)
 
 bench-compile: $(STAMP)
 	$(PY) benchmarks/compile.py
+
+bench-overhead: $(STAMP)
+	$(PY) benchmarks/overhead.py
+
+bench-field: $(STAMP)
+	$(PY) benchmarks/field_accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,6 +15,7 @@ setup(
         "torch==2.13.0",
         "networkx>=3,<4",
         "sympy",
+        "numpy",
         "safetensors",
         "jinja2",
         "pyyaml",
@@ -33,6 +34,7 @@ setup(
         # onnxruntime-gpu conflicts with onnxruntime in one environment: GPU hosts use this
         # extra instead of "onnx".
         "gpu": ["onnx==1.23.*", "onnxruntime-gpu==1.31.*", "onnxscript"],
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff"],
+        # scipy: the RNM statistical tests (chi-square, Clopper-Pearson bounds)
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "scipy"],
     },
 )

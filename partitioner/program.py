@@ -55,7 +55,7 @@ class _Signature:
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map a call to ``{placeholder name: value}``, filling export-time constants."""
-        args_spec, kwargs_spec = self.in_spec.children_specs
+        args_spec, kwargs_spec = self.in_spec.children()
         names = list(kwargs_spec.context or [])
         n_positional = args_spec.num_children
         if len(args) > n_positional:  # extra positionals fill keyword inputs in export order
@@ -93,7 +93,7 @@ _MISSING = object()
 
 
 def _constants_by_kwarg(signature: _Signature, names: list[str]) -> dict[str, Any]:
-    n_positional = signature.in_spec.children_specs[0].num_children
+    n_positional = signature.in_spec.child(0).num_children
     keyword_inputs = signature.inputs[n_positional:]
     return {
         name: constant

@@ -77,7 +77,8 @@ def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int, frac_bits: int) 
     outputs up to ``2**RANGE_BITS`` in magnitude stay below ``prime / 2``."""
     budget = _PRODUCT_BUDGET - math.ceil(math.log2(prime)) - math.ceil(math.log2(max(fan_in, 2)))
     cap = math.floor(math.log2(prime)) - 1 - frac_bits - RANGE_BITS
-    largest = float(weight.detach().abs().max())
+    # A meta-device weight (planning at 7B scale) has no values: plan for |w| <= 1.
+    largest = 1.0 if weight.device.type == "meta" else float(weight.detach().abs().max())
     if budget < 2 or largest == 0.0:
         return max(min(budget, cap), 0)
     return min(math.floor(math.log2((2**budget - 1) / largest)), cap)

@@ -55,15 +55,41 @@ def float64_linear_part(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(module, graph)
 
 
-def _mulmod(a: torch.Tensor, b: torch.Tensor, prime: int) -> torch.Tensor:
-    """``a * b mod prime`` for residues below 2**40 without int64 overflow (20-bit split)."""
-    hi, lo = b >> 20, b & ((1 << 20) - 1)
-    return torch.remainder(torch.remainder(a * hi, prime) * (1 << 20) + a * lo, prime)
+_LIMB = 20
+_CHUNK = 1 << 22  # products of two 20-bit limbs summed over 2**22 elements stay below 2**62
+
+
+def _limb_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    """``Σ a_hi·b_hi``, ``Σ a_hi·b_lo + a_lo·b_hi``, ``Σ a_lo·b_lo`` for residues below 2**40."""
+    low = (1 << _LIMB) - 1
+    hh = mid = ll = 0
+    for a_part, b_part in zip(a.flatten().split(_CHUNK), b.flatten().split(_CHUNK), strict=True):
+        a_hi, a_lo = a_part >> _LIMB, a_part & low
+        b_hi, b_lo = b_part >> _LIMB, b_part & low
+        hh += int((a_hi * b_hi).sum())
+        mid += int((a_hi * b_lo).sum()) + int((a_lo * b_hi).sum())
+        ll += int((a_lo * b_lo).sum())
+    return hh, mid, ll
+
+
+def _dot_small_mod(s: torch.Tensor, b: torch.Tensor, prime: int) -> int:
+    """``⟨s, b⟩ mod prime`` for ``s < 2**20`` (the Freivalds vector): one limb of ``b`` each."""
+    low = (1 << _LIMB) - 1
+    hi = lo = 0
+    for s_part, b_part in zip(s.flatten().split(_CHUNK), b.flatten().split(_CHUNK), strict=True):
+        hi += int((s_part * (b_part >> _LIMB)).sum())
+        lo += int((s_part * (b_part & low)).sum())
+    return ((hi << _LIMB) + lo) % prime
 
 
 def _dot_mod(a: torch.Tensor, b: torch.Tensor, prime: int) -> int:
-    prods = _mulmod(torch.remainder(a, prime), torch.remainder(b, prime), prime)
-    return int(torch.remainder(prods.flatten(), prime).sum().remainder(prime))
+    """``⟨a, b⟩ mod prime`` for residues in ``[0, prime)``, prime < 2**40, exact in int64.
+
+    Each operand is split into two 20-bit limbs so that every product and every chunked sum
+    fits in int64; Python integers combine the partial sums.
+    """
+    hh, mid, ll = _limb_sums(a, b)
+    return ((hh << (2 * _LIMB)) + (mid << _LIMB) + ll) % prime
 
 
 def precompute(
@@ -88,7 +114,7 @@ def precompute(
         _, vjp = torch.func.vjp(lambda *xs: tuple(corr.module(*xs)), *pads)
         a = [g.to(torch.float64) for g in vjp(tuple(s.to(pads[0].dtype) for s in samples))]
         kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
-        return {"s": samples, "a": a, "kappa": kappa}
+        return {"s": [x.flatten() for x in samples], "a": [x.flatten() for x in a], "kappa": kappa}
     samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
     linear = float64_linear_part(corr.module)
     _, vjp = torch.func.vjp(lambda *xs: tuple(linear(*xs)), *(p.to(torch.float64) for p in pads))
@@ -113,7 +139,7 @@ def check(
     """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats)."""
     s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
     if field_prime is not None:
-        lhs = sum(_dot_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
+        lhs = sum(_dot_small_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
         rhs = sum(_dot_mod(ai, xi, field_prime) for ai, xi in zip(a, inputs, strict=True))
         if (lhs - rhs - kappa) % field_prime != 0:
             raise IntegrityError(
@@ -122,15 +148,17 @@ def check(
                 f"<= 2**-{FIELD_S_BITS})"
             )
         return {"tolerance": 0.0}
-    terms_y = [si * yi.double() for si, yi in zip(s, outputs, strict=True)]
-    terms_x = [ai * xi.double() for ai, xi in zip(a, inputs, strict=True)]
-    lhs = float(sum(t.sum() for t in terms_y))
-    rhs = float(sum(t.sum() for t in terms_x)) + kappa
-    tol = FLOAT_RTOL * (
-        float(sum(t.abs().sum() for t in terms_y))
-        + float(sum(t.abs().sum() for t in terms_x))
-        + abs(kappa)
-    )
+    lhs = rhs = bound = 0.0
+    for si, yi in zip(s, outputs, strict=True):
+        y64 = yi.flatten().to(torch.float64)
+        lhs += float(torch.dot(si, y64))
+        bound += float(torch.dot(si.abs(), y64.abs()))
+    for ai, xi in zip(a, inputs, strict=True):
+        x64 = xi.flatten().to(torch.float64)
+        rhs += float(torch.dot(ai, x64))
+        bound += float(torch.dot(ai.abs(), x64.abs()))
+    rhs += kappa
+    tol = FLOAT_RTOL * (bound + abs(kappa))
     if abs(lhs - rhs) > tol:
         raise IntegrityError(
             f"GPU stage {stage} returned results that fail the Freivalds check: "

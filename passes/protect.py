@@ -113,7 +113,9 @@ class Protection:
                 "epsilon_per_token": self.rnm.tables.epsilon,
                 "candidates": self.rnm.tables.k,
                 "noise": f"Laplace(scale={self.rnm.tables.noise_scale:g})",
-                "special_tokens": int(self.rnm.tables.keep.sum()),
+                "special_tokens": None
+                if self.rnm.tables.keep.device.type == "meta"
+                else int(self.rnm.tables.keep.sum()),
             }
         if self.field_plan is not None:
             out["field"] = self.field_plan.summary()
@@ -289,10 +291,6 @@ class _Protector:
         weight = self.program.state_dict.get(fqn)
         if weight is None:
             raise PartitionError(f"embedding weight {fqn} has no value to build RNM tables from")
-        if weight.device.type == "meta":
-            raise PartitionError(
-                f"embedding weight {fqn} is on the meta device; RNM tables need real weights"
-            )
         consumers = [e for e in self.edges if e.name == token and e.producer == INPUT]
         first = min(consumers, key=lambda e: [s.name for s in self.stages].index(e.consumer))
         if self.side[first.consumer] != ENCLAVE:
@@ -300,7 +298,10 @@ class _Protector:
                 f"rnm: the first stage that reads {token} is {first.consumer}, a GPU stage; the "
                 "tokens must be sanitised in the enclave before the embedding"
             )
-        tables = rnm_tables(weight, cfg.candidates, cfg.epsilon, self.special_ids)
+        if weight.device.type == "meta":  # planning only: shapes without contents
+            tables = RNMTables.on_meta(weight.shape[0], cfg.candidates, cfg.epsilon)
+        else:
+            tables = rnm_tables(weight, cfg.candidates, cfg.epsilon, self.special_ids)
         sanitised = f"{token}_rnm"
         self.vals[sanitised] = self.vals[token]
         site = RNMSite(tables, token, sanitised, first.consumer)

@@ -99,6 +99,16 @@ class RNMTables:
                 scores[group, :g] = normed
         return cls(candidates, scores, keep, float(epsilon))
 
+    @classmethod
+    def on_meta(cls, vocab: int, k: int, epsilon: float) -> RNMTables:
+        """Tables of the right shapes and no contents, for planning a meta-device model."""
+        return cls(
+            torch.empty((vocab, k), dtype=torch.int64, device="meta"),
+            torch.empty((vocab, k), dtype=torch.float32, device="meta"),
+            torch.empty((vocab,), dtype=torch.bool, device="meta"),
+            float(epsilon),
+        )
+
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 

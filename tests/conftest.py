@@ -57,7 +57,7 @@ def model_output(out: object) -> torch.Tensor:
 def eager(name: str, ids: torch.Tensor) -> torch.Tensor:
     model = built(name)
     kwargs = {}
-    if "use_cache" in (captured(name).program.call_spec.in_spec.children_specs[1].context or []):
+    if "use_cache" in (captured(name).program.call_spec.in_spec.child(1).context or []):
         kwargs["use_cache"] = False
     with torch.no_grad():
         return model_output(model(input_ids=ids, **kwargs))

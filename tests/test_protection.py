@@ -320,3 +320,18 @@ def test_protection_policy_keys_are_validated():
         Policy(on_unmaskable="ignore")
     with pytest.raises(PolicyError, match="mask_scale must be a positive number"):
         Policy(mask_scale=0)
+
+
+# -- planning at scale -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["cmif", "slalom"])
+def test_meta_device_models_get_a_protected_plan(preset):
+    from partitioner.models import llama2_7b_meta
+
+    sp = partition(llama2_7b_meta(1), preset)
+    protection = sp.plan()["protection"]
+    if preset == "cmif":
+        assert protection["rnm"]["candidates"] == 20 and protection["rnm"]["special_tokens"] is None
+    else:
+        assert protection["field"]["weight_frac_bits"] and protection["masked_values"]
