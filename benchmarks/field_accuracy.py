@@ -39,10 +39,10 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from partitioner.api import partition
     from partitioner.models import minilm, minilm_tokenizer, smollm2, smollm2_tokenizer
-    from passes.field import FRAC_BITS, PRIME, RANGE_BITS, quantised_reference
+    from passes.field import FRAC_BITS, RANGE_BITS, quantised_reference
 
     print(
-        f"field: p = {PRIME} (< 2**40), activations {FRAC_BITS} fractional bits, outputs exact "
+        f"field: p = 2**61 - 1, activations {FRAC_BITS} fractional bits, outputs exact "
         f"while |y| < 2**{RANGE_BITS}"
     )
     model, tok = smollm2(), smollm2_tokenizer()

@@ -6,9 +6,10 @@ not edited) in which masked values are int64 residues modulo ``PRIME``:
 * the enclave quantises a crossing value to fixed point, ``q = round(x * 2**FRAC_BITS)``, and
   sends ``q + r mod p`` with ``r`` uniform on ``[0, p)``: a one-time pad, so the GPU learns
   nothing about ``q`` (perfect hiding, unlike float masks);
-* each linear layer becomes ``teesplit::field_linear`` with weights quantised to ``w_bits``
-  fractional bits chosen per weight so that ``p * max|w_q| * fan_in < 2**62``: int64 sums of
-  products never overflow (float32 partial sums would lose exactness at LLM fan-ins);
+* ``p = 2**61 - 1``; each linear layer becomes ``teesplit::field_linear``, which splits the
+  residues into two 31-bit limbs, with weights quantised to ``w_bits`` fractional bits chosen
+  per weight so that ``2**31 * max|w_q| * fan_in < 2**62``: int64 sums of products never
+  overflow (float32 partial sums would lose exactness at LLM fan-ins);
 * biases are quantised at the output scale and added mod ``p``; shape ops are unchanged.
 
 The result is exact: after the enclave subtracts ``L(r)`` and lifts the residue to the signed
@@ -32,12 +33,11 @@ from partitioner.errors import PartitionError
 from partitioner.shapes import ShapeContext
 from passes.labels import op_name
 from passes.linearity import _LINEAR_IN_FIRST
-from passes.ops import OPS, quantize
+from passes.ops import LIMB_BITS, OPS, PRIME, quantize
 
-PRIME = 1_099_511_627_689  # the largest prime below 2**40
 FRAC_BITS = 14
 RANGE_BITS = 12  # outputs are exact while |y| < 2**RANGE_BITS; weights get the bits left over
-_PRODUCT_BUDGET = 62  # log2 bound on |x + r| * |w_q| * fan_in
+_PRODUCT_BUDGET = 62  # log2 bound on |limb of x + r| * |w_q| * fan_in
 _SHAPE_ONLY = _LINEAR_IN_FIRST - {"neg", "sum", "mean", "_to_copy"}
 
 
@@ -75,7 +75,7 @@ def _itemsize(dtype: str) -> int:
 def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int, frac_bits: int) -> int:
     """Fractional bits for a weight: as many as the int64 product bound allows, capped so that
     outputs up to ``2**RANGE_BITS`` in magnitude stay below ``prime / 2``."""
-    budget = _PRODUCT_BUDGET - math.ceil(math.log2(prime)) - math.ceil(math.log2(max(fan_in, 2)))
+    budget = _PRODUCT_BUDGET - LIMB_BITS - math.ceil(math.log2(max(fan_in, 2)))
     cap = math.floor(math.log2(prime)) - 1 - frac_bits - RANGE_BITS
     # A meta-device weight (planning at 7B scale) has no values: plan for |w| <= 1.
     largest = 1.0 if weight.device.type == "meta" else float(weight.detach().abs().max())

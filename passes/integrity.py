@@ -25,23 +25,31 @@ import torch.fx
 
 from partitioner.errors import IntegrityError
 from passes.labels import op_name
+from passes.ops import mul_pow2_mod
 
 FIELD_S_BITS = 20
 FLOAT_RTOL = 1e-5
 
 
-def _linear64(x: torch.Tensor, w: torch.Tensor, b: Any = None, prime: int = 0) -> torch.Tensor:
-    return torch.nn.functional.linear(x, w.to(torch.float64))
+def _linear64_by(limb: str) -> Any:
+    """``field_linear`` as a float64 linear map using one 11-bit limb of the int weights."""
+
+    def linear(x: torch.Tensor, w: torch.Tensor, b: Any = None, prime: int = 0) -> torch.Tensor:
+        part = (w >> _W_LIMB) if limb == "high" else (w & ((1 << _W_LIMB) - 1))
+        return torch.nn.functional.linear(x, part.to(torch.float64))
+
+    return linear
 
 
 def _add64(a: torch.Tensor, b: torch.Tensor, prime: int = 0) -> torch.Tensor:
     return a + b
 
 
-def float64_linear_part(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A field correction graph with its mod-p ops as plain float64 ops (for autograd).
+def float64_linear_part(module: torch.fx.GraphModule, limb: str) -> torch.fx.GraphModule:
+    """A field correction graph as plain float64 ops, with one limb of each weight.
 
-    Exact while every intermediate stays below 2**53, which the sizes of ``s`` guarantee.
+    ``w = high * 2**11 + low``; with ``s < 2**20`` each limb's ``Lᵀs`` stays below 2**53, so
+    autograd computes it exactly; the two are recombined in int64 mod p.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -49,47 +57,39 @@ def float64_linear_part(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(out)
     for node in graph.nodes:
         if node.op == "call_function" and op_name(node) == "field_linear":
-            node.target = _linear64
+            node.target = _linear64_by(limb)
         elif node.op == "call_function" and op_name(node) == "field_add":
             node.target = _add64
     return torch.fx.GraphModule(module, graph)
 
 
-_LIMB = 20
-_CHUNK = 1 << 22  # products of two 20-bit limbs summed over 2**22 elements stay below 2**62
+_W_LIMB = 11
+_LIMB = 21  # residues < 2**61 as three 21-bit limbs
+_CHUNK = 1 << 20  # products of two 21-bit limbs summed over 2**20 elements stay below 2**62
 
 
-def _limb_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
-    """``Σ a_hi·b_hi``, ``Σ a_hi·b_lo + a_lo·b_hi``, ``Σ a_lo·b_lo`` for residues below 2**40."""
+def _limbs(t: torch.Tensor, count: int) -> list[torch.Tensor]:
     low = (1 << _LIMB) - 1
-    hh = mid = ll = 0
+    return [(t >> (_LIMB * i)) & low for i in range(count)]
+
+
+def _dot_mod(a: torch.Tensor, b: torch.Tensor, prime: int, a_limbs: int = 3) -> int:
+    """``⟨a, b⟩ mod prime`` for residues below 2**61, exact in int64.
+
+    Both operands are cut into 21-bit limbs (``a`` may need fewer, e.g. the 20-bit Freivalds
+    vector), so every product and every chunked sum fits in int64; Python integers combine them.
+    """
+    total = 0
     for a_part, b_part in zip(a.flatten().split(_CHUNK), b.flatten().split(_CHUNK), strict=True):
-        a_hi, a_lo = a_part >> _LIMB, a_part & low
-        b_hi, b_lo = b_part >> _LIMB, b_part & low
-        hh += int((a_hi * b_hi).sum())
-        mid += int((a_hi * b_lo).sum()) + int((a_lo * b_hi).sum())
-        ll += int((a_lo * b_lo).sum())
-    return hh, mid, ll
+        b_limbs = _limbs(b_part, 3)
+        for i, al in enumerate(_limbs(a_part, a_limbs)):
+            for j, bl in enumerate(b_limbs):
+                total += int((al * bl).sum()) << (_LIMB * (i + j))
+    return total % prime
 
 
 def _dot_small_mod(s: torch.Tensor, b: torch.Tensor, prime: int) -> int:
-    """``⟨s, b⟩ mod prime`` for ``s < 2**20`` (the Freivalds vector): one limb of ``b`` each."""
-    low = (1 << _LIMB) - 1
-    hi = lo = 0
-    for s_part, b_part in zip(s.flatten().split(_CHUNK), b.flatten().split(_CHUNK), strict=True):
-        hi += int((s_part * (b_part >> _LIMB)).sum())
-        lo += int((s_part * (b_part & low)).sum())
-    return ((hi << _LIMB) + lo) % prime
-
-
-def _dot_mod(a: torch.Tensor, b: torch.Tensor, prime: int) -> int:
-    """``⟨a, b⟩ mod prime`` for residues in ``[0, prime)``, prime < 2**40, exact in int64.
-
-    Each operand is split into two 20-bit limbs so that every product and every chunked sum
-    fits in int64; Python integers combine the partial sums.
-    """
-    hh, mid, ll = _limb_sums(a, b)
-    return ((hh << (2 * _LIMB)) + (mid << _LIMB) + ll) % prime
+    return _dot_mod(s, b, prime, a_limbs=1)
 
 
 def precompute(
@@ -116,13 +116,22 @@ def precompute(
         kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
         return {"s": [x.flatten() for x in samples], "a": [x.flatten() for x in a], "kappa": kappa}
     samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
-    linear = float64_linear_part(corr.module)
-    _, vjp = torch.func.vjp(lambda *xs: tuple(linear(*xs)), *(p.to(torch.float64) for p in pads))
-    grads = vjp(tuple(s.to(torch.float64) for s in samples))
-    for g in grads:
-        if g.abs().max() >= 2**52:
-            raise IntegrityError("Freivalds precomputation left float64's exact range")
-    a = [torch.remainder(g.round().to(torch.int64), field_prime) for g in grads]
+    cotangents = tuple(s.to(torch.float64) for s in samples)
+    parts = []
+    for limb in ("high", "low"):
+        linear = float64_linear_part(corr.module, limb)
+        _, vjp = torch.func.vjp(
+            lambda *xs, _f=linear: tuple(_f(*xs)), *(p.to(torch.float64) for p in pads)
+        )
+        grads = vjp(cotangents)
+        for g in grads:
+            if g.abs().max() >= 2**52:
+                raise IntegrityError("Freivalds precomputation left float64's exact range")
+        parts.append([torch.remainder(g.round().to(torch.int64), field_prime) for g in grads])
+    a = [
+        torch.remainder(mul_pow2_mod(hi, _W_LIMB) + lo, field_prime)
+        for hi, lo in zip(*parts, strict=True)
+    ]
     kappa = (
         sum(_dot_mod(s, c, field_prime) for s, c in zip(samples, biases, strict=True)) % field_prime
     )

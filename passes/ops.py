@@ -8,8 +8,9 @@ can find them by name. Importing this module registers them.
 * ``field_mask(x, r, frac_bits, prime)``: ``round(x * 2**frac_bits) + r mod prime`` (int64).
 * ``field_unmask(y, c, frac_bits, prime)``: ``(y - c) mod prime`` lifted to the signed range
   ``(-prime/2, prime/2]`` and divided by ``2**frac_bits`` (float32).
-* ``field_linear(x, w, b, prime)``: ``x @ w.T + b mod prime`` on int64; exact as long as
-  ``prime * max|w| * fan_in < 2**63``, which the field pass checks per node.
+* ``field_linear(x, w, b, prime)``: ``x @ w.T + b mod prime`` on int64. The residues ``x`` (61
+  bits) are split into two 31-bit limbs, so each int64 product sum stays exact while
+  ``2**31 * max|w| * fan_in < 2**62``, which the field pass guarantees per node.
 * ``field_add(a, b, prime)``: ``a + b mod prime``.
 * ``rnm(ids, candidates, scores, keep, noise)``: Report-Noisy-Max over each token's candidate
   set (``passes/rnm.py`` explains the mechanism and its privacy claim).
@@ -75,9 +76,25 @@ def _(y: Tensor, c: Tensor, frac_bits: int, prime: int) -> Tensor:
     return torch.empty_like(y, dtype=torch.float32)
 
 
+PRIME = (1 << 61) - 1  # a Mersenne prime: multiplying by a power of two is a rotation
+LIMB_BITS = 31
+
+
+def mul_pow2_mod(a: Tensor, k: int) -> Tensor:
+    """``a * 2**k mod PRIME`` for residues ``a`` in ``[0, PRIME)`` and ``0 <= k < 61``."""
+    low = (a & ((1 << (61 - k)) - 1)) << k
+    total = low + (a >> (61 - k))  # < 2**62: no overflow
+    return torch.where(total >= PRIME, total - PRIME, total)
+
+
 @torch.library.custom_op("teesplit::field_linear", mutates_args=())
 def field_linear(x: Tensor, w: Tensor, b: Tensor | None, prime: int) -> Tensor:
-    out = torch.matmul(x, w.t())
+    if prime != PRIME:
+        raise ValueError(f"field_linear works modulo 2**61 - 1, got prime={prime}")
+    wt = w.t()
+    high = torch.remainder(torch.matmul(x >> LIMB_BITS, wt), prime)
+    low = torch.remainder(torch.matmul(x & ((1 << LIMB_BITS) - 1), wt), prime)
+    out = mul_pow2_mod(high, LIMB_BITS) + low
     if b is not None:
         out = out + b
     return torch.remainder(out, prime)

@@ -23,8 +23,8 @@ input stages are not edited) and a :class:`Protection` record; guarantees:
 from __future__ import annotations
 
 import copy
-import functools
 import operator
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,19 +212,23 @@ _VIEW_OPS = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=8)
-def _tables(weight_key: int, k: int, epsilon: float, special: tuple[int, ...]) -> RNMTables:
-    return RNMTables.build(_TABLE_WEIGHTS[weight_key], k, epsilon, special)
-
-
-_TABLE_WEIGHTS: dict[int, torch.Tensor] = {}
+_TABLES: dict[tuple[Any, ...], tuple[weakref.ref, RNMTables]] = {}
 
 
 def rnm_tables(weight: torch.Tensor, k: int, epsilon: float, special: Iterable[int]) -> RNMTables:
-    """Tables for one embedding matrix, built once per process and (k, ε, specials)."""
-    key = id(weight)
-    _TABLE_WEIGHTS[key] = weight
-    return _tables(key, k, float(epsilon), tuple(sorted(set(special))))
+    """Tables for one embedding matrix, built once per (weight, k, ε, specials) in a process.
+
+    The cache holds the weight weakly: entries die with their model.
+    """
+    key = (id(weight), weight._version, k, float(epsilon), tuple(sorted(set(special))))
+    for stale in [k_ for k_, (ref, _) in _TABLES.items() if ref() is None]:
+        del _TABLES[stale]
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    tables = RNMTables.build(weight, k, epsilon, key[4])
+    _TABLES[key] = (weakref.ref(weight), tables)
+    return tables
 
 
 # -- the pass ------------------------------------------------------------------------------

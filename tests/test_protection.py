@@ -37,7 +37,7 @@ def test_field_pads_are_uniform_residues():
     pads = CSPRNG(1).field([200_000], PRIME)
     assert pads.dtype == torch.int64
     assert int(pads.min()) >= 0 and int(pads.max()) < PRIME
-    counts = torch.bincount((pads * 16 // PRIME), minlength=16).double()
+    counts = torch.bincount(pads >> 57, minlength=16).double()  # top 4 of 61 bits
     chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
     assert chi2 < 45.0  # 15 degrees of freedom: p < 1e-4 beyond this
 
@@ -255,7 +255,7 @@ def test_field_edges_cross_as_int64_and_the_plan_states_the_exact_range():
     assert masked and all(e.dtype == "int64" for e in masked)
     field = sp.plan()["protection"]["field"]
     assert field["prime"] == PRIME and field["activation_frac_bits"] == 14
-    assert all(r > 1000 for r in field["exact_output_range"].values())
+    assert all(r >= 2**12 for r in field["exact_output_range"].values())
     # every quantised weight obeys the int64 bound the field pass promises
     for stage in sp.stages:
         if stage.side == "gpu":
@@ -263,7 +263,7 @@ def test_field_edges_cross_as_int64_and_the_plan_states_the_exact_range():
                 op="call_function", target=torch.ops.teesplit.field_linear.default
             ):
                 w = getattr(stage.module, node.args[1].target)
-                assert PRIME * int(w.abs().max()) * w.shape[1] < 2**62
+                assert 2**31 * int(w.abs().max()) * w.shape[1] < 2**62
 
 
 def test_field_masking_refuses_an_op_it_cannot_compute_exactly():
