@@ -41,6 +41,14 @@ _PRODUCT_BUDGET = 62  # log2 bound on |limb of x + r| * |w_q| * fan_in
 _SHAPE_ONLY = _LINEAR_IN_FIRST - {"neg", "sum", "mean", "_to_copy"}
 
 
+class FieldRefusal(PartitionError):
+    """An op on a masked value that has no exact field form; ``node`` names it."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
 @dataclass
 class FieldPlan:
     prime: int = PRIME
@@ -98,7 +106,8 @@ def to_field(
         return env[a.name] if isinstance(a, torch.fx.Node) else a
 
     def refuse(node: torch.fx.Node, why: str) -> PartitionError:
-        return PartitionError(
+        return FieldRefusal(
+            node.name,
             f"masking='field': GPU stage {stage.name} runs {node.name} ({op_name(node)}) on a "
             f"masked value, and {why}; field masking supports linear layers, bias adds and "
             "shape ops on the GPU. Use masking='additive' or pin its label to the enclave"

@@ -398,7 +398,13 @@ class _Protector:
                         offenders[user] = f"reads {n}, a secret {val.dtype} value, on the GPU"
             module = stage.module
             if field_plan is not None:
-                module = field_pass.to_field(stage, inputs, field_plan, self.shapes)
+                try:
+                    module = field_pass.to_field(stage, inputs, field_plan, self.shapes)
+                except field_pass.FieldRefusal as refusal:
+                    if self.policy.on_unmaskable != "enclave":
+                        raise
+                    offenders[refusal.node] = str(refusal)
+                    continue
             analysis = analyse(module, inputs)
             for node in analysis.nonlinear:
                 offenders[node] = analysis.reasons[node]

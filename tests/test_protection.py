@@ -1,5 +1,6 @@
 """Masks, unmasks, corrections, field arithmetic, the pool and Freivalds checks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from partitioner.api import partition
 from partitioner.errors import IntegrityError, PartitionError, PolicyError
 from partitioner.policy import Policy
 from passes import ops  # noqa: F401 - registers torch.ops.teesplit
-from passes.field import PRIME
+from passes.field import PRIME, quantised_reference
 from passes.linearity import AFFINE, NONLINEAR, PRODUCT, analyse, build_correction
 from passes.randomness import CSPRNG
 
@@ -276,6 +277,13 @@ def test_field_masking_refuses_an_op_it_cannot_compute_exactly():
     )
     with pytest.raises(PartitionError, match=r"masking='field': GPU stage gpu_\d+ runs \w+"):
         partition(captured("tiny-llama"), policy)
+    moved = partition(captured("tiny-llama"), dataclasses.replace(policy, on_unmaskable="enclave"))
+    assert [w for w in moved.placement.why.values() if "masking='field'" in w]
+    ids = torch.randint(3, 250, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(
+            moved(input_ids=ids).logits, quantised_reference(moved)(input_ids=ids).logits
+        )
 
 
 # -- integrity -------------------------------------------------------------------------------
