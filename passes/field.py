@@ -110,7 +110,7 @@ def to_field(
             node.name,
             f"masking='field': GPU stage {stage.name} runs {node.name} ({op_name(node)}) on a "
             f"masked value, and {why}; field masking supports linear layers, bias adds and "
-            "shape ops on the GPU. Use masking='additive' or pin its label to the enclave"
+            "shape ops on the GPU. Use masking='additive' or pin its label to the enclave",
         )
 
     def const(a: Any) -> torch.Tensor | None:
