@@ -111,7 +111,11 @@ def partition(
         label_rules=rules,
         flops=flops,
         param_bytes=param_bytes,
-        input_vals={n.name: n.meta.get("val") for n in program.graph.nodes if n.name in users},
+        input_dims={
+            n.name: shapes.shape(n.meta["val"])
+            for n in program.graph.nodes
+            if n.name in users and isinstance(n.meta.get("val"), torch.Tensor)
+        },
         protection=protection,
         pool=MaskPool(protection, CSPRNG(seed)) if protection.needs_pool else None,
         source=program,

@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
@@ -118,7 +117,7 @@ class SplitProgram:
     label_rules: dict[str, str] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     param_bytes: dict[str, int] = field(default_factory=dict)
-    input_vals: dict[str, Any] = field(default_factory=dict)
+    input_dims: dict[str, list[int | str]] = field(default_factory=dict)  # user input shapes
     protection: Protection | None = None
     pool: MaskPool | None = None
     source: ExportedProgram | None = None  # the labelled program the stages were cut from
@@ -133,16 +132,16 @@ class SplitProgram:
         flat = self.execute(env, masks)
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
-    def binding(self, env: dict[str, Any]) -> dict[Any, int]:
-        """The symbolic dims' values for one call, read off the user inputs' shapes."""
-        out: dict[Any, int] = {}
-        for name, val in self.input_vals.items():
+    def binding(self, env: dict[str, Any]) -> dict[str, int]:
+        """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""
+        out: dict[str, int] = {}
+        for name, dims in self.input_dims.items():
             value = env.get(name)
-            if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
                 continue
-            for size, actual in zip(val.shape, value.shape, strict=False):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                    out[size.node.expr] = int(actual)
+            for dim, actual in zip(dims, value.shape, strict=False):
+                if isinstance(dim, str) and dim.isidentifier():
+                    out[dim] = int(actual)
         return out
 
     def execute(self, env: dict[str, Any], masks: MaskSet | None) -> list[Any]:

@@ -32,16 +32,18 @@ class MaskSet:
     freivalds: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def concrete_shape(val: torch.Tensor, binding: Mapping[sympy.Symbol, int]) -> list[int]:
+def concrete_shape(shape: list[int | str], binding: Mapping[str, int]) -> list[int]:
+    """Evaluate a plan shape (ints and dim expressions such as ``"seq"``) at a binding."""
     out = []
-    for size in val.shape:
-        if isinstance(size, torch.SymInt):
-            expr = sympy.sympify(sympy.sympify(size.node.expr).xreplace(dict(binding)))
-            if not expr.is_Integer:
-                raise ValueError(f"shape {list(val.shape)} has a dim unbound by the inputs: {expr}")
-            out.append(int(expr))
-        else:
-            out.append(int(size))
+    for size in shape:
+        if isinstance(size, int):
+            out.append(size)
+            continue
+        expr = sympy.sympify(size, locals={name: sympy.Symbol(name) for name in binding})
+        value = expr.subs({sympy.Symbol(k): v for k, v in binding.items()})
+        if not value.is_Integer:
+            raise ValueError(f"shape {shape} has a dim the inputs do not bind: {size}")
+        out.append(int(value))
     return out
 
 
@@ -56,22 +58,22 @@ class MaskPool:
         self.drawn = 0
 
     @staticmethod
-    def key(binding: Mapping[sympy.Symbol, int]) -> Binding:
+    def key(binding: Mapping[str, int]) -> Binding:
         return tuple(sorted((str(s), int(v)) for s, v in binding.items()))
 
-    def draw(self, binding: Mapping[sympy.Symbol, int]) -> MaskSet:
+    def draw(self, binding: Mapping[str, int]) -> MaskSet:
         prot = self.protection
         out = MaskSet()
-        for name, val in prot.masked.items():
-            shape = concrete_shape(val, binding)
+        for name, (shape_spec, dtype) in prot.masked.items():
+            shape = concrete_shape(shape_spec, binding)
             if prot.masking == "field":
                 out.pads[name] = self.rng.field(shape, prot.field_plan.prime)
             else:
                 scale = prot.mask_scale
-                out.pads[name] = self.rng.uniform(shape, -scale, scale).to(val.dtype)
+                out.pads[name] = self.rng.uniform(shape, -scale, scale).to(getattr(torch, dtype))
         if prot.rnm is not None:
             site = prot.rnm
-            shape = [*concrete_shape(prot.token_val, binding), site.tables.k]
+            shape = [*concrete_shape(prot.token_shape, binding), site.tables.k]
             out.noise[site.token_input] = self.rng.laplace(shape, site.tables.noise_scale)
         deltas: dict[str, torch.Tensor] = dict(out.pads)
         for stage in prot.pooled:
@@ -94,18 +96,18 @@ class MaskPool:
         self.drawn += 1
         return out
 
-    def fill(self, binding: Mapping[sympy.Symbol, int], count: int) -> None:
+    def fill(self, binding: Mapping[str, int], count: int) -> None:
         queue = self._sets.setdefault(self.key(binding), deque())
         with torch.no_grad():
             for _ in range(count):
                 queue.append(self.draw(binding))
 
-    def take(self, binding: Mapping[sympy.Symbol, int]) -> MaskSet:
+    def take(self, binding: Mapping[str, int]) -> MaskSet:
         queue = self._sets.get(self.key(binding))
         if queue:
             return queue.popleft()
         self.misses += 1
         return self.draw(binding)
 
-    def available(self, binding: Mapping[sympy.Symbol, int]) -> int:
+    def available(self, binding: Mapping[str, int]) -> int:
         return len(self._sets.get(self.key(binding), ()))

@@ -73,13 +73,14 @@ class Protection:
     masking: str
     mask_scale: float
     taint: dict[str, frozenset[str]]
-    masked: dict[str, Any]  # enclave-produced value masked on its way out -> fake value (shape)
+    # enclave-produced value masked on its way out -> (plan shape, dtype) of its pads
+    masked: dict[str, tuple[list[int | str], str]]
     gpu_masked: set[str]  # GPU-produced values that carry a mask
     corrections: dict[str, Correction]  # GPU stage -> its enclave correction
     pooled: list[str]  # stages whose correction the pool precomputes, in stage order
     cost: dict[str, dict[str, Any]]  # GPU stage -> offloaded vs enclave online MFLOP
     rnm: RNMSite | None = None
-    token_val: Any = None  # the token input's fake value (RNM noise takes its shape)
+    token_shape: list[int | str] | None = None  # the token input's shape (RNM noise per token)
     field_plan: field_pass.FieldPlan | None = None
     # GPU stage -> (the enclave's own copy of its module, its outputs): checked per request
     freivalds: dict[str, tuple[torch.fx.GraphModule, list[str]]] = field(default_factory=dict)
@@ -368,7 +369,7 @@ class _Protector:
         if site is not None:
             taint[site.sanitised] = taint[site.token_input]
         masking = self.policy.masking
-        masked: dict[str, Any] = {}
+        masked: dict[str, tuple[list[int | str], str]] = {}
         for edge in self.edges:
             if edge.direction != "enclave->gpu":
                 continue
@@ -380,7 +381,8 @@ class _Protector:
                         "masks are applied by enclave stages, so pin its first consumer to the "
                         "enclave"
                     )
-                masked[edge.name] = self.vals[edge.name]
+                val = self.vals[edge.name]
+                masked[edge.name] = (self.shapes.shape(val), str(val.dtype).removeprefix("torch."))
         field_plan = field_pass.FieldPlan() if masking == "field" else None
         modules: dict[str, torch.fx.GraphModule] = {}
         analyses: dict[str, StageAnalysis] = {}
@@ -441,7 +443,7 @@ class _Protector:
             pooled=pooled,
             cost=cost,
             rnm=site,
-            token_val=self.vals[site.token_input] if site else None,
+            token_shape=self.shapes.shape(self.vals[site.token_input]) if site else None,
             field_plan=field_plan,
             freivalds=freivalds,
         )
