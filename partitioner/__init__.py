@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "partition": "partitioner.api",
+    "load": "partitioner.artifacts",
     "Captured": "partitioner.capturing",
     "capture": "partitioner.capturing",
     "ArtifactError": "partitioner.errors",

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,8 +112,8 @@ class SplitProgram:
     edges: list[Edge]
     flat_outputs: list[Any]
     signature: _Signature
-    shapes: ShapeContext
-    placement: Placement
+    shapes: ShapeContext | None  # None for a loaded program: its plan is stored instead
+    placement: Placement | None
     labels: dict[str, Label] = field(default_factory=dict)
     label_rules: dict[str, str] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
@@ -123,6 +124,13 @@ class SplitProgram:
     source: ExportedProgram | None = None  # the labelled program the stages were cut from
     # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
     last_request: dict[str, Any] = field(default_factory=dict)
+    saved_plan: dict[str, Any] | None = None  # set by ``load``
+
+    def save(self, directory: str | Path) -> Path:
+        """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
+        from partitioner.artifacts import save
+
+        return save(self, directory)
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -289,6 +297,8 @@ class SplitProgram:
 
     def plan(self) -> dict[str, Any]:
         """Canonical, deterministic description (the golden-file format)."""
+        if self.saved_plan is not None:
+            return self.saved_plan
         stages = []
         for stage in self.stages:
             stages.append(

@@ -1,0 +1,108 @@
+"""Save -> load gives the same program; a tampered, missing or added file is refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PRESET_NAMES, captured, model_output
+
+from partitioner import load, partition
+from partitioner.errors import ArtifactError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One bundle per preset for tiny-llama, saved once for the module."""
+    out = {}
+    for preset in PRESET_NAMES:
+        sp = partition(captured("tiny-llama"), preset, seed=5)
+        path = tmp_path_factory.mktemp(preset)
+        sp.save(path)
+        out[preset] = (sp, path)
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_a_loaded_program_gives_the_same_outputs(saved, preset):
+    sp, path = saved[preset]
+    fresh = partition(captured("tiny-llama"), preset, seed=5)  # same pads as the loaded pool
+    loaded = load(path, seed=5)
+    ids = torch.randint(3, 250, (2, 11))
+    with torch.no_grad():
+        want, got = model_output(fresh(input_ids=ids)), model_output(loaded(input_ids=ids))
+    if sp.policy.masking == "additive":  # exported graphs may round differently
+        torch.testing.assert_close(got, want)
+    else:
+        assert torch.equal(got, want)
+    assert loaded.plan() == json.loads(json.dumps(sp.plan()))
+
+
+def test_the_gpu_bundle_holds_no_protected_weight(saved):
+    from safetensors.torch import load_file
+
+    sp, path = saved["secureinfer"]
+    gpu = load_file(str(path / "gpu" / "weights.safetensors"))
+    params = dict(captured("tiny-llama").program.state_dict)
+    for tensor in gpu.values():
+        assert not any(
+            p.shape == tensor.shape and torch.equal(p.detach(), tensor) for p in params.values()
+        )
+    plan = json.loads((path / "plan.json").read_text())
+    assert all(not f.startswith("gpu/") or "corrections" not in f for f in plan["files"])
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "bundle"
+    shutil.copytree(path, target)
+    return target
+
+
+def test_tampered_missing_and_unlisted_files_are_refused(saved, tmp_path):
+    _, path = saved["slalom"]
+    bundle = _copy(path, tmp_path)
+    stage = next((bundle / "gpu" / "stages").glob("*.pt2"))
+    data = bytearray(stage.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    rel = str(stage.relative_to(bundle))
+    with pytest.raises(ArtifactError, match=f"artifact {rel} does not match its sha256"):
+        load(bundle)
+    stage.unlink()
+    with pytest.raises(ArtifactError, match=f"artifact {rel} is missing"):
+        load(bundle)
+    bundle = _copy(path, tmp_path / "again")
+    (bundle / "enclave" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"unlisted files .*enclave/extra\.bin"):
+        load(bundle)
+    (bundle / "plan.json").write_text("{")
+    with pytest.raises(ArtifactError, match="plan.json is not valid JSON"):
+        load(bundle)
+
+
+def test_save_refuses_a_directory_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    sp = partition(captured("tiny-llama"), "all_gpu")
+    with pytest.raises(ArtifactError, match="is not empty and holds no plan.json"):
+        sp.save(tmp_path)
+
+
+def test_loading_needs_no_model_source_code(saved):
+    _, path = saved["cmif"]
+    script = (
+        "import sys; sys.modules['transformers.models.llama.modeling_llama'] = None\n"
+        "sys.modules['partitioner.models'] = None\n"
+        "import torch; from partitioner import load\n"
+        f"p = load({str(path)!r})\n"
+        "print(p(input_ids=torch.tensor([[5, 6, 7]])).logits.shape)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert "torch.Size([1, 3, 256])" in out.stdout
