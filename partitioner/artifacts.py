@@ -8,7 +8,7 @@ Layout (DESIGN.md, "Artifacts")::
     DIR/enclave/corrections/*.pt2  the enclave's unmasking graphs, one per GPU stage
     DIR/enclave/freivalds/*.pt2    the enclave's own copy of each checked GPU stage
     DIR/enclave/weights.safetensors, DIR/enclave/rnm.safetensors
-    DIR/gpu/stages/*.pt2           GPU stages
+    DIR/gpu/stages/*.pt2, *.onnx   GPU stages (ONNX for onnxruntime; it embeds its weights)
     DIR/gpu/weights.safetensors    GPU weights: never a parameter the policy protects
 
 Each ``.pt2`` is a stage exported with dynamic ``batch``/``seq`` dims; its weights live in the
@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from partitioner.errors import ArtifactError
+from partitioner.onnx_export import export_onnx
 from partitioner.policy import Policy
 from partitioner.split import Edge, Stage
 
@@ -156,6 +157,8 @@ def save(program: Any, directory: str | Path) -> Path:
     for stage in program.stages:
         rel = f"{stage.side}/stages/{stage.name}.pt2"
         ep = _export(program, stage.name, stage.module)
+        if stage.side == "gpu":
+            export_onnx(ep, root / "gpu" / "stages" / f"{stage.name}.onnx", stage.name)
         _save_exported(ep, stage.name, weights[stage.side], root / rel)
         stage_files[stage.name] = rel
     state: dict[str, Any] = {
@@ -252,8 +255,9 @@ def _verify(root: Path, files: dict[str, str]) -> None:
             raise ArtifactError(f"artifact {rel} does not match its sha256 in plan.json (tampered)")
     listed = set(files) | {"plan.json"}
     extra = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-        and str(p.relative_to(root)) not in listed
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and str(p.relative_to(root)) not in listed
     )
     if extra:
         raise ArtifactError(f"unlisted files in {root}: {extra[:5]}; refusing a modified bundle")
@@ -265,7 +269,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             alias = json.loads((f.metadata() or {}).get("alias", "{}"))
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+            stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a bad file
         raise ArtifactError(f"cannot read weights {path}: {exc}") from None
     return {key: stored[target] for key, target in alias.items()}
@@ -357,8 +361,14 @@ def load(directory: str | Path, *, seed: int | None = None) -> Any:
         )
     edges = [
         Edge(
-            e["name"], e["producer"], e["consumer"], e["shape"], e["dtype"], e["bytes"],
-            e["direction"], e["protection"],
+            e["name"],
+            e["producer"],
+            e["consumer"],
+            e["shape"],
+            e["dtype"],
+            e["bytes"],
+            e["direction"],
+            e["protection"],
         )
         for e in plan["edges"]
     ]
@@ -377,7 +387,10 @@ def load(directory: str | Path, *, seed: int | None = None) -> Any:
             corrections[name] = Correction(
                 name,
                 _load_exported(root, c["file"], f"correction/{name}", weights["enclave"]),
-                c["delta_inputs"], c["primal_inputs"], c["delta_outputs"], c["primal_outputs"],
+                c["delta_inputs"],
+                c["primal_inputs"],
+                c["delta_outputs"],
+                c["primal_outputs"],
                 c["products"],
             )
         rnm = None
@@ -388,8 +401,9 @@ def load(directory: str | Path, *, seed: int | None = None) -> Any:
         field = None
         if p["field"] is not None:
             f = p["field"]
-            field = FieldPlan(f["prime"], f["frac_bits"], f["weight_bits"], f["output_bits"],
-                              f["output_range"])
+            field = FieldPlan(
+                f["prime"], f["frac_bits"], f["weight_bits"], f["output_bits"], f["output_range"]
+            )
         freivalds = {
             name: (
                 _load_exported(root, v["file"], f"freivalds/{name}", weights["enclave"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -20,6 +21,15 @@ META_KEY = "teesplit"
 def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
     """The node's teesplit metadata dict, created on first use."""
     return node.meta.setdefault(META_KEY, {})
+
+
+def fake_like(val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = ()) -> torch.Tensor:
+    """A fake tensor with ``val``'s symbolic shape (plus ``extra`` dims) and ``dtype``, for the
+    ``meta["val"]`` of a node a pass creates."""
+    from torch._guards import detect_fake_mode
+
+    with detect_fake_mode([val]):
+        return val.new_empty((*val.shape, *extra), dtype=dtype)
 
 
 def graph_fingerprint(gm: torch.fx.GraphModule) -> tuple[tuple[str, str, str, str], ...]:

@@ -31,6 +31,7 @@ import torch.fx
 
 from partitioner.errors import PartitionError
 from partitioner.shapes import ShapeContext
+from passes.base import fake_like
 from passes.labels import op_name
 from passes.linearity import _LINEAR_IN_FIRST
 from passes.ops import LIMB_BITS, OPS, PRIME, quantize
@@ -230,6 +231,10 @@ def to_field(
             scale[node.name] = scale[a.name]
             continue
         raise refuse(node, "it is not exact in a prime field")
+    for name in scale:  # residues are int64, whatever float dtype the original value had
+        node = env[name]
+        if isinstance(node, torch.fx.Node) and isinstance(node.meta.get("val"), torch.Tensor):
+            node.meta = {**node.meta, "val": fake_like(node.meta["val"], torch.int64)}
     for out in stage.outputs:
         if out in scale:
             plan.output_bits[out] = scale[out]

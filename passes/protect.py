@@ -39,6 +39,7 @@ from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import INPUT, OUTPUT, Edge, Stage
 from passes import field as field_pass
+from passes.base import fake_like
 from passes.labels import EMBEDDING_OPS, op_name, user_input_names
 from passes.linearity import Correction, StageAnalysis, analyse, build_correction
 from passes.ops import OPS
@@ -243,15 +244,6 @@ def _copy_module(module: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict[str
     return graph, {old.name: new for old, new in value_map.items()}
 
 
-def _fake(val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = ()) -> torch.Tensor:
-    """A fake tensor like ``val`` (same symbolic shape) for a new placeholder's ``meta["val"]``."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([val])
-    with mode:
-        return val.new_empty((*val.shape, *extra), dtype=dtype)
-
-
 def _append_placeholder(graph: torch.fx.Graph, name: str, like: Any) -> torch.fx.Node:
     last = list(graph.find_nodes(op="placeholder"))
     ctx = (
@@ -329,7 +321,7 @@ class _Protector:
         noise = _append_placeholder(
             graph,
             f"rnm_noise_{site.token_input}",
-            _fake(token.meta["val"], torch.float64, (site.tables.k,)),
+            fake_like(token.meta["val"], torch.float64, (site.tables.k,)),
         )
         tables = {}
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
@@ -613,7 +605,7 @@ class _Protector:
             ph = _input_node(stage, nodes, name)
             plain_val = ph.meta["val"]
             if field_plan is not None:  # residues arrive as int64
-                ph.meta["val"] = _fake(plain_val, torch.int64)
+                ph.meta["val"] = fake_like(plain_val, torch.int64)
             delta = _append_placeholder(graph, f"delta_{name}", ph.meta["val"])
             extras.append(("delta", name))
             first_op = next(n for n in graph.nodes if n.op != "placeholder")
@@ -633,7 +625,7 @@ class _Protector:
             value = results[stage.outputs.index(name)]
             val = value.meta["val"]
             r = _append_placeholder(
-                graph, f"mask_{name}", val if field_plan is None else _fake(val, torch.int64)
+                graph, f"mask_{name}", val if field_plan is None else fake_like(val, torch.int64)
             )
             extras.append(("mask", name))
             with graph.inserting_before(out_node):
