@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["partitioner", "passes", "runtime", "enclave_runtime"],
+    package_data={"enclave_runtime": ["templates/*.template"]},
     install_requires=[
         # 2.13.0 is the CPU build this project is developed against; a looser pin pulls CUDA.
         "torch==2.13.0",

@@ -1,4 +1,8 @@
-"""Enclave driver under Gramine (DESIGN.md "Runtime"). Not built yet: it is issue 4's deliverable.
+"""Enclave side of the runtime (DESIGN.md "Runtime").
 
-Until then, ``SplitProgram.__call__`` is the reference executor and runs every stage in-process.
+Built so far: the Gramine manifest (``manifest.py``: Jinja2 template rendered the way
+``gramine-manifest`` does, the enclave bundle as hashed trusted files, the enclave size from a
+measured peak). Not built yet (issue #4): the driver process that loads ``enclave/``, owns the
+mask pool and talks to the GPU worker. Until then ``SplitProgram.__call__`` runs every stage
+in-process.
 """

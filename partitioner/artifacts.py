@@ -8,6 +8,7 @@ Layout (DESIGN.md, "Artifacts")::
     DIR/enclave/corrections/*.pt2  the enclave's unmasking graphs, one per GPU stage
     DIR/enclave/freivalds/*.pt2    the enclave's own copy of each checked GPU stage
     DIR/enclave/weights.safetensors, DIR/enclave/rnm.safetensors
+    DIR/enclave/teesplit-enclave.manifest.template   the Gramine manifest template
     DIR/gpu/stages/*.pt2, *.onnx   GPU stages (ONNX for onnxruntime; it embeds its weights)
     DIR/gpu/weights.safetensors    GPU weights: never a parameter the policy protects
 
@@ -227,6 +228,9 @@ def save(program: Any, directory: str | Path) -> Path:
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / side / "weights.safetensors")
+    from enclave_runtime.manifest import TEMPLATE
+
+    shutil.copyfile(TEMPLATE, root / "enclave" / TEMPLATE.name)
     files = {
         str(p.relative_to(root)): _sha256(p)
         for p in sorted(root.rglob("*"))

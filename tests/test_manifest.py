@@ -1,0 +1,54 @@
+"""The rendered Gramine manifest parses as TOML and says what the enclave needs."""
+
+import json
+import tomllib
+
+import pytest
+from conftest import captured
+
+from enclave_runtime.manifest import ManifestOptions, enclave_size, render_manifest
+from partitioner import partition
+from partitioner.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle")
+    partition(captured("tiny-llama"), "slalom").save(path)
+    return path
+
+
+def test_enclave_size_is_a_power_of_two_above_the_peak():
+    assert enclave_size(100 << 20) == "256M"
+    assert enclave_size(700 << 20) == "2G"  # 700 MB * 1.5 = 1050 MB -> 2 GB
+    assert enclave_size(3 << 30) == "8G"
+
+
+def test_rendered_manifest_parses_and_trusts_exactly_the_enclave_bundle(bundle):
+    text = render_manifest(bundle, ManifestOptions(peak_bytes=900 << 20, max_threads=8))
+    manifest = tomllib.loads(text)
+    assert manifest["libos"]["entrypoint"].endswith("python") or "python" in manifest["libos"][
+        "entrypoint"
+    ]
+    sgx = manifest["sgx"]
+    assert sgx["enclave_size"] == "2G" and sgx["max_threads"] == 8
+    assert sgx["remote_attestation"] == "dcap"
+    mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
+    assert mounts["/bundle"]["uri"] == f"file:{bundle.resolve()}"
+    hashed = {
+        entry["uri"].removeprefix(f"file:{bundle.resolve()}/"): entry["sha256"]
+        for entry in sgx["trusted_files"]
+        if isinstance(entry, dict)
+    }
+    files = json.loads((bundle / "plan.json").read_text())["files"]
+    enclave_files = {k: v for k, v in files.items() if k.startswith("enclave/")}
+    assert enclave_files and {k: hashed[k] for k in enclave_files} == enclave_files
+    assert "plan.json" in hashed
+    assert not [k for k in hashed if k.startswith("gpu/")]
+
+
+def test_bad_attestation_setting_and_missing_plan_are_refused(bundle, tmp_path):
+    with pytest.raises(ArtifactError, match="remote_attestation='sometimes'"):
+        render_manifest(bundle, ManifestOptions(peak_bytes=1, remote_attestation="sometimes"))
+    with pytest.raises(ArtifactError, match=r"cannot read the file hashes in .*plan\.json"):
+        render_manifest(tmp_path, ManifestOptions(peak_bytes=1))
