@@ -81,7 +81,8 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     ]
     bundle_files.insert(0, {"path": "plan.json", "sha256": _sha256(plan_path)})
     paths = sysconfig.get_paths()
-    python_paths = sorted({paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]})
+    keys = ("stdlib", "platstdlib", "purelib", "platlib")
+    python_paths = sorted({paths[key] for key in keys})
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
         undefined=jinja2.StrictUndefined,
@@ -110,6 +111,40 @@ def _sha256(path: Path) -> str:
     from partitioner.artifacts import _sha256 as digest
 
     return digest(path)
+
+
+_MEASURE = """
+import resource, sys, torch
+from partitioner import load
+program = load(sys.argv[1])
+dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
+from passes.pool import concrete_shape
+args = {n: torch.zeros(concrete_shape(s, dims), dtype=torch.int64)
+        for n, s in program.input_dims.items()}
+with torch.no_grad():
+    program(**args)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def measure_peak(bundle: str | Path, dims: dict[str, int] | None = None) -> int:
+    """Peak RSS in bytes of a fresh process that loads ``bundle`` and serves one request of
+    token-id inputs at ``dims`` (default batch 1, seq 128).
+
+    Until the two-process runtime exists this runs the GPU stages in the same process, so it
+    is an upper bound on the enclave's own peak.
+    """
+    import subprocess
+
+    dims = dims or {"batch": 1, "seq": 128}
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(bundle), *(f"{k}={v}" for k, v in dims.items())],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise ArtifactError(f"measuring {bundle} failed: {result.stderr.strip()[-500:]}")
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 def gramine_runner() -> str | None:

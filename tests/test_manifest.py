@@ -27,9 +27,10 @@ def test_enclave_size_is_a_power_of_two_above_the_peak():
 def test_rendered_manifest_parses_and_trusts_exactly_the_enclave_bundle(bundle):
     text = render_manifest(bundle, ManifestOptions(peak_bytes=900 << 20, max_threads=8))
     manifest = tomllib.loads(text)
-    assert manifest["libos"]["entrypoint"].endswith("python") or "python" in manifest["libos"][
-        "entrypoint"
-    ]
+    assert (
+        manifest["libos"]["entrypoint"].endswith("python")
+        or "python" in manifest["libos"]["entrypoint"]
+    )
     sgx = manifest["sgx"]
     assert sgx["enclave_size"] == "2G" and sgx["max_threads"] == 8
     assert sgx["remote_attestation"] == "dcap"
@@ -52,3 +53,14 @@ def test_bad_attestation_setting_and_missing_plan_are_refused(bundle, tmp_path):
         render_manifest(bundle, ManifestOptions(peak_bytes=1, remote_attestation="sometimes"))
     with pytest.raises(ArtifactError, match=r"cannot read the file hashes in .*plan\.json"):
         render_manifest(tmp_path, ManifestOptions(peak_bytes=1))
+
+
+def test_the_enclave_size_comes_from_a_measured_peak(bundle):
+    from enclave_runtime.manifest import measure_peak
+
+    peak = measure_peak(bundle, {"batch": 1, "seq": 16})
+    assert 50 << 20 < peak < 4 << 30  # a python process with torch loaded and the bundle
+    size = tomllib.loads(render_manifest(bundle, ManifestOptions(peak_bytes=peak)))["sgx"][
+        "enclave_size"
+    ]
+    assert size == enclave_size(peak)
