@@ -26,6 +26,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ from partitioner.errors import ArtifactError
 from partitioner.onnx_export import export_onnx
 from partitioner.policy import Policy
 from partitioner.split import Edge, Stage
+from passes import ops as _ops  # noqa: F401 - .pt2 files name teesplit:: ops: register them
 
 ARTIFACT_SCHEMA_VERSION = 1
+_LOAD_LOCK = threading.Lock()
 _EXPORT_DIMS = {"batch": 2}  # export at sizes >= 2 so no dim specialises to 0/1
 _EXPORT_DEFAULT = 17
 
@@ -250,7 +253,9 @@ def save(program: Any, directory: str | Path) -> Path:
 # -- load ---------------------------------------------------------------------------------
 
 
-def _verify(root: Path, files: dict[str, str]) -> None:
+def _verify(root: Path, files: dict[str, str], sides: tuple[str, ...] = ("enclave", "gpu")) -> None:
+    """Check every listed file of ``sides`` against its hash; refuse unlisted files there."""
+    files = {rel: d for rel, d in files.items() if rel.split("/", 1)[0] in sides}
     for rel, digest in sorted(files.items()):
         path = root / rel
         if not path.is_file():
@@ -260,7 +265,8 @@ def _verify(root: Path, files: dict[str, str]) -> None:
     listed = set(files) | {"plan.json"}
     extra = sorted(
         str(p.relative_to(root))
-        for p in root.rglob("*")
+        for side in sides
+        for p in (root / side).rglob("*")
         if p.is_file() and str(p.relative_to(root)) not in listed
     )
     if extra:
@@ -281,7 +287,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_exported(root: Path, rel: str, key: str, weights: dict[str, torch.Tensor]) -> Any:
     try:
-        ep = torch.export.load(str(root / rel))
+        with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
+            ep = torch.export.load(str(root / rel))
     except Exception as exc:  # a corrupt archive raises many types
         raise ArtifactError(f"cannot load {rel}: {type(exc).__name__}: {exc}") from None
     for name in list(ep.state_dict):
@@ -318,8 +325,12 @@ def _import_output_types(spec: str) -> None:
     walk(json.loads(spec)[1])
 
 
-def load(directory: str | Path, *, seed: int | None = None) -> Any:
-    """Load a saved split program; ``seed`` fixes its mask pool's CSPRNG (tests only)."""
+def load(directory: str | Path, *, seed: int | None = None, gpu: bool = True) -> Any:
+    """Load a saved split program; ``seed`` fixes its mask pool's CSPRNG (tests only).
+
+    ``gpu=False`` loads the enclave side only (the enclave host need not hold ``gpu/``): GPU
+    stages get no module, and the enclave driver plugs in calls to the worker.
+    """
     from partitioner.program import SplitProgram, _Signature
     from passes.field import FieldPlan
     from passes.linearity import Correction
@@ -341,15 +352,18 @@ def load(directory: str | Path, *, seed: int | None = None) -> Any:
             f"{plan_path}: artifact schema {document.get('artifact_schema_version')!r}, "
             f"this teesplit reads {ARTIFACT_SCHEMA_VERSION}"
         )
-    _verify(root, document["files"])
+    sides = ("enclave", "gpu") if gpu else ("enclave",)
+    _verify(root, document["files"], sides)
     plan, state = document["plan"], document["state"]
-    weights = {
-        side: _read_weights(root / side / "weights.safetensors") for side in ("enclave", "gpu")
-    }
+    weights = {side: _read_weights(root / side / "weights.safetensors") for side in sides}
     stages = []
     for entry in plan["stages"]:
         name = entry["name"]
-        module = _load_exported(root, state["stage_files"][name], name, weights[entry["side"]])
+        module = (
+            _load_exported(root, state["stage_files"][name], name, weights[entry["side"]])
+            if entry["side"] in sides
+            else None
+        )
         stages.append(
             Stage(
                 name,

@@ -125,6 +125,7 @@ class SplitProgram:
     # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
     last_request: dict[str, Any] = field(default_factory=dict)
     saved_plan: dict[str, Any] | None = None  # set by ``load``
+    worker: Any = None  # the GPU worker connection, when the enclave driver runs it
 
     def save(self, directory: str | Path) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""

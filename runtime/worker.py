@@ -1,0 +1,185 @@
+"""The GPU worker: loads ``gpu/``, runs GPU stages for any number of enclave drivers.
+
+Reads a saved bundle's ``gpu/`` (and the hashes in ``plan.json``; nothing from ``enclave/``);
+serves :mod:`runtime.protocol` frames over a Unix socket or TCP, one thread per connection.
+Each ``run`` frame names a stage and carries its inputs; the worker checks their count, dtypes
+and ranks against the stage's signature and answers with the outputs or an ``error`` frame that
+names the stage and the input at fault. It counts bytes in and out and time per stage
+(``stats``). Stages run with torch on CUDA when available (``device="auto"``), otherwise on the
+CPU with a warning; ``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner.errors import ArtifactError
+from runtime.protocol import (
+    DTYPES,
+    ERROR,
+    RESULT,
+    RUN,
+    STATS,
+    ProtocolError,
+    parse_address,
+    read_frame,
+    send_frame,
+)
+
+
+class GPUWorker:
+    """The stages of one ``gpu/`` bundle and their counters."""
+
+    def __init__(self, bundle: str | Path, backend: str = "torch", device: str = "auto") -> None:
+        from partitioner.artifacts import _load_exported, _read_weights, _verify
+        from partitioner.onnx_export import onnx_stage
+
+        root = Path(bundle)
+        if root.name == "gpu":
+            root = root.parent
+        try:
+            document = json.loads((root / "plan.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {root / 'plan.json'}: {exc}") from None
+        _verify(root, document["files"], sides=("gpu",))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cpu":
+                warnings.warn(
+                    "no CUDA device: the GPU worker runs its stages on the CPU", stacklevel=2
+                )
+        self.device = torch.device(device)
+        self.backend = backend
+        weights = _read_weights(root / "gpu" / "weights.safetensors")
+        self.stages: dict[str, Any] = {}
+        self.signatures: dict[str, list[dict[str, Any]]] = {}
+        for entry in document["plan"]["stages"]:
+            if entry["side"] != "gpu":
+                continue
+            name = entry["name"]
+            if backend == "onnx":
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                self.stages[name] = onnx_stage(
+                    root / "gpu" / "stages" / f"{name}.onnx",
+                    providers if device == "cuda" else None,
+                )
+            else:
+                module = _load_exported(root, document["state"]["stage_files"][name], name, weights)
+                self.stages[name] = module.to(self.device)
+            self.signatures[name] = [e for e in document["plan"]["edges"] if e["consumer"] == name]
+            order = entry["inputs"]
+            self.signatures[name].sort(key=lambda e: order.index(e["name"]))
+        self.stats: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"calls": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0}
+        )
+        self._lock = threading.Lock()
+
+    def check_inputs(self, stage: str, tensors: list[torch.Tensor]) -> None:
+        if stage not in self.stages:
+            raise ProtocolError(f"unknown stage {stage!r}; this worker runs {sorted(self.stages)}")
+        expected = self.signatures[stage]
+        if len(tensors) != len(expected):
+            raise ProtocolError(f"stage {stage} takes {len(expected)} inputs, got {len(tensors)}")
+        for edge, tensor in zip(expected, tensors, strict=True):
+            want = edge["dtype"]
+            got = str(tensor.dtype).removeprefix("torch.")
+            if want != got or len(edge["shape"]) != tensor.dim():
+                raise ProtocolError(
+                    f"stage {stage} input {edge['name']}: expected {want} of rank "
+                    f"{len(edge['shape'])} {edge['shape']}, got {got} of shape {list(tensor.shape)}"
+                )
+            for want_dim, got_dim in zip(edge["shape"], tensor.shape, strict=True):
+                if isinstance(want_dim, int) and want_dim != got_dim:
+                    raise ProtocolError(
+                        f"stage {stage} input {edge['name']}: expected shape {edge['shape']}, "
+                        f"got {list(tensor.shape)}"
+                    )
+
+    def run(self, stage: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        self.check_inputs(stage, tensors)
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.backend == "onnx":
+                outs = self.stages[stage](*tensors)
+            else:
+                outs = self.stages[stage](*(t.to(self.device) for t in tensors))
+        outs = [o.cpu() for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+        return outs, time.perf_counter() - start
+
+    def record(self, stage: str, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        with self._lock:
+            entry = self.stats[stage]
+            entry["calls"] += 1
+            entry["seconds"] += seconds
+            entry["bytes_in"] += bytes_in
+            entry["bytes_out"] += bytes_out
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        worker: GPUWorker = self.server.worker  # type: ignore[attr-defined]
+        sock: socket.socket = self.request
+        while True:
+            try:
+                frame = read_frame(sock)
+            except ProtocolError as exc:
+                if "connection closed while reading the frame prefix (0/" in str(exc):
+                    return  # the driver hung up between requests
+                try:
+                    send_frame(sock, ERROR, {"error": str(exc)})
+                except OSError:
+                    pass
+                return
+            if frame.kind == STATS:
+                with worker._lock:
+                    send_frame(sock, RESULT, {"stats": dict(worker.stats)})
+                continue
+            if frame.kind != RUN:
+                send_frame(sock, ERROR, {"error": f"expected a run frame, got kind {frame.kind}"})
+                continue
+            stage = frame.header.get("stage")
+            bytes_in = sum(t.numel() * t.element_size() for t in frame.tensors)
+            try:
+                outs, seconds = worker.run(stage, frame.tensors)
+            except ProtocolError as exc:
+                send_frame(sock, ERROR, {"error": str(exc)})
+                continue
+            except Exception as exc:  # a stage failing is reported to the driver, not fatal
+                send_frame(sock, ERROR, {"error": f"stage {stage} failed: {exc}"})
+                continue
+            sent = send_frame(sock, RESULT, {"stage": stage}, outs)
+            worker.record(stage, seconds, bytes_in, sent)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(worker: GPUWorker, address: str) -> socketserver.BaseServer:
+    """A server for ``worker`` bound to ``address``; call ``serve_forever()`` on it."""
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX:
+        Path(addr).unlink(missing_ok=True)
+        server: socketserver.BaseServer = _UnixServer(addr, _Handler)
+    else:
+        server = _TCPServer(addr, _Handler)
+    server.worker = worker  # type: ignore[attr-defined]
+    return server
+
+
+__all__ = ["DTYPES", "GPUWorker", "serve"]
