@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=["partitioner", "passes", "runtime", "enclave_runtime"],
     package_data={"enclave_runtime": ["templates/*.template"]},
+    entry_points={"console_scripts": ["teesplit = partitioner.cli:main"]},
     install_requires=[
         # 2.13.0 is the CPU build this project is developed against; a looser pin pulls CUDA.
         "torch==2.13.0",

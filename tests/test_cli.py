@@ -1,0 +1,39 @@
+"""The ``teesplit`` command: partition -> inspect, and clear errors for bad arguments."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def teesplit(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "partitioner.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_partition_then_inspect(tmp_path):
+    out = tmp_path / "bundle"
+    run = teesplit("partition", "tiny-llama", "--policy", "slalom", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "audit passed" in run.stdout and "done" in run.stdout
+    assert (out / "plan.json").is_file() and list((out / "gpu" / "stages").glob("*.onnx"))
+    shown = teesplit("inspect", str(out))
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "tiny-llama under 'slalom'" in shown.stdout and "protections:" in shown.stdout
+    svg = (out / "stages.svg").read_text()
+    stages = json.loads((out / "plan.json").read_text())["plan"]["stages"]
+    assert svg.startswith("<svg") and svg.count("<rect") == len(stages)
+    assert "#fdc086" in svg and "#7fc97f" in svg  # GPU and enclave stages both drawn
+
+
+def test_unknown_model_and_missing_bundle_are_named(tmp_path):
+    run = teesplit("partition", "no-such-model", "--out", str(tmp_path / "x"))
+    assert run.returncode != 0 and "MODEL 'no-such-model' is neither a built-in" in run.stderr
+    run = teesplit("inspect", str(tmp_path / "nothing"))
+    assert run.returncode != 0 and "cannot read" in run.stderr
