@@ -4,7 +4,11 @@
     teesplit inspect DIR [--svg FILE]               # the plan, and a drawing of the stages
     teesplit serve-gpu DIR/gpu --listen ADDR        # the GPU worker (unix:/path or host:port)
 
-Not yet: ``enclave``, ``run`` and ``demo`` (they need KV-cache generation, issue #4).
+    teesplit run DIR --prompt TEXT                  # both processes locally, greedy decoding
+
+``run`` starts a GPU worker process on a private Unix socket (unless ``--worker`` names one),
+drives it from this process and decodes greedily by recomputing the prefix: there is no KV cache
+yet (issue #4), so long answers are slow. Not yet: ``enclave`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -130,6 +134,83 @@ def cmd_serve_gpu(args: argparse.Namespace) -> None:
     server.serve_forever()
 
 
+def _tokenizer(spec: str) -> Any:
+    from partitioner import models
+
+    builtin = {"smollm2-135m": models.smollm2_tokenizer, "minilm": models.minilm_tokenizer}
+    if spec in builtin:
+        return builtin[spec]()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"teesplit: no tokenizer for {spec!r} ({exc}); pass --ids") from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from enclave_runtime.driver import connect
+
+    start = time.perf_counter()
+    plan = json.loads((Path(args.dir) / "plan.json").read_text())["plan"]
+    tokenizer = None
+    if args.ids:
+        ids = torch.tensor([[int(x) for x in args.ids.split(",")]])
+    elif args.prompt is not None:
+        tokenizer = _tokenizer(args.tokenizer or plan["model"])
+        chat = [{"role": "user", "content": args.prompt}]
+        text = (
+            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            if getattr(tokenizer, "chat_template", None)
+            else args.prompt
+        )
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    else:
+        raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
+    worker, proc = args.worker, None
+    if worker is None:
+        socket_path = Path(tempfile.mkdtemp(prefix="teesplit-")) / "worker.sock"
+        worker = f"unix:{socket_path}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime", str(Path(args.dir) / "gpu"), "--listen", worker],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = proc.stdout.readline()
+        if "teesplit GPU worker" not in line:
+            raise SystemExit(f"teesplit run: the GPU worker did not start ({line.strip()!r})")
+        _step(line.strip(), start)
+    try:
+        program = connect(args.dir, worker)
+        _step(f"enclave side loaded from {args.dir}; decoding", start)
+        prompt_len = ids.shape[1]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        with torch.no_grad():
+            for _ in range(args.max_new_tokens):
+                logits = program(input_ids=ids).logits[:, -1]
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+                if eos is not None and ids[0, -1].item() == eos:
+                    break
+        new = ids[0, prompt_len:].tolist()
+        answer = tokenizer.decode(new, skip_special_tokens=True) if tokenizer else new
+        print(f"answer: {answer!r}")
+        print(
+            f"{len(new)} tokens; crossed to the GPU worker {program.worker.bytes_sent:,} B, "
+            f"back {program.worker.bytes_received:,} B"
+        )
+        _step("done", start)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve_gpu)
+    p = sub.add_parser("run", help="run a prompt through both processes locally")
+    p.add_argument("dir")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--ids", default=None, help="comma-separated token ids instead of a prompt")
+    p.add_argument("--tokenizer", default=None, help="built-in name or local folder")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--worker", default=None, help="an already running worker's address")
+    p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -37,3 +37,14 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path):
     assert run.returncode != 0 and "MODEL 'no-such-model' is neither a built-in" in run.stderr
     run = teesplit("inspect", str(tmp_path / "nothing"))
     assert run.returncode != 0 and "cannot read" in run.stderr
+
+
+def test_run_drives_a_worker_process(tmp_path):
+    out = tmp_path / "bundle"
+    assert (
+        teesplit("partition", "tiny-llama", "--policy", "cmif", "--out", str(out)).returncode == 0
+    )
+    run = teesplit("run", str(out), "--ids", "5,6,7", "--max-new-tokens", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "teesplit GPU worker" in run.stdout and "answer: [" in run.stdout
+    assert "3 tokens; crossed to the GPU worker" in run.stdout
