@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jinja2
 
+from partitioner.artifacts import _sha256
 from partitioner.errors import ArtifactError
 
 TEMPLATE = Path(__file__).parent / "templates" / "teesplit-enclave.manifest.template"
@@ -105,12 +106,6 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         remote_attestation=options.remote_attestation,
         bundle_files=bundle_files,
     )
-
-
-def _sha256(path: Path) -> str:
-    from partitioner.artifacts import _sha256 as digest
-
-    return digest(path)
 
 
 _MEASURE = """

@@ -30,7 +30,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
@@ -89,40 +88,21 @@ class _Weights:
         save_file(self.tensors, str(path), metadata={"alias": json.dumps(self.alias)})
 
 
-def _shape_dims(program: Any, val: torch.Tensor) -> tuple[list[int], dict[int, Any]]:
-    """Example sizes and a dynamic-shape spec for one stage input."""
-    dims = program.shapes
-    sizes, spec = [], {}
-    for i, size in enumerate(val.shape):
-        if not isinstance(size, torch.SymInt):
-            sizes.append(int(size))
-            continue
-        name = dims.dim(size)
-        names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
-        bind = {n: _EXPORT_DIMS.get(n, _EXPORT_DEFAULT) for n in names if n.isidentifier()}
-        expr = sympy.sympify(name, locals={n: sympy.Symbol(n) for n in bind})
-        sizes.append(int(expr.subs({sympy.Symbol(k): v for k, v in bind.items()})))
-        spec[i] = program_dim(name) if name.isidentifier() else Dim.AUTO
-    return sizes, spec
-
-
-_DIMS: dict[str, Any] = {}
-
-
-def program_dim(name: str) -> Any:
-    if name not in _DIMS:
-        _DIMS[name] = Dim(name, min=1)
-    return _DIMS[name]
-
-
 def _export(program: Any, name: str, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
+    """Export one stage graph with its named dims dynamic (at example sizes >= 2)."""
+    from passes.pool import concrete_shape
+
+    names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
+    example = {n: _EXPORT_DIMS.get(n, _EXPORT_DEFAULT) for n in names if n.isidentifier()}
+    dims = {n: Dim(n, min=1) for n in example}
     args, specs = [], []
     for ph in module.graph.find_nodes(op="placeholder"):
         val = ph.meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise ArtifactError(f"{name}: input {ph.name} has no tensor metadata to export with")
-        sizes, spec = _shape_dims(program, val)
-        args.append(torch.zeros(sizes, dtype=val.dtype))
+        shape = program.shapes.shape(val)
+        args.append(torch.zeros(concrete_shape(shape, example), dtype=val.dtype))
+        spec = {i: dims.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
         specs.append(spec or None)
     try:
         return torch.export.export(module, tuple(args), dynamic_shapes=tuple(specs), strict=False)

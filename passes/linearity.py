@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from partitioner.placement import is_tensor_value
 from passes import ops as _ops  # noqa: F401 - registers teesplit:: ops used in field stages
 from passes.labels import op_name
 
@@ -91,10 +92,7 @@ def _is_tensor(node: Any) -> bool:
 
 
 def _is_tensor_like(node: torch.fx.Node) -> bool:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return True
-    return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+    return is_tensor_value(node.meta.get("val"))
 
 
 @dataclass
@@ -253,19 +251,16 @@ class _DeltaBuilder:
         """A new-graph node with the same shape as ``node`` (its delta, else its plaintext)."""
         return self._delta.get(node.name) or self.primal(node)
 
-    def _map_shape_args(self, node: torch.fx.Node) -> Any:
-        """Copy a non-tensor node (a size): its tensor operands only provide shapes."""
-        return self.graph.node_copy(node, self._shape_arg)
-
     def _shape_arg(self, arg: torch.fx.Node) -> torch.fx.Node:
         if _is_tensor_like(arg):
             return self.any_version(arg)
         return self.shape_value(arg)
 
     def shape_value(self, node: torch.fx.Node) -> torch.fx.Node:
+        """Copy a non-tensor node (a size) once: its tensor operands only provide shapes."""
         key = f"shape:{node.name}"
         if key not in self._primal:
-            self._primal[key] = self._map_shape_args(node)
+            self._primal[key] = self.graph.node_copy(node, self._shape_arg)
         return self._primal[key]
 
     def primal(self, node: torch.fx.Node) -> torch.fx.Node:

@@ -553,14 +553,13 @@ class _Protector:
             for node in gm.graph.nodes:
                 if node.op != "call_function":
                     continue
-                if op_name(node) == "field_linear":
-                    x, w = node.args[0], node.args[1]
+                if op_name(node) == "field_linear":  # not in torch's FLOP counter
+                    w = node.args[1]
                     out = node.meta["val"]
                     numel = 1
                     for s in out.shape:
                         numel *= self.shapes.evaluate(s)
                     total += 2 * numel * int(w.meta["val"].shape[1])
-                    del x
                 elif isinstance(node.meta.get("val"), torch.Tensor):
                     total += node_flops(node, self.shapes)
             return total
