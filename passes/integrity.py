@@ -92,54 +92,74 @@ def _dot_small_mod(s: torch.Tensor, b: torch.Tensor, prime: int) -> int:
     return _dot_mod(s, b, prime, a_limbs=1)
 
 
-def precompute(
-    corr: Any,
-    stage_module: torch.fx.GraphModule,
-    stage_outputs: list[str],
-    pads: list[torch.Tensor],
-    deltas: list[torch.Tensor],
-    rng: Any,
-    field_prime: int | None,
-) -> dict[str, Any]:
-    """Draw ``s`` for one request and compute ``a = Lᵀs`` and ``κ = ⟨s, f(0)⟩`` offline.
+class FreivaldsStage:
+    """One checked GPU stage: draws ``s`` per request and precomputes ``a = Lᵀs`` and
+    ``κ = ⟨s, f(0)⟩`` offline.
 
-    ``pads`` are the stage's inputs' pads (every input is masked), ``deltas`` the correction's
-    outputs for them (only their shapes are used).
+    What does not change between requests is built once: the float64 limb graphs of a field
+    correction, and the bias term ``f(0)`` per input shape (computed with the enclave's own copy
+    of the stage, never by asking the GPU).
     """
-    with torch.no_grad():
-        constant = stage_module(*(torch.zeros_like(p) for p in pads))
-    biases = [constant[stage_outputs.index(o)] for o in corr.delta_outputs]
-    if field_prime is None:
-        samples = [rng.normal(list(d.shape)).to(torch.float64) for d in deltas]
-        _, vjp = torch.func.vjp(lambda *xs: tuple(corr.module(*xs)), *pads)
-        a = [g.to(torch.float64) for g in vjp(tuple(s.to(pads[0].dtype) for s in samples))]
-        kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
-        return {
-            "s": [x.flatten().to(torch.float32) for x in samples],
-            "a": [x.flatten() for x in a],
-            "kappa": kappa,
-        }
-    samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
-    cotangents = tuple(s.to(torch.float64) for s in samples)
-    parts = []
-    for limb in ("high", "low"):
-        linear = float64_linear_part(corr.module, limb)
-        _, vjp = torch.func.vjp(
-            lambda *xs, _f=linear: tuple(_f(*xs)), *(p.to(torch.float64) for p in pads)
+
+    def __init__(
+        self,
+        corr: Any,
+        stage_module: torch.fx.GraphModule,
+        stage_outputs: list[str],
+        field_prime: int | None,
+    ) -> None:
+        self.corr = corr
+        self.stage_module = stage_module
+        self.output_index = [stage_outputs.index(o) for o in corr.delta_outputs]
+        self.prime = field_prime
+        self.limbs = (
+            [float64_linear_part(corr.module, limb) for limb in ("high", "low")]
+            if field_prime is not None
+            else []
         )
-        grads = vjp(cotangents)
-        for g in grads:
-            if g.abs().max() >= 2**52:
-                raise IntegrityError("Freivalds precomputation left float64's exact range")
-        parts.append([torch.remainder(g.round().to(torch.int64), field_prime) for g in grads])
-    a = [
-        torch.remainder(mul_pow2_mod(hi, _W_LIMB) + lo, field_prime)
-        for hi, lo in zip(*parts, strict=True)
-    ]
-    kappa = (
-        sum(_dot_mod(s, c, field_prime) for s, c in zip(samples, biases, strict=True)) % field_prime
-    )
-    return {"s": samples, "a": a, "kappa": kappa}
+        self._biases: dict[tuple[tuple[int, ...], ...], list[torch.Tensor]] = {}
+
+    def biases(self, pads: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple(tuple(p.shape) for p in pads)
+        if key not in self._biases:
+            with torch.no_grad():
+                constant = self.stage_module(*(torch.zeros_like(p) for p in pads))
+            self._biases[key] = [constant[i] for i in self.output_index]
+        return self._biases[key]
+
+    def draw(self, pads: list[torch.Tensor], deltas: list[torch.Tensor], rng: Any) -> dict:
+        """``pads`` are the stage's inputs' pads (every input is masked), ``deltas`` the
+        correction's outputs for them (only their shapes are used)."""
+        biases = self.biases(pads)
+        prime = self.prime
+        if prime is None:
+            samples = [rng.normal(list(d.shape)).to(torch.float64) for d in deltas]
+            _, vjp = torch.func.vjp(lambda *xs: tuple(self.corr.module(*xs)), *pads)
+            a = [g.to(torch.float64) for g in vjp(tuple(s.to(pads[0].dtype) for s in samples))]
+            kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
+            return {
+                "s": [x.flatten().to(torch.float32) for x in samples],
+                "a": [x.flatten() for x in a],
+                "kappa": kappa,
+            }
+        samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
+        cotangents = tuple(s.to(torch.float64) for s in samples)
+        parts = []
+        for linear in self.limbs:
+            _, vjp = torch.func.vjp(
+                lambda *xs, _f=linear: tuple(_f(*xs)), *(p.to(torch.float64) for p in pads)
+            )
+            grads = vjp(cotangents)
+            for g in grads:
+                if g.abs().max() >= 2**52:
+                    raise IntegrityError("Freivalds precomputation left float64's exact range")
+            parts.append([torch.remainder(g.round().to(torch.int64), prime) for g in grads])
+        a = [
+            torch.remainder(mul_pow2_mod(hi, _W_LIMB) + lo, prime)
+            for hi, lo in zip(*parts, strict=True)
+        ]
+        kappa = sum(_dot_mod(s, c, prime) for s, c in zip(samples, biases, strict=True)) % prime
+        return {"s": samples, "a": a, "kappa": kappa}
 
 
 def check(

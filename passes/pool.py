@@ -56,6 +56,11 @@ class MaskPool:
         self._sets: dict[Binding, deque[MaskSet]] = {}
         self.misses = 0
         self.drawn = 0
+        prime = protection.field_plan.prime if protection.field_plan is not None else None
+        self._checks = {
+            name: integrity.FreivaldsStage(protection.corrections[name], module, outputs, prime)
+            for name, (module, outputs) in protection.freivalds.items()
+        }
 
     @staticmethod
     def key(binding: Mapping[str, int]) -> Binding:
@@ -81,17 +86,12 @@ class MaskPool:
             results = corr.module(*(deltas[n] for n in corr.delta_inputs))
             deltas.update(zip(corr.delta_outputs, results, strict=True))
             out.deltas.update(zip(corr.delta_outputs, results, strict=True))
-        prime = prot.field_plan.prime if prot.field_plan is not None else None
-        for name, (module, outputs) in prot.freivalds.items():
-            corr = prot.corrections[name]
-            out.freivalds[name] = integrity.precompute(
-                corr,
-                module,
-                outputs,
+        for name, check in self._checks.items():
+            corr = check.corr
+            out.freivalds[name] = check.draw(
                 [deltas[n] for n in corr.delta_inputs],
                 [deltas[n] for n in corr.delta_outputs],
                 self.rng,
-                prime,
             )
         self.drawn += 1
         return out
