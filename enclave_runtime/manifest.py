@@ -14,7 +14,6 @@ rounded up to a power of two; the output parses as TOML.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import jinja2
 
-from partitioner.artifacts import _sha256
+from partitioner.artifacts import _sha256, read_document
 from partitioner.errors import ArtifactError
 
 TEMPLATE = Path(__file__).parent / "templates" / "teesplit-enclave.manifest.template"
@@ -68,8 +67,8 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     root = Path(bundle).resolve()
     plan_path = root / "plan.json"
     try:
-        files = json.loads(plan_path.read_text())["files"]
-    except (OSError, ValueError, KeyError) as exc:
+        files = read_document(root)["files"]
+    except ArtifactError as exc:
         raise ArtifactError(f"cannot read the file hashes in {plan_path}: {exc}") from None
     if options.remote_attestation not in ATTESTATION:
         raise ArtifactError(

@@ -305,6 +305,43 @@ def _import_output_types(spec: str) -> None:
     walk(json.loads(spec)[1])
 
 
+def read_document(root: Path, sides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A bundle's ``plan.json``, schema-checked; the files of ``sides`` are verified too."""
+    plan_path = root / "plan.json"
+    try:
+        document = json.loads(plan_path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{plan_path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{plan_path} is not valid JSON: {exc}") from None
+    if document.get("artifact_schema_version") != ARTIFACT_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{plan_path}: artifact schema {document.get('artifact_schema_version')!r}, "
+            f"this teesplit reads {ARTIFACT_SCHEMA_VERSION}"
+        )
+    if sides:
+        _verify(root, document["files"], sides)
+    return document
+
+
+def load_stage_modules(
+    root: Path,
+    document: dict[str, Any],
+    side: str,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` for each stage of ``side``, weights restored from the side's file
+    (or from ``weights``, when the caller has read that file already)."""
+    if weights is None:
+        weights = _read_weights(root / side / "weights.safetensors")
+    files = document["state"]["stage_files"]
+    return [
+        (entry["name"], _load_exported(root, files[entry["name"]], entry["name"], weights))
+        for entry in document["plan"]["stages"]
+        if entry["side"] == side
+    ]
+
+
 def load(directory: str | Path, *, seed: int | None = None, gpu: bool = True) -> Any:
     """Load a saved split program; ``seed`` fixes its mask pool's CSPRNG (tests only).
 
@@ -321,42 +358,29 @@ def load(directory: str | Path, *, seed: int | None = None, gpu: bool = True) ->
 
     root = Path(directory)
     plan_path = root / "plan.json"
-    try:
-        document = json.loads(plan_path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{plan_path} is missing") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{plan_path} is not valid JSON: {exc}") from None
-    if document.get("artifact_schema_version") != ARTIFACT_SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{plan_path}: artifact schema {document.get('artifact_schema_version')!r}, "
-            f"this teesplit reads {ARTIFACT_SCHEMA_VERSION}"
-        )
     sides = ("enclave", "gpu") if gpu else ("enclave",)
-    _verify(root, document["files"], sides)
+    document = read_document(root, sides)
     plan, state = document["plan"], document["state"]
     weights = {side: _read_weights(root / side / "weights.safetensors") for side in sides}
-    stages = []
-    for entry in plan["stages"]:
-        name = entry["name"]
-        module = (
-            _load_exported(root, state["stage_files"][name], name, weights[entry["side"]])
-            if entry["side"] in sides
-            else None
+    modules = {
+        name: module
+        for side in sides
+        for name, module in load_stage_modules(root, document, side, weights[side])
+    }
+    stages = [
+        Stage(
+            entry["name"],
+            entry["side"],
+            modules.get(entry["name"]),
+            list(entry["inputs"]),
+            list(entry["outputs"]),
+            list(entry["nodes"]),
+            list(entry["params"]),
+            extra_inputs=[tuple(x) for x in entry["extra_inputs"]],
+            masked_outputs=list(entry["masked_outputs"]),
         )
-        stages.append(
-            Stage(
-                name,
-                entry["side"],
-                module,
-                list(entry["inputs"]),
-                list(entry["outputs"]),
-                list(entry["nodes"]),
-                list(entry["params"]),
-                extra_inputs=[tuple(x) for x in entry["extra_inputs"]],
-                masked_outputs=list(entry["masked_outputs"]),
-            )
-        )
+        for entry in plan["stages"]
+    ]
     edges = [
         Edge(
             e["name"],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 import time
 from collections import Counter
@@ -91,11 +90,14 @@ def _svg(plan: dict[str, Any]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from partitioner.artifacts import read_document
+    from partitioner.errors import ArtifactError
+
     root = Path(args.dir)
     try:
-        document = json.loads((root / "plan.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"teesplit: cannot read {root / 'plan.json'}: {exc}") from None
+        document = read_document(root)
+    except ArtifactError as exc:
+        raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
     plan = document["plan"]
     sides = Counter(s["side"] for s in plan["stages"])
     crossing = [e for e in plan["edges"] if e["direction"] in ("enclave->gpu", "gpu->enclave")]
@@ -157,7 +159,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from enclave_runtime.driver import connect
 
     start = time.perf_counter()
-    plan = json.loads((Path(args.dir) / "plan.json").read_text())["plan"]
+    from partitioner.artifacts import read_document
+
+    plan = read_document(Path(args.dir))["plan"]
     tokenizer = None
     if args.ids:
         ids = torch.tensor([[int(x) for x in args.ids.split(",")]])

@@ -11,7 +11,6 @@ CPU with a warning; ``backend="onnx"`` runs the ``.onnx`` stages under onnxrunti
 
 from __future__ import annotations
 
-import json
 import socket
 import socketserver
 import threading
@@ -23,7 +22,6 @@ from typing import Any
 
 import torch
 
-from partitioner.errors import ArtifactError
 from runtime.protocol import (
     DTYPES,
     ERROR,
@@ -41,17 +39,13 @@ class GPUWorker:
     """The stages of one ``gpu/`` bundle and their counters."""
 
     def __init__(self, bundle: str | Path, backend: str = "torch", device: str = "auto") -> None:
-        from partitioner.artifacts import _load_exported, _read_weights, _verify
+        from partitioner.artifacts import load_stage_modules, read_document
         from partitioner.onnx_export import onnx_stage
 
         root = Path(bundle)
         if root.name == "gpu":
             root = root.parent
-        try:
-            document = json.loads((root / "plan.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read {root / 'plan.json'}: {exc}") from None
-        _verify(root, document["files"], sides=("gpu",))
+        document = read_document(root, sides=("gpu",))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
             if device == "cpu":
@@ -60,25 +54,26 @@ class GPUWorker:
                 )
         self.device = torch.device(device)
         self.backend = backend
-        weights = _read_weights(root / "gpu" / "weights.safetensors")
-        self.stages: dict[str, Any] = {}
-        self.signatures: dict[str, list[dict[str, Any]]] = {}
-        for entry in document["plan"]["stages"]:
-            if entry["side"] != "gpu":
-                continue
-            name = entry["name"]
-            if backend == "onnx":
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-                self.stages[name] = onnx_stage(
-                    root / "gpu" / "stages" / f"{name}.onnx",
+        gpu_stages = [e for e in document["plan"]["stages"] if e["side"] == "gpu"]
+        if backend == "onnx":
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            self.stages: dict[str, Any] = {
+                e["name"]: onnx_stage(
+                    root / "gpu" / "stages" / f"{e['name']}.onnx",
                     providers if device == "cuda" else None,
                 )
-            else:
-                module = _load_exported(root, document["state"]["stage_files"][name], name, weights)
-                self.stages[name] = module.to(self.device)
-            self.signatures[name] = [e for e in document["plan"]["edges"] if e["consumer"] == name]
-            order = entry["inputs"]
-            self.signatures[name].sort(key=lambda e: order.index(e["name"]))
+                for e in gpu_stages
+            }
+        else:
+            self.stages = {
+                name: module.to(self.device)
+                for name, module in load_stage_modules(root, document, "gpu")
+            }
+        self.signatures: dict[str, list[dict[str, Any]]] = {}
+        for entry in gpu_stages:
+            name, order = entry["name"], entry["inputs"]
+            edges = [e for e in document["plan"]["edges"] if e["consumer"] == name]
+            self.signatures[name] = sorted(edges, key=lambda e: order.index(e["name"]))
         self.stats: dict[str, dict[str, float]] = defaultdict(
             lambda: {"calls": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0}
         )
