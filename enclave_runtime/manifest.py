@@ -43,6 +43,8 @@ class _Gramine:
 @dataclass
 class ManifestOptions:
     peak_bytes: int
+    worker: str = "127.0.0.1:7070"  # the GPU worker (Gramine fixes argv in the manifest)
+    options: list[str] = field(default_factory=list)  # further driver options, e.g. token limit
     max_threads: int = 16
     compute_threads: int = 4
     remote_attestation: str = "dcap"
@@ -70,6 +72,12 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         files = read_document(root)["files"]
     except ArtifactError as exc:
         raise ArtifactError(f"cannot read the file hashes in {plan_path}: {exc}") from None
+    if options.worker.startswith("unix:"):
+        # Gramine emulates Unix sockets inside the enclave; a host socket is out of reach
+        raise ArtifactError(
+            f"worker {options.worker!r}: under Gramine the GPU worker must listen on TCP "
+            "(host:port); Unix sockets do not cross the enclave boundary"
+        )
     if options.remote_attestation not in ATTESTATION:
         raise ArtifactError(
             f"remote_attestation={options.remote_attestation!r}; allowed: {list(ATTESTATION)}"
@@ -93,7 +101,11 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         gramine=options.gramine,
         env={},
         entrypoint=options.entrypoint,
-        argv=[options.entrypoint, "-m", "enclave_runtime", "/bundle"],
+        argv=[
+            options.entrypoint,
+            *("-m", "enclave_runtime", "/bundle", "--worker", options.worker),
+            *options.options,
+        ],
         log_level=options.log_level,
         arch_libdir="/lib/x86_64-linux-gnu",
         compute_threads=options.compute_threads,
@@ -110,27 +122,29 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
 _MEASURE = """
 import resource, sys, torch
 from partitioner import load
+from partitioner.generation import generate
 program = load(sys.argv[1])
 dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
-from passes.pool import concrete_shape
-args = {n: torch.zeros(concrete_shape(s, dims), dtype=torch.int64)
-        for n, s in program.input_dims.items()}
+ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():
-    program(**args)
+    if program.state:
+        generate(program, ids, max_new_tokens=dims.get("new", 8))
+    else:
+        program(input_ids=ids)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
 def measure_peak(bundle: str | Path, dims: dict[str, int] | None = None) -> int:
-    """Peak RSS in bytes of a fresh process that loads ``bundle`` and serves one request of
-    token-id inputs at ``dims`` (default batch 1, seq 128).
+    """Peak RSS in bytes of a fresh process that loads ``bundle`` and serves one request:
+    ``seq`` prompt tokens (default batch 1, seq 128) and, for a decoder step, ``new`` generated
+    tokens (default 8).
 
-    Until the two-process runtime exists this runs the GPU stages in the same process, so it
-    is an upper bound on the enclave's own peak.
+    The GPU stages run in the same process, so this is an upper bound on the enclave's peak.
     """
     import subprocess
 
-    dims = dims or {"batch": 1, "seq": 128}
+    dims = dims or {"batch": 1, "seq": 128, "new": 8}
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(bundle), *(f"{k}={v}" for k, v in dims.items())],
         capture_output=True,

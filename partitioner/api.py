@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from partitioner.capturing import DEFAULT_REFERENCE, Captured, capture
+from partitioner.capturing import Captured, capture
 from partitioner.errors import PartitionError
 from partitioner.placement import ENCLAVE, place
 from partitioner.policy import Policy
@@ -33,6 +33,22 @@ def needs_attention_decomposition(policy: Policy) -> bool:
     )
 
 
+def _tag_state(program: ExportedProgram, state: Mapping[str, Any]) -> None:
+    """Tag each state placeholder with the output value that refills it (for taint)."""
+    if not state:
+        return
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    outputs = list(next(iter(program.graph.find_nodes(op="output"))).args[0])
+    for name, spec in state.items():
+        node = placeholders.get(name)
+        value = outputs[spec.output] if 0 <= spec.output < len(outputs) else None
+        if node is None or not isinstance(value, torch.fx.Node):
+            raise PartitionError(
+                f"state input {name!r} -> output {spec.output}: no such input or tensor output"
+            )
+        node.meta.setdefault("teesplit", {})["state_of"] = value.name
+
+
 def partition(
     model: torch.nn.Module | ExportedProgram | Captured,
     policy: Policy | str | Path = "secureinfer",
@@ -49,9 +65,11 @@ def partition(
     ``policy`` is a :class:`Policy`, a preset name (``cmif``, ``secureinfer``, ``slalom``,
     ``all_enclave``, ``all_gpu``) or a YAML/JSON policy file. ``example_inputs`` may be
     omitted for Hugging Face text models. ``reference_dims`` sets the sizes at which bytes and
-    FLOPs are counted (default batch=1, seq=128). ``special_token_ids`` are the tokens RNM
-    passes through (default: those the model's config names). ``seed`` makes masks and noise
-    reproducible and is for tests only: by default the pool keys its CSPRNG from the OS.
+    FLOPs are counted (default batch=1, seq=128; for a decoder step
+    batch=1, seq=1, past=128: one generated token at a 128-token context).
+    ``special_token_ids`` are the tokens RNM passes through (default: those the model's
+    config names). ``seed`` makes masks and noise reproducible and is for tests only: by
+    default the pool keys its CSPRNG from the OS.
 
     Protection is inserted and the audit run on every call; a split that the audit rejects
     raises :class:`AuditError`.
@@ -66,7 +84,8 @@ def partition(
     if needs_attention_decomposition(policy):
         program = decompose_attention(program)
     label_program(program)
-    shapes = ShapeContext(program, captured.dim_names, reference_dims or DEFAULT_REFERENCE)
+    _tag_state(program, captured.state)
+    shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
     force: dict[str, str] = {}
     while True:
@@ -119,6 +138,7 @@ def partition(
         protection=protection,
         pool=MaskPool(protection, CSPRNG(seed)) if protection.needs_pool else None,
         source=program,
+        state=dict(captured.state),
     )
     audit(split, verbose=False)
     return split

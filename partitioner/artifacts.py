@@ -94,7 +94,8 @@ def _export(program: Any, name: str, module: torch.fx.GraphModule) -> torch.expo
 
     names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
     example = {n: _EXPORT_DIMS.get(n, _EXPORT_DEFAULT) for n in names if n.isidentifier()}
-    dims = {n: Dim(n, min=1) for n in example}
+    # a KV cache's ``past`` may be 0 (the prefill); other dims start at 1
+    dims = {n: Dim(n, min=min(1, program.shapes.lower.get(n, 1))) for n in example}
     args, specs = [], []
     for ph in module.graph.find_nodes(op="placeholder"):
         val = ph.meta.get("val")
@@ -153,6 +154,7 @@ def save(program: Any, directory: str | Path) -> Path:
         },
         "flat_outputs": program.flat_outputs,
         "input_dims": program.input_dims,
+        "kv_state": {name: spec.to_dict() for name, spec in program.state.items()},
         "stage_files": stage_files,
         "protection": None,
     }
@@ -342,6 +344,15 @@ def load_stage_modules(
     ]
 
 
+def _kv_state(state: dict[str, Any], plan_path: Path) -> dict[str, Any]:
+    from partitioner.generation import StateSpec
+
+    try:
+        return {name: StateSpec(**spec) for name, spec in state.get("kv_state", {}).items()}
+    except TypeError as exc:
+        raise ArtifactError(f"{plan_path}: bad kv_state entry ({exc})") from None
+
+
 def load(directory: str | Path, *, seed: int | None = None, gpu: bool = True) -> Any:
     """Load a saved split program; ``seed`` fixes its mask pool's CSPRNG (tests only).
 
@@ -457,6 +468,7 @@ def load(directory: str | Path, *, seed: int | None = None, gpu: bool = True) ->
         shapes=None,
         placement=None,
         input_dims=state["input_dims"],
+        state=_kv_state(state, plan_path),
         protection=protection,
         pool=MaskPool(protection, CSPRNG(seed)) if protection and protection.needs_pool else None,
         saved_plan=plan,

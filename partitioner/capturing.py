@@ -9,6 +9,7 @@ length dynamic (``torch.export.Dim``) so one split program serves any prompt len
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,10 @@ class Captured:
     dim_names: dict[str, str] = field(default_factory=dict)
     # token ids RNM passes through unchanged (BOS/EOS/PAD … from the model's config)
     special_token_ids: tuple[int, ...] = ()
+    # state input placeholder -> how it is refilled (partitioner.generation.StateSpec)
+    state: dict[str, Any] = field(default_factory=dict)
+    # sizes at which bytes and FLOPs are counted, when the caller gives none
+    reference: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REFERENCE))
 
 
 _SPECIAL_CONFIG_KEYS = (
@@ -80,8 +85,6 @@ def hf_example_inputs(
     model: torch.nn.Module,
 ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
     """Example ``(args, kwargs, dynamic_shapes)`` for a text model, built from its config."""
-    import inspect
-
     base = _hf_base(model)
     if base is None:
         raise CaptureError(
@@ -111,18 +114,26 @@ def hf_example_inputs(
     return (), kwargs, dynamic
 
 
-def _dim_names(ep: ExportedProgram, dynamic_shapes: Any, args: tuple[Any, ...]) -> dict[str, str]:
+def _flat_specs(spec: Any, name: str) -> list[tuple[str, Any]]:
+    """``(placeholder name, per-tensor spec)`` pairs; a list input ``past`` exports as
+    placeholders ``past_0``, ``past_1``, …"""
+    if isinstance(spec, (list, tuple)):
+        return [pair for i, s in enumerate(spec) for pair in _flat_specs(s, f"{name}_{i}")]
+    return [(name, spec)]
+
+
+def _dim_names(ep: ExportedProgram, dynamic_shapes: Any, params: list[str]) -> dict[str, str]:
     """Map the export's shape symbols back to the ``Dim`` names the caller chose."""
     if dynamic_shapes is None:
         return {}
-    user_inputs = list(ep.graph_signature.user_inputs)
     if isinstance(dynamic_shapes, Mapping):
-        specs = dict(dynamic_shapes)
+        top = list(dynamic_shapes.items())
     else:
-        specs = dict(zip(user_inputs, dynamic_shapes, strict=False))
+        top = list(zip(params, dynamic_shapes, strict=False))
+    specs = [pair for key, spec in top for pair in _flat_specs(spec, key)]
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     names: dict[str, str] = {}
-    for input_name, spec in specs.items():
+    for input_name, spec in specs:
         node = placeholders.get(input_name)
         if node is None or not isinstance(spec, Mapping):
             continue
@@ -189,7 +200,8 @@ def capture(
     finally:
         model.train(was_training)
     _refuse_mutation(ep, name)
-    return Captured(ep, name, _dim_names(ep, dynamic_shapes, args), special_token_ids(model))
+    params = list(inspect.signature(model.forward).parameters)
+    return Captured(ep, name, _dim_names(ep, dynamic_shapes, params), special_token_ids(model))
 
 
 def _refuse_mutation(ep: ExportedProgram, name: str) -> None:

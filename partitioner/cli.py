@@ -4,11 +4,15 @@
     teesplit inspect DIR [--svg FILE]               # the plan, and a drawing of the stages
     teesplit serve-gpu DIR/gpu --listen ADDR        # the GPU worker (unix:/path or host:port)
 
+    teesplit enclave DIR/enclave --worker ADDR     # the enclave driver: prompts on stdin
     teesplit run DIR --prompt TEXT                  # both processes locally, greedy decoding
+    teesplit demo                                   # SmolLM2 under cmif, both processes
 
-``run`` starts a GPU worker process on a private Unix socket (unless ``--worker`` names one),
-drives it from this process and decodes greedily by recomputing the prefix: there is no KV cache
-yet (issue #4), so long answers are slow. Not yet: ``enclave`` and ``demo``.
+A causal LM is partitioned as its KV-cache decoder step (``partitioner.generation``), so the
+bundle generates with a cache. ``run`` starts a GPU worker process (a private Unix socket, or
+TCP on 127.0.0.1 when Gramine will run the driver) unless ``--worker`` names one, then the
+enclave driver through ``enclave_runtime.launcher``: under ``gramine-sgx`` or ``gramine-direct``
+when on the PATH, else as a plain process, and it says which.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def _load_model(spec: str) -> Any:
         return AutoModel.from_pretrained(path, local_files_only=True)
 
 
+def _generates(model: Any) -> bool:
+    """A causal LM (partitioned as a KV-cache step), not an encoder."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    can = getattr(base, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
 def cmd_partition(args: argparse.Namespace) -> None:
     from partitioner.api import partition
     from passes.audit import audit
@@ -52,8 +63,14 @@ def cmd_partition(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     _step(f"loading {args.model}", start)
     model = _load_model(args.model)
-    _step(f"capturing and partitioning under {args.policy}", start)
-    split = partition(model, args.policy, model_name=Path(args.model).name)
+    name = Path(args.model).name
+    if _generates(model):
+        from partitioner.generation import capture_decoder
+
+        _step("capturing the KV-cache decoder step", start)
+        model = capture_decoder(model, model_name=name)
+    _step(f"partitioning under {args.policy}", start)
+    split = partition(model, args.policy, model_name=name)
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
@@ -150,69 +167,174 @@ def _tokenizer(spec: str) -> Any:
         raise SystemExit(f"teesplit: no tokenizer for {spec!r} ({exc}); pass --ids") from None
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def _read_plan(directory: str | Path) -> dict[str, Any]:
+    from partitioner.artifacts import read_document
+    from partitioner.errors import ArtifactError
+
+    try:
+        return read_document(Path(directory))["plan"]
+    except ArtifactError as exc:
+        raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
+
+
+def _encode(line: str, tokenizer: Any) -> Any:
+    """A stdin line: ``ids: 1,2,3`` or a prompt (chat template applied when the tokenizer has
+    one)."""
+    import torch
+
+    if line.startswith("ids:"):
+        return torch.tensor([[int(x) for x in line[4:].split(",")]])
+    if tokenizer is None:
+        raise SystemExit("teesplit enclave: no tokenizer for this bundle; send 'ids: 1,2,3'")
+    chat = [{"role": "user", "content": line}]
+    text = (
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if getattr(tokenizer, "chat_template", None)
+        else line
+    )
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def cmd_enclave(args: argparse.Namespace) -> None:
+    """The enclave driver: load enclave/, connect to the worker, answer prompts from stdin."""
+    from enclave_runtime.driver import connect
+    from enclave_runtime.launcher import bundle_root
+    from partitioner.generation import generate
+
+    root = bundle_root(args.bundle)
+    plan = _read_plan(root)
+    program = connect(root, args.worker, timeout=args.timeout)
+    if not program.state:
+        raise SystemExit(
+            f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
+        )
+    try:
+        tokenizer = _tokenizer(args.tokenizer or plan["model"])
+    except SystemExit:
+        tokenizer = None
+    print(f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}", flush=True)
+    for raw in sys.stdin:
+        line = raw.strip()
+        if not line:
+            continue
+        ids = _encode(line, tokenizer)
+        sent, received = program.worker.bytes_sent, program.worker.bytes_received
+        start = time.perf_counter()
+        out = generate(
+            program,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        )
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1] :].tolist()
+        show = (lambda t: repr(tokenizer.decode(t, skip_special_tokens=True))) if tokenizer else str
+        print(f"prompt: {line!r}")
+        request = program.last_request
+        if "sanitised_tokens" in request:
+            print(
+                f"sanitised prompt (what the GPU saw; RNM, ε = {request['epsilon']:g} in all): "
+                f"{show(request['sanitised_tokens'][0].tolist())}"
+            )
+        print(f"answer: {show(new)}")
+        up = program.worker.bytes_sent - sent
+        down = program.worker.bytes_received - received
+        print(
+            f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s); "
+            f"to the GPU worker {up:,} B, back {down:,} B "
+            f"({(up + down) / max(len(new), 1):,.0f} B per token)",
+            flush=True,
+        )
+
+
+def _start_worker(bundle: Path, tcp: bool) -> tuple[Any, str, str]:
+    import socket
     import subprocess
     import tempfile
 
-    import torch
+    if tcp:  # Gramine cannot reach a host Unix socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{probe.getsockname()[1]}"
+    else:
+        address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-')) / 'worker.sock'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", str(bundle / "gpu"), "--listen", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if "teesplit GPU worker" not in line:
+        proc.kill()
+        raise SystemExit(f"teesplit: the GPU worker did not start ({line.strip()!r})")
+    return proc, address, line.strip()
 
-    from enclave_runtime.driver import connect
+
+def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str | None) -> None:
+    """Start the worker (unless ``worker`` names one) and the enclave driver through the
+    launcher, send the prompts, and relay the driver's answers."""
+    import subprocess
+
+    from enclave_runtime.launcher import enclave_command
+    from enclave_runtime.manifest import gramine_runner
 
     start = time.perf_counter()
-    from partitioner.artifacts import read_document
-
-    plan = read_document(Path(args.dir))["plan"]
-    tokenizer = None
-    if args.ids:
-        ids = torch.tensor([[int(x) for x in args.ids.split(",")]])
-    elif args.prompt is not None:
-        tokenizer = _tokenizer(args.tokenizer or plan["model"])
-        chat = [{"role": "user", "content": args.prompt}]
-        text = (
-            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            if getattr(tokenizer, "chat_template", None)
-            else args.prompt
-        )
-        ids = tokenizer(text, return_tensors="pt").input_ids
-    else:
-        raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
-    worker, proc = args.worker, None
+    proc = None
     if worker is None:
-        socket_path = Path(tempfile.mkdtemp(prefix="teesplit-")) / "worker.sock"
-        worker = f"unix:{socket_path}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime", str(Path(args.dir) / "gpu"), "--listen", worker],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        line = proc.stdout.readline()
-        if "teesplit GPU worker" not in line:
-            raise SystemExit(f"teesplit run: the GPU worker did not start ({line.strip()!r})")
-        _step(line.strip(), start)
+        proc, worker, banner = _start_worker(bundle, tcp=gramine_runner() is not None)
+        _step(banner, start)
     try:
-        program = connect(args.dir, worker)
-        _step(f"enclave side loaded from {args.dir}; decoding", start)
-        prompt_len = ids.shape[1]
-        eos = getattr(tokenizer, "eos_token_id", None)
-        with torch.no_grad():
-            for _ in range(args.max_new_tokens):
-                logits = program(input_ids=ids).logits[:, -1]
-                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-                if eos is not None and ids[0, -1].item() == eos:
-                    break
-        new = ids[0, prompt_len:].tolist()
-        answer = tokenizer.decode(new, skip_special_tokens=True) if tokenizer else new
-        print(f"answer: {answer!r}")
-        print(
-            f"{len(new)} tokens; crossed to the GPU worker {program.worker.bytes_sent:,} B, "
-            f"back {program.worker.bytes_received:,} B"
+        launch = enclave_command(bundle, worker, ["--max-new-tokens", str(max_new_tokens)])
+        _step(launch.mode, start)
+        enclave = subprocess.run(
+            launch.argv,
+            cwd=launch.cwd,
+            input="\n".join(prompts) + "\n",
+            text=True,
+            stdout=sys.stdout,
+            stderr=subprocess.PIPE,
         )
+        if enclave.returncode != 0:
+            raise SystemExit(f"teesplit: the enclave driver failed:\n{enclave.stderr[-2000:]}")
         _step("done", start)
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    if args.ids:
+        prompts = [f"ids: {args.ids}"]
+    elif args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
+    _read_plan(args.dir)
+    _run_both(Path(args.dir), prompts, args.max_new_tokens, args.worker)
+
+
+DEMO_PROMPT = "What is the capital of France?"
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Partition SmolLM2 under cmif (once; the bundle is reused) and answer a prompt through
+    both processes."""
+    from partitioner.artifacts import read_document
+    from partitioner.errors import ArtifactError
+
+    out = Path(args.out)
+    try:
+        plan = read_document(out)["plan"]
+        fresh = plan["policy"]["name"] != args.policy or plan["model"] != "smollm2-135m"
+    except ArtifactError:
+        fresh = True
+    if fresh:
+        cmd_partition(argparse.Namespace(model="smollm2-135m", policy=args.policy, out=str(out)))
+    else:
+        print(f"reusing the split artifacts in {out} (delete the folder to partition again)")
+    _run_both(out, [args.prompt], args.max_new_tokens, None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,12 +357,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve_gpu)
+    p = sub.add_parser("enclave", help="the enclave driver: answers prompts read from stdin")
+    p.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
+    p.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
+    p.add_argument("--tokenizer", default=None, help="built-in name or local folder")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    p.set_defaults(func=cmd_enclave)
+    p = sub.add_parser("demo", help="SmolLM2 under cmif through both processes")
+    p.add_argument("--out", default="build/demo-smollm2")
+    p.add_argument("--policy", default="cmif")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("run", help="run a prompt through both processes locally")
     p.add_argument("dir")
     p.add_argument("--prompt", default=None)
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a prompt")
-    p.add_argument("--tokenizer", default=None, help="built-in name or local folder")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--worker", default=None, help="an already running worker's address")
     p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)

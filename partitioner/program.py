@@ -126,6 +126,8 @@ class SplitProgram:
     last_request: dict[str, Any] = field(default_factory=dict)
     saved_plan: dict[str, Any] | None = None  # set by ``load``
     worker: Any = None  # the GPU worker connection, when the enclave driver runs it
+    # KV-cache inputs -> generation.StateSpec (how each is refilled from an output)
+    state: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
@@ -136,9 +138,28 @@ class SplitProgram:
     # -- execution ---------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(args, kwargs)
+
+    def run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, public_tokens: bool = False
+    ) -> Any:
+        """One call; ``public_tokens`` skips RNM for token ids the GPU already knows.
+
+        Generation sets it on decode steps: the new token is the arg-max of logits the GPU
+        computed in the clear (under RNM placements the lm_head runs there), so it is fed
+        through unchanged and spends no ε (``last_request["epsilon"]`` is 0).
+        """
         env = self.signature.bind(args, dict(kwargs))
         masks = self.pool.take(self.binding(env)) if self.pool is not None else None
+        site = self.protection.rnm if self.protection is not None else None
+        if public_tokens and site is not None and masks is not None:
+            noise = masks.noise[site.token_input]
+            masks.noise[site.token_input] = site.tables.identity_noise(
+                env[site.token_input], noise.dtype
+            )
         flat = self.execute(env, masks)
+        if public_tokens and site is not None:
+            self.last_request["epsilon"] = 0.0
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
     def binding(self, env: dict[str, Any]) -> dict[str, int]:

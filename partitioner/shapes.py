@@ -28,11 +28,13 @@ class ShapeContext:
     ) -> None:
         self.names: dict[sympy.Symbol, str] = {}
         self.binding: dict[sympy.Symbol, int] = {}
+        self.lower: dict[str, int] = {}  # smallest size each named dim may take
         for sym, bounds in program.range_constraints.items():
             if not isinstance(sym, sympy.Symbol):
                 continue
             name = dim_names.get(str(sym), str(sym))
             self.names[sym] = name
+            self.lower[name] = min(self.lower.get(name, int(bounds.lower)), int(bounds.lower))
             if name in reference:
                 lo, hi = int(bounds.lower), bounds.upper
                 value = max(int(reference[name]), lo)

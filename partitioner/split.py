@@ -16,6 +16,7 @@ per stage; the exported graph itself is not edited); guarantees:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,9 @@ class _StageBuilder:
             for i, s in enumerate(val.shape):
                 if isinstance(s, torch.SymInt) and s.node.expr == expr:
                     return self.graph.call_function(_SYM_SIZE, (self.env[tensor.name], i))
+        derived = self._solve(expr)
+        if derived is not None:
+            return derived
         carrier = self.carrier(expr)
         if carrier is not None:
             dim = next(
@@ -195,6 +199,47 @@ class _StageBuilder:
             f"stage {self.name} needs the symbolic size {expr} ({node.name}) but no tensor on "
             "its side carries that dim; it would have to cross as a non-tensor value"
         )
+
+    def _local_dims(self) -> list[tuple[torch.fx.Node, int, Any]]:
+        return [
+            (tensor, i, s.node.expr)
+            for tensor in self.local_tensors
+            if isinstance(val := tensor.meta.get("val"), torch.Tensor)
+            for i, s in enumerate(val.shape)
+            if isinstance(s, torch.SymInt)
+        ]
+
+    def _solve(self, symbol: Any) -> torch.fx.Node | None:
+        """``symbol`` as a local dim minus other locally known symbols.
+
+        A KV-cache step needs the cache length ``past`` for positions and masks; the GPU holds
+        the concatenated cache (``past + seq``) and the hidden states (``seq``) but no tensor of
+        length ``past``. Solving ``past = (past + seq) - seq`` keeps the size from crossing.
+        """
+        if not symbol.is_Symbol:
+            return None
+        atoms = {expr: (t, i) for t, i, expr in self._local_dims() if expr.is_Symbol}
+        for tensor, i, expr in self._local_dims():
+            rest = expr - symbol
+            if expr.is_Symbol or not expr.is_Add or symbol in rest.free_symbols:
+                continue
+            if symbol not in expr.free_symbols or not rest.free_symbols <= atoms.keys():
+                continue
+            if not rest.is_Add and not rest.is_Symbol:
+                continue
+            terms = rest.args if rest.is_Add else (rest,)
+            if not all(t.is_Symbol or t.is_Integer for t in terms):
+                continue
+            out = self.graph.call_function(_SYM_SIZE, (self.env[tensor.name], i))
+            for term in terms:
+                if term.is_Integer:
+                    value: Any = int(term)
+                else:
+                    owner, dim = atoms[term]
+                    value = self.graph.call_function(_SYM_SIZE, (self.env[owner.name], dim))
+                out = self.graph.call_function(operator.sub, (out, value))
+            return out
+        return None
 
     def finish(self, outputs: list[str]) -> torch.fx.GraphModule:
         self.graph.output(tuple(self.env[name] for name in outputs))

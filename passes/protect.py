@@ -133,26 +133,41 @@ def taint_of(
     """For every value: which secrets it depends on (``input``, ``model``, ``dp``).
 
     Sizes are public (shapes are not hidden by any scheme here), so non-tensor values carry no
-    taint. A token input sanitised by RNM carries ``dp`` instead of ``input``.
+    taint. A token input sanitised by RNM carries ``dp`` instead of ``input``. A state input
+    (a KV cache: placeholder tagged ``state_of`` by capture) is what an earlier call returned
+    for the output it names, so it carries that output's taint: the analysis is repeated until
+    the taints of state inputs stop changing (once per chain of state, in practice twice).
     """
     sig = program.graph_signature
     params = set(sig.inputs_to_parameters)
     users = set(user_input_names(program))
-    taint: dict[str, frozenset[str]] = {}
-    for node in program.graph.nodes:
-        tags: set[str] = set()
-        if node.op == "placeholder":
-            if node.name in users and "input" in policy.protects:
-                tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
-            elif node.name in params and "model" in policy.protects:
-                tags.add(MODEL_TAINT)
-        elif node.op == "call_function" and isinstance(
-            node.meta.get("val"), (torch.Tensor, list, tuple)
-        ):
-            for inp in node.all_input_nodes:
-                tags |= taint.get(inp.name, frozenset())
-        taint[node.name] = frozenset(tags)
-    return taint
+    state = {
+        n.name: n.meta["teesplit"]["state_of"]
+        for n in program.graph.nodes
+        if n.op == "placeholder" and "state_of" in n.meta.get("teesplit", {})
+    }
+    carried: dict[str, frozenset[str]] = dict.fromkeys(state, frozenset())
+    while True:
+        taint: dict[str, frozenset[str]] = {}
+        for node in program.graph.nodes:
+            tags: set[str] = set()
+            if node.op == "placeholder":
+                if node.name in state:
+                    tags |= carried[node.name]
+                elif node.name in users and "input" in policy.protects:
+                    tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
+                elif node.name in params and "model" in policy.protects:
+                    tags.add(MODEL_TAINT)
+            elif node.op == "call_function" and isinstance(
+                node.meta.get("val"), (torch.Tensor, list, tuple)
+            ):
+                for inp in node.all_input_nodes:
+                    tags |= taint.get(inp.name, frozenset())
+            taint[node.name] = frozenset(tags)
+        update = {name: taint[out] for name, out in state.items()}
+        if update == carried:
+            return taint
+        carried = update
 
 
 def protection_of(tags: frozenset[str], masking: str) -> str:

@@ -57,6 +57,16 @@ class RNMTables:
         """Total ε of one request: ε per sanitised (non-special) token, by composition."""
         return float(self.epsilon * int((~self.keep[ids]).sum()))
 
+    def identity_noise(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Noise under which RNM returns ``ids`` unchanged, for tokens the GPU already knows.
+
+        A generated token comes from logits the GPU computed in the clear, so sanitising it
+        again would spend ε to hide nothing. A huge score on each token's own slot makes it the
+        arg-max whatever the ties between group members.
+        """
+        own = self.candidates[ids] == ids[..., None]
+        return torch.where(own, 1e30, 0.0).to(dtype)
+
     def group_of(self, token: int) -> list[int]:
         return [int(c) for c in self.candidates[token] if c >= 0]
 

@@ -111,7 +111,9 @@ def read_frame(sock: socket.socket) -> Frame:
                 f"{meta['dtype']} needs {nbytes}, payload has {len(body) - offset} left"
             )
         raw = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=offset).copy()
-        if dtype == torch.bfloat16:
+        if nbytes == 0:  # an empty KV cache at the prefill: numpy cannot view 0 bytes as float
+            tensor = torch.empty(shape, dtype=dtype)
+        elif dtype == torch.bfloat16:
             tensor = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
         else:
             tensor = torch.from_numpy(raw).view(dtype).reshape(shape)

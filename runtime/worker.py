@@ -127,7 +127,7 @@ class _Handler(socketserver.BaseRequestHandler):
         while True:
             try:
                 frame = read_frame(sock)
-            except ProtocolError as exc:
+            except (ProtocolError, RuntimeError, ValueError) as exc:
                 if "connection closed while reading the frame prefix (0/" in str(exc):
                     return  # the driver hung up between requests
                 try:

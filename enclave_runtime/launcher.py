@@ -1,0 +1,81 @@
+"""Start the enclave driver: under ``gramine-sgx`` or ``gramine-direct`` when on the PATH,
+as a plain process otherwise, and say which.
+
+Reads a saved bundle (``DIR`` with ``plan.json`` and ``enclave/``); writes, for Gramine, the
+rendered manifest (and under SGX the signed one) into ``DIR/gramine/``. Gramine fixes an
+enclave's command line in its manifest, so the worker address is rendered into it and
+prompts reach the driver on standard input in every mode.
+
+Guarantees: :func:`enclave_command` never claims an enclave it does not start. A plain process
+is reported as "no enclave"; ``gramine-direct`` as "Gramine without SGX (no isolation)"; only
+``gramine-sgx`` as an SGX enclave.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclave_runtime.manifest import ManifestOptions, gramine_runner, measure_peak, render_manifest
+from partitioner.errors import ArtifactError
+
+APP = "teesplit-enclave"
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    cwd: Path | None
+    mode: str  # what a user is told, once, before the driver starts
+
+
+def bundle_root(path: str | Path) -> Path:
+    """``DIR`` for ``DIR`` or ``DIR/enclave`` (the enclave side reads ``DIR/plan.json``)."""
+    path = Path(path)
+    if path.name == "enclave" and (path.parent / "plan.json").is_file():
+        return path.parent
+    if (path / "plan.json").is_file():
+        return path
+    raise ArtifactError(f"{path} is neither a bundle (no plan.json) nor its enclave/ folder")
+
+
+def enclave_command(
+    bundle: str | Path, worker: str, options: list[str] = (), runner: str | None = None
+) -> Launch:
+    """The command that starts the enclave driver for ``bundle`` against ``worker``, with
+    further driver ``options`` (``--max-new-tokens 32``); under Gramine they are rendered into
+    the manifest, whose argv is fixed.
+
+    ``runner`` defaults to :func:`gramine_runner` (``gramine-sgx``, then ``gramine-direct``).
+    """
+    root = bundle_root(bundle)
+    runner = runner if runner is not None else gramine_runner()
+    driver = ["-m", "enclave_runtime", str(root), "--worker", worker, *options]
+    if runner is None:
+        return Launch(
+            [sys.executable, *driver],
+            None,
+            "enclave driver: plain process (gramine-sgx / gramine-direct not on the PATH), "
+            "so no enclave protects it",
+        )
+    out = root / "gramine"
+    out.mkdir(exist_ok=True)
+    manifest = out / f"{APP}.manifest"
+    settings = ManifestOptions(peak_bytes=measure_peak(root), worker=worker, options=list(options))
+    manifest.write_text(render_manifest(root, settings))
+    if runner == "gramine-sgx":
+        signer = shutil.which("gramine-sgx-sign")
+        if signer is None:
+            raise ArtifactError("gramine-sgx is on the PATH but gramine-sgx-sign is not")
+        subprocess.run(
+            [signer, "--manifest", str(manifest), "--output", str(out / f"{APP}.manifest.sgx")],
+            check=True,
+            capture_output=True,
+        )
+        mode = f"enclave driver: SGX enclave via gramine-sgx (manifest {manifest})"
+    else:
+        mode = f"enclave driver: gramine-direct, Gramine without SGX: no isolation ({manifest})"
+    return Launch([runner, APP], out, mode)

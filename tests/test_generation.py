@@ -1,0 +1,134 @@
+"""KV-cache generation through split programs, token for token against transformers."""
+
+import dataclasses
+import functools
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import built
+
+from enclave_runtime.driver import connect
+from partitioner import partition
+from partitioner.artifacts import load
+from partitioner.errors import PartitionError
+from partitioner.generation import capture_decoder, generate
+from partitioner.policy import Policy
+from runtime.worker import GPUWorker, serve
+
+DECODERS = ["tiny-llama", "tiny-qwen2", "tiny-phi3", "tiny-gpt2", "tiny-opt", "tiny-llama-lora"]
+# cmif's placement with RNM switched off: the only way its tokens can equal generate's
+CMIF_NO_RNM = dataclasses.replace(
+    Policy.resolve("cmif"), name="cmif-no-rnm", rnm=None, protects=frozenset()
+)
+
+
+@functools.cache
+def step(name: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture_decoder(built(name))
+
+
+def hf_generate(name: str, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
+    model = built(name)
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+
+
+def prompt(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 200, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_capture_declares_the_cache_as_state():
+    captured = step("tiny-llama")
+    assert set(captured.dim_names.values()) == {"batch", "seq", "past"}
+    layers = built("tiny-llama").config.num_hidden_layers
+    assert sorted(captured.state) == sorted(f"past_{i}" for i in range(2 * layers))
+    assert [s.output for s in captured.state.values()] == list(range(1, 2 * layers + 1))
+    assert captured.reference == {"batch": 1, "seq": 1, "past": 128}
+    assert not built("tiny-llama").training  # capture leaves the caller's model in eval
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("policy", [CMIF_NO_RNM, "secureinfer", "slalom", "all_gpu"])
+def test_tokens_equal_transformers_generate(name, policy):
+    ids = prompt()
+    split = partition(step(name), policy, seed=3)
+    expected = hf_generate(name, ids, 10, eos_token_id=None)
+    assert torch.equal(generate(split, ids, max_new_tokens=10), expected)
+
+
+def test_cmif_sanitises_the_prompt_only():
+    """Under RNM the output is exactly generate() on the sanitised prompt: decode steps feed
+    the generated tokens through unchanged, and the request's ε is the prompt's."""
+    ids = prompt(batch=1, seq=12)
+    split = partition(step("tiny-llama"), "cmif", seed=5)
+    out = generate(split, ids, max_new_tokens=8)
+    sanitised = split.last_request["sanitised_tokens"]
+    assert sanitised.shape == ids.shape and not torch.equal(sanitised, ids)
+    assert torch.equal(
+        out[:, 12:], hf_generate("tiny-llama", sanitised, 8, eos_token_id=None)[:, 12:]
+    )
+    assert split.last_request["epsilon"] == pytest.approx(12 * split.policy.rnm.epsilon)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    ids = prompt()
+    full = hf_generate("tiny-llama", ids, 10, eos_token_id=None)
+    eos = int(full[0, 9])  # the third generated token of row 0
+    split = partition(step("tiny-llama"), "secureinfer", seed=3)
+    out = generate(split, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, hf_generate("tiny-llama", ids, 10, eos_token_id=eos))
+
+
+def test_a_program_without_state_cannot_generate():
+    from conftest import captured
+
+    split = partition(captured("tiny-llama"), "all_gpu")
+    with pytest.raises(PartitionError, match="no KV-cache state"):
+        generate(split, prompt(), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("policy", ["cmif", "secureinfer", "slalom"])
+def test_saved_program_generates_over_a_worker(policy, tmp_path):
+    """Save, load the enclave side only, serve the GPU side with onnxruntime: same tokens as
+    the in-process program (the prefill sends zero-length caches over the socket)."""
+    ids = prompt(batch=1)
+    split = partition(step("tiny-llama"), policy, seed=6)
+    split.save(tmp_path)
+    assert load(tmp_path).state == split.state
+    server = serve(GPUWorker(tmp_path / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", seed=6)
+        expected = generate(split, ids, max_new_tokens=6)
+        assert torch.equal(generate(remote, ids, max_new_tokens=6), expected)
+        calls = {s["calls"] for s in remote.worker.stats().values()}
+        assert calls == {6}  # one call per stage per generated token: the cache is used
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("policy", [CMIF_NO_RNM, "secureinfer", "slalom"])
+def test_smollm2_answers_exactly_like_generate(policy):
+    from partitioner.models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    split = partition(step("smollm2-135m"), policy, seed=0)
+    out = generate(split, ids, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id)
+    expected = hf_generate("smollm2-135m", ids, 12, eos_token_id=tokenizer.eos_token_id)
+    assert torch.equal(out, expected)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
