@@ -18,7 +18,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo_smollm2.py
+	$(VENV)/bin/teesplit demo
 
 test: $(STAMP)
 	$(PY) -m ruff check partitioner passes runtime enclave_runtime tests examples benchmarks

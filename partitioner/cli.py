@@ -177,22 +177,17 @@ def _read_plan(directory: str | Path) -> dict[str, Any]:
         raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
 
 
-def _encode(line: str, tokenizer: Any) -> Any:
-    """A stdin line: ``ids: 1,2,3`` or a prompt (chat template applied when the tokenizer has
-    one)."""
+def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
+    """A stdin line, ``ids: 1,2,3`` or a prompt -> ``(input_ids, public positions or None)``."""
     import torch
 
+    from partitioner.generation import encode_prompt
+
     if line.startswith("ids:"):
-        return torch.tensor([[int(x) for x in line[4:].split(",")]])
+        return torch.tensor([[int(x) for x in line[4:].split(",")]]), None
     if tokenizer is None:
         raise SystemExit("teesplit enclave: no tokenizer for this bundle; send 'ids: 1,2,3'")
-    chat = [{"role": "user", "content": line}]
-    text = (
-        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        if getattr(tokenizer, "chat_template", None)
-        else line
-    )
-    return tokenizer(text, return_tensors="pt").input_ids
+    return encode_prompt(tokenizer, line)
 
 
 def cmd_enclave(args: argparse.Namespace) -> None:
@@ -217,7 +212,7 @@ def cmd_enclave(args: argparse.Namespace) -> None:
         line = raw.strip()
         if not line:
             continue
-        ids = _encode(line, tokenizer)
+        ids, public = _encode(line, tokenizer)
         sent, received = program.worker.bytes_sent, program.worker.bytes_received
         start = time.perf_counter()
         out = generate(
@@ -225,6 +220,7 @@ def cmd_enclave(args: argparse.Namespace) -> None:
             ids,
             max_new_tokens=args.max_new_tokens,
             eos_token_id=getattr(tokenizer, "eos_token_id", None),
+            public_prompt=public,
         )
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1] :].tolist()
@@ -233,7 +229,8 @@ def cmd_enclave(args: argparse.Namespace) -> None:
         request = program.last_request
         if "sanitised_tokens" in request:
             print(
-                f"sanitised prompt (what the GPU saw; RNM, ε = {request['epsilon']:g} in all): "
+                f"sanitised prompt (what the GPU saw; RNM on the user's words, "
+                f"ε = {request['epsilon']:g} in all): "
                 f"{show(request['sanitised_tokens'][0].tolist())}"
             )
         print(f"answer: {show(new)}")
@@ -378,7 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", default=None, help="an already running worker's address")
     p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
-    args.func(args)
+    from partitioner.errors import TeesplitError
+
+    try:
+        args.func(args)
+    except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed
+        raise SystemExit(f"teesplit {args.command}: {type(exc).__name__}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -115,9 +115,15 @@ def capture_decoder(model: torch.nn.Module, *, model_name: str | None = None) ->
     return captured
 
 
+def _state_order(program: Any) -> list[str]:
+    """State inputs in the order the program takes them (a saved plan's JSON may sort keys)."""
+    return [name for name, _ in program.signature.inputs if name in program.state]
+
+
 def _empty_state(program: Any, batch: int, device: torch.device) -> list[torch.Tensor]:
     tensors = []
-    for name, spec in program.state.items():
+    for name in _state_order(program):
+        spec = program.state[name]
         dims = program.input_dims[name]
         shape = [batch if d == "batch" else 0 if i == spec.dim else d for i, d in enumerate(dims)]
         if not all(isinstance(d, int) for d in shape):
@@ -133,6 +139,7 @@ def generate(
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    public_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy decoding with a KV cache; returns prompt and new tokens, like ``generate``.
 
@@ -140,8 +147,9 @@ def generate(
     loaded, or connected to a worker). Stops after ``max_new_tokens`` or when every row has
     produced an EOS token; rows that finished early are padded with ``pad_token_id`` (default: the
     first EOS id), as transformers does. Under
-    RNM only the prompt is sanitised; generated tokens are ones the GPU computed (see
-    :meth:`SplitProgram.run`); afterwards ``program.last_request`` describes the prompt's
+    RNM only the prompt is sanitised, less the positions ``public_prompt`` marks (a chat
+    template); generated tokens are ones the GPU computed (see :meth:`SplitProgram.run`).
+    Afterwards ``program.last_request`` describes the prompt's
     sanitisation (its sanitised tokens and total ε) for the whole generation request.
     """
     if not getattr(program, "state", None):
@@ -155,7 +163,7 @@ def generate(
             f"{list(input_ids.shape)}"
         )
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    specs = list(program.state.values())
+    specs = [program.state[name] for name in _state_order(program)]
     past = _empty_state(program, input_ids.shape[0], input_ids.device)
     tokens = input_ids
     step_ids = input_ids
@@ -163,7 +171,10 @@ def generate(
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with torch.no_grad():
         for step in range(max_new_tokens):
-            out = program.run((step_ids, past), {}, public_tokens=step > 0)
+            public: bool | torch.Tensor = True if step > 0 else False
+            if step == 0 and public_prompt is not None:
+                public = public_prompt
+            out = program.run((step_ids, past), {}, public_tokens=public)
             if step == 0:
                 prompt_request = dict(program.last_request)
             next_ids = out[0][:, -1].argmax(-1)
@@ -181,3 +192,24 @@ def generate(
                 break
     program.last_request = prompt_request
     return tokens
+
+
+def encode_prompt(tokenizer: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, public)`` for a user's ``text``: wrapped in the tokenizer's chat template
+    when it has one, with ``public`` marking the template's tokens.
+
+    Only the user's words are private. The template (role names, newlines, a default system
+    prompt) is the same for everyone, and sanitising it would garble the structure the model
+    relies on while hiding nothing; tokens that overlap the user's characters stay private.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        chat = [{"role": "user", "content": text}]
+        full = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    else:
+        full = text
+    start = full.rfind(text)
+    end = start + len(text)
+    enc = tokenizer(full, return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc["offset_mapping"][0]
+    private = (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+    return enc["input_ids"], ~private[None, :]

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind
 
+from partitioner.errors import PartitionError
 from partitioner.placement import ENCLAVE, GPU, Placement
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
@@ -141,25 +142,43 @@ class SplitProgram:
         return self.run(args, kwargs)
 
     def run(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, public_tokens: bool = False
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        public_tokens: bool | torch.Tensor = False,
     ) -> Any:
-        """One call; ``public_tokens`` skips RNM for token ids the GPU already knows.
+        """One call; ``public_tokens`` (all, or a bool mask over the token input) marks token
+        positions that RNM passes through unchanged and that spend no ε.
 
-        Generation sets it on decode steps: the new token is the arg-max of logits the GPU
-        computed in the clear (under RNM placements the lm_head runs there), so it is fed
-        through unchanged and spends no ε (``last_request["epsilon"]`` is 0).
+        Public positions are those the GPU knows anyway or that carry nothing private: a
+        generated token (the arg-max of logits the GPU computed in the clear; under RNM
+        placements the lm_head runs there) and the chat template around a user's text.
+        ``last_request["epsilon"]`` counts the sanitised positions only.
         """
         env = self.signature.bind(args, dict(kwargs))
         masks = self.pool.take(self.binding(env)) if self.pool is not None else None
         site = self.protection.rnm if self.protection is not None else None
-        if public_tokens and site is not None and masks is not None:
-            noise = masks.noise[site.token_input]
-            masks.noise[site.token_input] = site.tables.identity_noise(
-                env[site.token_input], noise.dtype
+        public = None
+        if site is not None and masks is not None and public_tokens is not False:
+            ids = env[site.token_input]
+            public = (
+                torch.ones_like(ids, dtype=torch.bool)
+                if public_tokens is True
+                else public_tokens.to(torch.bool)
             )
+            if public.shape != ids.shape:
+                raise PartitionError(
+                    f"public_tokens has shape {list(public.shape)}, but the token input "
+                    f"{site.token_input} has {list(ids.shape)}"
+                )
+            noise = masks.noise[site.token_input]
+            identity = site.tables.identity_noise(ids, noise.dtype)
+            masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
         flat = self.execute(env, masks)
-        if public_tokens and site is not None:
-            self.last_request["epsilon"] = 0.0
+        if public is not None:
+            sanitised = ~site.tables.keep[env[site.token_input]] & ~public
+            self.last_request["epsilon"] = float(site.tables.epsilon * int(sanitised.sum()))
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
     def binding(self, env: dict[str, Any]) -> dict[str, int]:

@@ -39,12 +39,21 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path):
     assert run.returncode != 0 and "cannot read" in run.stderr
 
 
-def test_run_drives_a_worker_process(tmp_path):
+def test_run_drives_a_worker_and_an_enclave_process(tmp_path):
     out = tmp_path / "bundle"
-    assert (
-        teesplit("partition", "tiny-llama", "--policy", "cmif", "--out", str(out)).returncode == 0
-    )
-    run = teesplit("run", str(out), "--ids", "5,6,7", "--max-new-tokens", "3")
+    made = teesplit("partition", "tiny-llama", "--policy", "cmif", "--out", str(out))
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "capturing the KV-cache decoder step" in made.stdout
+    run = teesplit("run", str(out), "--ids", "5,6,7,8", "--max-new-tokens", "3")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "teesplit GPU worker" in run.stdout and "answer: [" in run.stdout
-    assert "3 tokens; crossed to the GPU worker" in run.stdout
+    assert "enclave driver: plain process" in run.stdout  # no Gramine here, and it says so
+    assert "sanitised prompt (what the GPU saw" in run.stdout and "ε = 4 in all" in run.stdout
+    assert "3 tokens in" in run.stdout and "B per token" in run.stdout
+
+
+def test_enclave_reports_a_missing_worker(tmp_path):
+    out = tmp_path / "bundle"
+    assert teesplit("partition", "tiny-llama", "--out", str(out)).returncode == 0
+    run = teesplit("enclave", str(out / "enclave"), "--worker", f"unix:{tmp_path / 'none.sock'}")
+    assert run.returncode != 0 and "none.sock" in run.stderr

@@ -132,3 +132,32 @@ def test_smollm2_answers_exactly_like_generate(policy):
     expected = hf_generate("smollm2-135m", ids, 12, eos_token_id=tokenizer.eos_token_id)
     assert torch.equal(out, expected)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_many_layers_keep_their_cache_order_after_load(tmp_path):
+    """plan.json sorts its keys (past_10 before past_2): generation must follow the
+    program's input order, not the order of the saved state map."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    split = partition(capture_decoder(model), "all_gpu")
+    split.save(tmp_path)
+    ids = prompt()
+    expected = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert torch.equal(generate(load(tmp_path), ids, max_new_tokens=8), expected)

@@ -1,0 +1,205 @@
+"""Split generation speed against transformers' ``generate`` on SmolLM2-135M (issue #4).
+
+For each preset, greedy generation of ``--new`` tokens (EOS ignored, so every run makes the
+same number) from a chat prompt, timed end to end (prefill included):
+
+* ``transformers``: ``model.generate`` with its KV cache, the reference;
+* ``in-process``: the split program's stages all in this process (:func:`generate`);
+* ``two processes``: the saved bundle, GPU stages in a worker process over a Unix socket,
+  the enclave side here (``enclave_runtime.driver.connect``), with the bytes that crossed.
+
+In-process, the mask pool is *not* filled ahead: each decode step has a new cache length, so
+its masks, pads and precomputable corrections are drawn during the request, as a server
+without idle time would. "pool prefilled" repeats the run after drawing every step's set
+ahead, the best case of a server that prepares masks between requests.
+
+Everything runs on this machine's CPU (no GPU is lent here), so "GPU" time is CPU time too.
+Bundles are saved once under ``build/bench-runtime/`` and reused. Medians of ``--repeats``.
+
+    python benchmarks/runtime.py [--new 32] [--repeats 3] [--presets cmif secureinfer slalom]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "What is the capital of France?"
+
+
+def timed(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def start_worker(bundle: Path) -> tuple[subprocess.Popen, str]:
+    address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-bench-')) / 'w.sock'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", str(bundle / "gpu"), "--listen", address],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if "teesplit GPU worker" not in line:
+        raise SystemExit(f"worker did not start: {line!r}")
+    return proc, address
+
+
+def prefill_pool(program: Any, prompt_len: int, new: int) -> None:
+    """Draw the mask set of every step of one generation ahead (prefill, then seq=1)."""
+    if program.pool is None:
+        return
+    program.pool.fill({"batch": 1, "seq": prompt_len, "past": 0}, 1)
+    for past in range(prompt_len, prompt_len + new - 1):
+        program.pool.fill({"batch": 1, "seq": 1, "past": past}, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=["cmif", "secureinfer", "slalom"])
+    parser.add_argument("--out", default=str(ROOT / "build" / "bench-runtime"))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+
+    from enclave_runtime.driver import connect
+    from partitioner.api import partition
+    from partitioner.artifacts import load
+    from partitioner.generation import capture_decoder, encode_prompt, generate
+    from partitioner.models import smollm2, smollm2_tokenizer
+
+    torch.set_num_threads(torch.get_num_threads())
+    model, tokenizer = smollm2(), smollm2_tokenizer()
+    ids, public = encode_prompt(tokenizer, PROMPT)
+    n = args.new
+
+    def hf() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+            )
+
+    hf()  # warm-up
+    hf_s, reference = timed(hf, args.repeats)
+    rows: list[dict[str, Any]] = [
+        {"preset": "transformers generate", "mode": "eager", "seconds": hf_s, "tok_s": n / hf_s}
+    ]
+    print(f"prompt {ids.shape[1]} tokens, {n} new; transformers: {n / hf_s:.1f} tokens/s")
+    step = capture_decoder(model)
+    for preset in args.presets:
+        split = partition(step, preset)
+
+        def run(program: Any = split) -> torch.Tensor:
+            return generate(program, ids, max_new_tokens=n, public_prompt=public)
+
+        run()  # warm-up
+        seconds, out = timed(run, args.repeats)
+        same = torch.equal(out, reference) if preset != "cmif" else None
+        rows.append(
+            {
+                "preset": preset,
+                "mode": "in-process",
+                "seconds": seconds,
+                "tok_s": n / seconds,
+                "vs_transformers": hf_s / seconds,
+                "tokens_equal_generate": same,
+            }
+        )
+        print(f"  {preset} in-process: {n / seconds:.1f} tokens/s ({hf_s / seconds:.2f}x)")
+        if split.pool is not None:
+            times = []
+            for _ in range(args.repeats):
+                prefill_pool(split, ids.shape[1], n)
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            rows.append(
+                {
+                    "preset": preset,
+                    "mode": "in-process, pool prefilled",
+                    "seconds": seconds,
+                    "tok_s": n / seconds,
+                    "vs_transformers": hf_s / seconds,
+                }
+            )
+            print(f"  {preset} pool prefilled: {n / seconds:.1f} tokens/s")
+
+        bundle = Path(args.out) / preset
+        try:
+            load(bundle)
+        except Exception:  # missing or stale: save it again
+            start = time.perf_counter()
+            split.save(bundle)
+            print(f"  saved {bundle} in {time.perf_counter() - start:.0f} s")
+        proc, address = start_worker(bundle)
+        try:
+            remote = connect(bundle, address)
+            generate(remote, ids, max_new_tokens=2, public_prompt=public)  # warm-up
+            client = remote.worker
+            sent, received = client.bytes_sent, client.bytes_received
+            seconds, out = timed(lambda r=remote: run(r), args.repeats)
+            up = (client.bytes_sent - sent) / args.repeats
+            down = (client.bytes_received - received) / args.repeats
+        finally:
+            proc.kill()
+            proc.wait()
+        rows.append(
+            {
+                "preset": preset,
+                "mode": "two processes (Unix socket)",
+                "seconds": seconds,
+                "tok_s": n / seconds,
+                "vs_transformers": hf_s / seconds,
+                "bytes_to_gpu_per_token": up / n,
+                "bytes_from_gpu_per_token": down / n,
+            }
+        )
+        print(
+            f"  {preset} two processes: {n / seconds:.1f} tokens/s, "
+            f"{up / n / 1e3:.1f} kB to the GPU and {down / n / 1e3:.1f} kB back per token"
+        )
+
+    print("\n| preset | mode | tokens/s | × transformers | kB/token to GPU | kB/token back |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        to = r.get("bytes_to_gpu_per_token")
+        back = r.get("bytes_from_gpu_per_token")
+        print(
+            f"| {r['preset']} | {r['mode']} | {r['tok_s']:.1f} | "
+            f"{r.get('vs_transformers', 1.0):.2f} | "
+            f"{'' if to is None else f'{to / 1e3:,.1f}'} | "
+            f"{'' if back is None else f'{back / 1e3:,.1f}'} |"
+        )
+    out = ROOT / "benchmarks" / "results" / "runtime.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"prompt": PROMPT, "new_tokens": n, "rows": rows}, indent=1))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The enclave launcher: Gramine when on the PATH (with the worker rendered into the manifest),
+a plain process otherwise, and it never claims an enclave it does not start."""
+
+import os
+import stat
+import sys
+import tomllib
+
+import pytest
+from conftest import built
+
+from enclave_runtime.launcher import bundle_root, enclave_command
+from partitioner import partition
+from partitioner.errors import ArtifactError
+from partitioner.generation import capture_decoder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    partition(capture_decoder(built("tiny-llama")), "secureinfer", seed=1).save(root)
+    return root
+
+
+def fake_tool(directory, name):
+    path = directory / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_plain_process_without_gramine(bundle, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gramine-* here
+    launch = enclave_command(bundle / "enclave", "unix:/tmp/w.sock", ["--max-new-tokens", "3"])
+    assert launch.argv[0] == sys.executable and launch.cwd is None
+    assert launch.argv[1:] == [
+        "-m",
+        "enclave_runtime",
+        str(bundle),
+        "--worker",
+        "unix:/tmp/w.sock",
+        "--max-new-tokens",
+        "3",
+    ]
+    assert "plain process" in launch.mode and "no enclave" in launch.mode
+
+
+def test_gramine_direct_renders_the_worker_into_the_manifest(bundle, monkeypatch, tmp_path):
+    fake_tool(tmp_path, "gramine-direct")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    launch = enclave_command(bundle, "127.0.0.1:7071", ["--max-new-tokens", "5"])
+    assert launch.argv == ["gramine-direct", "teesplit-enclave"]
+    assert "no isolation" in launch.mode  # gramine-direct is not an SGX enclave
+    manifest = tomllib.loads((launch.cwd / "teesplit-enclave.manifest").read_text())
+    assert manifest["loader"]["argv"][1:] == [
+        "-m",
+        "enclave_runtime",
+        "/bundle",
+        "--worker",
+        "127.0.0.1:7071",
+        "--max-new-tokens",
+        "5",
+    ]
+    assert manifest["sgx"]["enclave_size"].endswith(("M", "G"))
+    with pytest.raises(ArtifactError, match="must listen on TCP"):
+        enclave_command(bundle, "unix:/tmp/w.sock")
+
+
+def test_gramine_sgx_needs_its_signer(bundle, monkeypatch, tmp_path):
+    fake_tool(tmp_path, "gramine-sgx")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ArtifactError, match="gramine-sgx-sign is not"):
+        enclave_command(bundle, "127.0.0.1:7071")
+
+
+def test_bundle_root_names_a_wrong_folder(tmp_path):
+    with pytest.raises(ArtifactError, match=r"no plan\.json"):
+        bundle_root(tmp_path)
