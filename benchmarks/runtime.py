@@ -1,7 +1,8 @@
 """Split generation speed against transformers' ``generate`` on SmolLM2-135M (issue #4).
 
 For each preset, greedy generation of ``--new`` tokens (EOS ignored, so every run makes the
-same number) from a chat prompt, timed end to end (prefill included):
+same amount of work; tests check token equality) from a chat prompt, timed end to end
+(prefill included):
 
 * ``transformers``: ``model.generate`` with its KV cache, the reference;
 * ``in-process``: the split program's stages all in this process (:func:`generate`);
@@ -104,7 +105,7 @@ def main() -> None:
             )
 
     hf()  # warm-up
-    hf_s, reference = timed(hf, args.repeats)
+    hf_s, _ = timed(hf, args.repeats)
     rows: list[dict[str, Any]] = [
         {"preset": "transformers generate", "mode": "eager", "seconds": hf_s, "tok_s": n / hf_s}
     ]
@@ -117,8 +118,7 @@ def main() -> None:
             return generate(program, ids, max_new_tokens=n, public_prompt=public)
 
         run()  # warm-up
-        seconds, out = timed(run, args.repeats)
-        same = torch.equal(out, reference) if preset != "cmif" else None
+        seconds, _ = timed(run, args.repeats)
         rows.append(
             {
                 "preset": preset,
@@ -126,11 +126,11 @@ def main() -> None:
                 "seconds": seconds,
                 "tok_s": n / seconds,
                 "vs_transformers": hf_s / seconds,
-                "tokens_equal_generate": same,
             }
         )
         print(f"  {preset} in-process: {n / seconds:.1f} tokens/s ({hf_s / seconds:.2f}x)")
-        if split.pool is not None:
+        # a field (slalom) mask set takes ~10 s to draw: prefilling 32 steps is not worth it
+        if split.pool is not None and split.policy.masking != "field":
             times = []
             for _ in range(args.repeats):
                 prefill_pool(split, ids.shape[1], n)
@@ -195,9 +195,10 @@ def main() -> None:
             f"{'' if to is None else f'{to / 1e3:,.1f}'} | "
             f"{'' if back is None else f'{back / 1e3:,.1f}'} |"
         )
-    out = ROOT / "benchmarks" / "results" / "runtime.json"
+    out = ROOT / "benchmarks" / "results" / f"runtime-{'-'.join(args.presets)}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"prompt": PROMPT, "new_tokens": n, "rows": rows}, indent=1))
+    document = {"prompt": PROMPT, "new_tokens": n, "repeats": args.repeats, "rows": rows}
+    out.write_text(json.dumps(document, indent=1))
     print(f"\nwritten to {out}")
 
 
