@@ -52,13 +52,18 @@ def test_rnm_and_custext_stay_in_the_input_tokens_group():
         assert (out != x).any()
 
 
-def test_custext_keeps_stopwords():
+def test_custext_and_rnm_plus_keep_stopwords():
     u = universe()
     stop = {"and", "the", "a", "is"}
-    out = CusTextPlus(u, 0.5, 0, groups(u), stop).sanitise(corpus_ids())
-    for token, new in zip(corpus_ids().tolist(), out.tolist(), strict=True):
-        if u.tokens[int(u.local[token])] in stop:
-            assert new == token
+    tables = groups(u)
+    for mech in (CusTextPlus(u, 0.5, 0, tables, stop), RNM(u, 0.5, 0, tables, keep=stop)):
+        out = mech.sanitise(corpus_ids())
+        changed = 0
+        for token, new in zip(corpus_ids().tolist(), out.tolist(), strict=True):
+            if u.tokens[int(u.local[token])] in stop:
+                assert new == token, mech.name
+            changed += new != token
+        assert changed > 0
 
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0])

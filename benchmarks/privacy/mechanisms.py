@@ -6,6 +6,8 @@ with MiniLM's own input-embedding rows, so that only the mechanism differs:
 * :class:`RNM` is teesplit's production code: :class:`passes.rnm.RNMTables` (disjoint greedy
   cosine groups of K, min-max normalised scores) and the ``teesplit::rnm`` op, with
   ``Laplace(2/ε)`` noise from :class:`passes.randomness.CSPRNG`.
+  With CusText+'s stopword list as pass-through tokens it is "RNM + stopwords kept", which
+  isolates the mechanism (noisy max against exponential) from that policy choice.
 * :class:`CusTextPlus` (Chen et al., ACL Findings 2023): the *same* groups and scores, the
   exponential mechanism ``P(y|x) ∝ exp(ε·u(x,y)/2)`` (Δu = 1), and stopwords kept ("+").
   CusText+ keeps NLTK's English stopwords; NLTK needs a corpus download, so scikit-learn's
@@ -85,14 +87,29 @@ def groups(universe: Universe) -> RNMTables:
 
 
 class RNM(Mechanism):
-    """teesplit's Report-Noisy-Max over the shared groups."""
+    """teesplit's Report-Noisy-Max over the shared groups.
+
+    ``keep`` names tokens passed through unchanged (the tables' pass-through mask, which in
+    production holds the special tokens): given CusText+'s stopwords it isolates the
+    mechanism from that policy choice.
+    """
 
     name = "RNM (teesplit)"
 
-    def __init__(self, universe: Universe, epsilon: float, seed: int, tables: RNMTables) -> None:
+    def __init__(
+        self,
+        universe: Universe,
+        epsilon: float,
+        seed: int,
+        tables: RNMTables,
+        keep: set[str] = frozenset(),
+    ) -> None:
         self.universe = universe
-        self.tables = RNMTables(tables.candidates, tables.scores, tables.keep, epsilon)
+        kept = torch.tensor([tok in keep for tok in universe.tokens], dtype=torch.bool)
+        self.tables = RNMTables(tables.candidates, tables.scores, tables.keep | kept, epsilon)
         self.rng = CSPRNG(seed)
+        if keep:
+            self.name = "RNM + stopwords kept"
 
     def sanitise(self, ids: torch.Tensor) -> torch.Tensor:
         local = self.universe.local[ids]

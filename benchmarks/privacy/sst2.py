@@ -43,7 +43,7 @@ from benchmarks.privacy.mechanisms import (  # noqa: E402 - after the path set-u
     groups,
 )
 
-MECHANISMS = ("RNM (teesplit)", "CusText+", "SanText+")
+MECHANISMS = ("RNM (teesplit)", "RNM + stopwords kept", "CusText+", "SanText+")
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
@@ -125,6 +125,8 @@ def build(
 ) -> Mechanism:
     if name == "RNM (teesplit)":
         return RNM(universe, epsilon, seed, tables)
+    if name == "RNM + stopwords kept":
+        return RNM(universe, epsilon, seed, tables, keep=stopwords)
     if name == "CusText+":
         return CusTextPlus(universe, epsilon, seed, tables, stopwords)
     return SanTextPlus(universe, epsilon, seed)
