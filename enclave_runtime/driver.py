@@ -26,6 +26,21 @@ class WorkerError(TeesplitError):
     """The GPU worker failed, closed the connection, or did not answer in time."""
 
 
+def grown_dim(old: torch.Tensor, new: torch.Tensor) -> int | None:
+    """The dim along which ``new`` is ``old`` plus more (a cache one step longer), else None.
+
+    The worker saw ``old`` already, so sending only the rest reveals nothing new; a masked
+    cache is re-masked on every step, so its prefix differs and it is sent whole.
+    """
+    if old.dtype != new.dtype or old.dim() != new.dim():
+        return None
+    grown = [d for d, (a, b) in enumerate(zip(old.shape, new.shape, strict=True)) if a != b]
+    if len(grown) != 1 or old.shape[grown[0]] == 0 or new.shape[grown[0]] < old.shape[grown[0]]:
+        return None
+    dim = grown[0]
+    return dim if torch.equal(new.narrow(dim, 0, old.shape[dim]), old) else None
+
+
 class WorkerClient:
     """One connection to a GPU worker (a lock serialises requests on it)."""
 
@@ -42,16 +57,34 @@ class WorkerClient:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
 
     def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One stage call. An input that extends what the worker already holds for the same
+        slot (a KV cache one step longer) is sent as its new part only (``extends``)."""
         with self._lock:
+            payload, extends = list(tensors), {}
+            for i, (old, new) in enumerate(zip(self._last.get(stage, ()), tensors, strict=False)):
+                dim = grown_dim(old, new)
+                if dim is not None:
+                    start = old.shape[dim]
+                    payload[i] = new.narrow(dim, start, new.shape[dim] - start)
+                    extends[str(i)] = dim
+            header: dict[str, Any] = {"stage": stage}
+            if extends:
+                header["extends"] = extends
             try:
-                self.bytes_sent += send_frame(self.sock, RUN, {"stage": stage}, tensors)
+                self.bytes_sent += send_frame(self.sock, RUN, header, payload)
                 frame = read_frame(self.sock)
             except (ProtocolError, OSError) as exc:
+                self._last.clear()
                 raise WorkerError(
                     f"GPU worker at {self.address} failed on stage {stage}: {exc}"
                 ) from None
+            if frame.kind == ERROR:
+                self._last.pop(stage, None)  # the worker dropped its copy too
+            else:
+                self._last[stage] = list(tensors)
         self.bytes_received += sum(t.numel() * t.element_size() for t in frame.tensors)
         if frame.kind == ERROR:
             raise WorkerError(f"GPU worker refused stage {stage}: {frame.header.get('error')}")

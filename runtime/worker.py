@@ -120,10 +120,42 @@ class GPUWorker:
             entry["bytes_out"] += bytes_out
 
 
+def _extend(held: list[torch.Tensor] | None, frame: Any, stage: str) -> list[torch.Tensor]:
+    """The full inputs of a RUN frame whose ``extends`` inputs carry only their new part."""
+    extends = frame.header.get("extends") or {}
+    tensors = list(frame.tensors)
+    if not isinstance(extends, dict):
+        raise ProtocolError(f"stage {stage}: 'extends' must map input indices to dims")
+    for key, dim in extends.items():
+        i = int(key) if str(key).isdigit() else -1
+        if held is None or not 0 <= i < min(len(held), len(tensors)):
+            raise ProtocolError(
+                f"stage {stage}: input {key} extends an input this connection never sent"
+            )
+        old, new = held[i], tensors[i]
+        if (
+            not isinstance(dim, int)
+            or old.dim() != new.dim()
+            or any(
+                a != b
+                for d, (a, b) in enumerate(zip(old.shape, new.shape, strict=True))
+                if d != dim
+            )
+        ):
+            raise ProtocolError(
+                f"stage {stage}: input {key} of shape {list(new.shape)} cannot extend "
+                f"{list(old.shape)} along dim {dim}"
+            )
+        tensors[i] = torch.cat([old, new.to(old.dtype)], dim=dim)
+    return tensors
+
+
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         worker: GPUWorker = self.server.worker  # type: ignore[attr-defined]
         sock: socket.socket = self.request
+        # this driver's last inputs per stage: a KV cache arrives as its new positions only
+        held: dict[str, list[torch.Tensor]] = {}
         while True:
             try:
                 frame = read_frame(sock)
@@ -145,13 +177,15 @@ class _Handler(socketserver.BaseRequestHandler):
             stage = frame.header.get("stage")
             bytes_in = sum(t.numel() * t.element_size() for t in frame.tensors)
             try:
-                outs, seconds = worker.run(stage, frame.tensors)
+                inputs = _extend(held.pop(stage, None), frame, stage)
+                outs, seconds = worker.run(stage, inputs)
             except ProtocolError as exc:
                 send_frame(sock, ERROR, {"error": str(exc)})
                 continue
             except Exception as exc:  # a stage failing is reported to the driver, not fatal
                 send_frame(sock, ERROR, {"error": f"stage {stage} failed: {exc}"})
                 continue
+            held[stage] = inputs
             sent = send_frame(sock, RESULT, {"stage": stage}, outs)
             worker.record(stage, seconds, bytes_in, sent)
 

@@ -98,6 +98,21 @@ def test_a_program_without_state_cannot_generate():
         generate(split, prompt(), max_new_tokens=2)
 
 
+def count_full_inputs(program) -> list[int]:
+    """Wrap the remote stages to add up the bytes their inputs would take if sent whole."""
+    total = [0]
+    for stage in program.stages:
+        if stage.side == "gpu":
+            inner = stage.module
+
+            def counted(*tensors, inner=inner):
+                total[0] += sum(t.numel() * t.element_size() for t in tensors)
+                return inner(*tensors)
+
+            stage.module = counted
+    return total
+
+
 @pytest.mark.parametrize("policy", ["cmif", "secureinfer", "slalom"])
 def test_saved_program_generates_over_a_worker(policy, tmp_path):
     """Save, load the enclave side only, serve the GPU side with onnxruntime: same tokens as
@@ -110,10 +125,13 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", seed=6)
+        full = count_full_inputs(remote)
         expected = generate(split, ids, max_new_tokens=6)
         assert torch.equal(generate(remote, ids, max_new_tokens=6), expected)
         calls = {s["calls"] for s in remote.worker.stats().values()}
         assert calls == {6}  # one call per stage per generated token: the cache is used
+        if policy == "cmif":  # the clear cache crosses as its new positions only
+            assert remote.worker.bytes_sent < 0.6 * full[0]
     finally:
         server.shutdown()
         server.server_close()

@@ -157,3 +157,33 @@ def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
             model_output(program(input_ids=ids)), model_output(reference(input_ids=ids))
         )
     server.shutdown()
+
+
+def test_an_extension_of_nothing_is_refused_naming_the_input(bundles, tmp_path):
+    """``extends`` may only grow an input this connection sent before."""
+    from runtime.protocol import RUN, send_frame
+
+    server = serve(GPUWorker(bundles["cmif"] / "gpu"), f"unix:{tmp_path / 'x.sock'}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(tmp_path / "x.sock"))
+        send_frame(sock, RUN, {"stage": "gpu_1", "extends": {"0": 1}}, [torch.zeros(1, 2)])
+        frame = read_frame(sock)
+        assert frame.kind == ERROR
+        assert "input 0 extends an input this connection never sent" in frame.header["error"]
+        sock.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_grown_dim_only_for_a_true_extension():
+    from enclave_runtime.driver import grown_dim
+
+    old = torch.arange(6.0).reshape(1, 2, 3)
+    assert grown_dim(old, torch.cat([old, torch.ones(1, 2, 1)], 2)) == 2
+    assert grown_dim(old, torch.cat([old + 1, torch.ones(1, 2, 1)], 2)) is None  # re-masked
+    assert grown_dim(old, old.clone()) is None
+    assert grown_dim(old[:, :, :0], torch.ones(1, 2, 4)) is None  # nothing held to extend
+    assert grown_dim(old, torch.ones(2, 2, 4)) is None
