@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,28 +40,13 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "What is the capital of France?"
 
 
-def timed(fn: Any, repeats: int) -> tuple[float, Any]:
-    times, out = [], None
+def timed(fn: Any, repeats: int) -> float:
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
+        fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
-def start_worker(bundle: Path) -> tuple[subprocess.Popen, str]:
-    address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-bench-')) / 'w.sock'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", str(bundle / "gpu"), "--listen", address],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "teesplit GPU worker" not in line:
-        raise SystemExit(f"worker did not start: {line!r}")
-    return proc, address
+    return statistics.median(times)
 
 
 def prefill_pool(program: Any, prompt_len: int, new: int) -> None:
@@ -83,13 +67,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    from enclave_runtime.driver import connect
+    from enclave_runtime.driver import connect, spawn_worker
     from partitioner.api import partition
     from partitioner.artifacts import load
     from partitioner.generation import capture_decoder, encode_prompt, generate
     from partitioner.models import smollm2, smollm2_tokenizer
 
-    torch.set_num_threads(torch.get_num_threads())
     model, tokenizer = smollm2(), smollm2_tokenizer()
     ids, public = encode_prompt(tokenizer, PROMPT)
     n = args.new
@@ -105,7 +88,7 @@ def main() -> None:
             )
 
     hf()  # warm-up
-    hf_s, _ = timed(hf, args.repeats)
+    hf_s = timed(hf, args.repeats)
     rows: list[dict[str, Any]] = [
         {"preset": "transformers generate", "mode": "eager", "seconds": hf_s, "tok_s": n / hf_s}
     ]
@@ -118,7 +101,7 @@ def main() -> None:
             return generate(program, ids, max_new_tokens=n, public_prompt=public)
 
         run()  # warm-up
-        seconds, _ = timed(run, args.repeats)
+        seconds = timed(run, args.repeats)
         rows.append(
             {
                 "preset": preset,
@@ -156,13 +139,14 @@ def main() -> None:
             start = time.perf_counter()
             split.save(bundle)
             print(f"  saved {bundle} in {time.perf_counter() - start:.0f} s")
-        proc, address = start_worker(bundle)
+        address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-bench-')) / 'w.sock'}"
+        proc, _ = spawn_worker(bundle / "gpu", address)
         try:
             remote = connect(bundle, address)
             generate(remote, ids, max_new_tokens=2, public_prompt=public)  # warm-up
             client = remote.worker
             sent, received = client.bytes_sent, client.bytes_received
-            seconds, out = timed(lambda r=remote: run(r), args.repeats)
+            seconds = timed(lambda r=remote: run(r), args.repeats)
             up = (client.bytes_sent - sent) / args.repeats
             down = (client.bytes_received - received) / args.repeats
         finally:

@@ -11,6 +11,8 @@ request fail with a :class:`WorkerError` naming the stage; nothing blocks foreve
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,24 @@ class RemoteStage:
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.client.run(self.name, list(tensors)))
+
+
+def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m runtime GPU_BUNDLE --listen ADDRESS`` locally and wait until it
+    serves; returns the process and its ready line. The caller kills the process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", str(gpu_bundle), "--listen", address],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline().strip()
+    if "teesplit GPU worker" not in line:
+        proc.kill()
+        proc.wait()
+        raise WorkerError(f"the GPU worker for {gpu_bundle} did not start ({line!r})")
+    return proc, line
 
 
 def connect(

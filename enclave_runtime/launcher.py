@@ -52,7 +52,7 @@ def enclave_command(
     ``runner`` defaults to :func:`gramine_runner` (``gramine-sgx``, then ``gramine-direct``).
     """
     root = bundle_root(bundle)
-    runner = runner if runner is not None else gramine_runner()
+    runner = runner or gramine_runner()
     driver = ["-m", "enclave_runtime", str(root), "--worker", worker, *options]
     if runner is None:
         return Launch(
@@ -64,7 +64,9 @@ def enclave_command(
     out = root / "gramine"
     out.mkdir(exist_ok=True)
     manifest = out / f"{APP}.manifest"
-    settings = ManifestOptions(peak_bytes=measure_peak(root), worker=worker, options=list(options))
+    settings = ManifestOptions(
+        peak_bytes=measure_peak(root), worker=worker, driver_args=list(options)
+    )
     manifest.write_text(render_manifest(root, settings))
     if runner == "gramine-sgx":
         signer = shutil.which("gramine-sgx-sign")

@@ -44,7 +44,7 @@ class _Gramine:
 class ManifestOptions:
     peak_bytes: int
     worker: str = "127.0.0.1:7070"  # the GPU worker (Gramine fixes argv in the manifest)
-    options: list[str] = field(default_factory=list)  # further driver options, e.g. token limit
+    driver_args: list[str] = field(default_factory=list)  # further options, e.g. token limit
     max_threads: int = 16
     compute_threads: int = 4
     remote_attestation: str = "dcap"
@@ -104,7 +104,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         argv=[
             options.entrypoint,
             *("-m", "enclave_runtime", "/bundle", "--worker", options.worker),
-            *options.options,
+            *options.driver_args,
         ],
         log_level=options.log_level,
         arch_libdir="/lib/x86_64-linux-gnu",

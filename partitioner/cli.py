@@ -244,28 +244,17 @@ def cmd_enclave(args: argparse.Namespace) -> None:
         )
 
 
-def _start_worker(bundle: Path, tcp: bool) -> tuple[Any, str, str]:
+def _worker_address(tcp: bool) -> str:
+    """A free local address: TCP when Gramine runs the driver (it cannot reach a host Unix
+    socket), else a private Unix socket."""
     import socket
-    import subprocess
     import tempfile
 
-    if tcp:  # Gramine cannot reach a host Unix socket
+    if tcp:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            address = f"127.0.0.1:{probe.getsockname()[1]}"
-    else:
-        address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-')) / 'worker.sock'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", str(bundle / "gpu"), "--listen", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "teesplit GPU worker" not in line:
-        proc.kill()
-        raise SystemExit(f"teesplit: the GPU worker did not start ({line.strip()!r})")
-    return proc, address, line.strip()
+            return f"127.0.0.1:{probe.getsockname()[1]}"
+    return f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-')) / 'worker.sock'}"
 
 
 def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str | None) -> None:
@@ -273,16 +262,21 @@ def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str
     launcher, send the prompts, and relay the driver's answers."""
     import subprocess
 
+    from enclave_runtime.driver import spawn_worker
     from enclave_runtime.launcher import enclave_command
     from enclave_runtime.manifest import gramine_runner
 
     start = time.perf_counter()
+    runner = gramine_runner()
     proc = None
     if worker is None:
-        proc, worker, banner = _start_worker(bundle, tcp=gramine_runner() is not None)
+        worker = _worker_address(tcp=runner is not None)
+        proc, banner = spawn_worker(bundle / "gpu", worker)
         _step(banner, start)
     try:
-        launch = enclave_command(bundle, worker, ["--max-new-tokens", str(max_new_tokens)])
+        launch = enclave_command(
+            bundle, worker, ["--max-new-tokens", str(max_new_tokens)], runner=runner
+        )
         _step(launch.mode, start)
         enclave = subprocess.run(
             launch.argv,

@@ -145,12 +145,12 @@ def generate(
 
     ``program`` is a :class:`SplitProgram` captured by :func:`capture_decoder` (in-process,
     loaded, or connected to a worker). Stops after ``max_new_tokens`` or when every row has
-    produced an EOS token; rows that finished early are padded with ``pad_token_id`` (default: the
-    first EOS id), as transformers does. Under
-    RNM only the prompt is sanitised, less the positions ``public_prompt`` marks (a chat
-    template); generated tokens are ones the GPU computed (see :meth:`SplitProgram.run`).
-    Afterwards ``program.last_request`` describes the prompt's
-    sanitisation (its sanitised tokens and total ε) for the whole generation request.
+    produced an EOS token; rows that finished early are padded with ``pad_token_id``
+    (default: the first EOS id), as transformers does. Under RNM only the prompt is sanitised,
+    less the positions ``public_prompt`` marks (a chat template); generated tokens are ones
+    the GPU computed (see :meth:`SplitProgram.run`). Afterwards ``program.last_request``
+    describes the prompt's sanitisation (its sanitised tokens and total ε) for the whole
+    generation request.
     """
     if not getattr(program, "state", None):
         raise PartitionError(
@@ -163,6 +163,7 @@ def generate(
             f"{list(input_ids.shape)}"
         )
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     specs = [program.state[name] for name in _state_order(program)]
     past = _empty_state(program, input_ids.shape[0], input_ids.device)
     tokens = input_ids
@@ -171,15 +172,15 @@ def generate(
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with torch.no_grad():
         for step in range(max_new_tokens):
-            public: bool | torch.Tensor = True if step > 0 else False
-            if step == 0 and public_prompt is not None:
-                public = public_prompt
+            if step > 0:
+                public: bool | torch.Tensor = True
+            else:
+                public = public_prompt if public_prompt is not None else False
             out = program.run((step_ids, past), {}, public_tokens=public)
             if step == 0:
                 prompt_request = dict(program.last_request)
             next_ids = out[0][:, -1].argmax(-1)
             if eos:
-                pad = pad_token_id if pad_token_id is not None else next(iter(eos))
                 next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
                 done |= torch.isin(next_ids, torch.tensor(eos, device=done.device))
             step_ids = next_ids[:, None]

@@ -67,14 +67,14 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build().eval()
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(num_hidden_layers: int = 2) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

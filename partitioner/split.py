@@ -218,14 +218,14 @@ class _StageBuilder:
         """
         if not symbol.is_Symbol:
             return None
-        atoms = {expr: (t, i) for t, i, expr in self._local_dims() if expr.is_Symbol}
-        for tensor, i, expr in self._local_dims():
+        dims = self._local_dims()
+        atoms = {expr: (t, i) for t, i, expr in dims if expr.is_Symbol}
+        for tensor, i, expr in dims:
             rest = expr - symbol
-            if expr.is_Symbol or not expr.is_Add or symbol in rest.free_symbols:
+            # ``expr`` must be ``symbol`` plus a sum of other local symbols and integers
+            if not expr.is_Add or symbol not in expr.free_symbols or symbol in rest.free_symbols:
                 continue
-            if symbol not in expr.free_symbols or not rest.free_symbols <= atoms.keys():
-                continue
-            if not rest.is_Add and not rest.is_Symbol:
+            if not (rest.is_Add or rest.is_Symbol) or not rest.free_symbols <= atoms.keys():
                 continue
             terms = rest.args if rest.is_Add else (rest,)
             if not all(t.is_Symbol or t.is_Integer for t in terms):

@@ -14,6 +14,7 @@ from partitioner import partition
 from partitioner.artifacts import load
 from partitioner.errors import PartitionError
 from partitioner.generation import capture_decoder, generate
+from partitioner.models import tiny_llama
 from partitioner.policy import Policy
 from runtime.worker import GPUWorker, serve
 
@@ -31,8 +32,7 @@ def step(name: str):
         return capture_decoder(built(name))
 
 
-def hf_generate(name: str, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
-    model = built(name)
+def hf_generate(model, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(
             input_ids=ids,
@@ -63,7 +63,7 @@ def test_capture_declares_the_cache_as_state():
 def test_tokens_equal_transformers_generate(name, policy):
     ids = prompt()
     split = partition(step(name), policy, seed=3)
-    expected = hf_generate(name, ids, 10, eos_token_id=None)
+    expected = hf_generate(built(name), ids, 10, eos_token_id=None)
     assert torch.equal(generate(split, ids, max_new_tokens=10), expected)
 
 
@@ -76,18 +76,18 @@ def test_cmif_sanitises_the_prompt_only():
     sanitised = split.last_request["sanitised_tokens"]
     assert sanitised.shape == ids.shape and not torch.equal(sanitised, ids)
     assert torch.equal(
-        out[:, 12:], hf_generate("tiny-llama", sanitised, 8, eos_token_id=None)[:, 12:]
+        out[:, 12:], hf_generate(built("tiny-llama"), sanitised, 8, eos_token_id=None)[:, 12:]
     )
     assert split.last_request["epsilon"] == pytest.approx(12 * split.policy.rnm.epsilon)
 
 
 def test_generation_stops_at_eos_and_pads_finished_rows():
     ids = prompt()
-    full = hf_generate("tiny-llama", ids, 10, eos_token_id=None)
+    full = hf_generate(built("tiny-llama"), ids, 10, eos_token_id=None)
     eos = int(full[0, 9])  # the third generated token of row 0
     split = partition(step("tiny-llama"), "secureinfer", seed=3)
     out = generate(split, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(out, hf_generate("tiny-llama", ids, 10, eos_token_id=eos))
+    assert torch.equal(out, hf_generate(built("tiny-llama"), ids, 10, eos_token_id=eos))
 
 
 def test_a_program_without_state_cannot_generate():
@@ -147,7 +147,7 @@ def test_smollm2_answers_exactly_like_generate(policy):
     ids = tokenizer(text, return_tensors="pt").input_ids
     split = partition(step("smollm2-135m"), policy, seed=0)
     out = generate(split, ids, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id)
-    expected = hf_generate("smollm2-135m", ids, 12, eos_token_id=tokenizer.eos_token_id)
+    expected = hf_generate(built("smollm2-135m"), ids, 12, eos_token_id=tokenizer.eos_token_id)
     assert torch.equal(out, expected)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
@@ -155,27 +155,9 @@ def test_smollm2_answers_exactly_like_generate(policy):
 def test_many_layers_keep_their_cache_order_after_load(tmp_path):
     """plan.json sorts its keys (past_10 before past_2): generation must follow the
     program's input order, not the order of the saved state map."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(num_hidden_layers=6)
     split = partition(capture_decoder(model), "all_gpu")
     split.save(tmp_path)
     ids = prompt()
-    expected = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    expected = hf_generate(model, ids, 8, eos_token_id=None)
     assert torch.equal(generate(load(tmp_path), ids, max_new_tokens=8), expected)

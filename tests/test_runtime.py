@@ -1,22 +1,17 @@
 """Two processes: the GPU worker serves a saved bundle, the enclave driver runs the rest."""
 
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import captured, model_output
 
-from enclave_runtime.driver import WorkerError, connect
+from enclave_runtime.driver import WorkerError, connect, spawn_worker
 from partitioner import partition
 from runtime.protocol import ERROR, MAGIC, read_frame
 from runtime.worker import GPUWorker, serve
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +28,8 @@ def bundles(tmp_path_factory):
 def worker_process(bundles, tmp_path):
     """A real worker process serving the slalom bundle on a Unix socket."""
     address = f"unix:{tmp_path / 'worker.sock'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", str(bundles["slalom"] / "gpu"), "--listen", address],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = [proc.stdout.readline() for _ in range(1)]
-    while "teesplit GPU worker" not in lines[-1] and len(lines) < 20 and lines[-1]:
-        lines.append(proc.stdout.readline())  # skips the no-CUDA warning
-    assert "teesplit GPU worker" in lines[-1], lines
+    proc, banner = spawn_worker(bundles["slalom"] / "gpu", address)
+    assert "teesplit GPU worker" in banner
     yield proc, address
     proc.kill()
     proc.wait()
