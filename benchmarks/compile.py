@@ -28,7 +28,7 @@ def one(preset: str, layers: int) -> dict[str, float | int | str]:
     warnings.simplefilter("ignore")
     from partitioner.api import partition
     from partitioner.capturing import capture
-    from partitioner.models import llama2_7b_meta
+    from partitioner.zoo import llama2_7b_meta
 
     model = llama2_7b_meta(layers)
     start = time.perf_counter()

@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     from partitioner.api import partition
-    from partitioner.models import minilm, minilm_tokenizer, smollm2, smollm2_tokenizer
+    from partitioner.zoo import minilm, minilm_tokenizer, smollm2, smollm2_tokenizer
     from passes.field import FRAC_BITS, RANGE_BITS, quantised_reference
 
     print(

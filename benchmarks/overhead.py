@@ -100,11 +100,11 @@ def main() -> None:
     import partitioner.program as program_module
     from partitioner.api import partition
     from partitioner.capturing import capture
-    from partitioner.models import smollm2, smollm2_tokenizer
     from partitioner.policy import Policy
-    from passes import integrity
-    from passes.ops import OPS
-    from passes.rnm import RNMTables
+    from partitioner.zoo import smollm2, smollm2_tokenizer
+    from enclave_runtime import integrity
+    from partitioner.ops import OPS
+    from partitioner.rnm_tables import RNMTables
 
     torch.set_num_threads(torch.get_num_threads())
     model = smollm2()
@@ -122,7 +122,7 @@ def main() -> None:
     start = time.perf_counter()
     tables = RNMTables.build(weight, 20, 1.0, tokenizer.all_special_ids)
     build_s = time.perf_counter() - start
-    from passes.randomness import CSPRNG
+    from enclave_runtime.randomness import CSPRNG
 
     rng = CSPRNG()
     noise_s = median_time(lambda: rng.laplace([1, args.seq, tables.k], 2.0), args.repeats)

@@ -70,8 +70,9 @@ def main() -> None:
     from enclave_runtime.driver import connect, spawn_worker
     from partitioner.api import partition
     from partitioner.artifacts import load
-    from partitioner.generation import capture_decoder, encode_prompt, generate
-    from partitioner.models import smollm2, smollm2_tokenizer
+    from enclave_runtime.generation import encode_prompt, generate
+from partitioner.generation import capture_decoder
+    from partitioner.zoo import smollm2, smollm2_tokenizer
 
     model, tokenizer = smollm2(), smollm2_tokenizer()
     ids, public = encode_prompt(tokenizer, PROMPT)

@@ -1,10 +1,112 @@
-"""``python -m enclave_runtime DIR --worker ADDR``: the enclave driver (``teesplit enclave``).
+"""``python -m enclave_runtime DIR --worker ADDR``: the enclave driver, prompts on stdin.
 
-This is the entrypoint the Gramine manifest names; it delegates to the CLI's one parser.
+The entry point the Gramine manifest names, and its own: it imports the executor, the bundle
+reader and the worker client, never the compiler (capture, labelling, placement, protection).
+``teesplit enclave`` calls :func:`main`. A prompt line is text, or ``ids: 1,2,3``.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+from typing import Any
 
-from partitioner.cli import main
+import torch
 
-main(["enclave", *sys.argv[1:]])
+from enclave_runtime.driver import connect
+from enclave_runtime.generation import encode_prompt, generate
+from enclave_runtime.launcher import bundle_root
+from partitioner.errors import TeesplitError
+
+
+def _tokenizer(spec: str) -> Any:
+    from partitioner.zoo import TOKENIZERS  # the real-weight packages' tokenizers
+
+    if spec in TOKENIZERS:
+        return TOKENIZERS[spec]()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"teesplit: no tokenizer for {spec!r} ({exc}); pass --ids") from None
+
+
+def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
+    """A stdin line, ``ids: 1,2,3`` or a prompt -> ``(input_ids, public positions or None)``."""
+    if line.startswith("ids:"):
+        return torch.tensor([[int(x) for x in line[4:].split(",")]]), None
+    if tokenizer is None:
+        raise SystemExit("teesplit enclave: no tokenizer for this bundle; send 'ids: 1,2,3'")
+    return encode_prompt(tokenizer, line)
+
+
+def serve_stdin(args: argparse.Namespace) -> None:
+    """Load enclave/, connect to the worker, answer prompts from stdin."""
+    root = bundle_root(args.bundle)
+    program = connect(root, args.worker, timeout=args.timeout)
+    plan = program.plan.describe()
+    if not program.plan.state:
+        raise SystemExit(
+            f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
+        )
+    try:
+        tokenizer = _tokenizer(args.tokenizer or plan["model"])
+    except SystemExit:
+        tokenizer = None
+    print(f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}", flush=True)
+    for raw in sys.stdin:
+        line = raw.strip()
+        if not line:
+            continue
+        ids, public = _encode(line, tokenizer)
+        sent, received = program.runner.bytes_sent, program.runner.bytes_received
+        start = time.perf_counter()
+        out = generate(
+            program,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=getattr(tokenizer, "eos_token_id", None),
+            public_prompt=public,
+        )
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1] :].tolist()
+        show = (lambda t: repr(tokenizer.decode(t, skip_special_tokens=True))) if tokenizer else str
+        print(f"prompt: {line!r}")
+        request = program.last_request
+        if "sanitised_tokens" in request:
+            print(
+                f"sanitised prompt (what the GPU saw; RNM on the user's words, "
+                f"ε = {request['epsilon']:g} in all): "
+                f"{show(request['sanitised_tokens'][0].tolist())}"
+            )
+        print(f"answer: {show(new)}")
+        up = program.runner.bytes_sent - sent
+        down = program.runner.bytes_received - received
+        print(
+            f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s); "
+            f"to the GPU worker {up:,} B, back {down:,} B "
+            f"({(up + down) / max(len(new), 1):,.0f} B per token)",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m enclave_runtime", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
+    parser.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
+    parser.add_argument("--tokenizer", default=None, help="built-in name or local folder")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    args = parser.parse_args(argv)
+    try:
+        serve_stdin(args)
+    except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed
+        raise SystemExit(f"teesplit enclave: {type(exc).__name__}: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

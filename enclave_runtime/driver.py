@@ -1,9 +1,10 @@
 """The enclave driver: runs the enclave side of a saved program and calls the GPU worker.
 
-Reads ``DIR/plan.json`` and ``DIR/enclave`` only (``load(dir, gpu=False)``); each GPU stage
-becomes a :class:`RemoteStage` that sends the stage's (masked) inputs to the worker and returns
-its outputs, so the reference executor (``SplitProgram.execute``) drives the two processes
-unchanged: masks, unmasks, corrections and Freivalds checks all stay in this process.
+Reads ``DIR/plan.json`` and ``DIR/enclave`` only (``load_program(dir, gpu=False)``). The
+:class:`WorkerClient` is the executor's :class:`~enclave_runtime.executor.StageRunner` for the
+GPU stages: it sends a stage's (masked) inputs to the worker and returns its outputs, so the
+same executor that runs in one process drives the two: masks, unmasks, corrections and
+Freivalds checks all stay in this process.
 A worker that dies, hangs past ``timeout`` seconds, or answers with an error frame makes the
 request fail with a :class:`WorkerError` naming the stage; nothing blocks forever.
 """
@@ -19,8 +20,9 @@ from typing import Any
 
 import torch
 
+from enclave_runtime.executor import Executor
+from partitioner.bundle import load_program
 from partitioner.errors import TeesplitError
-from partitioner.program import SplitProgram
 from runtime.protocol import ERROR, RUN, STATS, ProtocolError, parse_address, read_frame, send_frame
 
 
@@ -101,17 +103,6 @@ class WorkerClient:
         self.sock.close()
 
 
-class RemoteStage:
-    """Stands in for a GPU stage's module: a call is a round trip to the worker."""
-
-    def __init__(self, client: WorkerClient, name: str) -> None:
-        self.client = client
-        self.name = name
-
-    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.client.run(self.name, list(tensors)))
-
-
 def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen, str]:
     """Start ``python -m runtime GPU_BUNDLE --listen ADDRESS`` locally and wait until it
     serves; returns the process and its ready line. The caller kills the process."""
@@ -132,14 +123,8 @@ def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen
 
 def connect(
     bundle: str | Path, worker: str, *, timeout: float = 60.0, seed: int | None = None
-) -> SplitProgram:
-    """The saved program at ``bundle`` with its GPU stages served by the worker at ``worker``."""
-    from partitioner.artifacts import load
-
-    program = load(bundle, gpu=False, seed=seed)
-    client = WorkerClient(worker, timeout)
-    for stage in program.stages:
-        if stage.side == "gpu":
-            stage.module = RemoteStage(client, stage.name)
-    program.worker = client
-    return program
+) -> Executor:
+    """The saved program at ``bundle`` (enclave side only) with its GPU stages served by the
+    worker at ``worker``; the client is the executor's ``runner``."""
+    plan = load_program(bundle, gpu=False)
+    return Executor(plan, WorkerClient(worker, timeout), seed=seed)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jinja2
 
-from partitioner.artifacts import _sha256, read_document
+from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
 
 TEMPLATE = Path(__file__).parent / "templates" / "teesplit-enclave.manifest.template"
@@ -87,7 +87,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         for rel, digest in sorted(files.items())
         if rel.startswith("enclave/")
     ]
-    bundle_files.insert(0, {"path": "plan.json", "sha256": _sha256(plan_path)})
+    bundle_files.insert(0, {"path": "plan.json", "sha256": sha256(plan_path)})
     paths = sysconfig.get_paths()
     keys = ("stdlib", "platstdlib", "purelib", "platlib")
     python_paths = sorted({paths[key] for key in keys})
@@ -121,13 +121,14 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
 
 _MEASURE = """
 import resource, sys, torch
-from partitioner import load
-from partitioner.generation import generate
-program = load(sys.argv[1])
+from enclave_runtime.executor import Executor
+from enclave_runtime.generation import generate
+from partitioner.bundle import load_program
+program = Executor(load_program(sys.argv[1]))
 dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
 ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():
-    if program.state:
+    if program.plan.state:
         generate(program, ids, max_new_tokens=dims.get("new", 8))
     else:
         program(input_ids=ids)

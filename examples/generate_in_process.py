@@ -14,9 +14,10 @@ import warnings
 
 import torch
 
-from partitioner import partition
-from partitioner.generation import capture_decoder, encode_prompt, generate
-from partitioner.models import smollm2, smollm2_tokenizer
+from partitioner.api import partition
+from enclave_runtime.generation import encode_prompt, generate
+from partitioner.generation import capture_decoder
+from partitioner.zoo import smollm2, smollm2_tokenizer
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
-"""The README's ten-line example: split a tiny Llama, audit it, check it against the model."""
+"""The README's example: split a tiny random Llama, audit it, check it against the model."""
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from partitioner import audit, partition
-from partitioner.models import tiny_llama
+from partitioner.api import audit, partition
 
-model = tiny_llama()  # any Hugging Face causal LM works; example inputs are built for you
+config = LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+model = LlamaForCausalLM(config).eval()  # any Hugging Face causal LM; inputs are built for you
 split = partition(model, "secureinfer")  # or "cmif", "slalom", a Policy, or a policy.yaml
 audit(split)  # partition already ran it; this prints every cut edge and its protection
 ids = torch.randint(0, model.config.vocab_size, (1, 12))

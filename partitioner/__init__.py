@@ -1,37 +1,8 @@
-"""teesplit: split PyTorch models between an SGX enclave and an untrusted GPU.
+"""teesplit's compiler and the split program's data model.
 
-Names are imported on first use (PEP 562) so that ``passes`` can import
-``partitioner.errors`` without pulling in the whole pipeline and creating an import cycle.
+This package imports nothing on purpose: the enclave and the GPU worker import its bottom
+layer (``errors``, ``label_set``, ``policy``, ``plan``, ``dims``, ``ops``, ``rnm_tables``,
+``bundle``) without pulling in the compiler. The compiler's entry points are in
+``partitioner.api``: ``partition``, ``audit`` and ``load``. The layer rule is in
+``docs/design.md`` and enforced by ``tests/test_layers.py``.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "partition": "partitioner.api",
-    "load": "partitioner.artifacts",
-    "Captured": "partitioner.capturing",
-    "capture": "partitioner.capturing",
-    "ArtifactError": "partitioner.errors",
-    "AuditError": "partitioner.errors",
-    "CaptureError": "partitioner.errors",
-    "IntegrityError": "partitioner.errors",
-    "LabelError": "partitioner.errors",
-    "PartitionError": "partitioner.errors",
-    "PolicyError": "partitioner.errors",
-    "TeesplitError": "partitioner.errors",
-    "PRESETS": "partitioner.policy",
-    "Policy": "partitioner.policy",
-    "RNMConfig": "partitioner.policy",
-    "SplitProgram": "partitioner.program",
-    "audit": "passes.audit",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'partitioner' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)

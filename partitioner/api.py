@@ -1,4 +1,8 @@
-"""``partition(model, policy)``: the pipeline of DESIGN.md, one named step after another."""
+"""``partition(model, policy)``: the pipeline of ``docs/design.md``, one named step after another.
+
+Also the compiler's public entry points: ``partition``, ``audit`` and ``load`` (a saved bundle,
+ready to run in this process).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
+from torch.export.graph_signature import ConstantArgument, InputKind
 
+from enclave_runtime.executor import Executor
+from partitioner.bundle import load_program
 from partitioner.capturing import Captured, capture
 from partitioner.errors import PartitionError
-from partitioner.placement import ENCLAVE, place
+from partitioner.label_set import Label
+from partitioner.placement import place
+from partitioner.plan import ENCLAVE, Plan, Signature
 from partitioner.policy import Policy
-from partitioner.program import SplitProgram, _Signature
+from partitioner.program import SplitProgram
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
 from passes.audit import audit
-from passes.label_set import Label
 from passes.labels import label_program, user_input_names
-from passes.pool import MaskPool
-from passes.protect import MoveToEnclave, protect
-from passes.randomness import CSPRNG
+from passes.protect import protect
+
+__all__ = ["audit", "load", "partition"]
 
 
 def needs_attention_decomposition(policy: Policy) -> bool:
@@ -92,19 +101,15 @@ def partition(
         placement = place(program, policy, shapes, force)
         stages, edges, flat_outputs = build_stages(program, placement, shapes)
         validate(program, placement, stages, edges)
-        try:
-            stages, edges, protection = protect(
-                program, policy, shapes, stages, edges, flat_outputs, special
+        result = protect(program, policy, shapes, stages, edges, flat_outputs, special)
+        if not result.move_to_enclave:
+            break
+        fresh = {n: why for n, why in result.move_to_enclave.items() if n not in force}
+        if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
+            raise PartitionError(
+                f"on_unmaskable='enclave' could not place {sorted(result.move_to_enclave)[:5]}"
             )
-        except MoveToEnclave as move:
-            fresh = {n: why for n, why in move.nodes.items() if n not in force}
-            if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
-                raise PartitionError(
-                    f"on_unmaskable='enclave' could not place {sorted(move.nodes)[:5]}"
-                ) from None
-            force.update(fresh)
-            continue
-        break
+        force.update(fresh)
     labels = {}
     rules = {}
     flops = {}
@@ -115,30 +120,61 @@ def partition(
             rules[node.name] = meta["label_rule"]
             if node.name in placement.sides:
                 flops[node.name] = node_flops(node, shapes)
-    param_bytes = {fqn: t.numel() * t.element_size() for fqn, t in program.state_dict.items()}
     users = set(user_input_names(program))
-    split = SplitProgram(
-        model_name=model_name or captured.model_name,
+    spec = Plan(
+        model=model_name or captured.model_name,
         policy=policy,
-        stages=stages,
-        edges=edges,
-        flat_outputs=flat_outputs,
-        signature=_Signature.of(program),
-        shapes=shapes,
-        placement=placement,
-        labels=labels,
-        label_rules=rules,
-        flops=flops,
-        param_bytes=param_bytes,
+        reference_dims=dict(shapes.reference),
+        stages=result.stages,
+        edges=result.edges,
+        flat_outputs=result.flat_outputs,
         input_dims={
             n.name: shapes.shape(n.meta["val"])
             for n in program.graph.nodes
             if n.name in users and isinstance(n.meta.get("val"), torch.Tensor)
         },
-        protection=protection,
-        pool=MaskPool(protection, CSPRNG(seed)) if protection.needs_pool else None,
-        source=program,
+        signature=_signature(program),
         state=dict(captured.state),
+        protection=result.protection,
+        other_nodes={n: rules[n] for n, label in sorted(labels.items()) if label == Label.OTHER},
+    )
+    split = SplitProgram(
+        spec=spec,
+        source=program,
+        shapes=shapes,
+        placement=placement,
+        labels=labels,
+        label_rules=rules,
+        flops=flops,
+        param_bytes={fqn: t.numel() * t.element_size() for fqn, t in program.state_dict.items()},
+        taint=result.taint,
+        seed=seed,
     )
     audit(split, verbose=False)
     return split
+
+
+def _signature(program: ExportedProgram) -> Signature:
+    """The exported program's call signature as plan data."""
+    inputs: list[tuple[str | None, Any]] = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        if isinstance(spec.arg, ConstantArgument):
+            inputs.append((None, spec.arg.value))
+        else:
+            inputs.append((spec.arg.name, None))
+    return Signature(
+        pytree.treespec_dumps(program.call_spec.in_spec),
+        pytree.treespec_dumps(program.call_spec.out_spec),
+        inputs,
+    )
+
+
+def load(directory: str | Path, *, seed: int | None = None) -> Executor:
+    """A saved split program, verified and ready to run in this process (both sides).
+
+    ``seed`` fixes its mask pool's CSPRNG (tests only). The enclave driver loads the enclave
+    side alone and serves the GPU stages from a worker (``enclave_runtime.driver.connect``).
+    """
+    return Executor(load_program(directory), seed=seed)

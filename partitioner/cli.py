@@ -31,7 +31,7 @@ def _step(message: str, start: float) -> None:
 
 
 def _load_model(spec: str) -> Any:
-    from partitioner.models import BUILTIN
+    from partitioner.zoo import BUILTIN
 
     if spec in BUILTIN:
         return BUILTIN[spec]()
@@ -107,7 +107,7 @@ def _svg(plan: dict[str, Any]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from partitioner.artifacts import read_document
+    from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
 
     root = Path(args.dir)
@@ -141,34 +141,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_gpu(args: argparse.Namespace) -> None:
-    from runtime.worker import GPUWorker, serve
+    from runtime.__main__ import main as worker_main
 
-    worker = GPUWorker(args.bundle, backend=args.backend, device=args.device)
-    server = serve(worker, args.listen)
-    print(
-        f"teesplit GPU worker: {len(worker.stages)} stages on {args.listen} "
-        f"({args.backend}, {worker.device})",
-        flush=True,
+    worker_main(
+        [args.bundle, "--listen", args.listen, "--backend", args.backend, "--device", args.device]
     )
-    server.serve_forever()
-
-
-def _tokenizer(spec: str) -> Any:
-    from partitioner import models
-
-    builtin = {"smollm2-135m": models.smollm2_tokenizer, "minilm": models.minilm_tokenizer}
-    if spec in builtin:
-        return builtin[spec]()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"teesplit: no tokenizer for {spec!r} ({exc}); pass --ids") from None
 
 
 def _read_plan(directory: str | Path) -> dict[str, Any]:
-    from partitioner.artifacts import read_document
+    from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
 
     try:
@@ -177,71 +158,14 @@ def _read_plan(directory: str | Path) -> dict[str, Any]:
         raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
 
 
-def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
-    """A stdin line, ``ids: 1,2,3`` or a prompt -> ``(input_ids, public positions or None)``."""
-    import torch
-
-    from partitioner.generation import encode_prompt
-
-    if line.startswith("ids:"):
-        return torch.tensor([[int(x) for x in line[4:].split(",")]]), None
-    if tokenizer is None:
-        raise SystemExit("teesplit enclave: no tokenizer for this bundle; send 'ids: 1,2,3'")
-    return encode_prompt(tokenizer, line)
-
-
 def cmd_enclave(args: argparse.Namespace) -> None:
-    """The enclave driver: load enclave/, connect to the worker, answer prompts from stdin."""
-    from enclave_runtime.driver import connect
-    from enclave_runtime.launcher import bundle_root
-    from partitioner.generation import generate
+    from enclave_runtime.__main__ import main as enclave_main
 
-    root = bundle_root(args.bundle)
-    plan = _read_plan(root)
-    program = connect(root, args.worker, timeout=args.timeout)
-    if not program.state:
-        raise SystemExit(
-            f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
-        )
-    try:
-        tokenizer = _tokenizer(args.tokenizer or plan["model"])
-    except SystemExit:
-        tokenizer = None
-    print(f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}", flush=True)
-    for raw in sys.stdin:
-        line = raw.strip()
-        if not line:
-            continue
-        ids, public = _encode(line, tokenizer)
-        sent, received = program.worker.bytes_sent, program.worker.bytes_received
-        start = time.perf_counter()
-        out = generate(
-            program,
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            eos_token_id=getattr(tokenizer, "eos_token_id", None),
-            public_prompt=public,
-        )
-        seconds = time.perf_counter() - start
-        new = out[0, ids.shape[1] :].tolist()
-        show = (lambda t: repr(tokenizer.decode(t, skip_special_tokens=True))) if tokenizer else str
-        print(f"prompt: {line!r}")
-        request = program.last_request
-        if "sanitised_tokens" in request:
-            print(
-                f"sanitised prompt (what the GPU saw; RNM on the user's words, "
-                f"ε = {request['epsilon']:g} in all): "
-                f"{show(request['sanitised_tokens'][0].tolist())}"
-            )
-        print(f"answer: {show(new)}")
-        up = program.worker.bytes_sent - sent
-        down = program.worker.bytes_received - received
-        print(
-            f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s); "
-            f"to the GPU worker {up:,} B, back {down:,} B "
-            f"({(up + down) / max(len(new), 1):,.0f} B per token)",
-            flush=True,
-        )
+    argv = [args.bundle, "--worker", args.worker, "--max-new-tokens", str(args.max_new_tokens)]
+    argv += ["--timeout", str(args.timeout)]
+    if args.tokenizer:
+        argv += ["--tokenizer", args.tokenizer]
+    enclave_main(argv)
 
 
 def _worker_address(tcp: bool) -> str:
@@ -312,7 +236,7 @@ DEMO_PROMPT = "What is the capital of France?"
 def cmd_demo(args: argparse.Namespace) -> None:
     """Partition SmolLM2 under cmif (once; the bundle is reused) and answer a prompt through
     both processes."""
-    from partitioner.artifacts import read_document
+    from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
 
     out = Path(args.out)

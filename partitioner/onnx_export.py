@@ -43,7 +43,7 @@ def _field_add(a: Any, b: Any, prime: int) -> Any:
 
 def export_onnx(program: torch.export.ExportedProgram, path: Path, name: str) -> None:
     """Write ``program`` (a GPU stage with real weights) to ``path`` as ONNX."""
-    import passes.ops  # noqa: F401 - the teesplit ops must be registered to translate them
+    import partitioner.ops  # noqa: F401 - the teesplit ops must be registered to translate them
 
     table = {
         torch.ops.teesplit.field_linear.default: _field_linear,
@@ -57,17 +57,3 @@ def export_onnx(program: torch.export.ExportedProgram, path: Path, name: str) ->
         onnx_program.save(str(path))
     except Exception as exc:  # the exporter raises many types; all mean no ONNX for this stage
         raise ArtifactError(f"cannot export {name} to ONNX: {type(exc).__name__}: {exc}") from None
-
-
-def onnx_stage(path: str | Path, providers: list[str] | None = None) -> Any:
-    """A callable running one ONNX GPU stage under onnxruntime: tensors in, tensors out."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
-        return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
-
-    return run

@@ -29,13 +29,13 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from partitioner.errors import PartitionError
+from partitioner.label_set import Label
+from partitioner.plan import ENCLAVE, GPU
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
-from passes.base import teesplit_meta
-from passes.label_set import Label
+from passes.base import is_tensor_value, teesplit_meta
 from passes.labels import SHAPE_OPS, label_of, op_name, user_input_names
 
-ENCLAVE, GPU = "enclave", "gpu"
 _SOURCE, _SINK = "\x00enclave", "\x00gpu"
 
 
@@ -101,12 +101,6 @@ class Placement:
     stages: list[StagePlan]
     protected_params: set[str]
     cut_bytes: int
-
-
-def is_tensor_value(val: object) -> bool:
-    if isinstance(val, torch.Tensor):
-        return True
-    return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
 class Placer:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.errors import PolicyError
-from passes.label_set import ALL_LABELS, WEIGHT_BEARING, Label
+from partitioner.label_set import ALL_LABELS, WEIGHT_BEARING, Label
 
 PROTECTABLE = frozenset({"input", "model"})
 MASKING_MODES = ("none", "additive", "field")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,58 +25,13 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from partitioner.errors import PartitionError
-from partitioner.placement import ENCLAVE, GPU, Placement, is_tensor_value
+from partitioner.placement import Placement
+from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Stage, label_counts
 from partitioner.shapes import ShapeContext
+from passes.base import is_tensor_value, teesplit_meta
 from passes.labels import user_input_names
 
-INPUT, OUTPUT = "input", "output"
 _SYM_SIZE = torch.ops.aten.sym_size.int
-
-
-@dataclass
-class Stage:
-    name: str
-    side: str
-    module: torch.fx.GraphModule
-    inputs: list[str]  # value names, in placeholder order
-    outputs: list[str]  # value names, in output order
-    nodes: list[str]  # placed compute nodes, topological order
-    params: list[str]  # fqns of the weights this stage owns
-    # Protection adds inputs after ``inputs``: ("mask", value) takes the pad for value,
-    # ("delta", value) the correction that unmasks it, ("noise", value) RNM's Laplace noise.
-    extra_inputs: list[tuple[str, str]] = field(default_factory=list)
-    masked_outputs: list[str] = field(default_factory=list)  # returned after ``outputs``
-
-
-@dataclass
-class Edge:
-    """A value consumed by a stage (or the program output) that another place produced."""
-
-    name: str
-    producer: str  # stage name, or "input"
-    consumer: str  # stage name, or "output"
-    shape: list[int | str]
-    dtype: str
-    nbytes: int  # at the reference binding
-    direction: str  # "enclave->gpu", "gpu->enclave", "enclave->enclave", "gpu->gpu"
-    protection: str = "none"
-
-    @property
-    def crossing(self) -> bool:
-        src, dst = self.direction.split("->")
-        return src != dst
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "producer": self.producer,
-            "consumer": self.consumer,
-            "shape": self.shape,
-            "dtype": self.dtype,
-            "bytes": self.nbytes,
-            "direction": self.direction,
-            "protection": self.protection,
-        }
 
 
 class _StageBuilder:
@@ -382,6 +336,10 @@ def build_stages(
                 outputs=outputs,
                 nodes=[n.name for n in nodes if n.name in home],
                 params=sorted(builder.attrs),
+                labels=label_counts(
+                    {n.name: teesplit_meta(n)["label"] for n in nodes if n.name in home},
+                    [n.name for n in nodes if n.name in home],
+                ),
             )
         )
 

@@ -19,18 +19,28 @@ each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch.export import ExportedProgram
 
 from partitioner.errors import AuditError
-from partitioner.placement import ENCLAVE, GPU
-from partitioner.split import INPUT, OUTPUT
-from passes.ops import OPS
-from passes.protect import DP_TAINT, taint_of
+from partitioner.ops import OPS
+from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Protection, Stage
+from partitioner.policy import Policy
+from passes.taint import DP_TAINT, taint_of
 
-if TYPE_CHECKING:
-    from partitioner.program import SplitProgram
+
+class SplitProgram(Protocol):
+    """What the audit reads of a split program (the compiler's ``SplitProgram`` has it)."""
+
+    model_name: str
+    policy: Policy
+    protection: Protection | None
+    source: ExportedProgram
+    stages: list[Stage]
+    edges: list[Edge]
+
 
 _MASK_OPS = {OPS.mask.default, OPS.field_mask.default}
 _UNMASK_OPS = {OPS.unmask.default, OPS.field_unmask.default}

@@ -18,6 +18,13 @@ from partitioner.errors import LabelError
 META_KEY = "teesplit"
 
 
+def is_tensor_value(val: object) -> bool:
+    """A tensor, or a list/tuple holding one (an op with several tensor results)."""
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
+
+
 def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
     """The node's teesplit metadata dict, created on first use."""
     return node.meta.setdefault(META_KEY, {})

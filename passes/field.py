@@ -21,20 +21,21 @@ product in the same stage) raises :class:`PartitionError` naming the node.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 
 from partitioner.errors import PartitionError
+from partitioner.ops import LIMB_BITS, OPS, PRIME, quantize
+from partitioner.plan import Edge, FieldSpec
 from partitioner.shapes import ShapeContext
 from passes.base import fake_like
 from passes.labels import op_name
 from passes.linearity import _LINEAR_IN_FIRST
-from passes.ops import LIMB_BITS, OPS, PRIME, quantize
 
 FRAC_BITS = 14
 RANGE_BITS = 12  # outputs are exact while |y| < 2**RANGE_BITS; weights get the bits left over
@@ -50,31 +51,25 @@ class FieldRefusal(PartitionError):
         self.node = node
 
 
-@dataclass
-class FieldPlan:
-    prime: int = PRIME
-    frac_bits: int = FRAC_BITS
-    weight_bits: dict[str, int] = field(default_factory=dict)  # node -> weight fractional bits
-    output_bits: dict[str, int] = field(default_factory=dict)  # value -> fractional bits
-    output_range: dict[str, float] = field(default_factory=dict)  # value -> max |y| that is exact
+def new_field_spec() -> FieldSpec:
+    """An empty field format with the default prime and activation bits."""
+    return FieldSpec(PRIME, FRAC_BITS)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "prime": self.prime,
-            "activation_frac_bits": self.frac_bits,
-            "weight_frac_bits": dict(sorted(self.weight_bits.items())),
-            "exact_output_range": dict(sorted(self.output_range.items())),
-        }
 
-    def mark_edges(
-        self, edges: list[Any], masked: dict[str, Any], gpu_masked: set[str], shapes: ShapeContext
-    ) -> None:
-        """Masked values cross as int64 residues: record the dtype and the doubled bytes."""
-        for edge in edges:
-            if edge.crossing and (edge.name in masked or edge.name in gpu_masked):
-                if edge.dtype != "int64":
-                    edge.nbytes = edge.nbytes * 8 // _itemsize(edge.dtype)
-                    edge.dtype = "int64"
+def mark_field_edges(edges: list[Edge], masked: dict[str, Any], gpu_masked: set[str]) -> list[Edge]:
+    """Masked values cross as int64 residues: the edges with that dtype and the bytes it takes."""
+    out = []
+    for edge in edges:
+        if (
+            edge.crossing
+            and (edge.name in masked or edge.name in gpu_masked)
+            and edge.dtype != "int64"
+        ):
+            edge = dataclasses.replace(
+                edge, nbytes=edge.nbytes * 8 // _itemsize(edge.dtype), dtype="int64"
+            )
+        out.append(edge)
+    return out
 
 
 def _itemsize(dtype: str) -> int:
@@ -94,7 +89,7 @@ def _weight_bits(weight: torch.Tensor, fan_in: int, prime: int, frac_bits: int) 
 
 
 def to_field(
-    stage: Any, masked_inputs: list[str], plan: FieldPlan, shapes: ShapeContext
+    stage: Any, masked_inputs: list[str], plan: FieldSpec, shapes: ShapeContext
 ) -> torch.fx.GraphModule:
     """The stage with masked values carried as residues mod ``plan.prime``."""
     module: torch.fx.GraphModule = stage.module
@@ -254,10 +249,10 @@ def quantised_reference(split: Any) -> Any:
     """
     import torch.utils._pytree as pytree
 
-    from passes.ops import dequantize
+    from partitioner.ops import dequantize
 
     prot = split.protection
-    plan: FieldPlan = prot.field_plan
+    plan: FieldSpec = prot.field_plan
     source = split.source
     sig = source.graph_signature
     weights = {

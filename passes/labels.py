@@ -24,8 +24,8 @@ from torch.export import ExportedProgram
 from torch.fx.passes.infra.pass_base import PassResult
 
 from partitioner.errors import LabelError
+from partitioner.label_set import Label
 from passes.base import AnalysisPass, teesplit_meta
-from passes.label_set import Label
 
 LINEAR_OPS = frozenset(
     {

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from partitioner.placement import is_tensor_value
-from passes import ops as _ops  # noqa: F401 - registers teesplit:: ops used in field stages
+from partitioner import ops as _ops  # noqa: F401 - registers teesplit:: ops used in field stages
+from partitioner.plan import Correction
+from passes.base import is_tensor_value
 from passes.labels import op_name
 
 aten = torch.ops.aten
@@ -193,28 +194,6 @@ def _classify(
             return AFFINE, ""
         return PRODUCT, f"{name} of two activations ({a.name}, {b.name})"
     return NONLINEAR, f"{name} is not linear in its masked input"
-
-
-@dataclass
-class Correction:
-    """The enclave's unmasking graph for one GPU stage.
-
-    ``module(*Δ of delta_inputs, *plaintext of primal_inputs)`` returns
-    ``(*Δ of delta_outputs, *plaintext of primal_outputs)``.
-    """
-
-    stage: str
-    module: torch.fx.GraphModule
-    delta_inputs: list[str]
-    primal_inputs: list[str]
-    delta_outputs: list[str]
-    primal_outputs: list[str]
-    products: list[str]
-
-    @property
-    def precomputable(self) -> bool:
-        """True when it depends on the masks alone, so it can be computed ahead of requests."""
-        return not self.primal_inputs
 
 
 class _DeltaBuilder:

@@ -21,128 +21,34 @@ candidate set chosen per token (the ``K`` nearest neighbours of each ``t``) woul
 neighbours would have different supports and no ε bounds the ratio. A request of ``n``
 sanitised tokens spends ``n·ε`` by sequential composition; :meth:`RNMTables.request_epsilon`
 reports it.
+
+The pass (:func:`insert_rnm`) reads the labelled program, its stages and edges and the policy;
+it returns new stages, edges and outputs (its inputs are not edited) and the :class:`RNMSite`;
+it guarantees that the token input is sanitised once, at the start of the first stage that
+reads it (which must be in the enclave, before the embedding), and that every consumer reads
+the sanitised tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
+import torch.fx
+from torch.export import ExportedProgram
 
-from partitioner.errors import ArtifactError
-
-_BATCH = 256
-
-
-@dataclass
-class RNMTables:
-    """Per-token candidates (``-1`` pads short groups), scores, and the pass-through mask."""
-
-    candidates: torch.Tensor  # (V, K) int64
-    scores: torch.Tensor  # (V, K) float32, -inf in padding slots
-    keep: torch.Tensor  # (V,) bool: special tokens, emitted unchanged
-    epsilon: float
-
-    @property
-    def noise_scale(self) -> float:
-        return 2.0 / self.epsilon  # Laplace(2Δ/ε) with Δ = 1
-
-    @property
-    def k(self) -> int:
-        return int(self.candidates.shape[1])
-
-    def request_epsilon(self, ids: torch.Tensor) -> float:
-        """Total ε of one request: ε per sanitised (non-special) token, by composition."""
-        return float(self.epsilon * int((~self.keep[ids]).sum()))
-
-    def identity_noise(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Noise under which RNM returns ``ids`` unchanged, for tokens the GPU already knows.
-
-        A generated token comes from logits the GPU computed in the clear, so sanitising it
-        again would spend ε to hide nothing. A huge score on each token's own slot makes it the
-        arg-max whatever the ties between group members.
-        """
-        own = self.candidates[ids] == ids[..., None]
-        return torch.where(own, 1e30, 0.0).to(dtype)
-
-    def group_of(self, token: int) -> list[int]:
-        return [int(c) for c in self.candidates[token] if c >= 0]
-
-    @classmethod
-    def build(
-        cls, embedding: torch.Tensor, k: int, epsilon: float, special_ids: Iterable[int] = ()
-    ) -> RNMTables:
-        """Group the vocabulary and score each token's group (deterministic, no randomness)."""
-        weight = embedding.detach().to(torch.float32)
-        vocab = weight.shape[0]
-        unit = torch.nn.functional.normalize(weight, dim=1)
-        keep = torch.zeros(vocab, dtype=torch.bool)
-        special = [i for i in special_ids if 0 <= i < vocab]
-        keep[special] = True
-        assigned = keep.clone()
-        candidates = torch.full((vocab, k), -1, dtype=torch.int64)
-        scores = torch.full((vocab, k), float("-inf"), dtype=torch.float32)
-        candidates[keep, 0] = torch.nonzero(keep).flatten()
-        scores[keep, 0] = 1.0
-        while not bool(assigned.all()):
-            # One matmul for the next batch of unassigned seeds (in id order), then the groups
-            # one seed at a time; a seed taken by an earlier group of its batch is skipped.
-            seeds = torch.nonzero(~assigned).flatten()[:_BATCH]
-            sims = unit[seeds] @ unit.t()
-            for row, seed in zip(sims, seeds.tolist(), strict=True):
-                if assigned[seed]:
-                    continue
-                row = row.masked_fill(assigned, float("-inf"))
-                row[seed] = float("inf")  # the seed is always in its own group
-                free = int((~assigned).sum())
-                group = torch.topk(row, min(k, free)).indices
-                assigned[group] = True
-                members = unit[group]
-                cos = members @ members.t()  # (g, g): row i scores every member for token i
-                lo = cos.min(dim=1, keepdim=True).values
-                hi = cos.max(dim=1, keepdim=True).values
-                normed = (cos - lo) / (hi - lo).clamp_min(1e-12)
-                g = len(group)
-                candidates[group, :g] = group.unsqueeze(0).expand(g, g)
-                scores[group, :g] = normed
-        return cls(candidates, scores, keep, float(epsilon))
-
-    @classmethod
-    def on_meta(cls, vocab: int, k: int, epsilon: float) -> RNMTables:
-        """Tables of the right shapes and no contents, for planning a meta-device model."""
-        return cls(
-            torch.empty((vocab, k), dtype=torch.int64, device="meta"),
-            torch.empty((vocab, k), dtype=torch.float32, device="meta"),
-            torch.empty((vocab,), dtype=torch.bool, device="meta"),
-            float(epsilon),
-        )
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(
-            {"candidates": self.candidates, "scores": self.scores, "keep": self.keep},
-            str(path),
-            metadata={"epsilon": repr(self.epsilon)},
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> RNMTables:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in ("candidates", "scores", "keep")}
-        except Exception as exc:  # safetensors raises several types for a bad file
-            raise ArtifactError(f"cannot read RNM tables {path}: {exc}") from None
-        if "epsilon" not in meta:
-            raise ArtifactError(f"RNM tables {path} carry no epsilon in their metadata")
-        return cls(
-            tensors["candidates"], tensors["scores"], tensors["keep"], float(meta["epsilon"])
-        )
+from partitioner.errors import PartitionError
+from partitioner.ops import OPS
+from partitioner.plan import ENCLAVE, INPUT, Edge, RNMSite, Stage
+from partitioner.policy import Policy
+from partitioner.rnm_tables import RNMTables
+from passes.base import fake_like
+from passes.graph_edit import append_placeholder, copy_graph, graph_module, input_node
+from passes.labels import EMBEDDING_OPS, op_name, user_input_names
 
 
 def exact_distribution(
@@ -167,3 +73,168 @@ def exact_distribution(
     out = torch.zeros(scores.shape, dtype=torch.float64)
     out[valid] = probs / probs.sum()
     return out
+
+
+def _token_input(program: ExportedProgram) -> tuple[str, str]:
+    """(token input placeholder, embedding weight fqn) of the lookup that reads user tokens.
+
+    The indices may reach the lookup through shape ops (GPT-2 views ``input_ids`` first);
+    sanitising the input itself is the same as sanitising its reshaped view.
+    """
+    users = set(user_input_names(program))
+    sig = program.graph_signature
+    weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and op_name(node) in EMBEDDING_OPS:
+            weight, indices = node.args[0], node.args[1]
+            while (
+                isinstance(indices, torch.fx.Node)
+                and indices.op == "call_function"
+                and op_name(indices) in _VIEW_OPS
+            ):
+                indices = indices.args[0]
+            if (
+                isinstance(indices, torch.fx.Node)
+                and indices.name in users
+                and (weight.name in weights)
+            ):
+                return indices.name, weights[weight.name]
+    raise PartitionError(
+        "rnm is set but no embedding lookup reads a user input; RNM sanitises the token ids "
+        "before the embedding, so the model must take token ids"
+    )
+
+
+_VIEW_OPS = frozenset(
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "flatten",
+        "unsqueeze",
+        "squeeze",
+        "contiguous",
+        "clone",
+        "alias",
+    }
+)
+
+
+_TABLES: dict[tuple[Any, ...], tuple[weakref.ref, RNMTables]] = {}
+
+
+def rnm_tables(weight: torch.Tensor, k: int, epsilon: float, special: Iterable[int]) -> RNMTables:
+    """Tables for one embedding matrix, built once per (weight, k, ε, specials) in a process.
+
+    The cache holds the weight weakly: entries die with their model.
+    """
+    key = (id(weight), weight._version, k, float(epsilon), tuple(sorted(set(special))))
+    for stale in [k_ for k_, (ref, _) in _TABLES.items() if ref() is None]:
+        del _TABLES[stale]
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    tables = RNMTables.build(weight, k, epsilon, key[4])
+    _TABLES[key] = (weakref.ref(weight), tables)
+    return tables
+
+
+@dataclass
+class RNMInsertion:
+    """What :func:`insert_rnm` returns: the rewritten program pieces and where RNM runs."""
+
+    stages: list[Stage]
+    edges: list[Edge]
+    flat_outputs: list[Any]
+    site: RNMSite | None
+
+
+def insert_rnm(
+    program: ExportedProgram,
+    policy: Policy,
+    stages: list[Stage],
+    edges: list[Edge],
+    flat_outputs: list[Any],
+    special_ids: Iterable[int],
+) -> RNMInsertion:
+    """Sanitise the token input with RNM in the first enclave stage that reads it."""
+    cfg = policy.rnm
+    if cfg is None:
+        return RNMInsertion(list(stages), list(edges), list(flat_outputs), None)
+    token, fqn = _token_input(program)
+    weight = program.state_dict.get(fqn)
+    if weight is None:
+        raise PartitionError(f"embedding weight {fqn} has no value to build RNM tables from")
+    side = {s.name: s.side for s in stages}
+    order = [s.name for s in stages]
+    consumers = [e for e in edges if e.name == token and e.producer == INPUT]
+    first = min(consumers, key=lambda e: order.index(e.consumer))
+    if side[first.consumer] != ENCLAVE:
+        raise PartitionError(
+            f"rnm: the first stage that reads {token} is {first.consumer}, a GPU stage; the "
+            "tokens must be sanitised in the enclave before the embedding"
+        )
+    if weight.device.type == "meta":  # planning only: shapes without contents
+        tables = RNMTables.on_meta(weight.shape[0], cfg.candidates, cfg.epsilon)
+        special = None
+    else:
+        tables = rnm_tables(weight, cfg.candidates, cfg.epsilon, special_ids)
+        special = int(tables.keep.sum())
+    sanitised = f"{token}_rnm"
+    site = RNMSite(token, sanitised, first.consumer, tables.epsilon, tables.k, special, tables)
+    new_stages = []
+    for stage in stages:
+        if stage.name == first.consumer:
+            stage = _rnm_stage(stage, site)
+        elif token in stage.inputs:
+            stage = dataclasses.replace(
+                stage, inputs=[sanitised if n == token else n for n in stage.inputs]
+            )
+        new_stages.append(stage)
+    new_edges = []
+    for edge in edges:
+        if edge.name == token and edge.consumer != first.consumer:
+            edge = dataclasses.replace(
+                edge,
+                name=sanitised,
+                producer=first.consumer,
+                direction=f"enclave->{side.get(edge.consumer, ENCLAVE)}",
+            )
+        new_edges.append(edge)
+    outputs = [sanitised if v == token else v for v in flat_outputs]
+    return RNMInsertion(new_stages, new_edges, outputs, site)
+
+
+def _rnm_stage(stage: Stage, site: RNMSite) -> Stage:
+    graph, nodes = copy_graph(stage.module)
+    attrs = {}
+    token = input_node(stage, nodes, site.token_input)
+    noise = append_placeholder(
+        graph,
+        f"rnm_noise_{site.token_input}",
+        fake_like(token.meta["val"], torch.float64, (site.candidates,)),
+    )
+    tables = {}
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_op):
+        for name in ("candidates", "scores", "keep"):
+            attr = f"_rnm_{name}"
+            tables[name] = graph.get_attr(attr)
+            attrs[attr] = getattr(site.tables, name)
+        sanitised = graph.call_function(
+            OPS.rnm.default,
+            (token, tables["candidates"], tables["scores"], tables["keep"], noise),
+        )
+    sanitised.meta["val"] = token.meta.get("val")
+    token.replace_all_uses_with(sanitised, delete_user_cb=lambda n: n is not sanitised)
+    out_node = next(iter(graph.find_nodes(op="output")))
+    out_node.args = ((*out_node.args[0], sanitised),)
+    graph.lint()
+    return dataclasses.replace(
+        stage,
+        module=graph_module(stage.module, graph, attrs, stage.name),
+        inputs=list(stage.inputs),
+        outputs=[*stage.outputs, site.sanitised],  # also what the request report reads
+        extra_inputs=[*stage.extra_inputs, ("noise", site.token_input)],
+        masked_outputs=list(stage.masked_outputs),
+    )

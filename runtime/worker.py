@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from partitioner.bundle import load_stage_modules, onnx_file, read_document, read_plan
+from runtime.onnx_stage import onnx_stage
 from runtime.protocol import (
     DTYPES,
     ERROR,
@@ -39,13 +41,10 @@ class GPUWorker:
     """The stages of one ``gpu/`` bundle and their counters."""
 
     def __init__(self, bundle: str | Path, backend: str = "torch", device: str = "auto") -> None:
-        from partitioner.artifacts import load_stage_modules, read_document
-        from partitioner.onnx_export import onnx_stage
-
         root = Path(bundle)
         if root.name == "gpu":
             root = root.parent
-        document = read_document(root, sides=("gpu",))
+        plan = read_plan(root, read_document(root, sides=("gpu",)))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
             if device == "cpu":
@@ -54,26 +53,24 @@ class GPUWorker:
                 )
         self.device = torch.device(device)
         self.backend = backend
-        gpu_stages = [e for e in document["plan"]["stages"] if e["side"] == "gpu"]
+        gpu_stages = [s for s in plan.stages if s.side == "gpu"]
         if backend == "onnx":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             self.stages: dict[str, Any] = {
-                e["name"]: onnx_stage(
-                    root / "gpu" / "stages" / f"{e['name']}.onnx",
-                    providers if device == "cuda" else None,
+                s.name: onnx_stage(
+                    root / onnx_file(s.name), providers if device == "cuda" else None
                 )
-                for e in gpu_stages
+                for s in gpu_stages
             }
         else:
             self.stages = {
                 name: module.to(self.device)
-                for name, module in load_stage_modules(root, document, "gpu")
+                for name, module in load_stage_modules(root, plan, "gpu").items()
             }
         self.signatures: dict[str, list[dict[str, Any]]] = {}
-        for entry in gpu_stages:
-            name, order = entry["name"], entry["inputs"]
-            edges = [e for e in document["plan"]["edges"] if e["consumer"] == name]
-            self.signatures[name] = sorted(edges, key=lambda e: order.index(e["name"]))
+        for stage in gpu_stages:
+            edges = [e.to_dict() for e in plan.edges if e.consumer == stage.name]
+            self.signatures[stage.name] = sorted(edges, key=lambda e: stage.inputs.index(e["name"]))
         self.stats: dict[str, dict[str, float]] = defaultdict(
             lambda: {"calls": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0}
         )

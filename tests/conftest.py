@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from models import BUILDERS
 
-from partitioner import Captured, capture
-from partitioner.models import BUILTIN
+from partitioner.capturing import Captured, capture
 
 PRESET_NAMES = ["cmif", "secureinfer", "slalom", "all_enclave", "all_gpu"]
 # Every architecture the core supports, at sizes that keep the suite fast (SmolLM2 is `slow`).
@@ -35,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @functools.cache
 def built(name: str) -> torch.nn.Module:
-    return BUILTIN[name]()
+    return BUILDERS[name]()
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import PRESET_NAMES, captured, model_output
 
-from partitioner import load, partition
+from partitioner.api import load, partition
 from partitioner.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +97,8 @@ def test_loading_needs_no_model_source_code(saved):
     _, path = saved["cmif"]
     script = (
         "import sys; sys.modules['transformers.models.llama.modeling_llama'] = None\n"
-        "sys.modules['partitioner.models'] = None\n"
-        "import torch; from partitioner import load\n"
+        "sys.modules['partitioner.zoo'] = None\n"
+        "import torch; from partitioner.api import load\n"
         f"p = load({str(path)!r})\n"
         "print(p(input_ids=torch.tensor([[5, 6, 7]])).logits.shape)\n"
     )
@@ -134,7 +134,7 @@ def test_onnx_gpu_stages_match_the_exported_stages_under_onnxruntime(saved, pres
 
 def _input_shape(program, stage, index):
     """Concrete shape of a stage input at batch=2, seq=7, from the plan's edge shapes."""
-    from passes.pool import concrete_shape
+    from enclave_runtime.pool import concrete_shape
 
     name = stage.inputs[index]
     edge = next(e for e in program.edges if e.name == name and e.consumer == stage.name)

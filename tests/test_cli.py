@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import built
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,9 +20,20 @@ def teesplit(*args):
     )
 
 
-def test_partition_then_inspect(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """The tiny Llama as a local transformers folder: the CLI's built-in names are real models.
+
+    The folder's name, ``tiny-llama``, is the model's name in the plan.
+    """
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    built("tiny-llama").save_pretrained(folder)
+    return str(folder)
+
+
+def test_partition_then_inspect(tmp_path, tiny_llama):
     out = tmp_path / "bundle"
-    run = teesplit("partition", "tiny-llama", "--policy", "slalom", "--out", str(out))
+    run = teesplit("partition", tiny_llama, "--policy", "slalom", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "audit passed" in run.stdout and "done" in run.stdout
     assert (out / "plan.json").is_file() and list((out / "gpu" / "stages").glob("*.onnx"))
@@ -39,9 +53,9 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path):
     assert run.returncode != 0 and "cannot read" in run.stderr
 
 
-def test_run_drives_a_worker_and_an_enclave_process(tmp_path):
+def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama):
     out = tmp_path / "bundle"
-    made = teesplit("partition", "tiny-llama", "--policy", "cmif", "--out", str(out))
+    made = teesplit("partition", tiny_llama, "--policy", "cmif", "--out", str(out))
     assert made.returncode == 0, made.stderr[-2000:]
     assert "capturing the KV-cache decoder step" in made.stdout
     run = teesplit("run", str(out), "--ids", "5,6,7,8", "--max-new-tokens", "3")
@@ -52,8 +66,8 @@ def test_run_drives_a_worker_and_an_enclave_process(tmp_path):
     assert "3 tokens in" in run.stdout and "B per token" in run.stdout
 
 
-def test_enclave_reports_a_missing_worker(tmp_path):
+def test_enclave_reports_a_missing_worker(tmp_path, tiny_llama):
     out = tmp_path / "bundle"
-    assert teesplit("partition", "tiny-llama", "--out", str(out)).returncode == 0
+    assert teesplit("partition", tiny_llama, "--out", str(out)).returncode == 0
     run = teesplit("enclave", str(out / "enclave"), "--worker", f"unix:{tmp_path / 'none.sock'}")
     assert run.returncode != 0 and "none.sock" in run.stderr

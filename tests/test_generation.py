@@ -8,13 +8,14 @@ import warnings
 import pytest
 import torch
 from conftest import built
+from models import tiny_llama
 
 from enclave_runtime.driver import connect
-from partitioner import partition
+from partitioner.api import partition
 from partitioner.artifacts import load
 from partitioner.errors import PartitionError
-from partitioner.generation import capture_decoder, generate
-from partitioner.models import tiny_llama
+from enclave_runtime.generation import generate
+from partitioner.generation import capture_decoder
 from partitioner.policy import Policy
 from runtime.worker import GPUWorker, serve
 
@@ -139,7 +140,7 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
 
 @pytest.mark.parametrize("policy", [CMIF_NO_RNM, "secureinfer", "slalom"])
 def test_smollm2_answers_exactly_like_generate(policy):
-    from partitioner.models import smollm2_tokenizer
+    from partitioner.zoo import smollm2_tokenizer
 
     tokenizer = smollm2_tokenizer()
     chat = [{"role": "user", "content": "What is the capital of France?"}]

@@ -10,7 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from partitioner.errors import LabelError
 from passes.base import AnalysisPass
-from passes.label_set import Label
+from partitioner.label_set import Label
 from passes.labels import label_of, label_program
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import built
 
 from enclave_runtime.launcher import bundle_root, enclave_command
-from partitioner import partition
+from partitioner.api import partition
 from partitioner.errors import ArtifactError
 from partitioner.generation import capture_decoder
 

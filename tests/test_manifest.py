@@ -7,7 +7,7 @@ import pytest
 from conftest import captured
 
 from enclave_runtime.manifest import ManifestOptions, enclave_size, render_manifest
-from partitioner import partition
+from partitioner.api import partition
 from partitioner.errors import ArtifactError
 
 

@@ -10,7 +10,7 @@ from conftest import captured
 from partitioner.api import partition
 from partitioner.placement import ENCLAVE, GPU, min_cut_sides
 from partitioner.policy import Policy
-from passes.label_set import Label
+from partitioner.label_set import Label
 
 
 def crossing_cost(sides, values):

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from partitioner import PRESETS, Policy, PolicyError, RNMConfig
-from passes.label_set import ALL_LABELS, Label
+from partitioner.errors import PolicyError
+from partitioner.policy import PRESETS, Policy, RNMConfig
+from partitioner.label_set import ALL_LABELS, Label
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -27,7 +27,7 @@ SENTENCES = [
 
 @functools.cache
 def universe() -> Universe:
-    from partitioner.models import minilm_tokenizer
+    from partitioner.zoo import minilm_tokenizer
 
     tokenizer = minilm_tokenizer()
     ids = tokenizer(SENTENCES, add_special_tokens=False)["input_ids"]

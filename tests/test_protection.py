@@ -11,10 +11,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from partitioner.api import partition
 from partitioner.errors import IntegrityError, PartitionError, PolicyError
 from partitioner.policy import Policy
-from passes import ops  # noqa: F401 - registers torch.ops.teesplit
+from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
 from passes.field import PRIME, quantised_reference
 from passes.linearity import AFFINE, NONLINEAR, PRODUCT, analyse, build_correction
-from passes.randomness import CSPRNG
+from enclave_runtime.randomness import CSPRNG
 
 # -- randomness ------------------------------------------------------------------------------
 
@@ -335,7 +335,7 @@ def test_protection_policy_keys_are_validated():
 
 @pytest.mark.parametrize("preset", ["cmif", "slalom"])
 def test_meta_device_models_get_a_protected_plan(preset):
-    from partitioner.models import llama2_7b_meta
+    from partitioner.zoo import llama2_7b_meta
 
     sp = partition(llama2_7b_meta(1), preset)
     protection = sp.plan()["protection"]

@@ -9,9 +9,10 @@ from scipy import stats
 
 from partitioner.api import partition
 from partitioner.errors import ArtifactError
-from passes import ops  # noqa: F401 - registers torch.ops.teesplit
-from passes.randomness import CSPRNG
-from passes.rnm import RNMTables, exact_distribution
+from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
+from enclave_runtime.randomness import CSPRNG
+from partitioner.rnm_tables import RNMTables
+from passes.rnm import exact_distribution
 
 SPECIAL = (0, 1, 2)
 

@@ -9,7 +9,7 @@ import torch
 from conftest import captured, model_output
 
 from enclave_runtime.driver import WorkerError, connect, spawn_worker
-from partitioner import partition
+from partitioner.api import partition
 from runtime.protocol import ERROR, MAGIC, read_frame
 from runtime.worker import GPUWorker, serve
 

@@ -5,7 +5,7 @@ with MiniLM's own input-embedding rows, so that only the mechanism differs:
 
 * :class:`RNM` is teesplit's production code: :class:`passes.rnm.RNMTables` (disjoint greedy
   cosine groups of K, min-max normalised scores) and the ``teesplit::rnm`` op, with
-  ``Laplace(2/ε)`` noise from :class:`passes.randomness.CSPRNG`.
+  ``Laplace(2/ε)`` noise from :class:`enclave_runtime.randomness.CSPRNG`.
   With CusText+'s stopword list as pass-through tokens it is "RNM + stopwords kept", which
   isolates the mechanism (noisy max against exponential) from that policy choice.
 * :class:`CusTextPlus` (Chen et al., ACL Findings 2023): the *same* groups and scores, the
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.ops import OPS
-from passes.randomness import CSPRNG
-from passes.rnm import RNMTables
+from partitioner.ops import OPS
+from enclave_runtime.randomness import CSPRNG
+from partitioner.rnm_tables import RNMTables
 
 K = 20  # CusText's default output-set size; RNM uses the same groups
 

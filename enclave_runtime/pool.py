@@ -1,6 +1,6 @@
 """The mask pool: pads, RNM noise and precomputable corrections, drawn ahead of requests.
 
-Reads a :class:`~passes.protect.Protection`; writes nothing. A :class:`MaskSet` holds, for one
+Reads a :class:`~partitioner.plan.Protection`; writes nothing. A :class:`MaskSet` holds, for one
 request at one shape binding, a fresh pad for every masked value, RNM noise for the token input,
 and the correction of every stage whose correction depends on the pads alone (Slalom's ``W·r``),
 so a request's online cost is one add per masked value and one subtract per unmasked one.
@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 
-from passes import integrity
-from passes.randomness import CSPRNG
+from enclave_runtime import integrity
+from enclave_runtime.randomness import CSPRNG
+from partitioner.dims import concrete_shape
+from partitioner.plan import Protection
 
 Binding = tuple[tuple[str, int], ...]
 
@@ -32,25 +33,10 @@ class MaskSet:
     freivalds: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def concrete_shape(shape: list[int | str], binding: Mapping[str, int]) -> list[int]:
-    """Evaluate a plan shape (ints and dim expressions such as ``"seq"``) at a binding."""
-    out = []
-    for size in shape:
-        if isinstance(size, int):
-            out.append(size)
-            continue
-        expr = sympy.sympify(size, locals={name: sympy.Symbol(name) for name in binding})
-        value = expr.subs({sympy.Symbol(k): v for k, v in binding.items()})
-        if not value.is_Integer:
-            raise ValueError(f"shape {shape} has a dim the inputs do not bind: {size}")
-        out.append(int(value))
-    return out
-
-
 class MaskPool:
     """Precomputed :class:`MaskSet` objects per shape binding."""
 
-    def __init__(self, protection: Any, rng: CSPRNG | None = None) -> None:
+    def __init__(self, protection: Protection, rng: CSPRNG | None = None) -> None:
         self.protection = protection
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
@@ -78,8 +64,8 @@ class MaskPool:
                 out.pads[name] = self.rng.uniform(shape, -scale, scale).to(getattr(torch, dtype))
         if prot.rnm is not None:
             site = prot.rnm
-            shape = [*concrete_shape(prot.token_shape, binding), site.tables.k]
-            out.noise[site.token_input] = self.rng.laplace(shape, site.tables.noise_scale)
+            shape = [*concrete_shape(prot.token_shape, binding), site.candidates]
+            out.noise[site.token_input] = self.rng.laplace(shape, site.noise_scale)
         deltas: dict[str, torch.Tensor] = dict(out.pads)
         for stage in prot.pooled:
             corr = prot.corrections[stage]

@@ -1,0 +1,215 @@
+"""The executor: runs a split program's stages in order, on the enclave side.
+
+Reads a :class:`~partitioner.plan.Plan` whose enclave stages (and corrections, Freivalds
+copies, RNM tables) carry their callables, and a :class:`StageRunner` for the GPU stages.
+Owns the mask pool, the CSPRNG behind it and the last request's privacy account. Guarantees:
+every value the GPU receives is what the plan says it may receive (masked, sanitised or
+public); every masked GPU result is unmasked here and, where the plan checks it, verified by
+Freivalds before anything reads it.
+
+In-process and two-process runs are this same code with a different runner: an
+:class:`InProcessRunner` calls the GPU stages' modules here, the enclave driver's worker client
+sends them to a GPU worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.utils._pytree as pytree
+
+from enclave_runtime import integrity
+from enclave_runtime.pool import MaskPool, MaskSet
+from enclave_runtime.randomness import CSPRNG
+from enclave_runtime.signature import CallSignature
+from partitioner.errors import PartitionError
+from partitioner.ops import OPS
+from partitioner.plan import ENCLAVE, GPU, Plan, Stage
+
+
+class StageRunner(Protocol):
+    """Runs one GPU stage: ``run(stage, tensors) -> tensors`` (inputs and outputs in the
+    stage's order)."""
+
+    def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+class InProcessRunner:
+    """GPU stages run here, by the modules the plan's GPU stages carry (looked up per call)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._stages = {s.name: s for s in plan.stages if s.side == GPU}
+
+    def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        module = self._stages[stage].module
+        if module is None:
+            raise PartitionError(f"GPU stage {stage} has no module in this process")
+        return list(module(*tensors))
+
+
+class Executor:
+    """One split program, ready to serve requests: its stages, a runner and a mask pool.
+
+    ``seed`` fixes the pool's CSPRNG and is for tests only; by default it is keyed from the OS.
+    """
+
+    def __init__(
+        self, plan: Plan, runner: StageRunner | None = None, *, seed: int | None = None
+    ) -> None:
+        self.plan = plan
+        self.runner = runner if runner is not None else InProcessRunner(plan)
+        self.signature = CallSignature(plan.signature)
+        prot = plan.protection
+        self.pool = MaskPool(prot, CSPRNG(seed)) if prot is not None and prot.needs_pool else None
+        # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
+        self.last_request: dict[str, Any] = {}
+        masked = prot.masked if prot is not None else {}
+        # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
+        self._sent_clear = {
+            e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
+        }
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.plan.stages
+
+    @property
+    def policy(self) -> Any:
+        return self.plan.policy
+
+    def describe(self) -> dict[str, Any]:
+        return self.plan.describe()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(args, kwargs)
+
+    def run(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        public_tokens: bool | torch.Tensor = False,
+    ) -> Any:
+        """One call; ``public_tokens`` (all, or a bool mask over the token input) marks token
+        positions that RNM passes through unchanged and that spend no ε.
+
+        Public positions are those the GPU knows anyway or that carry nothing private: a
+        generated token (the arg-max of logits the GPU computed in the clear; under RNM
+        placements the lm_head runs there) and the chat template around a user's text.
+        ``last_request["epsilon"]`` counts the sanitised positions only.
+        """
+        env = self.signature.bind(args, dict(kwargs))
+        masks = self.pool.take(self.binding(env)) if self.pool is not None else None
+        prot = self.plan.protection
+        site = prot.rnm if prot is not None else None
+        public = None
+        if site is not None and masks is not None and public_tokens is not False:
+            ids = env[site.token_input]
+            public = (
+                torch.ones_like(ids, dtype=torch.bool)
+                if public_tokens is True
+                else public_tokens.to(torch.bool)
+            )
+            if public.shape != ids.shape:
+                raise PartitionError(
+                    f"public_tokens has shape {list(public.shape)}, but the token input "
+                    f"{site.token_input} has {list(ids.shape)}"
+                )
+            noise = masks.noise[site.token_input]
+            identity = site.tables.identity_noise(ids, noise.dtype)
+            masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
+        flat = self.execute(env, masks)
+        if public is not None:
+            sanitised = ~site.tables.keep[env[site.token_input]] & ~public
+            self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
+        return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def binding(self, env: Mapping[str, Any]) -> dict[str, int]:
+        """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""
+        out: dict[str, int] = {}
+        for name, dims in self.plan.input_dims.items():
+            value = env.get(name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            for dim, actual in zip(dims, value.shape, strict=False):
+                if isinstance(dim, str) and dim.isidentifier():
+                    out[dim] = int(actual)
+        return out
+
+    def execute(self, env: dict[str, Any], masks: MaskSet | None) -> list[Any]:
+        """Run the stages in order, keeping what the enclave and the GPU each hold apart.
+
+        ``env`` is the enclave's plaintext; ``gpu`` what the GPU holds (masked where the plan
+        masks); ``delta`` the corrections the enclave knows for masked GPU values; ``shadow``
+        plaintext of GPU values that a product correction needs.
+        """
+        prot = self.plan.protection
+        gpu: dict[str, Any] = {}
+        delta: dict[str, Any] = {}
+        shadow: dict[str, Any] = {}
+        if masks is not None:
+            delta.update(masks.pads)
+            delta.update(masks.deltas)
+        clear = self._sent_clear
+        for stage in self.plan.stages:
+            if stage.side == ENCLAVE:
+                args = [env[n] if n in env else gpu[n] for n in stage.inputs]
+                for kind, name in stage.extra_inputs:
+                    if kind == "mask":
+                        args.append(masks.pads[name])
+                    elif kind == "delta":
+                        args.append(delta[name])
+                    else:
+                        args.append(masks.noise[name])
+                outs = stage.module(*args)
+                n = len(stage.outputs)
+                env.update(zip(stage.outputs, outs[:n], strict=True))
+                gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
+                for name in stage.outputs:
+                    if name in clear:
+                        gpu[name] = env[name]
+                continue
+            sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
+            outs = self.runner.run(stage.name, sent)
+            gpu.update(zip(stage.outputs, outs, strict=True))
+            if masks is not None and stage.name in masks.freivalds:
+                integrity.check(
+                    stage.name,
+                    masks.freivalds[stage.name],
+                    sent,
+                    list(outs),
+                    prot.field_plan.prime if prot.field_plan is not None else None,
+                )
+            corr = prot.corrections.get(stage.name) if prot is not None else None
+            if corr is None or stage.name in prot.pooled:
+                continue
+            results = corr.module(
+                *(delta[n] for n in corr.delta_inputs),
+                *(env[n] if n in env else shadow[n] for n in corr.primal_inputs),
+            )
+            k = len(corr.delta_outputs)
+            delta.update(zip(corr.delta_outputs, results[:k], strict=True))
+            shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
+        if prot is not None and prot.rnm is not None:
+            site = prot.rnm
+            self.last_request = {
+                "sanitised_tokens": env[site.sanitised],
+                "epsilon": site.tables.request_epsilon(env[site.token_input]),
+                "epsilon_per_token": site.epsilon,
+            }
+        return [self._output(v, env, gpu, delta) for v in self.plan.flat_outputs]
+
+    def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value in env:
+            return env[value]
+        prot = self.plan.protection
+        if prot is not None and value in prot.gpu_masked:
+            if prot.field_plan is not None:
+                bits = prot.field_plan.output_bits[value]
+                return OPS.field_unmask(gpu[value], delta[value], bits, prot.field_plan.prime)
+            return OPS.unmask(gpu[value], delta[value])
+        return gpu[value]

@@ -1,0 +1,123 @@
+"""Generation with a KV cache, on the enclave side: greedy decoding over an executor.
+
+Reads an :class:`~enclave_runtime.executor.Executor` of a decoder step (captured by
+``partitioner.generation.capture_decoder``: ``(input_ids, past) -> (logits, *present)`` with
+the cache as explicit state); writes the executor's ``last_request``. Guarantees the tokens of
+``model.generate(do_sample=False)`` for the same prompt, and that under RNM only the prompt's
+private positions are sanitised and counted in ε.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from enclave_runtime.executor import Executor
+from partitioner.errors import PartitionError
+from partitioner.plan import Plan
+
+
+def _state_order(plan: Plan) -> list[str]:
+    """State inputs in the order the program takes them (a saved plan's JSON may sort keys)."""
+    return [name for name, _ in plan.signature.inputs if name in plan.state]
+
+
+def _empty_state(plan: Plan, batch: int, device: torch.device) -> list[torch.Tensor]:
+    tensors = []
+    for name in _state_order(plan):
+        spec = plan.state[name]
+        dims = plan.input_dims[name]
+        shape = [batch if d == "batch" else 0 if i == spec.dim else d for i, d in enumerate(dims)]
+        if not all(isinstance(d, int) for d in shape):
+            raise PartitionError(f"state input {name} has unnamed symbolic dims {dims}")
+        tensors.append(torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=device))
+    return tensors
+
+
+def generate(
+    program: Any,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    public_prompt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy decoding with a KV cache; returns prompt and new tokens, like ``generate``.
+
+    ``program`` is an :class:`Executor` of a decoder step (``capture_decoder``), in-process,
+    loaded, or connected to a worker; anything with an ``executor()`` method (the compiler's
+    ``SplitProgram``) gets a fresh one. Stops after ``max_new_tokens`` or when every row has
+    produced an EOS token; rows that finished early are padded with ``pad_token_id``
+    (default: the first EOS id), as transformers does. Under RNM only the prompt is sanitised,
+    less the positions ``public_prompt`` marks (a chat template); generated tokens are ones
+    the GPU computed (see :meth:`Executor.run`). Afterwards ``program.last_request``
+    describes the prompt's sanitisation (its sanitised tokens and total ε) for the whole
+    generation request.
+    """
+    if not isinstance(program, Executor):
+        program = program.executor()
+    plan = program.plan
+    if not plan.state:
+        raise PartitionError(
+            f"{plan.model}: the program has no KV-cache state; partition the decoder "
+            "step (capture_decoder / `teesplit partition` of a causal LM) to generate"
+        )
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise PartitionError(
+            f"input_ids must be a [batch, seq] int64 tensor, got {input_ids.dtype} "
+            f"{list(input_ids.shape)}"
+        )
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    specs = [plan.state[name] for name in _state_order(plan)]
+    past = _empty_state(plan, input_ids.shape[0], input_ids.device)
+    tokens = input_ids
+    step_ids = input_ids
+    prompt_request: dict[str, Any] = {}
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    with torch.no_grad():
+        for step in range(max_new_tokens):
+            if step > 0:
+                public: bool | torch.Tensor = True
+            else:
+                public = public_prompt if public_prompt is not None else False
+            out = program.run((step_ids, past), {}, public_tokens=public)
+            if step == 0:
+                prompt_request = dict(program.last_request)
+            next_ids = out[0][:, -1].argmax(-1)
+            if eos:
+                next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+                done |= torch.isin(next_ids, torch.tensor(eos, device=done.device))
+            step_ids = next_ids[:, None]
+            tokens = torch.cat([tokens, step_ids], dim=1)
+            past = [
+                torch.cat([p, out[spec.output]], dim=spec.dim)
+                for p, spec in zip(past, specs, strict=True)
+            ]
+            if eos and bool(done.all()):
+                break
+    program.last_request = prompt_request
+    return tokens
+
+
+def encode_prompt(tokenizer: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, public)`` for a user's ``text``: wrapped in the tokenizer's chat template
+    when it has one, with ``public`` marking the template's tokens.
+
+    Only the user's words are private. The template (role names, newlines, a default system
+    prompt) is the same for everyone, and sanitising it would garble the structure the model
+    relies on while hiding nothing; tokens that overlap the user's characters stay private.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        chat = [{"role": "user", "content": text}]
+        full = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    else:
+        full = text
+    start = full.rfind(text)
+    end = start + len(text)
+    enc = tokenizer(full, return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc["offset_mapping"][0]
+    private = (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+    return enc["input_ids"], ~private[None, :]

@@ -1,0 +1,216 @@
+"""Reading a saved split program: the bundle reader shared by the enclave, the worker and tools.
+
+Layout (written by ``partitioner.artifacts.save``)::
+
+    DIR/plan.json                        the plan (``Plan.to_dict``), library versions, and
+                                         the sha256 of every other file
+    DIR/{enclave,gpu}/stages/NAME.pt2    each stage (torch.export, weights stripped)
+    DIR/gpu/stages/NAME.onnx             each GPU stage for onnxruntime
+    DIR/enclave/corrections/NAME.pt2     the enclave's unmasking graph of GPU stage NAME
+    DIR/enclave/freivalds/NAME.pt2       the enclave's own copy of checked GPU stage NAME
+    DIR/{enclave,gpu}/weights.safetensors, DIR/enclave/rnm.safetensors
+
+Every path is derived from a stage name (a plain identifier, checked by ``Plan.from_dict``),
+never read from the file. Reads ``plan.json`` and the files of the sides asked for; writes
+nothing; guarantees: a missing, tampered or unlisted file, and a malformed ``plan.json``, is an
+:class:`ArtifactError` naming it, raised before anything from the bundle runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner import ops as _ops  # noqa: F401 - .pt2 files name teesplit:: ops: register them
+from partitioner.errors import ArtifactError
+from partitioner.plan import GPU, Plan
+from partitioner.rnm_tables import RNMTables
+
+ARTIFACT_SCHEMA_VERSION = 2
+PLAN_FILE = "plan.json"
+RNM_FILE = "enclave/rnm.safetensors"
+_LOAD_LOCK = threading.Lock()
+
+
+def stage_file(side: str, name: str) -> str:
+    return f"{side}/stages/{name}.pt2"
+
+
+def onnx_file(name: str) -> str:
+    return f"gpu/stages/{name}.onnx"
+
+
+def correction_file(name: str) -> str:
+    return f"enclave/corrections/{name}.pt2"
+
+
+def freivalds_file(name: str) -> str:
+    return f"enclave/freivalds/{name}.pt2"
+
+
+def weights_file(side: str) -> str:
+    return f"{side}/weights.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(root: Path, files: dict[str, str], sides: tuple[str, ...]) -> None:
+    """Check every listed file of ``sides`` against its hash; refuse unlisted files there."""
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise ArtifactError(f"{root / PLAN_FILE}: 'files' must map paths to sha256 digests")
+    files = {rel: d for rel, d in files.items() if rel.split("/", 1)[0] in sides}
+    for rel, digest in sorted(files.items()):
+        if not _inside(root, rel):
+            raise ArtifactError(f"artifact {rel!r} is not a file inside the bundle")
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"artifact {rel} is missing from {root}")
+        if sha256(path) != digest:
+            raise ArtifactError(f"artifact {rel} does not match its sha256 in plan.json (tampered)")
+    listed = set(files) | {PLAN_FILE}
+    extra = sorted(
+        str(p.relative_to(root))
+        for side in sides
+        for p in (root / side).rglob("*")
+        if not p.is_dir() and str(p.relative_to(root)) not in listed
+    )
+    if extra:
+        raise ArtifactError(f"unlisted files in {root}: {extra[:5]}; refusing a modified bundle")
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """``rel`` names a regular file under ``root``, with no link, ``..`` or absolute part."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return False
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return False
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def read_document(root: str | Path, sides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A bundle's ``plan.json``, schema-checked; the files of ``sides`` are verified too."""
+    root = Path(root)
+    plan_path = root / PLAN_FILE
+    try:
+        document = json.loads(plan_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{plan_path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{plan_path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {plan_path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{plan_path}: expected a JSON object")
+    if document.get("artifact_schema_version") != ARTIFACT_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{plan_path}: artifact schema {document.get('artifact_schema_version')!r}, "
+            f"this teesplit reads {ARTIFACT_SCHEMA_VERSION}"
+        )
+    if sides:
+        _verify(root, document.get("files"), sides)
+    return document
+
+
+def read_plan(root: str | Path, document: dict[str, Any] | None = None) -> Plan:
+    """The bundle's :class:`Plan` (no callables attached)."""
+    root = Path(root)
+    document = read_document(root) if document is None else document
+    return Plan.from_dict(document.get("plan"), where=f"{root / PLAN_FILE}: plan")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            alias = json.loads((f.metadata() or {}).get("alias", "{}"))
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        return {key: stored[target] for key, target in alias.items()}
+    except Exception as exc:  # safetensors and a bad alias table raise several types
+        raise ArtifactError(f"cannot read weights {path}: {exc}") from None
+
+
+def load_exported(root: Path, rel: str, key: str, weights: dict[str, torch.Tensor]) -> Any:
+    """The module of one ``.pt2``, its meta weights replaced by the side's stored tensors."""
+    try:
+        with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
+            ep = torch.export.load(str(root / rel))
+    except Exception as exc:  # a corrupt archive raises many types
+        raise ArtifactError(f"cannot load {rel}: {type(exc).__name__}: {exc}") from None
+    for name in list(ep.state_dict):
+        tensor = weights.get(f"{key}/{name}")
+        if tensor is None:
+            raise ArtifactError(f"{rel}: weight {name} is not in the weights file")
+        ep.state_dict[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    for name, value in list(ep.constants.items()):
+        if isinstance(value, torch.Tensor):
+            tensor = weights.get(f"{key}/const/{name}")
+            if tensor is None:
+                raise ArtifactError(f"{rel}: constant {name} is not in the weights file")
+            ep.constants[name] = tensor
+    return ep.module()
+
+
+def load_stage_modules(
+    root: Path, plan: Plan, side: str, weights: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.nn.Module]:
+    """``{name: module}`` for each stage of ``side``, weights restored from the side's file
+    (or from ``weights``, when the caller has read that file already)."""
+    if weights is None:
+        weights = read_weights(root / weights_file(side))
+    return {
+        s.name: load_exported(root, stage_file(side, s.name), s.name, weights)
+        for s in plan.stages
+        if s.side == side
+    }
+
+
+def load_program(directory: str | Path, *, gpu: bool = True) -> Plan:
+    """A saved program as a :class:`Plan` whose records carry their callables.
+
+    Verifies every hash first. ``gpu=False`` reads the enclave side only (the enclave host
+    need not hold ``gpu/``): GPU stages then have no module, and a runner serves them.
+    """
+    root = Path(directory)
+    sides = ("enclave", "gpu") if gpu else ("enclave",)
+    document = read_document(root, sides)
+    plan = read_plan(root, document)
+    weights = {side: read_weights(root / weights_file(side)) for side in sides}
+    modules: dict[str, Any] = {}
+    for side in sides:
+        modules.update(load_stage_modules(root, plan, side, weights[side]))
+    for stage in plan.stages:
+        stage.module = modules.get(stage.name)
+        if stage.module is None and stage.side != GPU:
+            raise ArtifactError(f"enclave stage {stage.name} has no module in {root}")
+    prot = plan.protection
+    if prot is not None:
+        enclave = weights["enclave"]
+        for name, corr in prot.corrections.items():
+            corr.module = load_exported(root, correction_file(name), f"correction/{name}", enclave)
+        for name, (_, outputs) in list(prot.freivalds.items()):
+            own = load_exported(root, freivalds_file(name), f"freivalds/{name}", enclave)
+            prot.freivalds[name] = (own, outputs)
+        if prot.rnm is not None:
+            tables = RNMTables.load(root / RNM_FILE)
+            if tables.epsilon != prot.rnm.epsilon or tables.k != prot.rnm.candidates:
+                raise ArtifactError(f"{RNM_FILE}: its ε or K disagrees with the plan")
+            prot.rnm.tables = tables
+    return plan

