@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,20 +18,15 @@ import torch
 from enclave_runtime.driver import connect
 from enclave_runtime.generation import encode_prompt, generate
 from enclave_runtime.launcher import bundle_root
+from enclave_runtime.tokenizer import bundle_tokenizer
 from partitioner.errors import TeesplitError
 
 
-def _tokenizer(spec: str) -> Any:
-    from partitioner.zoo import TOKENIZERS  # the real-weight packages' tokenizers
-
-    if spec in TOKENIZERS:
-        return TOKENIZERS[spec]()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"teesplit: no tokenizer for {spec!r} ({exc}); pass --ids") from None
+def _tokenizer(root: Path, folder: str | None) -> Any:
+    """The bundle's own tokenizer (saved by ``teesplit partition``), or None."""
+    if folder is not None:
+        root = Path(folder)
+    return bundle_tokenizer(root)
 
 
 def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
@@ -46,15 +42,12 @@ def serve_stdin(args: argparse.Namespace) -> None:
     """Load enclave/, connect to the worker, answer prompts from stdin."""
     root = bundle_root(args.bundle)
     program = connect(root, args.worker, timeout=args.timeout)
-    plan = program.plan.describe()
-    if not program.plan.state:
+    plan = program.plan()
+    if not program.spec.state:
         raise SystemExit(
             f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
         )
-    try:
-        tokenizer = _tokenizer(args.tokenizer or plan["model"])
-    except SystemExit:
-        tokenizer = None
+    tokenizer = _tokenizer(root, args.tokenizer)
     print(f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}", flush=True)
     for raw in sys.stdin:
         line = raw.strip()
@@ -98,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
     parser.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
-    parser.add_argument("--tokenizer", default=None, help="built-in name or local folder")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
     args = parser.parse_args(argv)

@@ -56,9 +56,9 @@ class Executor:
     """
 
     def __init__(
-        self, plan: Plan, runner: StageRunner | None = None, *, seed: int | None = None
+        self, plan: Plan, runner: StageRunner | None = None, *, seed: int | str | None = None
     ) -> None:
-        self.plan = plan
+        self.spec = plan
         self.runner = runner if runner is not None else InProcessRunner(plan)
         self.signature = CallSignature(plan.signature)
         prot = plan.protection
@@ -73,14 +73,15 @@ class Executor:
 
     @property
     def stages(self) -> list[Stage]:
-        return self.plan.stages
+        return self.spec.stages
 
     @property
     def policy(self) -> Any:
-        return self.plan.policy
+        return self.spec.policy
 
-    def describe(self) -> dict[str, Any]:
-        return self.plan.describe()
+    def plan(self) -> dict[str, Any]:
+        """The plan's canonical description (as ``SplitProgram.plan()``)."""
+        return self.spec.describe()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(args, kwargs)
@@ -102,7 +103,7 @@ class Executor:
         """
         env = self.signature.bind(args, dict(kwargs))
         masks = self.pool.take(self.binding(env)) if self.pool is not None else None
-        prot = self.plan.protection
+        prot = self.spec.protection
         site = prot.rnm if prot is not None else None
         public = None
         if site is not None and masks is not None and public_tokens is not False:
@@ -129,7 +130,7 @@ class Executor:
     def binding(self, env: Mapping[str, Any]) -> dict[str, int]:
         """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""
         out: dict[str, int] = {}
-        for name, dims in self.plan.input_dims.items():
+        for name, dims in self.spec.input_dims.items():
             value = env.get(name)
             if not isinstance(value, torch.Tensor):
                 continue
@@ -145,7 +146,7 @@ class Executor:
         masks); ``delta`` the corrections the enclave knows for masked GPU values; ``shadow``
         plaintext of GPU values that a product correction needs.
         """
-        prot = self.plan.protection
+        prot = self.spec.protection
         gpu: dict[str, Any] = {}
         delta: dict[str, Any] = {}
         shadow: dict[str, Any] = {}
@@ -153,7 +154,7 @@ class Executor:
             delta.update(masks.pads)
             delta.update(masks.deltas)
         clear = self._sent_clear
-        for stage in self.plan.stages:
+        for stage in self.spec.stages:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]
                 for kind, name in stage.extra_inputs:
@@ -199,14 +200,14 @@ class Executor:
                 "epsilon": site.tables.request_epsilon(env[site.token_input]),
                 "epsilon_per_token": site.epsilon,
             }
-        return [self._output(v, env, gpu, delta) for v in self.plan.flat_outputs]
+        return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 
     def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:
         if not isinstance(value, str):
             return value
         if value in env:
             return env[value]
-        prot = self.plan.protection
+        prot = self.spec.protection
         if prot is not None and value in prot.gpu_masked:
             if prot.field_plan is not None:
                 bits = prot.field_plan.output_bits[value]

@@ -58,7 +58,7 @@ def generate(
     """
     if not isinstance(program, Executor):
         program = program.executor()
-    plan = program.plan
+    plan = program.spec
     if not plan.state:
         raise PartitionError(
             f"{plan.model}: the program has no KV-cache state; partition the decoder "

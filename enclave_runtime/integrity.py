@@ -24,8 +24,8 @@ import torch
 import torch.fx
 
 from partitioner.errors import IntegrityError
+from partitioner.op_table import op_name
 from partitioner.ops import mul_pow2_mod
-from passes.labels import op_name
 
 FIELD_S_BITS = 20
 FLOAT_RTOL = 1e-5

@@ -128,7 +128,7 @@ program = Executor(load_program(sys.argv[1]))
 dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
 ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():
-    if program.plan.state:
+    if program.spec.state:
         generate(program, ids, max_new_tokens=dims.get("new", 8))
     else:
         program(input_ids=ids)

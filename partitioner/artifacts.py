@@ -20,6 +20,7 @@ import torch
 from torch.export import Dim
 
 from enclave_runtime.manifest import TEMPLATE
+from enclave_runtime.tokenizer import save_tokenizer
 from partitioner.bundle import (
     ARTIFACT_SCHEMA_VERSION,
     PLAN_FILE,
@@ -108,8 +109,12 @@ def _save_exported(
     torch.export.save(ep, str(path))
 
 
-def save(program: Any, directory: str | Path) -> Path:
-    """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced)."""
+def save(program: Any, directory: str | Path, *, tokenizer: Any = None) -> Path:
+    """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
+
+    ``tokenizer`` (a transformers fast tokenizer) is saved into the enclave bundle so the
+    enclave driver can tokenize prompts without transformers.
+    """
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         if not (root / PLAN_FILE).is_file():
@@ -143,6 +148,8 @@ def save(program: Any, directory: str | Path) -> Path:
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / weights_file(side))
     shutil.copyfile(TEMPLATE, root / "enclave" / TEMPLATE.name)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, root)
     files = {
         str(p.relative_to(root)): sha256(p)
         for p in sorted(root.rglob("*"))

@@ -74,8 +74,22 @@ def cmd_partition(args: argparse.Namespace) -> None:
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
-    split.save(args.out)
+    split.save(args.out, tokenizer=_source_tokenizer(args.model))
     _step("done", start)
+
+
+def _source_tokenizer(spec: str) -> Any:
+    """The model's fast tokenizer, saved into the enclave bundle (None if it has none)."""
+    from partitioner.zoo import TOKENIZERS
+
+    if spec in TOKENIZERS:
+        return TOKENIZERS[spec]()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def _svg(plan: dict[str, Any]) -> str:

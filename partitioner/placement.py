@@ -30,11 +30,12 @@ from torch.export import ExportedProgram
 
 from partitioner.errors import PartitionError
 from partitioner.label_set import Label
+from partitioner.op_table import SHAPE_OPS, op_name
 from partitioner.plan import ENCLAVE, GPU
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
 from passes.base import is_tensor_value, teesplit_meta
-from passes.labels import SHAPE_OPS, label_of, op_name, user_input_names
+from passes.labels import label_of, user_input_names
 
 _SOURCE, _SINK = "\x00enclave", "\x00gpu"
 

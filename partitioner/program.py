@@ -43,6 +43,7 @@ class SplitProgram:
     param_bytes: dict[str, int] = field(default_factory=dict)
     taint: dict[str, frozenset[str]] = field(default_factory=dict)
     seed: int | None = None  # the executors' CSPRNG seed: tests only
+    _executors: int = field(default=0, repr=False, compare=False)
 
     # -- the plan's parts, by name -------------------------------------------------------------
 
@@ -82,18 +83,24 @@ class SplitProgram:
     def signature(self) -> CallSignature:
         return CallSignature(self.spec.signature)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, tokenizer: Any = None) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
         from partitioner.artifacts import save  # artifacts imports this module's callers
 
-        return save(self, directory)
+        return save(self, directory, tokenizer=tokenizer)
 
     # -- execution ---------------------------------------------------------------------------
 
-    def executor(self, runner: StageRunner | None = None, *, seed: int | None = None) -> Executor:
+    def executor(
+        self, runner: StageRunner | None = None, *, seed: int | str | None = None
+    ) -> Executor:
         """An enclave-side executor of this plan: GPU stages in this process unless ``runner``
         serves them. Hold it to reuse its mask pool and read ``last_request``."""
-        return Executor(self.spec, runner, seed=self.seed if seed is None else seed)
+        if seed is None and self.seed is not None:
+            # a seeded program's executors draw different pads (the first one: ``seed``)
+            seed = self.seed if self._executors == 0 else f"{self.seed}:{self._executors}"
+            self._executors += 1
+        return Executor(self.spec, runner, seed=seed)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One in-process call with a fresh executor (see :meth:`executor`)."""

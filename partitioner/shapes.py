@@ -16,6 +16,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from partitioner.op_table import MATRIX_PRODUCT_OPS, SDPA_OPS, op_name
+
 
 class ShapeContext:
     """Names and evaluates the symbolic dims of one exported program."""
@@ -94,13 +96,11 @@ def node_flops(node: torch.fx.Node, shapes: ShapeContext) -> int:
     ``FlopCounterMode``; whole SDPA ops use ``sdpa_flop_count`` (the CPU kernel is not in the
     counter's registry). Elementwise work is not counted, as in the counter itself.
     """
-    from passes.labels import LINEAR_OPS, SDPA_OPS, op_name
-
     name = op_name(node)
     if name in SDPA_OPS:
         q, k, v = (shapes.concrete_shape(a.meta["val"]) for a in node.args[:3])
         return int(sdpa_flop_count(q, k, v))
-    if name not in LINEAR_OPS:
+    if name not in MATRIX_PRODUCT_OPS:
         return 0
 
     def to_meta(a: Any) -> Any:

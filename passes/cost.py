@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.fx
 
+from partitioner.op_table import op_name
 from partitioner.plan import Correction
 from partitioner.shapes import ShapeContext, node_flops
-from passes.labels import op_name
 
 
 def correction_cost(

@@ -30,17 +30,17 @@ import torch
 import torch.fx
 
 from partitioner.errors import PartitionError
+from partitioner.op_table import TABLE, is_weight_linear, op_name
 from partitioner.ops import LIMB_BITS, OPS, PRIME, quantize
 from partitioner.plan import Edge, FieldSpec
 from partitioner.shapes import ShapeContext
 from passes.base import fake_like
-from passes.labels import op_name
-from passes.linearity import _LINEAR_IN_FIRST
 
 FRAC_BITS = 14
 RANGE_BITS = 12  # outputs are exact while |y| < 2**RANGE_BITS; weights get the bits left over
 _PRODUCT_BUDGET = 62  # log2 bound on |limb of x + r| * |w_q| * fan_in
-_SHAPE_ONLY = _LINEAR_IN_FIRST - {"neg", "sum", "mean", "_to_copy"}
+# ops that move residues unchanged: no arithmetic, no cast (OpProps.passes_values)
+_SHAPE_ONLY = frozenset(n for n, p in TABLE.items() if p.passes_values)
 
 
 class FieldRefusal(PartitionError):
@@ -163,7 +163,7 @@ def to_field(
             env[node.name].meta = dict(node.meta)
             scale[node.name] = scale[node.args[0].name]
             continue
-        if name in ("linear", "addmm", "mm", "matmul"):
+        if is_weight_linear(name):
             if name == "addmm":
                 bias, x, w = node.args[0], node.args[1], node.args[2]
                 weight = const(w)
@@ -297,7 +297,7 @@ def quantised_reference(split: Any) -> Any:
                 )
                 continue
             name = op_name(node)
-            if name in ("linear", "addmm", "mm", "matmul"):
+            if is_weight_linear(name):
                 if name == "addmm":
                     bias, x, w = node.args
                     weight = env[w.name].t()

@@ -25,217 +25,18 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from partitioner.errors import LabelError
 from partitioner.label_set import Label
+from partitioner.op_table import (
+    ELEMENTWISE_OPS,
+    EMBEDDING_OPS,
+    GATHER_OPS,
+    MATRIX_PRODUCT_OPS,
+    NONLINEAR_OPS,
+    NORM_OPS,
+    SDPA_OPS,
+    SHAPE_OPS,
+    op_name,
+)
 from passes.base import AnalysisPass, teesplit_meta
-
-LINEAR_OPS = frozenset(
-    {
-        "linear",
-        "addmm",
-        "mm",
-        "matmul",
-        "bmm",
-        "baddbmm",
-        "einsum",
-        "conv1d",
-        "conv2d",
-        "convolution",
-    }
-)
-SDPA_OPS = frozenset(
-    {
-        "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-    }
-)
-NORM_OPS = frozenset(
-    {
-        "layer_norm",
-        "native_layer_norm",
-        "rms_norm",
-        "group_norm",
-        "batch_norm",
-        "_native_batch_norm_legit_no_training",
-        "instance_norm",
-    }
-)
-EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
-GATHER_OPS = frozenset({"index_select", "index", "gather", "take"})
-NONLINEAR_OPS = frozenset(
-    {
-        "softmax",
-        "_softmax",
-        "_safe_softmax",
-        "log_softmax",
-        "_log_softmax",
-        "gelu",
-        "silu",
-        "relu",
-        "relu6",
-        "tanh",
-        "sigmoid",
-        "exp",
-        "log",
-        "erf",
-        "elu",
-        "selu",
-        "celu",
-        "leaky_relu",
-        "hardtanh",
-        "hardswish",
-        "hardsigmoid",
-        "mish",
-        "softplus",
-        "glu",
-        "cos",
-        "sin",
-        "sqrt",
-        "rsqrt",
-        "pow",
-        "reciprocal",
-        "logsumexp",
-    }
-)
-ELEMENTWISE_OPS = frozenset(
-    {
-        "add",
-        "sub",
-        "rsub",
-        "mul",
-        "div",
-        "neg",
-        "where",
-        "masked_fill",
-        "clamp",
-        "clamp_min",
-        "clamp_max",
-        "maximum",
-        "minimum",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "__and__",
-        "__or__",
-        "__xor__",
-        "__invert__",
-        "bitwise_and",
-        "bitwise_or",
-        "bitwise_not",
-        "logical_and",
-        "logical_or",
-        "logical_not",
-        "cumsum",
-        "diff",
-        "sum",
-        "mean",
-        "max",
-        "min",
-        "amax",
-        "amin",
-        "argmax",
-        "argmin",
-        "abs",
-        "dropout",
-        "square",
-        "floor_divide",
-        "remainder",
-        "any",
-        "all",
-        "isinf",
-        "isnan",
-        "sign",
-        "floor",
-        "ceil",
-        "round",
-        "trunc",
-        "fill",
-        "lerp",
-        "addcmul",
-        "addcdiv",
-        "var",
-        "std",
-        "prod",
-        "topk",
-        "sort",
-    }
-)
-SHAPE_OPS = frozenset(
-    {
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "permute",
-        "transpose",
-        "t",
-        "unsqueeze",
-        "squeeze",
-        "expand",
-        "expand_as",
-        "slice",
-        "select",
-        "cat",
-        "concat",
-        "stack",
-        "split",
-        "split_with_sizes",
-        "chunk",
-        "unbind",
-        "contiguous",
-        "clone",
-        "to",
-        "_to_copy",
-        "alias",
-        "detach",
-        "flatten",
-        "unflatten",
-        "narrow",
-        "repeat",
-        "repeat_interleave",
-        "arange",
-        "ones",
-        "zeros",
-        "full",
-        "new_ones",
-        "new_zeros",
-        "new_full",
-        "new_empty",
-        "empty",
-        "zeros_like",
-        "ones_like",
-        "full_like",
-        "empty_like",
-        "scalar_tensor",
-        "lift_fresh_copy",
-        "tril",
-        "triu",
-        "flip",
-        "roll",
-        "constant_pad_nd",
-        "pad",
-        "movedim",
-        "as_strided",
-        "view_as",
-        "reshape_as",
-        "type_as",
-        "_assert_tensor_metadata",
-        "_assert_scalar",
-        "sym_constrain_range_for_size",
-        "sym_size",
-        "sym_numel",
-        "sym_stride",
-        "_local_scalar_dense",
-        "item",
-        "index",
-        "gather",
-        "index_select",
-        "take",
-        "one_hot",
-    }
-)
 
 _ATTENTION = re.compile(r"Attention|Attn")
 _NORM = re.compile(r"Norm")
@@ -243,15 +44,6 @@ _POSITIONAL = re.compile(r"Rotary|Positional|PositionEmbedding|PosEmb")
 _LAYER = re.compile(r"(Layer|Block)$")
 _MLP = re.compile(r"MLP|FeedForward|FFN|Intermediate|Expert")
 _ACTIVATION_MODULES = ("torch.nn.modules.activation.", "transformers.activations.")
-
-
-def op_name(node: torch.fx.Node) -> str:
-    """Short op name: ``aten.linear.default`` -> ``linear``; ``operator.getitem`` -> ``getitem``."""
-    target = node.target
-    name = getattr(target, "_opname", None)
-    if name is None:
-        name = getattr(target, "__name__", str(target))
-    return name
 
 
 @dataclass(frozen=True)
@@ -411,7 +203,7 @@ class LabelPass(AnalysisPass):
             return Label.NONLINEAR, f"op:{name}"
         if name in SDPA_OPS:
             return Label.ATTENTION, f"op:{name}"
-        if name in LINEAR_OPS:
+        if name in MATRIX_PRODUCT_OPS:
             return self._label_linear(
                 node, name, classes, in_attention, weight_operands, vocab_sizes, embedding_weights
             )

@@ -33,57 +33,12 @@ import torch
 import torch.fx
 
 from partitioner import ops as _ops  # noqa: F401 - registers teesplit:: ops used in field stages
+from partitioner.op_table import op_name, props
 from partitioner.plan import Correction
 from passes.base import is_tensor_value
-from passes.labels import op_name
 
 aten = torch.ops.aten
 
-# Linear in the first argument, any other tensor argument must be unmasked (an index, a size).
-_LINEAR_IN_FIRST = frozenset(
-    {
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "permute",
-        "transpose",
-        "t",
-        "unsqueeze",
-        "squeeze",
-        "expand",
-        "slice",
-        "select",
-        "contiguous",
-        "clone",
-        "alias",
-        "detach",
-        "flatten",
-        "unflatten",
-        "narrow",
-        "repeat",
-        "repeat_interleave",
-        "flip",
-        "roll",
-        "movedim",
-        "_to_copy",
-        "lift_fresh_copy",
-        "split",
-        "split_with_sizes",
-        "chunk",
-        "unbind",
-        "neg",
-        "sum",
-        "mean",
-        "tril",
-        "triu",
-        "index_select",
-        "getitem",
-        "constant_pad_nd",
-    }
-)
-_CONCAT = frozenset({"cat", "concat", "stack"})
-_BILINEAR = frozenset({"mul", "matmul", "mm", "bmm"})
-_FIELD_AFFINE = frozenset({"field_linear", "field_add"})
 
 AFFINE, PRODUCT, NONLINEAR = "affine", "product", "nonlinear"
 
@@ -161,8 +116,9 @@ def _classify(
     def is_const(a: Any) -> bool:
         return not isinstance(a, torch.fx.Node) or a.name in constant or not _is_tensor(a)
 
+    op = props(name)
     first = node.args[0] if node.args else None
-    if name in _LINEAR_IN_FIRST:
+    if op.linear_in_first:
         if varying != [first]:
             return NONLINEAR, f"{name} is linear only in its first operand"
         if name == "_to_copy":
@@ -172,7 +128,7 @@ def _classify(
         if name == "constant_pad_nd" and len(node.args) > 2 and node.args[2] not in (0, 0.0):
             return NONLINEAR, "constant_pad_nd with a nonzero pad value is affine, not linear"
         return AFFINE, ""
-    if name in _CONCAT or name in ("add", "sub", "rsub") or name in _FIELD_AFFINE:
+    if op.concat or name in ("add", "sub", "rsub") or op.field:
         if name in ("add", "sub") and node.kwargs.get("alpha", 1) != 1:
             return NONLINEAR, f"{name} with alpha is not supported"
         return AFFINE, ""
@@ -182,7 +138,7 @@ def _classify(
         if varying != [first]:
             return NONLINEAR, "division by a masked value"
         return (AFFINE, "") if is_const(node.args[1]) else (PRODUCT, "divides by an activation")
-    if name in _BILINEAR or name in ("linear", "addmm"):
+    if op.bilinear or op.weight_linear:
         if name == "linear" and len(node.args) > 2 and node.args[2] is not None:
             if node.args[2] in varying:
                 return NONLINEAR, "linear with a masked bias"
@@ -301,14 +257,15 @@ class _DeltaBuilder:
 
     def _delta_of(self, node: torch.fx.Node) -> torch.fx.Node:
         name = op_name(node)
-        if name in _LINEAR_IN_FIRST:
+        op = props(name)
+        if op.linear_in_first:
             first = node.args[0]
             args = (self.delta(first), *(self.value(a) for a in node.args[1:]))
             kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
             out = self.graph.call_function(node.target, args, kwargs)
             out.meta["val"] = node.meta.get("val")
             return out
-        if name in _CONCAT:
+        if op.concat:
             parts = [
                 self.delta(p)
                 if self.delta(p) is not None
@@ -343,7 +300,7 @@ class _DeltaBuilder:
             if bias_delta is not None:
                 prod = self._call(aten.add.Tensor, (prod, bias_delta), node)
             return prod
-        if name in _BILINEAR:
+        if op.bilinear:
             target = aten.mul.Tensor if name == "mul" else node.target
             return self._product(target, node.args[0], node.args[1], node)
         raise AssertionError(f"no delta rule for {node.name} ({name})")  # analyse() excluded it

@@ -42,13 +42,14 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from partitioner.errors import PartitionError
+from partitioner.op_table import EMBEDDING_OPS, op_name, props
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, INPUT, Edge, RNMSite, Stage
 from partitioner.policy import Policy
 from partitioner.rnm_tables import RNMTables
 from passes.base import fake_like
 from passes.graph_edit import append_placeholder, copy_graph, graph_module, input_node
-from passes.labels import EMBEDDING_OPS, op_name, user_input_names
+from passes.labels import user_input_names
 
 
 def exact_distribution(
@@ -90,7 +91,7 @@ def _token_input(program: ExportedProgram) -> tuple[str, str]:
             while (
                 isinstance(indices, torch.fx.Node)
                 and indices.op == "call_function"
-                and op_name(indices) in _VIEW_OPS
+                and props(op_name(indices)).reshape
             ):
                 indices = indices.args[0]
             if (
@@ -103,21 +104,6 @@ def _token_input(program: ExportedProgram) -> tuple[str, str]:
         "rnm is set but no embedding lookup reads a user input; RNM sanitises the token ids "
         "before the embedding, so the model must take token ids"
     )
-
-
-_VIEW_OPS = frozenset(
-    {
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "flatten",
-        "unsqueeze",
-        "squeeze",
-        "contiguous",
-        "clone",
-        "alias",
-    }
-)
 
 
 _TABLES: dict[tuple[Any, ...], tuple[weakref.ref, RNMTables]] = {}

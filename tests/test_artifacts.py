@@ -134,7 +134,7 @@ def test_onnx_gpu_stages_match_the_exported_stages_under_onnxruntime(saved, pres
 
 def _input_shape(program, stage, index):
     """Concrete shape of a stage input at batch=2, seq=7, from the plan's edge shapes."""
-    from enclave_runtime.pool import concrete_shape
+    from partitioner.dims import concrete_shape
 
     name = stage.inputs[index]
     edge = next(e for e in program.edges if e.name == name and e.consumer == stage.name)

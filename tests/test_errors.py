@@ -9,7 +9,8 @@ from partitioner.api import partition
 from partitioner.capturing import capture
 from partitioner.errors import CaptureError, PartitionError, PolicyError, TeesplitError
 from partitioner.placement import Placement, StagePlan
-from partitioner.split import Edge, validate
+from partitioner.plan import Edge
+from partitioner.split import validate
 
 
 class DataDependent(nn.Module):

@@ -11,10 +11,9 @@ from conftest import built
 from models import tiny_llama
 
 from enclave_runtime.driver import connect
-from partitioner.api import partition
-from partitioner.artifacts import load
-from partitioner.errors import PartitionError
 from enclave_runtime.generation import generate
+from partitioner.api import load, partition
+from partitioner.errors import PartitionError
 from partitioner.generation import capture_decoder
 from partitioner.policy import Policy
 from runtime.worker import GPUWorker, serve
@@ -73,13 +72,14 @@ def test_cmif_sanitises_the_prompt_only():
     the generated tokens through unchanged, and the request's ε is the prompt's."""
     ids = prompt(batch=1, seq=12)
     split = partition(step("tiny-llama"), "cmif", seed=5)
-    out = generate(split, ids, max_new_tokens=8)
-    sanitised = split.last_request["sanitised_tokens"]
+    executor = split.executor()
+    out = generate(executor, ids, max_new_tokens=8)
+    sanitised = executor.last_request["sanitised_tokens"]
     assert sanitised.shape == ids.shape and not torch.equal(sanitised, ids)
     assert torch.equal(
         out[:, 12:], hf_generate(built("tiny-llama"), sanitised, 8, eos_token_id=None)[:, 12:]
     )
-    assert split.last_request["epsilon"] == pytest.approx(12 * split.policy.rnm.epsilon)
+    assert executor.last_request["epsilon"] == pytest.approx(12 * split.policy.rnm.epsilon)
 
 
 def test_generation_stops_at_eos_and_pads_finished_rows():
@@ -100,17 +100,15 @@ def test_a_program_without_state_cannot_generate():
 
 
 def count_full_inputs(program) -> list[int]:
-    """Wrap the remote stages to add up the bytes their inputs would take if sent whole."""
+    """Wrap the worker client to add up the bytes stage inputs would take if sent whole."""
     total = [0]
-    for stage in program.stages:
-        if stage.side == "gpu":
-            inner = stage.module
+    inner = program.runner.run
 
-            def counted(*tensors, inner=inner):
-                total[0] += sum(t.numel() * t.element_size() for t in tensors)
-                return inner(*tensors)
+    def counted(stage, tensors):
+        total[0] += sum(t.numel() * t.element_size() for t in tensors)
+        return inner(stage, tensors)
 
-            stage.module = counted
+    program.runner.run = counted
     return total
 
 
@@ -121,7 +119,7 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
     ids = prompt(batch=1)
     split = partition(step("tiny-llama"), policy, seed=6)
     split.save(tmp_path)
-    assert load(tmp_path).state == split.state
+    assert load(tmp_path).spec.state == split.state
     server = serve(GPUWorker(tmp_path / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -129,10 +127,10 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
         full = count_full_inputs(remote)
         expected = generate(split, ids, max_new_tokens=6)
         assert torch.equal(generate(remote, ids, max_new_tokens=6), expected)
-        calls = {s["calls"] for s in remote.worker.stats().values()}
+        calls = {s["calls"] for s in remote.runner.stats().values()}
         assert calls == {6}  # one call per stage per generated token: the cache is used
         if policy == "cmif":  # the clear cache crosses as its new positions only
-            assert remote.worker.bytes_sent < 0.6 * full[0]
+            assert remote.runner.bytes_sent < 0.6 * full[0]
     finally:
         server.shutdown()
         server.server_close()

@@ -9,8 +9,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from partitioner.errors import LabelError
-from passes.base import AnalysisPass
 from partitioner.label_set import Label
+from passes.base import AnalysisPass
 from passes.labels import label_of, label_program
 
 

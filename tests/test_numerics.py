@@ -41,9 +41,10 @@ def check(name: str, preset: str, shapes=((1, 5), (2, 19))) -> None:
     for shape in shapes:  # two lengths: one split program serves any prompt length
         ids = torch.randint(0, vocab, shape, generator=gen)
         with torch.no_grad():
-            out = model_output(sp(input_ids=ids))
+            executor = sp.executor()
+            out = model_output(executor(input_ids=ids))
         if policy.rnm is not None:
-            sanitised = sp.last_request["sanitised_tokens"]
+            sanitised = executor.last_request["sanitised_tokens"]
             assert sanitised.shape == ids.shape
             torch.testing.assert_close(out, reference(name, preset, sanitised))
         elif policy.masking == "field":

@@ -8,9 +8,10 @@ import torch
 from conftest import captured
 
 from partitioner.api import partition
-from partitioner.placement import ENCLAVE, GPU, min_cut_sides
-from partitioner.policy import Policy
 from partitioner.label_set import Label
+from partitioner.placement import min_cut_sides
+from partitioner.plan import ENCLAVE, GPU
+from partitioner.policy import Policy
 
 
 def crossing_cost(sides, values):

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from partitioner.errors import PolicyError
-from partitioner.policy import PRESETS, Policy, RNMConfig
 from partitioner.label_set import ALL_LABELS, Label
+from partitioner.policy import PRESETS, Policy, RNMConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

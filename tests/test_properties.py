@@ -7,8 +7,8 @@ from torch import nn
 
 from partitioner.api import partition
 from partitioner.capturing import capture
-from partitioner.policy import Policy
 from partitioner.label_set import ALL_LABELS
+from partitioner.policy import Policy
 
 OPS = ["linear", "relu", "add", "mul", "norm", "softmax", "matmul_t", "reshape", "tanh"]
 WIDTH = 8

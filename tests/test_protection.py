@@ -8,13 +8,13 @@ import torch
 from conftest import captured, eager, model_output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from enclave_runtime.randomness import CSPRNG
+from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
 from partitioner.api import partition
 from partitioner.errors import IntegrityError, PartitionError, PolicyError
 from partitioner.policy import Policy
-from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
 from passes.field import PRIME, quantised_reference
 from passes.linearity import AFFINE, NONLINEAR, PRODUCT, analyse, build_correction
-from enclave_runtime.randomness import CSPRNG
 
 # -- randomness ------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ def test_gpu_stages_see_only_masked_values(preset):
     assert all(
         e.protection in ("additive", "field")
         for e in sp.cut_edges
-        if e.direction == "enclave->gpu" and sp.protection.taint[e.name]
+        if e.direction == "enclave->gpu" and sp.taint[e.name]
     )
 
 
@@ -183,15 +183,16 @@ def test_fresh_pads_per_request_and_the_pool_hands_each_set_out_once():
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
     name = next(iter(sp.protection.masked))
     assert not torch.equal(hidden_first[name], seen[name])
-    binding = sp.binding({"input_ids": ids})
-    sp.pool.fill(binding, 2)
-    assert sp.pool.available(binding) == 2
-    misses = sp.pool.misses
-    a, b = sp.pool.take(binding), sp.pool.take(binding)
-    assert sp.pool.available(binding) == 0 and sp.pool.misses == misses
+    executor = sp.executor()
+    binding = executor.binding({"input_ids": ids})
+    executor.pool.fill(binding, 2)
+    assert executor.pool.available(binding) == 2
+    misses = executor.pool.misses
+    a, b = executor.pool.take(binding), executor.pool.take(binding)
+    assert executor.pool.available(binding) == 0 and executor.pool.misses == misses
     assert not torch.equal(a.pads[name], b.pads[name])
-    sp.pool.take(binding)
-    assert sp.pool.misses == misses + 1
+    executor.pool.take(binding)
+    assert executor.pool.misses == misses + 1
 
 
 def test_precomputed_corrections_make_the_online_cost_one_add_and_one_subtract():

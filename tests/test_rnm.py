@@ -7,10 +7,10 @@ import torch
 from conftest import built, captured
 from scipy import stats
 
+from enclave_runtime.randomness import CSPRNG
+from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
 from partitioner.api import partition
 from partitioner.errors import ArtifactError
-from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
-from enclave_runtime.randomness import CSPRNG
 from partitioner.rnm_tables import RNMTables
 from passes.rnm import exact_distribution
 
@@ -126,12 +126,13 @@ def test_cmif_sanitises_once_in_the_enclave_and_reports_the_request_epsilon():
     assert not [e for e in sp.edges if e.producer == "input" and e.consumer.startswith("gpu")]
     assert {e.protection for e in sp.cut_edges if e.direction == "enclave->gpu"} <= {"dp", "public"}
     ids = torch.tensor([[1, 40, 41, 42, 2, 90]])
+    executor = sp.executor()
     with torch.no_grad():
-        sp(input_ids=ids)
-    sanitised = sp.last_request["sanitised_tokens"]
+        executor(input_ids=ids)
+    sanitised = executor.last_request["sanitised_tokens"]
     assert sanitised[0, 0] == 1 and sanitised[0, 4] == 2  # special tokens pass through
     for orig, new in zip(ids[0].tolist(), sanitised[0].tolist(), strict=True):
         assert new in site.tables.group_of(orig)
-    assert sp.last_request["epsilon"] == 4 * sp.policy.rnm.epsilon
+    assert executor.last_request["epsilon"] == 4 * sp.policy.rnm.epsilon
     again = partition(captured("tiny-llama"), "cmif", special_token_ids=SPECIAL)
     assert again.protection.rnm.tables is site.tables  # built once per model and settings

@@ -44,7 +44,7 @@ def test_two_processes_give_the_in_process_outputs(bundles, worker_process):
         assert torch.equal(
             model_output(program(input_ids=ids)), model_output(reference(input_ids=ids))
         )
-    stats = program.worker.stats()
+    stats = program.runner.stats()
     assert stats and all(s["calls"] == 1 and s["bytes_in"] > 0 for s in stats.values())
 
 

@@ -1,0 +1,244 @@
+"""Protection records: what the protection passes inserted, as plan data.
+
+``Correction`` (a GPU stage's unmasking graph), ``RNMSite`` (where RNM runs and its public
+parameters), ``FieldSpec`` (exact masking's fixed-point format) and ``Protection`` (all of it
+for one program). Each has ``to_dict``/``from_dict``; the callables they carry in memory
+(``module``, ``tables``, the Freivalds copies) are never serialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from partitioner.errors import ArtifactError
+from partitioner.schema import choice, fields, ident, int_, map_, number, shape_, str_, strs
+
+MASKINGS = ("none", "additive", "field")
+MASKED_PROTECTIONS = ("additive", "field")
+
+
+@dataclass
+class Correction:
+    """The enclave's unmasking graph for one GPU stage.
+
+    ``module(*Δ of delta_inputs, *plaintext of primal_inputs)`` returns
+    ``(*Δ of delta_outputs, *plaintext of primal_outputs)``.
+    """
+
+    stage: str
+    module: Any
+    delta_inputs: list[str]
+    primal_inputs: list[str]
+    delta_outputs: list[str]
+    primal_outputs: list[str]
+    products: list[str]
+
+    @property
+    def precomputable(self) -> bool:
+        """True when it depends on the masks alone, so it can be computed ahead of requests."""
+        return not self.primal_inputs
+
+    _KEYS = ("delta_inputs", "primal_inputs", "delta_outputs", "primal_outputs", "products")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(getattr(self, k)) for k in self._KEYS}
+
+    @classmethod
+    def from_dict(cls, stage: str, data: Any, where: str) -> Correction:
+        d = fields(data, where, cls._KEYS)
+        lists = {k: strs(d[k], f"{where}.{k}") for k in cls._KEYS}
+        return cls(stage, None, **lists)
+
+
+@dataclass
+class RNMSite:
+    """Where RNM runs: the token input it sanitises, the sanitised value, the stage; and the
+    mechanism's public parameters. ``tables`` holds the candidate tables in memory."""
+
+    token_input: str
+    sanitised: str
+    stage: str
+    epsilon: float
+    candidates: int
+    special_tokens: int | None  # how many tokens pass through (None: planned on meta weights)
+    tables: Any = None
+
+    @property
+    def noise_scale(self) -> float:
+        return 2.0 / self.epsilon  # Laplace(2Δ/ε) with Δ = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token_input": self.token_input,
+            "sanitised": self.sanitised,
+            "stage": self.stage,
+            "epsilon": self.epsilon,
+            "candidates": self.candidates,
+            "special_tokens": self.special_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "protection.rnm") -> RNMSite:
+        d = fields(data, where, tuple(cls("", "", "", 1.0, 2, None).to_dict()))
+        epsilon = number(d["epsilon"], f"{where}.epsilon")
+        if not 0 < epsilon < float("inf"):
+            raise ArtifactError(f"{where}.epsilon: {epsilon} is not a finite positive number")
+        special = d["special_tokens"]
+        return cls(
+            str_(d["token_input"], f"{where}.token_input"),
+            str_(d["sanitised"], f"{where}.sanitised"),
+            ident(d["stage"], f"{where}.stage"),
+            epsilon,
+            int_(d["candidates"], f"{where}.candidates", 2),
+            None if special is None else int_(special, f"{where}.special_tokens", 0),
+        )
+
+
+@dataclass
+class FieldSpec:
+    """Exact masking's fixed-point format: the prime, and fractional bits per weight/value."""
+
+    prime: int
+    frac_bits: int
+    weight_bits: dict[str, int] = field(default_factory=dict)  # node -> weight fractional bits
+    output_bits: dict[str, int] = field(default_factory=dict)  # value -> fractional bits
+    output_range: dict[str, float] = field(default_factory=dict)  # value -> max |y| that is exact
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prime": self.prime,
+            "activation_frac_bits": self.frac_bits,
+            "weight_frac_bits": dict(sorted(self.weight_bits.items())),
+            "exact_output_range": dict(sorted(self.output_range.items())),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prime": self.prime,
+            "frac_bits": self.frac_bits,
+            "weight_bits": dict(sorted(self.weight_bits.items())),
+            "output_bits": dict(sorted(self.output_bits.items())),
+            "output_range": dict(sorted(self.output_range.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "protection.field") -> FieldSpec:
+        keys = ("prime", "frac_bits", "weight_bits", "output_bits", "output_range")
+        d = fields(data, where, keys)
+        bits = {
+            key: {k: int_(v, f"{where}.{key}.{k}", 0) for k, v in map_(d[key], key).items()}
+            for key in ("weight_bits", "output_bits")
+        }
+        return cls(
+            int_(d["prime"], f"{where}.prime", 3),
+            int_(d["frac_bits"], f"{where}.frac_bits", 0),
+            bits["weight_bits"],
+            bits["output_bits"],
+            {
+                k: number(v, f"{where}.output_range.{k}")
+                for k, v in map_(d["output_range"], where).items()
+            },
+        )
+
+
+@dataclass
+class Protection:
+    """What protection inserted, for the executor, the mask pool, the audit and the plan."""
+
+    masking: str
+    mask_scale: float
+    # enclave-produced value masked on its way out -> (plan shape, dtype) of its pads
+    masked: dict[str, tuple[list[int | str], str]]
+    gpu_masked: set[str]  # GPU-produced values that carry a mask
+    corrections: dict[str, Correction]  # GPU stage -> its enclave correction
+    pooled: list[str]  # stages whose correction the pool precomputes, in stage order
+    cost: dict[str, dict[str, Any]]  # GPU stage -> offloaded vs enclave online MFLOP
+    rnm: RNMSite | None = None
+    token_shape: list[int | str] | None = None  # the token input's shape (RNM noise per token)
+    field_plan: FieldSpec | None = None
+    # GPU stage -> (the enclave's own copy of its module, its outputs): checked per request
+    freivalds: dict[str, tuple[Any, list[str]]] = field(default_factory=dict)
+
+    @property
+    def needs_pool(self) -> bool:
+        return bool(self.masked) or self.rnm is not None
+
+    def summary(self) -> dict[str, Any]:
+        """The canonical description in ``Plan.describe()`` (the golden-file format)."""
+        out: dict[str, Any] = {
+            "masking": self.masking,
+            "mask_scale": self.mask_scale if self.masking == "additive" else None,
+            "masked_values": sorted(self.masked),
+            "gpu_masked_values": sorted(self.gpu_masked),
+            "corrections": {
+                stage: {
+                    "precomputed": stage in self.pooled,
+                    "products": corr.products,
+                    "delta_inputs": corr.delta_inputs,
+                    "primal_inputs": corr.primal_inputs,
+                    **self.cost[stage],
+                }
+                for stage, corr in self.corrections.items()
+            },
+        }
+        if self.rnm is not None:
+            out["rnm"] = {
+                "token_input": self.rnm.token_input,
+                "stage": self.rnm.stage,
+                "epsilon_per_token": self.rnm.epsilon,
+                "candidates": self.rnm.candidates,
+                "noise": f"Laplace(scale={self.rnm.noise_scale:g})",
+                "special_tokens": self.rnm.special_tokens,
+            }
+        if self.field_plan is not None:
+            out["field"] = self.field_plan.summary()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "masking": self.masking,
+            "mask_scale": self.mask_scale,
+            "masked": {k: [list(s), d] for k, (s, d) in sorted(self.masked.items())},
+            "gpu_masked": sorted(self.gpu_masked),
+            "corrections": {k: c.to_dict() for k, c in self.corrections.items()},
+            "pooled": list(self.pooled),
+            "cost": self.cost,
+            "rnm": self.rnm.to_dict() if self.rnm is not None else None,
+            "token_shape": self.token_shape,
+            "field": self.field_plan.to_dict() if self.field_plan is not None else None,
+            "freivalds": {k: list(outputs) for k, (_, outputs) in self.freivalds.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "protection") -> Protection:
+        keys = ("masking", "mask_scale", "masked", "gpu_masked", "corrections", "pooled",
+                "cost", "rnm", "token_shape", "field", "freivalds")  # fmt: skip
+        d = fields(data, where, keys)
+        masked = {}
+        for name, entry in map_(d["masked"], f"{where}.masked").items():
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ArtifactError(f"{where}.masked.{name}: expected [shape, dtype]")
+            masked[name] = (shape_(entry[0], f"{where}.masked.{name}"), str_(entry[1], name))
+        corrections = {
+            ident(k, f"{where}.corrections"): Correction.from_dict(k, v, f"{where}.corrections.{k}")
+            for k, v in map_(d["corrections"], f"{where}.corrections").items()
+        }
+        freivalds = {
+            ident(k, f"{where}.freivalds"): (None, strs(v, f"{where}.freivalds.{k}"))
+            for k, v in map_(d["freivalds"], f"{where}.freivalds").items()
+        }
+        token_shape = d["token_shape"]
+        return cls(
+            masking=choice(d["masking"], f"{where}.masking", MASKINGS),
+            mask_scale=number(d["mask_scale"], f"{where}.mask_scale"),
+            masked=masked,
+            gpu_masked=set(strs(d["gpu_masked"], f"{where}.gpu_masked")),
+            corrections=corrections,
+            pooled=strs(d["pooled"], f"{where}.pooled"),
+            cost={k: map_(v, f"{where}.cost.{k}") for k, v in map_(d["cost"], where).items()},
+            rnm=None if d["rnm"] is None else RNMSite.from_dict(d["rnm"], f"{where}.rnm"),
+            token_shape=None if token_shape is None else shape_(token_shape, f"{where}.token"),
+            field_plan=None if d["field"] is None else FieldSpec.from_dict(d["field"]),
+            freivalds=freivalds,
+        )
