@@ -49,13 +49,14 @@ def timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def prefill_pool(program: Any, prompt_len: int, new: int) -> None:
-    """Draw the mask set of every step of one generation ahead (prefill, then seq=1)."""
-    if program.pool is None:
+def prefill_pool(executor: Any, prompt_len: int, new: int) -> None:
+    """Draw the mask set of every step of one generation ahead (prefill, then seq=1) into
+    ``executor``'s pool."""
+    if executor.pool is None:
         return
-    program.pool.fill({"batch": 1, "seq": prompt_len, "past": 0}, 1)
+    executor.pool.fill({"batch": 1, "seq": prompt_len, "past": 0}, 1)
     for past in range(prompt_len, prompt_len + new - 1):
-        program.pool.fill({"batch": 1, "seq": 1, "past": past}, 1)
+        executor.pool.fill({"batch": 1, "seq": 1, "past": past}, 1)
 
 
 def main() -> None:
@@ -68,10 +69,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     from enclave_runtime.driver import connect, spawn_worker
-    from partitioner.api import partition
-    from partitioner.artifacts import load
     from enclave_runtime.generation import encode_prompt, generate
-from partitioner.generation import capture_decoder
+    from partitioner.api import load, partition
+    from partitioner.generation import capture_decoder
     from partitioner.zoo import smollm2, smollm2_tokenizer
 
     model, tokenizer = smollm2(), smollm2_tokenizer()
@@ -97,8 +97,10 @@ from partitioner.generation import capture_decoder
     step = capture_decoder(model)
     for preset in args.presets:
         split = partition(step, preset)
+        # one executor for every in-process run: its mask pool persists between them
+        executor = split.executor()
 
-        def run(program: Any = split) -> torch.Tensor:
+        def run(program: Any = executor) -> torch.Tensor:
             return generate(program, ids, max_new_tokens=n, public_prompt=public)
 
         run()  # warm-up
@@ -114,10 +116,10 @@ from partitioner.generation import capture_decoder
         )
         print(f"  {preset} in-process: {n / seconds:.1f} tokens/s ({hf_s / seconds:.2f}x)")
         # a field (slalom) mask set takes ~10 s to draw: prefilling 32 steps is not worth it
-        if split.pool is not None and split.policy.masking != "field":
+        if executor.pool is not None and split.policy.masking != "field":
             times = []
             for _ in range(args.repeats):
-                prefill_pool(split, ids.shape[1], n)
+                prefill_pool(executor, ids.shape[1], n)
                 start = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - start)
@@ -145,7 +147,7 @@ from partitioner.generation import capture_decoder
         try:
             remote = connect(bundle, address)
             generate(remote, ids, max_new_tokens=2, public_prompt=public)  # warm-up
-            client = remote.worker
+            client = remote.runner  # the WorkerClient serving the GPU stages
             sent, received = client.bytes_sent, client.bytes_received
             seconds = timed(lambda r=remote: run(r), args.repeats)
             up = (client.bytes_sent - sent) / args.repeats

@@ -1,8 +1,10 @@
-"""Enclave side of the runtime (DESIGN.md "Runtime").
+"""The enclave side: everything the enclave process runs (``python -m enclave_runtime``).
 
-Built so far: the Gramine manifest (``manifest.py``: Jinja2 template rendered the way
-``gramine-manifest`` does, the enclave bundle as hashed trusted files, the enclave size from a
-measured peak). Not built yet (issue #4): the driver process that loads ``enclave/``, owns the
-mask pool and talks to the GPU worker. Until then ``SplitProgram.__call__`` runs every stage
-in-process.
+``executor.py`` runs a plan's stages with a stage runner for the GPU side; ``pool.py``,
+``randomness.py`` and ``integrity.py`` are the mask pool, the CSPRNG and the Freivalds check it
+owns; ``generation.py`` decodes with a KV cache; ``driver.py`` is the worker client (a stage
+runner over the wire); ``tokenizer.py`` reads the bundle's tokenizer; ``manifest.py`` and
+``launcher.py`` render the Gramine manifest and start the driver under Gramine when it is
+installed. Layer rule (``docs/design.md``): this package imports the data layer, the bundle
+reader and the wire format, never the compiler (capture, labelling, placement, protection).
 """

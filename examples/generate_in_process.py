@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from partitioner.api import partition
 from enclave_runtime.generation import encode_prompt, generate
+from partitioner.api import partition
 from partitioner.generation import capture_decoder
 from partitioner.zoo import smollm2, smollm2_tokenizer
 

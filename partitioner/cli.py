@@ -60,6 +60,9 @@ def cmd_partition(args: argparse.Namespace) -> None:
     from partitioner.api import partition
     from passes.audit import audit
 
+    from partitioner.policy import Policy
+
+    policy = Policy.resolve(args.policy)  # a bad policy fails before a long model load
     start = time.perf_counter()
     _step(f"loading {args.model}", start)
     model = _load_model(args.model)
@@ -70,7 +73,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
         _step("capturing the KV-cache decoder step", start)
         model = capture_decoder(model, model_name=name)
     _step(f"partitioning under {args.policy}", start)
-    split = partition(model, args.policy, model_name=name)
+    split = partition(model, policy, model_name=name)
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
@@ -289,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("enclave", help="the enclave driver: answers prompts read from stdin")
     p.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
     p.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
-    p.add_argument("--tokenizer", default=None, help="built-in name or local folder")
+    p.add_argument(
+        "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
     p.set_defaults(func=cmd_enclave)

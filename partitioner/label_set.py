@@ -1,4 +1,4 @@
-"""The closed set of sensitivity labels (DESIGN.md, "Labels")."""
+"""The closed set of sensitivity labels (docs/design.md, "Labels")."""
 
 from __future__ import annotations
 

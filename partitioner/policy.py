@@ -2,13 +2,14 @@
 
 A :class:`Policy` is frozen and validated when it is built, so an impossible policy fails at
 construction with a :class:`PolicyError` naming the offending key or labels, never later inside
-placement. Presets follow DESIGN.md; files (YAML or JSON) build the same objects.
+placement. Presets follow docs/design.md; files (YAML or JSON) build the same objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ PROTECTABLE = frozenset({"input", "model"})
 MASKING_MODES = ("none", "additive", "field")
 INTEGRITY_MODES = ("none", "freivalds")
 UNMASKABLE_MODES = ("error", "enclave", "cross_terms")
+MAX_CANDIDATES = 4096  # an RNM group larger than this is a vocabulary, not a candidate set
+# Float masks are added to activations in float32: a pad wider than this swamps every value
+# (x + r - r loses x entirely) long before it overflows to inf.
+MAX_MASK_SCALE = 2.0**20
 
 
 @dataclass(frozen=True)
@@ -31,20 +36,37 @@ class RNMConfig:
     candidates: int = 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
-            raise PolicyError(f"rnm.epsilon must be a positive number, got {self.epsilon!r}")
-        if not isinstance(self.candidates, int) or self.candidates < 2:
-            raise PolicyError(f"rnm.candidates must be an integer >= 2, got {self.candidates!r}")
+        # ε = inf would let every token through unchanged while reporting a DP guarantee
+        if not _is_number(self.epsilon) or not 0 < self.epsilon < math.inf:
+            raise PolicyError(f"rnm.epsilon must be a finite positive number, got {self.epsilon!r}")
+        if not _is_int(self.candidates) or not 2 <= self.candidates <= MAX_CANDIDATES:
+            raise PolicyError(
+                f"rnm.candidates must be an integer in [2, {MAX_CANDIDATES}], "
+                f"got {self.candidates!r}"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool (``True`` is an int in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _labels(value: Iterable[str] | str, key: str) -> frozenset[Label]:
-    if isinstance(value, str):
-        raise PolicyError(f"{key} must be a list of labels, got the string {value!r}")
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise PolicyError(f"{key} must be a list of labels, got {value!r}")
     names = list(value)
-    unknown = sorted(str(v) for v in names if v not in ALL_LABELS)
+    unknown = sorted(
+        v if isinstance(v, str) else repr(v)
+        for v in names
+        if not isinstance(v, str) or v not in ALL_LABELS
+    )
     if unknown:
         raise PolicyError(
-            f"{key} names unknown labels {unknown}; known labels: {sorted(ALL_LABELS)}"
+            f"{key} names unknown labels {unknown}; known labels: {sorted(map(str, ALL_LABELS))}"
         )
     return frozenset(Label(v) for v in names)
 
@@ -82,8 +104,10 @@ class Policy:
         set_ = object.__setattr__
         set_(self, "enclave", _labels(self.enclave, "enclave"))
         set_(self, "gpu", _labels(self.gpu, "gpu"))
-        if isinstance(self.protects, str):
-            raise PolicyError(f"protects must be a list, got the string {self.protects!r}")
+        if isinstance(self.protects, str) or not isinstance(self.protects, Iterable):
+            raise PolicyError(f"protects must be a list, got {self.protects!r}")
+        if not all(isinstance(p, str) for p in self.protects):
+            raise PolicyError(f"protects must list strings, got {sorted(map(repr, self.protects))}")
         set_(self, "protects", frozenset(self.protects))
         if isinstance(self.rnm, Mapping):
             set_(self, "rnm", _rnm_from_dict(self.rnm))
@@ -104,9 +128,14 @@ class Policy:
             raise PolicyError(
                 f"on_unmaskable={self.on_unmaskable!r}; allowed: {list(UNMASKABLE_MODES)}"
             )
-        if not isinstance(self.mask_scale, (int, float)) or not self.mask_scale > 0:
-            raise PolicyError(f"mask_scale must be a positive number, got {self.mask_scale!r}")
-        if not isinstance(self.min_gpu_block, int) or self.min_gpu_block < 1:
+        if not isinstance(self.name, str) or not self.name:
+            raise PolicyError(f"name must be a non-empty string, got {self.name!r}")
+        if not _is_number(self.mask_scale) or not 0 < self.mask_scale <= MAX_MASK_SCALE:
+            raise PolicyError(
+                f"mask_scale must be a number in (0, {MAX_MASK_SCALE:g}] (float32 activations "
+                f"lose all precision beyond it), got {self.mask_scale!r}"
+            )
+        if not _is_int(self.min_gpu_block) or self.min_gpu_block < 1:
             raise PolicyError(f"min_gpu_block must be an integer >= 1, got {self.min_gpu_block!r}")
         if self.rnm is not None and not isinstance(self.rnm, RNMConfig):
             raise PolicyError(f"rnm must be an RNMConfig, a mapping or None, got {self.rnm!r}")
@@ -131,7 +160,7 @@ class Policy:
 
     @classmethod
     def preset(cls, preset: str, /, **overrides: Any) -> Policy:
-        """A named preset from DESIGN.md, optionally with fields overridden."""
+        """A named preset (docs/design.md, "Policies"), optionally with fields overridden."""
         if preset not in PRESETS:
             raise PolicyError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
         base = PRESETS[preset]
@@ -145,11 +174,15 @@ class Policy:
                 f"{source}: expected a mapping at top level, got {type(data).__name__}"
             )
         allowed = {f.name for f in dataclasses.fields(cls) if f.init} | {"preset"}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(data) - allowed)
         if unknown:
             raise PolicyError(f"{source}: unknown keys {unknown}; allowed: {sorted(allowed)}")
         fields = dict(data)
         preset = fields.pop("preset", None)
+        if preset is not None and not isinstance(preset, str):
+            raise PolicyError(f"{source}: preset must be a preset name, got {preset!r}")
+        if "rnm" in fields and not isinstance(fields["rnm"], (Mapping, type(None), RNMConfig)):
+            raise PolicyError(f"{source}: rnm must be a mapping or null, got {fields['rnm']!r}")
         try:
             if preset is not None:
                 fields.setdefault("name", f"{preset}+custom" if fields else preset)
@@ -163,9 +196,11 @@ class Policy:
         """Load a YAML (``.yaml``/``.yml``) or JSON policy file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"policy file {path} is not UTF-8 text ({exc.reason})") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -217,6 +252,8 @@ class Policy:
 
 
 def _rnm_from_dict(data: Mapping[str, Any]) -> RNMConfig:
+    if not all(isinstance(k, str) for k in data):
+        raise PolicyError("rnm: keys must be strings")
     allowed = {f.name for f in dataclasses.fields(RNMConfig)}
     unknown = sorted(set(data) - allowed)
     if unknown:

@@ -16,6 +16,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from partitioner.dims import names_in
+from partitioner.errors import PartitionError
 from partitioner.op_table import MATRIX_PRODUCT_OPS, SDPA_OPS, op_name
 
 
@@ -67,7 +69,14 @@ class ShapeContext:
         renamed = expr.xreplace(
             {s: sympy.Symbol(self.names.get(s, str(s))) for s in expr.free_symbols}
         )
-        return str(renamed)
+        text = str(renamed)
+        try:  # a plan is read back by partitioner.dims' grammar, never by sympify
+            names_in(text)
+        except ValueError as exc:
+            raise PartitionError(
+                f"symbolic size {text!r} cannot be written to a plan: {exc}"
+            ) from None
+        return text
 
     def shape(self, val: torch.Tensor) -> list[int | str]:
         return [self.dim(s) for s in val.shape]

@@ -1,6 +1,7 @@
-"""GPU side of the runtime (DESIGN.md "Runtime").
+"""The GPU side: the worker that serves a bundle's ``gpu/`` stages (``python -m runtime``).
 
-``protocol.py``: the framed tensor protocol; ``worker.py``: the GPU worker that loads ``gpu/``
-and serves stages to enclave drivers over a Unix socket or TCP (``python -m runtime``). Not
-built yet (issue #4): CUDA measurements (no GPU was lent to this work) and KV-cache generation.
+``worker.py`` loads the GPU stages through the bundle reader (``partitioner.bundle``) and runs
+them with torch or onnxruntime (``onnx_stage.py``); ``protocol.py`` is the framed tensor wire
+format it speaks with the enclave driver. Layer rule (``docs/design.md``): this package imports
+the data layer and the bundle reader, never the compiler or the enclave side.
 """

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from partitioner.errors import PolicyError
 from partitioner.label_set import ALL_LABELS, Label
@@ -95,3 +97,58 @@ def test_bad_policy_file_names_the_file(tmp_path):
 def test_resolve_rejects_unknown_names():
     with pytest.raises(PolicyError, match="neither a Policy"):
         Policy.resolve("fastest")
+
+
+# -- hostile policies (issue 10): every bad value is a PolicyError naming the key -------------
+
+HOSTILE = [
+    ({"preset": "cmif", "rnm": {"epsilon": float("inf")}}, "rnm.epsilon must be a finite"),
+    ({"preset": "cmif", "rnm": {"epsilon": float("nan")}}, "rnm.epsilon must be a finite"),
+    ({"preset": "cmif", "rnm": {"epsilon": True}}, "rnm.epsilon must be a finite"),
+    ({"preset": "cmif", "rnm": {"candidates": True}}, "rnm.candidates must be an integer"),
+    ({"preset": "secureinfer", "mask_scale": 1e308}, "mask_scale must be a number"),
+    ({"preset": "secureinfer", "mask_scale": float("nan")}, "mask_scale must be a number"),
+    ({"enclave": 5}, "enclave must be a list of labels"),
+    ({"enclave": [None]}, "unknown labels"),
+    ({"protects": [1]}, "protects must list strings"),
+    ({"min_gpu_block": True}, "min_gpu_block must be an integer"),
+    ({"preset": 3}, "preset must be a preset name"),
+    ({"rnm": "x"}, "rnm must be a mapping"),
+    ({"name": 5}, "name must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), HOSTILE)
+def test_hostile_values_are_refused(data, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_dict(data)
+
+
+def test_a_non_utf8_policy_file_is_a_policy_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"\xff\xfe enclave: [embedding]")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        Policy.from_file(path)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["preset", "name", "enclave", "gpu", "protects", "masking", "rnm", "integrity",
+     "min_gpu_block", "on_unmaskable", "mask_scale", "bogus"]
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(_keys, _json, max_size=6) | _json)
+def test_fuzzed_policies_give_a_policy_or_a_policy_error(data):
+    try:
+        policy = Policy.from_dict(data)
+    except PolicyError:
+        return
+    assert Policy.from_dict(policy.to_dict()) == policy

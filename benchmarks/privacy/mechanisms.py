@@ -3,9 +3,9 @@
 All three work on the same *universe*: the MiniLM WordPiece tokens that occur in the corpus,
 with MiniLM's own input-embedding rows, so that only the mechanism differs:
 
-* :class:`RNM` is teesplit's production code: :class:`passes.rnm.RNMTables` (disjoint greedy
-  cosine groups of K, min-max normalised scores) and the ``teesplit::rnm`` op, with
-  ``Laplace(2/ε)`` noise from :class:`enclave_runtime.randomness.CSPRNG`.
+* :class:`RNM` is teesplit's production code: :class:`partitioner.rnm_tables.RNMTables`
+  (disjoint greedy cosine groups of K, min-max normalised scores) and the ``teesplit::rnm``
+  op, with ``Laplace(2/ε)`` noise from :class:`enclave_runtime.randomness.CSPRNG`.
   With CusText+'s stopword list as pass-through tokens it is "RNM + stopwords kept", which
   isolates the mechanism (noisy max against exponential) from that policy choice.
 * :class:`CusTextPlus` (Chen et al., ACL Findings 2023): the *same* groups and scores, the
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from partitioner.ops import OPS
 from enclave_runtime.randomness import CSPRNG
+from partitioner.ops import OPS
 from partitioner.rnm_tables import RNMTables
 
 K = 20  # CusText's default output-set size; RNM uses the same groups
