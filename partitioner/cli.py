@@ -58,9 +58,8 @@ def _generates(model: Any) -> bool:
 
 def cmd_partition(args: argparse.Namespace) -> None:
     from partitioner.api import partition
-    from passes.audit import audit
-
     from partitioner.policy import Policy
+    from passes.audit import audit
 
     policy = Policy.resolve(args.policy)  # a bad policy fails before a long model load
     start = time.perf_counter()
