@@ -22,6 +22,10 @@ setup(
         "jinja2",
         "pyyaml",
         "psutil",
+        # Ed25519 signatures over plan.json (partitioner/signing.py)
+        "cryptography>=43",
+        # the enclave tokenizes with the bundle's tokenizer.json, without transformers
+        "tokenizers",
     ],
     extras_require={
         "models": [

@@ -41,14 +41,26 @@ def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
 def serve_stdin(args: argparse.Namespace) -> None:
     """Load enclave/, connect to the worker, answer prompts from stdin."""
     root = bundle_root(args.bundle)
-    program = connect(root, args.worker, timeout=args.timeout)
+    if args.allow_unsigned:
+        print(UNSIGNED_WARNING, file=sys.stderr, flush=True)
+    program = connect(
+        root,
+        args.worker,
+        trusted_key=args.trusted_key,
+        allow_unsigned=args.allow_unsigned,
+        timeout=args.timeout,
+    )
     plan = program.plan()
     if not program.spec.state:
         raise SystemExit(
             f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
         )
     tokenizer = _tokenizer(root, args.tokenizer)
-    print(f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}", flush=True)
+    trust = "UNSIGNED bundle (--allow-unsigned)" if args.allow_unsigned else "signature verified"
+    print(
+        f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}; {trust}",
+        flush=True,
+    )
     for raw in sys.stdin:
         line = raw.strip()
         if not line:
@@ -85,6 +97,12 @@ def serve_stdin(args: argparse.Namespace) -> None:
         )
 
 
+UNSIGNED_WARNING = (
+    "teesplit enclave: WARNING --allow-unsigned: the bundle's signature is not checked, so "
+    "whoever can write the bundle chooses the code this enclave runs"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m enclave_runtime", description=__doc__.splitlines()[0]
@@ -93,6 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
     parser.add_argument(
         "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
+    )
+    verification = parser.add_mutually_exclusive_group(required=True)
+    verification.add_argument(
+        "--trusted-key", default=None, help="the compiler's Ed25519 public key (PEM)"
+    )
+    verification.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="run a bundle nothing authenticates (development only; said on every start)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")

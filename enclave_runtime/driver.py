@@ -122,9 +122,16 @@ def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen
 
 
 def connect(
-    bundle: str | Path, worker: str, *, timeout: float = 60.0, seed: int | None = None
+    bundle: str | Path,
+    worker: str,
+    *,
+    trusted_key: Any = None,
+    allow_unsigned: bool = False,
+    timeout: float = 60.0,
+    seed: int | None = None,
 ) -> Executor:
-    """The saved program at ``bundle`` (enclave side only) with its GPU stages served by the
-    worker at ``worker``; the client is the executor's ``runner``."""
-    plan = load_program(bundle, gpu=False)
+    """The saved program at ``bundle`` (enclave side only, its signature checked with
+    ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
+    executor's ``runner``."""
+    plan = load_program(bundle, gpu=False, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
     return Executor(plan, WorkerClient(worker, timeout), seed=seed)

@@ -43,17 +43,31 @@ def bundle_root(path: str | Path) -> Path:
 
 
 def enclave_command(
-    bundle: str | Path, worker: str, options: list[str] = (), runner: str | None = None
+    bundle: str | Path,
+    worker: str,
+    options: list[str] = (),
+    runner: str | None = None,
+    *,
+    trusted_key: str | Path | None = None,
+    allow_unsigned: bool = False,
 ) -> Launch:
     """The command that starts the enclave driver for ``bundle`` against ``worker``, with
     further driver ``options`` (``--max-new-tokens 32``); under Gramine they are rendered into
     the manifest, whose argv is fixed.
 
     ``runner`` defaults to :func:`gramine_runner` (``gramine-sgx``, then ``gramine-direct``).
+    ``trusted_key`` is the compiler's public key the driver verifies the bundle with; without
+    it the caller must opt out with ``allow_unsigned`` (and the driver says so on start).
     """
     root = bundle_root(bundle)
     runner = runner or gramine_runner()
-    driver = ["-m", "enclave_runtime", str(root), "--worker", worker, *options]
+    if trusted_key is not None:
+        verification = ["--trusted-key", str(Path(trusted_key).resolve())]
+    elif allow_unsigned:
+        verification = ["--allow-unsigned"]
+    else:
+        raise ArtifactError("the enclave driver needs a trusted key or an explicit allow_unsigned")
+    driver = ["-m", "enclave_runtime", str(root), "--worker", worker, *verification, *options]
     if runner is None:
         return Launch(
             [sys.executable, *driver],
@@ -64,8 +78,16 @@ def enclave_command(
     out = root / "gramine"
     out.mkdir(exist_ok=True)
     manifest = out / f"{APP}.manifest"
+    key_in_bundle = None
+    if trusted_key is not None:  # inside the mounted bundle, so the manifest can pin it
+        key_in_bundle = "gramine/trusted-key.pub"
+        shutil.copyfile(trusted_key, root / key_in_bundle)
     settings = ManifestOptions(
-        peak_bytes=measure_peak(root), worker=worker, driver_args=list(options)
+        peak_bytes=measure_peak(root),
+        worker=worker,
+        driver_args=list(options),
+        trusted_key=key_in_bundle,
+        allow_unsigned=allow_unsigned,
     )
     manifest.write_text(render_manifest(root, settings))
     if runner == "gramine-sgx":

@@ -25,6 +25,7 @@ import jinja2
 
 from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
+from partitioner.signing import SIGNATURE_FILE
 
 TEMPLATE = Path(__file__).parent / "templates" / "teesplit-enclave.manifest.template"
 ATTESTATION = ("none", "dcap", "epid")
@@ -45,6 +46,10 @@ class ManifestOptions:
     peak_bytes: int
     worker: str = "127.0.0.1:7070"  # the GPU worker (Gramine fixes argv in the manifest)
     driver_args: list[str] = field(default_factory=list)  # further options, e.g. token limit
+    # The compiler's public key, as a path inside the bundle root (the launcher copies it to
+    # gramine/trusted-key.pub): a trusted file, so the enclave measurement pins it too.
+    trusted_key: str | None = None
+    allow_unsigned: bool = False  # the explicit opt-out: the driver then says so on every start
     max_threads: int = 16
     compute_threads: int = 4
     remote_attestation: str = "dcap"
@@ -88,6 +93,22 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         if rel.startswith("enclave/")
     ]
     bundle_files.insert(0, {"path": "plan.json", "sha256": sha256(plan_path)})
+    if options.trusted_key is not None:
+        key_path = root / options.trusted_key
+        if not key_path.is_file():
+            raise ArtifactError(f"trusted key {key_path} is missing")
+        bundle_files.append({"path": options.trusted_key, "sha256": sha256(key_path)})
+        signature = root / SIGNATURE_FILE
+        if signature.is_file():
+            bundle_files.append({"path": SIGNATURE_FILE, "sha256": sha256(signature)})
+        verification = ["--trusted-key", f"/bundle/{options.trusted_key}"]
+    elif options.allow_unsigned:
+        verification = ["--allow-unsigned"]
+    else:
+        raise ArtifactError(
+            "the manifest needs the compiler's public key (trusted_key) or an explicit "
+            "allow_unsigned opt-out"
+        )
     paths = sysconfig.get_paths()
     keys = ("stdlib", "platstdlib", "purelib", "platlib")
     python_paths = sorted({paths[key] for key in keys})
@@ -104,6 +125,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         argv=[
             options.entrypoint,
             *("-m", "enclave_runtime", "/bundle", "--worker", options.worker),
+            *verification,
             *options.driver_args,
         ],
         log_level=options.log_level,
@@ -124,7 +146,8 @@ import resource, sys, torch
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
 from partitioner.bundle import load_program
-program = Executor(load_program(sys.argv[1]))
+# the operator measures its own bundle; the enclave itself verifies the signature
+program = Executor(load_program(sys.argv[1], allow_unsigned=True))
 dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
 ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():

@@ -171,10 +171,19 @@ def _signature(program: ExportedProgram) -> Signature:
     )
 
 
-def load(directory: str | Path, *, seed: int | None = None) -> Executor:
+def load(
+    directory: str | Path,
+    *,
+    trusted_key: Any = None,
+    allow_unsigned: bool = False,
+    seed: int | None = None,
+) -> Executor:
     """A saved split program, verified and ready to run in this process (both sides).
 
-    ``seed`` fixes its mask pool's CSPRNG (tests only). The enclave driver loads the enclave
-    side alone and serves the GPU stages from a worker (``enclave_runtime.driver.connect``).
+    ``trusted_key`` verifies the bundle's signature (see ``partitioner.bundle.load_program``;
+    an unsigned bundle needs ``allow_unsigned=True``). ``seed`` fixes its mask pool's CSPRNG
+    (tests only). The enclave driver loads the enclave side alone and serves the GPU stages
+    from a worker (``enclave_runtime.driver.connect``).
     """
-    return Executor(load_program(directory), seed=seed)
+    plan = load_program(directory, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
+    return Executor(plan, seed=seed)

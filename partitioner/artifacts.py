@@ -35,6 +35,7 @@ from partitioner.bundle import (
 from partitioner.dims import concrete_shape
 from partitioner.errors import ArtifactError
 from partitioner.onnx_export import export_onnx
+from partitioner.signing import SIGNATURE_FILE, load_private_key, sign
 
 _EXPORT_DIMS = {"batch": 2}  # export at sizes >= 2 so no dim specialises to 0/1
 _EXPORT_DEFAULT = 17
@@ -109,17 +110,22 @@ def _save_exported(
     torch.export.save(ep, str(path))
 
 
-def save(program: Any, directory: str | Path, *, tokenizer: Any = None) -> Path:
+def save(
+    program: Any, directory: str | Path, *, tokenizer: Any = None, sign_key: Any = None
+) -> Path:
     """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
 
     ``tokenizer`` (a transformers fast tokenizer) is saved into the enclave bundle so the
-    enclave driver can tokenize prompts without transformers.
+    enclave driver can tokenize prompts without transformers. ``sign_key`` (an Ed25519 private
+    key or the path of its PEM file) signs ``plan.json`` into ``plan.json.sig``; the enclave
+    refuses an unsigned bundle unless told otherwise.
     """
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         if not (root / PLAN_FILE).is_file():
             raise ArtifactError(f"{root} is not empty and holds no plan.json; refusing to write")
         (root / PLAN_FILE).unlink()
+        (root / SIGNATURE_FILE).unlink(missing_ok=True)
         for side in ("enclave", "gpu"):
             if (root / side).exists():
                 shutil.rmtree(root / side)
@@ -161,5 +167,9 @@ def save(program: Any, directory: str | Path, *, tokenizer: Any = None) -> Path:
         "plan": program.spec.to_dict(),
         "files": files,
     }
-    (root / PLAN_FILE).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    raw = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    (root / PLAN_FILE).write_bytes(raw)
+    if sign_key is not None:
+        key = sign_key if not isinstance(sign_key, (str, Path)) else load_private_key(sign_key)
+        (root / SIGNATURE_FILE).write_bytes(sign(raw, key))
     return root

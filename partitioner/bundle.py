@@ -104,18 +104,43 @@ def _inside(root: Path, rel: str) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def read_document(root: str | Path, sides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A bundle's ``plan.json``, schema-checked; the files of ``sides`` are verified too."""
+_MAX_PLAN_BYTES = 1 << 30  # plan.json is metadata; a larger file is not a bundle of ours
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ArtifactError(f"duplicate keys {dupes[:5]}")
+    return dict(pairs)
+
+
+def read_document(
+    root: str | Path, sides: tuple[str, ...] = (), *, trusted_key: Any = None
+) -> dict[str, Any]:
+    """A bundle's ``plan.json``, schema-checked; the files of ``sides`` are verified too.
+
+    With ``trusted_key`` (an Ed25519 public key or the path of its PEM file) the signature in
+    ``plan.json.sig`` is checked over the file's exact bytes before anything is parsed.
+    """
     root = Path(root)
     plan_path = root / PLAN_FILE
     try:
-        document = json.loads(plan_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{plan_path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{plan_path} is not valid JSON: {exc}") from None
+        if plan_path.is_symlink() or not plan_path.is_file():
+            raise ArtifactError(f"{plan_path} is missing or not a regular file")
+        if plan_path.stat().st_size > _MAX_PLAN_BYTES:
+            raise ArtifactError(f"{plan_path} is larger than any plan teesplit writes")
+        raw = plan_path.read_bytes()
     except OSError as exc:
-        raise ArtifactError(f"cannot read {plan_path}: {exc}") from None
+        raise ArtifactError(f"cannot read {plan_path}: {exc.strerror}") from None
+    if trusted_key is not None:
+        _check_signature(root, raw, trusted_key)
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{plan_path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise ArtifactError(f"{plan_path} is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ArtifactError(f"{plan_path}: expected a JSON object")
     if document.get("artifact_schema_version") != ARTIFACT_SCHEMA_VERSION:
@@ -126,6 +151,18 @@ def read_document(root: str | Path, sides: tuple[str, ...] = ()) -> dict[str, An
     if sides:
         _verify(root, document.get("files"), sides)
     return document
+
+
+def _check_signature(root: Path, raw: bytes, trusted_key: Any) -> None:
+    from partitioner.signing import SIGNATURE_FILE, load_public_key, verify
+
+    key = trusted_key if not isinstance(trusted_key, (str, Path)) else load_public_key(trusted_key)
+    sig_path = root / SIGNATURE_FILE
+    try:
+        signature = sig_path.read_bytes()[:1024] if not sig_path.is_symlink() else b""
+    except OSError:
+        raise ArtifactError(f"{root} is not signed ({SIGNATURE_FILE} is missing)") from None
+    verify(raw, signature, key, str(root / PLAN_FILE))
 
 
 def read_plan(root: str | Path, document: dict[str, Any] | None = None) -> Plan:
@@ -182,15 +219,30 @@ def load_stage_modules(
     }
 
 
-def load_program(directory: str | Path, *, gpu: bool = True) -> Plan:
+def load_program(
+    directory: str | Path,
+    *,
+    gpu: bool = True,
+    trusted_key: Any = None,
+    allow_unsigned: bool = False,
+) -> Plan:
     """A saved program as a :class:`Plan` whose records carry their callables.
 
-    Verifies every hash first. ``gpu=False`` reads the enclave side only (the enclave host
+    Verifies the bundle's signature with ``trusted_key`` and then every hash, before anything
+    from the bundle is parsed or loaded. Without a key the bundle is refused unless the caller
+    opts out with ``allow_unsigned=True`` (then nothing authenticates it: anyone who can write
+    the folder chooses what runs). ``gpu=False`` reads the enclave side only (the enclave host
     need not hold ``gpu/``): GPU stages then have no module, and a runner serves them.
     """
     root = Path(directory)
+    if trusted_key is None and not allow_unsigned:
+        raise ArtifactError(
+            f"{root}: no trusted key to verify the bundle's signature; give the compiler's "
+            "public key (trusted_key=, --trusted-key) or opt out explicitly (allow_unsigned="
+            "True, --allow-unsigned)"
+        )
     sides = ("enclave", "gpu") if gpu else ("enclave",)
-    document = read_document(root, sides)
+    document = read_document(root, sides, trusted_key=trusted_key)
     plan = read_plan(root, document)
     weights = {side: read_weights(root / weights_file(side)) for side in sides}
     modules: dict[str, Any] = {}

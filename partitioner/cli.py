@@ -76,7 +76,12 @@ def cmd_partition(args: argparse.Namespace) -> None:
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
-    split.save(args.out, tokenizer=_source_tokenizer(args.model))
+    split.save(args.out, tokenizer=_source_tokenizer(args.model), sign_key=args.sign_key)
+    if args.sign_key is None:
+        print(
+            "plan.json is NOT signed (no --sign-key): the enclave will refuse it unless run "
+            "with --allow-unsigned"
+        )
     _step("done", start)
 
 
@@ -174,10 +179,24 @@ def _read_plan(directory: str | Path) -> dict[str, Any]:
         raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
 
 
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from partitioner.signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(f"signing key: {private} (keep it secret); public key for --trusted-key: {public}")
+
+
+def _verification(args: argparse.Namespace) -> list[str]:
+    if args.trusted_key is not None:
+        return ["--trusted-key", args.trusted_key]
+    return ["--allow-unsigned"] if args.allow_unsigned else []
+
+
 def cmd_enclave(args: argparse.Namespace) -> None:
     from enclave_runtime.__main__ import main as enclave_main
 
     argv = [args.bundle, "--worker", args.worker, "--max-new-tokens", str(args.max_new_tokens)]
+    argv += _verification(args)
     argv += ["--timeout", str(args.timeout)]
     if args.tokenizer:
         argv += ["--tokenizer", args.tokenizer]
@@ -197,7 +216,14 @@ def _worker_address(tcp: bool) -> str:
     return f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-')) / 'worker.sock'}"
 
 
-def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str | None) -> None:
+def _run_both(
+    bundle: Path,
+    prompts: list[str],
+    max_new_tokens: int,
+    worker: str | None,
+    trusted_key: str | None,
+    allow_unsigned: bool,
+) -> None:
     """Start the worker (unless ``worker`` names one) and the enclave driver through the
     launcher, send the prompts, and relay the driver's answers."""
     import subprocess
@@ -215,7 +241,12 @@ def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str
         _step(banner, start)
     try:
         launch = enclave_command(
-            bundle, worker, ["--max-new-tokens", str(max_new_tokens)], runner=runner
+            bundle,
+            worker,
+            ["--max-new-tokens", str(max_new_tokens)],
+            runner=runner,
+            trusted_key=trusted_key,
+            allow_unsigned=allow_unsigned,
         )
         _step(launch.mode, start)
         enclave = subprocess.run(
@@ -228,6 +259,9 @@ def _run_both(bundle: Path, prompts: list[str], max_new_tokens: int, worker: str
         )
         if enclave.returncode != 0:
             raise SystemExit(f"teesplit: the enclave driver failed:\n{enclave.stderr[-2000:]}")
+        for line in enclave.stderr.splitlines():  # the driver's warnings, e.g. an opt-out
+            if "WARNING" in line:
+                print(line, file=sys.stderr)
         _step("done", start)
     finally:
         if proc is not None:
@@ -242,8 +276,17 @@ def cmd_run(args: argparse.Namespace) -> None:
         prompts = [args.prompt]
     else:
         raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
+    if args.trusted_key is None and not args.allow_unsigned:
+        raise SystemExit("teesplit run: give --trusted-key PUB (or --allow-unsigned)")
     _read_plan(args.dir)
-    _run_both(Path(args.dir), prompts, args.max_new_tokens, args.worker)
+    _run_both(
+        Path(args.dir),
+        prompts,
+        args.max_new_tokens,
+        args.worker,
+        args.trusted_key,
+        args.allow_unsigned,
+    )
 
 
 DEMO_PROMPT = "What is the capital of France?"
@@ -254,18 +297,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
     both processes."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
+    from partitioner.signing import generate_keypair
 
     out = Path(args.out)
+    key = out.with_name(out.name + "-signing-key")  # the demo's own compiler key
+    public = key.with_name(key.name + ".pub")
+    if not key.exists():
+        generate_keypair(key)
     try:
-        plan = read_document(out)["plan"]
+        plan = read_document(out, trusted_key=public)["plan"]
         fresh = plan["policy"]["name"] != args.policy or plan["model"] != "smollm2-135m"
     except ArtifactError:
         fresh = True
     if fresh:
-        cmd_partition(argparse.Namespace(model="smollm2-135m", policy=args.policy, out=str(out)))
+        cmd_partition(
+            argparse.Namespace(
+                model="smollm2-135m", policy=args.policy, out=str(out), sign_key=str(key)
+            )
+        )
     else:
-        print(f"reusing the split artifacts in {out} (delete the folder to partition again)")
-    _run_both(out, [args.prompt], args.max_new_tokens, None)
+        print(f"reusing the signed split artifacts in {out} (delete the folder to partition again)")
+    _run_both(out, [args.prompt], args.max_new_tokens, None, str(public), False)
+
+
+def _add_verification(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--trusted-key", default=None, help="the compiler's Ed25519 public key")
+    group.add_argument(
+        "--allow-unsigned", action="store_true", help="run an unsigned bundle (development only)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,7 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("--policy", default="secureinfer", help="a preset or a .yaml/.json file")
     p.add_argument("--out", required=True)
+    p.add_argument("--sign-key", default=None, help="Ed25519 private key (teesplit keygen)")
     p.set_defaults(func=cmd_partition)
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign bundles with")
+    p.add_argument("--out", required=True, help="private key path; the public key gets .pub")
+    p.set_defaults(func=cmd_keygen)
     p = sub.add_parser("inspect", help="summarise a saved split and draw its stages")
     p.add_argument("dir")
     p.add_argument(
@@ -296,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    _add_verification(p)
     p.set_defaults(func=cmd_enclave)
     p = sub.add_parser("demo", help="SmolLM2 under cmif through both processes")
     p.add_argument("--out", default="build/demo-smollm2")
@@ -309,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--worker", default=None, help="an already running worker's address")
+    _add_verification(p)
     p.set_defaults(func=cmd_run)
     args = parser.parse_args(argv)
     from partitioner.errors import TeesplitError

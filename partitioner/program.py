@@ -83,11 +83,11 @@ class SplitProgram:
     def signature(self) -> CallSignature:
         return CallSignature(self.spec.signature)
 
-    def save(self, directory: str | Path, *, tokenizer: Any = None) -> Path:
+    def save(self, directory: str | Path, *, tokenizer: Any = None, sign_key: Any = None) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
         from partitioner.artifacts import save  # artifacts imports this module's callers
 
-        return save(self, directory, tokenizer=tokenizer)
+        return save(self, directory, tokenizer=tokenizer, sign_key=sign_key)
 
     # -- execution ---------------------------------------------------------------------------
 

@@ -7,9 +7,15 @@ import warnings
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from models import BUILDERS
 
 from partitioner.capturing import Captured, capture
+from partitioner.signing import generate_keypair
+
+# The compiler's signing key for bundles saved by tests, and the public key that loads them.
+SIGN_KEY = Ed25519PrivateKey.generate()
+TRUSTED = SIGN_KEY.public_key()
 
 PRESET_NAMES = ["cmif", "secureinfer", "slalom", "all_enclave", "all_gpu"]
 # Every architecture the core supports, at sizes that keep the suite fast (SmolLM2 is `slow`).
@@ -61,3 +67,9 @@ def eager(name: str, ids: torch.Tensor) -> torch.Tensor:
         kwargs["use_cache"] = False
     with torch.no_grad():
         return model_output(model(input_ids=ids, **kwargs))
+
+
+@pytest.fixture(scope="session")
+def key_files(tmp_path_factory):
+    """(private, public) PEM files of a fresh key pair, for the CLI."""
+    return generate_keypair(tmp_path_factory.mktemp("keys") / "compiler.key")

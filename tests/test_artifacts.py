@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESET_NAMES, captured, model_output
+from conftest import PRESET_NAMES, SIGN_KEY, TRUSTED, captured, model_output
 
 from partitioner.api import load, partition
 from partitioner.errors import ArtifactError
@@ -22,7 +22,7 @@ def saved(tmp_path_factory):
     for preset in PRESET_NAMES:
         sp = partition(captured("tiny-llama"), preset, seed=5)
         path = tmp_path_factory.mktemp(preset)
-        sp.save(path)
+        sp.save(path, sign_key=SIGN_KEY)
         out[preset] = (sp, path)
     return out
 
@@ -31,7 +31,7 @@ def saved(tmp_path_factory):
 def test_a_loaded_program_gives_the_same_outputs(saved, preset):
     sp, path = saved[preset]
     fresh = partition(captured("tiny-llama"), preset, seed=5)  # same pads as the loaded pool
-    loaded = load(path, seed=5)
+    loaded = load(path, trusted_key=TRUSTED, seed=5)
     ids = torch.randint(3, 250, (2, 11))
     with torch.no_grad():
         want, got = model_output(fresh(input_ids=ids)), model_output(loaded(input_ids=ids))
@@ -73,24 +73,24 @@ def test_tampered_missing_and_unlisted_files_are_refused(saved, tmp_path):
     stage.write_bytes(bytes(data))
     rel = str(stage.relative_to(bundle))
     with pytest.raises(ArtifactError, match=f"artifact {rel} does not match its sha256"):
-        load(bundle)
+        load(bundle, trusted_key=TRUSTED)
     stage.unlink()
     with pytest.raises(ArtifactError, match=f"artifact {rel} is missing"):
-        load(bundle)
+        load(bundle, trusted_key=TRUSTED)
     bundle = _copy(path, tmp_path / "again")
     (bundle / "enclave" / "extra.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match=r"unlisted files .*enclave/extra\.bin"):
-        load(bundle)
+        load(bundle, trusted_key=TRUSTED)
     (bundle / "plan.json").write_text("{")
     with pytest.raises(ArtifactError, match=r"plan\.json is not valid JSON"):
-        load(bundle)
+        load(bundle, trusted_key=TRUSTED)
 
 
 def test_save_refuses_a_directory_that_is_not_a_bundle(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     sp = partition(captured("tiny-llama"), "all_gpu")
     with pytest.raises(ArtifactError, match=r"is not empty and holds no plan\.json"):
-        sp.save(tmp_path)
+        sp.save(tmp_path, sign_key=SIGN_KEY)
 
 
 def test_loading_needs_no_model_source_code(saved):
@@ -99,7 +99,7 @@ def test_loading_needs_no_model_source_code(saved):
         "import sys; sys.modules['transformers.models.llama.modeling_llama'] = None\n"
         "sys.modules['partitioner.zoo'] = None\n"
         "import torch; from partitioner.api import load\n"
-        f"p = load({str(path)!r})\n"
+        f"p = load({str(path)!r}, allow_unsigned=True)\n"
         "print(p(input_ids=torch.tensor([[5, 6, 7]])).logits.shape)\n"
     )
     out = subprocess.run(
@@ -113,7 +113,7 @@ def test_onnx_gpu_stages_match_the_exported_stages_under_onnxruntime(saved, pres
     from partitioner.onnx_export import onnx_stage
 
     _, path = saved[preset]
-    loaded = load(path)
+    loaded = load(path, trusted_key=TRUSTED)
     gen = torch.Generator().manual_seed(0)
     for stage in (s for s in loaded.stages if s.side == "gpu"):
         run = onnx_stage(path / "gpu" / "stages" / f"{stage.name}.onnx")

@@ -53,21 +53,67 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path):
     assert run.returncode != 0 and "cannot read" in run.stderr
 
 
-def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama):
+def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama, key_files):
     out = tmp_path / "bundle"
-    made = teesplit("partition", tiny_llama, "--policy", "cmif", "--out", str(out))
+    made = teesplit(
+        "partition",
+        tiny_llama,
+        "--policy",
+        "cmif",
+        "--out",
+        str(out),
+        "--sign-key",
+        str(key_files[0]),
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     assert "capturing the KV-cache decoder step" in made.stdout
-    run = teesplit("run", str(out), "--ids", "5,6,7,8", "--max-new-tokens", "3")
+    run = teesplit(
+        "run",
+        str(out),
+        "--ids",
+        "5,6,7,8",
+        "--max-new-tokens",
+        "3",
+        "--trusted-key",
+        str(key_files[1]),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "teesplit GPU worker" in run.stdout and "answer: [" in run.stdout
     assert "enclave driver: plain process" in run.stdout  # no Gramine here, and it says so
     assert "sanitised prompt (what the GPU saw" in run.stdout and "ε = 4 in all" in run.stdout
     assert "3 tokens in" in run.stdout and "B per token" in run.stdout
+    assert "signature verified" in run.stdout
 
 
-def test_enclave_reports_a_missing_worker(tmp_path, tiny_llama):
+def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, tiny_llama, key_files):
     out = tmp_path / "bundle"
-    assert teesplit("partition", tiny_llama, "--out", str(out)).returncode == 0
-    run = teesplit("enclave", str(out / "enclave"), "--worker", f"unix:{tmp_path / 'none.sock'}")
+    made = teesplit("partition", tiny_llama, "--policy", "cmif", "--out", str(out))
+    assert made.returncode == 0 and "NOT signed" in made.stdout
+    ids = ("--ids", "5,6,7,8", "--max-new-tokens", "2")
+    run = teesplit("run", str(out), *ids)
+    assert run.returncode != 0 and "--trusted-key" in run.stderr
+    run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
+    assert run.returncode != 0 and "is not signed" in run.stderr
+    assert "Traceback" not in run.stderr
+    opted_out = teesplit("run", str(out), *ids, "--allow-unsigned")
+    assert opted_out.returncode == 0, opted_out.stderr[-2000:]
+    assert "UNSIGNED bundle" in opted_out.stdout and "WARNING --allow-unsigned" in opted_out.stderr
+    other = tmp_path / "other.key"
+    made = teesplit("keygen", "--out", str(other))
+    assert made.returncode == 0 and (tmp_path / "other.key.pub").is_file()
+    assert (other.stat().st_mode & 0o777) == 0o600
+    signed = teesplit("partition", tiny_llama, "--out", str(out), "--sign-key", str(other))
+    assert signed.returncode == 0, signed.stderr[-2000:]
+    run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
+    assert run.returncode != 0 and "does not verify with the trusted key" in run.stderr
+
+
+def test_enclave_reports_a_missing_worker(tmp_path, tiny_llama, key_files):
+    out = tmp_path / "bundle"
+    signed = ("--sign-key", str(key_files[0]))
+    assert teesplit("partition", tiny_llama, "--out", str(out), *signed).returncode == 0
+    worker = f"unix:{tmp_path / 'none.sock'}"
+    run = teesplit(
+        "enclave", str(out / "enclave"), "--worker", worker, "--trusted-key", str(key_files[1])
+    )
     assert run.returncode != 0 and "none.sock" in run.stderr

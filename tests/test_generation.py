@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import built
+from conftest import SIGN_KEY, TRUSTED, built
 from models import tiny_llama
 
 from enclave_runtime.driver import connect
@@ -118,12 +118,12 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
     the in-process program (the prefill sends zero-length caches over the socket)."""
     ids = prompt(batch=1)
     split = partition(step("tiny-llama"), policy, seed=6)
-    split.save(tmp_path)
-    assert load(tmp_path).spec.state == split.state
+    split.save(tmp_path, sign_key=SIGN_KEY)
+    assert load(tmp_path, trusted_key=TRUSTED).spec.state == split.state
     server = serve(GPUWorker(tmp_path / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", seed=6)
+        remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", trusted_key=TRUSTED, seed=6)
         full = count_full_inputs(remote)
         expected = generate(split, ids, max_new_tokens=6)
         assert torch.equal(generate(remote, ids, max_new_tokens=6), expected)
@@ -151,12 +151,14 @@ def test_smollm2_answers_exactly_like_generate(policy):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
-def test_many_layers_keep_their_cache_order_after_load(tmp_path):
+def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
     """plan.json sorts its keys (past_10 before past_2): generation must follow the
     program's input order, not the order of the saved state map."""
     model = tiny_llama(num_hidden_layers=6)
     split = partition(capture_decoder(model), "all_gpu")
-    split.save(tmp_path)
+    split.save(tmp_path, sign_key=SIGN_KEY)
     ids = prompt()
     expected = hf_generate(model, ids, 8, eos_token_id=None)
-    assert torch.equal(generate(load(tmp_path), ids, max_new_tokens=8), expected)
+    assert torch.equal(
+        generate(load(tmp_path, trusted_key=TRUSTED), ids, max_new_tokens=8), expected
+    )

@@ -31,7 +31,9 @@ def fake_tool(directory, name):
 
 def test_plain_process_without_gramine(bundle, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no gramine-* here
-    launch = enclave_command(bundle / "enclave", "unix:/tmp/w.sock", ["--max-new-tokens", "3"])
+    launch = enclave_command(
+        bundle / "enclave", "unix:/tmp/w.sock", ["--max-new-tokens", "3"], allow_unsigned=True
+    )
     assert launch.argv[0] == sys.executable and launch.cwd is None
     assert launch.argv[1:] == [
         "-m",
@@ -39,16 +41,21 @@ def test_plain_process_without_gramine(bundle, monkeypatch, tmp_path):
         str(bundle),
         "--worker",
         "unix:/tmp/w.sock",
+        "--allow-unsigned",
         "--max-new-tokens",
         "3",
     ]
     assert "plain process" in launch.mode and "no enclave" in launch.mode
 
 
-def test_gramine_direct_renders_the_worker_into_the_manifest(bundle, monkeypatch, tmp_path):
+def test_gramine_direct_renders_the_worker_into_the_manifest(
+    bundle, monkeypatch, tmp_path, key_files
+):
     fake_tool(tmp_path, "gramine-direct")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    launch = enclave_command(bundle, "127.0.0.1:7071", ["--max-new-tokens", "5"])
+    launch = enclave_command(
+        bundle, "127.0.0.1:7071", ["--max-new-tokens", "5"], trusted_key=key_files[1]
+    )
     assert launch.argv == ["gramine-direct", "teesplit-enclave"]
     assert "no isolation" in launch.mode  # gramine-direct is not an SGX enclave
     manifest = tomllib.loads((launch.cwd / "teesplit-enclave.manifest").read_text())
@@ -58,21 +65,30 @@ def test_gramine_direct_renders_the_worker_into_the_manifest(bundle, monkeypatch
         "/bundle",
         "--worker",
         "127.0.0.1:7071",
+        "--trusted-key",
+        "/bundle/gramine/trusted-key.pub",
         "--max-new-tokens",
         "5",
     ]
+    trusted = {f["uri"] for f in manifest["sgx"]["trusted_files"] if isinstance(f, dict)}
+    assert any(uri.endswith("gramine/trusted-key.pub") for uri in trusted)  # pinned
     assert manifest["sgx"]["enclave_size"].endswith(("M", "G"))
     with pytest.raises(ArtifactError, match="must listen on TCP"):
-        enclave_command(bundle, "unix:/tmp/w.sock")
+        enclave_command(bundle, "unix:/tmp/w.sock", trusted_key=key_files[1])
 
 
 def test_gramine_sgx_needs_its_signer(bundle, monkeypatch, tmp_path):
     fake_tool(tmp_path, "gramine-sgx")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(ArtifactError, match="gramine-sgx-sign is not"):
-        enclave_command(bundle, "127.0.0.1:7071")
+        enclave_command(bundle, "127.0.0.1:7071", allow_unsigned=True)
 
 
 def test_bundle_root_names_a_wrong_folder(tmp_path):
     with pytest.raises(ArtifactError, match=r"no plan\.json"):
         bundle_root(tmp_path)
+
+
+def test_the_launcher_needs_a_key_or_an_explicit_opt_out(bundle):
+    with pytest.raises(ArtifactError, match="trusted key or an explicit allow_unsigned"):
+        enclave_command(bundle, "unix:/tmp/w.sock")

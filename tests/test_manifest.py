@@ -25,7 +25,9 @@ def test_enclave_size_is_a_power_of_two_above_the_peak():
 
 
 def test_rendered_manifest_parses_and_trusts_exactly_the_enclave_bundle(bundle):
-    text = render_manifest(bundle, ManifestOptions(peak_bytes=900 << 20, max_threads=8))
+    text = render_manifest(
+        bundle, ManifestOptions(peak_bytes=900 << 20, max_threads=8, allow_unsigned=True)
+    )
     manifest = tomllib.loads(text)
     assert (
         manifest["libos"]["entrypoint"].endswith("python")
@@ -50,9 +52,12 @@ def test_rendered_manifest_parses_and_trusts_exactly_the_enclave_bundle(bundle):
 
 def test_bad_attestation_setting_and_missing_plan_are_refused(bundle, tmp_path):
     with pytest.raises(ArtifactError, match="remote_attestation='sometimes'"):
-        render_manifest(bundle, ManifestOptions(peak_bytes=1, remote_attestation="sometimes"))
+        render_manifest(
+            bundle,
+            ManifestOptions(peak_bytes=1, remote_attestation="sometimes", allow_unsigned=True),
+        )
     with pytest.raises(ArtifactError, match=r"cannot read the file hashes in .*plan\.json"):
-        render_manifest(tmp_path, ManifestOptions(peak_bytes=1))
+        render_manifest(tmp_path, ManifestOptions(peak_bytes=1, allow_unsigned=True))
 
 
 def test_the_enclave_size_comes_from_a_measured_peak(bundle):
@@ -60,7 +65,7 @@ def test_the_enclave_size_comes_from_a_measured_peak(bundle):
 
     peak = measure_peak(bundle, {"batch": 1, "seq": 16})
     assert 50 << 20 < peak < 4 << 30  # a python process with torch loaded and the bundle
-    size = tomllib.loads(render_manifest(bundle, ManifestOptions(peak_bytes=peak)))["sgx"][
-        "enclave_size"
-    ]
+    size = tomllib.loads(
+        render_manifest(bundle, ManifestOptions(peak_bytes=peak, allow_unsigned=True))
+    )["sgx"]["enclave_size"]
     assert size == enclave_size(peak)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import captured, model_output
+from conftest import SIGN_KEY, TRUSTED, captured, model_output
 
 from enclave_runtime.driver import WorkerError, connect, spawn_worker
 from partitioner.api import partition
@@ -19,7 +19,7 @@ def bundles(tmp_path_factory):
     out = {}
     for preset in ("secureinfer", "slalom", "cmif"):
         path = tmp_path_factory.mktemp(preset)
-        partition(captured("tiny-llama"), preset, seed=4).save(path)
+        partition(captured("tiny-llama"), preset, seed=4).save(path, sign_key=SIGN_KEY)
         out[preset] = path
     return out
 
@@ -37,7 +37,7 @@ def worker_process(bundles, tmp_path):
 
 def test_two_processes_give_the_in_process_outputs(bundles, worker_process):
     _, address = worker_process
-    program = connect(bundles["slalom"], address, seed=4)
+    program = connect(bundles["slalom"], address, seed=4, trusted_key=TRUSTED)
     reference = partition(captured("tiny-llama"), "slalom", seed=4)
     ids = torch.randint(3, 250, (2, 9))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_several_drivers_share_one_worker(bundles, tmp_path, backend):
     with torch.no_grad():
         want = model_output(reference(input_ids=ids))
     results, errors = [], []
-    programs = [connect(bundles["secureinfer"], address) for _ in range(3)]
+    programs = [connect(bundles["secureinfer"], address, trusted_key=TRUSTED) for _ in range(3)]
 
     def drive(program):
         try:
@@ -104,7 +104,7 @@ def _fake_worker(tmp_path, behaviour):
 @pytest.mark.parametrize("behaviour", ["die", "hang"])
 def test_a_dead_or_hung_worker_fails_the_request_within_the_timeout(bundles, tmp_path, behaviour):
     address = _fake_worker(tmp_path, behaviour)
-    program = connect(bundles["slalom"], address, timeout=1.0)
+    program = connect(bundles["slalom"], address, timeout=1.0, trusted_key=TRUSTED)
     start = time.perf_counter()
     with pytest.raises(WorkerError, match=r"GPU worker at .* failed on stage gpu_\d+"):
         program(input_ids=torch.randint(3, 250, (1, 5)))
@@ -120,7 +120,7 @@ def test_malformed_frames_and_wrong_shapes_are_named(bundles, tmp_path):
     frame = read_frame(sock)
     assert frame.kind == ERROR and "bad magic b'JUNK'" in frame.header["error"]
     sock.close()
-    program = connect(bundles["slalom"], address)
+    program = connect(bundles["slalom"], address, trusted_key=TRUSTED)
     stage = next(s for s in program.stages if s.side == "gpu")
     with pytest.raises(WorkerError, match=f"refused stage {stage.name}: stage {stage.name} input"):
         stage.module(torch.zeros(3, dtype=torch.int64))
@@ -135,7 +135,7 @@ def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
     shutil.copytree(bundles["cmif"], enclave_only, ignore=shutil.ignore_patterns("gpu"))
     address = f"unix:{tmp_path / 'w.sock'}"
     server = _serve_in_thread(bundles["cmif"], address)
-    program = connect(enclave_only, address, seed=4)
+    program = connect(enclave_only, address, seed=4, trusted_key=TRUSTED)
     reference = partition(captured("tiny-llama"), "cmif", seed=4)
     ids = torch.randint(3, 250, (1, 6))
     with torch.no_grad():
