@@ -52,9 +52,10 @@ def generate(
     produced an EOS token; rows that finished early are padded with ``pad_token_id``
     (default: the first EOS id), as transformers does. Under RNM only the prompt is sanitised,
     less the positions ``public_prompt`` marks (a chat template); generated tokens are ones
-    the GPU computed (see :meth:`Executor.run`). Afterwards ``program.last_request``
+    the GPU computed (see :meth:`Executor.run`). Afterwards the executor's ``last_request``
     describes the prompt's sanitisation (its sanitised tokens and total ε) for the whole
-    generation request.
+    generation request: pass an executor (``split.executor()``) to read it, since a
+    ``SplitProgram`` gets a fresh one that is dropped afterwards.
     """
     if not isinstance(program, Executor):
         program = program.executor()

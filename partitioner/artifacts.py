@@ -106,6 +106,7 @@ def _save_exported(
         if isinstance(tensor, torch.Tensor):
             weights.add(f"{key}/const/{name}", tensor)
             ep.constants[name] = tensor.to("meta")
+    ep.example_inputs = None  # the loader unpickles nothing: leave no pickled inputs behind
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(path))
 

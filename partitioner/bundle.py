@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -184,25 +185,52 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"cannot read weights {path}: {exc}") from None
 
 
+_MAX_GRAPH_BYTES = 256 << 20  # a stage graph's JSON; refuse a zip bomb before inflating it
+
+
 def load_exported(root: Path, rel: str, key: str, weights: dict[str, torch.Tensor]) -> Any:
-    """The module of one ``.pt2``, its meta weights replaced by the side's stored tensors."""
+    """The module of one ``.pt2``, with its weights from the side's safetensors file.
+
+    ``torch.export.load`` unpickles parts of the archive (sample inputs, weights, constants),
+    and a pickle runs code. So only the graph is read from the archive, as JSON
+    (``models/model.json``, torch's own serialisation schema) and rebuilt by torch's
+    deserializer, with every tensor taken from safetensors; nothing in the archive is
+    unpickled.
+    """
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+
+    path = root / rel
     try:
-        with _LOAD_LOCK:  # torch.export.load keeps global deserializer state
-            ep = torch.export.load(str(root / rel))
-    except Exception as exc:  # a corrupt archive raises many types
+        with zipfile.ZipFile(path) as archive:
+            graphs = [n for n in archive.namelist() if n.endswith("/models/model.json")]
+            if len(graphs) != 1:
+                raise ArtifactError(f"{rel}: expected one models/model.json, found {len(graphs)}")
+            if archive.getinfo(graphs[0]).file_size > _MAX_GRAPH_BYTES:
+                raise ArtifactError(f"{rel}: the stage graph is larger than any teesplit writes")
+            raw = archive.read(graphs[0])
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read {rel}: {type(exc).__name__}: {exc}") from None
+    try:
+        serialized = _bytes_to_dataclass(schema.ExportedProgram, raw)
+        specs = serialized.graph_module.signature.input_specs
+        params = {s.parameter.parameter_name for s in specs if s.type == "parameter"}
+        prefix, const = f"{key}/", f"{key}/const/"
+        state = {
+            k[len(prefix) :]: torch.nn.Parameter(v, requires_grad=False)
+            if k[len(prefix) :] in params
+            else v
+            for k, v in weights.items()
+            if k.startswith(prefix) and not k.startswith(const)
+        }
+        constants = {k[len(const) :]: v for k, v in weights.items() if k.startswith(const)}
+        with _LOAD_LOCK:  # the deserializer keeps global state
+            ep = ExportedProgramDeserializer().deserialize(serialized, state, constants, b"")
+        return ep.module()
+    except ArtifactError:
+        raise
+    except Exception as exc:  # a malformed graph raises many types; all mean "not ours"
         raise ArtifactError(f"cannot load {rel}: {type(exc).__name__}: {exc}") from None
-    for name in list(ep.state_dict):
-        tensor = weights.get(f"{key}/{name}")
-        if tensor is None:
-            raise ArtifactError(f"{rel}: weight {name} is not in the weights file")
-        ep.state_dict[name] = torch.nn.Parameter(tensor, requires_grad=False)
-    for name, value in list(ep.constants.items()):
-        if isinstance(value, torch.Tensor):
-            tensor = weights.get(f"{key}/const/{name}")
-            if tensor is None:
-                raise ArtifactError(f"{rel}: constant {name} is not in the weights file")
-            ep.constants[name] = tensor
-    return ep.module()
 
 
 def load_stage_modules(
