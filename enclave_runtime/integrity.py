@@ -169,8 +169,23 @@ def check(
     outputs: list[torch.Tensor],
     field_prime: int | None,
 ) -> dict[str, float]:
-    """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats)."""
+    """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats).
+
+    Values the check's arithmetic cannot vouch for are refused first: a NaN or inf in a float
+    result would make the comparison false and the tolerance NaN (so it would pass), and a
+    field residue outside ``[0, p)`` is no residue at all.
+    """
     s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
+    for i, y in enumerate(outputs):
+        if field_prime is not None:
+            if y.dtype != torch.int64 or (
+                y.numel() and (int(y.min()) < 0 or int(y.max()) >= field_prime)
+            ):
+                raise IntegrityError(
+                    f"GPU stage {stage} output {i}: not int64 residues in [0, p) (refused)"
+                )
+        elif not bool(torch.isfinite(y).all()):
+            raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
     if field_prime is not None:
         lhs = sum(_dot_small_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
         rhs = sum(_dot_mod(ai, xi, field_prime) for ai, xi in zip(a, inputs, strict=True))

@@ -20,25 +20,42 @@ from partitioner.plan import Signature
 _MISSING = object()
 
 
-def _import_output_types(spec: str) -> None:
-    """Import the modules that define the output containers a treespec names (e.g.
-    ``transformers.modeling_outputs``), so pytree knows them; no model code is imported."""
+# The closed set of containers a program's inputs and outputs may be built from: pytree's own
+# (tuple, list, dict, None, ...) need no import; an output type of transformers is allowed only
+# from the one module that defines them, and importing it runs no model code.
+_OUTPUT_MODULES = frozenset({"transformers.modeling_outputs"})
+_MAX_SPEC_DEPTH = 64
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            kind = node.get("type")
-            if isinstance(kind, str) and "." in kind:
-                module = kind.rsplit(".", 1)[0]
-                try:
-                    importlib.import_module(module)
-                except ImportError as exc:
-                    raise ArtifactError(f"output type {kind} needs {module}: {exc}") from None
-            for child in node.get("children_spec", []):
-                walk(child)
+
+def _import_output_types(spec: str) -> None:
+    """Import the module that defines the output containers a treespec names, if it is in the
+    closed set; any other dotted type name is refused (a spec from a file must not choose what
+    this process imports)."""
+
+    def walk(node: Any, depth: int) -> None:
+        if depth > _MAX_SPEC_DEPTH:
+            raise ArtifactError("signature: the output spec nests too deeply")
+        if not isinstance(node, dict):
+            return
+        kind = node.get("type")
+        if isinstance(kind, str) and "." in kind:
+            module = kind.rsplit(".", 1)[0]
+            if module not in _OUTPUT_MODULES:
+                raise ArtifactError(
+                    f"signature: output type {kind!r} is not one of the containers teesplit "
+                    f"rebuilds ({sorted(_OUTPUT_MODULES)})"
+                )
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ArtifactError(f"output type {kind} needs {module}: {exc}") from None
+        children = node.get("children_spec", [])
+        for child in children if isinstance(children, list) else []:
+            walk(child, depth + 1)
 
     try:
-        walk(json.loads(spec)[1])
-    except (ValueError, IndexError, TypeError) as exc:
+        walk(json.loads(spec)[1], 0)
+    except (ValueError, IndexError, TypeError, KeyError, RecursionError) as exc:
         raise ArtifactError(f"signature: malformed output spec ({exc})") from None
 
 

@@ -19,7 +19,10 @@ nothing; guarantees: a missing, tampered or unlisted file, and a malformed ``pla
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import stat
 import threading
 import zipfile
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 
 from partitioner import ops as _ops  # noqa: F401 - .pt2 files name teesplit:: ops: register them
 from partitioner.errors import ArtifactError
-from partitioner.plan import GPU, Plan
+from partitioner.plan import Plan
 from partitioner.rnm_tables import RNMTables
 
 ARTIFACT_SCHEMA_VERSION = 2
@@ -173,22 +176,73 @@ def read_plan(root: str | Path, document: dict[str, Any] | None = None) -> Plan:
     return Plan.from_dict(document.get("plan"), where=f"{root / PLAN_FILE}: plan")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def _safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file's bytes (a format with no code in it)."""
+    from safetensors.torch import load as load_tensors
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            alias = json.loads((f.metadata() or {}).get("alias", "{}"))
-            stored = {k: f.get_tensor(k) for k in f.keys()}
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not an object")
+        return load_tensors(data), meta
+    except Exception as exc:  # safetensors and json raise several types for a bad file
+        raise ArtifactError(f"cannot read {what}: {exc}") from None
+
+
+def weights_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """A side's weights: stored tensors, expanded by the alias table (shared storages)."""
+    stored, meta = _safetensors(data, what)
+    try:
+        alias = json.loads(meta.get("alias", "{}"))
         return {key: stored[target] for key, target in alias.items()}
-    except Exception as exc:  # safetensors and a bad alias table raise several types
-        raise ArtifactError(f"cannot read weights {path}: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"cannot read {what}: bad alias table ({exc})") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read weights {path}: {exc.strerror}") from None
+    return weights_from_bytes(data, f"weights {path}")
+
+
+class VerifiedFiles:
+    """Reads a bundle's files only if ``plan.json`` lists them: each is opened without
+    following links, read once, and its bytes are checked against the listed sha256 before
+    anything parses them (so the file cannot change between the check and the use)."""
+
+    def __init__(self, root: Path, files: Any) -> None:
+        if not isinstance(files, dict):
+            raise ArtifactError(f"{root / PLAN_FILE}: 'files' must map paths to sha256 digests")
+        self.root = root
+        self.files = files
+
+    def read(self, rel: str) -> bytes:
+        digest = self.files.get(rel)
+        if not isinstance(digest, str) or not _inside(self.root, rel):
+            raise ArtifactError(f"artifact {rel} is not listed in plan.json as a bundle file")
+        try:
+            fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            raise ArtifactError(f"artifact {rel} is missing from {self.root}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ArtifactError(f"artifact {rel} is not a regular file")
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtifactError(f"artifact {rel} does not match its sha256 in plan.json (tampered)")
+        return data
 
 
 _MAX_GRAPH_BYTES = 256 << 20  # a stage graph's JSON; refuse a zip bomb before inflating it
 
 
-def load_exported(root: Path, rel: str, key: str, weights: dict[str, torch.Tensor]) -> Any:
+def load_exported(
+    source: Path | bytes, rel: str, key: str, weights: dict[str, torch.Tensor]
+) -> Any:
     """The module of one ``.pt2``, with its weights from the side's safetensors file.
 
     ``torch.export.load`` unpickles parts of the archive (sample inputs, weights, constants),
@@ -200,9 +254,9 @@ def load_exported(root: Path, rel: str, key: str, weights: dict[str, torch.Tenso
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
 
-    path = root / rel
     try:
-        with zipfile.ZipFile(path) as archive:
+        data = source if isinstance(source, bytes) else (source / rel).read_bytes()
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             graphs = [n for n in archive.namelist() if n.endswith("/models/model.json")]
             if len(graphs) != 1:
                 raise ArtifactError(f"{rel}: expected one models/model.json, found {len(graphs)}")
@@ -272,24 +326,27 @@ def load_program(
     sides = ("enclave", "gpu") if gpu else ("enclave",)
     document = read_document(root, sides, trusted_key=trusted_key)
     plan = read_plan(root, document)
-    weights = {side: read_weights(root / weights_file(side)) for side in sides}
-    modules: dict[str, Any] = {}
-    for side in sides:
-        modules.update(load_stage_modules(root, plan, side, weights[side]))
+    files = VerifiedFiles(root, document["files"])
+    weights = {
+        side: weights_from_bytes(files.read(weights_file(side)), weights_file(side))
+        for side in sides
+    }
     for stage in plan.stages:
-        stage.module = modules.get(stage.name)
-        if stage.module is None and stage.side != GPU:
-            raise ArtifactError(f"enclave stage {stage.name} has no module in {root}")
+        if stage.side in sides:
+            rel = stage_file(stage.side, stage.name)
+            stage.module = load_exported(files.read(rel), rel, stage.name, weights[stage.side])
     prot = plan.protection
     if prot is not None:
         enclave = weights["enclave"]
         for name, corr in prot.corrections.items():
-            corr.module = load_exported(root, correction_file(name), f"correction/{name}", enclave)
+            rel = correction_file(name)
+            corr.module = load_exported(files.read(rel), rel, f"correction/{name}", enclave)
         for name, (_, outputs) in list(prot.freivalds.items()):
-            own = load_exported(root, freivalds_file(name), f"freivalds/{name}", enclave)
+            rel = freivalds_file(name)
+            own = load_exported(files.read(rel), rel, f"freivalds/{name}", enclave)
             prot.freivalds[name] = (own, outputs)
         if prot.rnm is not None:
-            tables = RNMTables.load(root / RNM_FILE)
+            tables = RNMTables.from_bytes(files.read(RNM_FILE), RNM_FILE)
             if tables.epsilon != prot.rnm.epsilon or tables.k != prot.rnm.candidates:
                 raise ArtifactError(f"{RNM_FILE}: its ε or K disagrees with the plan")
             prot.rnm.tables = tables

@@ -7,6 +7,7 @@ why it is ε-DP). Imports only ``errors``: the enclave loads these tables withou
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,16 +113,37 @@ class RNMTables:
 
     @classmethod
     def load(cls, path: str | Path) -> RNMTables:
-        from safetensors import safe_open
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read RNM tables {path}: {exc.strerror}") from None
+        return cls.from_bytes(data, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str) -> RNMTables:
+        """Tables from a safetensors file's bytes, checked to be well formed: a table that
+        passes every token through (or indexes outside the vocabulary) is refused."""
+        from safetensors.torch import load as load_tensors
 
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in ("candidates", "scores", "keep")}
-        except Exception as exc:  # safetensors raises several types for a bad file
-            raise ArtifactError(f"cannot read RNM tables {path}: {exc}") from None
-        if "epsilon" not in meta:
-            raise ArtifactError(f"RNM tables {path} carry no epsilon in their metadata")
-        return cls(
-            tensors["candidates"], tensors["scores"], tensors["keep"], float(meta["epsilon"])
-        )
+            tensors = load_tensors(data)
+            size = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+            epsilon = float(meta["epsilon"])
+            candidates, scores, keep = (tensors[n] for n in ("candidates", "scores", "keep"))
+        except Exception as exc:  # safetensors, json, float() raise several types
+            raise ArtifactError(f"cannot read RNM tables {what}: {exc}") from None
+        vocab = keep.shape[0] if keep.dim() == 1 else -1
+        if (
+            keep.dtype != torch.bool
+            or candidates.dtype != torch.int64
+            or scores.dtype != torch.float32
+            or candidates.dim() != 2
+            or candidates.shape != scores.shape
+            or candidates.shape[0] != vocab
+            or not 0 < epsilon < float("inf")
+            or int(candidates.min()) < -1
+            or int(candidates.max()) >= vocab
+        ):
+            raise ArtifactError(f"RNM tables {what} are malformed (shapes, dtypes, ids or ε)")
+        return cls(candidates, scores, keep, epsilon)

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from partitioner.dims import names_in
 from partitioner.errors import ArtifactError
 
 # Stage names become file names in a bundle: keep them to one safe path component.
@@ -68,12 +69,17 @@ def choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
 
 
 def shape_(value: Any, where: str) -> list[int | str]:
-    """A plan shape: integers and dim expressions (parsed later by ``partitioner.dims``)."""
-    if not isinstance(value, list):
-        raise ArtifactError(f"{where}: expected a list, got {type(value).__name__}")
+    """A plan shape: integers and size expressions, each checked against ``partitioner.dims``'
+    grammar here, so a shape that is not one never reaches the executor."""
+    if not isinstance(value, list) or len(value) > 64:
+        raise ArtifactError(f"{where}: expected a list of at most 64 sizes")
     out: list[int | str] = []
     for i, size in enumerate(value):
         if isinstance(size, str):
+            try:
+                names_in(size)
+            except ValueError as exc:
+                raise ArtifactError(f"{where}[{i}]: {exc}") from None
             out.append(size)
         else:
             out.append(int_(size, f"{where}[{i}]", 0))

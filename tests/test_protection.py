@@ -327,7 +327,7 @@ def test_freivalds_refuses_stages_it_cannot_check():
 def test_protection_policy_keys_are_validated():
     with pytest.raises(PolicyError, match="on_unmaskable='ignore'"):
         Policy(on_unmaskable="ignore")
-    with pytest.raises(PolicyError, match="mask_scale must be a positive number"):
+    with pytest.raises(PolicyError, match="mask_scale must be a number in"):
         Policy(mask_scale=0)
 
 
@@ -344,3 +344,25 @@ def test_meta_device_models_get_a_protected_plan(preset):
         assert protection["rnm"]["candidates"] == 20 and protection["rnm"]["special_tokens"] is None
     else:
         assert protection["field"]["weight_frac_bits"] and protection["masked_values"]
+
+
+@pytest.mark.parametrize(
+    ("masking", "poison"),
+    [("additive", float("nan")), ("additive", float("inf")), ("field", -1), ("field", 2**62)],
+)
+def test_freivalds_refuses_values_its_arithmetic_cannot_vouch_for(masking, poison):
+    """A NaN made the float tolerance NaN and the comparison false: the result passed and the
+    GPU chose the next token. A residue outside [0, p) is no residue."""
+    policy = Policy.preset("slalom", masking=masking)
+    sp = partition(captured("tiny-llama"), policy, seed=9)
+    stage = next(s for s in sp.stages if s.side == "gpu")
+    inner = stage.module
+
+    def poisoned(*args):
+        outs = [o.clone() for o in inner(*args)]
+        outs[0].view(-1)[3] = poison
+        return tuple(outs)
+
+    stage.module = poisoned
+    with torch.no_grad(), pytest.raises(IntegrityError, match=f"GPU stage {stage.name} output 0"):
+        sp(input_ids=torch.randint(3, 250, (1, 9)))
