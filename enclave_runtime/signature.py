@@ -24,6 +24,9 @@ _MISSING = object()
 # (tuple, list, dict, None, ...) need no import; an output type of transformers is allowed only
 # from the one module that defines them, and importing it runs no model code.
 _OUTPUT_MODULES = frozenset({"transformers.modeling_outputs"})
+_BUILTIN_TYPES = frozenset(
+    {"builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"}
+)
 _MAX_SPEC_DEPTH = 64
 
 
@@ -38,7 +41,7 @@ def _import_output_types(spec: str) -> None:
         if not isinstance(node, dict):
             return
         kind = node.get("type")
-        if isinstance(kind, str) and "." in kind:
+        if isinstance(kind, str) and "." in kind and kind not in _BUILTIN_TYPES:
             module = kind.rsplit(".", 1)[0]
             if module not in _OUTPUT_MODULES:
                 raise ArtifactError(

@@ -139,5 +139,5 @@ def _input_shape(program, stage, index):
     from partitioner.dims import concrete_shape
 
     name = stage.inputs[index]
-    edge = next(e for e in program.edges if e.name == name and e.consumer == stage.name)
+    edge = next(e for e in program.spec.edges if e.name == name and e.consumer == stage.name)
     return concrete_shape(edge.shape, {"batch": 2, "seq": 7})

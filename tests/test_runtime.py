@@ -123,7 +123,7 @@ def test_malformed_frames_and_wrong_shapes_are_named(bundles, tmp_path):
     program = connect(bundles["slalom"], address, trusted_key=TRUSTED)
     stage = next(s for s in program.stages if s.side == "gpu")
     with pytest.raises(WorkerError, match=f"refused stage {stage.name}: stage {stage.name} input"):
-        stage.module(torch.zeros(3, dtype=torch.int64))
+        program.runner.run(stage.name, [torch.zeros(3, dtype=torch.int64)])
     server.shutdown()
     assert MAGIC == b"TSP1"
 
