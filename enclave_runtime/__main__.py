@@ -38,6 +38,15 @@ def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
     return encode_prompt(tokenizer, line)
 
 
+def _token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"teesplit enclave: cannot read the worker token {path}: {exc}") from None
+
+
 def serve_stdin(args: argparse.Namespace) -> None:
     """Load enclave/, connect to the worker, answer prompts from stdin."""
     root = bundle_root(args.bundle)
@@ -49,6 +58,7 @@ def serve_stdin(args: argparse.Namespace) -> None:
         trusted_key=args.trusted_key,
         allow_unsigned=args.allow_unsigned,
         timeout=args.timeout,
+        token=_token(args.worker_token_file),
     )
     plan = program.plan()
     if not program.spec.state:
@@ -123,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    parser.add_argument(
+        "--worker-token-file", default=None, help="the worker's shared secret (TCP)"
+    )
     args = parser.parse_args(argv)
     try:
         serve_stdin(args)

@@ -15,15 +15,25 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from enclave_runtime.executor import Executor
+from enclave_runtime.executor import Executor, Expected
 from partitioner.bundle import load_program
 from partitioner.errors import TeesplitError
-from runtime.protocol import ERROR, RUN, STATS, ProtocolError, parse_address, read_frame, send_frame
+from runtime.protocol import (
+    ERROR,
+    RESULT,
+    RUN,
+    STATS,
+    ProtocolError,
+    parse_address,
+    read_frame,
+    send_frame,
+)
 
 
 class WorkerError(TeesplitError):
@@ -46,27 +56,65 @@ def grown_dim(old: torch.Tensor, new: torch.Tensor) -> int | None:
 
 
 class WorkerClient:
-    """One connection to a GPU worker (a lock serialises requests on it)."""
+    """One connection to a GPU worker: the executor's :class:`StageRunner` for GPU stages.
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
+    What the worker sends is checked against what was asked, and the connection is given up
+    at the first doubt: each request carries an id and has one deadline (``timeout`` seconds
+    for the whole round trip, however the reply trickles in); the reply must name the same id
+    and stage, and its tensors the dtypes and shapes the plan gives, *before* its payload is
+    read, so memory is bounded by the expected reply. Any error or timeout closes the socket
+    and every later call fails: a late answer to one request is never read as the answer to
+    the next. A lock serialises requests on the connection.
+    """
+
+    def __init__(self, address: str, timeout: float = 60.0, token: str | None = None) -> None:
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
         self.address = address
-        self.timeout = timeout
-        family, addr = parse_address(address)
+        self.timeout = float(timeout)
+        self.token = token
+        try:
+            family, addr = parse_address(address)
+        except ProtocolError as exc:
+            raise WorkerError(str(exc)) from None
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout)
         try:
             self.sock.connect(addr)
         except OSError as exc:
+            self.sock.close()
             raise WorkerError(f"cannot reach the GPU worker at {address}: {exc}") from None
         self._lock = threading.Lock()
+        self._next_id = 0
+        self._broken: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
 
-    def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _fail(self, why: str) -> WorkerError:
+        """Give the connection up: nothing more is read from it."""
+        self._broken = why
+        self._last.clear()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        return WorkerError(why)
+
+    def run(
+        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+    ) -> list[torch.Tensor]:
         """One stage call. An input that extends what the worker already holds for the same
         slot (a KV cache one step longer) is sent as its new part only (``extends``)."""
         with self._lock:
+            if self._broken is not None:
+                raise WorkerError(
+                    f"the connection to the GPU worker at {self.address} was closed after an "
+                    f"earlier failure ({self._broken})"
+                )
+            deadline = time.monotonic() + self.timeout
+            self._next_id += 1
+            request = self._next_id
             payload, extends = list(tensors), {}
             for i, (old, new) in enumerate(zip(self._last.get(stage, ()), tensors, strict=False)):
                 dim = grown_dim(old, new)
@@ -74,15 +122,43 @@ class WorkerClient:
                     start = old.shape[dim]
                     payload[i] = new.narrow(dim, start, new.shape[dim] - start)
                     extends[str(i)] = dim
-            header: dict[str, Any] = {"stage": stage}
+            header: dict[str, Any] = {"stage": stage, "id": request}
             if extends:
                 header["extends"] = extends
+            if self.token is not None:
+                header["token"] = self.token
+
+            def check(kind: int, reply: dict[str, Any], metas: list[Any]) -> None:
+                if reply.get("id") != request or reply.get("stage") != stage:
+                    raise ProtocolError(
+                        f"the reply names request {reply.get('id')!r} of stage "
+                        f"{reply.get('stage')!r}, not request {request} of stage {stage}"
+                    )
+                if kind == ERROR:
+                    if metas:
+                        raise ProtocolError("an error reply carries tensors")
+                    return
+                if kind != RESULT:
+                    raise ProtocolError(f"expected a result frame, got kind {kind}")
+                if expected is None:
+                    return
+                if len(metas) != len(expected):
+                    raise ProtocolError(
+                        f"the reply has {len(metas)} tensors, stage {stage} returns {len(expected)}"
+                    )
+                for i, ((dtype, shape, _), (want, want_shape)) in enumerate(
+                    zip(metas, expected, strict=True)
+                ):
+                    if dtype != want or (want_shape is not None and shape != want_shape):
+                        raise ProtocolError(
+                            f"output {i} is {dtype} {shape}, the plan says {want} {want_shape}"
+                        )
+
             try:
                 self.bytes_sent += send_frame(self.sock, RUN, header, payload)
-                frame = read_frame(self.sock)
+                frame = read_frame(self.sock, deadline=deadline, check=check)
             except (ProtocolError, OSError) as exc:
-                self._last.clear()
-                raise WorkerError(
+                raise self._fail(
                     f"GPU worker at {self.address} failed on stage {stage}: {exc}"
                 ) from None
             if frame.kind == ERROR:
@@ -96,8 +172,19 @@ class WorkerClient:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            send_frame(self.sock, STATS, {})
-            return read_frame(self.sock).header["stats"]
+            if self._broken is not None:
+                raise WorkerError("the connection was closed after an earlier failure")
+            header: dict[str, Any] = {"id": 0, "stage": None}
+            if self.token is not None:
+                header["token"] = self.token
+            try:
+                send_frame(self.sock, STATS, header)
+                frame = read_frame(self.sock, deadline=time.monotonic() + self.timeout)
+            except (ProtocolError, OSError) as exc:
+                raise self._fail(f"GPU worker at {self.address} failed on stats: {exc}") from None
+            if frame.kind != RESULT or not isinstance(frame.header.get("stats"), dict):
+                raise WorkerError(f"GPU worker refused stats: {frame.header.get('error')}")
+            return frame.header["stats"]
 
     def close(self) -> None:
         self.sock.close()
@@ -128,10 +215,11 @@ def connect(
     trusted_key: Any = None,
     allow_unsigned: bool = False,
     timeout: float = 60.0,
+    token: str | None = None,
     seed: int | None = None,
 ) -> Executor:
     """The saved program at ``bundle`` (enclave side only, its signature checked with
     ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
     executor's ``runner``."""
     plan = load_program(bundle, gpu=False, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
-    return Executor(plan, WorkerClient(worker, timeout), seed=seed)
+    return Executor(plan, WorkerClient(worker, timeout, token), seed=seed)

@@ -24,16 +24,24 @@ from enclave_runtime import integrity
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
-from partitioner.errors import PartitionError
+from partitioner.dims import concrete_shape
+from partitioner.errors import IntegrityError, PartitionError
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
 
+# What a GPU stage's reply must be: per output, its dtype and (when the call binds every
+# size) its concrete shape.
+Expected = list[tuple[torch.dtype, list[int] | None]]
+
 
 class StageRunner(Protocol):
-    """Runs one GPU stage: ``run(stage, tensors) -> tensors`` (inputs and outputs in the
-    stage's order)."""
+    """Runs one GPU stage: ``run(stage, tensors, expected) -> tensors`` (inputs and outputs
+    in the stage's order). ``expected`` is what the plan says the reply is; a runner that
+    reads replies from elsewhere refuses one that differs before reading its payload."""
 
-    def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]: ...
+    def run(
+        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+    ) -> list[torch.Tensor]: ...
 
 
 class InProcessRunner:
@@ -42,11 +50,32 @@ class InProcessRunner:
     def __init__(self, plan: Plan) -> None:
         self._stages = {s.name: s for s in plan.stages if s.side == GPU}
 
-    def run(self, stage: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(
+        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+    ) -> list[torch.Tensor]:
         module = self._stages[stage].module
         if module is None:
             raise PartitionError(f"GPU stage {stage} has no module in this process")
         return list(module(*tensors))
+
+
+def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
+    """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
+    shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
+    if len(outputs) != len(expected):
+        raise IntegrityError(
+            f"GPU stage {stage} returned {len(outputs)} outputs, the plan has {len(expected)}"
+        )
+    for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
+        if not isinstance(out, torch.Tensor) or out.dtype != dtype:
+            got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+            raise IntegrityError(f"GPU stage {stage} output {i}: {got}, the plan says {dtype}")
+        if shape is not None and list(out.shape) != shape:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
+            )
+        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+            raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
 
 
 class Executor:
@@ -66,10 +95,37 @@ class Executor:
         # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
         self.last_request: dict[str, Any] = {}
         masked = prot.masked if prot is not None else {}
+        self._replies = self._reply_specs()
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         self._sent_clear = {
             e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
         }
+
+    def _reply_specs(self) -> dict[str, list[tuple[torch.dtype, list[int | str]]]]:
+        """Per GPU stage, each output's dtype and plan shape (from the edges it feeds)."""
+        prot = self.spec.protection
+        field = prot is not None and prot.field_plan is not None
+        edges = {(e.producer, e.name): e for e in self.spec.edges}
+        specs = {}
+        for stage in self.spec.stages:
+            if stage.side != GPU:
+                continue
+            outs = []
+            for name in stage.outputs:
+                edge = edges[(stage.name, name)]
+                masked = field and name in prot.gpu_masked  # residues cross as int64
+                outs.append((torch.int64 if masked else getattr(torch, edge.dtype), edge.shape))
+            specs[stage.name] = outs
+        return specs
+
+    def expected(self, stage: str, binding: dict[str, int]) -> Expected:
+        out: Expected = []
+        for dtype, shape in self._replies[stage]:
+            try:
+                out.append((dtype, concrete_shape(shape, binding)))
+            except ValueError:  # a size the inputs do not name: check the dtype only
+                out.append((dtype, None))
+        return out
 
     @property
     def stages(self) -> list[Stage]:
@@ -154,6 +210,7 @@ class Executor:
             delta.update(masks.pads)
             delta.update(masks.deltas)
         clear = self._sent_clear
+        binding = self.binding(env)
         for stage in self.spec.stages:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]
@@ -173,7 +230,9 @@ class Executor:
                         gpu[name] = env[name]
                 continue
             sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
-            outs = self.runner.run(stage.name, sent)
+            expected = self.expected(stage.name, binding)
+            outs = self.runner.run(stage.name, sent, expected)
+            check_reply(stage.name, outs, expected)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if masks is not None and stage.name in masks.freivalds:
                 integrity.check(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from partitioner.errors import TeesplitError
 
@@ -18,13 +19,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", required=True, help="unix:/path or host:port")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--token-file", default=None, help="a shared secret every request must carry (TCP)"
+    )
+    parser.add_argument("--max-connections", type=int, default=64)
+    parser.add_argument("--max-frame-mb", type=int, default=1024)
     args = parser.parse_args(argv)
     from runtime.worker import GPUWorker, serve
 
     try:
+        token = None
+        if args.token_file is not None:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if args.max_connections < 1 or args.max_frame_mb < 1:
+            raise ValueError("--max-connections and --max-frame-mb must be at least 1")
         worker = GPUWorker(args.bundle, backend=args.backend, device=args.device)
-        server = serve(worker, args.listen)
-    except (TeesplitError, OSError, ValueError) as exc:
+        server = serve(
+            worker,
+            args.listen,
+            token=token,
+            max_connections=args.max_connections,
+            max_frame_bytes=args.max_frame_mb << 20,
+        )
+    except (TeesplitError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise SystemExit(f"teesplit GPU worker: {type(exc).__name__}: {exc}") from None
     print(
         f"teesplit GPU worker: {len(worker.stages)} stages on {args.listen} "

@@ -11,6 +11,7 @@ CPU with a warning; ``backend="onnx"`` runs the ``.onnx`` stages under onnxrunti
 
 from __future__ import annotations
 
+import hmac
 import socket
 import socketserver
 import threading
@@ -148,43 +149,82 @@ def _extend(held: list[torch.Tensor] | None, frame: Any, stage: str) -> list[tor
 
 
 class _Handler(socketserver.BaseRequestHandler):
+    """One driver's connection. Limits hold whatever the driver sends: a frame over the size
+    limit or slower than ``frame_timeout`` ends the connection, as does a token that does not
+    match; the connection's held inputs go with it."""
+
     def handle(self) -> None:
-        worker: GPUWorker = self.server.worker  # type: ignore[attr-defined]
+        server: Any = self.server
+        if not server.slots.acquire(blocking=False):
+            self._refuse("the worker serves no more connections now; try again later")
+            return
+        try:
+            self._serve(server)
+        finally:
+            server.slots.release()
+
+    def _refuse(self, why: str, request: dict[str, Any] | None = None) -> None:
+        try:
+            send_frame(self.request, ERROR, {**_echo(request), "error": why})
+        except OSError:
+            pass
+
+    def _serve(self, server: Any) -> None:
+        worker: GPUWorker = server.worker
         sock: socket.socket = self.request
         # this driver's last inputs per stage: a KV cache arrives as its new positions only
         held: dict[str, list[torch.Tensor]] = {}
         while True:
             try:
-                frame = read_frame(sock)
-            except (ProtocolError, RuntimeError, ValueError) as exc:
-                if "connection closed while reading the frame prefix (0/" in str(exc):
+                # between requests a driver may idle; once a frame starts it must finish in time
+                sock.settimeout(server.idle_timeout)
+                first = sock.recv(1, socket.MSG_PEEK)
+                if not first:
                     return  # the driver hung up between requests
-                try:
-                    send_frame(sock, ERROR, {"error": str(exc)})
-                except OSError:
-                    pass
+                deadline = time.monotonic() + server.frame_timeout
+                frame = read_frame(sock, deadline=deadline, max_payload=server.max_frame_bytes)
+            except (ProtocolError, OSError, ValueError) as exc:
+                self._refuse(str(exc))
+                return
+            header = frame.header
+            if server.token is not None and not hmac.compare_digest(
+                str(header.get("token", "")).encode(), server.token.encode()
+            ):
+                self._refuse("the request does not carry the worker's token", header)
                 return
             if frame.kind == STATS:
+                if server.token is None and sock.family != socket.AF_UNIX:
+                    self._refuse("stats need the worker's token on TCP", header)
+                    continue
                 with worker._lock:
-                    send_frame(sock, RESULT, {"stats": dict(worker.stats)})
+                    send_frame(sock, RESULT, {**_echo(header), "stats": dict(worker.stats)})
                 continue
             if frame.kind != RUN:
-                send_frame(sock, ERROR, {"error": f"expected a run frame, got kind {frame.kind}"})
+                self._refuse(f"expected a run frame, got kind {frame.kind}", header)
                 continue
-            stage = frame.header.get("stage")
+            stage = header.get("stage")
             bytes_in = sum(t.numel() * t.element_size() for t in frame.tensors)
             try:
+                if not isinstance(stage, str) or stage not in worker.stages:
+                    raise ProtocolError(f"no GPU stage {stage!r} in this bundle")
                 inputs = _extend(held.pop(stage, None), frame, stage)
                 outs, seconds = worker.run(stage, inputs)
             except ProtocolError as exc:
-                send_frame(sock, ERROR, {"error": str(exc)})
+                self._refuse(str(exc), header)
                 continue
             except Exception as exc:  # a stage failing is reported to the driver, not fatal
-                send_frame(sock, ERROR, {"error": f"stage {stage} failed: {exc}"})
+                self._refuse(f"stage {stage} failed: {exc}", header)
                 continue
             held[stage] = inputs
-            sent = send_frame(sock, RESULT, {"stage": stage}, outs)
+            sent = send_frame(sock, RESULT, _echo(header), outs)
             worker.record(stage, seconds, bytes_in, sent)
+
+
+def _echo(request: dict[str, Any] | None) -> dict[str, Any]:
+    """The request's id and stage, which a reply must name."""
+    if not isinstance(request, dict):
+        return {"id": None, "stage": None}
+    return {"id": request.get("id"), "stage": request.get("stage")}
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -196,15 +236,35 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
 
 
-def serve(worker: GPUWorker, address: str) -> socketserver.BaseServer:
-    """A server for ``worker`` bound to ``address``; call ``serve_forever()`` on it."""
+def serve(
+    worker: GPUWorker,
+    address: str,
+    *,
+    token: str | None = None,
+    max_connections: int = 64,
+    max_frame_bytes: int = 1 << 30,
+    frame_timeout: float = 60.0,
+    idle_timeout: float = 3600.0,
+) -> socketserver.BaseServer:
+    """A server for ``worker`` bound to ``address``; call ``serve_forever()`` on it.
+
+    ``token`` (required of every request when set) is a shared secret for TCP deployments;
+    without it, statistics are served on Unix sockets only. At most ``max_connections``
+    drivers at once; a frame larger than ``max_frame_bytes`` or slower than ``frame_timeout``
+    seconds ends its connection.
+    """
     family, addr = parse_address(address)
     if family == socket.AF_UNIX:
         Path(addr).unlink(missing_ok=True)
-        server: socketserver.BaseServer = _UnixServer(addr, _Handler)
+        server: Any = _UnixServer(addr, _Handler)
     else:
         server = _TCPServer(addr, _Handler)
-    server.worker = worker  # type: ignore[attr-defined]
+    server.worker = worker
+    server.token = token
+    server.slots = threading.BoundedSemaphore(max_connections)
+    server.max_frame_bytes = max_frame_bytes
+    server.frame_timeout = frame_timeout
+    server.idle_timeout = idle_timeout
     return server
 
 
