@@ -19,7 +19,7 @@ from enclave_runtime.driver import connect
 from enclave_runtime.generation import encode_prompt, generate
 from enclave_runtime.launcher import bundle_root
 from enclave_runtime.tokenizer import bundle_tokenizer
-from partitioner.errors import TeesplitError
+from partitioner.errors import InputError, TeesplitError
 
 
 def _tokenizer(root: Path, folder: str | None) -> Any:
@@ -32,9 +32,12 @@ def _tokenizer(root: Path, folder: str | None) -> Any:
 def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
     """A stdin line, ``ids: 1,2,3`` or a prompt -> ``(input_ids, public positions or None)``."""
     if line.startswith("ids:"):
-        return torch.tensor([[int(x) for x in line[4:].split(",")]]), None
+        try:
+            return torch.tensor([[int(x) for x in line[4:].split(",")]]), None
+        except (ValueError, RuntimeError):
+            raise InputError("'ids:' must be followed by comma-separated integers") from None
     if tokenizer is None:
-        raise SystemExit("teesplit enclave: no tokenizer for this bundle; send 'ids: 1,2,3'")
+        raise InputError("no tokenizer in this bundle; send 'ids: 1,2,3'")
     return encode_prompt(tokenizer, line)
 
 
@@ -71,20 +74,29 @@ def serve_stdin(args: argparse.Namespace) -> None:
         f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}; {trust}",
         flush=True,
     )
-    for raw in sys.stdin:
-        line = raw.strip()
-        if not line:
+    failed = 0
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:  # a bad prompt is answered with its error, and the driver serves the next one
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise InputError(f"prompt line {number} is not UTF-8 text") from None
+            if not line:
+                continue
+            ids, public = _encode(line, tokenizer)
+            sent, received = program.runner.bytes_sent, program.runner.bytes_received
+            start = time.perf_counter()
+            out = generate(
+                program,
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=getattr(tokenizer, "eos_token_id", None),
+                public_prompt=public,
+            )
+        except InputError as exc:
+            failed += 1
+            print(f"error: prompt line {number}: {exc}", flush=True)
             continue
-        ids, public = _encode(line, tokenizer)
-        sent, received = program.runner.bytes_sent, program.runner.bytes_received
-        start = time.perf_counter()
-        out = generate(
-            program,
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            eos_token_id=getattr(tokenizer, "eos_token_id", None),
-            public_prompt=public,
-        )
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1] :].tolist()
         show = (lambda t: repr(tokenizer.decode(t, skip_special_tokens=True))) if tokenizer else str
@@ -105,12 +117,30 @@ def serve_stdin(args: argparse.Namespace) -> None:
             f"({(up + down) / max(len(new), 1):,.0f} B per token)",
             flush=True,
         )
+    if failed:
+        raise SystemExit(f"teesplit enclave: {failed} prompts refused (see the error lines)")
 
 
 UNSIGNED_WARNING = (
     "teesplit enclave: WARNING --allow-unsigned: the bundle's signature is not checked, so "
     "whoever can write the bundle chooses the code this enclave runs"
 )
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 86400] seconds")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="run a bundle nothing authenticates (development only; said on every start)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
     parser.add_argument(
         "--worker-token-file", default=None, help="the worker's shared secret (TCP)"
     )

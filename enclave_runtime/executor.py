@@ -25,7 +25,7 @@ from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
 from partitioner.dims import concrete_shape
-from partitioner.errors import IntegrityError, PartitionError
+from partitioner.errors import InputError, IntegrityError, PartitionError
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
 
@@ -158,6 +158,7 @@ class Executor:
         ``last_request["epsilon"]`` counts the sanitised positions only.
         """
         env = self.signature.bind(args, dict(kwargs))
+        self.check_inputs(env)
         masks = self.pool.take(self.binding(env)) if self.pool is not None else None
         prot = self.spec.protection
         site = prot.rnm if prot is not None else None
@@ -182,6 +183,29 @@ class Executor:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
             self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
         return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def check_inputs(self, env: Mapping[str, Any]) -> None:
+        """Refuse a request the program does not take, with an :class:`InputError` naming
+        it: a size outside the range it was exported for (an empty prompt, a context longer
+        than the model's), token ids that are not integers inside the vocabulary."""
+        for name, value in self.binding(env).items():
+            low, high = self.spec.dim_ranges.get(name, [0, None])
+            if value < low or (high is not None and value > high):
+                raise InputError(
+                    f"{name} = {value} is outside the range the program takes "
+                    f"[{low}, {'∞' if high is None else high}]"
+                )
+        token = self.spec.token_input
+        ids = env.get(token) if token is not None else None
+        if isinstance(ids, torch.Tensor) and ids.numel():
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise InputError(f"{token} must hold integer token ids, got {ids.dtype}")
+            vocab = self.spec.vocab
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or (vocab is not None and high >= vocab):
+                raise InputError(
+                    f"{token} holds ids outside the vocabulary [0, {vocab}): min {low}, max {high}"
+                )
 
     def binding(self, env: Mapping[str, Any]) -> dict[str, int]:
         """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from enclave_runtime.executor import Executor
-from partitioner.errors import PartitionError
+from partitioner.errors import InputError, PartitionError
 from partitioner.plan import Plan
 
 
@@ -66,9 +66,23 @@ def generate(
             "step (capture_decoder / `teesplit partition` of a causal LM) to generate"
         )
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise PartitionError(
+        raise InputError(
             f"input_ids must be a [batch, seq] int64 tensor, got {input_ids.dtype} "
             f"{list(input_ids.shape)}"
+        )
+    if input_ids.shape[1] == 0:
+        raise InputError("the prompt is empty: nothing to generate from")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    context = plan.dim_ranges.get("past", [0, None])[1]
+    if context is not None and input_ids.shape[1] + max_new_tokens > context:
+        raise InputError(
+            f"a prompt of {input_ids.shape[1]} tokens plus {max_new_tokens} new ones exceeds "
+            f"the model's context of {context} positions; shorten the prompt or ask for fewer"
         )
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)

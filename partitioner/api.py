@@ -30,6 +30,7 @@ from passes.attention import decompose_attention
 from passes.audit import audit
 from passes.labels import label_program, user_input_names
 from passes.protect import protect
+from passes.rnm import token_input_of
 
 __all__ = ["audit", "load", "partition"]
 
@@ -137,6 +138,10 @@ def partition(
         state=dict(captured.state),
         protection=result.protection,
         other_nodes={n: rules[n] for n, label in sorted(labels.items()) if label == Label.OTHER},
+        dim_ranges={
+            name: [low, shapes.upper.get(name)] for name, low in sorted(shapes.lower.items())
+        },
+        **_token_limits(program),
     )
     split = SplitProgram(
         spec=spec,
@@ -152,6 +157,16 @@ def partition(
     )
     audit(split, verbose=False)
     return split
+
+
+def _token_limits(program: ExportedProgram) -> dict[str, Any]:
+    """The token input and the vocabulary its embedding has (none for a model without one)."""
+    found = token_input_of(program)
+    if found is None:
+        return {}
+    token, fqn = found
+    weight = program.state_dict.get(fqn)
+    return {"token_input": token, "vocab": int(weight.shape[0]) if weight is not None else None}
 
 
 def _signature(program: ExportedProgram) -> Signature:

@@ -273,6 +273,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.ids:
         prompts = [f"ids: {args.ids}"]
     elif args.prompt is not None:
+        if not args.prompt.strip() or "\n" in args.prompt:
+            raise SystemExit("teesplit run: --prompt must be one non-empty line of text")
         prompts = [args.prompt]
     else:
         raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
@@ -329,6 +331,8 @@ def _add_verification(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from enclave_runtime.__main__ import positive_int, seconds
+
     parser = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("partition", help="partition a model and save its split artifacts")
@@ -358,21 +362,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
     )
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per worker call")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
     _add_verification(p)
     p.set_defaults(func=cmd_enclave)
     p = sub.add_parser("demo", help="SmolLM2 under cmif through both processes")
     p.add_argument("--out", default="build/demo-smollm2")
     p.add_argument("--policy", default="cmif")
     p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("run", help="run a prompt through both processes locally")
     p.add_argument("dir")
     p.add_argument("--prompt", default=None)
     p.add_argument("--ids", default=None, help="comma-separated token ids instead of a prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--worker", default=None, help="an already running worker's address")
     _add_verification(p)
     p.set_defaults(func=cmd_run)

@@ -31,5 +31,10 @@ class ArtifactError(TeesplitError):
     """A saved split program is missing, malformed or tampered with."""
 
 
+class InputError(TeesplitError, ValueError):
+    """A request is not what the program takes: token ids outside the vocabulary, an empty
+    prompt, a prompt longer than the model's context, a size outside its range."""
+
+
 class IntegrityError(TeesplitError):
     """A GPU stage returned results that fail the enclave's Freivalds check."""

@@ -226,6 +226,10 @@ class Plan:
     state: dict[str, StateSpec] = field(default_factory=dict)  # KV-cache input -> refill
     protection: Protection | None = None
     other_nodes: dict[str, str] = field(default_factory=dict)  # unclassified node -> why
+    # What a request may be: the token input and its vocabulary, each named dim's [min, max]
+    token_input: str | None = None
+    vocab: int | None = None
+    dim_ranges: dict[str, list[int | None]] = field(default_factory=dict)
 
     @property
     def cut_edges(self) -> list[Edge]:
@@ -265,13 +269,16 @@ class Plan:
         out["input_dims"] = self.input_dims
         out["signature"] = self.signature.to_dict()
         out["state"] = {k: v.to_dict() for k, v in self.state.items()}
+        out["token_input"] = self.token_input
+        out["vocab"] = self.vocab
+        out["dim_ranges"] = dict(sorted(self.dim_ranges.items()))
         return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> Plan:
         keys = ("schema_version", "model", "policy", "reference_dims", "stages", "edges",
                 "bytes_crossing", "other_nodes", "protection", "flat_outputs", "input_dims",
-                "signature", "state")  # fmt: skip
+                "signature", "state", "token_input", "vocab", "dim_ranges")  # fmt: skip
         d = fields(data, where, keys)
         if d["schema_version"] != PLAN_SCHEMA_VERSION:
             raise ArtifactError(
@@ -320,6 +327,12 @@ class Plan:
                 k: str_(v, f"{where}.other_nodes.{k}")
                 for k, v in map_(d["other_nodes"], f"{where}.other_nodes").items()
             },
+            token_input=None if d["token_input"] is None else str_(d["token_input"], where),
+            vocab=None if d["vocab"] is None else int_(d["vocab"], f"{where}.vocab", 1),
+            dim_ranges={
+                k: _dim_range(v, f"{where}.dim_ranges.{k}")
+                for k, v in map_(d["dim_ranges"], f"{where}.dim_ranges").items()
+            },
         )
         plan._check_references(where)
         return plan
@@ -340,6 +353,14 @@ class Plan:
                 raise ArtifactError(f"{where}.protection: {name} is not a GPU stage")
         if prot.rnm is not None and sides.get(prot.rnm.stage) != ENCLAVE:
             raise ArtifactError(f"{where}.protection.rnm: {prot.rnm.stage} is not an enclave stage")
+
+
+def _dim_range(value: Any, where: str) -> list[int | None]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ArtifactError(f"{where}: expected [min, max or null]")
+    low = int_(value[0], where, 0)
+    high = None if value[1] is None else int_(value[1], where, low)
+    return [low, high]
 
 
 def label_counts(labels: Mapping[str, Label | str], nodes: list[str]) -> dict[str, int]:

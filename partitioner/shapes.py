@@ -33,12 +33,15 @@ class ShapeContext:
         self.names: dict[sympy.Symbol, str] = {}
         self.binding: dict[sympy.Symbol, int] = {}
         self.lower: dict[str, int] = {}  # smallest size each named dim may take
+        self.upper: dict[str, int] = {}  # largest, where the export bounds it
         for sym, bounds in program.range_constraints.items():
             if not isinstance(sym, sympy.Symbol):
                 continue
             name = dim_names.get(str(sym), str(sym))
             self.names[sym] = name
             self.lower[name] = min(self.lower.get(name, int(bounds.lower)), int(bounds.lower))
+            if bounds.upper.is_finite:
+                self.upper[name] = max(self.upper.get(name, 0), int(bounds.upper))
             if name in reference:
                 lo, hi = int(bounds.lower), bounds.upper
                 value = max(int(reference[name]), lo)

@@ -106,6 +106,14 @@ def _token_input(program: ExportedProgram) -> tuple[str, str]:
     )
 
 
+def token_input_of(program: ExportedProgram) -> tuple[str, str] | None:
+    """``(token input, embedding weight fqn)``, or None when no lookup reads a user input."""
+    try:
+        return _token_input(program)
+    except PartitionError:
+        return None
+
+
 _TABLES: dict[tuple[Any, ...], tuple[weakref.ref, RNMTables]] = {}
 
 

@@ -1,0 +1,93 @@
+"""A hostile client's requests (issue 10): each is refused with a typed error naming the fault,
+and the driver goes on serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SIGN_KEY, built, captured
+
+from enclave_runtime.generation import generate
+from partitioner.api import partition
+from partitioner.errors import InputError
+from partitioner.generation import capture_decoder
+from runtime.worker import GPUWorker, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def step():
+    return partition(capture_decoder(built("tiny-llama")), "cmif", seed=3)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.tensor([[5, -1, 7]]), "outside the vocabulary"),
+        (torch.tensor([[5, 10**6, 7]]), "outside the vocabulary"),
+        (torch.tensor([[5.0, 6.0]]), "integer token ids"),
+        (torch.zeros(1, 0, dtype=torch.int64), "outside the range"),
+    ],
+)
+def test_bad_token_inputs_are_refused(ids, message):
+    sp = partition(captured("tiny-llama"), "cmif", seed=3)
+    with torch.no_grad(), pytest.raises(InputError, match=message):
+        sp(input_ids=ids)
+
+
+def test_generation_refuses_empty_and_too_long_requests(step):
+    with pytest.raises(InputError, match="the prompt is empty"):
+        generate(step, torch.zeros(1, 0, dtype=torch.int64), max_new_tokens=2)
+    context = step.spec.dim_ranges["past"][1]
+    with pytest.raises(InputError, match=f"exceeds the model's context of {context}"):
+        generate(step, torch.tensor([[5, 6, 7]]), max_new_tokens=context)
+    with pytest.raises(InputError, match="max_new_tokens must be a positive integer"):
+        generate(step, torch.tensor([[5, 6, 7]]), max_new_tokens=0)
+
+
+def test_the_enclave_driver_answers_bad_lines_with_errors_and_goes_on(step, tmp_path):
+    step.save(tmp_path / "b", sign_key=SIGN_KEY)
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines = b"ids: 5,6,x\n\xff\xfe not utf-8\nids: 5,-3\nids: 5,6,7\n"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "enclave_runtime", str(tmp_path / "b"), "--worker", address,
+             "--allow-unsigned", "--max-new-tokens", "2"],
+            input=lines, capture_output=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    out = run.stdout.decode()
+    assert "error: prompt line 1: 'ids:' must be followed by comma-separated integers" in out
+    assert "error: prompt line 2: prompt line 2 is not UTF-8 text" in out
+    assert "error: prompt line 3:" in out and "outside the vocabulary" in out
+    assert "answer: [" in out  # line 4 is served
+    assert run.returncode != 0 and "3 prompts refused" in run.stderr.decode()
+    assert "Traceback" not in run.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--worker", "127.0.0.1:99999"], "port in 0..65535"),
+        (["--worker", "unix:/nonexistent/w.sock", "--timeout", "-1"], "not in (0, 86400]"),
+        (["--worker", "unix:/nonexistent/w.sock", "--max-new-tokens", "0"], "positive integer"),
+    ],
+)
+def test_bad_driver_options_are_one_line_errors(step, tmp_path, argv, message):
+    bundle = tmp_path / "b"
+    step.save(bundle, sign_key=SIGN_KEY)
+    run = subprocess.run(
+        [sys.executable, "-m", "enclave_runtime", str(bundle), "--allow-unsigned", *argv],
+        capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and message in run.stderr
+    assert "Traceback" not in run.stderr
