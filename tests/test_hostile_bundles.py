@@ -6,6 +6,7 @@ torch's own loader), so the refusal is seen to be the defence and not an acciden
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -16,9 +17,12 @@ import pytest
 import torch
 from adversary import MARKER, copy_bundle, payload, read_plan, rehash, swap_file, write_plan
 from conftest import SIGN_KEY, TRUSTED, captured
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from partitioner.api import load, partition
 from partitioner.errors import ArtifactError
+from partitioner.plan import Plan
 from partitioner.policy import Policy
 
 
@@ -217,3 +221,53 @@ def test_a_pickle_planted_in_a_stage_archive_never_runs(bundles, tmp_path):
     with zipfile.ZipFile(bundles["cmif"] / rel) as clean:
         saved = clean.read(next(n for n in clean.namelist() if n.endswith("model.pt")))
     assert len(saved) < 1024  # at most an empty pickle: no example tensors
+
+
+# -- the plan loader under fuzzing: a Plan or an ArtifactError, nothing else -----------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def plan_dict():
+    sp = partition(captured("tiny-llama"), "slalom", seed=2)
+    return json.loads(json.dumps(sp.spec.to_dict()))
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node[:3]):
+            yield from _paths(value, (*prefix, i))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_plans_give_a_plan_or_an_artifact_error(plan_dict, data):
+    document = copy.deepcopy(plan_dict)
+    paths = list(_paths(document))[1:]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        try:  # an earlier mutation may have removed the path: then this one does nothing
+            parent = document
+            for key in path[:-1]:
+                parent = parent[key]
+            if isinstance(parent, dict) and data.draw(st.booleans()):
+                parent.pop(path[-1], None)
+            else:
+                parent[path[-1]] = data.draw(_json_values)
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        Plan.from_dict(document)
+    except ArtifactError:
+        pass
