@@ -10,14 +10,20 @@ products, linear in the tensor sizes, instead of the stage's matrix products.
 False negatives. ``masking="field"``: ``s`` is uniform on ``[0, 2**20)`` and the check is exact
 mod ``p``; a wrong result ``y' = y + e`` with ``e != 0 mod p`` passes only if ``⟨s, e⟩ = 0 mod p``,
 which by Schwartz–Zippel has probability at most ``2**-20`` per check (fresh ``s`` per request).
-``masking="additive"`` (floats): ``s`` is standard normal and the check allows a rounding
-tolerance ``τ = FLOAT_RTOL · (Σ|s·y'| + Σ|a·x'| + |κ|)``; an error ``e`` passes when
-``|⟨s, e⟩| <= τ``, probability ``erf(τ / (‖e‖₂·√2))`` for Gaussian ``s``: negligible for
-errors well above ``τ``, certain for errors below it. The tolerance is reported per check.
+``masking="additive"`` (floats): the check is made per *row* (the positions a stage maps
+independently, found by a probe: ``Lᵀs`` of an ``s`` on one row must vanish on the others), with
+``FLOAT_CHECKS`` independent standard-normal ``s``. Each row's tolerance is a floating-point
+error bound for that row, ``τ_r = λ·u·√n · ⟨|L|ᵀ|s_r|, |x'_r|⟩ + λ·u·⟨|s_r|, |c_r|⟩`` (``u`` the
+float32 unit roundoff, ``n`` the longest reduction, ``λ = FLOAT_SAFETY``, ``|L|`` the stage's
+linear map with every weight and scale made non-negative, computed offline like ``a``), not one
+scalar for the whole tensor. An error ``e`` in row ``r`` passes one check when
+``|⟨s_r, e⟩| <= τ_r``; for a change larger than ``10·τ_r`` that is ``P(|N(0,1)| < 0.1) ≈ 8 %``
+per check, so at most 0.64 % with two. A stage whose rows mix is checked as one row.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,7 +34,9 @@ from partitioner.op_table import op_name
 from partitioner.ops import mul_pow2_mod
 
 FIELD_S_BITS = 20
-FLOAT_RTOL = 1e-5
+FLOAT_CHECKS = 2  # independent s per request for float masks
+FLOAT_SAFETY = 8.0  # λ: headroom over the probabilistic √n rounding bound
+FLOAT_UNIT = 2.0**-24  # float32 unit roundoff: the GPU stages compute in float32
 
 
 def _linear64_by(limb: str) -> Any:
@@ -118,6 +126,33 @@ class FreivaldsStage:
             else []
         )
         self._biases: dict[tuple[tuple[int, ...], ...], list[torch.Tensor]] = {}
+        self._rows: dict[tuple[tuple[int, ...], ...], int] = {}
+        if field_prime is None:
+            self.magnitude = _magnitude_graph(corr.module)
+            self.fan_in = _fan_in(corr.module)
+
+    def rows(self, pads: list[torch.Tensor], deltas: list[torch.Tensor], vjp: Any) -> int:
+        """How many independent rows the stage maps: the common leading positions of its
+        inputs and outputs, if a probe shows that a row of outputs reads only its own row of
+        inputs; else 1 (the stage is checked as a whole)."""
+        key = tuple(tuple(t.shape) for t in [*pads, *deltas])
+        if key in self._rows:
+            return self._rows[key]
+        prefix = _common_prefix([list(t.shape[:-1]) for t in [*pads, *deltas]])
+        count = 1
+        for size in prefix:
+            count *= size
+        if count > 1:
+            probe = []
+            for d in deltas:
+                cot = torch.zeros(count, d.numel() // count, dtype=d.dtype)
+                cot[0] = 1.0 + torch.arange(cot.shape[1], dtype=d.dtype) / cot.shape[1]
+                probe.append(cot.reshape(d.shape))
+            grads = vjp(tuple(probe))
+            if any(bool(g.reshape(count, -1)[1:].abs().sum() != 0) for g in grads):
+                count = 1
+        self._rows[key] = count
+        return count
 
     def biases(self, pads: list[torch.Tensor]) -> list[torch.Tensor]:
         key = tuple(tuple(p.shape) for p in pads)
@@ -133,15 +168,7 @@ class FreivaldsStage:
         biases = self.biases(pads)
         prime = self.prime
         if prime is None:
-            samples = [rng.normal(list(d.shape)).to(torch.float64) for d in deltas]
-            _, vjp = torch.func.vjp(lambda *xs: tuple(self.corr.module(*xs)), *pads)
-            a = [g.to(torch.float64) for g in vjp(tuple(s.to(pads[0].dtype) for s in samples))]
-            kappa = float(sum((s * c.double()).sum() for s, c in zip(samples, biases, strict=True)))
-            return {
-                "s": [x.flatten().to(torch.float32) for x in samples],
-                "a": [x.flatten() for x in a],
-                "kappa": kappa,
-            }
+            return self._draw_float(pads, deltas, biases, rng)
         samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
         cotangents = tuple(s.to(torch.float64) for s in samples)
         parts = []
@@ -161,6 +188,120 @@ class FreivaldsStage:
         kappa = sum(_dot_mod(s, c, prime) for s, c in zip(samples, biases, strict=True)) % prime
         return {"s": samples, "a": a, "kappa": kappa}
 
+    def _draw_float(
+        self,
+        pads: list[torch.Tensor],
+        deltas: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        rng: Any,
+    ) -> dict:
+        """``FLOAT_CHECKS`` draws of ``s``, with per row ``a = Lᵀs``, ``b = |L|ᵀ|s|``, ``κ`` and
+        the bias part of the tolerance."""
+        _, vjp = torch.func.vjp(lambda *xs: tuple(self.corr.module(*xs)), *pads)
+        _, vjp_abs = torch.func.vjp(lambda *xs: tuple(self.magnitude(*xs)), *pads)
+        rows = self.rows(pads, deltas, vjp)
+        draws = []
+        for _ in range(FLOAT_CHECKS):
+            samples = [rng.normal(list(d.shape)) for d in deltas]
+            cot = tuple(x.to(pads[0].dtype) for x in samples)
+            a = [g.to(torch.float64).reshape(rows, -1) for g in vjp(cot)]
+            b = [
+                g.abs().to(torch.float64).reshape(rows, -1)
+                for g in vjp_abs(tuple(c.abs() for c in cot))
+            ]
+            s64 = [x.to(torch.float64).reshape(rows, -1) for x in samples]
+            c64 = [c.to(torch.float64).reshape(rows, -1) for c in biases]
+            kappa = sum((si * ci).sum(1) for si, ci in zip(s64, c64, strict=True))
+            bias_bound = sum((si.abs() * ci.abs()).sum(1) for si, ci in zip(s64, c64, strict=True))
+            draws.append(
+                {
+                    "s": [x.to(torch.float32) for x in s64],
+                    "a": a,
+                    "b": b,
+                    "kappa": kappa,
+                    "bias_bound": bias_bound,
+                }
+            )
+        n = self.fan_in + max(d.shape[-1] for d in deltas)  # products, and a's own rounding
+        return {"rows": rows, "draws": draws, "scale": FLOAT_SAFETY * FLOAT_UNIT * math.sqrt(n)}
+
+
+def _common_prefix(shapes: list[list[int]]) -> list[int]:
+    prefix = []
+    for sizes in zip(*shapes, strict=False):
+        if len(set(sizes)) != 1:
+            break
+        prefix.append(sizes[0])
+    return prefix if all(len(s) >= len(prefix) for s in shapes) else []
+
+
+def _fan_in(module: torch.fx.GraphModule) -> int:
+    """The longest reduction in a stage: the widest input dim of any weight it multiplies."""
+    sizes = [t.shape[-1] for t in _tensors(module) if t.dim() >= 2]
+    return max(sizes, default=1)
+
+
+def _tensors(module: torch.fx.GraphModule) -> list[torch.Tensor]:
+    out = []
+    for node in module.graph.find_nodes(op="get_attr"):
+        value = _get_attr(module, node.target)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+    return out
+
+
+def _get_attr(module: Any, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+_SIGN_FREE = {"sub": torch.ops.aten.add.Tensor, "rsub": torch.ops.aten.add.Tensor}
+
+
+def _magnitude_graph(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``|L|``: the correction graph with every weight, scale and subtraction made
+    non-negative, so that ``|L|(|x|) >= |L(x)|`` entry by entry (what bounds the rounding)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(module.graph, env))
+    attrs: dict[str, Any] = {}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            value = _get_attr(module, node.target)
+            attrs[node.target] = value.abs() if isinstance(value, torch.Tensor) else value
+        elif node.op == "call_function":
+            name = op_name(node)
+            if name in _SIGN_FREE:
+                node.target = _SIGN_FREE[name]
+            elif name == "neg":
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                continue
+            node.args = tuple(
+                abs(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+                for a in node.args
+            )
+            node.kwargs = {
+                k: abs(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in node.kwargs.items()
+            }
+    root = torch.nn.Module()
+    for target, value in attrs.items():
+        owner = root
+        *path, leaf = target.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, torch.nn.Parameter):
+            value = value.detach()
+        if isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value, persistent=False)
+        else:
+            setattr(owner, leaf, value)
+    return torch.fx.GraphModule(root, graph)
+
 
 def check(
     stage: str,
@@ -175,7 +316,6 @@ def check(
     result would make the comparison false and the tolerance NaN (so it would pass), and a
     field residue outside ``[0, p)`` is no residue at all.
     """
-    s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
     for i, y in enumerate(outputs):
         if field_prime is not None:
             if y.dtype != torch.int64 or (
@@ -187,6 +327,7 @@ def check(
         elif not bool(torch.isfinite(y).all()):
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
     if field_prime is not None:
+        s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
         lhs = sum(_dot_small_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
         rhs = sum(_dot_mod(ai, xi, field_prime) for ai, xi in zip(a, inputs, strict=True))
         if (lhs - rhs - kappa) % field_prime != 0:
@@ -196,22 +337,25 @@ def check(
                 f"<= 2**-{FIELD_S_BITS})"
             )
         return {"tolerance": 0.0}
-    lhs = rhs = bound = 0.0
-    for si, yi in zip(s, outputs, strict=True):
-        # float32 products (relative error 6e-8 each, far below the tolerance), float64 sums:
-        # the outputs can be large (the logits), so they are not copied to float64 first.
-        y = yi.flatten()
-        lhs += float((si * y).sum(dtype=torch.float64))
-        bound += float(torch.dot(si.abs(), y.abs()))
-    for ai, xi in zip(a, inputs, strict=True):
-        x64 = xi.flatten().to(torch.float64)
-        rhs += float(torch.dot(ai, x64))
-        bound += float(torch.dot(ai.abs(), x64.abs()))
-    rhs += kappa
-    tol = FLOAT_RTOL * (bound + abs(kappa))
-    if abs(lhs - rhs) > tol:
-        raise IntegrityError(
-            f"GPU stage {stage} returned results that fail the Freivalds check: "
-            f"|<s,y'> - <a,x'> - k| = {abs(lhs - rhs):.4g} > tolerance {tol:.4g}"
+    rows = vectors["rows"]
+    ys = [y.reshape(rows, -1) for y in outputs]
+    xs = [x.to(torch.float64).reshape(rows, -1) for x in inputs]
+    worst = 0.0
+    for draw in vectors["draws"]:
+        # float32 products with float64 sums: the outputs (the logits) are not copied whole
+        lhs = sum(
+            (si * yi).sum(1, dtype=torch.float64) for si, yi in zip(draw["s"], ys, strict=True)
         )
-    return {"tolerance": tol}
+        rhs = sum((ai * xi).sum(1) for ai, xi in zip(draw["a"], xs, strict=True)) + draw["kappa"]
+        magnitude = sum((bi * xi.abs()).sum(1) for bi, xi in zip(draw["b"], xs, strict=True))
+        tol = vectors["scale"] * (magnitude + draw["bias_bound"]) + 1e-9
+        excess = (lhs - rhs).abs() / tol
+        row = int(excess.argmax())
+        if float(excess[row]) > 1.0:
+            raise IntegrityError(
+                f"GPU stage {stage} returned results that fail the Freivalds check in row {row}: "
+                f"|<s,y'> - <a,x'> - k| = {float((lhs - rhs)[row].abs()):.4g} > that row's "
+                f"rounding bound {float(tol[row]):.4g}"
+            )
+        worst = max(worst, float(excess.max()))
+    return {"tolerance_used": worst}
