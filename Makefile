@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy clean golden
+.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy bench-integrity clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-field: $(STAMP)
 bench-runtime: $(STAMP)
 	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer
 	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1
+
+bench-integrity: $(STAMP)
+	$(PY) benchmarks/integrity.py --trials 12 --seq 16
 
 bench-privacy: $(STAMP)
 	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
