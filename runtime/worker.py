@@ -53,6 +53,10 @@ class GPUWorker:
                     "no CUDA device: the GPU worker runs its stages on the CPU", stacklevel=2
                 )
         self.device = torch.device(device)
+        # Freivalds bounds a float result's rounding at float32's: TF32 (10-bit mantissas)
+        # would be refused as corruption, so it stays off whatever the host's defaults
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         self.backend = backend
         gpu_stages = [s for s in plan.stages if s.side == "gpu"]
         if backend == "onnx":
