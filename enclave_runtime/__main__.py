@@ -19,14 +19,15 @@ from enclave_runtime.driver import connect
 from enclave_runtime.generation import encode_prompt, generate
 from enclave_runtime.launcher import bundle_root
 from enclave_runtime.tokenizer import bundle_tokenizer
+from partitioner.bundle import VerifiedFiles, read_document
 from partitioner.errors import InputError, TeesplitError
 
 
-def _tokenizer(root: Path, folder: str | None) -> Any:
-    """The bundle's own tokenizer (saved by ``teesplit partition``), or None."""
-    if folder is not None:
-        root = Path(folder)
-    return bundle_tokenizer(root)
+def _tokenizer(root: Path, trusted_key: str | None) -> Any:
+    """The bundle's own tokenizer (saved by ``teesplit partition``), read through the verified
+    file list of its (signature-checked) plan.json, or None."""
+    document = read_document(root, trusted_key=trusted_key)
+    return bundle_tokenizer(root, VerifiedFiles(root, document["files"]))
 
 
 def _encode(line: str, tokenizer: Any) -> tuple[Any, Any]:
@@ -68,7 +69,7 @@ def serve_stdin(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"teesplit enclave: {root} holds no decoder step (no KV-cache state) to generate with"
         )
-    tokenizer = _tokenizer(root, args.tokenizer)
+    tokenizer = _tokenizer(root, args.trusted_key)
     trust = "UNSIGNED bundle (--allow-unsigned)" if args.allow_unsigned else "signature verified"
     print(
         f"enclave driver ready: {plan['model']} under {plan['policy']['name']!r}; {trust}",
@@ -149,9 +150,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
     parser.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
-    parser.add_argument(
-        "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
-    )
     verification = parser.add_mutually_exclusive_group(required=True)
     verification.add_argument(
         "--trusted-key", default=None, help="the compiler's Ed25519 public key (PEM)"

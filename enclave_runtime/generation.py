@@ -130,7 +130,10 @@ def encode_prompt(tokenizer: Any, text: str) -> tuple[torch.Tensor, torch.Tensor
         full = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     else:
         full = text
-    start = full.rfind(text)
+    if full.count(text) != 1:  # the words also occur in the template: mark everything private
+        enc = tokenizer(full, return_tensors="pt", return_offsets_mapping=True)
+        return enc["input_ids"], torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+    start = full.find(text)
     end = start + len(text)
     enc = tokenizer(full, return_tensors="pt", return_offsets_mapping=True)
     offsets = enc["offset_mapping"][0]

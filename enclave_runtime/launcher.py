@@ -83,7 +83,7 @@ def enclave_command(
         key_in_bundle = "gramine/trusted-key.pub"
         shutil.copyfile(trusted_key, root / key_in_bundle)
     settings = ManifestOptions(
-        peak_bytes=measure_peak(root),
+        peak_bytes=measure_peak(root, trusted_key=trusted_key),
         worker=worker,
         driver_args=list(options),
         trusted_key=key_in_bundle,

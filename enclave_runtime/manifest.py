@@ -146,9 +146,9 @@ import resource, sys, torch
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
 from partitioner.bundle import load_program
-# the operator measures its own bundle; the enclave itself verifies the signature
-program = Executor(load_program(sys.argv[1], allow_unsigned=True))
-dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[2:])}
+key = sys.argv[2] if sys.argv[2] != "-" else None  # verified before anything from it runs
+program = Executor(load_program(sys.argv[1], trusted_key=key, allow_unsigned=key is None))
+dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[3:])}
 ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():
     if program.spec.state:
@@ -159,18 +159,29 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def measure_peak(bundle: str | Path, dims: dict[str, int] | None = None) -> int:
+def measure_peak(
+    bundle: str | Path, dims: dict[str, int] | None = None, *, trusted_key: str | None = None
+) -> int:
     """Peak RSS in bytes of a fresh process that loads ``bundle`` and serves one request:
     ``seq`` prompt tokens (default batch 1, seq 128) and, for a decoder step, ``new`` generated
     tokens (default 8).
 
     The GPU stages run in the same process, so this is an upper bound on the enclave's peak.
+    The bundle runs on this host: give ``trusted_key`` so that its signature is checked first
+    (without it the bundle is loaded unsigned: measure only bundles you made).
     """
     import subprocess
 
     dims = dims or {"batch": 1, "seq": 128, "new": 8}
     result = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(bundle), *(f"{k}={v}" for k, v in dims.items())],
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            str(bundle),
+            str(trusted_key) if trusted_key is not None else "-",
+            *(f"{k}={v}" for k, v in dims.items()),
+        ],
         capture_output=True,
         text=True,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from partitioner.bundle import VerifiedFiles
 from partitioner.errors import ArtifactError
 
 TOKENIZER_DIR = "enclave/tokenizer"
@@ -41,13 +42,18 @@ def save_tokenizer(tokenizer: Any, root: Path) -> None:
 class BundleTokenizer:
     """Encode, decode and chat-template a prompt from the bundle's tokenizer files."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, files: VerifiedFiles | None = None) -> None:
         from tokenizers import Tokenizer
 
         folder = root / TOKENIZER_DIR
         try:
-            self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            chat = json.loads((folder / "chat.json").read_text(encoding="utf-8"))
+            if files is None:  # tests and tools; the enclave reads through ``files``
+                spec = (folder / "tokenizer.json").read_text(encoding="utf-8")
+                chat = json.loads((folder / "chat.json").read_text(encoding="utf-8"))
+            else:  # listed in plan.json, read once, hashed: what decides what the GPU sees
+                spec = files.read(f"{TOKENIZER_DIR}/tokenizer.json").decode("utf-8")
+                chat = json.loads(files.read(f"{TOKENIZER_DIR}/chat.json"))
+            self._tok = Tokenizer.from_str(spec)
         except Exception as exc:  # tokenizers and json raise several types for a bad file
             raise ArtifactError(f"cannot read the bundle's tokenizer in {folder}: {exc}") from None
         if not isinstance(chat, dict):
@@ -88,6 +94,9 @@ class BundleTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def bundle_tokenizer(root: Path) -> BundleTokenizer | None:
-    """The bundle's tokenizer, or None when it was saved without one."""
-    return BundleTokenizer(root) if (root / TOKENIZER_DIR / "tokenizer.json").is_file() else None
+def bundle_tokenizer(root: Path, files: VerifiedFiles) -> BundleTokenizer | None:
+    """The bundle's tokenizer (its files checked against plan.json's hashes), or None when the
+    bundle was saved without one."""
+    if f"{TOKENIZER_DIR}/tokenizer.json" not in files.files:
+        return None
+    return BundleTokenizer(root, files)

@@ -85,6 +85,12 @@ def _verify(root: Path, files: dict[str, str], sides: tuple[str, ...]) -> None:
         if sha256(path) != digest:
             raise ArtifactError(f"artifact {rel} does not match its sha256 in plan.json (tampered)")
     listed = set(files) | {PLAN_FILE}
+    for side in sides:  # rglob does not descend into a linked folder: refuse links outright
+        for p in [root / side, *(root / side).rglob("*")]:
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise ArtifactError(
+                    f"{p.relative_to(root)} in {root} is a link or not a regular file"
+                )
     extra = sorted(
         str(p.relative_to(root))
         for side in sides
@@ -161,11 +167,14 @@ def _check_signature(root: Path, raw: bytes, trusted_key: Any) -> None:
     from partitioner.signing import SIGNATURE_FILE, load_public_key, verify
 
     key = trusted_key if not isinstance(trusted_key, (str, Path)) else load_public_key(trusted_key)
-    sig_path = root / SIGNATURE_FILE
-    try:
-        signature = sig_path.read_bytes()[:1024] if not sig_path.is_symlink() else b""
+    try:  # a FIFO or a huge file must not hang or fill the enclave: a regular file, 64 bytes
+        fd = os.open(root / SIGNATURE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         raise ArtifactError(f"{root} is not signed ({SIGNATURE_FILE} is missing)") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ArtifactError(f"{root / SIGNATURE_FILE} is not a regular file")
+        signature = f.read(65)
     verify(raw, signature, key, str(root / PLAN_FILE))
 
 
@@ -280,11 +289,38 @@ def load_exported(
         constants = {k[len(const) :]: v for k, v in weights.items() if k.startswith(const)}
         with _LOAD_LOCK:  # the deserializer keeps global state
             ep = ExportedProgramDeserializer().deserialize(serialized, state, constants, b"")
+        _check_ops(ep.graph, rel)
         return ep.module()
     except ArtifactError:
         raise
     except Exception as exc:  # a malformed graph raises many types; all mean "not ours"
         raise ArtifactError(f"cannot load {rel}: {type(exc).__name__}: {exc}") from None
+
+
+# A stage computes; it does not touch files or mutate what it reads. A graph may only call
+# aten and teesplit ops whose schema writes nothing, and Python's own ``operator`` functions:
+# aten.from_file, aten.copy_ and every other mutating or I/O op are refused by name.
+_OP_NAMESPACES = frozenset({"aten", "teesplit"})
+_REFUSED_OPS = frozenset({"from_file", "_from_file"})
+
+
+def _check_ops(graph: torch.fx.Graph, rel: str) -> None:
+    import operator
+
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            name = target._schema.name.split("::")[-1]
+            if (
+                target.namespace not in _OP_NAMESPACES
+                or target._schema.is_mutable
+                or name in _REFUSED_OPS
+            ):
+                raise ArtifactError(f"{rel}: node {node.name} calls {target}, which no stage may")
+        elif getattr(target, "__module__", None) not in ("_operator", operator.__name__):
+            raise ArtifactError(f"{rel}: node {node.name} calls {target!r}, which no stage may")
 
 
 def load_stage_modules(

@@ -198,8 +198,6 @@ def cmd_enclave(args: argparse.Namespace) -> None:
     argv = [args.bundle, "--worker", args.worker, "--max-new-tokens", str(args.max_new_tokens)]
     argv += _verification(args)
     argv += ["--timeout", str(args.timeout)]
-    if args.tokenizer:
-        argv += ["--tokenizer", args.tokenizer]
     enclave_main(argv)
 
 
@@ -359,9 +357,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("enclave", help="the enclave driver: answers prompts read from stdin")
     p.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
     p.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
-    p.add_argument(
-        "--tokenizer", default=None, help="a bundle folder whose enclave/tokenizer to use"
-    )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
     _add_verification(p)

