@@ -149,6 +149,9 @@ from partitioner.bundle import load_program
 key = sys.argv[2] if sys.argv[2] != "-" else None  # verified before anything from it runs
 program = Executor(load_program(sys.argv[1], trusted_key=key, allow_unsigned=key is None))
 dims = {name: int(v) for name, v in (a.split("=") for a in sys.argv[3:])}
+context = program.spec.dim_ranges.get("past", [0, None])[1]
+if program.spec.state and context is not None:  # a request the model's context can hold
+    dims["seq"] = max(1, min(dims["seq"], context - dims.get("new", 8)))
 ids = torch.zeros(dims["batch"], dims["seq"], dtype=torch.int64)
 with torch.no_grad():
     if program.spec.state:

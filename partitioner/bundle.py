@@ -302,6 +302,8 @@ def load_exported(
 # aten.from_file, aten.copy_ and every other mutating or I/O op are refused by name.
 _OP_NAMESPACES = frozenset({"aten", "teesplit"})
 _REFUSED_OPS = frozenset({"from_file", "_from_file"})
+# in-place ops that only change a tensor's autograd metadata (export keeps them in decoders)
+_METADATA_ONLY = frozenset({"detach_"})
 
 
 def _check_ops(graph: torch.fx.Graph, rel: str) -> None:
@@ -315,7 +317,7 @@ def _check_ops(graph: torch.fx.Graph, rel: str) -> None:
             name = target._schema.name.split("::")[-1]
             if (
                 target.namespace not in _OP_NAMESPACES
-                or target._schema.is_mutable
+                or (target._schema.is_mutable and name not in _METADATA_ONLY)
                 or name in _REFUSED_OPS
             ):
                 raise ArtifactError(f"{rel}: node {node.name} calls {target}, which no stage may")

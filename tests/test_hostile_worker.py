@@ -201,7 +201,7 @@ def test_the_worker_refuses_oversized_and_stalled_frames(gpu_bundle, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
     server = _start(gpu_bundle, address, max_frame_bytes=1 << 20, frame_timeout=0.5)
     sock = _connect(address)
-    sock.sendall(struct.pack("<4sBIQ", MAGIC, RUN, 2, 1 << 32) + b"{}")
+    sock.sendall(struct.pack("<4sBIQ", MAGIC, RUN, 2, 1 << 32))  # refused at the prefix
     frame = read_frame(sock)
     assert frame.kind == ERROR and "frame too large" in frame.header["error"]
     assert sock.recv(1) == b""  # and the connection is closed

@@ -16,9 +16,10 @@ from partitioner.generation import capture_decoder
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(tmp_path_factory, key_files):
     root = tmp_path_factory.mktemp("launch")
-    partition(capture_decoder(built("tiny-llama")), "secureinfer", seed=1).save(root)
+    step = partition(capture_decoder(built("tiny-llama")), "secureinfer", seed=1)
+    step.save(root, sign_key=key_files[0])
     return root
 
 
