@@ -129,6 +129,8 @@ class WorkerClient:
                 header["token"] = self.token
 
             def check(kind: int, reply: dict[str, Any], metas: list[Any]) -> None:
+                if kind == ERROR and reply.get("id") is None:  # refused before reading it
+                    raise ProtocolError(f"the worker refused the connection: {reply.get('error')}")
                 if reply.get("id") != request or reply.get("stage") != stage:
                     raise ProtocolError(
                         f"the reply names request {reply.get('id')!r} of stage "

@@ -15,6 +15,7 @@ rounded up to a power of two; the output parses as TOML.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 import sysconfig
@@ -27,6 +28,9 @@ from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
 from partitioner.signing import SIGNATURE_FILE
 
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SAFE_ARG = re.compile(r"[A-Za-z0-9_.,:/@=+\-\[\]]+")
 TEMPLATE = Path(__file__).parent / "templates" / "teesplit-enclave.manifest.template"
 ATTESTATION = ("none", "dcap", "epid")
 _MIN_ENCLAVE = 256 << 20
@@ -74,7 +78,8 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     root = Path(bundle).resolve()
     plan_path = root / "plan.json"
     try:
-        files = read_document(root)["files"]
+        key = root / options.trusted_key if options.trusted_key is not None else None
+        files = read_document(root, trusted_key=key)["files"]  # signed: the list is the compiler's
     except ArtifactError as exc:
         raise ArtifactError(f"cannot read the file hashes in {plan_path}: {exc}") from None
     if options.worker.startswith("unix:"):
@@ -87,6 +92,16 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         raise ArtifactError(
             f"remote_attestation={options.remote_attestation!r}; allowed: {list(ATTESTATION)}"
         )
+    # Every value pasted into the TOML is checked to be what it claims: a path of plain
+    # characters, a hex digest, an address; so a bundle's file list cannot write TOML.
+    for rel, digest in files.items():
+        if not (isinstance(rel, str) and _SAFE_PATH.fullmatch(rel) and ".." not in rel.split("/")):
+            raise ArtifactError(f"{plan_path}: file name {rel!r} is not a plain bundle path")
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise ArtifactError(f"{plan_path}: {rel} has no sha256 digest")
+    for value in [options.worker, *options.driver_args, str(root)]:
+        if not _SAFE_ARG.fullmatch(value):
+            raise ArtifactError(f"{value!r} cannot be written into the manifest")
     bundle_files = [
         {"path": rel, "sha256": digest}
         for rel, digest in sorted(files.items())

@@ -59,6 +59,7 @@ class GPUWorker:
         torch.backends.cudnn.allow_tf32 = False
         self.backend = backend
         gpu_stages = [s for s in plan.stages if s.side == "gpu"]
+        self.dim_ranges = plan.dim_ranges
         if backend == "onnx":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             self.stages: dict[str, Any] = {
@@ -96,6 +97,16 @@ class GPUWorker:
                     f"{len(edge['shape'])} {edge['shape']}, got {got} of shape {list(tensor.shape)}"
                 )
             for want_dim, got_dim in zip(edge["shape"], tensor.shape, strict=True):
+                low, high = (
+                    self.dim_ranges.get(want_dim, [0, None])
+                    if isinstance(want_dim, str)
+                    else (0, None)
+                )
+                if got_dim < low or (high is not None and got_dim > high):
+                    raise ProtocolError(
+                        f"stage {stage} input {edge['name']}: {want_dim} = {got_dim} is outside "
+                        f"the program's range [{low}, {high}]"
+                    )
                 if isinstance(want_dim, int) and want_dim != got_dim:
                     raise ProtocolError(
                         f"stage {stage} input {edge['name']}: expected shape {edge['shape']}, "
@@ -180,8 +191,9 @@ class _Handler(socketserver.BaseRequestHandler):
         held: dict[str, list[torch.Tensor]] = {}
         while True:
             try:
-                # between requests a driver may idle; once a frame starts it must finish in time
-                sock.settimeout(server.idle_timeout)
+                # a new connection must speak at once (slots are few); between requests a
+                # driver may idle; once a frame starts it must finish in time
+                sock.settimeout(server.frame_timeout if not held else server.idle_timeout)
                 first = sock.recv(1, socket.MSG_PEEK)
                 if not first:
                     return  # the driver hung up between requests
@@ -219,7 +231,10 @@ class _Handler(socketserver.BaseRequestHandler):
             except Exception as exc:  # a stage failing is reported to the driver, not fatal
                 self._refuse(f"stage {stage} failed: {exc}", header)
                 continue
-            held[stage] = inputs
+            if sum(t.numel() * t.element_size() for t in inputs) > server.max_frame_bytes:
+                held.pop(stage, None)  # a cache may not grow past what one frame may carry
+            else:
+                held[stage] = inputs
             sent = send_frame(sock, RESULT, _echo(header), outs)
             worker.record(stage, seconds, bytes_in, sent)
 

@@ -91,3 +91,30 @@ def test_bad_driver_options_are_one_line_errors(step, tmp_path, argv, message):
     )  # fmt: skip
     assert run.returncode != 0 and message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_worker_refuses_sizes_outside_the_programs_range(step, tmp_path):
+    """Found by the red team: 'extends' frames grew a held cache to past = 442,369 (the plan
+    allows 128) and the worker's memory by 1 GB."""
+    from enclave_runtime.driver import WorkerClient, WorkerError
+    from partitioner.dims import concrete_shape
+
+    step.save(tmp_path / "b", sign_key=SIGN_KEY)
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stage = next(s for s in step.stages if s.side == "gpu")
+        edges = {e.name: e for e in step.edges if e.consumer == stage.name}
+        context = step.spec.dim_ranges["past"][1]
+        binding = {"batch": 1, "seq": 1, "past": context + 1}
+        tensors = [
+            torch.zeros(
+                concrete_shape(edges[n].shape, binding), dtype=getattr(torch, edges[n].dtype)
+            )
+            for n in stage.inputs
+        ]
+        with pytest.raises(WorkerError, match=f"past = {context + 1} is outside"):
+            WorkerClient(address).run(stage.name, tensors)
+    finally:
+        server.shutdown()

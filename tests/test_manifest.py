@@ -69,3 +69,24 @@ def test_the_enclave_size_comes_from_a_measured_peak(bundle):
         render_manifest(bundle, ManifestOptions(peak_bytes=peak, allow_unsigned=True))
     )["sgx"]["enclave_size"]
     assert size == enclave_size(peak)
+
+
+def test_a_file_name_cannot_write_toml_into_the_manifest(bundle, tmp_path):
+    """Found by the red team: a files key could close the trusted-files array and add
+    loader.env.PYTHONPATH and sgx.allowed_files to the manifest."""
+    import json
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    document = json.loads((copy / "plan.json").read_text())
+    evil = (
+        'enclave/x"}]\nloader.env.PYTHONPATH = "/bundle/enclave/py"\nsgx.allowed_files = ["file:/'
+    )
+    document["files"][evil] = "0" * 64
+    (copy / "plan.json").write_text(json.dumps(document))
+    with pytest.raises(ArtifactError, match="is not a plain bundle path"):
+        render_manifest(copy, ManifestOptions(peak_bytes=1, allow_unsigned=True))
+    with pytest.raises(ArtifactError, match="cannot be written into the manifest"):
+        worker = '127.0.0.1:1"\nsgx.debug = true'
+        render_manifest(bundle, ManifestOptions(peak_bytes=1, worker=worker, allow_unsigned=True))
