@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enclave_runtime.manifest import ManifestOptions, gramine_runner, measure_peak, render_manifest
+from partitioner.bundle import write_inside
 from partitioner.errors import ArtifactError
 
 APP = "teesplit-enclave"
@@ -76,12 +77,14 @@ def enclave_command(
             "so no enclave protects it",
         )
     out = root / "gramine"
+    if out.is_symlink():
+        raise ArtifactError(f"{out} is a link; refusing to write the manifest through it")
     out.mkdir(exist_ok=True)
     manifest = out / f"{APP}.manifest"
     key_in_bundle = None
     if trusted_key is not None:  # inside the mounted bundle, so the manifest can pin it
         key_in_bundle = "gramine/trusted-key.pub"
-        shutil.copyfile(trusted_key, root / key_in_bundle)
+        write_inside(root, key_in_bundle, Path(trusted_key).read_bytes())
     settings = ManifestOptions(
         peak_bytes=measure_peak(root, trusted_key=trusted_key),
         worker=worker,
@@ -89,7 +92,7 @@ def enclave_command(
         trusted_key=key_in_bundle,
         allow_unsigned=allow_unsigned,
     )
-    manifest.write_text(render_manifest(root, settings))
+    write_inside(root, f"gramine/{manifest.name}", render_manifest(root, settings).encode())
     if runner == "gramine-sgx":
         signer = shutil.which("gramine-sgx-sign")
         if signer is None:

@@ -218,6 +218,26 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights_from_bytes(data, f"weights {path}")
 
 
+def write_inside(root: Path, rel: str, data: bytes) -> Path:
+    """Write a file of our own into a bundle folder (a manifest, a drawing) without following
+    a link someone planted there: the folders on the way and the file itself must not be
+    links, and the file is opened with ``O_NOFOLLOW``."""
+    path = root
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        if path.is_symlink():
+            raise ArtifactError(f"{path} is a link; refusing to write through it")
+        path.mkdir(exist_ok=True)
+    path = root / rel
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
 class VerifiedFiles:
     """Reads a bundle's files only if ``plan.json`` lists them: each is opened without
     following links, read once, and its bytes are checked against the listed sha256 before

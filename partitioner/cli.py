@@ -156,8 +156,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             f"  {stage['name']:<12}{stage['side']:<9}{len(stage['nodes']):>6}"
             f"{len(stage['inputs']):>8}{len(stage['outputs']):>9}"
         )
-    svg = Path(args.svg) if args.svg else root / "stages.svg"
-    svg.write_text(_svg(plan))
+    if args.svg:
+        svg = Path(args.svg)
+        svg.write_text(_svg(plan))
+    else:  # inside the bundle: never through a link planted there
+        from partitioner.bundle import write_inside
+
+        svg = write_inside(root, "stages.svg", _svg(plan).encode())
     print(f"drawing: {svg}")
 
 

@@ -93,3 +93,24 @@ def test_bundle_root_names_a_wrong_folder(tmp_path):
 def test_the_launcher_needs_a_key_or_an_explicit_opt_out(bundle):
     with pytest.raises(ArtifactError, match="trusted key or an explicit allow_unsigned"):
         enclave_command(bundle, "unix:/tmp/w.sock")
+
+
+def test_the_launcher_writes_nothing_through_a_planted_link(
+    bundle, monkeypatch, tmp_path, key_files
+):
+    """Found by the red team: a link at gramine/teesplit-enclave.manifest had the manifest
+    written over the file it pointed to."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    shutil.rmtree(copy / "gramine", ignore_errors=True)
+    (copy / "gramine").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    (copy / "gramine" / "teesplit-enclave.manifest").symlink_to(victim)
+    fake_tool(tmp_path, "gramine-direct")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ArtifactError, match="cannot write"):
+        enclave_command(copy, "127.0.0.1:7071", trusted_key=key_files[1])
+    assert victim.read_text() == "untouched"
