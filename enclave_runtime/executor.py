@@ -158,8 +158,9 @@ class Executor:
         ``last_request["epsilon"]`` counts the sanitised positions only.
         """
         env = self.signature.bind(args, dict(kwargs))
-        self.check_inputs(env)
-        masks = self.pool.take(self.binding(env)) if self.pool is not None else None
+        binding = self.binding(env)
+        self.check_inputs(env, binding)
+        masks = self.pool.take(binding) if self.pool is not None else None
         prot = self.spec.protection
         site = prot.rnm if prot is not None else None
         public = None
@@ -178,17 +179,17 @@ class Executor:
             noise = masks.noise[site.token_input]
             identity = site.tables.identity_noise(ids, noise.dtype)
             masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
-        flat = self.execute(env, masks)
+        flat = self.execute(env, masks, binding)
         if public is not None:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
             self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
-    def check_inputs(self, env: Mapping[str, Any]) -> None:
+    def check_inputs(self, env: Mapping[str, Any], binding: Mapping[str, int]) -> None:
         """Refuse a request the program does not take, with an :class:`InputError` naming
         it: a size outside the range it was exported for (an empty prompt, a context longer
         than the model's), token ids that are not integers inside the vocabulary."""
-        for name, value in self.binding(env).items():
+        for name, value in binding.items():
             low, high = self.spec.dim_ranges.get(name, [0, None])
             if value < low or (high is not None and value > high):
                 raise InputError(
@@ -219,7 +220,9 @@ class Executor:
                     out[dim] = int(actual)
         return out
 
-    def execute(self, env: dict[str, Any], masks: MaskSet | None) -> list[Any]:
+    def execute(
+        self, env: dict[str, Any], masks: MaskSet | None, binding: Mapping[str, int]
+    ) -> list[Any]:
         """Run the stages in order, keeping what the enclave and the GPU each hold apart.
 
         ``env`` is the enclave's plaintext; ``gpu`` what the GPU holds (masked where the plan
@@ -234,7 +237,6 @@ class Executor:
             delta.update(masks.pads)
             delta.update(masks.deltas)
         clear = self._sent_clear
-        binding = self.binding(env)
         for stage in self.spec.stages:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]

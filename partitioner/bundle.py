@@ -69,8 +69,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(root: Path, files: dict[str, str], sides: tuple[str, ...]) -> None:
-    """Check every listed file of ``sides`` against its hash; refuse unlisted files there."""
+def _verify(
+    root: Path, files: dict[str, str], sides: tuple[str, ...], *, contents: bool = True
+) -> None:
+    """Check every listed file of ``sides`` (against its hash when ``contents``); refuse
+    unlisted files, links and special files there."""
     if not isinstance(files, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in files.items()
     ):
@@ -82,7 +85,7 @@ def _verify(root: Path, files: dict[str, str], sides: tuple[str, ...]) -> None:
         path = root / rel
         if not path.is_file():
             raise ArtifactError(f"artifact {rel} is missing from {root}")
-        if sha256(path) != digest:
+        if contents and sha256(path) != digest:
             raise ArtifactError(f"artifact {rel} does not match its sha256 in plan.json (tampered)")
     listed = set(files) | {PLAN_FILE}
     for side in sides:  # rglob does not descend into a linked folder: refuse links outright
@@ -126,12 +129,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def read_document(
-    root: str | Path, sides: tuple[str, ...] = (), *, trusted_key: Any = None
+    root: str | Path,
+    sides: tuple[str, ...] = (),
+    *,
+    trusted_key: Any = None,
+    hash_contents: bool = True,
 ) -> dict[str, Any]:
     """A bundle's ``plan.json``, schema-checked; the files of ``sides`` are verified too.
 
     With ``trusted_key`` (an Ed25519 public key or the path of its PEM file) the signature in
     ``plan.json.sig`` is checked over the file's exact bytes before anything is parsed.
+    ``hash_contents=False`` leaves the hashes to a caller that reads every file it uses
+    through :class:`VerifiedFiles` (which hashes the bytes it parses), so no file is read and
+    hashed twice.
     """
     root = Path(root)
     plan_path = root / PLAN_FILE
@@ -159,7 +169,7 @@ def read_document(
             f"this teesplit reads {ARTIFACT_SCHEMA_VERSION}"
         )
     if sides:
-        _verify(root, document.get("files"), sides)
+        _verify(root, document.get("files"), sides, contents=hash_contents)
     return document
 
 
@@ -382,7 +392,8 @@ def load_program(
             "True, --allow-unsigned)"
         )
     sides = ("enclave", "gpu") if gpu else ("enclave",)
-    document = read_document(root, sides, trusted_key=trusted_key)
+    # every file used below is read (and hashed) once, by ``files``
+    document = read_document(root, sides, trusted_key=trusted_key, hash_contents=False)
     plan = read_plan(root, document)
     files = VerifiedFiles(root, document["files"])
     weights = {
