@@ -92,6 +92,13 @@ class Executor:
         self.signature = CallSignature(plan.signature)
         prot = plan.protection
         self.pool = MaskPool(prot, CSPRNG(seed)) if prot is not None and prot.needs_pool else None
+        self.ring_checks: dict[str, integrity.RingCheck] = {}
+        if prot is not None and prot.exact is not None and self.pool is not None:
+            inputs = {s.name: s.inputs for s in plan.stages}
+            self.ring_checks = {
+                name: integrity.RingCheck(name, module, inputs[name], self.pool.rng)
+                for name, (module, _) in prot.freivalds.items()
+            }
         # With RNM: the last request's sanitised tokens and its total ε (sequential composition).
         self.last_request: dict[str, Any] = {}
         masked = prot.masked if prot is not None else {}
@@ -104,7 +111,7 @@ class Executor:
     def _reply_specs(self) -> dict[str, list[tuple[torch.dtype, list[int | str]]]]:
         """Per GPU stage, each output's dtype and plan shape (from the edges it feeds)."""
         prot = self.spec.protection
-        field = prot is not None and prot.field_plan is not None
+        exact = prot.exact if prot is not None else None
         edges = {(e.producer, e.name): e for e in self.spec.edges}
         specs = {}
         for stage in self.spec.stages:
@@ -113,8 +120,9 @@ class Executor:
             outs = []
             for name in stage.outputs:
                 edge = edges[(stage.name, name)]
-                masked = field and name in prot.gpu_masked  # residues cross as int64
-                outs.append((torch.int64 if masked else getattr(torch, edge.dtype), edge.shape))
+                # residues cross as the ring's integers
+                dtype = exact.ring[name] if exact is not None and name in exact.ring else edge.dtype
+                outs.append((getattr(torch, dtype), edge.shape))
             specs[stage.name] = outs
         return specs
 
@@ -261,23 +269,23 @@ class Executor:
             check_reply(stage.name, outs, expected)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if masks is not None and stage.name in masks.freivalds:
-                integrity.check(
-                    stage.name,
-                    masks.freivalds[stage.name],
+                integrity.check(stage.name, masks.freivalds[stage.name], sent, list(outs))
+            corr = prot.corrections.get(stage.name) if prot is not None else None
+            if corr is not None and stage.name not in prot.pooled:
+                results = corr.module(
+                    *(delta[n] for n in corr.delta_inputs),
+                    *(self._primal(n, env, shadow) for n in corr.primal_inputs),
+                )
+                k = len(corr.delta_outputs)
+                delta.update(zip(corr.delta_outputs, results[:k], strict=True))
+                shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
+            if stage.name in self.ring_checks:
+                self.ring_checks[stage.name].check(
                     sent,
                     list(outs),
-                    prot.field_plan.prime if prot.field_plan is not None else None,
+                    [delta.get(n) for n in stage.inputs],
+                    [delta.get(n) for n in stage.outputs],
                 )
-            corr = prot.corrections.get(stage.name) if prot is not None else None
-            if corr is None or stage.name in prot.pooled:
-                continue
-            results = corr.module(
-                *(delta[n] for n in corr.delta_inputs),
-                *(env[n] if n in env else shadow[n] for n in corr.primal_inputs),
-            )
-            k = len(corr.delta_outputs)
-            delta.update(zip(corr.delta_outputs, results[:k], strict=True))
-            shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
         if prot is not None and prot.rnm is not None:
             site = prot.rnm
             self.last_request = {
@@ -294,8 +302,18 @@ class Executor:
             return env[value]
         prot = self.spec.protection
         if prot is not None and value in prot.gpu_masked:
-            if prot.field_plan is not None:
-                bits = prot.field_plan.output_bits[value]
-                return OPS.field_unmask(gpu[value], delta[value], bits, prot.field_plan.prime)
+            if prot.exact is not None:
+                return OPS.ring_unmask(gpu[value], delta[value], prot.exact.inv_scale[value])
             return OPS.unmask(gpu[value], delta[value])
         return gpu[value]
+
+    def _primal(self, name: str, env: dict[str, Any], shadow: dict[str, Any]) -> Any:
+        """A correction's plaintext operand; under exact masking, the integers the GPU's
+        residues stand for (the enclave's plaintext quantised exactly as it was masked)."""
+        if name not in env:
+            return shadow[name]
+        exact = self.spec.protection.exact
+        if exact is not None and name in exact.frac_bits:
+            zero = torch.zeros((), dtype=getattr(torch, exact.ring[name]))
+            return OPS.ring_mask(env[name], zero, exact.frac_bits[name], exact.limit[name])
+        return env[name]

@@ -7,9 +7,13 @@ vector-Jacobian product of the stage's correction graph, which *is* ``L``) and `
 Online it checks ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` on the values the GPU got and returned: two dot
 products, linear in the tensor sizes, instead of the stage's matrix products.
 
-False negatives. ``masking="field"``: ``s`` is uniform on ``[0, 2**20)`` and the check is exact
-mod ``p``; a wrong result ``y' = y + e`` with ``e != 0 mod p`` passes only if ``⟨s, e⟩ = 0 mod p``,
-which by Schwartz–Zippel has probability at most ``2**-20`` per check (fresh ``s`` per request).
+False negatives. ``masking="exact"`` (:class:`RingCheck`): the check is made on the unmasked
+integers, which equal ``W q + b`` exactly (the exact pass rules out wrap-around), in
+``Z_{2^64}`` with ``s`` uniform over it: a wrong result changes some ``y_j`` by ``e_j != 0``
+with ``|e_j| < 2**33``, and ``⟨s, e⟩ = 0 mod 2**64`` has probability at most ``2**-31``. ``s``
+is drawn once per executor, kept secret, and drawn again after any failed check (the GPU
+learns nothing about ``s`` from a check that passes); ``Wᵀs`` is then computed once, not per
+request.
 ``masking="additive"`` (floats): the check is made per *row* (the positions a stage maps
 independently, found by a probe: ``Lᵀs`` of an ``s`` on one row must vanish on the others), with
 ``FLOAT_CHECKS`` independent standard-normal ``s``. Each row's tolerance comes from a
@@ -36,9 +40,8 @@ import torch.fx
 
 from partitioner.errors import IntegrityError
 from partitioner.op_table import op_name
-from partitioner.ops import mul_pow2_mod
+from partitioner.ops import ring_limbs, ring_recombine
 
-FIELD_S_BITS = 20
 FLOAT_CHECKS = 2  # independent s per request for float masks
 FLOAT_Z = 6.0  # standard deviations of the honest error a row's check allows (2e-9 one-sided)
 FLOAT_UNIT = 2.0**-24  # float32 unit roundoff: the GPU stages compute in float32
@@ -46,74 +49,12 @@ NORM_MARGIN = 2.0  # headroom on the sampled estimate of ‖L‖_F
 FLOAT_LAMBDA = 4.0  # λ of the probabilistic rounding bound λ·√n·u (Higham & Mary, 2019)
 
 
-def _linear64_by(limb: str) -> Any:
-    """``field_linear`` as a float64 linear map using one 11-bit limb of the int weights."""
-
-    def linear(x: torch.Tensor, w: torch.Tensor, b: Any = None, prime: int = 0) -> torch.Tensor:
-        part = (w >> _W_LIMB) if limb == "high" else (w & ((1 << _W_LIMB) - 1))
-        return torch.nn.functional.linear(x, part.to(torch.float64))
-
-    return linear
-
-
-def _add64(a: torch.Tensor, b: torch.Tensor, prime: int = 0) -> torch.Tensor:
-    return a + b
-
-
-def float64_linear_part(module: torch.fx.GraphModule, limb: str) -> torch.fx.GraphModule:
-    """A field correction graph as plain float64 ops, with one limb of each weight.
-
-    ``w = high * 2**11 + low``; with ``s < 2**20`` each limb's ``Lᵀs`` stays below 2**53, so
-    autograd computes it exactly; the two are recombined in int64 mod p.
-    """
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = graph.graph_copy(module.graph, env)
-    graph.output(out)
-    for node in graph.nodes:
-        if node.op == "call_function" and op_name(node) == "field_linear":
-            node.target = _linear64_by(limb)
-        elif node.op == "call_function" and op_name(node) == "field_add":
-            node.target = _add64
-    return torch.fx.GraphModule(module, graph)
-
-
-_W_LIMB = 11
-_LIMB = 21  # residues < 2**61 as three 21-bit limbs
-_CHUNK = 1 << 20  # products of two 21-bit limbs summed over 2**20 elements stay below 2**62
-
-
-def _limbs(t: torch.Tensor, count: int) -> list[torch.Tensor]:
-    low = (1 << _LIMB) - 1
-    return [(t >> (_LIMB * i)) & low for i in range(count)]
-
-
-def _dot_mod(a: torch.Tensor, b: torch.Tensor, prime: int, a_limbs: int = 3) -> int:
-    """``⟨a, b⟩ mod prime`` for residues below 2**61, exact in int64.
-
-    Both operands are cut into 21-bit limbs (``a`` may need fewer, e.g. the 20-bit Freivalds
-    vector), so every product and every chunked sum fits in int64; Python integers combine them.
-    """
-    total = 0
-    for a_part, b_part in zip(a.flatten().split(_CHUNK), b.flatten().split(_CHUNK), strict=True):
-        b_limbs = _limbs(b_part, 3)
-        for i, al in enumerate(_limbs(a_part, a_limbs)):
-            for j, bl in enumerate(b_limbs):
-                total += int((al * bl).sum()) << (_LIMB * (i + j))
-    return total % prime
-
-
-def _dot_small_mod(s: torch.Tensor, b: torch.Tensor, prime: int) -> int:
-    return _dot_mod(s, b, prime, a_limbs=1)
-
-
 class FreivaldsStage:
     """One checked GPU stage: draws ``s`` per request and precomputes ``a = Lᵀs`` and
     ``κ = ⟨s, f(0)⟩`` offline.
 
-    What does not change between requests is built once: the float64 limb graphs of a field
-    correction, and the bias term ``f(0)`` per input shape (computed with the enclave's own copy
-    of the stage, never by asking the GPU).
+    What does not change between requests is built once: the bias term ``f(0)`` per input
+    shape (computed with the enclave's own copy of the stage, never by asking the GPU).
     """
 
     def __init__(
@@ -121,22 +62,14 @@ class FreivaldsStage:
         corr: Any,
         stage_module: torch.fx.GraphModule,
         stage_outputs: list[str],
-        field_prime: int | None,
     ) -> None:
         self.corr = corr
         self.stage_module = stage_module
         self.output_index = [stage_outputs.index(o) for o in corr.delta_outputs]
-        self.prime = field_prime
-        self.limbs = (
-            [float64_linear_part(corr.module, limb) for limb in ("high", "low")]
-            if field_prime is not None
-            else []
-        )
         self._biases: dict[tuple[tuple[int, ...], ...], list[torch.Tensor]] = {}
         self._rows: dict[tuple[tuple[int, ...], ...], int] = {}
-        if field_prime is None:
-            self.linear64 = _float64_graph(corr.module)
-            self.fan_in = _fan_in(corr.module)
+        self.linear64 = _float64_graph(corr.module)
+        self.fan_in = _fan_in(corr.module)
 
     def rows(self, pads: list[torch.Tensor], deltas: list[torch.Tensor], vjp: Any) -> int:
         """How many independent rows the stage maps: the common leading positions of its
@@ -172,28 +105,7 @@ class FreivaldsStage:
     def draw(self, pads: list[torch.Tensor], deltas: list[torch.Tensor], rng: Any) -> dict:
         """``pads`` are the stage's inputs' pads (every input is masked), ``deltas`` the
         correction's outputs for them (only their shapes are used)."""
-        biases = self.biases(pads)
-        prime = self.prime
-        if prime is None:
-            return self._draw_float(pads, deltas, biases, rng)
-        samples = [rng.field(list(d.shape), 2**FIELD_S_BITS) for d in deltas]
-        cotangents = tuple(s.to(torch.float64) for s in samples)
-        parts = []
-        for linear in self.limbs:
-            _, vjp = torch.func.vjp(
-                lambda *xs, _f=linear: tuple(_f(*xs)), *(p.to(torch.float64) for p in pads)
-            )
-            grads = vjp(cotangents)
-            for g in grads:
-                if g.abs().max() >= 2**52:
-                    raise IntegrityError("Freivalds precomputation left float64's exact range")
-            parts.append([torch.remainder(g.round().to(torch.int64), prime) for g in grads])
-        a = [
-            torch.remainder(mul_pow2_mod(hi, _W_LIMB) + lo, prime)
-            for hi, lo in zip(*parts, strict=True)
-        ]
-        kappa = sum(_dot_mod(s, c, prime) for s, c in zip(samples, biases, strict=True)) % prime
-        return {"s": samples, "a": a, "kappa": kappa}
+        return self._draw_float(pads, deltas, self.biases(pads), rng)
 
     def _draw_float(
         self,
@@ -292,35 +204,16 @@ def check(
     vectors: dict[str, Any],
     inputs: list[torch.Tensor],
     outputs: list[torch.Tensor],
-    field_prime: int | None,
 ) -> dict[str, float]:
-    """Raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` (within τ for floats).
+    """Float masks: raise :class:`IntegrityError` unless ``⟨s, y'⟩ = ⟨a, x'⟩ + κ`` within
+    each row's τ.
 
-    Values the check's arithmetic cannot vouch for are refused first: a NaN or inf in a float
-    result would make the comparison false and the tolerance NaN (so it would pass), and a
-    field residue outside ``[0, p)`` is no residue at all.
+    A NaN or inf in a result is refused first: it would make the comparison false and the
+    tolerance NaN (so it would pass).
     """
     for i, y in enumerate(outputs):
-        if field_prime is not None:
-            if y.dtype != torch.int64 or (
-                y.numel() and (int(y.min()) < 0 or int(y.max()) >= field_prime)
-            ):
-                raise IntegrityError(
-                    f"GPU stage {stage} output {i}: not int64 residues in [0, p) (refused)"
-                )
-        elif not bool(torch.isfinite(y).all()):
+        if not bool(torch.isfinite(y).all()):
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
-    if field_prime is not None:
-        s, a, kappa = vectors["s"], vectors["a"], vectors["kappa"]
-        lhs = sum(_dot_small_mod(si, yi, field_prime) for si, yi in zip(s, outputs, strict=True))
-        rhs = sum(_dot_mod(ai, xi, field_prime) for ai, xi in zip(a, inputs, strict=True))
-        if (lhs - rhs - kappa) % field_prime != 0:
-            raise IntegrityError(
-                f"GPU stage {stage} returned results that fail the Freivalds check mod p "
-                f"(false-positive probability 0; a wrong result passes with probability "
-                f"<= 2**-{FIELD_S_BITS})"
-            )
-        return {"tolerance": 0.0}
     rows = vectors["rows"]
     ys = [y.reshape(rows, -1) for y in outputs]
     xs = [x.to(torch.float64).reshape(rows, -1) for x in inputs]
@@ -347,3 +240,75 @@ def check(
         worst = max(worst, float(excess.max()))
         tolerances.append(tol)
     return {"tolerance_used": worst, "row_tolerances": tolerances}
+
+
+class RingCheck:
+    """Freivalds for one exactly masked GPU stage whose outputs are ``ring_linear`` layers
+    of its inputs (``y_o = W_o x_p + b_o``), checked per row in ``Z_{2^64}``.
+
+    Built from the enclave's own copy of the stage (its int8 weights and quantised biases);
+    ``s`` per output is secret, ``a = Wᵀs`` and ``κ = ⟨s, b⟩`` are computed once per draw.
+    """
+
+    def __init__(
+        self, stage: str, module: torch.fx.GraphModule, inputs: list[str], rng: Any
+    ) -> None:
+        self.stage = stage
+        self.rng = rng
+        placeholders = [n.name for n in module.graph.find_nodes(op="placeholder")]
+        out_node = next(iter(module.graph.find_nodes(op="output")))
+        self.layers: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        for index, node in enumerate(out_node.args[0]):
+            if not (
+                isinstance(node, torch.fx.Node)
+                and node.op == "call_function"
+                and op_name(node) == "ring_linear"
+                and node.args[0].op == "placeholder"
+            ):
+                raise IntegrityError(
+                    f"GPU stage {stage}: integrity='freivalds' with masking='exact' checks "
+                    f"stages whose outputs are linear layers of their inputs; output {index} "
+                    f"({getattr(node, 'name', node)}) is not"
+                )
+            weight = _get_attr(module, node.args[1].target)
+            bias = node.args[2]
+            b = _get_attr(module, bias.target) if bias is not None else None
+            source = placeholders.index(node.args[0].name)
+            self.layers.append((index, source, weight, b))
+        self.inputs = [inputs[i] for i in range(len(placeholders))]
+        self.draw()
+
+    def draw(self) -> None:
+        """A fresh secret ``s`` per output, with ``a = Wᵀs`` and ``κ = ⟨s, b⟩`` mod 2**64."""
+        self.vectors = []
+        for _, _, weight, bias in self.layers:
+            s = self.rng.ring([weight.shape[0]], torch.int64)
+            w64 = weight.to(torch.float64).t()
+            a = ring_recombine([w64 @ limb for limb in ring_limbs(s, 4)], torch.int64)
+            kappa = (s * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
+            self.vectors.append((s, a, kappa))
+
+    def check(
+        self,
+        sent: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        pads: list[torch.Tensor | None],
+        deltas: list[torch.Tensor | None],
+    ) -> None:
+        """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output."""
+        for (index, source, _, _), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
+            x, r = sent[source], pads[source]
+            y, d = outputs[index], deltas[index]
+            x_int = (x - r if r is not None else x).to(torch.int64)
+            y_int = (y - d if d is not None else y).to(torch.int64)
+            lhs = (y_int * s).sum(-1)
+            rhs = (x_int * a).sum(-1) + kappa
+            bad = (lhs != rhs).nonzero()
+            if bad.numel():
+                self.draw()  # the failed check told the GPU something about s: replace it
+                row = [int(i) for i in bad[0]]
+                raise IntegrityError(
+                    f"GPU stage {self.stage} returned results that fail the Freivalds check "
+                    f"(output {index}, row {row}; exact: an honest result always passes, a "
+                    "wrong one passes with probability <= 2**-31)"
+                )

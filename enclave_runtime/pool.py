@@ -42,11 +42,16 @@ class MaskPool:
         self._sets: dict[Binding, deque[MaskSet]] = {}
         self.misses = 0
         self.drawn = 0
-        prime = protection.field_plan.prime if protection.field_plan is not None else None
-        self._checks = {
-            name: integrity.FreivaldsStage(protection.corrections[name], module, outputs, prime)
-            for name, (module, outputs) in protection.freivalds.items()
-        }
+        # exact masking checks with one secret vector per executor (integrity.RingCheck),
+        # float masks with vectors drawn per mask set
+        self._checks = (
+            {}
+            if protection.exact is not None
+            else {
+                name: integrity.FreivaldsStage(protection.corrections[name], module, outputs)
+                for name, (module, outputs) in protection.freivalds.items()
+            }
+        )
 
     @staticmethod
     def key(binding: Mapping[str, int]) -> Binding:
@@ -57,8 +62,8 @@ class MaskPool:
         out = MaskSet()
         for name, (shape_spec, dtype) in prot.masked.items():
             shape = concrete_shape(shape_spec, binding)
-            if prot.masking == "field":
-                out.pads[name] = self.rng.field(shape, prot.field_plan.prime)
+            if prot.exact is not None:
+                out.pads[name] = self.rng.ring(shape, getattr(torch, dtype))
             else:
                 scale = prot.mask_scale
                 out.pads[name] = self.rng.uniform(shape, -scale, scale).to(getattr(torch, dtype))

@@ -26,6 +26,8 @@ from partitioner.bundle import (
     PLAN_FILE,
     RNM_FILE,
     correction_file,
+    exact_outputs,
+    exact_scale_key,
     freivalds_file,
     onnx_file,
     sha256,
@@ -151,6 +153,9 @@ def save(
             _save_exported(ep, f"freivalds/{name}", weights["enclave"], root / freivalds_file(name))
         if prot.rnm is not None:
             prot.rnm.tables.save(root / RNM_FILE)
+        if prot.exact is not None:  # stages carry their own; the executor unmasks outputs
+            for value in exact_outputs(program.spec):
+                weights["enclave"].add(exact_scale_key(value), prot.exact.inv_scale[value])
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / weights_file(side))

@@ -53,6 +53,17 @@ def correction_file(name: str) -> str:
     return f"enclave/corrections/{name}.pt2"
 
 
+def exact_scale_key(value: str) -> str:
+    return f"exact/inv_scale/{value}"
+
+
+def exact_outputs(plan: Plan) -> list[str]:
+    """Masked GPU results that are program outputs: the executor unmasks them itself."""
+    prot = plan.protection
+    outputs = {v for v in plan.flat_outputs if isinstance(v, str)}
+    return sorted(outputs & prot.gpu_masked) if prot is not None else []
+
+
 def freivalds_file(name: str) -> str:
     return f"enclave/freivalds/{name}.pt2"
 
@@ -419,4 +430,10 @@ def load_program(
             if tables.epsilon != prot.rnm.epsilon or tables.k != prot.rnm.candidates:
                 raise ArtifactError(f"{RNM_FILE}: its ε or K disagrees with the plan")
             prot.rnm.tables = tables
+        if prot.exact is not None:
+            for value in exact_outputs(plan):
+                key = exact_scale_key(value)
+                if key not in enclave:
+                    raise ArtifactError(f"{weights_file('enclave')}: no {key} for output {value}")
+                prot.exact.inv_scale[value] = enclave[key]
     return plan

@@ -1,10 +1,10 @@
 """GPU stages as ONNX, for onnxruntime on the untrusted host.
 
 Reads an exported GPU stage (``torch.export`` program with its weights); writes an ``.onnx``
-file through torch's dynamo exporter, with dynamic dims preserved. The ``teesplit::`` field ops
-get translations into plain ONNX integer arithmetic (``MatMul`` on int64, ``Div``/``Mod``), so
-a field-masked stage runs under onnxruntime bit for bit as under torch. Masks and unmasks never
-appear in GPU stages, so they need no translation.
+file through torch's dynamo exporter, with dynamic dims preserved. The ``teesplit::`` ring ops
+get translations into plain ONNX arithmetic (double ``MatMul`` over exact integers, ``Mod``),
+so an exactly masked stage runs under onnxruntime bit for bit as under torch. Masks and
+unmasks never appear in GPU stages, so they need no translation.
 """
 
 from __future__ import annotations
@@ -17,28 +17,65 @@ import torch
 from partitioner.errors import ArtifactError
 
 
-def _field_linear(x: Any, w: Any, b: Any, prime: int) -> Any:
+def _wrap32(x: Any) -> Any:
+    """int64 integers to int32 residues of ``Z_{2^32}`` (their signed representative)."""
     from onnxscript import opset18 as op
 
-    p = op.Constant(value_int=prime)
-    limb = op.Constant(value_int=1 << 31)
-    high_x = op.Div(x, limb)  # residues are non-negative, so Div is a floor
-    low_x = op.Sub(x, op.Mul(high_x, limb))
-    wt = op.Transpose(w, perm=[1, 0])
-    high = op.Mod(op.MatMul(high_x, wt), p)
-    low = op.Mod(op.MatMul(low_x, wt), p)
-    rest = op.Constant(value_int=1 << 30)  # high * 2**31 mod (2**61 - 1) is a 31-bit rotation
-    rotated = op.Add(op.Mul(op.Mod(high, rest), limb), op.Div(high, rest))
-    out = op.Mod(op.Add(rotated, low), p)
-    if b is not None:
-        out = op.Mod(op.Add(out, b), p)
+    half = op.Constant(value_int=1 << 31)
+    ring = op.Constant(value_int=1 << 32)
+    return op.Cast(op.Sub(op.Mod(op.Add(x, half), ring), half), to=6)  # 6: INT32
+
+
+def _limbs(x: Any) -> list[Any]:
+    """Four 16-bit limbs of int64 residues (``x = sum l_k 2**(16 k) mod 2**64``), as doubles."""
+    from onnxscript import opset18 as op
+
+    base = op.Constant(value_int=1 << 16)
+    out = []
+    for _ in range(4):
+        limb = op.Mod(x, base)  # fmod=0: the divisor's sign, so in [0, 2**16)
+        out.append(op.Cast(limb, to=11))  # 11: DOUBLE
+        x = op.Div(op.Sub(x, limb), base)  # exact: no rounding direction involved
     return out
 
 
-def _field_add(a: Any, b: Any, prime: int) -> Any:
+def _combine(parts: list[Any]) -> Any:
+    """``sum parts[k] 2**(16 k)`` in int64 (products wrap mod 2**64 like torch's)."""
     from onnxscript import opset18 as op
 
-    return op.Mod(op.Add(a, b), op.Constant(value_int=prime))
+    total = op.Cast(parts[0], to=7)  # 7: INT64
+    for k, part in enumerate(parts[1:], start=1):
+        total = op.Add(total, op.Mul(op.Cast(part, to=7), op.Constant(value_int=1 << (16 * k))))
+    return total
+
+
+def _ring_linear(u: Any, w: Any, b: Any) -> Any:
+    """``teesplit::ring_linear`` as double MatMuls: exact for the same reasons as in torch."""
+    from onnxscript import opset18 as op
+
+    wt = op.Transpose(op.Cast(w, to=11), perm=[1, 0])
+    if u.dtype.name == "INT32":
+        out = _wrap32(op.Cast(op.MatMul(op.Cast(u, to=11), wt), to=7))
+    else:
+        out = _combine([op.MatMul(limb, wt) for limb in _limbs(u)])
+    return out if b is None else op.Add(out, b)
+
+
+def _ring_matmul(a: Any, b: Any) -> Any:
+    from onnxscript import opset18 as op
+
+    la, lb = _limbs(a), _limbs(b)
+    parts = []
+    for shift in range(4):
+        terms = [op.Cast(op.MatMul(la[i], lb[shift - i]), to=7) for i in range(shift + 1)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = op.Add(total, term)
+        parts.append(total)
+    out = parts[0]
+    for k, part in enumerate(parts[1:], start=1):
+        out = op.Add(out, op.Mul(part, op.Constant(value_int=1 << (16 * k))))
+    return out
 
 
 def export_onnx(program: torch.export.ExportedProgram, path: Path, name: str) -> None:
@@ -46,8 +83,8 @@ def export_onnx(program: torch.export.ExportedProgram, path: Path, name: str) ->
     import partitioner.ops  # noqa: F401 - the teesplit ops must be registered to translate them
 
     table = {
-        torch.ops.teesplit.field_linear.default: _field_linear,
-        torch.ops.teesplit.field_add.default: _field_add,
+        torch.ops.teesplit.ring_linear.default: _ring_linear,
+        torch.ops.teesplit.ring_matmul.default: _ring_matmul,
     }
     try:
         onnx_program = torch.onnx.export(

@@ -1,7 +1,7 @@
 """One table of what each op is: the properties every pass reads, keyed by :func:`op_name`.
 
 Why one table: the op lists used to be kept by hand in each pass (the labeller's ``SHAPE_OPS``,
-the linearity analysis' ``_LINEAR_IN_FIRST``, field masking's set derived from it, RNM's view
+the linearity analysis' ``_LINEAR_IN_FIRST``, exact masking's set derived from it, RNM's view
 ops, the FLOP counter's linear ops …) and they had drifted apart: ``gather``/``index``/``take``
 were shape ops for the labeller but nonlinear for the mask analysis, while ``index_select`` was
 in both lists; ``getitem`` was linear for the analysis but did not pass a weight on for the
@@ -43,15 +43,15 @@ What each property guarantees (an op not in the table has none of them):
 ``weight_linear``
     A linear layer ``x·W (+ b)`` whose weight may be a constant 2-D matrix (``linear``:
     ``args[1]`` is ``Wᵀ``; ``addmm``: ``args[1]·args[2] + args[0]``; ``mm``/``matmul``:
-    ``args[0]·args[1]``): affine in ``x`` when ``W`` is constant, and what field masking turns
-    into ``field_linear``.
+    ``args[0]·args[1]``): affine in ``x`` when ``W`` is constant, and what exact masking turns
+    into ``ring_linear``.
 ``matrix_product``
     Contracts a dimension (matrix products, convolutions, ``einsum``): the labeller labels it
     by its weight operand and its module scope; the FLOP counter counts it. Every
     ``weight_linear`` op is one.
-``field``
-    A ``teesplit::`` field op, affine mod ``p`` in its masked operands (weights and the prime
-    are constants).
+``ring``
+    A ``teesplit::`` ring op of exact masking, affine in its masked operand (``ring_linear``:
+    its weights and bias are constants).
 ``reshape``
     Same elements in the same order, only the shape differs (``args[0]`` is the data): a
     per-element transformation of the input commutes with it (RNM finds token ids through it).
@@ -83,7 +83,7 @@ class OpProps:
     bilinear: bool = False
     weight_linear: bool = False
     matrix_product: bool = False
-    field: bool = False
+    ring: bool = False
     reshape: bool = False
     embedding: bool = False
     gather: bool = False
@@ -136,9 +136,22 @@ TABLE: dict[str, OpProps] = {
     "permute": _MOVE,
     "transpose": _MOVE,
     "t": _MOVE,
+    # Python's spellings of a transpose reach the graph as their own aten ops (``W.T`` is
+    # ``numpy_T``, ``W.mT`` is ``mT``): without rows here ``x @ W.T`` was no weight product.
+    "numpy_T": _MOVE,
+    "mT": _MOVE,
+    "swapaxes": _MOVE,
+    "swapdims": _MOVE,
+    # conjugate transposes: a plain transpose of a real tensor (every tensor teesplit masks or
+    # multiplies); on a complex one the conjugation is additive, so still linear
+    "matrix_H": _MOVE,
+    "mH": _MOVE,
+    "adjoint": _MOVE,
     "movedim": _MOVE,
+    "moveaxis": _MOVE,
     "expand": _MOVE,
     "expand_as": _MOVE,
+    "broadcast_to": _MOVE,
     "slice": _MOVE,
     "select": _MOVE,
     "narrow": _MOVE,
@@ -203,8 +216,8 @@ TABLE: dict[str, OpProps] = {
     "conv1d": _p("matrix_product"),
     "conv2d": _p("matrix_product"),
     "convolution": _p("matrix_product"),
-    "field_linear": _p("field"),
-    "field_add": _p("field"),
+    "ring_linear": _p("ring"),
+    "ring_matmul": _p("matrix_product", "bilinear"),
     # -- attention, norms, lookups ----------------------------------------------------------
     "scaled_dot_product_attention": _SDPA,
     "_scaled_dot_product_flash_attention_for_cpu": _SDPA,

@@ -5,13 +5,14 @@ can be exported, traced and shape-propagated like any aten graph, and the runtim
 can find them by name. Importing this module registers them.
 
 * ``mask(x, r) = x + r`` and ``unmask(y, c) = y - c``: additive float masking.
-* ``field_mask(x, r, frac_bits, prime)``: ``round(x * 2**frac_bits) + r mod prime`` (int64).
-* ``field_unmask(y, c, frac_bits, prime)``: ``(y - c) mod prime`` lifted to the signed range
-  ``(-prime/2, prime/2]`` and divided by ``2**frac_bits`` (float32).
-* ``field_linear(x, w, b, prime)``: ``x @ w.T + b mod prime`` on int64. The residues ``x`` (61
-  bits) are split into two 31-bit limbs, so each int64 product sum stays exact while
-  ``2**31 * max|w| * fan_in < 2**62``, which the field pass guarantees per node.
-* ``field_add(a, b, prime)``: ``a + b mod prime``.
+* Exact masking works in the rings ``Z_{2^32}`` (int32 tensors) and ``Z_{2^64}`` (int64): a
+  signed integer tensor *is* its residue's signed representative, and torch's integer add,
+  sub and mul wrap, so ring addition is plain ``+`` (``tests/test_exact.py`` checks that
+  this build wraps).
+* ``ring_mask(x, r, frac_bits, limit)``: ``clamp(round(x * 2**frac_bits), ±limit) + r``.
+* ``ring_unmask(y, c, inv_scale)``: ``(y - c) * inv_scale`` as float32.
+* ``ring_linear(u, w, b)``: ``u @ w.T + b`` in the ring, int8 weights, at BLAS speed.
+* ``ring_matmul(a, b)``: ``a @ b`` in ``Z_{2^64}`` (products of two masked activations).
 * ``rnm(ids, candidates, scores, keep, noise)``: Report-Noisy-Max over each token's candidate
   set (``passes/rnm.py`` explains the mechanism and its privacy claim).
 """
@@ -42,77 +43,149 @@ def _(y: Tensor, c: Tensor) -> Tensor:
     return torch.empty_like(y)
 
 
-def quantize(x: Tensor, frac_bits: int) -> Tensor:
-    """Fixed point: ``round(x * 2**frac_bits)`` as int64 (the scaling is exact in float64)."""
-    return torch.round(x.to(torch.float64) * float(2**frac_bits)).to(torch.int64)
+RING_DTYPES = (torch.int32, torch.int64)  # Z_{2^32} and Z_{2^64}: int add/sub/mul wrap
 
 
-def dequantize(q: Tensor, frac_bits: int) -> Tensor:
-    return (q.to(torch.float64) / float(2**frac_bits)).to(torch.float32)
+def ring_bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.int32 else 64
 
 
-def lift(q: Tensor, prime: int) -> Tensor:
-    """Residues in ``[0, prime)`` to signed integers in ``(-prime/2, prime/2]``."""
-    return torch.where(q > prime // 2, q - prime, q)
+def quantize(x: Tensor, frac_bits: int, limit: int | None = None) -> Tensor:
+    """Fixed point: ``round(x * 2**frac_bits)`` as int64 (the scaling is exact in float64),
+    clamped to ``[-limit, limit]`` when a limit is given."""
+    q = torch.round(x.to(torch.float64) * float(2**frac_bits))
+    if limit is not None:
+        q = q.clamp(-float(limit), float(limit))
+    return q.to(torch.int64)
 
 
-@torch.library.custom_op("teesplit::field_mask", mutates_args=())
-def field_mask(x: Tensor, r: Tensor, frac_bits: int, prime: int) -> Tensor:
-    return torch.remainder(quantize(x, frac_bits) + r, prime)
+def dequantize(q: Tensor, inv_scale: Tensor | float) -> Tensor:
+    """Integers back to float32: ``q * inv_scale`` in float64, then rounded once to float32."""
+    return (q.to(torch.float64) * inv_scale).to(torch.float32)
 
 
-@field_mask.register_fake
-def _(x: Tensor, r: Tensor, frac_bits: int, prime: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.int64)
+def wrap(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """int64 integers to their residues in the ring of ``dtype``, as its signed representative."""
+    if dtype == torch.int64:
+        return q
+    return ((q + 2**31) & (2**32 - 1)).sub_(2**31).to(torch.int32)
 
 
-@torch.library.custom_op("teesplit::field_unmask", mutates_args=())
-def field_unmask(y: Tensor, c: Tensor, frac_bits: int, prime: int) -> Tensor:
-    return dequantize(lift(torch.remainder(y - c, prime), prime), frac_bits)
+@torch.library.custom_op("teesplit::ring_mask", mutates_args=())
+def ring_mask(x: Tensor, r: Tensor, frac_bits: int, limit: int) -> Tensor:
+    """``clamp(round(x * 2**frac_bits)) + r`` in the ring of ``r``'s dtype."""
+    return wrap(quantize(x, frac_bits, limit) + r.to(torch.int64), r.dtype)
 
 
-@field_unmask.register_fake
-def _(y: Tensor, c: Tensor, frac_bits: int, prime: int) -> Tensor:
+@ring_mask.register_fake
+def _(x: Tensor, r: Tensor, frac_bits: int, limit: int) -> Tensor:
+    return torch.empty_like(r)
+
+
+@torch.library.custom_op("teesplit::ring_unmask", mutates_args=())
+def ring_unmask(y: Tensor, c: Tensor, inv_scale: Tensor) -> Tensor:
+    """``(y - c)`` in the ring (its signed representative is the exact integer result), times
+    the value's inverse fixed-point scale (a scalar or one per output channel)."""
+    return dequantize(y - c, inv_scale)
+
+
+@ring_unmask.register_fake
+def _(y: Tensor, c: Tensor, inv_scale: Tensor) -> Tensor:
     return torch.empty_like(y, dtype=torch.float32)
 
 
-PRIME = (1 << 61) - 1  # a Mersenne prime: multiplying by a power of two is a rotation
-LIMB_BITS = 31
+_LIMB = 16  # float64 limb products stay exact: 2**16 * 2**16 * fan-in < 2**53 for fan-in < 2**21
 
 
-def mul_pow2_mod(a: Tensor, k: int) -> Tensor:
-    """``a * 2**k mod PRIME`` for residues ``a`` in ``[0, PRIME)`` and ``0 <= k < 61``."""
-    low = (a & ((1 << (61 - k)) - 1)) << k
-    total = low + (a >> (61 - k))  # < 2**62: no overflow
-    return torch.where(total >= PRIME, total - PRIME, total)
+def ring_limbs(u: Tensor, count: int) -> list[Tensor]:
+    """The low ``count`` 16-bit limbs of ``u``'s two's-complement bit pattern, as float64."""
+    wide = u.to(torch.int64)
+    return [((wide >> (_LIMB * k)) & (2**_LIMB - 1)).to(torch.float64) for k in range(count)]
 
 
-@torch.library.custom_op("teesplit::field_linear", mutates_args=())
-def field_linear(x: Tensor, w: Tensor, b: Tensor | None, prime: int) -> Tensor:
-    if prime != PRIME:
-        raise ValueError(f"field_linear works modulo 2**61 - 1, got prime={prime}")
-    wt = w.t()
-    high = torch.remainder(torch.matmul(x >> LIMB_BITS, wt), prime)
-    low = torch.remainder(torch.matmul(x & ((1 << LIMB_BITS) - 1), wt), prime)
-    out = mul_pow2_mod(high, LIMB_BITS) + low
-    if b is not None:
-        out = out + b
-    return torch.remainder(out, prime)
+def ring_recombine(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``sum(parts[k] * 2**(16 k))`` in the ring of ``dtype`` (exact integers in float64 in)."""
+    total = torch.zeros(parts[0].shape, dtype=torch.int64, device=parts[0].device)
+    for k, part in enumerate(parts):
+        total = total + part.to(torch.int64) * (1 << (_LIMB * k))  # int64 products wrap mod 2**64
+    return wrap(total, dtype)
 
 
-@field_linear.register_fake
-def _(x: Tensor, w: Tensor, b: Tensor | None, prime: int) -> Tensor:
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+def _balanced_bytes(u: Tensor) -> list[Tensor]:
+    """int32 residues as four signed base-256 digits (int8), ``u = sum d_k 256**k mod 2**32``."""
+    t = u.to(torch.int64)
+    digits = []
+    for _ in range(4):
+        d = ((t + 128) & 255) - 128
+        digits.append(d.to(torch.int8))
+        t = (t - d) >> 8
+    return digits
 
 
-@torch.library.custom_op("teesplit::field_add", mutates_args=())
-def field_add(a: Tensor, b: Tensor, prime: int) -> Tensor:
-    return torch.remainder(a + b, prime)
+def _int8_linear_cuda(u: Tensor, w: Tensor) -> Tensor | None:
+    """``u @ w.T mod 2**32`` as four int8 GEMMs with int32 accumulation (``torch._int_mm``),
+    exact while ``128 * 127 * fan_in < 2**31``; None where ``_int_mm`` takes no such shape."""
+    rows = u.reshape(-1, u.shape[-1])
+    m, k = rows.shape
+    n = w.shape[0]
+    if m <= 16 or k % 8 or n % 8 or k >= 2**17:
+        return None
+    out = torch.zeros((m, n), dtype=torch.int32, device=u.device)
+    for j, digit in enumerate(_balanced_bytes(rows)):
+        out = out + torch._int_mm(digit.contiguous(), w.t()) * (1 << (8 * j))
+    return out.reshape(*u.shape[:-1], n)
 
 
-@field_add.register_fake
-def _(a: Tensor, b: Tensor, prime: int) -> Tensor:
-    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+@torch.library.custom_op("teesplit::ring_linear", mutates_args=())
+def ring_linear(u: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``u @ w.T + b`` in the ring of ``u``'s dtype, for int8 weights ``w``.
+
+    int32 (``Z_{2^32}``): on the CPU one float64 GEMM, exact because every partial sum is an
+    integer below ``2**31 * 127 * fan_in < 2**53`` (fan-in up to 33,000); on CUDA four int8
+    GEMMs. int64 (``Z_{2^64}``): four float64 GEMMs over 16-bit limbs of ``u``.
+    """
+    if u.dtype == torch.int32:
+        out = _int8_linear_cuda(u, w) if u.is_cuda else None
+        if out is None:
+            prod = torch.matmul(u.to(torch.float64), w.to(torch.float64).t())
+            out = wrap(prod.to(torch.int64), torch.int32)
+        if b is not None:
+            out = out + b
+        return out
+    wt = w.to(torch.float64).t()
+    out = ring_recombine([torch.matmul(limb, wt) for limb in ring_limbs(u, 4)], torch.int64)
+    return out if b is None else out + b
+
+
+@ring_linear.register_fake
+def _(u: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return u.new_empty((*u.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("teesplit::ring_matmul", mutates_args=())
+def ring_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in ``Z_{2^64}`` (int64 operands): ten float64 GEMMs over 16-bit limbs, the
+    products of limbs ``i + j < 4`` (higher ones vanish mod 2**64); exact for contractions
+    shorter than ``2**21``."""
+    la, lb = ring_limbs(a, 4), ring_limbs(b, 4)
+    parts = []
+    for shift in range(4):
+        # each limb product is exact in float64, their sum need not be: add them as int64
+        terms = [torch.matmul(la[i], lb[shift - i]).to(torch.int64) for i in range(shift + 1)]
+        parts.append(sum(terms[1:], terms[0]))
+    total = parts[0]
+    for shift in range(1, 4):
+        total = total + parts[shift] * (1 << (_LIMB * shift))
+    return total
+
+
+@ring_matmul.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return torch.empty(
+        (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]),
+        dtype=torch.int64,
+        device=a.device,
+    )
 
 
 @torch.library.custom_op("teesplit::rnm", mutates_args=())

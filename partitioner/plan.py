@@ -27,13 +27,13 @@ from partitioner.policy import Policy
 from partitioner.protection import (  # noqa: F401 - part of the data model's surface
     MASKED_PROTECTIONS,
     Correction,
-    FieldSpec,
+    ExactSpec,
     Protection,
     RNMSite,
 )
 from partitioner.schema import choice, fields, ident, int_, map_, shape_, str_, strs
 
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION = 3
 ENCLAVE, GPU = "enclave", "gpu"
 SIDES = (ENCLAVE, GPU)
 INPUT, OUTPUT = "input", "output"  # the producer of user inputs, the consumer of outputs

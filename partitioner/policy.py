@@ -19,7 +19,7 @@ from partitioner.errors import PolicyError
 from partitioner.label_set import ALL_LABELS, WEIGHT_BEARING, Label
 
 PROTECTABLE = frozenset({"input", "model"})
-MASKING_MODES = ("none", "additive", "field")
+MASKING_MODES = ("none", "additive", "exact")
 INTEGRITY_MODES = ("none", "freivalds")
 UNMASKABLE_MODES = ("error", "enclave", "cross_terms")
 MAX_CANDIDATES = 4096  # an RNM group larger than this is a vocabulary, not a candidate set
@@ -86,14 +86,18 @@ class Policy:
     :class:`PartitionError` naming the edge, ``"enclave"`` moves the op into the enclave, and
     ``"cross_terms"`` keeps products of two activations on the GPU while the enclave computes
     the cross terms online (two products of the same size; the plan states the cost).
-    ``mask_scale`` is the half-width of the uniform float masks (``masking="additive"``).
+    ``masking`` is ``"exact"`` by default: fixed point in ``Z_{2^32}``/``Z_{2^64}`` with a pad
+    uniform over the whole ring, so what the GPU receives is independent of the data.
+    ``"additive"`` (float pads uniform on ``[-mask_scale, mask_scale]``) is an explicit opt-in
+    that leaks: the pad's support is bounded, and a GPU that knows the public weights keeps
+    only the inputs within its reach (the plan and ``docs/threat-model.md`` name the figure).
     """
 
     name: str = "custom"
     enclave: frozenset[Label] = frozenset()
     gpu: frozenset[Label] = frozenset()
     protects: frozenset[str] = frozenset()
-    masking: str = "none"
+    masking: str = "exact"
     rnm: RNMConfig | None = None
     integrity: str = "none"
     min_gpu_block: int = 1
@@ -268,6 +272,7 @@ PRESETS: dict[str, Policy] = {
         enclave=frozenset({L.EMBEDDING}),
         gpu=ALL_LABELS - {L.EMBEDDING, L.SHAPE, L.ELEMENTWISE, L.OTHER},
         protects=frozenset({"input"}),
+        masking="none",
         rnm=RNMConfig(epsilon=1.0, candidates=20),
     ),
     "secureinfer": Policy(
@@ -275,7 +280,7 @@ PRESETS: dict[str, Policy] = {
         enclave=frozenset({L.NONLINEAR, L.NORM, L.ATTENTION_PROJECTION, L.FFN, L.LORA}),
         gpu=frozenset({L.ATTENTION}),
         protects=frozenset({"input", "model"}),
-        masking="additive",
+        masking="exact",
         on_unmaskable="cross_terms",
     ),
     "slalom": Policy(
@@ -283,12 +288,15 @@ PRESETS: dict[str, Policy] = {
         enclave=frozenset({L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE, L.LORA}),
         gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD}),
         protects=frozenset({"input"}),
-        masking="field",
+        masking="exact",
         integrity="freivalds",
     ),
     "all_enclave": Policy(
-        name="all_enclave", enclave=ALL_LABELS, protects=frozenset({"input", "model"})
+        name="all_enclave",
+        enclave=ALL_LABELS,
+        protects=frozenset({"input", "model"}),
+        masking="none",
     ),
-    "all_gpu": Policy(name="all_gpu", gpu=ALL_LABELS),
+    "all_gpu": Policy(name="all_gpu", gpu=ALL_LABELS, masking="none"),
 }
 del L

@@ -26,6 +26,7 @@ from partitioner.label_set import Label
 from partitioner.placement import Placement
 from partitioner.plan import ENCLAVE, GPU, Edge, Plan, Protection, Stage, StateSpec
 from partitioner.policy import Policy
+from partitioner.protection import ADDITIVE_LEAK
 from partitioner.shapes import ShapeContext
 
 
@@ -167,9 +168,15 @@ class SplitProgram:
             "protection of cut edges: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         ]
         if prot.masked:
-            scale = f", pads uniform on [-{prot.mask_scale:g}, {prot.mask_scale:g}]"
-            if prot.field_plan is not None:
-                scale = f", pads uniform mod p={prot.field_plan.prime}"
+            scale = (
+                f", pads uniform on [-{prot.mask_scale:g}, {prot.mask_scale:g}] (LEAKS: "
+                f"{ADDITIVE_LEAK})"
+            )
+            if prot.exact is not None:
+                rings = sorted(
+                    {"2^32" if r == "int32" else "2^64" for r in prot.exact.ring.values()}
+                )
+                scale = f", pads uniform over Z_{'/'.join(rings)}, int8 weights per channel"
             lines.append(
                 f"masking: {prot.masking}{scale}; {len(prot.masked)} masked values, "
                 f"{len(prot.pooled)} of {len(prot.corrections)} corrections precomputed"

@@ -7,11 +7,11 @@ each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It 
 
 1. no GPU stage holds a protected parameter (by name and by tensor storage);
 2. every enclave -> GPU edge whose value depends on the request or on protected weights is
-   either masked (a ``teesplit::mask``/``field_mask`` op produces what crosses) or depends on the
+   either masked (a ``teesplit::mask``/``ring_mask`` op produces what crosses) or depends on the
    token input only through RNM (a ``teesplit::rnm`` op in an enclave stage); other edges must
    be public (depend on no secret);
 3. every masked value on the GPU that comes back is unmasked: the consuming enclave stage has a
-   ``teesplit::unmask``/``field_unmask`` on that input and a correction produces its delta;
+   ``teesplit::unmask``/``ring_unmask`` on that input and a correction produces its delta;
 4. every GPU stage that receives a masked input has a correction;
 5. under ``integrity="freivalds"``, every GPU stage's results are checked.
 """
@@ -42,8 +42,8 @@ class SplitProgram(Protocol):
     edges: list[Edge]
 
 
-_MASK_OPS = {OPS.mask.default, OPS.field_mask.default}
-_UNMASK_OPS = {OPS.unmask.default, OPS.field_unmask.default}
+_MASK_OPS = {OPS.mask.default, OPS.ring_mask.default}
+_UNMASK_OPS = {OPS.unmask.default, OPS.ring_unmask.default}
 
 
 @dataclass

@@ -27,13 +27,14 @@ def correction_cost(
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if op_name(node) == "field_linear":  # not in torch's FLOP counter
-                w = node.args[1]
+            name = op_name(node)
+            if name in ("ring_linear", "ring_matmul"):  # not in torch's FLOP counter
                 out = node.meta["val"]
                 numel = 1
                 for s in out.shape:
                     numel *= shapes.evaluate(s)
-                total += 2 * numel * int(w.meta["val"].shape[1])
+                inner = node.args[1].meta["val"].shape[1 if name == "ring_linear" else -2]
+                total += 2 * numel * shapes.evaluate(inner)
             elif isinstance(node.meta.get("val"), torch.Tensor):
                 total += node_flops(node, shapes)
         return total

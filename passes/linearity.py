@@ -17,7 +17,7 @@ stage graph, node by node:
   exists, and the caller must keep that op in the enclave or refuse the policy.
 
 Guarantees: when the analysis reports no nonlinear node, ``stage(x + Δ) - correction(Δ, x)``
-equals ``stage(x)`` up to floating-point rounding (exactly in a prime field); the correction is
+equals ``stage(x)`` up to floating-point rounding (exactly in a ring); the correction is
 *precomputable* (depends on the masks only, as Slalom's ``W·r``) exactly when the stage is affine
 in its masked inputs with constant weights.
 """
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from partitioner import ops as _ops  # noqa: F401 - registers teesplit:: ops used in field stages
+from partitioner import ops as _ops  # noqa: F401 - registers teesplit:: ops used in exact stages
 from partitioner.op_table import op_name, props
 from partitioner.plan import Correction
 from passes.base import is_tensor_value
@@ -128,7 +128,7 @@ def _classify(
         if name == "constant_pad_nd" and len(node.args) > 2 and node.args[2] not in (0, 0.0):
             return NONLINEAR, "constant_pad_nd with a nonzero pad value is affine, not linear"
         return AFFINE, ""
-    if op.concat or name in ("add", "sub", "rsub") or op.field:
+    if op.concat or name in ("add", "sub", "rsub") or op.ring:
         if name in ("add", "sub") and node.kwargs.get("alpha", 1) != 1:
             return NONLINEAR, f"{name} with alpha is not supported"
         return AFFINE, ""
@@ -275,7 +275,7 @@ class _DeltaBuilder:
             out = self.graph.call_function(node.target, (parts, *node.args[1:]), node.kwargs)
             out.meta["val"] = node.meta.get("val")
             return out
-        if name in ("add", "sub", "rsub", "field_add"):
+        if name in ("add", "sub", "rsub"):
             return self._additive(node, name)
         if name == "masked_fill":
             return self._call(
@@ -287,9 +287,9 @@ class _DeltaBuilder:
             return self._call(
                 node.target, (self.delta(node.args[0]), self.value(node.args[1])), node
             )
-        if name == "field_linear":  # affine: the bias drops out of the difference
-            x, w, _b, prime = node.args
-            out = self.graph.call_function(node.target, (self.delta(x), self.value(w), None, prime))
+        if name == "ring_linear":  # affine: the bias drops out of the difference
+            x, w, _b = node.args
+            out = self.graph.call_function(node.target, (self.delta(x), self.value(w), None))
             out.meta["val"] = node.meta.get("val")
             return out
         if name == "linear":
@@ -312,11 +312,6 @@ class _DeltaBuilder:
         for d, src in ((da, a), (db, b)):
             if d is not None and list(src.meta["val"].shape) != shape:
                 raise _Unsupported(node.name, f"{name} broadcasts the masked operand {src.name}")
-        if name == "field_add":
-            prime = node.args[2]
-            if da is not None and db is not None:
-                return self._call(node.target, (da, db, prime), node)
-            return da if da is not None else db
         if name == "rsub":  # other - x
             a, b, da, db = b, a, db, da
             name = "sub"

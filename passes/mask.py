@@ -1,8 +1,8 @@
 """Mask rewrite: ``teesplit::mask`` at the end of the enclave stage that produces a masked
 value, ``teesplit::unmask`` at the start of the enclave stage that consumes a masked GPU value.
 
-Reads one stage, the masked values, the masked GPU values and (under ``masking="field"``)
-the field format; returns a new stage (the one given is not edited). Guarantees: a masked
+Reads one stage, the masked values, the masked GPU values and (under ``masking="exact"``)
+the ring format; returns a new stage (the one given is not edited). Guarantees: a masked
 output is returned *after* the stage's outputs (``masked_outputs``) and takes its pad as an
 extra ``("mask", value)`` input; a masked GPU input is unmasked with an extra
 ``("delta", value)`` input before any op reads it.
@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from partitioner.ops import OPS
-from partitioner.plan import GPU, FieldSpec, Stage
+from partitioner.plan import GPU, ExactSpec, Stage
 from passes.base import fake_like
 from passes.graph_edit import append_placeholder, copy_graph, graph_module, input_node
 
@@ -27,7 +27,7 @@ def rewrite_stage(
     masked: dict[str, Any],
     gpu_masked: set[str],
     modules: dict[str, torch.fx.GraphModule],
-    field_plan: FieldSpec | None,
+    exact: ExactSpec | None,
 ) -> Stage:
     """``stage`` with its masks and unmasks (enclave) or its field/masked module (GPU)."""
     if stage.side == GPU:
@@ -40,22 +40,24 @@ def rewrite_stage(
         return stage
     graph, nodes = copy_graph(stage.module)
     extras = list(stage.extra_inputs)
+    consts: dict[str, torch.Tensor] = {}
     for name in unmask_in:
         ph = input_node(stage, nodes, name)
         plain_val = ph.meta["val"]
-        if field_plan is not None:  # residues arrive as int64
-            ph.meta["val"] = fake_like(plain_val, torch.int64)
+        if exact is not None:  # residues arrive as ring integers
+            ph.meta["val"] = fake_like(plain_val, getattr(torch, exact.ring[name]))
         delta = append_placeholder(graph, f"delta_{name}", ph.meta["val"])
         extras.append(("delta", name))
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first_op):
-            if field_plan is None:
+            if exact is None:
                 plain = graph.call_function(OPS.unmask.default, (ph, delta))
             else:
-                bits = field_plan.output_bits[name]
-                plain = graph.call_function(
-                    OPS.field_unmask.default, (ph, delta, bits, field_plan.prime)
-                )
+                attr = f"_exact_inv_scale_{name}"
+                consts[attr] = exact.inv_scale[name]
+                inv = graph.get_attr(attr)
+                inv.meta["val"] = consts[attr]
+                plain = graph.call_function(OPS.ring_unmask.default, (ph, delta, inv))
         plain.meta = {**ph.meta, "val": plain_val}
         ph.replace_all_uses_with(plain, delete_user_cb=lambda n, p=plain: n is not p)
     out_node = next(iter(graph.find_nodes(op="output")))
@@ -64,22 +66,23 @@ def rewrite_stage(
         value = results[stage.outputs.index(name)]
         val = value.meta["val"]
         r = append_placeholder(
-            graph, f"mask_{name}", val if field_plan is None else fake_like(val, torch.int64)
+            graph,
+            f"mask_{name}",
+            val if exact is None else fake_like(val, getattr(torch, exact.ring[name])),
         )
         extras.append(("mask", name))
         with graph.inserting_before(out_node):
-            if field_plan is None:
+            if exact is None:
                 hidden = graph.call_function(OPS.mask.default, (value, r))
             else:
                 hidden = graph.call_function(
-                    OPS.field_mask.default,
-                    (value, r, field_plan.frac_bits, field_plan.prime),
+                    OPS.ring_mask.default, (value, r, exact.frac_bits[name], exact.limit[name])
                 )
         hidden.meta["val"] = r.meta["val"]
         results.append(hidden)
     out_node.args = (tuple(results),)
     graph.lint()
-    module = graph_module(stage.module, graph, {}, stage.name)
+    module = graph_module(stage.module, graph, consts, stage.name)
     return dataclasses.replace(
         stage,
         module=module,

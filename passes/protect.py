@@ -4,13 +4,13 @@ Reads the labelled program, its stages and edges, and the policy. Returns a
 :class:`ProtectResult` with *new* stages, edges and outputs (nothing it is given is edited) and
 a :class:`~partitioner.plan.Protection` record. It is the composition of smaller passes, each in
 its own module: :mod:`passes.rnm` (the RNM site), :mod:`passes.taint` (what each value depends
-on), :mod:`passes.field` (exact field arithmetic on GPU stages), :mod:`passes.linearity` (the
+on), :mod:`passes.exact` (exact ring arithmetic on GPU stages), :mod:`passes.linearity` (the
 enclave's corrections), :mod:`passes.mask` (mask/unmask insertion), :mod:`passes.freivalds`
 (integrity checks) and :mod:`passes.cost`. Guarantees:
 
 * every value that crosses enclave -> GPU is classified by what it depends on (its *taint*:
   the request's input, a protected parameter, or only RNM-sanitised tokens) and gets a
-  protection: ``additive``/``field`` masking, ``dp`` (sanitised tokens and public weights only),
+  protection: ``exact``/``additive`` masking, ``dp`` (sanitised tokens and public weights only),
   ``public`` (depends on no secret), or ``none`` (left for the audit to reject);
 * a masked value is masked at the end of the enclave stage that produces it; every GPU stage it
   reaches has a :class:`~partitioner.plan.Correction` and every GPU value that carries a mask is
@@ -47,7 +47,7 @@ from partitioner.plan import (
 )
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
-from passes import field as field_pass
+from passes import exact as exact_pass
 from passes.cost import correction_cost
 from passes.freivalds import freivalds_copies
 from passes.linearity import StageAnalysis, analyse, build_correction
@@ -130,7 +130,13 @@ class _Protector:
                     )
                 val = self.vals[edge.name]
                 masked[edge.name] = (self.shapes.shape(val), str(val.dtype).removeprefix("torch."))
-        field_plan = field_pass.new_field_spec() if masking == "field" else None
+        exact = exact_pass.new_exact_spec() if masking == "exact" else None
+        if exact is not None:
+            gpu_stages = [s for s in self.stages if s.side == GPU]
+            amax = exact_pass.calibrate(self.program, set(masked))
+            exact_pass.plan_inputs(gpu_stages, masked, exact, amax, dict(self.shapes.upper))
+            for name in masked:  # pads are drawn in the ring, not in the value's float dtype
+                masked[name] = (masked[name][0], exact.ring[name])
         modules: dict[str, torch.fx.GraphModule] = {}
         analyses: dict[str, StageAnalysis] = {}
         masked_in: dict[str, list[str]] = {}
@@ -146,10 +152,10 @@ class _Protector:
                     for user in self._users_in(stage, n):
                         offenders[user] = f"reads {n}, a secret {val.dtype} value, on the GPU"
             module = stage.module
-            if field_plan is not None:
+            if exact is not None:
                 try:
-                    module = field_pass.to_field(stage, inputs, field_plan, self.shapes)
-                except field_pass.FieldRefusal as refusal:
+                    module = exact_pass.to_exact(stage, inputs, exact)
+                except exact_pass.ExactRefusal as refusal:
                     if self.policy.on_unmaskable != "enclave":
                         raise
                     offenders[refusal.node] = str(refusal)
@@ -167,7 +173,7 @@ class _Protector:
         if offenders:
             self._refuse(offenders, masked_in)
         corrections = self._corrections(modules, analyses, masked_in)
-        stages = [rewrite_stage(s, masked, gpu_masked, modules, field_plan) for s in self.stages]
+        stages = [rewrite_stage(s, masked, gpu_masked, modules, exact) for s in self.stages]
         for edge in self.edges:
             if edge.direction == "gpu->enclave" or (
                 edge.consumer == OUTPUT and self.side[edge.producer] == GPU
@@ -175,8 +181,8 @@ class _Protector:
                 edge.protection = "unmask" if edge.name in gpu_masked else "clear"
             elif edge.direction == "gpu->gpu" and edge.name in gpu_masked:
                 edge.protection = "masked"
-        if field_plan is not None:
-            self.edges = field_pass.mark_field_edges(self.edges, masked, gpu_masked)
+        if exact is not None:
+            self.edges = exact_pass.mark_exact_edges(self.edges, exact)
         pooled = self._pooled(corrections)
         freivalds = freivalds_copies(self.policy, stages, corrections, pooled)
         cost = {
@@ -193,7 +199,7 @@ class _Protector:
             cost=cost,
             rnm=site,
             token_shape=self.shapes.shape(self.vals[site.token_input]) if site else None,
-            field_plan=field_plan,
+            exact=exact,
             freivalds=freivalds,
         )
         return ProtectResult(stages, self.edges, self.flat_outputs, protection, taint)

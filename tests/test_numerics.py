@@ -8,7 +8,7 @@ What "the same" means depends on the protection the preset inserts:
 * additive float masks (``secureinfer``): within ``MASKED_TOL`` of the model; masks of scale 1
   cost at most 3.2e-4 on SmolLM2's logits (|logits| up to 35) and 1e-5 on the tiny models;
 * field masks (``slalom``): *bit for bit* equal to the quantised unsplit reference
-  (``passes.field.quantised_reference``), which computes the same fixed point without masks.
+  (``passes.exact.quantised_reference``), which computes the same fixed point without masks.
 
 Presets that decompose SDPA are compared with eager under torch's MATH attention backend, which
 the decomposition reproduces op for op.
@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from partitioner.api import needs_attention_decomposition, partition
 from partitioner.policy import Policy
-from passes.field import quantised_reference
+from passes.exact import quantised_reference
 
 MASKED_TOL = {"rtol": 1e-4, "atol": 1e-3}
 
@@ -47,7 +47,7 @@ def check(name: str, preset: str, shapes=((1, 5), (2, 19))) -> None:
             sanitised = executor.last_request["sanitised_tokens"]
             assert sanitised.shape == ids.shape
             torch.testing.assert_close(out, reference(name, preset, sanitised))
-        elif policy.masking == "field":
+        elif policy.masking == "exact":
             with torch.no_grad():
                 exact = model_output(quantised_reference(sp)(input_ids=ids))
             assert torch.equal(out, exact), f"max |diff| {(out - exact).abs().max()}"

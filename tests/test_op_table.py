@@ -126,10 +126,10 @@ def test_views_match_the_table():
     assert "softmax" in op_table.NONLINEAR_OPS
 
 
-def test_field_masking_and_the_analysis_read_the_table():
-    from passes import field, linearity
+def test_exact_masking_and_the_analysis_read_the_table():
+    from passes import exact, linearity
 
-    assert field._SHAPE_ONLY == {n for n, p in TABLE.items() if p.passes_values}
+    assert exact._SHAPE_ONLY == {n for n, p in TABLE.items() if p.passes_values}
     assert not hasattr(linearity, "_LINEAR_IN_FIRST")
 
 

@@ -29,21 +29,21 @@ def test_preset_contents_follow_design():
         Label.LORA,
     } <= si.enclave
     assert si.protects == {"input", "model"}
-    assert Policy.preset("slalom").masking == "field"
+    assert Policy.preset("slalom").masking == "exact"
     assert Policy.preset("all_enclave").enclave == ALL_LABELS
     assert Policy.preset("all_gpu").gpu == ALL_LABELS
 
 
 def test_policy_is_frozen():
     with pytest.raises(AttributeError):
-        Policy.preset("cmif").masking = "field"
+        Policy.preset("cmif").masking = "exact"
 
 
 def test_yaml_file_with_preset_base(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("preset: slalom\nmin_gpu_block: 3\n")
     policy = Policy.from_file(path)
-    assert policy.min_gpu_block == 3 and policy.masking == "field"
+    assert policy.min_gpu_block == 3 and policy.masking == "exact"
     assert Policy.resolve(path) == policy
 
 
@@ -71,7 +71,10 @@ def test_custom_label_sets():
             {"rnm": {"eps": 1}, "enclave": ["embedding"], "protects": ["input"]},
             "unknown keys ['eps']",
         ),
-        ({"protects": ["input"], "gpu": ["attention"]}, "nothing would protect"),
+        (
+            {"protects": ["input"], "gpu": ["attention"], "masking": "none"},
+            "nothing would protect",
+        ),
         ({"enclave": "norm"}, "must be a list"),
         ({"preset": "tee"}, "unknown preset 'tee'"),
     ],

@@ -1,4 +1,4 @@
-"""Masks, unmasks, corrections, field arithmetic, the pool and Freivalds checks."""
+"""Masks, unmasks, corrections, exact ring arithmetic, the pool and Freivalds checks."""
 
 import dataclasses
 import math
@@ -13,7 +13,7 @@ from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
 from partitioner.api import partition
 from partitioner.errors import IntegrityError, PartitionError, PolicyError
 from partitioner.policy import Policy
-from passes.field import PRIME, quantised_reference
+from passes.exact import LINEAR_BOUND, quantised_reference
 from passes.linearity import AFFINE, NONLINEAR, PRODUCT, analyse, build_correction
 
 # -- randomness ------------------------------------------------------------------------------
@@ -34,11 +34,10 @@ def test_csprng_ignores_torchs_global_generator():
     assert not torch.equal(a, b)
 
 
-def test_field_pads_are_uniform_residues():
-    pads = CSPRNG(1).field([200_000], PRIME)
-    assert pads.dtype == torch.int64
-    assert int(pads.min()) >= 0 and int(pads.max()) < PRIME
-    counts = torch.bincount(pads >> 57, minlength=16).double()  # top 4 of 61 bits
+def test_ring_pads_are_uniform_residues():
+    pads = CSPRNG(1).ring([200_000], torch.int32)
+    assert pads.dtype == torch.int32
+    counts = torch.bincount((pads.to(torch.int64) & 0xFFFFFFFF) >> 28, minlength=16).double()
     chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
     assert chi2 < 45.0  # 15 degrees of freedom: p < 1e-4 beyond this
 
@@ -55,8 +54,8 @@ def test_laplace_has_the_asked_scale():
 def test_ops_round_trip_and_survive_export():
     x, r = torch.randn(3, 5), torch.randn(3, 5)
     torch.testing.assert_close(torch.ops.teesplit.unmask(torch.ops.teesplit.mask(x, r), r), x)
-    q = torch.ops.teesplit.field_mask(x, CSPRNG(0).field([3, 5], PRIME), 14, PRIME)
-    assert q.dtype == torch.int64
+    q = torch.ops.teesplit.ring_mask(x, CSPRNG(0).ring([3, 5], torch.int32), 14, 2**20)
+    assert q.dtype == torch.int32
 
     class Masker(torch.nn.Module):
         def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -68,12 +67,19 @@ def test_ops_round_trip_and_survive_export():
     torch.testing.assert_close(ep.module()(x, r), x * 2)
 
 
-def test_field_mask_unmask_is_exact_on_the_fixed_point_grid():
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_ring_mask_unmask_is_exact_on_the_fixed_point_grid(dtype):
     x = torch.randint(-(2**20), 2**20, (4, 7)).double() / 2**14
-    pad = CSPRNG(3).field([4, 7], PRIME)
-    hidden = torch.ops.teesplit.field_mask(x.float(), pad, 14, PRIME)
-    back = torch.ops.teesplit.field_unmask(hidden, pad, 14, PRIME)
-    assert torch.equal(back, x.float())
+    pad = CSPRNG(3).ring([4, 7], dtype)
+    hidden = torch.ops.teesplit.ring_mask(x.float(), pad, 14, 2**30)
+    back = torch.ops.teesplit.ring_unmask(hidden, pad, torch.tensor(2.0**-14, dtype=torch.float64))
+    assert hidden.dtype == dtype and torch.equal(back, x.float())
+
+
+def test_ring_mask_clamps_at_its_limit():
+    x = torch.tensor([1e9, -1e9, 0.5])
+    zero = torch.zeros(3, dtype=torch.int32)
+    assert torch.ops.teesplit.ring_mask(x, zero, 4, 100).tolist() == [100, -100, 8]
 
 
 # -- linearity -------------------------------------------------------------------------------
@@ -160,13 +166,13 @@ def test_gpu_stages_see_only_masked_values(preset):
     assert masked_values and masked_values <= set(seen_masked)
     for name in masked_values:
         hidden, clear = seen_masked[name], seen_plain[name]
-        if preset == "slalom":
-            assert hidden.dtype == torch.int64
-            assert float((hidden - torch.round(clear.double() * 2**14)).abs().min()) > 0
-        else:
-            assert float((hidden - clear).abs().min()) > 0  # every element moved by its pad
+        exact = sp.protection.exact
+        assert hidden.dtype == getattr(torch, exact.ring[name])
+        bits = exact.frac_bits[name]
+        # every element moved by its pad
+        assert float((hidden - torch.round(clear.double() * 2**bits)).abs().min()) > 0
     assert all(
-        e.protection in ("additive", "field")
+        e.protection in ("additive", "exact")
         for e in sp.cut_edges
         if e.direction == "enclave->gpu" and sp.taint[e.name]
     )
@@ -248,38 +254,43 @@ def test_cross_terms_state_their_enclave_cost_in_the_plan():
     assert "cross terms: the enclave computes" in sp.report()
 
 
-# -- field masking -------------------------------------------------------------------------------
+# -- exact masking -------------------------------------------------------------------------------
 
 
-def test_field_edges_cross_as_int64_and_the_plan_states_the_exact_range():
+def test_exact_edges_cross_as_int32_and_no_layer_can_wrap():
     sp = partition(captured("tiny-llama"), "slalom", seed=2)
-    masked = [e for e in sp.cut_edges if e.protection in ("field", "unmask")]
-    assert masked and all(e.dtype == "int64" for e in masked)
-    field = sp.plan()["protection"]["field"]
-    assert field["prime"] == PRIME and field["activation_frac_bits"] == 14
-    assert all(r >= 2**12 for r in field["exact_output_range"].values())
-    # every quantised weight obeys the int64 bound the field pass promises
+    masked = [e for e in sp.cut_edges if e.protection in ("exact", "unmask")]
+    assert masked and all(e.dtype == "int32" for e in masked)
+    exact = sp.plan()["protection"]["exact"]
+    assert exact["weights"] == "int8 per output channel" and exact["activation_frac_bits"]
+    limits = sp.protection.exact.limit
+    # every layer: the clamp limit times the largest row of |int8 weights| stays below 2**30,
+    # and the quantised bias below 2**30, so W q + b never wraps Z_{2^32}
     for stage in sp.stages:
         if stage.side == "gpu":
             for node in stage.module.graph.find_nodes(
-                op="call_function", target=torch.ops.teesplit.field_linear.default
+                op="call_function", target=torch.ops.teesplit.ring_linear.default
             ):
                 w = getattr(stage.module, node.args[1].target)
-                assert 2**31 * int(w.abs().max()) * w.shape[1] < 2**62
+                assert w.dtype == torch.int8
+                limit = limits[node.args[0].name]
+                assert limit * int(w.to(torch.int64).abs().sum(1).max()) <= LINEAR_BOUND
+                if node.args[2] is not None:
+                    assert int(getattr(stage.module, node.args[2].target).abs().max()) < 2**30
 
 
-def test_field_masking_refuses_an_op_it_cannot_compute_exactly():
+def test_exact_masking_refuses_an_op_it_cannot_compute_exactly():
     policy = Policy(
-        name="bad-field",
+        name="bad-exact",
         enclave=["embedding", "norm", "lm_head"],
         gpu=["nonlinear", "ffn"],
         protects=["input"],
-        masking="field",
+        masking="exact",
     )
-    with pytest.raises(PartitionError, match=r"masking='field': GPU stage gpu_\d+ runs \w+"):
+    with pytest.raises(PartitionError, match=r"masking='exact': GPU stage gpu_\d+ runs \w+"):
         partition(captured("tiny-llama"), policy)
     moved = partition(captured("tiny-llama"), dataclasses.replace(policy, on_unmaskable="enclave"))
-    assert [w for w in moved.placement.why.values() if "masking='field'" in w]
+    assert [w for w in moved.placement.why.values() if "masking='exact'" in w]
     ids = torch.randint(3, 250, (1, 6))
     with torch.no_grad():
         assert torch.equal(
@@ -303,14 +314,14 @@ def _corrupt_first_gpu_stage(sp, amount):
     return stage.name
 
 
-@pytest.mark.parametrize("masking", ["field", "additive"])
+@pytest.mark.parametrize("masking", ["exact", "additive"])
 def test_freivalds_catches_a_gpu_that_returns_wrong_values(masking):
     policy = Policy.preset("slalom", masking=masking)
     sp = partition(captured("tiny-llama"), policy, seed=9)
     ids = torch.randint(3, 250, (1, 9))
     with torch.no_grad():
         sp(input_ids=ids)  # clean results pass
-        name = _corrupt_first_gpu_stage(sp, 1 if masking == "field" else 0.5)
+        name = _corrupt_first_gpu_stage(sp, 1 if masking == "exact" else 0.5)
         with pytest.raises(IntegrityError, match=f"GPU stage {name} returned results that fail"):
             sp(input_ids=ids)
 
@@ -343,16 +354,16 @@ def test_meta_device_models_get_a_protected_plan(preset):
     if preset == "cmif":
         assert protection["rnm"]["candidates"] == 20 and protection["rnm"]["special_tokens"] is None
     else:
-        assert protection["field"]["weight_frac_bits"] and protection["masked_values"]
+        assert protection["exact"]["activation_frac_bits"] and protection["masked_values"]
 
 
 @pytest.mark.parametrize(
     ("masking", "poison"),
-    [("additive", float("nan")), ("additive", float("inf")), ("field", -1), ("field", 2**62)],
+    [("additive", float("nan")), ("additive", float("inf")), ("exact", "int64")],
 )
 def test_freivalds_refuses_values_its_arithmetic_cannot_vouch_for(masking, poison):
     """A NaN made the float tolerance NaN and the comparison false: the result passed and the
-    GPU chose the next token. A residue outside [0, p) is no residue."""
+    GPU chose the next token. Residues of the wrong ring are no residues."""
     policy = Policy.preset("slalom", masking=masking)
     sp = partition(captured("tiny-llama"), policy, seed=9)
     stage = next(s for s in sp.stages if s.side == "gpu")
@@ -360,7 +371,10 @@ def test_freivalds_refuses_values_its_arithmetic_cannot_vouch_for(masking, poiso
 
     def poisoned(*args):
         outs = [o.clone() for o in inner(*args)]
-        outs[0].view(-1)[3] = poison
+        if poison == "int64":
+            outs[0] = outs[0].to(torch.int64)
+        else:
+            outs[0].view(-1)[3] = poison
         return tuple(outs)
 
     stage.module = poisoned
