@@ -158,7 +158,8 @@ def capture(
     ``example_inputs`` is a tuple of positional arguments or a mapping of keyword arguments.
     For Hugging Face text models it may be omitted: token ids are generated and batch/sequence
     made dynamic. Other modules are captured with static shapes unless ``dynamic_shapes``
-    (torch.export's format) is given.
+    (torch.export's format) is given. A transformers decoder given inputs without a past cache
+    is exported with ``use_cache=False`` (:func:`_without_cache`).
     """
     if isinstance(model, ExportedProgram):
         _refuse_mutation(model, model_name or "ExportedProgram")
@@ -187,6 +188,8 @@ def capture(
             f"{name}: example_inputs must be a tuple or a mapping, "
             f"got {type(example_inputs).__name__}"
         )
+    if example_inputs is not None:
+        kwargs, dynamic_shapes = _without_cache(model, args, kwargs, dynamic_shapes)
     was_training = model.training
     model.eval()
     try:
@@ -200,8 +203,60 @@ def capture(
     finally:
         model.train(was_training)
     _refuse_mutation(ep, name)
-    params = list(inspect.signature(model.forward).parameters)
+    params = _input_names(model, args, kwargs)
     return Captured(ep, name, _dim_names(ep, dynamic_shapes, params), special_token_ids(model))
+
+
+def _input_names(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> list[str]:
+    """The names of the inputs given, in ``forward``'s order: torch.export pairs a tuple of
+    dynamic shapes with them in that order, not with ``forward``'s leading parameters."""
+    sig = inspect.signature(model.forward)
+    try:
+        return list(sig.bind(*args, **kwargs).arguments)
+    except TypeError:  # export accepted the call, so this is a signature inspect cannot read
+        return list(sig.parameters)
+
+
+def _without_cache(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+) -> tuple[dict[str, Any], Any]:
+    """The caller's inputs, plus ``use_cache=False`` for a transformers model whose config
+    turns its cache on, when the caller passed neither ``use_cache`` nor a past cache.
+
+    Called with token ids alone, such a decoder returns a ``DynamicCache`` next to its logits,
+    which torch.export cannot flatten ("DynamicCache in output"), so ``partition(model,
+    policy, (ids,))`` failed unless the caller knew to add ``use_cache=False``. Inputs without
+    a past ask for one forward pass, which keeps no cache: the same choice
+    :func:`hf_example_inputs` makes when no inputs are given (the KV-cache step, with the cache
+    as explicit state, is ``partitioner.generation.capture_decoder``). The flag is exported as
+    a constant of the call spec, so callers of the split program need not pass it either.
+    ``dynamic_shapes`` gets a ``None`` entry for it, in the form the caller used.
+    """
+    base = _hf_base(model)
+    if base is None or not getattr(base.config, "use_cache", False):
+        return kwargs, dynamic_shapes
+    sig = inspect.signature(model.forward)
+    if "use_cache" not in sig.parameters:
+        return kwargs, dynamic_shapes
+    try:
+        given = sig.bind_partial(*args, **kwargs).arguments
+    except TypeError:  # a call forward cannot take: let export report it
+        return kwargs, dynamic_shapes
+    if "use_cache" in given or given.get("past_key_values") is not None:
+        return kwargs, dynamic_shapes
+    kwargs = {**kwargs, "use_cache": False}
+    if isinstance(dynamic_shapes, Mapping):
+        dynamic_shapes = {**dynamic_shapes, "use_cache": None}
+    elif isinstance(dynamic_shapes, (tuple, list)):
+        # a tuple of shapes follows the inputs in forward's order, use_cache among them
+        at = list(sig.bind_partial(*args, **kwargs).arguments).index("use_cache")
+        dynamic_shapes = type(dynamic_shapes)([*dynamic_shapes[:at], None, *dynamic_shapes[at:]])
+    return kwargs, dynamic_shapes
 
 
 def _refuse_mutation(ep: ExportedProgram, name: str) -> None:

@@ -35,6 +35,7 @@ from partitioner.op_table import (
     SDPA_OPS,
     SHAPE_OPS,
     op_name,
+    props,
 )
 from passes.base import AnalysisPass, teesplit_meta
 
@@ -111,7 +112,7 @@ class LabelPass(AnalysisPass):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         weight_derived = self._weight_derived(graph.nodes)
-        vocab_sizes, embedding_weights = self._embedding_tables(graph.nodes)
+        vocab_sizes, embedding_weights = self._embedding_tables(graph.nodes, weight_derived)
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
@@ -132,26 +133,49 @@ class LabelPass(AnalysisPass):
 
     # -- analysis helpers ------------------------------------------------------------------
 
-    def _weight_derived(self, nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
-        """Nodes whose value is a weight, or a weight reshaped/cast without arithmetic."""
-        derived: set[torch.fx.Node] = set()
+    def _weight_derived(
+        self, nodes: Iterable[torch.fx.Node]
+    ) -> dict[torch.fx.Node, frozenset[str]]:
+        """Nodes whose value is a weight, or a weight viewed, transposed, expanded, sliced or
+        cast without arithmetic, each with the qualified names of the weights it holds.
+
+        This is what makes a matrix product a weight-linear layer however the model spells it:
+        ``linear(x, W)``, ``x @ W.T``, ``matmul(x, Wt)``, ``einsum("bsi,oi->bso", x, W)``,
+        ``bmm(x, W.expand(b, -1, -1))`` all have one operand that traces back to a parameter.
+
+        A shape op's data is its first argument (a list of them for ``cat``/``stack``); its
+        other tensor arguments only lend a size or a dtype (``expand(W, [sym_size(x, 0), …])``
+        under a dynamic batch, ``W.type_as(x)``, ``W.expand_as(x)``), so they need not be
+        weights. Two exceptions: a selection by an index operand (``index_select``, ``index``
+        …) needs every operand weight-derived, since a weight read at activation-chosen rows is
+        an embedding lookup, not the weight; and a factory (``zeros_like(W)``) holds none of
+        the weight's values.
+        """
+        derived: dict[torch.fx.Node, frozenset[str]] = {}
         for node in nodes:
             if node.op == "placeholder" and node.name in self.weights:
-                derived.add(node)
-            elif node.op == "call_function" and op_name(node) in SHAPE_OPS:
-                inputs = node.all_input_nodes
-                if inputs and all(i in derived for i in inputs):
-                    derived.add(node)
+                derived[node] = frozenset({self.weights[node.name]})
+                continue
+            name = op_name(node) if node.op == "call_function" else ""
+            if name not in SHAPE_OPS or props(name).factory:
+                continue
+            data = node.all_input_nodes if props(name).gather else _data_operands(node)
+            if data and all(d in derived for d in data):
+                derived[node] = frozenset().union(*(derived[d] for d in data))
         return derived
 
-    def _embedding_tables(self, nodes: Iterable[torch.fx.Node]) -> tuple[set[int], set[str]]:
+    def _embedding_tables(
+        self,
+        nodes: Iterable[torch.fx.Node],
+        weight_derived: dict[torch.fx.Node, frozenset[str]],
+    ) -> tuple[set[int], set[str]]:
         sizes: set[int] = set()
         weights: set[str] = set()
         for node in nodes:
             if node.op == "call_function" and op_name(node) in EMBEDDING_OPS:
                 table = node.args[0]
                 if isinstance(table, torch.fx.Node):
-                    weights.add(self.weights.get(table.name, table.name))
+                    weights |= weight_derived.get(table, frozenset({table.name}))
                     val = table.meta.get("val")
                     if isinstance(val, torch.Tensor) and isinstance(val.shape[0], int):
                         sizes.add(val.shape[0])
@@ -160,7 +184,7 @@ class LabelPass(AnalysisPass):
     def _label(
         self,
         node: torch.fx.Node,
-        weight_derived: set[torch.fx.Node],
+        weight_derived: dict[torch.fx.Node, frozenset[str]],
         vocab_sizes: set[int],
         embedding_weights: set[str],
     ) -> tuple[Label, str]:
@@ -204,8 +228,9 @@ class LabelPass(AnalysisPass):
         if name in SDPA_OPS:
             return Label.ATTENTION, f"op:{name}"
         if name in MATRIX_PRODUCT_OPS:
+            weights = set().union(*(weight_derived[w] for w in weight_operands))
             return self._label_linear(
-                node, name, classes, in_attention, weight_operands, vocab_sizes, embedding_weights
+                node, name, classes, in_attention, weights, vocab_sizes, embedding_weights
             )
         if name in ELEMENTWISE_OPS:
             return Label.ELEMENTWISE, f"op:{name}"
@@ -219,11 +244,14 @@ class LabelPass(AnalysisPass):
         name: str,
         classes: list[str],
         in_attention: bool,
-        weight_operands: list[torch.fx.Node],
+        weights: set[str],
         vocab_sizes: set[int],
         embedding_weights: set[str],
     ) -> tuple[Label, str]:
-        if not weight_operands:
+        """A matrix product with a weight-derived operand (``weights``: the qualified names of
+        the weights behind it) is a weight-linear layer, labelled by its module scope alone,
+        whatever op spells it; a product of two activations is attention or other."""
+        if not weights:
             if in_attention:
                 return Label.ATTENTION, f"op:{name}-of-activations-in-attention"
             return Label.OTHER, f"{name} of two activations outside an attention module"
@@ -231,9 +259,10 @@ class LabelPass(AnalysisPass):
             return Label.ATTENTION_PROJECTION, f"weight-{name}-in-attention"
         in_layer = any(_LAYER.search(c) and not _NORM.search(c) for c in classes)
         in_mlp = any(_MLP.search(c) for c in classes)
-        weights = {self.weights.get(w.name, w.name) for w in weight_operands}
         val = node.meta.get("val")
         out_dim = val.shape[-1] if isinstance(val, torch.Tensor) and val.dim() else None
+        if not isinstance(out_dim, int):  # a symbolic size is unhashable, and never a vocabulary
+            out_dim = None
         if not in_layer and not in_mlp and (weights & embedding_weights or out_dim in vocab_sizes):
             return Label.LM_HEAD, f"weight-{name}-to-vocab"
         if in_layer or in_mlp:
@@ -265,6 +294,17 @@ _SYM_OPS = frozenset(
         torch.sym_ite,
     }
 )
+
+
+def _data_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The operands a shape op takes its values from: ``args[0]``, or its nodes when it is a
+    list (``cat``, ``stack``). Its other arguments are sizes, dims or shape donors."""
+    first = node.args[0] if node.args else None
+    if isinstance(first, torch.fx.Node):
+        return [first]
+    if isinstance(first, (list, tuple)):
+        return [a for a in first if isinstance(a, torch.fx.Node)]
+    return []
 
 
 def user_input_names(program: ExportedProgram) -> list[str]:
