@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy bench-integrity clean golden
+.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-runtime: $(STAMP)
 
 bench-integrity: $(STAMP)
 	$(PY) benchmarks/integrity.py --trials 12 --seq 16
+
+bench-teebound: $(STAMP)
+	$(PY) benchmarks/teebound.py
 
 bench-privacy: $(STAMP)
 	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
