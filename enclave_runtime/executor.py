@@ -26,7 +26,7 @@ from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
 from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
-from partitioner.ops import OPS
+from partitioner.ops import OPS, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
@@ -49,6 +49,7 @@ class InProcessRunner:
 
     def __init__(self, plan: Plan) -> None:
         self._stages = {s.name: s for s in plan.stages if s.side == GPU}
+        self._prepared: dict[str, tuple[Any, Any]] = {}  # stage -> (module, its prepared copy)
 
     def run(
         self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
@@ -56,7 +57,11 @@ class InProcessRunner:
         module = self._stages[stage].module
         if module is None:
             raise PartitionError(f"GPU stage {stage} has no module in this process")
-        return list(module(*tensors))
+        cached = self._prepared.get(stage)
+        if cached is None or cached[0] is not module:
+            cached = (module, prepare_ring_weights(module))
+            self._prepared[stage] = cached
+        return list(cached[1](*tensors))
 
 
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
@@ -302,8 +307,13 @@ class Executor:
             return env[value]
         prot = self.spec.protection
         if prot is not None and value in prot.gpu_masked:
-            if prot.exact is not None:
-                return OPS.ring_unmask(gpu[value], delta[value], prot.exact.inv_scale[value])
+            exact = prot.exact
+            if exact is not None and value in exact.row_outputs:
+                return OPS.ring_unmask_rows(
+                    gpu[value], delta[value], exact.inv_scale[value], exact.bias.get(value)
+                )
+            if exact is not None:
+                return OPS.ring_unmask(gpu[value], delta[value], exact.inv_scale[value])
             return OPS.unmask(gpu[value], delta[value])
         return gpu[value]
 
@@ -313,6 +323,9 @@ class Executor:
         if name not in env:
             return shadow[name]
         exact = self.spec.protection.exact
+        if exact is not None and name in exact.row_limit:
+            zero = torch.zeros((), dtype=torch.int32)
+            return OPS.ring_mask_rows(env[name], zero, exact.row_limit[name])
         if exact is not None and name in exact.frac_bits:
             zero = torch.zeros((), dtype=getattr(torch, exact.ring[name]))
             return OPS.ring_mask(env[name], zero, exact.frac_bits[name], exact.limit[name])

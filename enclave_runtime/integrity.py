@@ -257,7 +257,8 @@ class RingCheck:
         self.rng = rng
         placeholders = [n.name for n in module.graph.find_nodes(op="placeholder")]
         out_node = next(iter(module.graph.find_nodes(op="output")))
-        self.layers: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        # (output, input, weights, bias, carry: the last column passes through unchanged)
+        self.layers: list[tuple[int, int, torch.Tensor, torch.Tensor | None, bool]] = []
         for index, node in enumerate(out_node.args[0]):
             if not (
                 isinstance(node, torch.fx.Node)
@@ -274,18 +275,22 @@ class RingCheck:
             bias = node.args[2]
             b = _get_attr(module, bias.target) if bias is not None else None
             source = placeholders.index(node.args[0].name)
-            self.layers.append((index, source, weight, b))
+            carry = len(node.args) > 3 and bool(node.args[3])
+            self.layers.append((index, source, weight, b, carry))
         self.inputs = [inputs[i] for i in range(len(placeholders))]
         self.draw()
 
     def draw(self) -> None:
         """A fresh secret ``s`` per output, with ``a = Wᵀs`` and ``κ = ⟨s, b⟩`` mod 2**64."""
         self.vectors = []
-        for _, _, weight, bias in self.layers:
-            s = self.rng.ring([weight.shape[0]], torch.int64)
+        for _, _, weight, bias, carry in self.layers:
+            s = self.rng.ring([weight.shape[0] + int(carry)], torch.int64)
             w64 = weight.to(torch.float64).t()
-            a = ring_recombine([w64 @ limb for limb in ring_limbs(s, 4)], torch.int64)
-            kappa = (s * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
+            rows = s[: weight.shape[0]]
+            a = ring_recombine([w64 @ limb for limb in ring_limbs(rows, 4)], torch.int64)
+            if carry:  # the identity on the exponent column: its a is its s
+                a = torch.cat([a, s[-1:]])
+            kappa = (rows * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
             self.vectors.append((s, a, kappa))
 
     def check(
@@ -296,7 +301,7 @@ class RingCheck:
         deltas: list[torch.Tensor | None],
     ) -> None:
         """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output."""
-        for (index, source, _, _), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
+        for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
             x, r = sent[source], pads[source]
             y, d = outputs[index], deltas[index]
             x_int = (x - r if r is not None else x).to(torch.int64)

@@ -26,6 +26,7 @@ from partitioner.bundle import (
     PLAN_FILE,
     RNM_FILE,
     correction_file,
+    exact_bias_key,
     exact_outputs,
     exact_scale_key,
     freivalds_file,
@@ -156,6 +157,8 @@ def save(
         if prot.exact is not None:  # stages carry their own; the executor unmasks outputs
             for value in exact_outputs(program.spec):
                 weights["enclave"].add(exact_scale_key(value), prot.exact.inv_scale[value])
+                if value in prot.exact.bias:
+                    weights["enclave"].add(exact_bias_key(value), prot.exact.bias[value])
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / weights_file(side))

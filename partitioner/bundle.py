@@ -57,6 +57,10 @@ def exact_scale_key(value: str) -> str:
     return f"exact/inv_scale/{value}"
 
 
+def exact_bias_key(value: str) -> str:
+    return f"exact/bias/{value}"
+
+
 def exact_outputs(plan: Plan) -> list[str]:
     """Masked GPU results that are program outputs: the executor unmasks them itself."""
     prot = plan.protection
@@ -436,4 +440,6 @@ def load_program(
                 if key not in enclave:
                     raise ArtifactError(f"{weights_file('enclave')}: no {key} for output {value}")
                 prot.exact.inv_scale[value] = enclave[key]
+                if exact_bias_key(value) in enclave:
+                    prot.exact.bias[value] = enclave[exact_bias_key(value)]
     return plan

@@ -19,7 +19,10 @@ can find them by name. Importing this module registers them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.fx
 from torch import Tensor
 
 
@@ -94,6 +97,63 @@ def _(y: Tensor, c: Tensor, inv_scale: Tensor) -> Tensor:
     return torch.empty_like(y, dtype=torch.float32)
 
 
+MAX_ROW_BITS = 40  # a row of zeros (or tiny values) gets at most this many fractional bits
+
+
+def quantize_rows(x: Tensor, norm_limit: int) -> tuple[Tensor, Tensor]:
+    """Each row (last dim) in fixed point with its own exponent: ``q_r = round(x_r * 2**e_r)``
+    with the largest ``e_r <= MAX_ROW_BITS`` for which ``||q_r||_2 <= norm_limit``. Returns
+    ``(q, e)`` as int64; the norm is checked on the integers themselves, exactly."""
+    x64 = x.to(torch.float64)
+    norm = torch.linalg.vector_norm(x64, dim=-1)
+    slack = norm_limit - 0.5 * x.shape[-1] ** 0.5  # rounding adds at most 1/2 per entry
+    room = torch.where(norm > 0, slack / norm, torch.full_like(norm, 2.0**MAX_ROW_BITS))
+    e = torch.floor(torch.log2(room)).clamp(-MAX_ROW_BITS, MAX_ROW_BITS)
+    for _ in range(3):  # log2/floor rounding: step down where the integers are still too big
+        q = torch.round(x64 * torch.exp2(e)[..., None])
+        over = (q * q).sum(-1) > float(norm_limit) ** 2
+        if not bool(over.any()):
+            break
+        e = torch.where(over, e - 1, e)
+    else:
+        raise ValueError("quantize_rows: a row's norm does not fit its limit")
+    return q.to(torch.int64), e.to(torch.int64)
+
+
+def dequantize_rows(q: Tensor, e: Tensor, inv_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``q_r * 2**-e_r * inv_scale (+ bias)`` in float64, rounded once to float32."""
+    out = q.to(torch.float64) * torch.exp2(-e.to(torch.float64))[..., None] * inv_scale
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out.to(torch.float32)
+
+
+@torch.library.custom_op("teesplit::ring_mask_rows", mutates_args=())
+def ring_mask_rows(x: Tensor, r: Tensor, norm_limit: int) -> Tensor:
+    """Row-scaled masking in ``Z_{2^32}``: ``[q_r, e_r] + r`` with :func:`quantize_rows`, the
+    row's exponent in an extra last column, masked like the values (the GPU sees neither)."""
+    q, e = quantize_rows(x, norm_limit)
+    return wrap(torch.cat([q, e[..., None]], dim=-1) + r.to(torch.int64), torch.int32)
+
+
+@ring_mask_rows.register_fake
+def _(x: Tensor, r: Tensor, norm_limit: int) -> Tensor:
+    return torch.empty_like(r)
+
+
+@torch.library.custom_op("teesplit::ring_unmask_rows", mutates_args=())
+def ring_unmask_rows(y: Tensor, c: Tensor, inv_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The inverse of row-scaled masking after a linear layer: ``y - c`` holds ``W q_r`` and,
+    in its last column, ``e_r``."""
+    d = (y - c).to(torch.int64)
+    return dequantize_rows(d[..., :-1], d[..., -1], inv_scale, bias)
+
+
+@ring_unmask_rows.register_fake
+def _(y: Tensor, c: Tensor, inv_scale: Tensor, bias: Tensor | None) -> Tensor:
+    return y.new_empty((*y.shape[:-1], y.shape[-1] - 1), dtype=torch.float32)
+
+
 _LIMB = 16  # float64 limb products stay exact: 2**16 * 2**16 * fan-in < 2**53 for fan-in < 2**21
 
 
@@ -111,11 +171,12 @@ def ring_recombine(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
     return wrap(total, dtype)
 
 
-def _balanced_bytes(u: Tensor) -> list[Tensor]:
-    """int32 residues as four signed base-256 digits (int8), ``u = sum d_k 256**k mod 2**32``."""
+def _balanced_bytes(u: Tensor, count: int = 4) -> list[Tensor]:
+    """Integers as ``count`` signed base-256 digits (int8), ``u = sum d_k 256**k``
+    (mod ``2**(8 count)``; exactly for int16 weights with two digits)."""
     t = u.to(torch.int64)
     digits = []
-    for _ in range(4):
+    for _ in range(count):
         d = ((t + 128) & 255) - 128
         digits.append(d.to(torch.int8))
         t = (t - d) >> 8
@@ -123,30 +184,85 @@ def _balanced_bytes(u: Tensor) -> list[Tensor]:
 
 
 def _int8_linear_cuda(u: Tensor, w: Tensor) -> Tensor | None:
-    """``u @ w.T mod 2**32`` as four int8 GEMMs with int32 accumulation (``torch._int_mm``),
-    exact while ``128 * 127 * fan_in < 2**31``; None where ``_int_mm`` takes no such shape."""
+    """``u @ w.T mod 2**32`` as int8 GEMMs with int32 accumulation (``torch._int_mm``): four
+    digits of ``u`` times one (int8) or two (int16) digits of ``w``, each exact while
+    ``128 * 128 * fan_in < 2**31``; None where ``_int_mm`` takes no such shape."""
     rows = u.reshape(-1, u.shape[-1])
     m, k = rows.shape
     n = w.shape[0]
-    if m <= 16 or k % 8 or n % 8 or k >= 2**17:
+    if w.dtype not in (torch.int8, torch.int16) or m <= 16 or k % 8 or n % 8 or k >= 2**17:
         return None
+    w_digits = [w] if w.dtype == torch.int8 else _balanced_bytes(w, 2)
     out = torch.zeros((m, n), dtype=torch.int32, device=u.device)
-    for j, digit in enumerate(_balanced_bytes(rows)):
-        out = out + torch._int_mm(digit.contiguous(), w.t()) * (1 << (8 * j))
+    for i, digit in enumerate(_balanced_bytes(rows)):
+        for j, w_digit in enumerate(w_digits):
+            if i + j < 4:  # higher digits vanish mod 2**32
+                part = torch._int_mm(digit.contiguous(), w_digit.contiguous().t())
+                out = out + part * (1 << (8 * (i + j)))
     return out.reshape(*u.shape[:-1], n)
 
 
+def prepare_ring_weights(module: torch.nn.Module, device: torch.device | str = "cpu") -> Any:
+    """``module`` on ``device`` with each ``ring_linear``'s integer weights converted once to
+    the form that device multiplies fastest: float64 (one exact GEMM, no conversion per call)
+    on a CPU and on GPUs with full-rate FP64 (compute capability 8.0 and 9.x: A100, H100,
+    H200; measured on an H200, ``benchmarks/results/cuda_ring-h200.md``: 1.2-1.7x a float32
+    GEMM, where int8 ``_int_mm`` digits took 9-20x); int8/int16 on other GPUs, whose FP64 runs
+    at a fraction of the rate (``torch._int_mm``). Returns a new GraphModule; ``module``
+    (whose integer weights are what a bundle stores) is not changed."""
+    device = torch.device(device)
+    if device.type == "cuda" and not _fast_fp64(device):
+        return module.to(device)
+    if not isinstance(module, torch.fx.GraphModule):
+        return module.to(device) if isinstance(module, torch.nn.Module) else module
+    graph = module.graph
+    weights = {
+        node.args[1].target
+        for node in graph.find_nodes(op="call_function", target=OPS.ring_linear.default)
+    }
+    if not weights:
+        return module.to(device)
+    root = torch.nn.Module()
+    for node in graph.find_nodes(op="get_attr"):
+        value = module
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor) and node.target in weights:
+            value = value.to(torch.float64)
+        owner = root
+        *path, leaf = node.target.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value.to(device), persistent=False)
+        else:
+            setattr(owner, leaf, value)
+    return torch.fx.GraphModule(root, graph)
+
+
+def _fast_fp64(device: torch.device) -> bool:
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) == (8, 0) or major == 9
+
+
 @torch.library.custom_op("teesplit::ring_linear", mutates_args=())
-def ring_linear(u: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``u @ w.T + b`` in the ring of ``u``'s dtype, for int8 weights ``w``.
+def ring_linear(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> Tensor:
+    """``u @ w.T + b`` in the ring of ``u``'s dtype, for integer weights ``w`` (int8/int16).
 
     int32 (``Z_{2^32}``): on the CPU one float64 GEMM, exact because every partial sum is an
-    integer below ``2**31 * 127 * fan_in < 2**53`` (fan-in up to 33,000); on CUDA four int8
-    GEMMs. int64 (``Z_{2^64}``): four float64 GEMMs over 16-bit limbs of ``u``.
+    integer below ``2**31 * max|w| * fan_in <= 2**53`` (the exact pass sizes ``max|w|`` per
+    layer so); on CUDA int8 GEMMs. int64 (``Z_{2^64}``): four float64 GEMMs over 16-bit limbs.
+    ``carry``: the last column of ``u`` is a row's masked scale exponent
+    (:func:`ring_mask_rows`), passed through to the last column of the result.
     """
+    if carry:
+        body = ring_linear(u[..., :-1], w, b)
+        return torch.cat([body, u[..., -1:]], dim=-1)
     if u.dtype == torch.int32:
-        out = _int8_linear_cuda(u, w) if u.is_cuda else None
-        if out is None:
+        out = _int8_linear_cuda(u, w) if u.is_cuda else None  # None for float64 weights
+        if out is None:  # w may come prepared as float64 (prepare_ring_weights)
             prod = torch.matmul(u.to(torch.float64), w.to(torch.float64).t())
             out = wrap(prod.to(torch.int64), torch.int32)
         if b is not None:
@@ -158,8 +274,8 @@ def ring_linear(u: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 @ring_linear.register_fake
-def _(u: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return u.new_empty((*u.shape[:-1], w.shape[0]))
+def _(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> Tensor:
+    return u.new_empty((*u.shape[:-1], w.shape[0] + int(carry)))
 
 
 @torch.library.custom_op("teesplit::ring_matmul", mutates_args=())

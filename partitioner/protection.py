@@ -116,24 +116,32 @@ class ExactSpec:
     frac_bits: dict[str, int] = field(default_factory=dict)
     limit: dict[str, int] = field(default_factory=dict)
     output_bits: dict[str, int] = field(default_factory=dict)
+    # row-scaled values (ops.ring_mask_rows): masked value -> the norm limit of its rows, and
+    # the masked GPU results that carry each row's exponent in an extra last column
+    row_limit: dict[str, int] = field(default_factory=dict)
+    row_outputs: list[str] = field(default_factory=list)
     inv_scale: dict[str, Any] = field(default_factory=dict)
+    bias: dict[str, Any] = field(default_factory=dict)  # row-scaled result -> float bias
     scales: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("ring", "frac_bits", "limit", "output_bits")
+    _KEYS = ("ring", "frac_bits", "limit", "output_bits", "row_limit", "row_outputs")
 
     def summary(self) -> dict[str, Any]:
         return {
             "rings": {
                 k: "Z_2^32" if v == "int32" else "Z_2^64" for k, v in sorted(self.ring.items())
             },
-            "weights": "int8 per output channel",
+            "weights": "integers per output channel, 2**31 * max|w| * fan_in <= 2**53",
             "activation_frac_bits": dict(sorted(self.frac_bits.items())),
             "clamp_limits": dict(sorted(self.limit.items())),
+            "row_scaled": dict(sorted(self.row_limit.items())),
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: dict(sorted(getattr(self, k).items())) for k in self._KEYS}
+        out: dict[str, Any] = {k: dict(sorted(getattr(self, k).items())) for k in self._KEYS[:-1]}
+        out["row_outputs"] = sorted(self.row_outputs)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "protection.exact") -> ExactSpec:
@@ -144,9 +152,16 @@ class ExactSpec:
         }
         ints = {
             key: {k: int_(v, f"{where}.{key}.{k}", 0) for k, v in map_(d[key], key).items()}
-            for key in ("frac_bits", "limit", "output_bits")
+            for key in ("frac_bits", "limit", "output_bits", "row_limit")
         }
-        return cls(ring, ints["frac_bits"], ints["limit"], ints["output_bits"])
+        return cls(
+            ring,
+            ints["frac_bits"],
+            ints["limit"],
+            ints["output_bits"],
+            ints["row_limit"],
+            strs(d["row_outputs"], f"{where}.row_outputs"),
+        )
 
 
 @dataclass

@@ -42,8 +42,8 @@ class SplitProgram(Protocol):
     edges: list[Edge]
 
 
-_MASK_OPS = {OPS.mask.default, OPS.ring_mask.default}
-_UNMASK_OPS = {OPS.unmask.default, OPS.ring_unmask.default}
+_MASK_OPS = {OPS.mask.default, OPS.ring_mask.default, OPS.ring_mask_rows.default}
+_UNMASK_OPS = {OPS.unmask.default, OPS.ring_unmask.default, OPS.ring_unmask_rows.default}
 
 
 @dataclass

@@ -30,13 +30,18 @@ def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
     return node.meta.setdefault(META_KEY, {})
 
 
-def fake_like(val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = ()) -> torch.Tensor:
-    """A fake tensor with ``val``'s symbolic shape (plus ``extra`` dims) and ``dtype``, for the
-    ``meta["val"]`` of a node a pass creates."""
+def fake_like(
+    val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = (), wider: int = 0
+) -> torch.Tensor:
+    """A fake tensor with ``val``'s symbolic shape (plus ``extra`` dims, its last dim ``wider``
+    by that much) and ``dtype``, for the ``meta["val"]`` of a node a pass creates."""
     from torch._guards import detect_fake_mode
 
+    shape = list(val.shape)
+    if wider:
+        shape[-1] = shape[-1] + wider
     with detect_fake_mode([val]):
-        return val.new_empty((*val.shape, *extra), dtype=dtype)
+        return val.new_empty((*shape, *extra), dtype=dtype)
 
 
 def graph_fingerprint(gm: torch.fx.GraphModule) -> tuple[tuple[str, str, str, str], ...]:

@@ -41,7 +41,7 @@ from partitioner.plan import Edge
 from partitioner.protection import ExactSpec
 from passes.base import fake_like
 
-WEIGHT_MAX = 127  # int8 weights
+WEIGHT_MAX = 2047  # integer weights have at most 12 bits (fewer on wide layers)
 MARGIN_BITS = 3  # headroom over the calibration run's largest activation
 DEFAULT_AMAX = 64.0  # assumed largest |activation| where no calibration run is possible
 LINEAR_BOUND = 2**30  # |W q| and |b_q| each stay below it: the sum never wraps Z_{2^32}
@@ -69,6 +69,7 @@ class _Scale:
     channel: torch.Tensor | None  # float64 per-output-channel multiplier, or uniform
     bound: int  # |value| is at most this, as an integer
     factor: float = 1.0  # a constant the value was scaled by (folded in, not computed)
+    rows: bool = False  # each row has its own exponent, in an extra last column
 
     def same(self, other: _Scale) -> bool:
         if self.frac_bits != other.frac_bits or self.factor != other.factor:
@@ -84,18 +85,27 @@ class _Scale:
         return inv if self.channel is None else inv / self.channel
 
 
+def weight_max(fan_in: int) -> int:
+    """The largest integer weight a layer may use: ``2**31 * max|w| * fan_in <= 2**53`` keeps
+    every partial sum of the float64 GEMM exact; at most 2047 (12 bits, int16)."""
+    return max(1, min(WEIGHT_MAX, (2**53) // (2**31 * max(fan_in, 1))))
+
+
 def quantise_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights per output channel and each channel's multiplier ``127 / max|w_row|``.
+    """Integer weights per output channel (int8, or int16 beyond 127) and each channel's
+    multiplier ``M / max|w_row|``, with ``M`` from :func:`weight_max`.
 
     A meta-device weight (planning at 7B scale) has no values: it plans for ``|w| <= 1``.
     """
+    top_int = weight_max(int(weight.shape[1]))
+    dtype = torch.int8 if top_int <= 127 else torch.int16
     if weight.device.type == "meta":
         rows = weight.shape[0]
-        return torch.zeros(weight.shape, dtype=torch.int8), torch.full((rows,), float(WEIGHT_MAX))
+        return torch.zeros(weight.shape, dtype=dtype), torch.full((rows,), float(top_int))
     w = weight.detach().to(torch.float64)
     top = w.abs().amax(dim=1)
-    channel = torch.where(top > 0, WEIGHT_MAX / top, torch.ones_like(top))
-    q = torch.round(w * channel[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+    channel = torch.where(top > 0, top_int / top, torch.ones_like(top))
+    q = torch.round(w * channel[:, None]).clamp(-top_int, top_int).to(dtype)
     return q, channel
 
 
@@ -106,13 +116,17 @@ def new_exact_spec() -> ExactSpec:
 def mark_exact_edges(edges: list[Edge], spec: ExactSpec) -> list[Edge]:
     """Masked values cross as residues: the edges get the ring's dtype and the bytes it takes."""
     out = []
+    rows = set(spec.row_limit) | set(spec.row_outputs)
     for edge in edges:
         ring = spec.ring.get(edge.name)
         if edge.crossing and ring is not None and edge.dtype != ring:
             size = 4 if ring == "int32" else 8
-            edge = dataclasses.replace(
-                edge, nbytes=edge.nbytes * size // _itemsize(edge.dtype), dtype=ring
-            )
+            nbytes = edge.nbytes * size // _itemsize(edge.dtype)
+            shape = list(edge.shape)
+            if edge.name in rows:  # one more column: each row's exponent
+                nbytes = nbytes * (shape[-1] + 1) // shape[-1]
+                shape[-1] += 1
+            edge = dataclasses.replace(edge, nbytes=nbytes, dtype=ring, shape=shape)
         out.append(edge)
     return out
 
@@ -163,6 +177,9 @@ def _trace(node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """(consumer, operand) pairs reached from ``node`` through shape-only ops."""
     out = []
     for user in node.users:
+        if user.op == "output":
+            out.append((user, node))
+            continue
         if user.op != "call_function":
             continue
         if op_name(user) in _SHAPE_ONLY and user.args and user.args[0] is node:
@@ -211,23 +228,56 @@ def plan_inputs(
 ) -> None:
     """Choose each masked value's ring, limit and fractional bits from all its GPU consumers."""
     needs: dict[str, list[tuple[str, int]]] = {name: [] for name in masked}
+    row_norms: dict[str, list[float]] = {name: [] for name in masked}
+    rows_ok = {name: isinstance(masked[name][0][-1], int) for name in masked}
+    readers: dict[str, list[tuple[Any, torch.fx.Node]]] = {}  # value -> (stage, placeholder)
     for stage in gpu_stages:
+        for ph in stage.module.graph.find_nodes(op="placeholder"):
+            readers.setdefault(ph.name, []).append((stage, ph))
+    # every GPU use of each masked value, following it through later GPU stages unmasked
+    work = [(name, stage, ph) for name in masked for stage, ph in readers.get(name, [])]
+    seen: set[tuple[str, str, str]] = set()
+    while work:
+        origin, stage, ph = work.pop()
+        if (origin, stage.name, ph.name) in seen:
+            continue
+        seen.add((origin, stage.name, ph.name))
         module = stage.module
-        for ph in module.graph.find_nodes(op="placeholder"):
-            if ph.name not in needs:
+        for user, operand in _trace(ph):
+            if user.op == "output":
+                rows_ok[origin] = False
+                for value, node in zip(stage.outputs, user.args[0], strict=True):
+                    if node is operand:
+                        work.extend((origin, s, p) for s, p in readers.get(value, []))
                 continue
-            for user, _operand in _trace(ph):
-                name = op_name(user)
-                if (
-                    is_weight_linear(name)
-                    and _const(module, user.args[1 if name != "addmm" else 2]) is not None
-                ):
-                    _, weight, _ = _weight_of(module, user)
-                    q, _ = spec.weights.setdefault(user.name, quantise_weight(weight))
-                    needs[ph.name].append(("linear", int(q.to(torch.int64).abs().sum(1).max())))
-                elif props(name).bilinear:
-                    needs[ph.name].append(("product", _contraction(user, upper)))
+            name = op_name(user)
+            linear = (
+                is_weight_linear(name)
+                and _const(module, user.args[1 if name != "addmm" else 2]) is not None
+            )
+            # row scaling: read by linear layers only, directly, whose results leave
+            rows_ok[origin] &= (
+                linear and operand is ph and all(u.op == "output" for u in user.users)
+            )
+            if linear:
+                _, weight, _ = _weight_of(module, user)
+                q, _ = spec.weights.setdefault(user.name, quantise_weight(weight))
+                if weight.device.type == "meta":  # no values: plan for |w_q| = max
+                    top, fan_in = weight_max(int(q.shape[1])), int(q.shape[1])
+                    l1, l2 = top * fan_in, top * fan_in**0.5
+                else:
+                    q64 = q.to(torch.int64)
+                    l1, l2 = int(q64.abs().sum(1).max()), float(q64.pow(2).sum(1).max()) ** 0.5
+                needs[origin].append(("linear", l1))
+                row_norms[origin].append(l2)
+            elif props(name).bilinear:
+                needs[origin].append(("product", _contraction(user, upper)))
     for name, uses in needs.items():
+        if rows_ok[name] and row_norms[name]:
+            # Cauchy-Schwarz: |w . q| <= ||w|| ||q|| <= 2**30 for every row of every layer
+            spec.ring[name] = "int32"
+            spec.row_limit[name] = int(LINEAR_BOUND // max(max(row_norms[name]), 1.0))
+            continue
         products = [k for kind, k in uses if kind == "product"]
         norms = [k for kind, k in uses if kind == "linear"]
         if products:
@@ -281,7 +331,11 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             env[node.name] = graph.placeholder(node.name)
             env[node.name].meta = dict(node.meta)
             if node.name in masked_inputs:
-                if node.name in spec.frac_bits:  # masked by the enclave
+                if node.name in spec.row_limit:  # row-scaled: one more column, the exponent
+                    val = node.meta["val"]
+                    env[node.name].meta["val"] = fake_like(val, val.dtype, wider=1)
+                    scale[node.name] = _Scale(0, None, spec.row_limit[node.name], rows=True)
+                elif node.name in spec.frac_bits:  # masked by the enclave
                     bits, limit = spec.frac_bits[node.name], spec.limit[node.name]
                     scale[node.name] = _Scale(bits, None, limit)
                 else:  # a masked result of an earlier GPU stage
@@ -303,6 +357,10 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             continue
         name = op_name(node)
         first = node.args[0] if node.args else None
+        if any(scale[a.name].rows for a in varying) and not (
+            is_weight_linear(name) and node.name in spec.weights
+        ):
+            raise refuse(node, "a row-scaled value may only feed linear layers")
         if name in _SHAPE_ONLY or (
             name == "_to_copy" and node.kwargs.get("dtype") in (None, *_FLOATS)
         ):
@@ -325,8 +383,19 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             if src.channel is not None or ring[x.name] != "int32":
                 raise refuse(node, "its input already went through a weight product")
             w_q, channel = spec.weights[node.name]
-            out_scale = _Scale(src.frac_bits, channel, LINEAR_BOUND)
+            out_scale = _Scale(src.frac_bits, channel, LINEAR_BOUND, rows=src.rows)
             b_node = None
+            if src.rows:  # the enclave adds the bias after unmasking: it has no fixed scale
+                if bias is not None:
+                    b = _const(module, bias)
+                    if b is None:
+                        raise refuse(node, "its bias is not a constant")
+                    spec.bias[node.name] = b.detach().clone()
+                w_node = new_attr(f"{node.name}_weight", w_q)
+                out = emit(node, OPS.ring_linear.default, (env[x.name], w_node, None, True))
+                out.meta["val"] = fake_like(node.meta["val"], torch.int32, wider=1)
+                scale[node.name], ring[node.name] = out_scale, "int32"
+                continue
             if bias is not None:
                 b = _const(module, bias)
                 if b is None:
@@ -350,7 +419,12 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
         if name in ("matmul", "bmm") and len(varying) == 2:
             a, b = node.args[0], node.args[1]
             sa, sb = scale[a.name], scale[b.name]
-            if sa.channel is not None or sb.channel is not None or ring[a.name] != "int64":
+            if (
+                sa.channel is not None
+                or sb.channel is not None
+                or ring[a.name] != "int64"
+                or (ring[b.name] != "int64")
+            ):
                 raise refuse(node, "a product operand already went through a weight product")
             emit(node, OPS.ring_matmul.default, (env[a.name], env[b.name]))
             k = int(node.args[0].meta["val"].shape[-1]) if _static(node.args[0]) else 2**16
@@ -386,6 +460,8 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
         raise refuse(node, "it has no exact form in the ring")
     for name in scale:  # residues are integers, whatever float dtype the value had
         node = env[name]
+        if scale[name].rows:  # typed (and widened) where created
+            continue
         if isinstance(node, torch.fx.Node) and isinstance(node.meta.get("val"), torch.Tensor):
             node.meta = {
                 **node.meta,
@@ -397,6 +473,8 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             spec.ring[out] = ring[out]
             spec.inv_scale[out] = scale[out].inverse()
             spec.output_bits[out] = scale[out].frac_bits
+            if scale[out].rows:
+                spec.row_outputs.append(out)
     graph.lint()
     return torch.fx.GraphModule(attrs, graph, class_name=f"{stage.name}_exact")
 
@@ -433,7 +511,7 @@ def quantised_reference(split: Any) -> Any:
     """
     import torch.utils._pytree as pytree
 
-    from partitioner.ops import dequantize
+    from partitioner.ops import dequantize, dequantize_rows, quantize_rows
 
     spec: ExactSpec = split.protection.exact
     source = split.source
@@ -449,16 +527,22 @@ def quantised_reference(split: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         env: dict[str, Any] = split.signature.bind(args, dict(kwargs))
         ints: dict[str, tuple[torch.Tensor, _Scale]] = {}
+        exponents: dict[str, torch.Tensor] = {}  # row-scaled values: each row's exponent
 
         def plain(name: str) -> Any:
             if name in ints:
                 q, sc = ints[name]
+                if sc.rows:
+                    return dequantize_rows(q, exponents[name], sc.inverse(), spec.bias.get(name))
                 return dequantize(q, sc.inverse())
             return env[name]
 
         def fixed(node: torch.fx.Node) -> tuple[torch.Tensor, _Scale] | None:
             if node.name in ints:
                 return ints[node.name]
+            if node.name in spec.row_limit:
+                q, exponents[node.name] = quantize_rows(env[node.name], spec.row_limit[node.name])
+                return q, _Scale(0, None, 0, rows=True)
             if node.name in spec.frac_bits:
                 bits, limit = spec.frac_bits[node.name], spec.limit[node.name]
                 return quantize(env[node.name], bits, limit), _Scale(bits, None, limit)
@@ -485,9 +569,11 @@ def quantised_reference(split: Any) -> Any:
                 q, sc = operands[x.name]
                 w_q, channel = spec.weights[node.name]
                 out = torch.matmul(q, w_q.to(torch.int64).t())
-                if bias is not None:
+                if sc.rows:
+                    exponents[node.name] = exponents[x.name]
+                elif bias is not None:
                     out = out + quantize(env[bias.name].detach() * channel, sc.frac_bits)
-                ints[node.name] = (out, _Scale(sc.frac_bits, channel, LINEAR_BOUND))
+                ints[node.name] = (out, _Scale(sc.frac_bits, channel, LINEAR_BOUND, rows=sc.rows))
             elif name in ("matmul", "bmm"):
                 (qa, sa), (qb, sb) = operands[node.args[0].name], operands[node.args[1].name]
                 product = _Scale(sa.frac_bits + sb.frac_bits, None, 0, sa.factor * sb.factor)

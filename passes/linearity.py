@@ -288,8 +288,10 @@ class _DeltaBuilder:
                 node.target, (self.delta(node.args[0]), self.value(node.args[1])), node
             )
         if name == "ring_linear":  # affine: the bias drops out of the difference
-            x, w, _b = node.args
-            out = self.graph.call_function(node.target, (self.delta(x), self.value(w), None))
+            x, w, _b, *carry = node.args
+            out = self.graph.call_function(
+                node.target, (self.delta(x), self.value(w), None, *carry)
+            )
             out.meta["val"] = node.meta.get("val")
             return out
         if name == "linear":

@@ -44,8 +44,9 @@ def rewrite_stage(
     for name in unmask_in:
         ph = input_node(stage, nodes, name)
         plain_val = ph.meta["val"]
+        rows = exact is not None and name in exact.row_outputs
         if exact is not None:  # residues arrive as ring integers
-            ph.meta["val"] = fake_like(plain_val, getattr(torch, exact.ring[name]))
+            ph.meta["val"] = fake_like(plain_val, getattr(torch, exact.ring[name]), wider=int(rows))
         delta = append_placeholder(graph, f"delta_{name}", ph.meta["val"])
         extras.append(("delta", name))
         first_op = next(n for n in graph.nodes if n.op != "placeholder")
@@ -53,11 +54,13 @@ def rewrite_stage(
             if exact is None:
                 plain = graph.call_function(OPS.unmask.default, (ph, delta))
             else:
-                attr = f"_exact_inv_scale_{name}"
-                consts[attr] = exact.inv_scale[name]
-                inv = graph.get_attr(attr)
-                inv.meta["val"] = consts[attr]
-                plain = graph.call_function(OPS.ring_unmask.default, (ph, delta, inv))
+                inv = _const_node(graph, consts, f"_exact_inv_scale_{name}", exact.inv_scale[name])
+                if rows:
+                    bias = exact.bias.get(name)
+                    b = None if bias is None else _const_node(graph, consts, f"_exact_bias_{name}", bias)
+                    plain = graph.call_function(OPS.ring_unmask_rows.default, (ph, delta, inv, b))
+                else:
+                    plain = graph.call_function(OPS.ring_unmask.default, (ph, delta, inv))
         plain.meta = {**ph.meta, "val": plain_val}
         ph.replace_all_uses_with(plain, delete_user_cb=lambda n, p=plain: n is not p)
     out_node = next(iter(graph.find_nodes(op="output")))
@@ -68,12 +71,18 @@ def rewrite_stage(
         r = append_placeholder(
             graph,
             f"mask_{name}",
-            val if exact is None else fake_like(val, getattr(torch, exact.ring[name])),
+            val
+            if exact is None
+            else fake_like(val, getattr(torch, exact.ring[name]), wider=int(name in exact.row_limit)),
         )
         extras.append(("mask", name))
         with graph.inserting_before(out_node):
             if exact is None:
                 hidden = graph.call_function(OPS.mask.default, (value, r))
+            elif name in exact.row_limit:
+                hidden = graph.call_function(
+                    OPS.ring_mask_rows.default, (value, r, exact.row_limit[name])
+                )
             else:
                 hidden = graph.call_function(
                     OPS.ring_mask.default, (value, r, exact.frac_bits[name], exact.limit[name])
@@ -91,3 +100,12 @@ def rewrite_stage(
         extra_inputs=extras,
         masked_outputs=[*stage.masked_outputs, *mask_out],
     )
+
+
+def _const_node(
+    graph: torch.fx.Graph, consts: dict[str, torch.Tensor], name: str, value: torch.Tensor
+) -> torch.fx.Node:
+    consts[name] = value
+    node = graph.get_attr(name)
+    node.meta["val"] = value
+    return node

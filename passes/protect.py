@@ -136,7 +136,10 @@ class _Protector:
             amax = exact_pass.calibrate(self.program, set(masked))
             exact_pass.plan_inputs(gpu_stages, masked, exact, amax, dict(self.shapes.upper))
             for name in masked:  # pads are drawn in the ring, not in the value's float dtype
-                masked[name] = (masked[name][0], exact.ring[name])
+                shape = list(masked[name][0])
+                if name in exact.row_limit:  # and row-scaled values carry their exponents
+                    shape[-1] += 1
+                masked[name] = (shape, exact.ring[name])
         modules: dict[str, torch.fx.GraphModule] = {}
         analyses: dict[str, StageAnalysis] = {}
         masked_in: dict[str, list[str]] = {}

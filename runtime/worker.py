@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from partitioner.bundle import load_stage_modules, onnx_file, read_document, read_plan
+from partitioner.ops import prepare_ring_weights
 from runtime.onnx_stage import onnx_stage
 from runtime.protocol import (
     DTYPES,
@@ -70,7 +71,7 @@ class GPUWorker:
             }
         else:
             self.stages = {
-                name: module.to(self.device)
+                name: prepare_ring_weights(module, self.device)
                 for name, module in load_stage_modules(root, plan, "gpu").items()
             }
         self.signatures: dict[str, list[dict[str, Any]]] = {}

@@ -31,6 +31,7 @@ from scipy import stats
 from enclave_runtime.executor import Executor, InProcessRunner
 from partitioner.api import partition
 from partitioner.errors import PolicyError
+from partitioner.ops import quantize_rows
 from partitioner.plan import GPU
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram
@@ -89,14 +90,15 @@ def received_value(
         Executor(split.spec, runner=runner, seed=seed)(ids)
     first = next(s for s in split.stages if s.side == GPU)
     hidden = built(MODEL).config.hidden_size
+    # a row-scaled exact value carries one more (masked) column: each row's exponent
     wanted = [
         (name, t)
         for name, t in zip(first.inputs, runner.received[first.name], strict=True)
-        if list(t.shape) == [1, ids.shape[1], hidden]
+        if list(t.shape[:2]) == [1, ids.shape[1]] and t.shape[2] in (hidden, hidden + 1)
     ]
     assert len(wanted) == 1, [(t.dtype, list(t.shape)) for t in runner.received[first.name]]
     name, value = wanted[0]
-    return name, value[0]
+    return name, value[0, :, :hidden]
 
 
 def wire_format(masking: str, name: str) -> dict[str, int | float | None]:
@@ -110,6 +112,7 @@ def wire_format(masking: str, name: str) -> dict[str, int | float | None]:
             "prime": 2 ** (32 if exact.ring.get(name) == "int32" else 64),
             "frac_bits": int(exact.frac_bits.get(name, 14)),
             "limit": exact.limit.get(name),
+            "row_limit": exact.row_limit.get(name),
         }
     field = getattr(prot, "field_plan", None)  # the prime-field mode "exact" replaces
     return {
@@ -117,6 +120,7 @@ def wire_format(masking: str, name: str) -> dict[str, int | float | None]:
         "prime": int(getattr(field, "prime", 2**32)),
         "frac_bits": int(getattr(field, "frac_bits", 14)),
         "limit": None,
+        "row_limit": None,
     }
 
 
@@ -144,6 +148,7 @@ def token_table_attack(
     prime: int = 2**32,
     frac_bits: int = 14,
     limit: int | None = None,
+    row_limit: int | None = None,
 ) -> tuple[list[set[int]], torch.Tensor]:
     """Per position of ``received`` (seq, hidden): the tokens consistent with it, and a guess.
 
@@ -159,7 +164,10 @@ def token_table_attack(
     else:
         # Z_{2^64} does not fit int64 arithmetic here: compare its residues mod 2^32 instead
         modulus = 2**32 if received.dtype == torch.int32 or prime > 2**62 else prime
-        rows = torch.round(table.double() * 2**frac_bits)
+        if row_limit is not None:  # row scaling is a public function of the row: apply it
+            rows = quantize_rows(table, row_limit)[0].double()
+        else:
+            rows = torch.round(table.double() * 2**frac_bits)
         if limit is not None:  # the enclave clamps before masking; so does the attacker
             rows = rows.clamp(-float(limit), float(limit))
         rows = rows.to(torch.int64) % modulus

@@ -9,7 +9,7 @@ from conftest import captured, eager, model_output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from enclave_runtime.randomness import CSPRNG
-from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
+from partitioner import ops
 from partitioner.api import partition
 from partitioner.errors import IntegrityError, PartitionError, PolicyError
 from partitioner.policy import Policy
@@ -168,9 +168,14 @@ def test_gpu_stages_see_only_masked_values(preset):
         hidden, clear = seen_masked[name], seen_plain[name]
         exact = sp.protection.exact
         assert hidden.dtype == getattr(torch, exact.ring[name])
-        bits = exact.frac_bits[name]
+        if name in exact.row_limit:  # row-scaled: the values, then each row's exponent
+            q, e = ops.quantize_rows(clear, exact.row_limit[name])
+            plain_int = torch.cat([q, e[..., None]], dim=-1)
+        else:
+            plain_int = ops.quantize(clear, exact.frac_bits[name], exact.limit[name])
+        assert hidden.shape == plain_int.shape
         # every element moved by its pad
-        assert float((hidden - torch.round(clear.double() * 2**bits)).abs().min()) > 0
+        assert int((hidden.to(torch.int64) - plain_int).abs().min()) > 0
     assert all(
         e.protection in ("additive", "exact")
         for e in sp.cut_edges
@@ -261,22 +266,31 @@ def test_exact_edges_cross_as_int32_and_no_layer_can_wrap():
     sp = partition(captured("tiny-llama"), "slalom", seed=2)
     masked = [e for e in sp.cut_edges if e.protection in ("exact", "unmask")]
     assert masked and all(e.dtype == "int32" for e in masked)
-    exact = sp.plan()["protection"]["exact"]
-    assert exact["weights"] == "int8 per output channel" and exact["activation_frac_bits"]
-    limits = sp.protection.exact.limit
-    # every layer: the clamp limit times the largest row of |int8 weights| stays below 2**30,
-    # and the quantised bias below 2**30, so W q + b never wraps Z_{2^32}
+    exact = sp.protection.exact
+    assert sp.plan()["protection"]["exact"]["row_scaled"] == exact.row_limit
+    checked = 0
+    # every layer: the float64 GEMM is exact (2**31 * max|w| * fan_in <= 2**53), and the
+    # integers cannot wrap Z_{2^32}: ||q_row|| * max ||w_row|| <= 2**30 for row-scaled inputs
+    # (Cauchy-Schwarz), the clamp limit times max ||w_row||_1 <= 2**30 otherwise, with the
+    # quantised bias below 2**30
     for stage in sp.stages:
         if stage.side == "gpu":
             for node in stage.module.graph.find_nodes(
                 op="call_function", target=torch.ops.teesplit.ring_linear.default
             ):
-                w = getattr(stage.module, node.args[1].target)
-                assert w.dtype == torch.int8
-                limit = limits[node.args[0].name]
-                assert limit * int(w.to(torch.int64).abs().sum(1).max()) <= LINEAR_BOUND
+                w = getattr(stage.module, node.args[1].target).to(torch.int64)
+                assert 2**31 * int(w.abs().max()) * w.shape[1] <= 2**53
+                source = node.args[0].name
+                if source in exact.row_limit:
+                    norm = float(w.pow(2).sum(1).max()) ** 0.5
+                    assert exact.row_limit[source] * norm <= LINEAR_BOUND
+                else:
+                    l1 = int(w.abs().sum(1).max())
+                    assert exact.limit[source] * l1 <= LINEAR_BOUND
                 if node.args[2] is not None:
                     assert int(getattr(stage.module, node.args[2].target).abs().max()) < 2**30
+                checked += 1
+    assert checked
 
 
 def test_exact_masking_refuses_an_op_it_cannot_compute_exactly():
@@ -354,7 +368,7 @@ def test_meta_device_models_get_a_protected_plan(preset):
     if preset == "cmif":
         assert protection["rnm"]["candidates"] == 20 and protection["rnm"]["special_tokens"] is None
     else:
-        assert protection["exact"]["activation_frac_bits"] and protection["masked_values"]
+        assert protection["exact"]["row_scaled"] and protection["masked_values"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,121 @@
+"""Exact masked linear layers on CUDA: bit for bit against the CPU, and their speed.
+
+Runs on a machine with an NVIDIA GPU (it needs only torch; ``partitioner/ops.py`` is imported
+by path so the rest of the project and its dependencies need not be installed there):
+
+1. exactness: ``teesplit::ring_linear`` on CUDA (int8 GEMMs with int32 accumulation,
+   ``torch._int_mm``, four digits of the masked input times one or two digits of the weights)
+   equals the CPU's float64 result on uniform residues, for int8 and int16 weights, at every
+   shape below, and so does the float64-on-CUDA path;
+2. speed: per shape, the float32 GEMM of the same layer (``F.linear``, TF32 off), the exact
+   layer through int8 GEMMs, and through one float64 GEMM, as medians of CUDA-event timings.
+
+    python benchmarks/cuda_ring.py [--repeats 50] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("teesplit_ops", ROOT / "partitioner" / "ops.py")
+ops = importlib.util.module_from_spec(_spec)
+sys.modules["teesplit_ops"] = ops
+_spec.loader.exec_module(ops)
+
+# (name, rows, fan-in, fan-out): SmolLM2-135M and Llama-2-7B layers, prefill (128 rows) and
+# decode (1 row; _int_mm takes more than 16 rows, so decode uses float64 GEMMs)
+SHAPES = [
+    ("smollm2 q_proj prefill", 128, 576, 576),
+    ("smollm2 up_proj prefill", 128, 576, 1536),
+    ("smollm2 down_proj prefill", 128, 1536, 576),
+    ("smollm2 lm_head prefill", 128, 576, 49152),
+    ("llama7b q_proj prefill", 128, 4096, 4096),
+    ("llama7b up_proj prefill", 128, 4096, 11008),
+    ("llama7b down_proj prefill", 128, 11008, 4096),
+    ("llama7b up_proj decode", 1, 4096, 11008),
+    ("llama7b up_proj batch32", 32, 4096, 11008),
+]
+
+
+def weight_max(fan_in: int) -> int:
+    return max(1, min(2047, (2**53) // (2**31 * fan_in)))
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    print("| layer | weights | exact int8-GEMM = CPU | exact f64 = CPU | f32 ms | int8 ms | f64 ms "
+          "| int8 ÷ f32 | f64 ÷ f32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, m, k, n in SHAPES:
+        top = weight_max(k)
+        dtype = torch.int8 if top <= 127 else torch.int16
+        u = torch.randint(-(2**31), 2**31, (m, k), generator=gen, dtype=torch.int64)
+        u = u.to(torch.int32)
+        w = torch.randint(-top, top + 1, (n, k), generator=gen, dtype=torch.int64).to(dtype)
+        cpu = torch.ops.teesplit.ring_linear(u, w, None)
+        u_d, w_d = u.to(dev), w.to(dev)
+        via_int8 = ops._int8_linear_cuda(u_d, w_d)
+        same_int8 = None if via_int8 is None else bool(torch.equal(via_int8.cpu(), cpu))
+        w64 = w_d.to(torch.float64)
+        f64 = torch.ops.teesplit.ring_linear(u_d, w64, None)
+        same_f64 = bool(torch.equal(f64.cpu(), cpu))
+        x = torch.randn(m, k, device=dev)
+        wf = torch.randn(n, k, device=dev)
+        t_f32 = timed(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf), args.repeats)
+        t_int8 = (
+            timed(lambda u_d=u_d, w_d=w_d: ops._int8_linear_cuda(u_d, w_d), args.repeats)
+            if via_int8 is not None
+            else None
+        )
+        t_f64 = timed(lambda u_d=u_d, w64=w64: torch.ops.teesplit.ring_linear(u_d, w64, None),
+                      args.repeats)  # fmt: skip
+        row = {
+            "layer": name, "rows": m, "fan_in": k, "fan_out": n, "weights": str(dtype),
+            "int8_exact": same_int8, "f64_exact": same_f64, "f32_ms": t_f32,
+            "int8_ms": t_int8, "f64_ms": t_f64,
+        }  # fmt: skip
+        rows.append(row)
+        ratio8 = f"{t_int8 / t_f32:.2f}" if t_int8 is not None else "–"
+        int8 = f"{t_int8:.4f}" if t_int8 is not None else "–"
+        print(f"| {name} ({m}×{k}→{n}) | {dtype} (±{top}) | {same_int8} | {same_f64} | "
+              f"{t_f32:.4f} | {int8} | {t_f64:.4f} | {ratio8} | {t_f64 / t_f32:.2f} |")
+    bad = [r["layer"] for r in rows if r["int8_exact"] is False or not r["f64_exact"]]
+    print("all exact" if not bad else f"NOT EXACT: {bad}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
