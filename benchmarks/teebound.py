@@ -16,32 +16,39 @@ broken down by wrapping the executor's parts:
   integrity checks (``enclave_runtime.integrity.check`` for float masks, the executor's
   ``ring_checks[s].check`` for exact ones), and the executor loop (the rest:
   binding, input checks, ``pool.take``, reply checks, output unmasking, Python dispatch);
-* offline per request: one ``executor.pool.draw(binding)`` (pads, RNM noise, precomputed
-  corrections ``W·r``, Freivalds vectors), timed as each ``pool.fill(binding, 1)`` that fills
-  the pool for the timed calls (median of those draws); the timed calls then take only
-  pooled sets (``pool.misses`` is asserted unchanged);
+* offline per request: the pool draws mask sets (pads, RNM noise, precomputed corrections
+  ``W·r``, Freivalds vectors) in batches, the corrections of a batch as one GEMM per layer
+  (``W·[r_1 … r_B]``); each ``pool.fill(binding, B, batch=B)`` that stocks the pool for the
+  timed calls is timed, and offline per request = fill time / B (median over the fills; the
+  rate is B / fill time, in sets/s). ``B`` is ``--batch`` (default 16 for decode, 4 for
+  prefill, whose sets hold 128 tokens' pads and corrections). The one-time float64 conversion
+  of the correction weights (``pool._prepared``, once per executor) is done first and reported
+  apart (``offline_prepare_ms``). The timed calls then take only pooled sets (``pool.misses``
+  is asserted unchanged);
 * round trips: GPU stage calls per request; bytes to / from the GPU: the ``nbytes`` of the
   tensors passed to / returned by ``runner.run``;
 * speedups: ``T_enclave(all_enclave) / T_enclave_online`` (a server that draws masks while
   idle) and ``T_enclave(all_enclave) / (T_enclave_online + T_offline)`` (one that does not).
 
-Medians over ``--repeats`` calls after one warm-up call. A preset whose mask set takes long to
-draw gets fewer timed calls (at most ``--draw-budget`` seconds of draws per preset and
-workload; the count used is in the table; a single set too slow to draw twice serves one
-call without a warm-up), and a preset and workload past ``--timeout`` seconds is cut off by
-SIGALRM. A preset the compiler refuses (or one that fails) is a row saying why; an unexpected
-failure also makes the exit status 1. Everything runs on this machine's CPU: "GPU" time is CPU
-time of the GPU stages, and only the enclave-side figures are the point. One torch thread by
-default (``--threads``): on the 2-core development machine, with another process busy, two
-OpenMP threads wait on each other and times swing 2-10x; one thread keeps the ratios stable.
+Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
+holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
+fills, until ``--draw-budget`` seconds of fills per preset and workload are spent; a preset
+whose sets are slow to draw then gets fewer timed calls (the count used is in the table; a
+single set serves one call without a warm-up), and a preset and workload past ``--timeout``
+seconds is cut off by SIGALRM. A preset the compiler refuses (or one that fails) is a row
+saying why; an unexpected failure also makes the exit status 1. Everything runs on this
+machine's CPU: "GPU" time is CPU time of the GPU stages, and only the enclave-side figures are
+the point. One torch thread by default (``--threads``): on the 2-core development machine, with
+another process busy, two OpenMP threads wait on each other and times swing 2-10x; one thread
+keeps the ratios stable.
 
 ``--project`` (on by default) adds a projection for a Llama-2-7B-shaped decode step at context
 128 from this CPU's measured memory bandwidth and float64 GEMM rate; the formulas are printed
 with the numbers. Results: ``benchmarks/results/teebound.json``; the markdown tables are
 printed.
 
-    python benchmarks/teebound.py [--repeats 5] [--quick] [--no-project] [--threads N]
-        [--draws 3] [--draw-budget 45] [--timeout 150] [--threads 1] [--out FILE]
+    python benchmarks/teebound.py [--repeats 5] [--quick] [--no-project] [--threads 1]
+        [--batch B] [--fills 1] [--draw-budget 45] [--timeout 150] [--out FILE]
         [--presets all_enclave cmif secureinfer slalom slalom:masking=additive]
         [--set KEY=VALUE ...]   # a policy override for every preset but all_enclave
 """
@@ -69,6 +76,8 @@ sys.path.insert(0, str(ROOT))
 BASELINE = "all_enclave"
 DEFAULT_PRESETS = ["all_enclave", "cmif", "secureinfer", "slalom", "slalom:masking=additive"]
 CONTEXT = 128  # prefill length, and the decode step's past
+# mask sets per batched fill, per workload: a prefill set holds 128 tokens' pads and corrections
+DEFAULT_BATCH = {"prefill": 4, "decode": 16}
 
 
 # -- presets and overrides ----------------------------------------------------------------------
@@ -210,7 +219,8 @@ def measure(
     args: tuple[Any, ...],
     public: bool,
     repeats: int,
-    draws: int,
+    batch: int,
+    fills: int,
     draw_budget: float,
     phase: dict[str, str],
 ) -> dict[str, Any]:
@@ -220,18 +230,25 @@ def measure(
     env = ex.signature.bind(args, {})
     binding = ex.binding(env)
     pool = ex.pool
-    draw_s: list[float] = []
+    fill_s: list[float] = []  # seconds per batched fill of ``batch`` sets
+    prepare_s = 0.0
     sets = repeats + 1  # one for the warm-up
     if pool is not None:
-        # each fill(binding, 1) is one draw; the sets serve the warm-up and the timed calls
-        while len(draw_s) < max(sets, draws):
-            phase["now"] = f"drawing mask set {len(draw_s) + 1}"
+        # once per executor, not per set: the correction weights converted to float64
+        phase["now"] = "preparing the correction weights"
+        start = time.perf_counter()
+        for stage in getattr(pool.protection, "pooled", ()) or ():
+            pool._prepared(stage)
+        prepare_s = time.perf_counter() - start
+        # each fill draws ``batch`` sets as one batch; they serve the warm-up and timed calls
+        while len(fill_s) * batch < sets or len(fill_s) < max(fills, 1):
+            phase["now"] = f"drawing batched fill {len(fill_s) + 1} ({batch} mask sets)"
             start = time.perf_counter()
-            pool.fill(binding, 1)
-            draw_s.append(time.perf_counter() - start)
-            if len(draw_s) >= max(draws, 1) and sum(draw_s) >= draw_budget:
+            pool.fill(binding, batch, batch=batch)
+            fill_s.append(time.perf_counter() - start)
+            if len(fill_s) >= max(fills, 1) and sum(fill_s) >= draw_budget:
                 break
-        sets = len(draw_s)
+        sets = pool.available(binding)
     warm_up = sets >= 2  # a single expensive set goes to one timed call, without a warm-up
     timed_calls = min(repeats, sets - 1) if warm_up else 1
     misses = pool.misses if pool is not None else 0
@@ -300,8 +317,13 @@ def measure(
         "checks_ms": med("checks") * 1e3,
         "loop_ms": loop * 1e3,
         "gpu_ms": med("gpu") * 1e3,
-        "offline_ms": median(draw_s) * 1e3,
-        "offline_draws": len(draw_s),
+        # per request: a batched fill's time over its size (median over the fills)
+        "offline_ms": median(fill_s) / batch * 1e3,
+        "offline_batch": batch if pool is not None else None,
+        "offline_fills": len(fill_s),
+        "offline_fill_ms": median(fill_s) * 1e3,
+        "offline_rate_sets_s": batch / median(fill_s) if fill_s else None,
+        "offline_prepare_ms": prepare_s * 1e3,
         "round_trips": int(med("round_trips")),
         "bytes_to_gpu": int(med("bytes_to_gpu")),
         "bytes_from_gpu": int(med("bytes_from_gpu")),
@@ -345,11 +367,12 @@ def cpu_rates(quick: bool) -> dict[str, Any]:
     }
 
 
-def project(rates: dict[str, Any], measured: dict[str, Any] | None) -> dict[str, Any]:
+def project(rates: dict[str, Any], measured: dict[str, Any] | None, batch: int) -> dict[str, Any]:
     """Llama-2-7B decode step (batch 1, context 128): memory-bound enclave time from bytes
-    touched, and the offline mask-set cost as float64 GEMMs. ``measured``: the SmolLM2
-    slalom-like decode row, whose enclave time per layer bounds this implementation's fixed
-    per-layer cost (Python dispatch of ~100 small ops, the executor loop). See the printout."""
+    touched, and the offline mask-set cost as float64 GEMMs (the pool draws ``batch`` sets at a
+    time). ``measured``: the SmolLM2 slalom-like decode row, whose enclave time per layer bounds
+    this implementation's fixed per-layer cost (Python dispatch of ~100 small ops, the executor
+    loop). See the printout."""
     h, layers, ffn, vocab, ctx = 4096, 32, 11008, 32000, CONTEXT
     kv = h  # Llama-2-7B: 32 KV heads (no GQA)
     per_layer = 4 * h * h + 3 * h * ffn  # q, k, v, o; gate, up, down
@@ -382,13 +405,17 @@ def project(rates: dict[str, Any], measured: dict[str, Any] | None) -> dict[str,
         per_layer_s = measured["enclave_online_ms"] / 1e3 / measured["layers"]
     t_impl = layers * per_layer_s if per_layer_s is not None else 0.0
     t_online = t_bytes + t_impl
-    # offline per token: W_int8·r for every GPU linear (2 FLOPs per weight), one float64 GEMM
-    # per layer batched over many mask sets (exact in float64: |r| < 2**31, |w| <= 127, fan-in
-    # < 2**14). Freivalds' a = Wᵀs is drawn once per executor (RingCheck), not per request.
+    # offline per token (one mask set): the corrections W·r of every GPU linear, 2 FLOPs per
+    # weight. The pool draws ``batch`` sets at a time (MaskPool.fill / draw_many), the
+    # corrections of a batch as one float64 GEMM per layer, W·[r_1 … r_B], with the weights
+    # converted to float64 once per executor (exact: every partial sum is an integer below
+    # 2**31 · max|w| · fan-in <= 2**53). At B = 16 the GEMM is compute-bound: per set,
+    # 2·params FLOP at the measured float64 GEMM rate. The float64 weights it reads, once per
+    # batch, cost 8 B × params / (B · BW) per set (printed to show the bound holds).
+    # Freivalds' a = Wᵀs is drawn once per executor (RingCheck), not per request.
     offline_flops = 2 * linear_params
     t_off = offline_flops / f64
-    # the pool as it is draws one set at a time: at seq 1 that is a GEMV over float64 weights
-    t_off_gemv = linear_params * 8 / bw
+    t_off_weights = linear_params * 8 / (batch * bw)
     return {
         "shape": {"hidden": h, "layers": layers, "ffn": ffn, "vocab": vocab, "context": ctx},
         "params": params,
@@ -413,9 +440,11 @@ def project(rates: dict[str, Any], measured: dict[str, Any] | None) -> dict[str,
             "overhead_per_layer_ms": None if per_layer_s is None else per_layer_s * 1e3,
             "overhead_ms": t_impl * 1e3,
             "online_ms": t_online * 1e3,
+            "offline_batch": batch,
             "offline_gflop": offline_flops / 1e9,
             "offline_ms": t_off * 1e3,
-            "offline_unbatched_gemv_ms": t_off_gemv * 1e3,
+            "offline_weight_read_ms": t_off_weights * 1e3,
+            "offline_float64_weights_gb": linear_params * 8 / 1e9,
         },
         "speedup_online": t_ae / t_online,
         "speedup_online_bytes_only": t_ae / t_bytes,
@@ -452,12 +481,19 @@ def print_projection(rates: dict[str, Any], p: dict[str, Any]) -> None:
         f"reads (32 × 2 × {sh['context']} × 4096 × 4 B = {s['kv_cache_bytes'] / 1e6:.0f} MB) = "
         f"{s['bytes'] / 1e6:.0f} MB / BW = **{s['bytes_ms']:.1f} ms**; plus {overhead}; "
         f"online **{s['online_ms']:.1f} ms** per token; {s['round_trips']} GPU round trips\n"
-        "* offline per token (one mask set): the corrections W_int8·r of every GPU linear, one "
-        "float64 GEMM per layer batched over mask sets (compute-bound): 2 × "
-        f"{p['gpu_linear_params'] / 1e9:.2f}e9 params = {s['offline_gflop']:.1f} GFLOP / F64 = "
-        f"**{s['offline_ms']:.0f} ms** (Freivalds' a = Wᵀs costs the same once per executor, "
-        "not per token; drawn one set at a time, as the pool does now, W·r is a GEMV that reads "
-        f"the weights as float64: 8 B × params / BW = {s['offline_unbatched_gemv_ms']:.0f} ms)"
+        "* offline per token (one mask set): the corrections W·r of every GPU linear; the pool "
+        f"draws B = {s['offline_batch']} sets at a time, one float64 GEMM per layer "
+        "W·[r_1 … r_B]: 2 × "
+        f"{p['gpu_linear_params'] / 1e9:.2f}e9 params = {s['offline_gflop']:.1f} GFLOP per set "
+        f"/ F64 = **{s['offline_ms']:.0f} ms** (the float64 weights, "
+        f"{s['offline_float64_weights_gb']:.0f} GB, read once per batch: 8 B × params / "
+        f"(B × BW) = {s['offline_weight_read_ms']:.0f} ms per set, "
+        + (
+            "below the FLOP time: compute-bound"
+            if s["offline_weight_read_ms"] <= s["offline_ms"]
+            else "above the FLOP time: at this B memory-bound, the figure a lower bound"
+        )
+        + "; Freivalds' a = Wᵀs costs the same once per executor, not per token)"
         "\n\n"
         f"Speedup over all_enclave (fp16): online **{p['speedup_online']:.1f}×** "
         f"(bytes alone {p['speedup_online_bytes_only']:.0f}×); with the offline draw "
@@ -479,12 +515,22 @@ def fmt(x: Any, spec: str = ".1f") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--draws", type=int, default=3, help="mask sets drawn at least (offline)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="mask sets per batched pool.fill (default: "
+        + ", ".join(f"{w} {b}" for w, b in DEFAULT_BATCH.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--fills", type=int, default=1, help="batched fills timed at least (offline)"
+    )
     parser.add_argument(
         "--draw-budget",
         type=float,
         default=45.0,
-        help="seconds of mask-set draws per preset and workload before fewer calls are timed",
+        help="seconds of batched fills per preset and workload before fewer calls are timed",
     )
     parser.add_argument(
         "--timeout",
@@ -498,15 +544,18 @@ def main() -> None:
         default=1,
         help="torch threads (0: torch's default); 1 keeps figures stable on a shared machine",
     )
-    parser.add_argument("--quick", action="store_true", help="1 timed call, 1 draw: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="1 timed call, 1 fill: a smoke run")
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="NAME[:K=V,..]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--project", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teebound.json"))
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.draws, args.draw_budget = 1, 1, min(args.draw_budget, 20.0)
+        args.repeats, args.fills, args.draw_budget = 1, 1, min(args.draw_budget, 20.0)
         args.timeout = min(args.timeout, 90)
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit("--batch: at least 1")
+    batches = {w: args.batch or b for w, b in DEFAULT_BATCH.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
     common = {}
@@ -585,7 +634,14 @@ def main() -> None:
             signal.alarm(args.timeout)
             try:
                 result = measure(
-                    split, call_args, public, args.repeats, args.draws, args.draw_budget, phase
+                    split,
+                    call_args,
+                    public,
+                    args.repeats,
+                    batches[workload],
+                    args.fills,
+                    args.draw_budget,
+                    phase,
                 )
             except Timeout:
                 why = f"timed out after {args.timeout} s, {phase['now']}"
@@ -612,8 +668,13 @@ def main() -> None:
             rows.append(result)
             print(
                 f"  {row_label} {workload}: enclave online {result['enclave_online_ms']:.1f} ms, "
-                f"GPU {result['gpu_ms']:.1f} ms, offline {result['offline_ms']:.1f} ms "
-                f"({time.perf_counter() - t1:.0f} s)"
+                f"GPU {result['gpu_ms']:.1f} ms, offline "
+                + (
+                    f"{result['offline_ms']:.1f} ms per set (batch {result['offline_batch']})"
+                    if result["offline_batch"]
+                    else "none (no mask pool)"
+                )
+                + f" ({time.perf_counter() - t1:.0f} s)"
             )
 
     base = {
@@ -632,23 +693,24 @@ def main() -> None:
     print("\n## SmolLM2-135M: enclave time per request (ms, medians; this CPU runs both sides)\n")
     print(
         "| workload | preset | masking | calls | T_enclave online | enclave stages | corrections "
-        "| checks | loop | T_gpu | offline/request | round trips | kB to GPU | kB from GPU "
-        "| speedup online | speedup incl. offline |"
+        "| checks | loop | T_gpu | offline/request | offline batch | sets/s | round trips "
+        "| kB to GPU | kB from GPU | speedup online | speedup incl. offline |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for r in rows:
             if r.get("workload", workload) != workload:
                 continue
             if "error" in r:
-                print(f"| {workload} | {r['preset']} | {r['error']} |" + " |" * 13)
+                print(f"| {workload} | {r['preset']} | {r['error']} |" + " |" * 15)
                 continue
             print(
                 f"| {workload} | {r['preset']} | {r['masking']} | {r['timed_calls']}"
                 f"{'' if r['warm_up'] else ' (no warm-up)'} | "
                 f"{r['enclave_online_ms']:.2f} | {r['enclave_stages_ms']:.2f} | "
                 f"{r['corrections_ms']:.2f} | {r['checks_ms']:.2f} | {r['loop_ms']:.2f} | "
-                f"{r['gpu_ms']:.2f} | {r['offline_ms']:.2f} | {r['round_trips']} | "
+                f"{r['gpu_ms']:.2f} | {r['offline_ms']:.2f} | {fmt(r['offline_batch'], 'd')} | "
+                f"{fmt(r['offline_rate_sets_s'], '.1f')} | {r['round_trips']} | "
                 f"{r['bytes_to_gpu'] / 1e3:,.1f} | {r['bytes_from_gpu'] / 1e3:,.1f} | "
                 f"{fmt(r.get('speedup_online'), '.2f')} | "
                 f"{fmt(r.get('speedup_with_offline'), '.2f')} |"
@@ -659,8 +721,9 @@ def main() -> None:
     )
     print(
         "T_enclave online = call - T_gpu = stages + corrections + checks + loop; "
-        "offline = one pool.draw; speedups are T_enclave(all_enclave) over T_enclave online "
-        "(and + offline)."
+        "offline/request = time of pool.fill(binding, B, batch=B) / B (sets/s = B / that time; "
+        "B: " + ", ".join(f"{w} {b}" for w, b in batches.items()) + "); speedups are "
+        "T_enclave(all_enclave) over T_enclave online (and + offline)."
     )
 
     projection = rates = None
@@ -677,7 +740,7 @@ def main() -> None:
         exact = [r for r in decode if r["masking"] == "exact"] or decode  # the projection's
         best = min(exact, key=lambda r: r["enclave_online_ms"]) if exact else None
         measured = None if best is None else {**best, "layers": layers}
-        projection = project(rates, measured)
+        projection = project(rates, measured, batches["decode"])
         print_projection(rates, projection)
 
     out = Path(args.out)
@@ -688,6 +751,7 @@ def main() -> None:
         "batch": 1,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "offline_batch": batches,
         "quick": args.quick,
         "presets": args.presets,
         "eager_ms": eager,
