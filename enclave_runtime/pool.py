@@ -5,11 +5,15 @@ request at one shape binding, a fresh pad for every masked value, RNM noise for 
 and the correction of every stage whose correction depends on the pads alone (Slalom's ``W·r``),
 so a request's online cost is one add per masked value and one subtract per unmasked one.
 Each set is handed out once (``take`` pops it): a pad is never reused. A request whose shapes
-have no precomputed set draws one on the spot and counts a ``miss``.
+have no precomputed set draws one on the spot and counts a ``miss``. ``fill`` draws sets in
+batches (the corrections of a batch are one GEMM per layer); ``refill_in_background`` keeps a
+binding stocked from a thread while requests are served.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ import torch
 from enclave_runtime import integrity
 from enclave_runtime.randomness import CSPRNG
 from partitioner.dims import concrete_shape
+from partitioner.ops import OPS, prepare_ring_weights
 from partitioner.plan import Protection
 
 Binding = tuple[tuple[str, int], ...]
@@ -40,8 +45,11 @@ class MaskPool:
         self.protection = protection
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
+        self._modules: dict[str, Any] = {}
+        self._lock = threading.Lock()  # one draw at a time: the CSPRNG's counter is shared
         self.misses = 0
         self.drawn = 0
+        self.rate = 0.0  # sets per second drawn by the background refill
         # exact masking checks with one secret vector per executor (integrity.RingCheck),
         # float masks with vectors drawn per mask set
         self._checks = (
@@ -57,7 +65,54 @@ class MaskPool:
     def key(binding: Mapping[str, int]) -> Binding:
         return tuple(sorted((str(s), int(v)) for s, v in binding.items()))
 
+    def _prepared(self, stage: str) -> Any:
+        """A correction module with its integer weights converted once (not per draw)."""
+        if stage not in self._modules:
+            self._modules[stage] = prepare_ring_weights(self.protection.corrections[stage].module)
+        return self._modules[stage]
+
+    def _batchable(self, stage: str) -> bool:
+        """A correction that is ``ring_linear`` layers alone maps each row on its own, so the
+        pads of many mask sets go through it as one batch: one GEMM ``W·[r_1 … r_n]``,
+        compute-bound, instead of ``n`` memory-bound ones."""
+        graph = self.protection.corrections[stage].module.graph
+        return all(
+            n.op in ("placeholder", "get_attr", "output") or n.target == OPS.ring_linear.default
+            for n in graph.nodes
+        )
+
     def draw(self, binding: Mapping[str, int]) -> MaskSet:
+        return self.draw_many(binding, 1)[0]
+
+    def draw_many(self, binding: Mapping[str, int], count: int) -> list[MaskSet]:
+        """``count`` fresh mask sets; the corrections of ring-linear stages are computed for
+        all of them at once."""
+        sets = [self._pads(binding) for _ in range(count)]
+        for stage in self.protection.pooled:
+            corr = self.protection.corrections[stage]
+            module = self._prepared(stage)
+            if count > 1 and self._batchable(stage):
+                inputs = [torch.cat([m.deltas[n] for m in sets]) for n in corr.delta_inputs]
+                results = [r.chunk(count) for r in module(*inputs)]
+                per_set = [[r[i] for r in results] for i in range(count)]
+            else:
+                per_set = [module(*(m.deltas[n] for n in corr.delta_inputs)) for m in sets]
+            for m, outs in zip(sets, per_set, strict=True):
+                m.deltas.update(zip(corr.delta_outputs, outs, strict=True))
+        for m in sets:
+            deltas = m.deltas
+            m.deltas = {k: v for k, v in deltas.items() if k not in m.pads}
+            for name, check in self._checks.items():
+                corr = check.corr
+                m.freivalds[name] = check.draw(
+                    [deltas[n] for n in corr.delta_inputs],
+                    [deltas[n] for n in corr.delta_outputs],
+                    self.rng,
+                )
+        self.drawn += count
+        return sets
+
+    def _pads(self, binding: Mapping[str, int]) -> MaskSet:
         prot = self.protection
         out = MaskSet()
         for name, (shape_spec, dtype) in prot.masked.items():
@@ -71,34 +126,50 @@ class MaskPool:
             site = prot.rnm
             shape = [*concrete_shape(prot.token_shape, binding), site.candidates]
             out.noise[site.token_input] = self.rng.laplace(shape, site.noise_scale)
-        deltas: dict[str, torch.Tensor] = dict(out.pads)
-        for stage in prot.pooled:
-            corr = prot.corrections[stage]
-            results = corr.module(*(deltas[n] for n in corr.delta_inputs))
-            deltas.update(zip(corr.delta_outputs, results, strict=True))
-            out.deltas.update(zip(corr.delta_outputs, results, strict=True))
-        for name, check in self._checks.items():
-            corr = check.corr
-            out.freivalds[name] = check.draw(
-                [deltas[n] for n in corr.delta_inputs],
-                [deltas[n] for n in corr.delta_outputs],
-                self.rng,
-            )
-        self.drawn += 1
+        out.deltas = dict(out.pads)  # the pads, then the corrections drawn from them
         return out
 
-    def fill(self, binding: Mapping[str, int], count: int) -> None:
+    def fill(self, binding: Mapping[str, int], count: int, batch: int = 16) -> None:
+        """Draw ``count`` sets for ``binding``, ``batch`` at a time."""
         queue = self._sets.setdefault(self.key(binding), deque())
         with torch.no_grad():
-            for _ in range(count):
-                queue.append(self.draw(binding))
+            while count > 0:
+                size = min(batch, count)
+                with self._lock:
+                    sets = self.draw_many(binding, size)
+                queue.extend(sets)  # deque appends are atomic: safe beside take()
+                count -= size
 
     def take(self, binding: Mapping[str, int]) -> MaskSet:
         queue = self._sets.get(self.key(binding))
-        if queue:
-            return queue.popleft()
+        try:
+            if queue:
+                return queue.popleft()
+        except IndexError:  # a concurrent take emptied it
+            pass
         self.misses += 1
-        return self.draw(binding)
+        with self._lock:
+            return self.draw(binding)
+
+    def refill_in_background(
+        self, binding: Mapping[str, int], keep: int, batch: int = 16
+    ) -> threading.Event:
+        """Keep at least ``keep`` sets for ``binding`` ready from a daemon thread, drawing
+        ``batch`` at a time while requests are served; set the returned event to stop it.
+        ``rate`` (sets per second drawn) is updated as it goes."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                if self.available(binding) >= keep:
+                    stop.wait(0.005)
+                    continue
+                start = time.perf_counter()
+                self.fill(binding, batch, batch)
+                self.rate = batch / (time.perf_counter() - start)
+
+        threading.Thread(target=loop, name="teesplit-mask-pool", daemon=True).start()
+        return stop
 
     def available(self, binding: Mapping[str, int]) -> int:
         return len(self._sets.get(self.key(binding), ()))

@@ -49,12 +49,25 @@ def _combine(parts: list[Any]) -> Any:
     return total
 
 
-def _ring_linear(u: Any, w: Any, b: Any) -> Any:
-    """``teesplit::ring_linear`` as double MatMuls: exact for the same reasons as in torch."""
+def _ring_linear(u: Any, w: Any, b: Any, carry: bool = False) -> Any:
+    """``teesplit::ring_linear`` as double MatMuls: exact for the same reasons as in torch;
+    with ``carry``, the last column (a row's masked exponent) passes through."""
+    from onnxscript import opset18 as op
+
+    ring32 = u.dtype.name == "INT32"  # a slice below has no static dtype: decide here
+    if carry:
+        axis = op.Constant(value_ints=[-1])
+        body = op.Slice(u, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]), axis)
+        last = op.Slice(u, op.Constant(value_ints=[-1]), op.Constant(value_ints=[2**62]), axis)
+        return op.Concat(_linear_body(body, w, b, ring32), last, axis=-1)
+    return _linear_body(u, w, b, ring32)
+
+
+def _linear_body(u: Any, w: Any, b: Any, ring32: bool) -> Any:
     from onnxscript import opset18 as op
 
     wt = op.Transpose(op.Cast(w, to=11), perm=[1, 0])
-    if u.dtype.name == "INT32":
+    if ring32:
         out = _wrap32(op.Cast(op.MatMul(op.Cast(u, to=11), wt), to=7))
     else:
         out = _combine([op.MatMul(limb, wt) for limb in _limbs(u)])

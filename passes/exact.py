@@ -119,7 +119,8 @@ def mark_exact_edges(edges: list[Edge], spec: ExactSpec) -> list[Edge]:
     rows = set(spec.row_limit) | set(spec.row_outputs)
     for edge in edges:
         ring = spec.ring.get(edge.name)
-        if edge.crossing and ring is not None and edge.dtype != ring:
+        carried = edge.crossing or edge.direction == "gpu->gpu"  # masked from GPU to GPU too
+        if carried and ring is not None and edge.dtype != ring:
             size = 4 if ring == "int32" else 8
             nbytes = edge.nbytes * size // _itemsize(edge.dtype)
             shape = list(edge.shape)
@@ -333,7 +334,7 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             if node.name in masked_inputs:
                 if node.name in spec.row_limit:  # row-scaled: one more column, the exponent
                     val = node.meta["val"]
-                    env[node.name].meta["val"] = fake_like(val, val.dtype, wider=1)
+                    env[node.name].meta["val"] = fake_like(val, torch.int32, wider=1)
                     scale[node.name] = _Scale(0, None, spec.row_limit[node.name], rows=True)
                 elif node.name in spec.frac_bits:  # masked by the enclave
                     bits, limit = spec.frac_bits[node.name], spec.limit[node.name]

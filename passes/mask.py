@@ -57,7 +57,7 @@ def rewrite_stage(
                 inv = _const_node(graph, consts, f"_exact_inv_scale_{name}", exact.inv_scale[name])
                 if rows:
                     bias = exact.bias.get(name)
-                    b = None if bias is None else _const_node(graph, consts, f"_exact_bias_{name}", bias)
+                    b = bias if bias is None else _const_node(graph, consts, f"_bias_{name}", bias)
                     plain = graph.call_function(OPS.ring_unmask_rows.default, (ph, delta, inv, b))
                 else:
                     plain = graph.call_function(OPS.ring_unmask.default, (ph, delta, inv))
@@ -71,9 +71,7 @@ def rewrite_stage(
         r = append_placeholder(
             graph,
             f"mask_{name}",
-            val
-            if exact is None
-            else fake_like(val, getattr(torch, exact.ring[name]), wider=int(name in exact.row_limit)),
+            val if exact is None else _ring_like(val, exact, name),
         )
         extras.append(("mask", name))
         with graph.inserting_before(out_node):
@@ -109,3 +107,8 @@ def _const_node(
     node = graph.get_attr(name)
     node.meta["val"] = value
     return node
+
+
+def _ring_like(val: torch.Tensor, exact: ExactSpec, name: str) -> torch.Tensor:
+    """The fake value of ``name``'s pad: ring integers, one column wider when row-scaled."""
+    return fake_like(val, getattr(torch, exact.ring[name]), wider=int(name in exact.row_limit))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -204,6 +205,38 @@ def test_fresh_pads_per_request_and_the_pool_hands_each_set_out_once():
     assert not torch.equal(a.pads[name], b.pads[name])
     executor.pool.take(binding)
     assert executor.pool.misses == misses + 1
+
+
+def test_a_batch_of_mask_sets_gets_the_corrections_each_set_would_get_alone():
+    """fill() computes the corrections of many sets as one GEMM per layer: W·[r_1 … r_n]."""
+    sp = partition(captured("tiny-llama"), "slalom", seed=5)
+    executor = sp.executor()
+    pool = executor.pool
+    binding = {"batch": 1, "seq": 7}
+    sets = pool.draw_many(binding, 5)
+    assert any(pool._batchable(stage) for stage in sp.protection.pooled)
+    for m in sets:
+        for stage in sp.protection.pooled:
+            corr = sp.protection.corrections[stage]
+            inputs = [m.pads.get(n, m.deltas.get(n)) for n in corr.delta_inputs]
+            alone = corr.module(*inputs)
+            for name, value in zip(corr.delta_outputs, alone, strict=True):
+                assert torch.equal(m.deltas[name], value), (stage, name)
+    ids = torch.randint(3, 250, (1, 7))
+    stop = pool.refill_in_background(binding, keep=3, batch=2)
+    try:
+        for _ in range(50):
+            if pool.available(binding) >= 3:
+                break
+            threading.Event().wait(0.1)
+        misses = pool.misses
+        with torch.no_grad():
+            out = model_output(executor(input_ids=ids))
+        assert pool.misses == misses and pool.rate > 0
+    finally:
+        stop.set()
+    with torch.no_grad():
+        assert torch.equal(out, model_output(quantised_reference(sp)(input_ids=ids)))
 
 
 def test_precomputed_corrections_make_the_online_cost_one_add_and_one_subtract():
