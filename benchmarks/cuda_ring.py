@@ -20,6 +20,7 @@ import importlib.util
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def weight_max(fan_in: int) -> int:
     return max(1, min(2047, (2**53) // (2**31 * fan_in)))
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -74,8 +75,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
-    print("| layer | weights | exact int8-GEMM = CPU | exact f64 = CPU | f32 ms | int8 ms | f64 ms "
-          "| int8 ÷ f32 | f64 ÷ f32 |")
+    print(
+        "| layer | weights | exact int8-GEMM = CPU | exact f64 = CPU | f32 ms | int8 ms | f64 ms "
+        "| int8 ÷ f32 | f64 ÷ f32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, m, k, n in SHAPES:
         top = weight_max(k)
@@ -108,8 +111,10 @@ def main() -> None:
         rows.append(row)
         ratio8 = f"{t_int8 / t_f32:.2f}" if t_int8 is not None else "–"
         int8 = f"{t_int8:.4f}" if t_int8 is not None else "–"
-        print(f"| {name} ({m}×{k}→{n}) | {dtype} (±{top}) | {same_int8} | {same_f64} | "
-              f"{t_f32:.4f} | {int8} | {t_f64:.4f} | {ratio8} | {t_f64 / t_f32:.2f} |")
+        print(
+            f"| {name} ({m}×{k}→{n}) | {dtype} (±{top}) | {same_int8} | {same_f64} | "
+            f"{t_f32:.4f} | {int8} | {t_f64:.4f} | {ratio8} | {t_f64 / t_f32:.2f} |"
+        )
     bad = [r["layer"] for r in rows if r["int8_exact"] is False or not r["f64_exact"]]
     print("all exact" if not bad else f"NOT EXACT: {bad}")
     if args.json:
