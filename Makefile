@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile bench-overhead bench-field bench-runtime bench-privacy bench-integrity bench-teebound clean golden
+.PHONY: demo test lint bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ bench-compile: $(STAMP)
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
-bench-field: $(STAMP)
-	$(PY) benchmarks/field_accuracy.py
+bench-exact: $(STAMP)
+	$(PY) benchmarks/exact_accuracy.py
 
 bench-runtime: $(STAMP)
 	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer

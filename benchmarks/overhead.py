@@ -10,8 +10,8 @@ Two measurements (issue #3):
    by one held executor (``SplitProgram.executor()``, whose pool the timed calls take from).
    Target <= 5 %. The protected time is broken down into the enclave's online protection work
    (mask and unmask ops, online cross-term corrections, Freivalds checks) and the GPU stages. Under
-   ``masking="field"`` the GPU stages themselves run int64 arithmetic instead of float32 BLAS,
-   which is a cost of exactness, not of masking: it is reported on its own line.
+   ``masking="exact"`` the GPU stages themselves run exact ring arithmetic (a float64 GEMM
+   instead of float32), a cost of exactness, not of masking: it is reported on its own line.
 
 Everything runs on the CPU in one process, so "GPU stage" time here is CPU time of the code
 the GPU would run. Medians over ``--repeats`` runs after one warm-up.
@@ -154,8 +154,10 @@ def main() -> None:
         protect_ops = {
             OPS.mask.default,
             OPS.unmask.default,
-            OPS.field_mask.default,
-            OPS.field_unmask.default,
+            OPS.ring_mask.default,
+            OPS.ring_unmask.default,
+            OPS.ring_mask_rows.default,
+            OPS.ring_unmask_rows.default,
             OPS.rnm.default,
         }
         for stage in ex.stages:  # the in-process runner looks a GPU stage's module up per call

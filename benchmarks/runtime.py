@@ -116,8 +116,7 @@ def main() -> None:
             }
         )
         print(f"  {preset} in-process: {n / seconds:.1f} tokens/s ({hf_s / seconds:.2f}x)")
-        # a field (slalom) mask set takes ~10 s to draw: prefilling 32 steps is not worth it
-        if executor.pool is not None and split.policy.masking != "field":
+        if executor.pool is not None:
             times = []
             for _ in range(args.repeats):
                 prefill_pool(executor, ids.shape[1], n)
