@@ -1,4 +1,4 @@
-"""Exact masked linear layers on CUDA: bit for bit against the CPU, and their speed.
+"""Exact masked linear layers on CUDA (or the CPU): bit for bit, and their speed.
 
 Runs on a machine with an NVIDIA GPU (it needs only torch; ``partitioner/ops.py`` is imported
 by path so the rest of the project and its dependencies need not be installed there):
@@ -10,7 +10,10 @@ by path so the rest of the project and its dependencies need not be installed th
 2. speed: per shape, the float32 GEMM of the same layer (``F.linear``, TF32 off), the exact
    layer through int8 GEMMs, and through one float64 GEMM, as medians of CUDA-event timings.
 
-    python benchmarks/cuda_ring.py [--repeats 50] [--json OUT]
+    python benchmarks/cuda_ring.py [--repeats 50] [--json OUT] [--device cpu --threads 2]
+
+On the CPU (``--device cpu``) the int8 path does not apply; the exact layer is one float64
+GEMM over prepared weights (what ``prepare_ring_weights`` gives a CPU worker).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +55,14 @@ def weight_max(fan_in: int) -> int:
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
+    if not torch.cuda.is_available():  # the CPU: wall-clock medians
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -69,12 +81,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    where = (
+        torch.cuda.get_device_name()
+        if dev.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"{where} torch {torch.__version__}")
     print(
         "| layer | weights | exact int8-GEMM = CPU | exact f64 = CPU | f32 ms | int8 ms | f64 ms "
         "| int8 ÷ f32 | f64 ÷ f32 |"
@@ -88,7 +109,7 @@ def main() -> None:
         w = torch.randint(-top, top + 1, (n, k), generator=gen, dtype=torch.int64).to(dtype)
         cpu = torch.ops.teesplit.ring_linear(u, w, None)
         u_d, w_d = u.to(dev), w.to(dev)
-        via_int8 = ops._int8_linear_cuda(u_d, w_d)
+        via_int8 = ops._int8_linear_cuda(u_d, w_d) if dev.type == "cuda" else None
         same_int8 = None if via_int8 is None else bool(torch.equal(via_int8.cpu(), cpu))
         w64 = w_d.to(torch.float64)
         f64 = torch.ops.teesplit.ring_linear(u_d, w64, None)
