@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 
 class CSPRNG:
-    """SHAKE-256 keystream; ``seed=None`` (the default) keys it from the OS."""
+    """AES-256-CTR keystream; ``seed=None`` (the default) keys it from the OS."""
 
     def __init__(self, seed: int | str | bytes | None = None) -> None:
         if seed is None:
