@@ -1,0 +1,590 @@
+"""Attacks on exact masking (``masking="exact"``, the ``slalom`` preset), written as tests.
+
+Each test asserts the *safe* behaviour that exact masking claims:
+
+1. what a GPU stage receives is a one-time pad over ``Z_{2^32}``: fresh per request, never
+   reused (between requests, between values, between pads and Freivalds vectors), the row
+   exponent column masked too;
+2. the masked split equals :func:`passes.exact.quantised_reference` bit for bit (no wrap);
+3. under ``integrity="freivalds"`` any wrong GPU result raises :class:`IntegrityError`, an
+   honest one never does;
+4. a hostile reply (wrong dtype, shape, count, type) is refused with an :class:`IntegrityError`.
+
+A test that finds a hole is kept, marked ``xfail(strict=True)`` with the finding as its
+reason, so the suite stays green and the finding stays recorded: fixing the hole turns it into
+an unexpected pass, and the mark can go.
+
+Everything runs on ``tiny-llama`` (hidden size 64): one partition for most tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import captured, model_output
+from models import BUILDERS
+
+from enclave_runtime.executor import Executor, InProcessRunner
+from enclave_runtime.randomness import CSPRNG
+from partitioner import ops
+from partitioner.api import partition
+from partitioner.errors import IntegrityError
+from passes.exact import LINEAR_BOUND, quantise_weight, quantised_reference
+
+IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7, 128, 64]])  # distinct tokens: distinct rows
+FIRST = "gpu_1"  # q/k/v projections of layer 0: three outputs, row-scaled, exponent carried
+LAST = "gpu_17"  # the lm_head
+
+
+@functools.cache
+def slalom():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return partition(captured("tiny-llama"), "slalom", seed=11)
+
+
+@functools.cache
+def reference(ids: tuple[int, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(quantised_reference(slalom())(input_ids=torch.tensor([ids])))
+
+
+class Runner:
+    """The GPU: runs stages honestly in process, records what it gets and replies, and lets a
+    hook rewrite the reply (``hook(stage, sent, outs, call) -> outs``, ``call`` counting that
+    stage's calls from 1) or the request (``before(stage, sent, call)``)."""
+
+    def __init__(self, split, hook=None, before=None) -> None:
+        self.inner = InProcessRunner(split.spec)
+        self.hook, self.before = hook, before
+        self.calls: dict[str, int] = {}
+        self.received: dict[str, list[list[torch.Tensor]]] = {}
+        self.replies: dict[str, list[list[torch.Tensor]]] = {}
+
+    def run(self, stage, tensors, expected=None):
+        call = self.calls[stage] = self.calls.get(stage, 0) + 1
+        if self.before is not None:
+            self.before(stage, tensors, call)
+        self.received.setdefault(stage, []).append([t.clone() for t in tensors])
+        outs = [o.clone() for o in self.inner.run(stage, tensors, expected)]
+        self.replies.setdefault(stage, []).append([o.clone() for o in outs])
+        if self.hook is not None:
+            outs = self.hook(stage, tensors, outs, call)
+        return outs
+
+
+def request(executor, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(executor(input_ids=ids))
+
+
+def gpu_stages(split) -> list[str]:
+    return [s.name for s in split.stages if s.side == "gpu"]
+
+
+def _within(t: torch.Tensor, bound: int) -> bool:
+    """Every entry in [-bound, bound] (not ``abs()``: ``|INT_MIN|`` wraps to a negative)."""
+    return bool(((t >= -bound) & (t <= bound)).all())
+
+
+def _chunks(tensor: torch.Tensor, size: int = 16) -> list[bytes]:
+    raw = tensor.contiguous().numpy().tobytes()
+    return [raw[i : i + size] for i in range(0, len(raw) - size + 1, size)]
+
+
+# -- 1. the one-time pad ---------------------------------------------------------------------
+
+
+def test_pads_are_fresh_per_request_and_cover_the_exponent_column():
+    """The same prompt twice: every value every GPU stage gets differs between the requests,
+    and ``received - pad`` (mod 2^32) is the plain row quantisation: body within the norm
+    limit, the exponent (last column, in [-40, 40]) hidden by the pad like the values."""
+    sp = slalom()
+    runner = Runner(sp)
+    executor = Executor(sp.spec, runner=runner, seed=21)
+    binding = executor.binding({"input_ids": IDS})
+    executor.pool.fill(binding, 2)
+    queued = list(executor.pool._sets[executor.pool.key(binding)])
+    request(executor)
+    request(executor)
+    exact = sp.protection.exact
+    stages = {s.name: s for s in sp.stages}
+    for stage in gpu_stages(sp):
+        first, second = runner.received[stage]
+        for name, a, b in zip(stages[stage].inputs, first, second, strict=True):
+            assert not torch.equal(a, b), (stage, name)
+            assert a.dtype == torch.int32 and name in exact.row_limit
+            for sent, pad in ((a, queued[0].pads[name]), (b, queued[1].pads[name])):
+                plain = sent - pad  # int32: wraps
+                assert _within(plain[..., :-1], exact.row_limit[name])
+                assert _within(plain[..., -1], ops.MAX_ROW_BITS)
+            # what the GPU sees of the exponent is uniform: nowhere near [-64, 64]
+            assert int((a[..., -1].abs() <= 64).sum()) == 0
+
+
+def test_no_keystream_block_is_used_twice_within_or_across_mask_sets():
+    """Every 16-byte block of every pad of several mask sets (and of the Freivalds vectors) is
+    distinct: no two values, requests or checks share a pad."""
+    sp = slalom()
+    executor = Executor(sp.spec, seed=22)
+    sets = executor.pool.draw_many({"batch": 1, "seq": 9}, 3)
+    blocks = [c for m in sets for pad in m.pads.values() for c in _chunks(pad)]
+    blocks += [c for ch in executor.ring_checks.values() for v in ch.vectors for c in _chunks(v[0])]
+    assert len(blocks) > 1000 and len(set(blocks)) == len(blocks)
+
+
+def test_unseeded_executors_draw_unpredictable_pads():
+    """``seed=None`` keys the CSPRNG from the OS: torch's generator cannot predict it, and two
+    executors never share pads."""
+    sp = slalom()
+    pads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        executor = Executor(sp.spec, seed=None)
+        assert not executor.pool.rng.seeded
+        pads.append(executor.pool.draw({"batch": 1, "seq": 9}).pads)
+    assert all(not torch.equal(pads[0][n], pads[1][n]) for n in pads[0])
+
+
+class _SlowCounter(int):
+    """A counter whose read (``counter << 64``) stalls in one thread until told to go on: a
+    thread switch between reading the CSPRNG's counter and incrementing it, made certain."""
+
+    def __new__(cls, value: int, thread_name: str, reached, go):
+        self = super().__new__(cls, value)
+        self.thread_name, self.reached, self.go = thread_name, reached, go
+        return self
+
+    def __lshift__(self, bits: int) -> int:
+        if threading.current_thread().name == self.thread_name:
+            self.reached.set()
+            self.go.wait(5)  # a CSPRNG with a lock blocks the other thread: time out, go on
+        return int(self) << bits
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: CSPRNG._keystream reads and increments its counter without a lock; two "
+    "threads drawing at once can both use counter block c (the same AES-CTR keystream)",
+)
+def test_two_threads_drawing_at_once_never_share_a_keystream_block():
+    rng = CSPRNG(23)
+    reached, go = threading.Event(), threading.Event()
+    rng._counter = _SlowCounter(rng._counter, "slow-drawer", reached, go)
+    got: dict[str, bytes] = {}
+
+    def slow() -> None:
+        got["slow"] = rng.bytes(64)
+
+    thread = threading.Thread(target=slow, name="slow-drawer")
+    thread.start()
+    assert reached.wait(5)
+    try:
+        got["fast"] = rng.bytes(64)  # the other thread, between its counter read and increment
+    finally:
+        go.set()
+        thread.join(10)
+    assert got["slow"] != got["fast"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: RingCheck.draw (after a failed check, on the request thread) draws the "
+    "secret s from the pool's CSPRNG without the pool's lock, so it can race the background "
+    "refill and reuse a pad's keystream as s: a GPU that knows that pad's plaintext learns s",
+)
+def test_a_redraw_of_s_during_a_background_refill_never_reuses_a_pad():
+    sp = slalom()
+
+    def tamper(stage, sent, outs, call):
+        if stage == FIRST:
+            outs[0][0, 0, 0] += 1
+        return outs
+
+    executor = Executor(sp.spec, runner=Runner(sp, tamper), seed=24)
+    pool = executor.pool
+    binding = executor.binding({"input_ids": IDS})
+    pool.fill(binding, 1)  # the request takes this one: it does not wait for the pool's lock
+    reached, go = threading.Event(), threading.Event()
+    pool.rng._counter = _SlowCounter(pool.rng._counter, "teesplit-refill", reached, go)
+    refill = threading.Thread(target=pool.fill, args=(binding, 1), name="teesplit-refill")
+    refill.start()
+    assert reached.wait(5)
+    try:
+        with pytest.raises(IntegrityError):
+            request(executor)  # the GPU cheats; the check fails and draws a new s
+    finally:
+        go.set()
+        refill.join(10)
+    fresh = list(pool._sets[pool.key(binding)])[-1]
+    pad_blocks = {c for pad in fresh.pads.values() for c in _chunks(pad)}
+    s_blocks = {c for v in executor.ring_checks[FIRST].vectors for c in _chunks(v[0])}
+    assert not pad_blocks & s_blocks
+
+
+# -- 2. bit for bit with the quantised reference ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [(5, 17, 99, 3, 200, 42, 7, 128, 64), (0,), (255, 255, 255, 255), tuple(range(0, 256, 13))],
+)
+def test_an_honest_gpu_passes_and_matches_the_reference_bit_for_bit(ids):
+    executor = Executor(slalom().spec, seed=25)
+    out = request(executor, torch.tensor([ids]))
+    assert torch.equal(out, reference(ids))
+
+
+def _weight() -> tuple[torch.Tensor, int]:
+    gen = torch.Generator().manual_seed(0)
+    w, _ = quantise_weight(torch.randn(16, 64, generator=gen))
+    norm = float(w.to(torch.int64).pow(2).sum(1).max()) ** 0.5
+    return w, int(LINEAR_BOUND // norm)  # the plan's row limit for this weight
+
+
+def _masked_linear(x: torch.Tensor, w: torch.Tensor, limit: int) -> torch.Tensor:
+    """The enclave's row masking, the GPU's ring_linear (carrying the exponent), the unmask."""
+    r = CSPRNG(26).ring([*x.shape[:-1], x.shape[-1] + 1], torch.int32)
+    y = ops.ring_linear(ops.ring_mask_rows(x, r, limit), w, None, True)
+    c = ops.ring_linear(r, w, None, True)
+    return ops.ring_unmask_rows(y, c, torch.ones(w.shape[0], dtype=torch.float64), None)
+
+
+def _reference_linear(x: torch.Tensor, w: torch.Tensor, limit: int) -> torch.Tensor:
+    """What quantised_reference computes for the same layer: int64, no ring, no pad."""
+    q, e = ops.quantize_rows(x, limit)
+    out = torch.matmul(q, w.to(torch.int64).t())
+    return ops.dequantize_rows(out, e, torch.ones(w.shape[0], dtype=torch.float64), None)
+
+
+_HUGE = pytest.mark.xfail(
+    strict=True,
+    reason="finding: quantize_rows clips the row exponent at -MAX_ROW_BITS (-40), so a row "
+    "with norm above ~norm_limit * 2**40 (~1.4e17 here) gets ||q_r|| > norm_limit: W q wraps "
+    "Z_2^32 and the split leaves the reference",
+)
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [1.0, 0.0, 1e-30, 1e10, 1e15, pytest.param(1e18, marks=_HUGE), pytest.param(1e30, marks=_HUGE)],
+)
+def test_row_quantisation_stays_inside_its_norm_limit_and_matches_the_reference(scale):
+    w, limit = _weight()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's "invalid value encountered in cast"
+        q, e = ops.quantize_rows(x, limit)
+        assert float(q.double().norm(dim=-1).max()) <= limit
+        assert _within(e, ops.MAX_ROW_BITS)
+        assert torch.equal(_masked_linear(x, w, limit), _reference_linear(x, w, limit))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: ring_mask_rows masks a non-finite row without complaint: inf/NaN become "
+    "INT_MIN (int32 in the split, int64 in the reference) and a NaN exponent too, so the split "
+    "neither refuses nor matches the reference",
+)
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_row_is_refused_or_matches_the_reference(poison):
+    w, limit = _weight()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    x[1, 7] = poison
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            got = _masked_linear(x, w, limit)
+        except Exception:  # refused: the safe outcome
+            return
+        assert torch.equal(got, _reference_linear(x, w, limit))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: quantize() clamps with Tensor.clamp, which passes NaN through; the int "
+    "cast then makes it INT64_MIN, far outside ±limit (0 after the int32 wrap in ring_mask)",
+)
+def test_clamped_quantisation_stays_within_its_limit_for_nan():
+    q = ops.quantize(torch.tensor([0.5, float("nan"), -3.0]), 14, 2**20)
+    assert _within(q, 2**20)
+
+
+@functools.cache
+def loud_split():
+    """tiny-llama whose layer-0 input norm has weights of 2**60: the q/k/v projections' input
+    rows have norms around 2**63, legitimate float32 activations."""
+    model = BUILDERS["tiny-llama"]()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(2.0**60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return partition(model, "slalom", seed=27)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: on rows of norm > ~2**57 the row quantisation overflows its norm limit, the "
+    "honest GPU's ring_linear wraps Z_2^32, and RingCheck (which checks W q in Z_2^64) rejects "
+    "the honest reply: an IntegrityError no GPU caused",
+)
+def test_an_honest_gpu_never_fails_the_check_even_on_huge_activations():
+    request(Executor(loud_split().spec, seed=28))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: same root cause: with huge rows the split's residues wrap and its result "
+    "leaves quantised_reference (which computes W q in int64)",
+)
+def test_the_split_matches_the_reference_even_on_huge_activations():
+    sp = loud_split()
+    executor = Executor(sp.spec, seed=28)
+    executor.ring_checks = {}  # as integrity="none" would run it
+    out = request(executor)
+    with torch.no_grad():
+        assert torch.equal(out, model_output(quantised_reference(sp)(input_ids=IDS)))
+
+
+# -- 3. Freivalds in Z_2^64 ------------------------------------------------------------------
+
+
+def _add(index, value, output=0):
+    def hook(stage, sent, outs, call):
+        outs[output][index] += value
+        return outs
+
+    return hook
+
+
+def _swap_rows(stage, sent, outs, call):
+    outs[0][0, [1, 4]] = outs[0][0, [4, 1]]
+    return outs
+
+
+def _set_exponent(stage, sent, outs, call):
+    outs[0][0, 2, -1] = 2**31 - 1  # unchecked, this would make the row 2**-2147483647 times
+    return outs
+
+
+def _cancelling(stage, sent, outs, call):
+    outs[0][0, 3, 0] += 1
+    outs[0][0, 3, 1] -= 1  # the row's plain sum unchanged
+    return outs
+
+
+TAMPERS = {
+    "exponent column +1": (FIRST, _add((0, 2, -1), 1)),
+    "exponent column set to 2**31-1": (FIRST, _set_exponent),
+    "2**31 added to one entry": (FIRST, _add((0, 2, 5), -(2**31))),
+    "2**31 added to a whole row": (FIRST, _add((0, 2), -(2**31))),
+    "2**30 added to one entry": (FIRST, _add((0, 6, 9), 2**30)),
+    "+1 and -1 in one row": (FIRST, _cancelling),
+    "rows swapped": (FIRST, _swap_rows),
+    "first output right, last output wrong": (FIRST, _add((0, 8, 0), 1, output=2)),
+    "middle output wrong": (FIRST, _add((0, 0, 3), 7, output=1)),
+    "every entry +1": (FIRST, _add((...,), 1)),
+    "lm_head off by one": (LAST, _add((0, 0, 0), 1)),
+    "lm_head exponent column": (LAST, _add((0, 4, -1), 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERS))
+def test_freivalds_catches_a_tampered_reply(case):
+    stage, tamper = TAMPERS[case]
+
+    def hook(name, sent, outs, call):
+        return tamper(name, sent, outs, call) if name == stage else outs
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook), seed=29)
+    with pytest.raises(IntegrityError, match=f"GPU stage {stage} returned results that fail"):
+        request(executor)
+
+
+def test_freivalds_catches_a_replayed_reply():
+    """Same prompt twice: the GPU answers the second request with the first one's reply."""
+    runner = Runner(slalom())
+
+    def replay(stage, sent, outs, call):
+        return runner.replies[stage][0] if call == 2 else outs
+
+    runner.hook = replay
+    executor = Executor(slalom().spec, runner=runner, seed=30)
+    request(executor)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST} returned results that fail"):
+        request(executor)
+
+
+def test_freivalds_catches_a_reply_meant_for_another_stage():
+    """gpu_3 and gpu_11 (the o-projections of layers 0 and 1) take and give the same shapes."""
+    runner = Runner(slalom())
+
+    def crossed(stage, sent, outs, call):
+        if stage == "gpu_11":
+            return runner.replies["gpu_3"][-1]
+        return outs
+
+    runner.hook = crossed
+    executor = Executor(slalom().spec, runner=runner, seed=31)
+    with pytest.raises(IntegrityError, match="GPU stage gpu_11 returned results that fail"):
+        request(executor)
+
+
+def test_every_gpu_stage_is_checked_and_honest_replies_always_pass():
+    sp = slalom()
+    executor = Executor(sp.spec, seed=32)
+    assert set(executor.ring_checks) == set(gpu_stages(sp))
+    gen = torch.Generator().manual_seed(3)
+    for length in (1, 2, 17, 40):
+        ids = torch.randint(0, 256, (1, length), generator=gen)
+        request(executor, ids)  # raises IntegrityError if an honest reply failed
+
+
+def test_s_is_kept_after_a_pass_and_redrawn_after_a_failure():
+    cheat = {"on": False}
+
+    def hook(stage, sent, outs, call):
+        if cheat["on"] and stage == FIRST:
+            outs[0][0, 0, 0] += 1
+        return outs
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook), seed=33)
+    check = executor.ring_checks[FIRST]
+    before = [v[0].clone() for v in check.vectors]
+    request(executor)
+    assert all(torch.equal(a, v[0]) for a, v in zip(before, check.vectors, strict=True))
+    cheat["on"] = True
+    with pytest.raises(IntegrityError):
+        request(executor)
+    assert all(not torch.equal(a, v[0]) for a, v in zip(before, check.vectors, strict=True))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding (in-process runners only): RingCheck checks against the tensor object "
+    "handed to the runner (x' - r), not the enclave's own copy, so a runner that edits the "
+    "request in place (here every row's exponent +3) computes honestly on its edit and passes",
+)
+def test_a_gpu_that_edits_the_request_in_place_is_caught():
+    def edit(stage, sent, call):
+        if stage == FIRST:
+            sent[0][..., -1] += 3  # every row's exponent: the layer's result 8x smaller
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), before=edit), seed=34)
+    try:
+        out = request(executor)
+    except IntegrityError:
+        return
+    assert torch.equal(out, reference(tuple(IDS[0].tolist())))
+
+
+# -- 4. hostile replies ----------------------------------------------------------------------
+
+
+def _replace_first(make):
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            outs[0] = make(outs[0])
+        return outs
+
+    return hook
+
+
+def _change_count(delta):
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            outs = outs[:delta] if delta < 0 else [*outs, outs[0]]
+        return outs
+
+    return hook
+
+
+HOSTILE = {
+    "int64 residues": _replace_first(lambda o: o.to(torch.int64)),
+    "float32 values": _replace_first(lambda o: o.to(torch.float32)),
+    "uint32 residues": _replace_first(lambda o: o.view(torch.uint32)),
+    "no exponent column": _replace_first(lambda o: o[..., :-1].clone()),
+    "an extra row": _replace_first(lambda o: torch.cat([o, o[:, :1]], dim=1)),
+    "a batch of two": _replace_first(lambda o: torch.cat([o, o])),
+    "a flat tensor": _replace_first(lambda o: o.reshape(-1)),
+    "a 0-dim tensor": _replace_first(lambda o: o.sum().to(torch.int32)),
+    "a numpy array": _replace_first(lambda o: o.numpy()),
+    "a list of ints": _replace_first(lambda o: o.tolist()),
+    "None": _replace_first(lambda o: None),
+    "one output too few": _change_count(-1),
+    "one output too many": _change_count(1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_malformed_reply_is_refused_with_an_integrity_error(case):
+    executor = Executor(slalom().spec, runner=Runner(slalom(), HOSTILE[case]), seed=35)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST}"):
+        request(executor)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding (hardening, custom runners only): check_reply calls len() on the reply "
+    "before checking it is a sequence, so a runner returning None raises a bare TypeError",
+)
+def test_a_reply_that_is_not_a_sequence_is_refused_with_an_integrity_error():
+    runner = Runner(slalom(), lambda stage, sent, outs, call: None if stage == FIRST else outs)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST}"):
+        request(Executor(slalom().spec, runner=runner, seed=36))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding (hardening, custom runners only): check_reply checks dtype and shape but "
+    "not the device; a meta-device reply of the right dtype/shape gets past it and fails "
+    "later with an untyped error",
+)
+def test_a_reply_on_another_device_is_refused_with_an_integrity_error():
+    hook = _replace_first(lambda o: torch.empty_like(o, device="meta"))
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST}"):
+        request(Executor(slalom().spec, runner=Runner(slalom(), hook), seed=37))
+
+
+# -- GPU arithmetic (runs where CUDA is; skipped elsewhere) ----------------------------------
+
+
+def _uniform_int32(shape, gen) -> torch.Tensor:
+    wide = torch.randint(-(2**62), 2**62, shape, dtype=torch.int64, generator=gen)
+    return ops.wrap(wide, torch.int32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prepared", [False, True], ids=["int8-digits", "float64"])
+def test_ring_linear_on_cuda_is_bit_exact_on_uniform_residues(prepared):
+    """What an honest CUDA GPU returns is what the enclave's own arithmetic gives: both the
+    int8 ``_int_mm`` digits (GPUs without fast FP64) and the float64 GEMM (prepared weights)."""
+    gen = torch.Generator().manual_seed(4)
+    for fan_in, out_features, rows in [
+        (64, 256, 40),
+        (64, 64, 5),
+        (128, 64, 17),
+        (1024, 512, 33),
+        (4096, 96, 24),
+    ]:
+        w, _ = quantise_weight(torch.randn(out_features, fan_in, generator=gen))
+        b = _uniform_int32((out_features,), gen) // 4
+        u = _uniform_int32((2, rows, fan_in + 1), gen)
+        on_device = w.to(torch.float64).cuda() if prepared else w.cuda()
+        for carry in (False, True):
+            x = u if carry else u[..., :-1]
+            bias = None if carry else b
+            cpu = ops.ring_linear(x, w, bias, carry)
+            gpu = ops.ring_linear(x.cuda(), on_device, None if bias is None else bias.cuda(), carry)
+            assert torch.equal(cpu, gpu.cpu()), (fan_in, out_features, rows, carry)
+        u64 = torch.randint(-(2**62), 2**62, (rows, fan_in), dtype=torch.int64, generator=gen)
+        assert torch.equal(
+            ops.ring_linear(u64, w, None), ops.ring_linear(u64.cuda(), on_device, None).cpu()
+        )
+    a = torch.randint(-(2**62), 2**62, (2, 33, 40), dtype=torch.int64, generator=gen)
+    b64 = torch.randint(-(2**62), 2**62, (2, 40, 24), dtype=torch.int64, generator=gen)
+    assert torch.equal(ops.ring_matmul(a, b64), ops.ring_matmul(a.cuda(), b64.cuda()).cpu())
