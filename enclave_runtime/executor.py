@@ -67,6 +67,8 @@ class InProcessRunner:
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
     """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
     shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
+    if not isinstance(outputs, (list, tuple)):
+        raise IntegrityError(f"GPU stage {stage} returned {type(outputs).__name__}, not outputs")
     if len(outputs) != len(expected):
         raise IntegrityError(
             f"GPU stage {stage} returned {len(outputs)} outputs, the plan has {len(expected)}"
@@ -75,6 +77,8 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
         if not isinstance(out, torch.Tensor) or out.dtype != dtype:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise IntegrityError(f"GPU stage {stage} output {i}: {got}, the plan says {dtype}")
+        if out.device.type != "cpu":  # the enclave's own tensors: nothing else is its memory
+            raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
         if shape is not None and list(out.shape) != shape:
             raise IntegrityError(
                 f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
@@ -270,7 +274,10 @@ class Executor:
                 continue
             sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
             expected = self.expected(stage.name, binding)
-            outs = self.runner.run(stage.name, sent, expected)
+            # a checked stage's runner gets copies: the check reads the enclave's own tensors,
+            # whatever a runner in this process does to what it was handed
+            handed = [t.clone() for t in sent] if stage.name in self.ring_checks else sent
+            outs = self.runner.run(stage.name, handed, expected)
             check_reply(stage.name, outs, expected)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if masks is not None and stage.name in masks.freivalds:

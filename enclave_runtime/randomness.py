@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ class CSPRNG:
             raw = seed if isinstance(seed, bytes) else repr(seed).encode()
             self._key = hashlib.sha256(b"teesplit-test-seed:" + raw).digest()
         self._counter = 0
+        self._lock = threading.Lock()
         self.seeded = seed is not None
 
     def bytes(self, n: int) -> bytes:
@@ -34,8 +36,9 @@ class CSPRNG:
 
     def _keystream(self, n: int) -> torch.Tensor:
         """``n`` keystream bytes as a uint8 tensor, written in place (no intermediate copies)."""
-        start = (self._counter << 64).to_bytes(16, "big")
-        self._counter += 1
+        with self._lock:  # two threads (the pool's refill, a check's redraw) never share a block
+            start = (self._counter << 64).to_bytes(16, "big")
+            self._counter += 1
         encryptor = Cipher(algorithms.AES(self._key), modes.CTR(start)).encryptor()
         out = torch.empty(n + 15, dtype=torch.uint8)  # update_into wants a block of slack
         written = encryptor.update_into(bytes(n), out.numpy())

@@ -26,6 +26,8 @@ import torch
 import torch.fx
 from torch import Tensor
 
+from partitioner.errors import InputError
+
 
 class _Operator:
     """A ``teesplit::`` operator: a schema, one Python kernel for every device, and a fake
@@ -82,9 +84,18 @@ def ring_bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.int32 else 64
 
 
+def _finite(x: Tensor) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise InputError(
+            "a value to be masked holds NaN or inf: fixed point cannot carry it (refused, "
+            "rather than sending the GPU a residue that stands for nothing)"
+        )
+
+
 def quantize(x: Tensor, frac_bits: int, limit: int | None = None) -> Tensor:
     """Fixed point: ``round(x * 2**frac_bits)`` as int64 (the scaling is exact in float64),
-    clamped to ``[-limit, limit]`` when a limit is given."""
+    clamped to ``[-limit, limit]`` when a limit is given. NaN or inf: :class:`InputError`."""
+    _finite(x)
     q = torch.round(x.to(torch.float64) * float(2**frac_bits))
     if limit is not None:
         q = q.clamp(-float(limit), float(limit))
@@ -131,7 +142,8 @@ MAX_ROW_BITS = 40  # a row of zeros (or tiny values) gets at most this many frac
 
 def quantize_rows(x: Tensor, norm_limit: int) -> tuple[Tensor, Tensor]:
     """Each row (last dim) in fixed point with its own exponent: ``q_r = round(x_r * 2**e_r)``
-    with ``e_r`` the largest integer (at most ``MAX_ROW_BITS``) such that
+    with ``e_r`` the largest integer (at most ``MAX_ROW_BITS``; no lower bound, so a huge row
+    gets a very negative exponent rather than integers beyond the limit) such that
     ``2**e_r * ||x_r|| <= norm_limit - sqrt(n)/2 - 1``. Rounding moves each entry by at most 1/2,
     so ``||q_r||_2 <= norm_limit``; the relative margin ``_NORM_SLACK`` covers float64's error in
     computing the norm (at most ``n`` units in the last place). Returns ``(q, e)`` as int64."""
@@ -143,11 +155,19 @@ def _quantize_rows(x: Tensor, norm_limit: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`quantize_rows` in numpy float64 (exact integers): the enclave calls it per layer
     on small tensors, where numpy's per-call cost is a fraction of torch's."""
     a = x.detach().cpu().numpy().astype(np.float64)
+    if not np.isfinite(a).all():
+        _finite(x)
     slack = (norm_limit - 0.5 * a.shape[-1] ** 0.5 - 1.0) * _NORM_SLACK
+    # the norm of a row beyond 1e154 overflows in float64: scale by the row's max first
+    top = np.abs(a).max(axis=-1) if a.size else np.zeros(a.shape[:-1])
+    safe = np.where(top > 0, top, 1.0)
+    norm = np.sqrt(np.einsum("...i,...i->...", a / safe[..., None], a / safe[..., None])) * safe
     with np.errstate(divide="ignore"):  # a zero row: +inf, clipped
-        e = np.clip(np.floor(np.log2(slack / np.sqrt(np.einsum("...i,...i->...", a, a)))),
-                    -MAX_ROW_BITS, MAX_ROW_BITS)  # fmt: skip
-    return np.rint(a * np.exp2(e)[..., None]), e
+        e = np.minimum(np.floor(np.log2(slack / norm)), MAX_ROW_BITS)
+    q = np.rint(a * np.exp2(e)[..., None])
+    if (np.einsum("...i,...i->...", q, q) > float(norm_limit) ** 2).any():  # never, by the bound
+        raise InputError("row quantisation exceeded its norm limit (refused: it could wrap)")
+    return q, e
 
 
 _NORM_SLACK = 1.0 - 1e-9
