@@ -226,9 +226,33 @@ class Placer:
     def _node(self, name: str) -> torch.fx.Node:
         return self._nodes_by_name[name]
 
+    def _weight_only(self, sides: Mapping[str, str]) -> set[str]:
+        """Nodes computed from weights, buffers and constants alone (``W.T``, ``W.t()``, a
+        permuted or cast weight): no request data reaches them."""
+        state = {
+            n.name
+            for n in self.graph.find_nodes(op="placeholder")
+            if n.name not in self.user_inputs
+        }
+        found: set[str] = set()
+        for node in self.graph.nodes:
+            if (
+                node.name in sides
+                and node.all_input_nodes
+                and all(a.name in state or a.name in found for a in node.all_input_nodes)
+            ):
+                found.add(node.name)
+        return found
+
     def schedule(self, sides: Mapping[str, str]) -> list[StagePlan]:
-        """Group nodes into stages: a topological order that stays on one side while it can."""
+        """Group nodes into stages: a topological order that stays on one side while it can.
+
+        A weight-only node whose users are all on its side is not scheduled on its own (it would
+        land in the first stage of its side and reach its user as a stage input, where the
+        masking passes see an activation, not a weight): it is emitted with its first user."""
         by_name = self._nodes_by_name
+        weight_only = self._weight_only(sides)
+        inline: dict[str, list[str]] = {}  # user -> weight-only producers emitted with it
         deps: dict[str, set[str]] = {}
         users: dict[str, list[str]] = {name: [] for name in sides}
         for name in sides:
@@ -239,11 +263,28 @@ class Placer:
             deps[name] = producers
             for p in producers:
                 users[p].append(name)
+        deferred: set[str] = set()
+        for name in weight_only:  # only where every user can emit it in its own stage
+            if users[name] and all(sides[u] == sides[name] for u in users[name]):
+                deferred.add(name)
+        for name in sides:
+            for p in sorted(deps[name] & deferred, key=self.order.__getitem__):
+                inline.setdefault(name, []).append(p)
+            deps[name] = deps[name] - deferred
         ready: dict[str, list[tuple[int, str]]] = {ENCLAVE: [], GPU: []}
         waiting = {name: len(p) for name, p in deps.items()}
         for name, count in waiting.items():
-            if count == 0:
+            if count == 0 and name not in deferred:
                 heapq.heappush(ready[sides[name]], (self.order[name], name))
+        emitted: set[str] = set()
+
+        def emit(name: str, stage: StagePlan) -> None:
+            for producer in inline.get(name, []):
+                if producer not in emitted:
+                    emit(producer, stage)
+            emitted.add(name)
+            stage.nodes.append(name)
+
         stages: list[StagePlan] = []
         current: str | None = None
         while ready[ENCLAVE] or ready[GPU]:
@@ -255,10 +296,10 @@ class Placer:
                     current = GPU if current == ENCLAVE else ENCLAVE
                 stages.append(StagePlan(current))
             _, name = heapq.heappop(ready[current])
-            stages[-1].nodes.append(name)
+            emit(name, stages[-1])
             for user in users[name]:
                 waiting[user] -= 1
-                if waiting[user] == 0:
+                if waiting[user] == 0 and user not in deferred:
                     heapq.heappush(ready[sides[user]], (self.order[user], user))
         placed = sum(len(s.nodes) for s in stages)
         if placed != len(sides):

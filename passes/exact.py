@@ -190,15 +190,49 @@ def _trace(node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     return out
 
 
-def _const(module: torch.fx.GraphModule, a: Any) -> torch.Tensor | None:
-    if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+def _const(module: torch.fx.GraphModule, a: Any, depth: int = 0) -> torch.Tensor | None:
+    """The value of ``a`` if it is a constant of the stage: an attribute, or a view, transpose
+    or cast computed from constants alone (``W.T``, ``W.t()``), folded here."""
+    if not isinstance(a, torch.fx.Node) or depth > 8:
+        return None
+    if a.op == "get_attr":
         return operator.attrgetter(a.target)(module)
-    return None
+    if a.op != "call_function" or op_name(a) not in _FOLDABLE:
+        return None
+    args = []
+    for arg in a.args:
+        if isinstance(arg, torch.fx.Node):
+            value = _const(module, arg, depth + 1)
+            if value is None:
+                return None
+            args.append(value)
+        else:
+            args.append(arg)
+    return a.target(*args, **a.kwargs)
+
+
+# weight views a model may spell its linear layers with (x @ W.T, matmul(x, W.t()))
+_FOLDABLE = frozenset(
+    {"t", "numpy_T", "transpose", "permute", "mT", "contiguous", "clone", "alias", "detach",
+     "_to_copy", "to", "view", "reshape"}
+)  # fmt: skip
 
 
 def _weight_of(module: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, Any, Any]:
-    """(input, weight as [out, in] or None, bias node or None) of a weight-linear node."""
+    """(input, weight as [out, in] or None, bias node or None) of a weight-linear node,
+    however it is spelled: ``linear``, ``addmm``, ``mm``/``matmul`` with a constant (or a
+    folded view of one), a two-operand ``einsum`` that contracts the input's last dim with a
+    constant matrix, ``bmm`` with a constant matrix expanded over the batch."""
     name = op_name(node)
+    if name == "einsum":
+        return _einsum_weight(module, node)
+    if name == "bmm":
+        x, w = node.args[0], node.args[1]
+        if isinstance(w, torch.fx.Node) and op_name(w) in ("expand", "expand_as"):
+            base = _const(module, w.args[0])
+            if base is not None and base.dim() == 2:  # the same matrix for every batch row
+                return x, base.t(), None
+        return x, None, None
     if name == "addmm":
         bias, x, w = node.args[0], node.args[1], node.args[2]
         weight = _const(module, w)
@@ -209,6 +243,25 @@ def _weight_of(module: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, 
     if weight is not None and name != "linear":
         weight = weight.t()
     return x, weight, bias
+
+
+def _einsum_weight(module: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, Any, Any]:
+    """``einsum("...i,oi->...o", x, W)`` (or ``"...i,io->...o"``) as a linear layer."""
+    equation, operands = node.args[0], node.args[1]
+    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
+        return None, None, None
+    inputs, out = equation.replace(" ", "").split("->")
+    left, right = [*inputs.split(","), ""][:2]
+    x, w = operands
+    weight = _const(module, w)
+    if weight is None or weight.dim() != 2 or len(right) != 2 or "." in right or not left:
+        return x, None, None
+    inner = left[-1]
+    if right[1] == inner and out.strip() == left[:-1] + right[0]:
+        return x, weight, None
+    if right[0] == inner and out.strip() == left[:-1] + right[1]:
+        return x, weight.t(), None
+    return x, None, None
 
 
 def _contraction(node: torch.fx.Node, upper: dict[str, int]) -> int:
@@ -253,8 +306,9 @@ def plan_inputs(
                 continue
             name = op_name(user)
             linear = (
-                is_weight_linear(name)
-                and _const(module, user.args[1 if name != "addmm" else 2]) is not None
+                (is_weight_linear(name) or name in ("einsum", "bmm"))
+                and _weight_of(module, user)[1] is not None
+                and _weight_of(module, user)[0] is operand
             )
             # row scaling: read by linear layers only, directly, whose results leave
             rows_ok[origin] &= (
@@ -352,15 +406,18 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             graph.output(torch.fx.node.map_arg(node.args[0], lambda a: env[a.name]))
             continue
         varying = [a for a in node.all_input_nodes if a.name in scale]
-        if not varying or not isinstance(node.meta.get("val"), torch.Tensor):
-            # sizes are public: the same for a value and its masked residues
+        if (
+            not varying
+            or not isinstance(node.meta.get("val"), torch.Tensor)
+            or props(op_name(node)).factory
+        ):
+            # sizes are public: the same for a value and its masked residues (a factory such
+            # as new_empty reads only its operand's shape)
             env[node.name] = graph.node_copy(node, lambda a: env[a.name])
             continue
         name = op_name(node)
         first = node.args[0] if node.args else None
-        if any(scale[a.name].rows for a in varying) and not (
-            is_weight_linear(name) and node.name in spec.weights
-        ):
+        if any(scale[a.name].rows for a in varying) and node.name not in spec.weights:
             raise refuse(node, "a row-scaled value may only feed linear layers")
         if name in _SHAPE_ONLY or (
             name == "_to_copy" and node.kwargs.get("dtype") in (None, *_FLOATS)
@@ -376,7 +433,7 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
                 env[node.name] = graph.node_copy(node, lambda a: env[a.name])
             scale[node.name], ring[node.name] = src, ring[first.name]
             continue
-        if is_weight_linear(name) and node.name in spec.weights:
+        if node.name in spec.weights:  # a weight-linear layer, however it is spelled
             x, weight, bias = _weight_of(module, node)
             if weight is None or weight.dim() != 2 or x.name not in scale:
                 raise refuse(node, "its weight is not a constant matrix")
@@ -459,6 +516,7 @@ def to_exact(stage: Any, masked_inputs: list[str], spec: ExactSpec) -> torch.fx.
             ring[node.name] = r
             continue
         raise refuse(node, "it has no exact form in the ring")
+    graph.eliminate_dead_code()  # folded weight views no ring op reads any more
     for name in scale:  # residues are integers, whatever float dtype the value had
         node = env[name]
         if scale[name].rows:  # typed (and widened) where created
@@ -557,7 +615,8 @@ def quantised_reference(split: Any) -> Any:
             if node.op == "output":
                 flat = [plain(a.name) if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
                 return pytree.tree_unflatten(flat, split.signature.out_spec)
-            operands = {a.name: fixed(a) for a in node.all_input_nodes}
+            factory = node.op == "call_function" and props(op_name(node)).factory
+            operands = {} if factory else {a.name: fixed(a) for a in node.all_input_nodes}
             if node.name not in region or not any(v is not None for v in operands.values()):
                 env[node.name] = node.target(
                     *torch.fx.node.map_arg(node.args, lambda a: plain(a.name)),
@@ -607,6 +666,8 @@ def quantised_reference(split: Any) -> Any:
 
 
 def _weight_of_source(node: torch.fx.Node) -> tuple[Any, Any, Any]:
+    if op_name(node) == "einsum":
+        return node.args[1][0], node.args[1][1], None
     if op_name(node) == "addmm":
         return node.args[1], node.args[2], node.args[0]
     bias = node.args[2] if op_name(node) == "linear" and len(node.args) > 2 else None

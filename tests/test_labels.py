@@ -504,3 +504,30 @@ def test_smollm2_label_counts():
     assert counts[Label.ATTENTION] == 30
     assert counts[Label.LM_HEAD] == 1
     assert counts[Label.OTHER] == 0
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_every_spelling_of_a_linear_layer_runs_masked_on_the_gpu_under_slalom(spelling):
+    """Labelled like F.linear is not enough: the layer must also be *split* like it. Its
+    weight view (W.T …) is emitted in the stage of its product, not computed in an earlier
+    stage and sent as an input, and the exact pass folds it into a constant: every spelling
+    gives the same GPU ring layers as F.linear, bit for bit with the quantised reference."""
+    from partitioner.api import partition
+    from passes.exact import quantised_reference
+
+    ids = torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = SpelledLM(spelling).eval()
+    split = partition(model, "slalom", (ids,), seed=1)
+    ring = [
+        n
+        for s in split.stages
+        if s.side == "gpu"
+        for n in s.module.graph.find_nodes(
+            op="call_function", target=torch.ops.teesplit.ring_linear.default
+        )
+    ]
+    assert len(ring) == 6  # q, k, up, down, fc, head: the pool is not pinned to the GPU
+    with torch.no_grad():
+        got, want = split(ids), quantised_reference(split)(ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
