@@ -292,6 +292,11 @@ class RingCheck:
                 a = torch.cat([a, s[-1:]])
             kappa = (rows * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
             self.vectors.append((s, a, kappa))
+        # per input: the outputs that read it, and their a and κ summed (mod 2**64)
+        self.by_source: dict[int, tuple[list[tuple[int, torch.Tensor]], torch.Tensor, Any]] = {}
+        for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
+            outs, a_sum, k_sum = self.by_source.get(source, ([], 0, 0))
+            self.by_source[source] = ([*outs, (index, s)], a + a_sum, kappa + k_sum)
 
     def check(
         self,
@@ -300,20 +305,24 @@ class RingCheck:
         pads: list[torch.Tensor | None],
         deltas: list[torch.Tensor | None],
     ) -> None:
-        """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output."""
-        for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
+        """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output.
+
+        The outputs that read one input are checked as one equation,
+        ``sum_o <s_o, y_o> = <sum_o W_oᵀ s_o, x> + sum_o κ_o``: with independent uniform
+        ``s_o`` a wrong result in any of them still passes with probability ``<= 2**-31``,
+        and the input is unmasked once instead of once per layer (q, k and v share one)."""
+        for source, (outs, a, kappa) in self.by_source.items():
             x, r = sent[source], pads[source]
-            y, d = outputs[index], deltas[index]
-            x_int = (x - r if r is not None else x).to(torch.int64)
-            y_int = (y - d if d is not None else y).to(torch.int64)
-            lhs = (y_int * s).sum(-1)
-            rhs = (x_int * a).sum(-1) + kappa
-            bad = (lhs != rhs).nonzero()
-            if bad.numel():
+            rhs = ((x - r if r is not None else x).to(torch.int64) * a).sum(-1) + kappa
+            lhs = torch.zeros_like(rhs)
+            for index, s in outs:
+                y, d = outputs[index], deltas[index]
+                lhs = lhs + ((y - d if d is not None else y).to(torch.int64) * s).sum(-1)
+            if not torch.equal(lhs, rhs):
                 self.draw()  # the failed check told the GPU something about s: replace it
-                row = [int(i) for i in bad[0]]
+                row = [int(i) for i in (lhs != rhs).nonzero()[0]]
                 raise IntegrityError(
                     f"GPU stage {self.stage} returned results that fail the Freivalds check "
-                    f"(output {index}, row {row}; exact: an honest result always passes, a "
-                    "wrong one passes with probability <= 2**-31)"
+                    f"(outputs {[i for i, _ in outs]}, row {row}; exact: an honest result "
+                    "always passes, a wrong one passes with probability <= 2**-31)"
                 )

@@ -23,7 +23,7 @@ import torch
 
 from enclave_runtime import integrity
 from enclave_runtime.randomness import CSPRNG
-from partitioner.dims import concrete_shape
+from partitioner.dims import concrete_shape, names_in
 from partitioner.ops import OPS, prepare_ring_weights
 from partitioner.plan import Protection
 
@@ -46,6 +46,13 @@ class MaskPool:
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
         self._modules: dict[str, Any] = {}
+        shapes = [shape for shape, _ in protection.masked.values()]
+        if protection.rnm is not None and protection.token_shape is not None:
+            shapes.append(protection.token_shape)
+        self._dims = {
+            name for shape in shapes for size in shape if isinstance(size, str)
+            for name in names_in(size)
+        }  # fmt: skip
         self._lock = threading.Lock()  # one draw at a time: the CSPRNG's counter is shared
         self.misses = 0
         self.drawn = 0
@@ -61,9 +68,11 @@ class MaskPool:
             }
         )
 
-    @staticmethod
-    def key(binding: Mapping[str, int]) -> Binding:
-        return tuple(sorted((str(s), int(v)) for s, v in binding.items()))
+    def key(self, binding: Mapping[str, int]) -> Binding:
+        """The dims a set depends on: those in its pads' and noise's shapes. A decode step's
+        linear-layer inputs do not grow with the cache (``past``), so one set serves a step
+        at any context length, and the pool can be filled ahead without knowing it."""
+        return tuple(sorted((str(s), int(v)) for s, v in binding.items() if s in self._dims))
 
     def _prepared(self, stage: str) -> Any:
         """A correction module with its integer weights converted once (not per draw)."""

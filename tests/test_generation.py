@@ -162,3 +162,26 @@ def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRU
     assert torch.equal(
         generate(load(tmp_path, trusted_key=TRUSTED), ids, max_new_tokens=8), expected
     )
+
+
+def test_a_decode_steps_mask_set_serves_any_context_length():
+    """Under slalom the GPU's linear layers see (batch, 1, hidden) at every decode step: their
+    pads do not depend on the cache length, so the pool keys sets by (batch, seq) alone and a
+    set drawn ahead serves a step at any context, with no miss."""
+    split = partition(step("tiny-llama"), "slalom", seed=3)
+    executor = split.executor()
+    pool = executor.pool
+    assert pool.key({"batch": 1, "seq": 1, "past": 5}) == pool.key(
+        {"batch": 1, "seq": 1, "past": 9}
+    )
+    pool.fill({"batch": 1, "seq": 1, "past": 0}, 2)
+    model = built("tiny-llama")
+    heads = model.config.num_key_value_heads
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    layers = model.config.num_hidden_layers
+    misses = pool.misses
+    with torch.no_grad():
+        for past in (5, 9):
+            cache = [torch.randn(1, heads, past, dim) for _ in range(2 * layers)]
+            executor(torch.tensor([[7]]), cache)
+    assert pool.misses == misses and pool.available({"batch": 1, "seq": 1, "past": 0}) == 0
