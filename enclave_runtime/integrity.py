@@ -40,7 +40,7 @@ import torch.fx
 
 from partitioner.errors import IntegrityError
 from partitioner.op_table import op_name
-from partitioner.ops import ring_limbs, ring_recombine
+from partitioner.ops import ring_limbs, ring_recombine, with_attrs
 
 FLOAT_CHECKS = 2  # independent s per request for float masks
 FLOAT_Z = 6.0  # standard deviations of the honest error a row's check allows (2e-9 one-sided)
@@ -178,25 +178,7 @@ def _get_attr(module: Any, target: str) -> Any:
 def _float64_graph(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The correction graph ``L`` with its weights in float64, for ``a = Lᵀs`` without
     float32 rounding."""
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    graph.output(graph.graph_copy(module.graph, env))
-    root = torch.nn.Module()
-    for node in graph.find_nodes(op="get_attr"):
-        value = _get_attr(module, node.target)
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
-            value = value.detach().to(torch.float64)
-        owner = root
-        *path, leaf = node.target.split(".")
-        for part in path:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
-        if isinstance(value, torch.Tensor):
-            owner.register_buffer(leaf, value.detach(), persistent=False)
-        else:
-            setattr(owner, leaf, value)
-    return torch.fx.GraphModule(root, graph)
+    return with_attrs(module, lambda _, t: t.to(torch.float64) if t.dtype.is_floating_point else t)
 
 
 def check(

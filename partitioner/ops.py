@@ -19,6 +19,7 @@ can find them by name. Importing this module registers them.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -161,7 +162,8 @@ def _quantize_rows(x: Tensor, norm_limit: int) -> tuple[np.ndarray, np.ndarray]:
     # the norm of a row beyond 1e154 overflows in float64: scale by the row's max first
     top = np.abs(a).max(axis=-1) if a.size else np.zeros(a.shape[:-1])
     safe = np.where(top > 0, top, 1.0)
-    norm = np.sqrt(np.einsum("...i,...i->...", a / safe[..., None], a / safe[..., None])) * safe
+    unit = a / safe[..., None]
+    norm = np.sqrt(np.einsum("...i,...i->...", unit, unit)) * safe
     with np.errstate(divide="ignore"):  # a zero row: +inf, clipped
         e = np.minimum(np.floor(np.log2(slack / norm)), MAX_ROW_BITS)
     q = np.rint(a * np.exp2(e)[..., None])
@@ -272,20 +274,25 @@ def prepare_ring_weights(module: torch.nn.Module, device: torch.device | str = "
         return module.to(device)
     if not isinstance(module, torch.fx.GraphModule):
         return module.to(device) if isinstance(module, torch.nn.Module) else module
-    graph = module.graph
     weights = {
         node.args[1].target
-        for node in graph.find_nodes(op="call_function", target=OPS.ring_linear.default)
+        for node in module.graph.find_nodes(op="call_function", target=OPS.ring_linear.default)
     }
     if not weights:
         return module.to(device)
+    return with_attrs(
+        module, lambda target, t: (t.to(torch.float64) if target in weights else t).to(device)
+    )
+
+
+def with_attrs(module: torch.fx.GraphModule, convert: Any) -> torch.fx.GraphModule:
+    """A copy of ``module``'s graph over its attributes passed through
+    ``convert(target, tensor)`` (a dtype, a device); ``module`` is not changed."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
     root = torch.nn.Module()
     for node in graph.find_nodes(op="get_attr"):
-        value = module
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if isinstance(value, torch.Tensor) and node.target in weights:
-            value = value.to(torch.float64)
+        value = operator.attrgetter(node.target)(module)
         owner = root
         *path, leaf = node.target.split(".")
         for part in path:
@@ -293,7 +300,7 @@ def prepare_ring_weights(module: torch.nn.Module, device: torch.device | str = "
                 owner.add_module(part, torch.nn.Module())
             owner = getattr(owner, part)
         if isinstance(value, torch.Tensor):
-            owner.register_buffer(leaf, value.to(device), persistent=False)
+            owner.register_buffer(leaf, convert(node.target, value.detach()), persistent=False)
         else:
             setattr(owner, leaf, value)
     return torch.fx.GraphModule(root, graph)

@@ -305,17 +305,17 @@ def plan_inputs(
                         work.extend((origin, s, p) for s, p in readers.get(value, []))
                 continue
             name = op_name(user)
-            linear = (
-                (is_weight_linear(name) or name in ("einsum", "bmm"))
-                and _weight_of(module, user)[1] is not None
-                and _weight_of(module, user)[0] is operand
+            x, weight, _ = (
+                _weight_of(module, user)
+                if is_weight_linear(name) or name in ("einsum", "bmm")
+                else (None, None, None)
             )
+            linear = weight is not None and x is operand
             # row scaling: read by linear layers only, directly, whose results leave
             rows_ok[origin] &= (
                 linear and operand is ph and all(u.op == "output" for u in user.users)
             )
             if linear:
-                _, weight, _ = _weight_of(module, user)
                 q, _ = spec.weights.setdefault(user.name, quantise_weight(weight))
                 if weight.device.type == "meta":  # no values: plan for |w_q| = max
                     top, fan_in = weight_max(int(q.shape[1])), int(q.shape[1])

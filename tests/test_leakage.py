@@ -30,7 +30,6 @@ from scipy import stats
 
 from enclave_runtime.executor import Executor, InProcessRunner
 from partitioner.api import partition
-from partitioner.errors import PolicyError
 from partitioner.ops import quantize_rows
 from partitioner.plan import GPU
 from partitioner.policy import Policy
@@ -39,16 +38,6 @@ from partitioner.program import SplitProgram
 MODEL = "tiny-llama"  # vocabulary of 256, hidden size 64
 SEQ = 64
 ALPHA = 0.001  # significance level of every statistical test below
-
-try:
-    Policy.preset("slalom", masking="exact")
-    EXACT_AVAILABLE = True
-except PolicyError:
-    EXACT_AVAILABLE = False
-
-needs_exact = pytest.mark.xfail(
-    not EXACT_AVAILABLE, strict=False, reason="masking='exact' not implemented yet"
-)
 
 
 # -- what the GPU sees -------------------------------------------------------------------------
@@ -105,7 +94,7 @@ def wire_format(masking: str, name: str) -> dict[str, int | float | None]:
     """What the attacker knows of the value ``name``'s mask from the (public) plan: the float
     pad's half-width, or the integer format's modulus, fractional bits and clamp limit."""
     prot = split_under(masking).spec.protection
-    exact = getattr(prot, "exact", None)
+    exact = prot.exact
     if exact is not None:  # masking="exact": per value, its fractional bits and clamp limit
         return {
             "scale": float(prot.mask_scale),
@@ -114,14 +103,7 @@ def wire_format(masking: str, name: str) -> dict[str, int | float | None]:
             "limit": exact.limit.get(name),
             "row_limit": exact.row_limit.get(name),
         }
-    field = getattr(prot, "field_plan", None)  # the prime-field mode "exact" replaces
-    return {
-        "scale": float(prot.mask_scale),
-        "prime": int(getattr(field, "prime", 2**32)),
-        "frac_bits": int(getattr(field, "frac_bits", 14)),
-        "limit": None,
-        "row_limit": None,
-    }
+    return {"scale": float(prot.mask_scale)}  # float masks: the pad's half-width
 
 
 @functools.cache
@@ -215,7 +197,6 @@ def test_token_table_attack_recovers_the_prompt_under_additive_masking():
     assert result["guessed"] > 0.5, result
 
 
-@needs_exact
 def test_token_table_attack_is_at_chance_under_exact_masking():
     """Chance is 1/256 per position: about 1 right guess in 256. The bound, 5% (13 of 256),
     is exceeded by chance with probability below 1e-9 (binomial(256, 1/256))."""
@@ -250,7 +231,6 @@ def two_sample_p(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(stats.ks_2samp(a.flatten().double().numpy(), b.flatten().double().numpy()).pvalue)
 
 
-@needs_exact
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_what_the_gpu_receives_under_exact_masking_is_independent_of_the_prompt(pair):
     ids_a, ids_b = PAIRS[pair]()
