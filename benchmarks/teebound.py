@@ -73,6 +73,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ceiling import ceiling, print_ceiling  # noqa: E402
+
 BASELINE = "all_enclave"
 DEFAULT_PRESETS = ["all_enclave", "cmif", "secureinfer", "slalom", "slalom:masking=additive"]
 CONTEXT = 128  # prefill length, and the decode step's past
@@ -512,6 +514,25 @@ def fmt(x: Any, spec: str = ".1f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def workloads_for() -> tuple[Any, Any, dict[str, tuple[tuple[Any, ...], bool]]]:
+    """SmolLM2-135M, its captured decoder step, and the two workloads: name -> (call args,
+    public_tokens). The prompt's tokens are private (RNM sanitises all 128); a generated token
+    is public (the GPU computed it), as ``enclave_runtime.generation`` does."""
+    from partitioner.generation import DecoderStep, cache_shape, capture_decoder
+    from partitioner.zoo import smollm2
+
+    model = smollm2()
+    heads, head_dim = cache_shape(model)
+    layers = int(model.config.num_hidden_layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, CONTEXT))
+    empty = [torch.zeros(1, heads, 0, head_dim) for _ in range(2 * layers)]
+    with torch.no_grad():  # the prompt's real cache for the decode step
+        past = list(DecoderStep(model)(ids, empty)[1:])
+    next_id = torch.randint(0, model.config.vocab_size, (1, 1))
+    workloads = {"prefill": ((ids, empty), False), "decode": ((next_id, past), True)}
+    return model, capture_decoder(model), workloads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -548,6 +569,12 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="NAME[:K=V,..]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--project", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="all_enclave with its linear layers free, eager and compiled (benchmarks/ceiling.py)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teebound.json"))
     args = parser.parse_args()
     if args.quick:
@@ -572,26 +599,12 @@ def main() -> None:
 
     from partitioner.api import partition
     from partitioner.errors import TeesplitError
-    from partitioner.generation import DecoderStep, cache_shape, capture_decoder
+    from partitioner.generation import DecoderStep
     from partitioner.policy import Policy
-    from partitioner.zoo import smollm2
 
     started = time.perf_counter()
-    model = smollm2()
-    heads, head_dim = cache_shape(model)
+    model, step, workloads = workloads_for()
     layers = int(model.config.num_hidden_layers)
-    ids = torch.randint(0, model.config.vocab_size, (1, CONTEXT))
-    empty = [torch.zeros(1, heads, 0, head_dim) for _ in range(2 * layers)]
-    with torch.no_grad():  # the prompt's real cache for the decode step
-        past = list(DecoderStep(model)(ids, empty)[1:])
-    next_id = torch.randint(0, model.config.vocab_size, (1, 1))
-    workloads = {
-        # (call args, public_tokens): the prompt's tokens are private (RNM sanitises all 128),
-        # a generated token is public (the GPU computed it), as enclave_runtime.generation does
-        "prefill": ((ids, empty), False),
-        "decode": ((next_id, past), True),
-    }
-    step = capture_decoder(model)
     eager = {}  # the plain model's decoder step, for reference (all_enclave should match it)
     with torch.no_grad():
         for workload, (call_args, _) in workloads.items():
@@ -610,6 +623,7 @@ def main() -> None:
     )
 
     rows: list[dict[str, Any]] = []
+    ceilings: dict[str, dict[str, Any]] = {}  # workload -> benchmarks/ceiling.py's figures
     unexpected = False
     for name, overrides in presets:
         row_label = label(name, overrides)
@@ -627,6 +641,9 @@ def main() -> None:
             rows.append({"preset": row_label, "error": f"{type(exc).__name__}: {exc}"})
             continue
         partition_s = time.perf_counter() - t0
+        if name == BASELINE and not overrides and args.ceiling:
+            for workload, (call_args, _) in workloads.items():
+                ceilings[workload] = ceiling(split, call_args, args.repeats, compile=True)
         for workload, (call_args, public) in workloads.items():
             t1 = time.perf_counter()
             phase = {"now": "starting"}
@@ -726,6 +743,9 @@ def main() -> None:
         "T_enclave(all_enclave) over T_enclave online (and + offline)."
     )
 
+    if ceilings:
+        print_ceiling(ceilings)
+
     projection = rates = None
     if args.project:
         rates = cpu_rates(args.quick)
@@ -757,6 +777,7 @@ def main() -> None:
         "eager_ms": eager,
         "rows": rows,
         "cpu_rates": rates,
+        "ceiling": ceilings,
         "projection_llama2_7b": projection,
         "seconds": time.perf_counter() - started,
     }

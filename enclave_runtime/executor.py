@@ -18,15 +18,17 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 
 from enclave_runtime import integrity
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
+from partitioner import ops
 from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
-from partitioner.ops import OPS, prepare_ring_weights
+from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
@@ -62,6 +64,9 @@ class InProcessRunner:
             cached = (module, prepare_ring_weights(module))
             self._prepared[stage] = cached
         return list(cached[1](*tensors))
+
+
+_EXPECTED_CACHE = 4096
 
 
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
@@ -112,6 +117,8 @@ class Executor:
         self.last_request: dict[str, Any] = {}
         masked = prot.masked if prot is not None else {}
         self._replies = self._reply_specs()
+        self._expected: dict[tuple[str, tuple[tuple[str, int], ...]], Expected] = {}
+        self._direct: dict[str, tuple[Any, Any]] = {}  # enclave stage -> (module, direct copy)
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         self._sent_clear = {
             e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
@@ -135,7 +142,16 @@ class Executor:
             specs[stage.name] = outs
         return specs
 
-    def expected(self, stage: str, binding: dict[str, int]) -> Expected:
+    def expected(self, stage: str, binding: Mapping[str, int]) -> Expected:
+        key = (stage, tuple(sorted(binding.items())))
+        cached = self._expected.get(key)
+        if cached is None:
+            if len(self._expected) > _EXPECTED_CACHE:  # a long-running server's many sizes
+                self._expected.clear()
+            cached = self._expected[key] = self._expect(stage, binding)
+        return cached
+
+    def _expect(self, stage: str, binding: Mapping[str, int]) -> Expected:
         out: Expected = []
         for dtype, shape in self._replies[stage]:
             try:
@@ -264,7 +280,7 @@ class Executor:
                         args.append(delta[name])
                     else:
                         args.append(masks.noise[name])
-                outs = stage.module(*args)
+                outs = self._module(stage)(*args)
                 n = len(stage.outputs)
                 env.update(zip(stage.outputs, outs[:n], strict=True))
                 gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
@@ -307,6 +323,16 @@ class Executor:
             }
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 
+    def _module(self, stage: Stage) -> Any:
+        """The enclave stage's module with its ``teesplit::`` calls made directly
+        (:func:`partitioner.ops.direct_calls`), built once per module object."""
+        cached = self._direct.get(stage.name)
+        if cached is None or cached[0] is not stage.module:
+            module = stage.module
+            direct = direct_calls(module) if isinstance(module, torch.fx.GraphModule) else module
+            cached = self._direct[stage.name] = (module, direct)
+        return cached[1]
+
     def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:
         if not isinstance(value, str):
             return value
@@ -316,12 +342,12 @@ class Executor:
         if prot is not None and value in prot.gpu_masked:
             exact = prot.exact
             if exact is not None and value in exact.row_outputs:
-                return OPS.ring_unmask_rows(
+                return ops.ring_unmask_rows(
                     gpu[value], delta[value], exact.inv_scale[value], exact.bias.get(value)
                 )
             if exact is not None:
-                return OPS.ring_unmask(gpu[value], delta[value], exact.inv_scale[value])
-            return OPS.unmask(gpu[value], delta[value])
+                return ops.ring_unmask(gpu[value], delta[value], exact.inv_scale[value])
+            return ops.unmask(gpu[value], delta[value])
         return gpu[value]
 
     def _primal(self, name: str, env: dict[str, Any], shadow: dict[str, Any]) -> Any:
@@ -332,8 +358,8 @@ class Executor:
         exact = self.spec.protection.exact
         if exact is not None and name in exact.row_limit:
             zero = torch.zeros((), dtype=torch.int32)
-            return OPS.ring_mask_rows(env[name], zero, exact.row_limit[name])
+            return ops.ring_mask_rows(env[name], zero, exact.row_limit[name])
         if exact is not None and name in exact.frac_bits:
             zero = torch.zeros((), dtype=getattr(torch, exact.ring[name]))
-            return OPS.ring_mask(env[name], zero, exact.frac_bits[name], exact.limit[name])
+            return ops.ring_mask(env[name], zero, exact.frac_bits[name], exact.limit[name])
         return env[name]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -275,10 +276,14 @@ class RingCheck:
             kappa = (rows * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
             self.vectors.append((s, a, kappa))
         # per input: the outputs that read it, and their a and κ summed (mod 2**64)
-        self.by_source: dict[int, tuple[list[tuple[int, torch.Tensor]], torch.Tensor, Any]] = {}
+        self.by_source: dict[int, tuple[list[tuple[int, np.ndarray]], np.ndarray, Any]] = {}
         for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
             outs, a_sum, k_sum = self.by_source.get(source, ([], 0, 0))
-            self.by_source[source] = ([*outs, (index, s)], a + a_sum, kappa + k_sum)
+            self.by_source[source] = (
+                [*outs, (index, _u64(s))],
+                _u64(a) + a_sum,
+                _u64(kappa) + k_sum,
+            )
 
     def check(
         self,
@@ -293,18 +298,28 @@ class RingCheck:
         ``sum_o <s_o, y_o> = <sum_o W_oᵀ s_o, x> + sum_o κ_o``: with independent uniform
         ``s_o`` a wrong result in any of them still passes with probability ``<= 2**-31``,
         and the input is unmasked once instead of once per layer (q, k and v share one)."""
+        # numpy over uint64: products and sums wrap mod 2**64 by definition, at a fraction of
+        # torch's per-call cost on a decode step's one-row tensors
         for source, (outs, a, kappa) in self.by_source.items():
-            x, r = sent[source], pads[source]
-            rhs = ((x - r if r is not None else x).to(torch.int64) * a).sum(-1) + kappa
-            lhs = torch.zeros_like(rhs)
+            rhs = _unmasked(sent[source], pads[source]) @ a + kappa
+            lhs = np.zeros_like(rhs)
             for index, s in outs:
-                y, d = outputs[index], deltas[index]
-                lhs = lhs + ((y - d if d is not None else y).to(torch.int64) * s).sum(-1)
-            if not torch.equal(lhs, rhs):
+                lhs += _unmasked(outputs[index], deltas[index]) @ s
+            if not np.array_equal(lhs, rhs):
                 self.draw()  # the failed check told the GPU something about s: replace it
-                row = [int(i) for i in (lhs != rhs).nonzero()[0]]
+                row = [int(i) for i in np.argwhere(lhs != rhs)[0]]
                 raise IntegrityError(
                     f"GPU stage {self.stage} returned results that fail the Freivalds check "
                     f"(outputs {[i for i, _ in outs]}, row {row}; exact: an honest result "
                     "always passes, a wrong one passes with probability <= 2**-31)"
                 )
+
+
+def _unmasked(x: torch.Tensor, pad: torch.Tensor | None) -> np.ndarray:
+    """``x - pad`` in the ring (wrapping), sign-extended to 64 bits and read as ``Z_2^64``."""
+    v = x.numpy() if pad is None else x.numpy() - pad.numpy()
+    return v.astype(np.int64, copy=False).view(np.uint64)
+
+
+def _u64(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().astype(np.int64, copy=False).view(np.uint64)
