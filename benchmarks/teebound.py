@@ -76,7 +76,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.ceiling import ceiling, print_ceiling  # noqa: E402
 
 BASELINE = "all_enclave"
-DEFAULT_PRESETS = ["all_enclave", "cmif", "secureinfer", "slalom", "slalom:masking=additive"]
+DEFAULT_PRESETS = [
+    "all_enclave",
+    "cmif",
+    "secureinfer",
+    "slalom",
+    "slalom:masking=additive",
+    "private_finetune",
+]
+# the LoRA adapter benchmarks/finetune.py trains on SST-2 text (private_finetune's fine-tune)
+DEFAULT_ADAPTER = ROOT / "benchmarks" / "results" / "lora-sst2"
 CONTEXT = 128  # prefill length, and the decode step's past
 # mask sets per batched fill, per workload: a prefill set holds 128 tokens' pads and corrections
 DEFAULT_BATCH = {"prefill": 4, "decode": 16}
@@ -514,14 +523,21 @@ def fmt(x: Any, spec: str = ".1f") -> str:
     return "" if x is None else format(x, spec)
 
 
-def workloads_for() -> tuple[Any, Any, dict[str, tuple[tuple[Any, ...], bool]]]:
-    """SmolLM2-135M, its captured decoder step, and the two workloads: name -> (call args,
-    public_tokens). The prompt's tokens are private (RNM sanitises all 128); a generated token
-    is public (the GPU computed it), as ``enclave_runtime.generation`` does."""
+def workloads_for(
+    adapter: Path | None = None,
+) -> tuple[Any, Any, dict[str, tuple[tuple[Any, ...], bool]]]:
+    """SmolLM2-135M (with the peft ``adapter`` folder's LoRA injected, when given), its
+    captured decoder step, and the two workloads: name -> (call args, public_tokens). The
+    prompt's tokens are private (RNM sanitises all 128); a generated token is public (the GPU
+    computed it), as ``enclave_runtime.generation`` does."""
     from partitioner.generation import DecoderStep, cache_shape, capture_decoder
     from partitioner.zoo import smollm2
 
     model = smollm2()
+    if adapter is not None:  # peft injects the adapter's layers into the model in place
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).get_base_model().eval()
     heads, head_dim = cache_shape(model)
     layers = int(model.config.num_hidden_layers)
     ids = torch.randint(0, model.config.vocab_size, (1, CONTEXT))
@@ -570,6 +586,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--project", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--adapter",
+        default=str(DEFAULT_ADAPTER),
+        help="a peft LoRA folder injected into SmolLM2 for every preset ('' for none)",
+    )
+    parser.add_argument(
         "--ceiling",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -603,7 +624,13 @@ def main() -> None:
     from partitioner.policy import Policy
 
     started = time.perf_counter()
-    model, step, workloads = workloads_for()
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        if args.adapter != str(DEFAULT_ADAPTER):
+            raise SystemExit(f"--adapter {adapter}: no peft adapter there")
+        print(f"no adapter at {adapter} (benchmarks/finetune.py trains it): the base model alone")
+        adapter = None
+    model, step, workloads = workloads_for(adapter)
     layers = int(model.config.num_hidden_layers)
     eager = {}  # the plain model's decoder step, for reference (all_enclave should match it)
     with torch.no_grad():
@@ -681,7 +708,13 @@ def main() -> None:
             finally:
                 signal.alarm(0)
                 signal.signal(signal.SIGALRM, previous)
-            result.update(preset=row_label, workload=workload, partition_s=partition_s)
+            result.update(
+                preset=row_label,
+                workload=workload,
+                partition_s=partition_s,
+                # at the plan's reference dims (one token at a 128-token context)
+                gpu_flop_share=1.0 - split.share()["flops"],
+            )
             rows.append(result)
             print(
                 f"  {row_label} {workload}: enclave online {result['enclave_online_ms']:.1f} ms, "
@@ -711,15 +744,15 @@ def main() -> None:
     print(
         "| workload | preset | masking | calls | T_enclave online | enclave stages | corrections "
         "| checks | loop | T_gpu | offline/request | offline batch | sets/s | round trips "
-        "| kB to GPU | kB from GPU | speedup online | speedup incl. offline |"
+        "| kB to GPU | kB from GPU | GPU FLOPs | speedup online | speedup incl. offline |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for r in rows:
             if r.get("workload", workload) != workload:
                 continue
             if "error" in r:
-                print(f"| {workload} | {r['preset']} | {r['error']} |" + " |" * 15)
+                print(f"| {workload} | {r['preset']} | {r['error']} |" + " |" * 16)
                 continue
             print(
                 f"| {workload} | {r['preset']} | {r['masking']} | {r['timed_calls']}"
@@ -729,7 +762,7 @@ def main() -> None:
                 f"{r['gpu_ms']:.2f} | {r['offline_ms']:.2f} | {fmt(r['offline_batch'], 'd')} | "
                 f"{fmt(r['offline_rate_sets_s'], '.1f')} | {r['round_trips']} | "
                 f"{r['bytes_to_gpu'] / 1e3:,.1f} | {r['bytes_from_gpu'] / 1e3:,.1f} | "
-                f"{fmt(r.get('speedup_online'), '.2f')} | "
+                f"{r['gpu_flop_share']:.1%} | {fmt(r.get('speedup_online'), '.2f')} | "
                 f"{fmt(r.get('speedup_with_offline'), '.2f')} |"
             )
     print(
@@ -766,7 +799,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {
-        "model": "SmolLM2-135M-Instruct (float32)",
+        "model": "SmolLM2-135M-Instruct (float32)"
+        + (f" + LoRA adapter {adapter}" if adapter else ""),
         "context": CONTEXT,
         "batch": 1,
         "threads": torch.get_num_threads(),

@@ -24,6 +24,7 @@ from partitioner.placement import place
 from partitioner.plan import ENCLAVE, Plan, Signature
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram
+from partitioner.public_base import split_parameters
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
@@ -59,6 +60,15 @@ def _tag_state(program: ExportedProgram, state: Mapping[str, Any]) -> None:
         node.meta.setdefault("teesplit", {})["state_of"] = value.name
 
 
+def _tag_public(program: ExportedProgram, public: Mapping[str, int]) -> None:
+    """Tag the placeholders of public parameters (bit-identical to the policy's public base):
+    placement and taint read the tag, so only the others count as protected."""
+    params = program.graph_signature.inputs_to_parameters
+    for node in program.graph.find_nodes(op="placeholder"):
+        if params.get(node.name) in public:
+            node.meta.setdefault("teesplit", {})["public"] = True
+
+
 def partition(
     model: torch.nn.Module | ExportedProgram | Captured,
     policy: Policy | str | Path = "secureinfer",
@@ -73,9 +83,9 @@ def partition(
     """Capture, label, place and split ``model`` under ``policy``.
 
     ``policy`` is a :class:`Policy`, a preset name (``cmif``, ``secureinfer``, ``slalom``,
-    ``all_enclave``, ``all_gpu``) or a YAML/JSON policy file. ``example_inputs`` may be
-    omitted for Hugging Face text models. ``reference_dims`` sets the sizes at which bytes and
-    FLOPs are counted (default batch=1, seq=128; for a decoder step
+    ``private_finetune``, ``all_enclave``, ``all_gpu``) or a YAML/JSON policy file.
+    ``example_inputs`` may be omitted for Hugging Face text models. ``reference_dims`` sets the
+    sizes at which bytes and FLOPs are counted (default batch=1, seq=128; for a decoder step
     batch=1, seq=1, past=128: one generated token at a 128-token context).
     ``special_token_ids`` are the tokens RNM passes through (default: those the model's
     config names). ``seed`` makes masks and noise reproducible and is for tests only: by
@@ -95,6 +105,9 @@ def partition(
         program = decompose_attention(program)
     label_program(program)
     _tag_state(program, captured.state)
+    parameters = split_parameters(program, policy.public_base)
+    if parameters is not None:
+        _tag_public(program, parameters.public)
     shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
     force: dict[str, str] = {}
@@ -154,6 +167,7 @@ def partition(
         param_bytes={fqn: t.numel() * t.element_size() for fqn, t in program.state_dict.items()},
         taint=result.taint,
         seed=seed,
+        parameters=parameters,
     )
     audit(split, verbose=False)
     return split

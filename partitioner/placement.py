@@ -136,18 +136,22 @@ class Placer:
     # -- pins --------------------------------------------------------------------------------
 
     def _protected_values(self) -> tuple[set[str], dict[str, str]]:
-        """Protected parameters and the weight-derived values (views/casts) of them."""
+        """Protected parameters (all of them, less those tagged public) and the
+        weight-derived values (views/casts) of them."""
         if "model" not in self.policy.protects:
             return set(), {}
         origin: dict[str, str] = {}  # value name -> protected parameter fqn it exposes
+        protected: set[str] = set()
         for node in self.graph.nodes:
             if node.op == "placeholder" and node.name in self.params:
-                origin[node.name] = self.params[node.name]
+                if not teesplit_meta(node).get("public"):
+                    origin[node.name] = self.params[node.name]
+                    protected.add(self.params[node.name])
             elif node.op == "call_function" and op_name(node) in SHAPE_OPS:
                 inputs = node.all_input_nodes
                 if inputs and all(i.name in origin for i in inputs):
                     origin[node.name] = origin[inputs[0].name]
-        return set(self.params.values()), origin
+        return protected, origin
 
     def pins(self) -> tuple[dict[str, str], dict[str, str], set[str]]:
         pinned: dict[str, str] = {}
@@ -345,6 +349,8 @@ def place(
     """Place every compute node of a labelled ``program`` under ``policy``.
 
     ``force_enclave`` maps node names to the reason they must run in the enclave (protection
-    moves ops it cannot mask there under ``on_unmaskable="enclave"``).
+    moves ops it cannot mask there under ``on_unmaskable="enclave"``). Under ``protects:
+    [model]`` every parameter is protected but those whose placeholder is tagged ``public``
+    (bit-identical to a public base's: ``partitioner.public_base``).
     """
     return Placer(program, policy, shapes, force_enclave).place()

@@ -103,6 +103,7 @@ class Policy:
     min_gpu_block: int = 1
     on_unmaskable: str = "error"
     mask_scale: float = 1.0
+    public_base: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -143,11 +144,25 @@ class Policy:
             raise PolicyError(f"min_gpu_block must be an integer >= 1, got {self.min_gpu_block!r}")
         if self.rnm is not None and not isinstance(self.rnm, RNMConfig):
             raise PolicyError(f"rnm must be an RNMConfig, a mapping or None, got {self.rnm!r}")
-        if "model" in self.protects:
+        if self.public_base is not None:
+            if not isinstance(self.public_base, str) or not self.public_base:
+                raise PolicyError(
+                    "public_base must be 'peft' or the path of a transformers folder or a "
+                    f".safetensors file, got {self.public_base!r}"
+                )
+            if "model" not in self.protects:
+                raise PolicyError(
+                    "public_base says which parameters of a protected model are public, but "
+                    "protects does not include 'model'"
+                )
+        if "model" in self.protects and self.public_base is None:
+            # with a public base the GPU pins apply to public weights only (a node reading a
+            # protected parameter is forced into the enclave whatever its label)
             weighted = sorted(str(label) for label in self.gpu & WEIGHT_BEARING)
             if weighted:
                 raise PolicyError(
-                    f"protects 'model' but pins weight-bearing labels {weighted} to the GPU"
+                    f"protects 'model' but pins weight-bearing labels {weighted} to the GPU "
+                    "(name a public_base to offload a fine-tune's public base)"
                 )
         if self.rnm is not None:
             if Label.EMBEDDING not in self.enclave:
@@ -214,6 +229,10 @@ class Policy:
                 data = json.loads(text)
         except Exception as exc:  # yaml and json raise different types; both are parse errors
             raise PolicyError(f"cannot parse policy file {path}: {exc}") from None
+        if isinstance(data, Mapping) and isinstance(data.get("public_base"), str):
+            base = data["public_base"]
+            if base != "peft" and not Path(base).is_absolute():  # relative to the policy file
+                data = {**data, "public_base": str(path.parent / base)}
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -252,7 +271,7 @@ class Policy:
             "min_gpu_block": self.min_gpu_block,
             "on_unmaskable": self.on_unmaskable,
             "mask_scale": self.mask_scale,
-        }
+        } | ({"public_base": self.public_base} if self.public_base is not None else {})
 
 
 def _rnm_from_dict(data: Mapping[str, Any]) -> RNMConfig:
@@ -290,6 +309,17 @@ PRESETS: dict[str, Policy] = {
         protects=frozenset({"input"}),
         masking="exact",
         integrity="freivalds",
+    ),
+    # a public base (here peft's) on the GPU on exactly masked activations; the adapter, every
+    # changed parameter, norms, nonlinearities, attention and the KV cache in the enclave
+    "private_finetune": Policy(
+        name="private_finetune",
+        enclave=frozenset({L.EMBEDDING, L.NONLINEAR, L.NORM, L.ATTENTION, L.ELEMENTWISE, L.LORA}),
+        gpu=frozenset({L.ATTENTION_PROJECTION, L.FFN, L.LM_HEAD}),
+        protects=frozenset({"input", "model"}),
+        masking="exact",
+        integrity="freivalds",
+        public_base="peft",
     ),
     "all_enclave": Policy(
         name="all_enclave",

@@ -27,6 +27,7 @@ from partitioner.placement import Placement
 from partitioner.plan import ENCLAVE, GPU, Edge, Plan, Protection, Stage, StateSpec
 from partitioner.policy import Policy
 from partitioner.protection import ADDITIVE_LEAK
+from partitioner.public_base import ParameterSplit
 from partitioner.shapes import ShapeContext
 
 
@@ -44,6 +45,7 @@ class SplitProgram:
     param_bytes: dict[str, int] = field(default_factory=dict)
     taint: dict[str, frozenset[str]] = field(default_factory=dict)
     seed: int | None = None  # the executors' CSPRNG seed: tests only
+    parameters: ParameterSplit | None = None  # public and protected, under a public_base
     _executors: int = field(default=0, repr=False, compare=False)
 
     # -- the plan's parts, by name -------------------------------------------------------------
@@ -199,6 +201,21 @@ class SplitProgram:
             lines.append(f"Freivalds checks on {len(prot.freivalds)} GPU stages")
         return lines
 
+    def _parameter_lines(self) -> list[str]:
+        """Under a public base: every protected parameter with its size and why, and the
+        public ones in total (each by name with ``plan()``'s ``parameters``)."""
+        split = self.parameters
+        if split is None:
+            return []
+        lines = [
+            f"public base {split.source}: {len(split.public)} public parameters "
+            f"({sum(split.public.values()) / 2**20:.2f} MiB, bit-identical to the base), "
+            f"{len(split.protected)} protected ({sum(split.protected.values()) / 2**20:.2f} MiB):"
+        ]
+        for fqn, nbytes in sorted(split.protected.items()):
+            lines.append(f"  protected {fqn}: {nbytes:,} bytes ({split.why.get(fqn, '')})")
+        return lines
+
     def report(self) -> str:
         """Human-readable summary: stages, labels per side, enclave share, bytes crossing."""
         ref = ", ".join(f"{k}={v}" for k, v in sorted(self.spec.reference_dims.items())) or "static"
@@ -253,6 +270,7 @@ class SplitProgram:
             )
         if moved:
             lines.append(f"moved into the enclave by min_gpu_block: {len(moved)} nodes")
+        lines += self._parameter_lines()
         others = self.other_nodes()
         if others:
             lines.append(f"unclassified nodes (label 'other'): {len(others)}")

@@ -5,7 +5,9 @@ protection record); writes nothing; raises :class:`AuditError` listing every vio
 not trust the protection pass's own edge labels: taint is recomputed from the source graph, and
 each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It checks that
 
-1. no GPU stage holds a protected parameter (by name and by tensor storage);
+1. no GPU stage holds a protected parameter (by name, by tensor storage, and by value: an
+   equal or affine copy, such as a quantised weight); under a public base, the parameters
+   tagged ``public`` (bit-identical to the base's) are not protected;
 2. every enclave -> GPU edge whose value depends on the request or on protected weights is
    either masked (a ``teesplit::mask``/``ring_mask`` op produces what crosses) or depends on the
    token input only through RNM (a ``teesplit::rnm`` op in an enclave stage); other edges must
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.fx
 from torch.export import ExportedProgram
 
 from partitioner.errors import AuditError
@@ -121,6 +124,60 @@ def _masked_on_gpu(program: SplitProgram) -> set[str]:
     return masked - {v for s in program.stages if s.side == ENCLAVE for v in s.masked_outputs}
 
 
+def _tagged_public(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get("teesplit", {}).get("public"))
+
+
+def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
+    """By value: a GPU stage tensor of a protected parameter's shape (or its transpose) that
+    equals it or is an affine copy of it (a quantised or rescaled weight: correlation above
+    ``COPY_CORRELATION``). Catches a copy that names and storages do not show."""
+    state = program.source.state_dict
+    by_shape: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+    for fqn in protected:
+        t = state.get(fqn)
+        if t is None or t.device.type == "meta" or t.numel() < 2:
+            continue
+        flat = t.detach().to(torch.float64)
+        by_shape.setdefault(tuple(flat.shape), []).append((fqn, flat))
+        if flat.dim() == 2:
+            by_shape.setdefault(tuple(flat.t().shape), []).append((fqn, flat.t()))
+    found = []
+    for stage in program.stages:
+        if stage.side != GPU or not by_shape:
+            continue
+        for name, tensor in _stage_tensors(stage.module):
+            for fqn, ref in by_shape.get(tuple(tensor.shape), ()):
+                if _is_copy(tensor.detach().to(torch.float64), ref):
+                    found.append(
+                        f"GPU stage {stage.name} attribute {name} holds a copy of protected "
+                        f"parameter {fqn} (by value)"
+                    )
+    return found
+
+
+COPY_CORRELATION = 0.99
+
+
+def _stage_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    seen = dict(module.named_parameters())
+    seen.update(module.named_buffers())
+    if isinstance(module, torch.fx.GraphModule):
+        for node in module.graph.find_nodes(op="get_attr"):
+            value = getattr(module, node.target, None)
+            if isinstance(value, torch.Tensor):
+                seen.setdefault(node.target, value)
+    return [(k, v) for k, v in seen.items() if v.device.type != "meta" and v.numel() > 1]
+
+
+def _is_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    denom = float(a.norm() * b.norm())
+    return denom > 0 and abs(float(a @ b)) / denom > COPY_CORRELATION
+
+
 def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
     """Check ``program``; print the edge table when ``verbose``; raise :class:`AuditError`."""
     policy = program.policy
@@ -137,7 +194,13 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
 
     # 1. protected weights
     if "model" in policy.protects:
-        protected = dict(source.graph_signature.inputs_to_parameters).values()
+        public = {n.name for n in source.graph.find_nodes(op="placeholder") if _tagged_public(n)}
+        protected = [
+            fqn
+            for name, fqn in source.graph_signature.inputs_to_parameters.items()
+            if name not in public
+        ]
+        violations += _copies_on_gpu(program, protected)
         storages = {
             source.state_dict[fqn].untyped_storage().data_ptr()
             for fqn in protected

@@ -47,7 +47,8 @@ def taint_of(
                 elif node.name in users and "input" in policy.protects:
                     tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
                 elif node.name in params and "model" in policy.protects:
-                    tags.add(MODEL_TAINT)
+                    if not node.meta.get("teesplit", {}).get("public"):  # a public base's
+                        tags.add(MODEL_TAINT)
             elif node.op == "call_function" and isinstance(
                 node.meta.get("val"), (torch.Tensor, list, tuple)
             ):

@@ -1,0 +1,234 @@
+"""A real private fine-tune to split: a LoRA adapter on SmolLM2-135M trained on SST-2 sentences
+as next-token text, then split under ``private_finetune`` with the public base named by value.
+
+1. **Train.** peft LoRA (rank 8, alpha 16, on ``q_proj``/``v_proj``) for ``--steps`` AdamW steps
+   of ``--batch`` SST-2 train sentences (up to 48 tokens each) as next-token text; the held-out
+   loss on SST-2 dev sentences is measured before and after (the adapter must have learnt
+   something real). Saved with peft's ``save_pretrained`` to ``--out`` (git-ignored: the
+   benchmark makes it, nothing downloads it).
+2. **The public base by value.** The base's parameters are written as one safetensors file,
+   and the policy names it (``public_base: <file>``): a parameter is public only if bit-identical
+   to the base's of the same name. The report's public/protected lists are printed in sum.
+3. **Equivalence.** ``--eval`` SST-2 dev sentences through the split (exact masks, Freivalds)
+   and through the adapted model: arg-max agreement at every position and the largest logit
+   difference against float, and bit-for-bit equality with the quantised reference
+   (``passes.exact.quantised_reference``: the split's own arithmetic run without the GPU).
+
+Results: ``benchmarks/results/finetune.json``.
+
+    python benchmarks/finetune.py [--steps 200] [--batch 8] [--eval 48] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+ADAPTER_DIR = ROOT / "benchmarks" / "results" / "lora-sst2"
+MAX_TOKENS = 48
+TARGETS = ["q_proj", "v_proj"]
+
+
+def sentences(split: str) -> list[str]:
+    path = SST2 / f"{split}.tsv"
+    if not path.is_file():
+        raise SystemExit(f"SST-2 not found at {path} (the repository expects ../shared beside it)")
+    with path.open(encoding="utf-8") as f:
+        return [row["sentence"].strip() for row in csv.DictReader(f, delimiter="\t")]
+
+
+def _batches(tokenizer: Any, texts: list[str], size: int) -> Any:
+    for i in range(0, len(texts), size):
+        enc = tokenizer(
+            texts[i : i + size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=MAX_TOKENS,
+        )
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        yield enc["input_ids"], enc["attention_mask"], labels
+
+
+def held_out_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for ids, mask, labels in _batches(tokenizer, texts, 16):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(out.loss) * n
+            count += n
+    return total / count
+
+
+def adapted_model(adapter: Path | None = None) -> Any:
+    """SmolLM2 with the trained adapter from ``adapter`` (a peft folder), ready to split."""
+    from peft import PeftModel
+
+    from partitioner.zoo import smollm2
+
+    return PeftModel.from_pretrained(smollm2(), str(adapter or ADAPTER_DIR)).eval()
+
+
+def train(steps: int, batch: int, lr: float, seed: int) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    from partitioner.zoo import smollm2, smollm2_tokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = smollm2_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_texts = sentences("train")
+    dev_texts = sentences("dev")[:256]
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+    model = get_peft_model(smollm2(), config)
+    before = held_out_loss(model, tokenizer, dev_texts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    start = time.perf_counter()
+    losses = []
+    for step in range(steps):
+        texts = rng.sample(train_texts, batch)
+        ids, mask, labels = next(_batches(tokenizer, texts, batch))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        losses.append(float(loss))
+        if (step + 1) % 25 == 0:
+            recent = sum(losses[-25:]) / 25
+            print(f"  step {step + 1}/{steps}: train loss {recent:.3f}", flush=True)
+    seconds = time.perf_counter() - start
+    after = held_out_loss(model, tokenizer, dev_texts)
+    ADAPTER_DIR.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(ADAPTER_DIR))
+    return {
+        "lora": {"r": 8, "alpha": 16, "targets": TARGETS},
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "train_seconds": seconds,
+        "dev_loss_before": before,
+        "dev_loss_after": after,
+        "dev_perplexity_before": math.exp(before),
+        "dev_perplexity_after": math.exp(after),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "adapter": str(ADAPTER_DIR.relative_to(ROOT)),
+    }
+
+
+def base_file(directory: Path) -> Path:
+    """SmolLM2's own parameters (the public base) as one safetensors file in ``directory``."""
+    from safetensors.torch import save_file
+
+    from partitioner.zoo import smollm2
+
+    state = {k: v.contiguous() for k, v in smollm2().state_dict().items()}
+    state.pop("lm_head.weight", None)  # tied to the embedding: stored once
+    path = directory / "smollm2-base.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def equivalence(base: Path, n_eval: int) -> dict[str, Any]:
+    from partitioner.api import partition
+    from partitioner.policy import Policy
+    from partitioner.zoo import smollm2_tokenizer
+    from passes.exact import quantised_reference
+
+    model = adapted_model()
+    tokenizer = smollm2_tokenizer()
+    texts = sentences("dev")[-n_eval:]  # not the sentences the dev loss was measured on
+    policy = Policy.preset("private_finetune", public_base=str(base))
+    split = partition(model, policy)
+    params = split.parameters
+    reference = quantised_reference(split)
+    ex = split.executor()
+    agree = positions = 0
+    worst = 0.0
+    bitwise = True
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :MAX_TOKENS]
+            float_logits = model(input_ids=ids).logits
+            got = ex(input_ids=ids).logits
+            agree += int((got.argmax(-1) == float_logits.argmax(-1)).sum())
+            positions += ids.shape[1]
+            worst = max(worst, float((got - float_logits).abs().max()))
+            bitwise &= torch.equal(got, reference(input_ids=ids).logits)
+    return {
+        "policy": "private_finetune",
+        "public_base": "SmolLM2 parameters as one safetensors file (by value)",
+        "public_parameters": len(params.public),
+        "public_mib": sum(params.public.values()) / 2**20,
+        "protected_parameters": len(params.protected),
+        "protected_mib": sum(params.protected.values()) / 2**20,
+        "protected_why": sorted(set(params.why.values())),
+        "gpu_flop_share": 1 - split.share()["flops"],
+        "eval_sentences": len(texts),
+        "positions": positions,
+        "argmax_agreement_vs_float": agree / positions,
+        "max_abs_logit_diff_vs_float": worst,
+        "bit_identical_to_quantised_reference": bitwise,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-train", action="store_true", help="reuse the saved adapter")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if args.skip_train and (ADAPTER_DIR / "adapter_config.json").is_file():
+        trained = previous.get("training", {})
+    else:
+        print(f"training a LoRA adapter on SST-2 text: {args.steps} steps of {args.batch}")
+        trained = train(args.steps, args.batch, args.lr, args.seed)
+        print(
+            f"dev loss {trained['dev_loss_before']:.3f} -> {trained['dev_loss_after']:.3f} "
+            f"(perplexity {trained['dev_perplexity_before']:.1f} -> "
+            f"{trained['dev_perplexity_after']:.1f}) in {trained['train_seconds']:.0f} s"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = equivalence(base_file(Path(tmp)), args.eval)
+    print(json.dumps(result, indent=1))
+    out.write_text(
+        json.dumps(
+            {"training": trained, "split": result, "seconds": time.perf_counter() - started},
+            indent=1,
+        )
+    )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Which parameters are public: the policy's ``public_base`` resolved against a captured model.
+
+``protects: [model]`` protects every parameter unless the policy names a public base:
+
+* a transformers folder (its ``*.safetensors`` files, sharded or not) or one ``.safetensors``
+  file: a parameter is public only if the base holds a tensor of the same name (after peft's
+  wrapper names are taken off) that is **bit-identical** to it (same dtype, shape and bytes).
+  Anything the fine-tune changed, and anything the base lacks, stays protected.
+* ``"peft"``: the model is a peft model; the adapter's parameters (peft's ``lora_*``,
+  ``modules_to_save``, ... names) are protected, the frozen base's parameters are public. This
+  trusts peft's naming; a base folder checks by value.
+
+Only safetensors is read: a pickle (``pytorch_model.bin``) can run code and is refused.
+Compiler side: the enclave runtime never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+from partitioner.errors import PolicyError
+
+# name components that peft gives adapter parameters (and the trained copies of whole modules)
+ADAPTER_MARKERS = (
+    "lora_",
+    "modules_to_save",
+    "ia3_",
+    "vera_",
+    "oft_",
+    "boft_",
+    "hra_",
+    "adaption_",
+    "prompt_encoder",
+    "prefix_encoder",
+    "ln_tuning_layers",
+    "fourierft_",
+    "vblora_",
+)
+# wrapper components peft inserts around a base module's own parameters
+_WRAPPERS = frozenset({"base_layer", "original_module"})
+
+
+@dataclass
+class ParameterSplit:
+    """The model's parameters, public (bit-identical to the base) or protected, with bytes."""
+
+    source: str  # "peft", or the base's path
+    public: dict[str, int] = field(default_factory=dict)  # fqn -> bytes
+    protected: dict[str, int] = field(default_factory=dict)  # fqn -> bytes
+    why: dict[str, str] = field(default_factory=dict)  # protected fqn -> why not public
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "public_base": self.source,
+            "public_bytes": sum(self.public.values()),
+            "protected_bytes": sum(self.protected.values()),
+            "public": dict(sorted(self.public.items())),
+            "protected": {k: [v, self.why.get(k, "")] for k, v in sorted(self.protected.items())},
+        }
+
+
+def is_adapter_parameter(fqn: str) -> bool:
+    return any(part.startswith(ADAPTER_MARKERS) for part in fqn.split("."))
+
+
+def base_name(fqn: str) -> str:
+    """``fqn`` without peft's wrapper components (``base_layer``, ``original_module``)."""
+    return ".".join(part for part in fqn.split(".") if part not in _WRAPPERS)
+
+
+def split_parameters(program: ExportedProgram, public_base: str | None) -> ParameterSplit | None:
+    """Public and protected parameters of ``program`` under ``public_base`` (None: no base)."""
+    if public_base is None:
+        return None
+    params = dict(program.graph_signature.inputs_to_parameters).values()
+    state = program.state_dict
+    out = ParameterSplit(source=public_base)
+    if public_base == "peft":
+        if not any(is_adapter_parameter(fqn) for fqn in params):
+            raise PolicyError(
+                "public_base='peft' but the model has no peft adapter parameters (lora_*, "
+                "modules_to_save, ...): name the base's folder or safetensors file instead"
+            )
+        for fqn in params:
+            nbytes = _nbytes(state[fqn])
+            if is_adapter_parameter(fqn):
+                out.protected[fqn] = nbytes
+                out.why[fqn] = "a peft adapter parameter"
+            else:
+                out.public[fqn] = nbytes
+        return out
+    base = _load_base(Path(public_base))
+    for fqn in params:
+        tensor = state[fqn]
+        nbytes = _nbytes(tensor)
+        match = _match(base_name(fqn), base)
+        if is_adapter_parameter(fqn):
+            reason = "a peft adapter parameter"
+        elif match is None:
+            reason = "the base has no parameter of this name"
+        elif not _identical(tensor, base[match]):
+            reason = f"differs from the base's {match}"
+        else:
+            out.public[fqn] = nbytes
+            continue
+        out.protected[fqn] = nbytes
+        out.why[fqn] = reason
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape or a.device.type == "meta":
+        return False  # a meta tensor has no values to compare: not shown public
+    return torch.equal(a.detach().cpu(), b)
+
+
+def _match(name: str, base: dict[str, torch.Tensor]) -> str | None:
+    """The longest dotted suffix of ``name`` that is a key of ``base`` (a wrapper such as
+    ``DecoderStep`` or peft's ``base_model.model`` adds prefixes; the base's own names are
+    what is left)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):  # at least module.param
+        key = ".".join(parts[i:])
+        if key in base:
+            return key
+    return None
+
+
+def _load_base(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the base: a ``.safetensors`` file, or a folder's safetensors files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise PolicyError(f"public_base: cannot read {index}: {exc}") from None
+            paths = [path / f for f in files]
+        else:
+            paths = sorted(path.glob("*.safetensors"))
+        if not paths:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(
+                p.name for p in path.glob("*.pt")
+            )
+            hint = f" ({pickles[0]} is a pickle, which can run code: not read)" if pickles else ""
+            raise PolicyError(f"public_base: {path} holds no .safetensors file{hint}")
+    elif path.is_file() and path.suffix == ".safetensors":
+        paths = [path]
+    elif path.exists():
+        raise PolicyError(f"public_base: {path} is neither a folder nor a .safetensors file")
+    else:
+        raise PolicyError(f"public_base: {path} does not exist")
+    base: dict[str, torch.Tensor] = {}
+    for p in paths:
+        if p.parent.resolve() != path.resolve() and path.is_dir():
+            raise PolicyError(f"public_base: {p} lies outside {path}")
+        try:
+            base.update(load_file(str(p)))
+        except (OSError, SafetensorError) as exc:
+            raise PolicyError(f"public_base: cannot read {p}: {exc}") from None
+    return base
