@@ -16,6 +16,7 @@ Compiler side: the enclave runtime never imports this module.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +26,52 @@ from torch.export import ExportedProgram
 
 from partitioner.errors import PolicyError
 
-# name components that peft gives adapter parameters (and the trained copies of whole modules)
+# name components that peft gives adapter parameters (and the trained copies of whole modules):
+# every tuner's prefix as of peft 0.21 (LoHa's ``hada_``, LoKr's ``lokr_``, trainable tokens'
+# ``trainable_tokens_`` ...; a missing one made that adapter public under ``"peft"``), and
+# those of the installed peft are added (:func:`_adapter_markers`)
 ADAPTER_MARKERS = (
     "lora_",
     "modules_to_save",
     "ia3_",
     "vera_",
+    "pvera_",
     "oft_",
     "boft_",
     "hra_",
+    "hada_",
+    "lokr_",
+    "poly_",
     "adaption_",
     "prompt_encoder",
     "prefix_encoder",
-    "ln_tuning_layers",
+    "ln_tuning_",
     "fourierft_",
     "vblora_",
+    "trainable_tokens_",
+    "internal_xlora_classifier",
+    "adamss_",
+    "beft_",
+    "c3a_",
+    "deft_",
+    "delora_",
+    "frod_",
+    "glora_",
+    "gralora_",
+    "hira_",
+    "lily_",
+    "miss_",
+    "osf_",
+    "peanut_",
+    "psoft_",
+    "randlora_",
+    "road_",
+    "shadow_",
+    "shira_",
+    "supertuning_",
+    "tinylora_",
+    "unilora_",
+    "waveft_",
 )
 # wrapper components peft inserts around a base module's own parameters
 _WRAPPERS = frozenset({"base_layer", "original_module"})
@@ -64,8 +96,32 @@ class ParameterSplit:
         }
 
 
+@functools.cache
+def _adapter_markers() -> tuple[str, ...]:
+    """``ADAPTER_MARKERS`` and the prefixes and adapter attribute names of every tuner the
+    installed peft defines: a tuner added after this list was written is still protected."""
+    markers = set(ADAPTER_MARKERS)
+    try:
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    except Exception:  # no peft (or a broken one): the list above
+        return ADAPTER_MARKERS
+
+    def subclasses(cls: type) -> list[type]:
+        return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
+
+    for cls in subclasses(BaseTuner):
+        prefix = getattr(cls, "prefix", None)
+        if isinstance(prefix, str) and prefix:
+            markers.add(prefix)
+    for cls in subclasses(BaseTunerLayer):
+        names = getattr(cls, "adapter_layer_names", ())
+        markers.update(n for n in names if isinstance(n, str) and n)
+    return tuple(sorted(markers))
+
+
 def is_adapter_parameter(fqn: str) -> bool:
-    return any(part.startswith(ADAPTER_MARKERS) for part in fqn.split("."))
+    markers = _adapter_markers()
+    return any(part.startswith(markers) for part in fqn.split("."))
 
 
 def base_name(fqn: str) -> str:
@@ -120,7 +176,13 @@ def _nbytes(t: torch.Tensor) -> int:
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape or a.device.type == "meta":
         return False  # a meta tensor has no values to compare: not shown public
-    return torch.equal(a.detach().cpu(), b)
+    # bytes, not values: torch.equal holds for -0.0 and 0.0 (whose sign bit would reach the
+    # GPU) and fails for the same NaN
+    return torch.equal(_bytes(a.detach().cpu()), _bytes(b))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _match(name: str, base: dict[str, torch.Tensor]) -> str | None:
@@ -145,6 +207,9 @@ def _load_base(path: Path) -> dict[str, torch.Tensor]:
         if index.is_file():
             try:
                 files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                bad = [f for f in files if not isinstance(f, str) or not f]
+                if bad:  # json allows null or a number where a file name belongs
+                    raise ValueError(f"weight_map names {bad[0]!r}, not a file name")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise PolicyError(f"public_base: cannot read {index}: {exc}") from None
             paths = [path / f for f in files]

@@ -1,0 +1,119 @@
+"""Attacks on ``public_base``: ways a protected parameter could be called public.
+
+* ``public_base: peft`` (the ``private_finetune`` default) protects what peft names an
+  adapter: every peft method's names, not only LoRA's (LoHa's ``hada_*``, LoKr's ``lokr_*``,
+  trainable tokens' ``trainable_tokens_delta`` were public, and a LoKr adapter's weights sat
+  in a GPU stage in the clear);
+* a base folder makes public only what is bit-identical: ``-0.0`` is not ``0.0`` (its sign
+  bit would reach the GPU), though ``torch.equal`` says they are equal;
+* a malformed sharded index is a :class:`PolicyError` naming the index, not a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+
+import pytest
+import torch
+from models import tiny_llama
+from safetensors.torch import save_file
+
+from partitioner.api import partition
+from partitioner.capturing import capture
+from partitioner.errors import PolicyError
+from partitioner.plan import GPU
+from partitioner.policy import Policy
+from partitioner.public_base import is_adapter_parameter, split_parameters
+
+
+def peft_program(config: object) -> object:
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_llama(num_hidden_layers=1), config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, capture(model).program
+
+
+def trained(model: torch.nn.Module) -> list[str]:
+    return [
+        n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad
+    ]
+
+
+@pytest.mark.parametrize("method", ["loha+modules_to_save", "lora+trainable_tokens"])
+def test_every_peft_methods_adapter_is_protected(method):
+    from peft import LoHaConfig, LoraConfig
+
+    if method == "loha+modules_to_save":
+        config = LoHaConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    else:
+        config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3])
+    model, program = peft_program(config)
+    split = split_parameters(program, "peft")
+    params = set(program.graph_signature.inputs_to_parameters.values())
+    secret = [n for n in trained(model) if n in params]
+    assert any("hada_" in n or "trainable_tokens_" in n for n in secret), secret
+    assert not set(secret) & set(split.public), sorted(set(secret) & set(split.public))
+
+
+def test_a_lokr_adapter_stays_off_the_gpu():
+    """End to end: LoKr's ``lokr_w2_*`` were public, so the GPU stage computed the adapter's
+    delta weight from them in the clear (and the audit passed)."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=2, target_modules=["up_proj"], modules_to_save=["lm_head"])
+    model, _ = peft_program(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune", integrity="none"))
+    on_gpu = {p for s in split.stages if s.side == GPU for p in s.params}
+    assert not on_gpu & set(split.parameters.protected)
+    assert not [p for p in on_gpu if "lokr_" in p]
+
+
+def test_the_installed_pefts_adapter_names_are_all_adapters():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def subclasses(cls):
+        return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
+
+    names = {n for c in subclasses(BaseTunerLayer) for n in getattr(c, "adapter_layer_names", ())}
+    assert names
+    missed = sorted(n for n in names if not is_adapter_parameter(f"model.q_proj.{n}.default"))
+    assert not missed
+
+
+@functools.cache
+def plain_model() -> torch.nn.Module:
+    return tiny_llama(num_hidden_layers=1)
+
+
+def test_negative_zero_is_not_bit_identical_to_zero(tmp_path):
+    model = plain_model()
+    name = "model.layers.0.mlp.up_proj.weight"
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state[name][0, 0] = 0.0
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with torch.no_grad():  # the fine-tune: one sign bit, of a zero
+        model.get_parameter(name)[0, 0] = -0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = capture(model).program
+    split = split_parameters(program, str(tmp_path))
+    assert name in split.protected and split.why[name].startswith("differs from the base")
+    assert "model.layers.0.mlp.down_proj.weight" in split.public
+
+
+@pytest.mark.parametrize("entry", [None, 5, ""])
+def test_a_sharded_index_naming_no_file_is_a_policy_error(tmp_path, entry):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": entry}})
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = capture(plain_model()).program
+    with pytest.raises(PolicyError, match=r"model\.safetensors\.index\.json"):
+        split_parameters(program, str(tmp_path))
