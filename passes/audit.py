@@ -129,26 +129,27 @@ def _tagged_public(node: torch.fx.Node) -> bool:
 
 
 def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
-    """By value: a GPU stage tensor of a protected parameter's shape (or its transpose) that
-    equals it or is an affine copy of it (a quantised or rescaled weight: correlation above
-    ``COPY_CORRELATION``). Catches a copy that names and storages do not show."""
+    """By value: a GPU stage tensor of a protected parameter's size, in its order or its
+    transpose's (so a reshaped or flattened copy too), that equals it or is an affine copy of
+    it (a quantised or rescaled weight: correlation above ``COPY_CORRELATION``). Catches a
+    copy that names and storages do not show."""
     state = program.source.state_dict
-    by_shape: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+    by_size: dict[int, list[tuple[str, torch.Tensor]]] = {}
     for fqn in protected:
         t = state.get(fqn)
         if t is None or t.device.type == "meta" or t.numel() < 2:
             continue
         flat = t.detach().to(torch.float64)
-        by_shape.setdefault(tuple(flat.shape), []).append((fqn, flat))
+        by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))
         if flat.dim() == 2:
-            by_shape.setdefault(tuple(flat.t().shape), []).append((fqn, flat.t()))
+            by_size[flat.numel()].append((fqn, flat.t().flatten()))
     found = []
     for stage in program.stages:
-        if stage.side != GPU or not by_shape:
+        if stage.side != GPU or not by_size:
             continue
         for name, tensor in _stage_tensors(stage.module):
-            for fqn, ref in by_shape.get(tuple(tensor.shape), ()):
-                if _is_copy(tensor.detach().to(torch.float64), ref):
+            for fqn, ref in by_size.get(tensor.numel(), ()):
+                if _is_copy(tensor.detach().to(torch.float64).flatten(), ref):
                     found.append(
                         f"GPU stage {stage.name} attribute {name} holds a copy of protected "
                         f"parameter {fqn} (by value)"

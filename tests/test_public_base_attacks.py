@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 
 from partitioner.api import partition
 from partitioner.capturing import capture
-from partitioner.errors import PolicyError
+from partitioner.errors import AuditError, PolicyError
 from partitioner.plan import GPU
 from partitioner.policy import Policy
 from partitioner.public_base import is_adapter_parameter, split_parameters
+from passes.audit import audit
 
 
 def peft_program(config: object) -> object:
@@ -117,3 +118,25 @@ def test_a_sharded_index_naming_no_file_is_a_policy_error(tmp_path, entry):
         program = capture(plain_model()).program
     with pytest.raises(PolicyError, match=r"model\.safetensors\.index\.json"):
         split_parameters(program, str(tmp_path))
+
+
+def test_audit_finds_a_flattened_copy_of_a_protected_parameter_on_the_gpu():
+    """The by-value search matched shapes (and the transpose's): a tampered GPU stage holding
+    a protected weight quantised and flattened to one row passed the audit."""
+    from peft import LoraConfig
+
+    model, _ = peft_program(LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune"))
+    protected = next(f for f in split.parameters.protected if "lora_B" in f)
+    weight = split.source.state_dict[protected]
+    stolen = torch.round(weight / weight.abs().max() * 127).to(torch.int8).flatten()
+    gpu = next(s for s in split.stages if s.side == GPU)
+    gpu.module.register_buffer("innocent_looking", stolen)
+    with pytest.raises(AuditError, match="by value"):
+        audit(split, verbose=False)
