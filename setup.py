@@ -26,6 +26,8 @@ setup(
         "cryptography>=43",
         # the enclave tokenizes with the bundle's tokenizer.json, without transformers
         "tokenizers",
+        # teesplit export-triton builds config.pbtxt as tritonclient's ModelConfig message
+        "tritonclient[grpc]==2.73.*",
     ],
     extras_require={
         "models": [

@@ -3,6 +3,7 @@
     teesplit partition MODEL --policy P --out DIR   # MODEL: a built-in name or a local HF folder
     teesplit inspect DIR [--svg FILE]               # the plan, and a drawing of the stages
     teesplit serve-gpu DIR/gpu --listen ADDR        # the GPU worker (unix:/path or host:port)
+    teesplit export-triton DIR/gpu --out REPO       # the GPU stages as a Triton model repository
 
     teesplit enclave DIR/enclave --worker ADDR     # the enclave driver: prompts on stdin
     teesplit run DIR --prompt TEXT                  # both processes locally, greedy decoding
@@ -172,6 +173,20 @@ def cmd_serve_gpu(args: argparse.Namespace) -> None:
     worker_main(
         [args.bundle, "--listen", args.listen, "--backend", args.backend, "--device", args.device]
     )
+
+
+def cmd_export_triton(args: argparse.Namespace) -> None:
+    from partitioner.triton_repo import export_repository
+
+    written = export_repository(
+        args.bundle,
+        args.out,
+        trusted_key=args.trusted_key,
+        idle_us=round(args.idle_seconds * 1_000_000),
+    )
+    for stage, path in written.items():
+        print(f"{stage}: {path}")
+    print(f"Triton model repository: {args.out} ({len(written)} models, onnxruntime backend)")
 
 
 def _read_plan(directory: str | Path) -> dict[str, Any]:
@@ -359,6 +374,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve_gpu)
+    p = sub.add_parser(
+        "export-triton", help="write the GPU stages as a Triton Inference Server model repository"
+    )
+    p.add_argument("bundle", help="DIR/gpu (or DIR) of a saved split program")
+    p.add_argument("--out", required=True, help="the model repository to write into")
+    p.add_argument("--trusted-key", default=None, help="also check plan.json's signature")
+    p.add_argument(
+        "--idle-seconds", type=seconds, default=60.0, help="drop an idle session's state after"
+    )
+    p.set_defaults(func=cmd_export_triton)
     p = sub.add_parser("enclave", help="the enclave driver: answers prompts read from stdin")
     p.add_argument("bundle", help="DIR or DIR/enclave of a saved decoder step")
     p.add_argument("--worker", required=True, help="the GPU worker (unix:/path or host:port)")
