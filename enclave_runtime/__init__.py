@@ -8,3 +8,9 @@ runner over the wire); ``tokenizer.py`` reads the bundle's tokenizer; ``manifest
 installed. Layer rule (``docs/design.md``): this package imports the data layer, the bundle
 reader and the wire format, never the compiler (capture, labelling, placement, protection).
 """
+
+import os
+
+# gRPC's C core logs connection events (a peer's GOAWAY at shutdown) to stderr at INFO: the
+# driver's and the worker's output is for their users; errors still print.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -51,6 +51,17 @@ def _token(path: str | None) -> str | None:
         raise SystemExit(f"teesplit enclave: cannot read the worker token {path}: {exc}") from None
 
 
+def _tls_root(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(
+            f"teesplit enclave: cannot read the worker's TLS root {path}: {exc.strerror}"
+        ) from None
+
+
 def serve_stdin(args: argparse.Namespace) -> None:
     """Load enclave/, connect to the worker, answer prompts from stdin."""
     root = bundle_root(args.bundle)
@@ -63,6 +74,7 @@ def serve_stdin(args: argparse.Namespace) -> None:
         allow_unsigned=args.allow_unsigned,
         timeout=args.timeout,
         token=_token(args.worker_token_file),
+        tls_root=_tls_root(args.worker_tls_root),
     )
     plan = program.plan()
     if not program.spec.state:
@@ -161,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
+    parser.add_argument(
+        "--worker-tls-root", default=None, help="PEM root certificate: TLS to the worker"
+    )
     parser.add_argument(
         "--worker-token-file", default=None, help="the worker's shared secret (TCP)"
     )

@@ -5,13 +5,15 @@ Reads ``DIR/plan.json`` and ``DIR/enclave`` only (``load_program(dir, gpu=False)
 GPU stages: it sends a stage's (masked) inputs to the worker and returns its outputs, so the
 same executor that runs in one process drives the two: masks, unmasks, corrections and
 Freivalds checks all stay in this process.
-A worker that dies, hangs past ``timeout`` seconds, or answers with an error frame makes the
-request fail with a :class:`WorkerError` naming the stage; nothing blocks forever.
+The two speak KServe v2 gRPC (:mod:`runtime.kserve`). A worker that dies, hangs past
+``timeout`` seconds, or answers with an error makes the request fail with a
+:class:`WorkerError` naming the stage; nothing blocks forever.
 """
 
 from __future__ import annotations
 
-import socket
+import queue
+import secrets
 import subprocess
 import sys
 import threading
@@ -19,20 +21,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
 from enclave_runtime.executor import Executor, Expected
 from partitioner.bundle import load_program
 from partitioner.errors import TeesplitError
-from runtime.protocol import (
-    ERROR,
-    RESULT,
-    RUN,
-    STATS,
+from runtime.kserve import (
+    DATATYPES,
+    EXTENDS,
+    MAX_MESSAGE,
+    NAMES,
     ProtocolError,
-    parse_address,
-    read_frame,
-    send_frame,
+    decode,
+    sequence_parameters,
+    service,
+    target,
+    tensor_bytes,
 )
 
 
@@ -56,49 +61,103 @@ def grown_dim(old: torch.Tensor, new: torch.Tensor) -> int | None:
 
 
 class WorkerClient:
-    """One connection to a GPU worker: the executor's :class:`StageRunner` for GPU stages.
+    """One session with a GPU worker over KServe v2 gRPC: the executor's
+    :class:`StageRunner` for GPU stages.
 
-    What the worker sends is checked against what was asked, and the connection is given up
-    at the first doubt: each request carries an id and has one deadline (``timeout`` seconds
-    for the whole round trip, however the reply trickles in); the reply must name the same id
-    and stage, and its tensors the dtypes and shapes the plan gives, *before* its payload is
-    read, so memory is bounded by the expected reply. Any error or timeout closes the socket
-    and every later call fails: a late answer to one request is never read as the answer to
-    the next. A lock serialises requests on the connection.
+    The session is one bidirectional ``ModelStreamInfer`` stream (opened at the first call,
+    ``sequence_id`` random, ``sequence_start`` on its first request): the worker holds what the
+    session last sent each stage, so a grown KV cache travels as its new positions only
+    (``teesplit_extends``), and frees it when the stream ends (:meth:`close`).
+
+    What the worker sends is checked against what was asked, and the session is given up at
+    the first doubt: each request has an id and one deadline (``timeout`` seconds for the
+    whole round trip); the reply must name the same id and stage, its tensors the names,
+    datatypes and shapes the plan gives and payloads of exactly their size. Any error or
+    timeout cancels the stream and every later call fails: a late answer to one request is
+    never read as the answer to the next. A lock serialises requests. ``token`` is sent as
+    ``authorization: Bearer``; ``tls_root`` (PEM) makes the channel TLS, verified against it.
     """
 
-    def __init__(self, address: str, timeout: float = 60.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 60.0,
+        token: str | None = None,
+        *,
+        tls_root: bytes | None = None,
+        max_message: int = MAX_MESSAGE,
+        inputs: dict[str, list[str]] | None = None,
+    ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
+        try:
+            grpc_target = target(address)
+        except ProtocolError as exc:
+            raise WorkerError(str(exc)) from None
         self.address = address
         self.timeout = float(timeout)
         self.token = token
+        self.pb, service_grpc = service()
+        options = [
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+        if tls_root is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root)
+            self.channel = grpc.secure_channel(grpc_target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(grpc_target, options=options)
+        self.stub = service_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token is not None else []
         try:
-            family, addr = parse_address(address)
-        except ProtocolError as exc:
-            raise WorkerError(str(exc)) from None
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        try:
-            self.sock.connect(addr)
-        except OSError as exc:
-            self.sock.close()
-            raise WorkerError(f"cannot reach the GPU worker at {address}: {exc}") from None
+            self.stub.ServerLive(
+                self.pb.ServerLiveRequest(), timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            self.channel.close()
+            raise WorkerError(
+                f"cannot reach the GPU worker at {address}: {exc.code().name}: {exc.details()}"
+            ) from None
+        self.session = secrets.token_hex(8)
+        # per GPU stage, its inputs' names in the plan (the tensor names the worker checks)
+        self._names = {stage: dict(enumerate(names)) for stage, names in (inputs or {}).items()}
         self._lock = threading.Lock()
         self._next_id = 0
         self._broken: str | None = None
+        self._stream: Any = None
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._replies: queue.Queue[Any] = queue.Queue()
         self.bytes_sent = 0
         self.bytes_received = 0
         self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
 
+    def _open(self) -> None:
+        """The session's stream and the thread that queues its replies."""
+        self._stream = self.stub.ModelStreamInfer(
+            iter(self._requests.get, None), metadata=self.metadata
+        )
+
+        def read() -> None:
+            try:
+                for reply in self._stream:
+                    self._replies.put(reply)
+                self._replies.put(WorkerError("the GPU worker ended the session"))
+            except grpc.RpcError as exc:
+                self._replies.put(
+                    WorkerError(f"{exc.code().name}: {exc.details()}")
+                    if exc.code() != grpc.StatusCode.CANCELLED
+                    else WorkerError("the session was cancelled")
+                )
+
+        threading.Thread(target=read, daemon=True, name="teesplit-kserve-reader").start()
+
     def _fail(self, why: str) -> WorkerError:
-        """Give the connection up: nothing more is read from it."""
+        """Give the session up: nothing more is read from it."""
         self._broken = why
         self._last.clear()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        if self._stream is not None:
+            self._stream.cancel()
+        self._requests.put(None)
         return WorkerError(why)
 
     def run(
@@ -109,87 +168,121 @@ class WorkerClient:
         with self._lock:
             if self._broken is not None:
                 raise WorkerError(
-                    f"the connection to the GPU worker at {self.address} was closed after an "
+                    f"the session with the GPU worker at {self.address} was closed after an "
                     f"earlier failure ({self._broken})"
                 )
+            if self._stream is None:
+                self._open()
             deadline = time.monotonic() + self.timeout
             self._next_id += 1
-            request = self._next_id
-            payload, extends = list(tensors), {}
-            for i, (old, new) in enumerate(zip(self._last.get(stage, ()), tensors, strict=False)):
-                dim = grown_dim(old, new)
-                if dim is not None:
-                    start = old.shape[dim]
-                    payload[i] = new.narrow(dim, start, new.shape[dim] - start)
-                    extends[str(i)] = dim
-            header: dict[str, Any] = {"stage": stage, "id": request}
-            if extends:
-                header["extends"] = extends
-            if self.token is not None:
-                header["token"] = self.token
-
-            def check(kind: int, reply: dict[str, Any], metas: list[Any]) -> None:
-                if kind == ERROR and reply.get("id") is None:  # refused before reading it
-                    raise ProtocolError(f"the worker refused the connection: {reply.get('error')}")
-                if reply.get("id") != request or reply.get("stage") != stage:
-                    raise ProtocolError(
-                        f"the reply names request {reply.get('id')!r} of stage "
-                        f"{reply.get('stage')!r}, not request {request} of stage {stage}"
-                    )
-                if kind == ERROR:
-                    if metas:
-                        raise ProtocolError("an error reply carries tensors")
-                    return
-                if kind != RESULT:
-                    raise ProtocolError(f"expected a result frame, got kind {kind}")
-                if expected is None:
-                    return
-                if len(metas) != len(expected):
-                    raise ProtocolError(
-                        f"the reply has {len(metas)} tensors, stage {stage} returns {len(expected)}"
-                    )
-                for i, ((dtype, shape, _), (want, want_shape)) in enumerate(
-                    zip(metas, expected, strict=True)
-                ):
-                    if dtype != want or (want_shape is not None and shape != want_shape):
-                        raise ProtocolError(
-                            f"output {i} is {dtype} {shape}, the plan says {want} {want_shape}"
-                        )
-
+            request = self._request(stage, tensors, str(self._next_id))
+            self._requests.put(request)
+            self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
             try:
-                self.bytes_sent += send_frame(self.sock, RUN, header, payload)
-                frame = read_frame(self.sock, deadline=deadline, check=check)
-            except (ProtocolError, OSError) as exc:
+                reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise self._fail(
+                    f"GPU worker at {self.address} did not answer stage {stage} within "
+                    f"{self.timeout:g} s"
+                ) from None
+            if isinstance(reply, WorkerError):
+                raise self._fail(f"GPU worker at {self.address} failed on stage {stage}: {reply}")
+            try:
+                outs = self._read(reply, stage, str(self._next_id), expected)
+            except ProtocolError as exc:
                 raise self._fail(
                     f"GPU worker at {self.address} failed on stage {stage}: {exc}"
                 ) from None
-            if frame.kind == ERROR:
-                self._last.pop(stage, None)  # the worker dropped its copy too
-            else:
-                self._last[stage] = list(tensors)
-        self.bytes_received += sum(t.numel() * t.element_size() for t in frame.tensors)
-        if frame.kind == ERROR:
-            raise WorkerError(f"GPU worker refused stage {stage}: {frame.header.get('error')}")
-        return frame.tensors
+            if outs is None:  # the worker refused the request; it dropped its copy too
+                self._last.pop(stage, None)
+                raise WorkerError(f"GPU worker refused stage {stage}: {reply.error_message}")
+            self._last[stage] = list(tensors)
+        self.bytes_received += sum(len(b) for b in reply.infer_response.raw_output_contents)
+        return outs
+
+    def _request(self, stage: str, tensors: list[torch.Tensor], request_id: str) -> Any:
+        request = self.pb.ModelInferRequest(model_name=stage, id=request_id)
+        sequence_parameters(request.parameters, self.session, self._next_id == 1, False)
+        held = self._last.get(stage, ())
+        for i, tensor in enumerate(tensors):
+            payload = tensor
+            dim = grown_dim(held[i], tensor) if i < len(held) else None
+            spec = request.inputs.add(name=self._names.get(stage, {}).get(i, f"input_{i}"))
+            if dim is not None:
+                start = held[i].shape[dim]
+                payload = tensor.narrow(dim, start, tensor.shape[dim] - start)
+                spec.parameters[EXTENDS].int64_param = dim
+            if payload.dtype not in NAMES:
+                raise WorkerError(f"stage {stage} input {i}: {payload.dtype} cannot be sent")
+            spec.datatype = NAMES[payload.dtype]
+            spec.shape.extend(payload.shape)
+            request.raw_input_contents.append(tensor_bytes(payload))
+        return request
+
+    def _read(
+        self, reply: Any, stage: str, request_id: str, expected: Expected | None
+    ) -> list[torch.Tensor] | None:
+        """The reply's tensors, checked; None when it is the worker's refusal of the request."""
+        response = reply.infer_response
+        if response.id != request_id or response.model_name != stage:
+            raise ProtocolError(
+                f"the reply names request {response.id!r} of stage {response.model_name!r}, "
+                f"not request {request_id} of stage {stage}"
+            )
+        if reply.error_message:
+            if len(response.raw_output_contents) or len(response.outputs):
+                raise ProtocolError("an error reply carries tensors")
+            return None
+        if len(response.outputs) != len(response.raw_output_contents):
+            raise ProtocolError(
+                f"the reply has {len(response.outputs)} outputs but "
+                f"{len(response.raw_output_contents)} payloads"
+            )
+        if expected is not None and len(response.outputs) != len(expected):
+            raise ProtocolError(
+                f"the reply has {len(response.outputs)} tensors, stage {stage} returns "
+                f"{len(expected)}"
+            )
+        outs = []
+        for i, (spec, raw) in enumerate(
+            zip(response.outputs, response.raw_output_contents, strict=True)
+        ):
+            if expected is not None:
+                want, want_shape = expected[i]
+                got = DATATYPES.get(spec.datatype)
+                if got != want or (want_shape is not None and list(spec.shape) != want_shape):
+                    raise ProtocolError(
+                        f"output {i} is {spec.datatype} {list(spec.shape)}, the plan says "
+                        f"{want} {want_shape}"
+                    )
+            outs.append(decode(f"output {i}", spec.datatype, spec.shape, raw))
+        return outs
 
     def stats(self) -> dict[str, Any]:
+        """Per stage: calls and seconds (the worker's ``ModelStatistics``)."""
         with self._lock:
             if self._broken is not None:
-                raise WorkerError("the connection was closed after an earlier failure")
-            header: dict[str, Any] = {"id": 0, "stage": None}
-            if self.token is not None:
-                header["token"] = self.token
+                raise WorkerError("the session was closed after an earlier failure")
             try:
-                send_frame(self.sock, STATS, header)
-                frame = read_frame(self.sock, deadline=time.monotonic() + self.timeout)
-            except (ProtocolError, OSError) as exc:
-                raise self._fail(f"GPU worker at {self.address} failed on stats: {exc}") from None
-            if frame.kind != RESULT or not isinstance(frame.header.get("stats"), dict):
-                raise WorkerError(f"GPU worker refused stats: {frame.header.get('error')}")
-            return frame.header["stats"]
+                response = self.stub.ModelStatistics(
+                    self.pb.ModelStatisticsRequest(), timeout=self.timeout, metadata=self.metadata
+                )
+            except grpc.RpcError as exc:
+                raise WorkerError(
+                    f"GPU worker refused stats: {exc.code().name}: {exc.details()}"
+                ) from None
+        return {
+            m.name: {
+                "calls": int(m.inference_count),
+                "seconds": m.inference_stats.success.ns / 1e9,
+            }
+            for m in response.model_stats
+        }
 
     def close(self) -> None:
-        self.sock.close()
+        """End the session: the stream closes and the worker frees what it held for it."""
+        self._requests.put(None)
+        self.channel.close()
 
 
 def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen, str]:
@@ -219,9 +312,12 @@ def connect(
     timeout: float = 60.0,
     token: str | None = None,
     seed: int | None = None,
+    tls_root: bytes | None = None,
 ) -> Executor:
     """The saved program at ``bundle`` (enclave side only, its signature checked with
     ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
-    executor's ``runner``."""
+    executor's ``runner``. ``tls_root`` (PEM) verifies a TLS worker."""
     plan = load_program(bundle, gpu=False, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
-    return Executor(plan, WorkerClient(worker, timeout, token), seed=seed)
+    inputs = {s.name: list(s.inputs) for s in plan.stages if s.side == "gpu"}
+    client = WorkerClient(worker, timeout, token, tls_root=tls_root, inputs=inputs)
+    return Executor(plan, client, seed=seed)

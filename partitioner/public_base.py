@@ -235,4 +235,25 @@ def _load_base(path: Path) -> dict[str, torch.Tensor]:
             base.update(load_file(str(p)))
         except (OSError, SafetensorError) as exc:
             raise PolicyError(f"public_base: cannot read {p}: {exc}") from None
+    if path.is_dir():
+        _tie_output_embedding(path, base)
     return base
+
+
+# the input embeddings a tied output layer shares, by transformers' names
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def _tie_output_embedding(folder: Path, base: dict[str, torch.Tensor]) -> None:
+    """A transformers folder whose ``config.json`` ties the word embeddings stores the output
+    layer once, as the input embedding: ``lm_head.weight`` is that tensor."""
+    config = folder / "config.json"
+    if "lm_head.weight" in base or not config.is_file():
+        return
+    try:
+        tied = json.loads(config.read_text(encoding="utf-8")).get("tie_word_embeddings")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PolicyError(f"public_base: cannot read {config}: {exc}") from None
+    embeddings = [k for k in base if k.endswith(_EMBEDDINGS)]
+    if tied is True and len(embeddings) == 1:
+        base["lm_head.weight"] = base[embeddings[0]]

@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--token-file", default=None, help="a shared secret every request must carry (TCP)"
     )
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key (TLS)")
     parser.add_argument("--max-connections", type=int, default=64)
-    parser.add_argument("--max-frame-mb", type=int, default=1024)
+    parser.add_argument("--max-frame-mb", type=int, default=1024, help="largest message")
     args = parser.parse_args(argv)
     from runtime.worker import GPUWorker, serve
 
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()
         if args.max_connections < 1 or args.max_frame_mb < 1:
             raise ValueError("--max-connections and --max-frame-mb must be at least 1")
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        tls = None
+        if args.tls_cert is not None:
+            tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
         worker = GPUWorker(args.bundle, backend=args.backend, device=args.device)
         server = serve(
             worker,
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             token=token,
             max_connections=args.max_connections,
             max_frame_bytes=args.max_frame_mb << 20,
+            tls=tls,
         )
     except (TeesplitError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise SystemExit(f"teesplit GPU worker: {type(exc).__name__}: {exc}") from None

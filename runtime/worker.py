@@ -1,42 +1,46 @@
 """The GPU worker: loads ``gpu/``, runs GPU stages for any number of enclave drivers.
 
 Reads a saved bundle's ``gpu/`` (and the hashes in ``plan.json``; nothing from ``enclave/``);
-serves :mod:`runtime.protocol` frames over a Unix socket or TCP, one thread per connection.
-Each ``run`` frame names a stage and carries its inputs; the worker checks their count, dtypes
-and ranks against the stage's signature and answers with the outputs or an ``error`` frame that
-names the stage and the input at fault. It counts bytes in and out and time per stage
-(``stats``). Stages run with torch on CUDA when available (``device="auto"``), otherwise on the
-CPU with a warning; ``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
+serves the KServe v2 / Open Inference Protocol over gRPC (:mod:`runtime.kserve`) on a Unix
+socket or TCP, with TLS and a bearer token when configured. Each GPU stage is a model; a
+request's inputs are checked (names, count, dtypes, ranks, sizes in the program's ranges)
+against the stage's signature and answered with the outputs, or with an error naming the stage
+and the input at fault. A ``ModelStreamInfer`` stream is one session: the inputs it last sent
+each stage are held for ``teesplit_extends`` and freed when the stream ends. It counts calls and
+time per stage (``ModelStatistics``) and bytes in and out (``stats``). Stages run with torch on
+CUDA when available (``device="auto"``), otherwise on the CPU with a warning;
+``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-import socket
-import socketserver
 import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from partitioner.bundle import load_stage_modules, onnx_file, read_document, read_plan
+from partitioner.bundle import PLAN_FILE, load_stage_modules, onnx_file, read_document, read_plan
 from partitioner.ops import prepare_ring_weights
-from runtime.onnx_stage import onnx_stage
-from runtime.protocol import (
-    DTYPES,
-    ERROR,
-    RESULT,
-    RUN,
-    STATS,
+from runtime.kserve import (
+    EXTENDS,
+    MAX_MESSAGE,
+    NAMES,
     ProtocolError,
-    parse_address,
-    read_frame,
-    send_frame,
+    decode,
+    target,
+    tensor_bytes,
 )
+from runtime.onnx_stage import onnx_stage
 
 
 class GPUWorker:
@@ -78,6 +82,13 @@ class GPUWorker:
         for stage in gpu_stages:
             edges = [e.to_dict() for e in plan.edges if e.consumer == stage.name]
             self.signatures[stage.name] = sorted(edges, key=lambda e: stage.inputs.index(e["name"]))
+        self.version = _version(root)
+        self.outputs = {s.name: list(s.outputs) for s in gpu_stages}
+        self.output_edges = {
+            s.name: [next(e.to_dict() for e in plan.edges if e.producer == s.name and e.name == o)
+                     for o in s.outputs]
+            for s in gpu_stages
+        }  # fmt: skip
         self.stats: dict[str, dict[str, float]] = defaultdict(
             lambda: {"calls": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0}
         )
@@ -134,21 +145,30 @@ class GPUWorker:
             entry["bytes_out"] += bytes_out
 
 
-def _extend(held: list[torch.Tensor] | None, frame: Any, stage: str) -> list[torch.Tensor]:
-    """The full inputs of a RUN frame whose ``extends`` inputs carry only their new part."""
-    extends = frame.header.get("extends") or {}
-    tensors = list(frame.tensors)
-    if not isinstance(extends, dict):
-        raise ProtocolError(f"stage {stage}: 'extends' must map input indices to dims")
-    for key, dim in extends.items():
-        i = int(key) if str(key).isdigit() else -1
+def _version(root: Path) -> str:
+    """The model version every stage reports: the plan's sha256, shortened."""
+    try:
+        return hashlib.sha256((root / PLAN_FILE).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "1"
+
+
+def _extend(
+    held: list[torch.Tensor] | None,
+    tensors: list[torch.Tensor],
+    extends: dict[int, int],
+    stage: str,
+) -> list[torch.Tensor]:
+    """The full inputs of a request whose ``extends`` inputs carry only their new part."""
+    tensors = list(tensors)
+    for i, dim in extends.items():
         if held is None or not 0 <= i < min(len(held), len(tensors)):
             raise ProtocolError(
-                f"stage {stage}: input {key} extends an input this connection never sent"
+                f"stage {stage}: input {i} extends an input this session never sent"
             )
         old, new = held[i], tensors[i]
         if (
-            not isinstance(dim, int)
+            not 0 <= dim < new.dim()
             or old.dim() != new.dim()
             or any(
                 a != b
@@ -157,103 +177,193 @@ def _extend(held: list[torch.Tensor] | None, frame: Any, stage: str) -> list[tor
             )
         ):
             raise ProtocolError(
-                f"stage {stage}: input {key} of shape {list(new.shape)} cannot extend "
+                f"stage {stage}: input {i} of shape {list(new.shape)} cannot extend "
                 f"{list(old.shape)} along dim {dim}"
             )
         tensors[i] = torch.cat([old, new.to(old.dtype)], dim=dim)
     return tensors
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    """One driver's connection. Limits hold whatever the driver sends: a frame over the size
-    limit or slower than ``frame_timeout`` ends the connection, as does a token that does not
-    match; the connection's held inputs go with it."""
+class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 ``GRPCInferenceService`` over one :class:`GPUWorker`."""
 
-    def handle(self) -> None:
-        server: Any = self.server
-        if not server.slots.acquire(blocking=False):
-            self._refuse("the worker serves no more connections now; try again later")
+    def __init__(self, worker: GPUWorker, token: str | None, max_bytes: int) -> None:
+        self.worker = worker
+        self.token = token
+        self.max_bytes = max_bytes
+        self.pb = service_pb2
+
+    # -- access ------------------------------------------------------------------------------
+
+    def _authorised(self, context: Any) -> None:
+        if self.token is None:
             return
-        try:
-            self._serve(server)
-        finally:
-            server.slots.release()
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the request does not carry the worker's token"
+            )
 
-    def _refuse(self, why: str, request: dict[str, Any] | None = None) -> None:
-        try:
-            send_frame(self.request, ERROR, {**_echo(request), "error": why})
-        except OSError:
-            pass
+    # -- health and metadata -----------------------------------------------------------------
 
-    def _serve(self, server: Any) -> None:
-        worker: GPUWorker = server.worker
-        sock: socket.socket = self.request
-        # this driver's last inputs per stage: a KV cache arrives as its new positions only
+    def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request: Any, context: Any) -> Any:
+        return self.pb.ModelReadyResponse(ready=request.name in self.worker.stages)
+
+    def ModelMetadata(self, request: Any, context: Any) -> Any:
+        self._authorised(context)
+        stage = request.name
+        if stage not in self.worker.stages:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no GPU stage {stage!r} in this bundle")
+
+        def meta(edge: dict[str, Any]) -> Any:
+            return self.pb.ModelMetadataResponse.TensorMetadata(
+                name=edge["name"],
+                datatype=NAMES[getattr(torch, edge["dtype"])],
+                shape=[d if isinstance(d, int) else -1 for d in edge["shape"]],
+            )
+
+        return self.pb.ModelMetadataResponse(
+            name=stage,
+            versions=[self.worker.version],
+            platform="teesplit",
+            inputs=[meta(e) for e in self.worker.signatures[stage]],
+            outputs=[meta(e) for e in self.worker.output_edges[stage]],
+        )
+
+    def ModelStatistics(self, request: Any, context: Any) -> Any:
+        self._authorised(context)
+        if self.worker_token_required(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "stats need the worker's token on TCP")
+        pb = self.pb
+        with self.worker._lock:
+            stats = {k: dict(v) for k, v in self.worker.stats.items()}
+        out = []
+        for stage, entry in sorted(stats.items()):
+            if request.name and request.name != stage:
+                continue
+            ns = int(entry["seconds"] * 1e9)
+            calls = int(entry["calls"])
+            duration = pb.StatisticDuration(count=calls, ns=ns)
+            out.append(
+                pb.ModelStatistics(
+                    name=stage,
+                    version=self.worker.version,
+                    inference_count=calls,
+                    execution_count=calls,
+                    inference_stats=pb.InferStatistics(success=duration, compute_infer=duration),
+                )
+            )
+        return pb.ModelStatisticsResponse(model_stats=out)
+
+    def worker_token_required(self, context: Any) -> bool:
+        """Statistics tell a stranger what runs: on TCP they need the token."""
+        return self.token is None and not context.peer().startswith("unix:")
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def ModelInfer(self, request: Any, context: Any) -> Any:
+        self._authorised(context)
+        try:
+            return self._infer(request, None)
+        except ProtocolError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a stage failing is reported to the driver, not fatal
+            context.abort(grpc.StatusCode.INTERNAL, f"stage {request.model_name} failed: {exc}")
+
+    def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        """One session: what it last sent each stage is held until the stream ends."""
+        self._authorised(context)
         held: dict[str, list[torch.Tensor]] = {}
-        while True:
+        pb = self.pb
+        for request in requests:
             try:
-                # a new connection must speak at once (slots are few); between requests a
-                # driver may idle; once a frame starts it must finish in time
-                sock.settimeout(server.frame_timeout if not held else server.idle_timeout)
-                first = sock.recv(1, socket.MSG_PEEK)
-                if not first:
-                    return  # the driver hung up between requests
-                deadline = time.monotonic() + server.frame_timeout
-                frame = read_frame(sock, deadline=deadline, max_payload=server.max_frame_bytes)
-            except (ProtocolError, OSError, ValueError) as exc:
-                self._refuse(str(exc))
-                return
-            header = frame.header
-            if server.token is not None and not hmac.compare_digest(
-                str(header.get("token", "")).encode(), server.token.encode()
-            ):
-                self._refuse("the request does not carry the worker's token", header)
-                return
-            if frame.kind == STATS:
-                if server.token is None and sock.family != socket.AF_UNIX:
-                    self._refuse("stats need the worker's token on TCP", header)
-                    continue
-                with worker._lock:
-                    send_frame(sock, RESULT, {**_echo(header), "stats": dict(worker.stats)})
-                continue
-            if frame.kind != RUN:
-                self._refuse(f"expected a run frame, got kind {frame.kind}", header)
-                continue
-            stage = header.get("stage")
-            bytes_in = sum(t.numel() * t.element_size() for t in frame.tensors)
-            try:
-                if not isinstance(stage, str) or stage not in worker.stages:
-                    raise ProtocolError(f"no GPU stage {stage!r} in this bundle")
-                inputs = _extend(held.pop(stage, None), frame, stage)
-                outs, seconds = worker.run(stage, inputs)
+                reply = self._infer(request, held)
             except ProtocolError as exc:
-                self._refuse(str(exc), header)
+                yield pb.ModelStreamInferResponse(
+                    error_message=str(exc), infer_response=self._echo(request)
+                )
                 continue
-            except Exception as exc:  # a stage failing is reported to the driver, not fatal
-                self._refuse(f"stage {stage} failed: {exc}", header)
+            except Exception as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"stage {request.model_name} failed: {exc}",
+                    infer_response=self._echo(request),
+                )
                 continue
-            if sum(t.numel() * t.element_size() for t in inputs) > server.max_frame_bytes:
-                held.pop(stage, None)  # a cache may not grow past what one frame may carry
-            else:
-                held[stage] = inputs
-            sent = send_frame(sock, RESULT, _echo(header), outs)
-            worker.record(stage, seconds, bytes_in, sent)
+            yield pb.ModelStreamInferResponse(infer_response=reply)
+            params = request.parameters
+            if "sequence_end" in params and params["sequence_end"].bool_param:
+                held.clear()
+
+    def _echo(self, request: Any) -> Any:
+        return self.pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+
+    def _infer(self, request: Any, held: dict[str, list[torch.Tensor]] | None) -> Any:
+        worker = self.worker
+        stage = request.model_name
+        if stage not in worker.stages:
+            raise ProtocolError(f"no GPU stage {stage!r} in this bundle")
+        signature = worker.signatures[stage]
+        if len(request.inputs) != len(request.raw_input_contents):
+            raise ProtocolError(
+                f"stage {stage}: {len(request.inputs)} inputs but "
+                f"{len(request.raw_input_contents)} raw payloads"
+            )
+        if len(request.inputs) != len(signature):
+            raise ProtocolError(
+                f"stage {stage} takes {len(signature)} inputs, got {len(request.inputs)}"
+            )
+        tensors, extends = [], {}
+        total = 0
+        for i, (spec, raw, edge) in enumerate(
+            zip(request.inputs, request.raw_input_contents, signature, strict=True)
+        ):
+            if spec.name != edge["name"]:
+                raise ProtocolError(f"stage {stage} input {i} is {edge['name']}, not {spec.name!r}")
+            total += len(raw)
+            tensors.append(decode(spec.name, spec.datatype, spec.shape, raw, self.max_bytes))
+            if EXTENDS in spec.parameters:
+                extends[i] = int(spec.parameters[EXTENDS].int64_param)
+        if extends and held is None:
+            raise ProtocolError(f"stage {stage}: extends needs a session (ModelStreamInfer)")
+        inputs = _extend(
+            held.pop(stage, None) if held is not None else None, tensors, extends, stage
+        )
+        outs, seconds = worker.run(stage, inputs)
+        if held is not None and sum(t.numel() * t.element_size() for t in inputs) <= self.max_bytes:
+            held[stage] = inputs  # a cache may not grow past what one message may carry
+        pb = self.pb
+        reply = pb.ModelInferResponse(model_name=stage, model_version=worker.version, id=request.id)
+        sent = 0
+        for name, out in zip(worker.outputs[stage], outs, strict=True):
+            reply.outputs.add(name=name, datatype=NAMES[out.dtype], shape=list(out.shape))
+            data = tensor_bytes(out)
+            sent += len(data)
+            reply.raw_output_contents.append(data)
+        worker.record(stage, seconds, total, sent)
+        return reply
 
 
-def _echo(request: dict[str, Any] | None) -> dict[str, Any]:
-    """The request's id and stage, which a reply must name."""
-    if not isinstance(request, dict):
-        return {"id": None, "stage": None}
-    return {"id": request.get("id"), "stage": request.get("stage")}
+class WorkerServer:
+    """A started gRPC server for one worker; ``port`` is the bound TCP port (0 on Unix)."""
 
+    def __init__(self, server: grpc.Server, port: int) -> None:
+        self.server = server
+        self.port = port
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    def serve_forever(self) -> None:
+        self.server.wait_for_termination()
 
+    def shutdown(self, grace: float | None = None) -> None:
+        self.server.stop(grace).wait()
 
-class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    def server_close(self) -> None:
+        self.shutdown()
 
 
 def serve(
@@ -262,30 +372,41 @@ def serve(
     *,
     token: str | None = None,
     max_connections: int = 64,
-    max_frame_bytes: int = 1 << 30,
-    frame_timeout: float = 60.0,
-    idle_timeout: float = 3600.0,
-) -> socketserver.BaseServer:
-    """A server for ``worker`` bound to ``address``; call ``serve_forever()`` on it.
+    max_frame_bytes: int = MAX_MESSAGE,
+    tls: tuple[bytes, bytes] | None = None,
+) -> WorkerServer:
+    """Start serving ``worker`` at ``address`` (``unix:/path`` or ``host:port``).
 
-    ``token`` (required of every request when set) is a shared secret for TCP deployments;
-    without it, statistics are served on Unix sockets only. At most ``max_connections``
-    drivers at once; a frame larger than ``max_frame_bytes`` or slower than ``frame_timeout``
-    seconds ends its connection.
+    ``token`` (required of every request when set: ``authorization: Bearer TOKEN``) is a
+    shared secret for TCP deployments; without it, statistics are served on Unix sockets only.
+    ``tls`` is ``(certificate chain, private key)`` in PEM. At most ``max_connections``
+    concurrent calls (streams count one each); a message over ``max_frame_bytes`` is refused
+    by gRPC before it is read.
     """
-    family, addr = parse_address(address)
-    if family == socket.AF_UNIX:
-        Path(addr).unlink(missing_ok=True)
-        server: Any = _UnixServer(addr, _Handler)
+    options = [
+        ("grpc.max_receive_message_length", max_frame_bytes),
+        ("grpc.max_send_message_length", max_frame_bytes),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_connections),
+        options=options,
+        maximum_concurrent_rpcs=max_connections,
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        _Service(worker, token, max_frame_bytes), server
+    )
+    address = target(address)
+    if address.startswith("unix:"):
+        Path(address.removeprefix("unix:")).unlink(missing_ok=True)
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        port = server.add_secure_port(address, creds)
     else:
-        server = _TCPServer(addr, _Handler)
-    server.worker = worker
-    server.token = token
-    server.slots = threading.BoundedSemaphore(max_connections)
-    server.max_frame_bytes = max_frame_bytes
-    server.frame_timeout = frame_timeout
-    server.idle_timeout = idle_timeout
-    return server
+        port = server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return WorkerServer(server, port if not address.startswith("unix:") else 0)
 
 
-__all__ = ["DTYPES", "GPUWorker", "serve"]
+__all__ = ["GPUWorker", "WorkerServer", "serve"]

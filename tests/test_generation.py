@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import threading
 import warnings
 
 import pytest
@@ -146,7 +145,6 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
     split.save(tmp_path, sign_key=SIGN_KEY)
     assert load(tmp_path, trusted_key=TRUSTED).spec.state == split.state
     server = serve(GPUWorker(tmp_path / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", trusted_key=TRUSTED, seed=6)
         full = count_full_inputs(remote)
@@ -158,7 +156,6 @@ def test_saved_program_generates_over_a_worker(policy, tmp_path):
             assert remote.runner.bytes_sent < 0.6 * full[0]
     finally:
         server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("policy", [CMIF_NO_RNM, "secureinfer", "slalom"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,6 @@ def test_the_enclave_driver_answers_bad_lines_with_errors_and_goes_on(step, tmp_
     step.save(tmp_path / "b", sign_key=SIGN_KEY)
     address = f"unix:{tmp_path / 'w.sock'}"
     server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     lines = b"ids: 5,6,x\n\xff\xfe not utf-8\nids: 5,-3\nids: 5,6,7\n"
     try:
         run = subprocess.run(
@@ -102,7 +100,6 @@ def test_the_worker_refuses_sizes_outside_the_programs_range(step, tmp_path):
     step.save(tmp_path / "b", sign_key=SIGN_KEY)
     address = f"unix:{tmp_path / 'w.sock'}"
     server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         stage = next(s for s in step.stages if s.side == "gpu")
         edges = {e.name: e for e in step.edges if e.consumer == stage.name}
@@ -115,6 +112,6 @@ def test_the_worker_refuses_sizes_outside_the_programs_range(step, tmp_path):
             for n in stage.inputs
         ]
         with pytest.raises(WorkerError, match=f"past = {context + 1} is outside"):
-            WorkerClient(address).run(stage.name, tensors)
+            WorkerClient(address, inputs={stage.name: stage.inputs}).run(stage.name, tensors)
     finally:
         server.shutdown()

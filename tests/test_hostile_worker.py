@@ -1,19 +1,19 @@
-"""A hostile GPU worker and a hostile driver, speaking the real protocol (issue 10).
+"""A hostile GPU worker and a hostile driver, speaking the real contract (KServe v2 gRPC).
 
-The worker side: a fake worker that trickles, answers late, names another request or stage,
-announces the wrong or a huge tensor, or returns NaN. The driver must fail with a typed error,
-in bounded time and memory, and never read one request's answer as another's. The client side:
-a driver that floods the real worker with connections, huge frames or a stalled frame, or comes
-without the token.
+The worker side: a fake KServe server that answers late, names another request or stage,
+announces the wrong or a huge tensor, sends a payload that does not match its shape, or
+returns NaN. The driver must fail with a typed error, in bounded time and memory, and never
+read one request's answer as another's. The client side: a driver that floods the real worker
+with streams or a huge message, or comes without the token.
 """
 
 from __future__ import annotations
 
-import socket
-import struct
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 import torch
 from conftest import SIGN_KEY, captured
@@ -23,69 +23,66 @@ from hypothesis import strategies as st
 from enclave_runtime.driver import WorkerClient, WorkerError
 from partitioner.api import partition
 from partitioner.errors import IntegrityError
-from runtime.protocol import (
-    ERROR,
-    MAGIC,
-    RESULT,
-    RUN,
-    STATS,
-    ProtocolError,
-    encode,
-    read_frame,
-    send_frame,
-)
+from runtime.kserve import DATATYPES, ProtocolError, decode, service, tensor_bytes
 from runtime.worker import GPUWorker, serve
 
 EXPECTED = [(torch.float32, [1, 4])]
 
 
+def reply_for(request, tensors=None, **changes):
+    """An honest reply to ``request`` (one [1, 4] float32 output), with fields changed."""
+    pb, _ = service()
+    response = pb.ModelInferResponse(
+        model_name=changes.pop("model_name", request.model_name),
+        id=changes.pop("id", request.id),
+    )
+    for i, t in enumerate(tensors if tensors is not None else [torch.ones(1, 4)]):
+        response.outputs.add(
+            name=f"out{i}", datatype=changes.get("datatype", "FP32"), shape=list(t.shape)
+        )
+        response.raw_output_contents.append(changes.get("raw", tensor_bytes(t)))
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
 class FakeWorker:
-    """Accepts one driver and answers each request with ``behave(sock, header)``."""
+    """A KServe server whose stream answers each request with ``behave(request)`` (a reply,
+    or None for no reply)."""
 
-    def __init__(self, path, behave):
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(1)
+    def __init__(self, path, behave, **options):
+        pb, service_grpc = service()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), **options)
+        servicer = service_grpc.GRPCInferenceServiceServicer()
+        servicer.ServerLive = lambda request, context: pb.ServerLiveResponse(live=True)
+
+        def stream(requests, context):
+            for request in requests:
+                reply = behave(request)
+                if reply is not None:
+                    yield reply
+
+        servicer.ModelStreamInfer = stream
+        service_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         self.address = f"unix:{path}"
-        self.behave = behave
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        conn, _ = self.server.accept()
-        try:
-            while True:
-                frame = read_frame(conn)
-                self.behave(conn, frame.header)
-        except (ProtocolError, OSError):
-            conn.close()
+        self.server.add_insecure_port(self.address)
+        self.server.start()
 
 
-def result(header, tensors=None, **changes):
-    return encode(RESULT, {"id": header["id"], "stage": header["stage"], **changes},
-                  tensors if tensors is not None else [torch.ones(1, 4)])  # fmt: skip
-
-
-def call(worker, timeout=2.0):
-    client = WorkerClient(worker.address, timeout=timeout)
+def call(worker, timeout=2.0, **kwargs):
+    client = WorkerClient(worker.address, timeout=timeout, **kwargs)
     return client, lambda: client.run("gpu_1", [torch.zeros(1, 4)], EXPECTED)
 
 
 def test_an_honest_reply_passes(tmp_path):
-    worker = FakeWorker(tmp_path / "w", lambda s, h: s.sendall(result(h)))
+    worker = FakeWorker(tmp_path / "w", reply_for)
     _, run = call(worker)
     assert torch.equal(run()[0], torch.ones(1, 4))
 
 
-def test_a_trickling_worker_hits_one_deadline_per_request(tmp_path):
-    def trickle(sock, header):
-        for byte in result(header):
-            sock.sendall(bytes([byte]))
-            time.sleep(0.05)  # each byte well inside a per-recv timeout
-
-    worker = FakeWorker(tmp_path / "w", trickle)
+def test_a_silent_worker_hits_one_deadline_per_request(tmp_path):
+    worker = FakeWorker(tmp_path / "w", lambda request: time.sleep(5))
     _, run = call(worker, timeout=1.0)
     start = time.monotonic()
-    with pytest.raises(WorkerError, match="timed out"):
+    with pytest.raises(WorkerError, match="did not answer stage gpu_1 within 1 s"):
         run()
     assert time.monotonic() - start < 3.0
 
@@ -93,14 +90,14 @@ def test_a_trickling_worker_hits_one_deadline_per_request(tmp_path):
 def test_a_late_answer_is_never_read_as_the_next_one(tmp_path):
     answers = iter([0.0, 1.5])
 
-    def late(sock, header):
+    def late(request):
         time.sleep(next(answers, 0.0))
-        sock.sendall(result(header, [torch.full((1, 4), float(header["id"]))]))
+        return reply_for(request, [torch.full((1, 4), float(request.id))])
 
     worker = FakeWorker(tmp_path / "w", late)
     _, run = call(worker, timeout=1.0)
     assert run()[0][0, 0] == 1.0
-    with pytest.raises(WorkerError, match="timed out"):
+    with pytest.raises(WorkerError, match="did not answer"):
         run()
     time.sleep(1.0)  # the late answer to request 2 has arrived by now
     with pytest.raises(WorkerError, match="closed after an earlier failure"):
@@ -110,16 +107,17 @@ def test_a_late_answer_is_never_read_as_the_next_one(tmp_path):
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
-        (lambda h: result(h, id=h["id"] + 1), "names request"),
-        (lambda h: result(h, stage="gpu_3"), "of stage 'gpu_3'"),
-        (lambda h: result(h, [torch.ones(1, 4, dtype=torch.float64)]), "torch.float64"),
-        (lambda h: result(h, [torch.ones(1, 4000)]), r"\[1, 4000\]"),  # a cache 1000x too long
-        (lambda h: result(h, [torch.ones(1, 4), torch.ones(1)]), "has 2 tensors"),
-        (lambda h: encode(STATS, {"id": h["id"], "stage": h["stage"]}), "expected a result"),
+        (lambda r: reply_for(r, id=str(int(r.id) + 1)), "names request"),
+        (lambda r: reply_for(r, model_name="gpu_3"), "of stage 'gpu_3'"),
+        (lambda r: reply_for(r, [torch.ones(1, 4, dtype=torch.float64)], datatype="FP64"), "FP64"),
+        (lambda r: reply_for(r, [torch.ones(1, 4000)]), r"\[1, 4000\]"),  # a cache 1000x long
+        (lambda r: reply_for(r, [torch.ones(1, 4), torch.ones(1)]), "has 2 tensors"),
+        (lambda r: reply_for(r, raw=b"\x00" * 15), "15 bytes for a FP32 tensor"),
+        (lambda r: reply_for(r, datatype="FP8"), "FP8"),
     ],
 )
 def test_a_reply_that_is_not_what_was_asked_is_refused(tmp_path, reply, message):
-    worker = FakeWorker(tmp_path / "w", lambda s, h: s.sendall(reply(h)))
+    worker = FakeWorker(tmp_path / "w", reply)
     _, run = call(worker)
     with pytest.raises(WorkerError, match=message):
         run()
@@ -127,23 +125,15 @@ def test_a_reply_that_is_not_what_was_asked_is_refused(tmp_path, reply, message)
         run()
 
 
-def test_a_huge_reply_is_refused_before_its_payload_is_read(tmp_path):
-    def huge(sock, header):
-        gib = [{"dtype": "float32", "shape": [1, 1 << 28], "nbytes": 1 << 30}]
-        head = (
-            (b'{"id": %d, "stage": "gpu_1", "tensors": ' % header["id"])
-            + str(gib).replace("'", '"').encode()
-            + b"}"
-        )
-        sock.sendall(struct.pack("<4sBIQ", MAGIC, RESULT, len(head), 1 << 30) + head)
-        # and no payload: the driver must not wait for a GiB it never asked for
-
-    worker = FakeWorker(tmp_path / "w", huge)
-    _, run = call(worker, timeout=5.0)
+def test_a_huge_reply_is_refused_by_the_message_limit(tmp_path):
+    """gRPC refuses a reply over the client's limit before handing it over: memory stays
+    bounded by the limit, whatever the worker announces."""
+    worker = FakeWorker(tmp_path / "w", lambda r: reply_for(r, [torch.ones(1, 1 << 20)]))
+    _, run = call(worker, timeout=5.0, max_message=1 << 16)
     start = time.monotonic()
-    with pytest.raises(WorkerError, match=r"output 0 is torch.float32 \[1, 268435456\]"):
+    with pytest.raises(WorkerError, match="RESOURCE_EXHAUSTED"):
         run()
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 3.0
 
 
 def test_nan_and_inf_results_are_refused(tmp_path):
@@ -171,107 +161,73 @@ def gpu_bundle(tmp_path_factory):
     return GPUWorker(root / "gpu", device="cpu")
 
 
-def _start(worker, address, **limits):
-    server = serve(worker, address, **limits)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _stub(address):
+    _, service_grpc = service()
+    return service_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
 
 
-def _connect(address):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(address[5:])
-    return sock
+def _idle_stream(stub, stop):
+    """A stream that sends nothing until ``stop`` is set: it holds one of the worker's slots."""
+    return stub.ModelStreamInfer(iter(lambda: stop.wait() and None, None))
 
 
-def test_the_worker_caps_connections(gpu_bundle, tmp_path):
+def test_the_worker_caps_concurrent_streams(gpu_bundle, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
-    server = _start(gpu_bundle, address, max_connections=2)
-    held = [_connect(address), _connect(address)]
-    time.sleep(0.2)
-    third = _connect(address)
-    frame = read_frame(third)
-    assert frame.kind == ERROR and "no more connections" in frame.header["error"]
-    for sock in [*held, third]:
-        sock.close()
+    server = serve(gpu_bundle, address, max_connections=2)
+    stop = threading.Event()
+    held = [_idle_stream(_stub(address), stop) for _ in range(2)]
+    time.sleep(0.3)
+    pb, _ = service()
+    with pytest.raises(grpc.RpcError) as info:
+        list(_stub(address).ModelStreamInfer(iter([pb.ModelInferRequest()]), timeout=5))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    stop.set()
+    for stream in held:
+        stream.cancel()
     server.shutdown()
 
 
-def test_the_worker_refuses_oversized_and_stalled_frames(gpu_bundle, tmp_path):
+def test_the_worker_refuses_an_oversized_message(gpu_bundle, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
-    server = _start(gpu_bundle, address, max_frame_bytes=1 << 20, frame_timeout=0.5)
-    sock = _connect(address)
-    sock.sendall(struct.pack("<4sBIQ", MAGIC, RUN, 2, 1 << 32))  # refused at the prefix
-    frame = read_frame(sock)
-    assert frame.kind == ERROR and "frame too large" in frame.header["error"]
-    assert sock.recv(1) == b""  # and the connection is closed
-    sock = _connect(address)
-    sock.sendall(struct.pack("<4sBIQ", MAGIC, RUN, 100, 0))  # then nothing more
-    start = time.monotonic()
-    frame = read_frame(sock)
-    assert frame.kind == ERROR and "timed out" in frame.header["error"]
-    assert time.monotonic() - start < 3.0
+    server = serve(gpu_bundle, address, max_frame_bytes=1 << 16)
+    pb, _ = service()
+    request = pb.ModelInferRequest(model_name="gpu_1", id="1")
+    request.inputs.add(name="x", datatype="FP32", shape=[1 << 16])
+    request.raw_input_contents.append(bytes(4 << 16))
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(address).ModelInfer(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     server.shutdown()
 
 
 def test_a_token_is_required_when_set_and_stats_are_not_for_strangers(gpu_bundle, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
-    server = _start(gpu_bundle, address, token="s3cret")
-    sock = _connect(address)
-    send_frame(sock, STATS, {"id": 0, "stage": None})
-    frame = read_frame(sock)
-    assert frame.kind == ERROR and "token" in frame.header["error"]
+    server = serve(gpu_bundle, address, token="s3cret")
+    pb, _ = service()
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(address).ModelStatistics(pb.ModelStatisticsRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(WorkerError, match="UNAUTHENTICATED"):
+        WorkerClient(address, token="wrong").run("gpu_1", [torch.zeros(1)])
     client = WorkerClient(address, token="s3cret")
     assert isinstance(client.stats(), dict)
     server.shutdown()
-    tcp = _start(gpu_bundle, "127.0.0.1:0")
-    port = tcp.server_address[1]
-    stranger = WorkerClient(f"127.0.0.1:{port}")
+    tcp = serve(gpu_bundle, "127.0.0.1:0")
+    stranger = WorkerClient(f"127.0.0.1:{tcp.port}")
     with pytest.raises(WorkerError, match="stats need the worker's token"):
         stranger.stats()
     tcp.shutdown()
-    tcp.server_close()
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.binary(max_size=256))
-def test_fuzzed_frames_give_a_frame_or_a_protocol_error(data):
-    left, right = socket.socketpair()
-    try:
-        left.sendall(data)
-        left.shutdown(socket.SHUT_WR)
-        right.settimeout(1)
-        try:
-            read_frame(right, deadline=time.monotonic() + 1, max_payload=1 << 16)
-        except ProtocolError:
-            pass
-    finally:
-        left.close()
-        right.close()
-
-
-@settings(max_examples=300, deadline=None)
 @given(
-    st.dictionaries(
-        st.sampled_from(["id", "stage", "tensors", "extends", "x"]),
-        st.recursive(
-            st.none() | st.integers() | st.text(max_size=5) | st.booleans(),
-            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-            max_leaves=8,
-        ),
-    )
+    st.text(max_size=6) | st.sampled_from(sorted(DATATYPES)),
+    st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=10),
+    st.binary(max_size=64),
 )
-def test_fuzzed_headers_give_a_frame_or_a_protocol_error(header):
-    head = str(header).replace("'", '"').replace("None", "null").replace("True", "true")
-    head = head.replace("False", "false").encode()
-    left, right = socket.socketpair()
+def test_fuzzed_tensors_decode_or_give_a_protocol_error(datatype, shape, raw):
     try:
-        left.sendall(struct.pack("<4sBIQ", MAGIC, RESULT, len(head), 0) + head)
-        right.settimeout(1)
-        try:
-            read_frame(right, deadline=time.monotonic() + 1)
-        except ProtocolError:
-            pass
-    finally:
-        left.close()
-        right.close()
+        t = decode("x", datatype, shape, raw, limit=1 << 16)
+    except ProtocolError:
+        return
+    assert list(t.shape) == shape and tensor_bytes(t) == raw

@@ -33,7 +33,7 @@ DATA = {
     "partitioner.shapes",
 }
 READER = {"partitioner.bundle", "partitioner.signing"}
-WIRE = {"runtime.protocol"}
+WIRE = {"runtime.kserve"}
 CLI = {"partitioner.cli"}
 
 

@@ -345,3 +345,24 @@ def test_extraction_attack_recovers_the_adapter_under_float_masks():
 
 def test_extraction_attack_does_no_better_than_guessing_zero_under_exact_masks():
     assert extraction_error("exact") >= 1.0
+
+
+def test_a_tied_output_layer_is_the_folders_embedding(tmp_path):
+    """transformers stores a tied ``lm_head.weight`` once, as the input embedding: a folder
+    whose config ties them makes an output layer equal to that embedding public."""
+    model = adapted(1)
+    base_model = model.get_base_model()
+    with torch.no_grad():
+        base_model.lm_head.weight.copy_(base_model.model.embed_tokens.weight)
+    state = base_state()
+    state["model.embed_tokens.weight"] = base_model.model.embed_tokens.weight.detach().clone()
+    del state["lm_head.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    policy = Policy.preset("private_finetune", public_base=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        untied = partition(capture(model), policy)
+        (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+        tied = partition(capture(model), policy)
+    assert "lm_head.weight" in untied.parameters.protected
+    assert "lm_head.weight" in tied.parameters.public

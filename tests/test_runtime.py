@@ -1,16 +1,17 @@
-"""Two processes: the GPU worker serves a saved bundle, the enclave driver runs the rest."""
+"""Two processes: the GPU worker serves a saved bundle over KServe v2 gRPC, the enclave
+driver runs the rest."""
 
-import socket
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 from conftest import SIGN_KEY, TRUSTED, captured, model_output
 
 from enclave_runtime.driver import WorkerError, connect, spawn_worker
 from partitioner.api import partition
-from runtime.protocol import ERROR, MAGIC, read_frame
+from runtime.kserve import service, tensor_bytes
 from runtime.worker import GPUWorker, serve
 
 
@@ -45,13 +46,13 @@ def test_two_processes_give_the_in_process_outputs(bundles, worker_process):
             model_output(program(input_ids=ids)), model_output(reference(input_ids=ids))
         )
     stats = program.runner.stats()
-    assert stats and all(s["calls"] == 1 and s["bytes_in"] > 0 for s in stats.values())
+    gpu = [s.name for s in program.stages if s.side == "gpu"]
+    assert sorted(stats) == sorted(gpu) and all(s["calls"] == 1 for s in stats.values())
+    assert program.runner.bytes_sent > 0 and program.runner.bytes_received > 0
 
 
 def _serve_in_thread(bundle, address, backend="torch"):
-    server = serve(GPUWorker(bundle, backend=backend, device="cpu"), address)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve(GPUWorker(bundle, backend=backend, device="cpu"), address)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
@@ -83,49 +84,110 @@ def test_several_drivers_share_one_worker(bundles, tmp_path, backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+class _Hung:
+    """A KServe server whose stream either dies at the first request or never answers."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def ServerLive(self, request, context):
+        pb, _ = service()
+        return pb.ServerLiveResponse(live=True)
+
+    def ModelStreamInfer(self, requests, context):
+        next(requests)
+        if self.behaviour == "die":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the worker died")
+        time.sleep(30)
+        yield from ()
+
+
 def _fake_worker(tmp_path, behaviour):
-    path = tmp_path / "fake.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
+    from concurrent import futures
 
-    def run():
-        conn, _ = listener.accept()
-        if behaviour == "die":
-            read_frame(conn)
-            conn.close()  # dies mid-request
-        else:
-            time.sleep(30)  # hangs
-
-    threading.Thread(target=run, daemon=True).start()
-    return f"unix:{path}"
+    _, service_grpc = service()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    generic = service_grpc.GRPCInferenceServiceServicer()
+    fake = _Hung(behaviour)
+    generic.ServerLive = fake.ServerLive
+    generic.ModelStreamInfer = fake.ModelStreamInfer
+    service_grpc.add_GRPCInferenceServiceServicer_to_server(generic, server)
+    address = f"unix:{tmp_path / 'fake.sock'}"
+    server.add_insecure_port(address)
+    server.start()
+    return address, server
 
 
 @pytest.mark.parametrize("behaviour", ["die", "hang"])
 def test_a_dead_or_hung_worker_fails_the_request_within_the_timeout(bundles, tmp_path, behaviour):
-    address = _fake_worker(tmp_path, behaviour)
+    address, server = _fake_worker(tmp_path, behaviour)
     program = connect(bundles["slalom"], address, timeout=1.0, trusted_key=TRUSTED)
     start = time.perf_counter()
-    with pytest.raises(WorkerError, match=r"GPU worker at .* failed on stage gpu_\d+"):
+    with pytest.raises(
+        WorkerError, match=r"GPU worker at .* (failed on|did not answer) stage gpu_\d+"
+    ):
         program(input_ids=torch.randint(3, 250, (1, 5)))
     assert time.perf_counter() - start < 10
+    server.stop(0)
 
 
-def test_malformed_frames_and_wrong_shapes_are_named(bundles, tmp_path):
+def test_nothing_listening_is_a_worker_error(tmp_path):
+    from enclave_runtime.driver import WorkerClient
+
+    with pytest.raises(WorkerError, match="cannot reach the GPU worker"):
+        WorkerClient(f"unix:{tmp_path / 'nobody.sock'}", timeout=1.0)
+
+
+def _raw_request(stage, name, tensor, **params):
+    pb, _ = service()
+    request = pb.ModelInferRequest(model_name=stage, id="7")
+    spec = request.inputs.add(name=name, datatype="FP32", shape=list(tensor.shape))
+    for key, value in params.items():
+        spec.parameters[key].int64_param = value
+    request.raw_input_contents.append(tensor_bytes(tensor))
+    return request
+
+
+def test_malformed_requests_and_wrong_shapes_are_named(bundles, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
     server = _serve_in_thread(bundles["slalom"], address)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address[5:])
-    sock.sendall(b"JUNK" + bytes(13))
-    frame = read_frame(sock)
-    assert frame.kind == ERROR and "bad magic b'JUNK'" in frame.header["error"]
-    sock.close()
+    pb, service_grpc = service()
+    stub = service_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
     program = connect(bundles["slalom"], address, trusted_key=TRUSTED)
     stage = next(s for s in program.stages if s.side == "gpu")
+    bad = pb.ModelInferRequest(model_name=stage.name, id="1")
+    bad.inputs.add(name=stage.inputs[0], datatype="FP33", shape=[2])
+    bad.raw_input_contents.append(b"12345678")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(bad, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "datatype 'FP33'" in info.value.details()
+    short = _raw_request(stage.name, stage.inputs[0], torch.zeros(2))
+    short.raw_input_contents[0] = b"123"
+    with pytest.raises(grpc.RpcError, match="3 bytes for a FP32 tensor of shape"):
+        stub.ModelInfer(short, timeout=10)
     with pytest.raises(WorkerError, match=f"refused stage {stage.name}: stage {stage.name} input"):
         program.runner.run(stage.name, [torch.zeros(3, dtype=torch.int64)])
     server.shutdown()
-    assert MAGIC == b"TSP1"
+
+
+def test_health_and_metadata_speak_kserve(bundles, tmp_path):
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = _serve_in_thread(bundles["slalom"], address)
+    pb, service_grpc = service()
+    stub = service_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    program = connect(bundles["slalom"], address, trusted_key=TRUSTED)
+    stage = next(s for s in program.stages if s.side == "gpu")
+    assert stub.ModelReady(pb.ModelReadyRequest(name=stage.name)).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=stage.name))
+    assert [t.name for t in meta.inputs] == list(stage.inputs)
+    assert [t.name for t in meta.outputs] == list(stage.outputs)
+    assert all(t.datatype == "INT32" for t in meta.inputs)  # exact masks: residues
+    assert any(-1 in t.shape for t in meta.inputs)  # dynamic dims
+    server.shutdown()
 
 
 def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
@@ -146,22 +208,24 @@ def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
 
 
 def test_an_extension_of_nothing_is_refused_naming_the_input(bundles, tmp_path):
-    """``extends`` may only grow an input this connection sent before."""
-    from runtime.protocol import RUN, send_frame
-
-    server = serve(GPUWorker(bundles["cmif"] / "gpu"), f"unix:{tmp_path / 'x.sock'}")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    """``teesplit_extends`` may only grow an input this session sent before."""
+    address = f"unix:{tmp_path / 'x.sock'}"
+    server = serve(GPUWorker(bundles["cmif"] / "gpu"), address)
     try:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(tmp_path / "x.sock"))
-        send_frame(sock, RUN, {"stage": "gpu_1", "extends": {"0": 1}}, [torch.zeros(1, 2)])
-        frame = read_frame(sock)
-        assert frame.kind == ERROR
-        assert "input 0 extends an input this connection never sent" in frame.header["error"]
-        sock.close()
+        _, service_grpc = service()
+        stub = service_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+        program = connect(bundles["cmif"], address, trusted_key=TRUSTED)
+        stage = next(s for s in program.stages if s.side == "gpu")
+        request = _raw_request(stage.name, stage.inputs[0], torch.zeros(1, 2), teesplit_extends=1)
+        for name in stage.inputs[1:]:  # the stage's other inputs, whole
+            request.inputs.add(name=name, datatype="FP32", shape=[1])
+            request.raw_input_contents.append(tensor_bytes(torch.zeros(1)))
+        (reply,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+        assert "input 0 extends an input this session never sent" in reply.error_message
+        with pytest.raises(grpc.RpcError, match="extends needs a session"):
+            stub.ModelInfer(request, timeout=10)
     finally:
         server.shutdown()
-        server.server_close()
 
 
 def test_grown_dim_only_for_a_true_extension():
@@ -173,3 +237,61 @@ def test_grown_dim_only_for_a_true_extension():
     assert grown_dim(old, old.clone()) is None
     assert grown_dim(old[:, :, :0], torch.ones(1, 2, 4)) is None  # nothing held to extend
     assert grown_dim(old, torch.ones(2, 2, 4)) is None
+
+
+def _self_signed(host="localhost"):
+    """A PEM certificate for ``host`` and its key (a test CA of one)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pem, key_pem
+
+
+def test_tls_and_a_token_on_tcp(bundles):
+    cert, key = _self_signed()
+    server = serve(
+        GPUWorker(bundles["slalom"], device="cpu"), "localhost:0", token="t0k", tls=(cert, key)
+    )
+    address = f"localhost:{server.port}"
+    try:
+        program = connect(
+            bundles["slalom"], address, seed=4, trusted_key=TRUSTED, token="t0k", tls_root=cert
+        )
+        reference = partition(captured("tiny-llama"), "slalom", seed=4)
+        ids = torch.randint(3, 250, (1, 5))
+        with torch.no_grad():
+            assert torch.equal(
+                model_output(program(input_ids=ids)), model_output(reference(input_ids=ids))
+            )
+        with pytest.raises(WorkerError, match="cannot reach the GPU worker"):
+            connect(bundles["slalom"], address, trusted_key=TRUSTED, token="t0k", timeout=2.0)
+        other, _ = _self_signed()
+        with pytest.raises(WorkerError, match="cannot reach the GPU worker"):
+            connect(bundles["slalom"], address, trusted_key=TRUSTED, tls_root=other, timeout=2.0)
+    finally:
+        server.shutdown()
