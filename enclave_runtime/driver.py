@@ -76,6 +76,7 @@ class WorkerClient:
     timeout cancels the stream and every later call fails: a late answer to one request is
     never read as the answer to the next. A lock serialises requests. ``token`` is sent as
     ``authorization: Bearer``; ``tls_root`` (PEM) makes the channel TLS, verified against it.
+    ``extends=False`` sends every input whole (a server that holds nothing: Triton).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class WorkerClient:
         tls_root: bytes | None = None,
         max_message: int = MAX_MESSAGE,
         inputs: dict[str, list[str]] | None = None,
+        extends: bool = True,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
@@ -118,6 +120,7 @@ class WorkerClient:
             raise WorkerError(
                 f"cannot reach the GPU worker at {address}: {exc.code().name}: {exc.details()}"
             ) from None
+        self.extends = extends  # Triton does not hold inputs: send them whole
         self.session = secrets.token_hex(8)
         # per GPU stage, its inputs' names in the plan (the tensor names the worker checks)
         self._names = {stage: dict(enumerate(names)) for stage, names in (inputs or {}).items()}
@@ -206,7 +209,7 @@ class WorkerClient:
         held = self._last.get(stage, ())
         for i, tensor in enumerate(tensors):
             payload = tensor
-            dim = grown_dim(held[i], tensor) if i < len(held) else None
+            dim = grown_dim(held[i], tensor) if self.extends and i < len(held) else None
             spec = request.inputs.add(name=self._names.get(stage, {}).get(i, f"input_{i}"))
             if dim is not None:
                 start = held[i].shape[dim]
