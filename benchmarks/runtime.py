@@ -6,7 +6,8 @@ same amount of work; tests check token equality) from a chat prompt, timed end t
 
 * ``transformers``: ``model.generate`` with its KV cache, the reference;
 * ``in-process``: the split program's stages all in this process (:func:`generate`);
-* ``two processes``: the saved bundle, GPU stages in a worker process over a Unix socket,
+* ``two processes``: the saved bundle, GPU stages in a worker process (KServe v2 gRPC over a
+  Unix socket: one stream per generation),
   the enclave side here (``enclave_runtime.driver.connect``), with the bytes that crossed.
 
 In-process, the mask pool is *not* filled ahead: each decode step has a new cache length, so
@@ -158,7 +159,7 @@ def main() -> None:
         rows.append(
             {
                 "preset": preset,
-                "mode": "two processes (Unix socket)",
+                "mode": "two processes (KServe v2 gRPC, Unix socket)",
                 "seconds": seconds,
                 "tok_s": n / seconds,
                 "vs_transformers": hf_s / seconds,
