@@ -280,9 +280,9 @@ class RingCheck:
         for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
             outs, a_sum, k_sum = self.by_source.get(source, ([], 0, 0))
             self.by_source[source] = (
-                [*outs, (index, _u64(s))],
-                _u64(a) + a_sum,
-                _u64(kappa) + k_sum,
+                [*outs, (index, _u64(s.numpy()))],
+                _u64(a.numpy()) + a_sum,
+                _u64(kappa.numpy()) + k_sum,
             )
 
     def check(
@@ -317,9 +317,8 @@ class RingCheck:
 
 def _unmasked(x: torch.Tensor, pad: torch.Tensor | None) -> np.ndarray:
     """``x - pad`` in the ring (wrapping), sign-extended to 64 bits and read as ``Z_2^64``."""
-    v = x.numpy() if pad is None else x.numpy() - pad.numpy()
+    return _u64(x.numpy() if pad is None else x.numpy() - pad.numpy())
+
+
+def _u64(v: np.ndarray) -> np.ndarray:
     return v.astype(np.int64, copy=False).view(np.uint64)
-
-
-def _u64(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().astype(np.int64, copy=False).view(np.uint64)

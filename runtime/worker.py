@@ -7,7 +7,7 @@ request's inputs are checked (names, count, dtypes, ranks, sizes in the program'
 against the stage's signature and answered with the outputs, or with an error naming the stage
 and the input at fault. A ``ModelStreamInfer`` stream is one session: the inputs it last sent
 each stage are held for ``teesplit_extends`` and freed when the stream ends. It counts calls and
-time per stage (``ModelStatistics``) and bytes in and out (``stats``). Stages run with torch on
+time per stage (``ModelStatistics``; the client counts the bytes). Stages run with torch on
 CUDA when available (``device="auto"``), otherwise on the CPU with a warning;
 ``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
 """
@@ -89,9 +89,7 @@ class GPUWorker:
                      for o in s.outputs]
             for s in gpu_stages
         }  # fmt: skip
-        self.stats: dict[str, dict[str, float]] = defaultdict(
-            lambda: {"calls": 0, "bytes_in": 0, "bytes_out": 0, "seconds": 0.0}
-        )
+        self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
         self._lock = threading.Lock()
 
     def check_inputs(self, stage: str, tensors: list[torch.Tensor]) -> None:
@@ -136,13 +134,11 @@ class GPUWorker:
         outs = [o.cpu() for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
         return outs, time.perf_counter() - start
 
-    def record(self, stage: str, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def record(self, stage: str, seconds: float) -> None:
         with self._lock:
             entry = self.stats[stage]
             entry["calls"] += 1
             entry["seconds"] += seconds
-            entry["bytes_in"] += bytes_in
-            entry["bytes_out"] += bytes_out
 
 
 def _version(root: Path) -> str:
@@ -319,13 +315,11 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 f"stage {stage} takes {len(signature)} inputs, got {len(request.inputs)}"
             )
         tensors, extends = [], {}
-        total = 0
         for i, (spec, raw, edge) in enumerate(
             zip(request.inputs, request.raw_input_contents, signature, strict=True)
         ):
             if spec.name != edge["name"]:
                 raise ProtocolError(f"stage {stage} input {i} is {edge['name']}, not {spec.name!r}")
-            total += len(raw)
             tensors.append(decode(spec.name, spec.datatype, spec.shape, raw, self.max_bytes))
             if EXTENDS in spec.parameters:
                 extends[i] = int(spec.parameters[EXTENDS].int64_param)
@@ -339,13 +333,10 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             held[stage] = inputs  # a cache may not grow past what one message may carry
         pb = self.pb
         reply = pb.ModelInferResponse(model_name=stage, model_version=worker.version, id=request.id)
-        sent = 0
         for name, out in zip(worker.outputs[stage], outs, strict=True):
             reply.outputs.add(name=name, datatype=NAMES[out.dtype], shape=list(out.shape))
-            data = tensor_bytes(out)
-            sent += len(data)
-            reply.raw_output_contents.append(data)
-        worker.record(stage, seconds, total, sent)
+            reply.raw_output_contents.append(tensor_bytes(out))
+        worker.record(stage, seconds)
         return reply
 
 
