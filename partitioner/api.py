@@ -29,6 +29,7 @@ from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
 from passes.audit import audit
+from passes.base import teesplit_meta
 from passes.labels import label_program, user_input_names
 from passes.protect import protect
 from passes.rnm import token_input_of
@@ -66,7 +67,7 @@ def _tag_public(program: ExportedProgram, public: Mapping[str, int]) -> None:
     params = program.graph_signature.inputs_to_parameters
     for node in program.graph.find_nodes(op="placeholder"):
         if params.get(node.name) in public:
-            node.meta.setdefault("teesplit", {})["public"] = True
+            teesplit_meta(node)["public"] = True
 
 
 def partition(

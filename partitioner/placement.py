@@ -34,7 +34,7 @@ from partitioner.op_table import SHAPE_OPS, op_name
 from partitioner.plan import ENCLAVE, GPU
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
-from passes.base import is_tensor_value, teesplit_meta
+from passes.base import is_public, is_tensor_value, teesplit_meta
 from passes.labels import label_of, user_input_names
 
 _SOURCE, _SINK = "\x00enclave", "\x00gpu"
@@ -144,7 +144,7 @@ class Placer:
         protected: set[str] = set()
         for node in self.graph.nodes:
             if node.op == "placeholder" and node.name in self.params:
-                if not teesplit_meta(node).get("public"):
+                if not is_public(node):
                     origin[node.name] = self.params[node.name]
                     protected.add(self.params[node.name])
             elif node.op == "call_function" and op_name(node) in SHAPE_OPS:

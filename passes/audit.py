@@ -31,6 +31,7 @@ from partitioner.errors import AuditError
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Protection, Stage
 from partitioner.policy import Policy
+from passes.base import is_public
 from passes.taint import DP_TAINT, taint_of
 
 
@@ -124,10 +125,6 @@ def _masked_on_gpu(program: SplitProgram) -> set[str]:
     return masked - {v for s in program.stages if s.side == ENCLAVE for v in s.masked_outputs}
 
 
-def _tagged_public(node: torch.fx.Node) -> bool:
-    return bool(node.meta.get("teesplit", {}).get("public"))
-
-
 def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
     """By value: a GPU stage tensor of a protected parameter's size, in its order or its
     transpose's (so a reshaped or flattened copy too), that equals it or is an affine copy of
@@ -195,7 +192,7 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
 
     # 1. protected weights
     if "model" in policy.protects:
-        public = {n.name for n in source.graph.find_nodes(op="placeholder") if _tagged_public(n)}
+        public = {n.name for n in source.graph.find_nodes(op="placeholder") if is_public(n)}
         protected = [
             fqn
             for name, fqn in source.graph_signature.inputs_to_parameters.items()

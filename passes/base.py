@@ -30,6 +30,12 @@ def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
     return node.meta.setdefault(META_KEY, {})
 
 
+def is_public(node: torch.fx.Node) -> bool:
+    """A parameter placeholder tagged public: bit-identical to the policy's public base
+    (``partitioner.public_base``), so not protected under ``protects: [model]``."""
+    return bool(node.meta.get(META_KEY, {}).get("public"))
+
+
 def fake_like(
     val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = (), wider: int = 0
 ) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch.export import ExportedProgram
 
 from partitioner.policy import Policy
+from passes.base import is_public
 from passes.labels import user_input_names
 
 INPUT_TAINT, MODEL_TAINT, DP_TAINT = "input", "model", "dp"
@@ -47,7 +48,7 @@ def taint_of(
                 elif node.name in users and "input" in policy.protects:
                     tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
                 elif node.name in params and "model" in policy.protects:
-                    if not node.meta.get("teesplit", {}).get("public"):  # a public base's
+                    if not is_public(node):  # a public base's
                         tags.add(MODEL_TAINT)
             elif node.op == "call_function" and isinstance(
                 node.meta.get("val"), (torch.Tensor, list, tuple)
