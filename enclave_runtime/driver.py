@@ -27,6 +27,7 @@ import torch
 from enclave_runtime.executor import Executor, Expected
 from partitioner.bundle import load_program
 from partitioner.errors import TeesplitError
+from partitioner.plan import HeldSlot
 from runtime.kserve import (
     DATATYPES,
     EXTENDS,
@@ -39,6 +40,7 @@ from runtime.kserve import (
     target,
     tensor_bytes,
 )
+from runtime.state import grown, is_stand_in, stand_in
 
 
 class WorkerError(TeesplitError):
@@ -77,6 +79,13 @@ class WorkerClient:
     never read as the answer to the next. A lock serialises requests. ``token`` is sent as
     ``authorization: Bearer``; ``tls_root`` (PEM) makes the channel TLS, verified against it.
     ``extends=False`` sends every input whole (a server that holds nothing: Triton).
+
+    ``held`` (``Plan.held()``) names the states a stage keeps: given their stand-ins
+    (``runtime.state``), the client sends neither them nor asks for their refills (KServe
+    ``outputs``); a 0-long state starts a sequence on that stage (a new ``sequence_id``,
+    ``sequence_start``, as Triton's implicit state expects), and a stand-in whose length is not
+    what the worker holds is refused before anything is sent. ``outputs`` are the stages'
+    output names (the plan's), by which the reply is read.
     """
 
     def __init__(
@@ -89,6 +98,8 @@ class WorkerClient:
         max_message: int = MAX_MESSAGE,
         inputs: dict[str, list[str]] | None = None,
         extends: bool = True,
+        outputs: dict[str, list[str]] | None = None,
+        held: dict[str, list[HeldSlot]] | None = None,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
@@ -133,6 +144,10 @@ class WorkerClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
+        self._outputs = outputs or {}
+        self._held = held or {}
+        # per stage with held state: its sequence's id, and the shape the worker holds per slot
+        self._sequences: dict[str, tuple[str, dict[int, list[int]]]] = {}
 
     def _open(self) -> None:
         """The session's stream and the thread that queues its replies."""
@@ -167,18 +182,21 @@ class WorkerClient:
         self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
     ) -> list[torch.Tensor]:
         """One stage call. An input that extends what the worker already holds for the same
-        slot (a KV cache one step longer) is sent as its new part only (``extends``)."""
+        slot (a KV cache one step longer) is sent as its new part only (``extends``); a state
+        the stage holds is not sent at all."""
         with self._lock:
             if self._broken is not None:
                 raise WorkerError(
                     f"the session with the GPU worker at {self.address} was closed after an "
                     f"earlier failure ({self._broken})"
                 )
+            slots = self._held.get(stage, [])
+            omitted, start = self._held_inputs(stage, tensors) if slots else (set(), False)
             if self._stream is None:
                 self._open()
             deadline = time.monotonic() + self.timeout
             self._next_id += 1
-            request = self._request(stage, tensors, str(self._next_id))
+            request, sent = self._request(stage, tensors, str(self._next_id), omitted, start)
             self._requests.put(request)
             self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
             try:
@@ -196,36 +214,105 @@ class WorkerClient:
                 raise self._fail(
                     f"GPU worker at {self.address} failed on stage {stage}: {exc}"
                 ) from None
-            if outs is None:  # the worker refused the request; it dropped its copy too
+            if outs is None:  # the worker refused the request; it dropped its copies too
                 self._last.pop(stage, None)
+                self._sequences.pop(stage, None)
                 raise WorkerError(f"GPU worker refused stage {stage}: {reply.error_message}")
-            self._last[stage] = list(tensors)
+            self._last[stage] = sent
+            if slots:
+                outs = self._kept(stage, tensors, outs, expected)
         self.bytes_received += sum(len(b) for b in reply.infer_response.raw_output_contents)
         return outs
 
-    def _request(self, stage: str, tensors: list[torch.Tensor], request_id: str) -> Any:
+    def _held_inputs(self, stage: str, tensors: list[torch.Tensor]) -> tuple[set[int], bool]:
+        """The held inputs not to send (stand-ins), and whether this call starts the stage's
+        sequence; refuses a stand-in whose shape is not what the worker holds."""
+        omitted: set[int] = set()
+        starts = []
+        for slot in self._held[stage]:
+            tensor = tensors[slot.input]
+            if not is_stand_in(tensor):
+                raise WorkerError(
+                    f"stage {stage} keeps {slot.state} on the GPU worker: pass a stand-in "
+                    "of its shape (runtime.state.stand_in), empty to start a sequence"
+                )
+            omitted.add(slot.input)
+            starts.append(tensor.shape[slot.dim] == 0)
+        start = any(starts)
+        if start and not all(starts):
+            raise WorkerError(f"stage {stage}: some of its held states are empty, some not")
+        if start:
+            self._sequences[stage] = (secrets.token_hex(8), {})
+        else:
+            _, shapes = self._sequences.get(stage, ("", {}))
+            for i in omitted:
+                if shapes.get(i) != list(tensors[i].shape):
+                    raise WorkerError(
+                        f"stage {stage}: the worker holds {self._names.get(stage, {}).get(i, i)} "
+                        f"of shape {shapes.get(i)}, the call says {list(tensors[i].shape)}"
+                    )
+        return omitted, start
+
+    def _kept(
+        self,
+        stage: str,
+        tensors: list[torch.Tensor],
+        outs: list[torch.Tensor],
+        expected: Expected | None,
+    ) -> list[torch.Tensor]:
+        """The reply's outputs with each held refill's place taken by a stand-in; records the
+        shapes the worker now holds."""
+        _, shapes = self._sequences.setdefault(stage, (secrets.token_hex(8), {}))
+        full = list(outs)
+        for slot in sorted(self._held[stage], key=lambda s: s.output):
+            want = expected[slot.output] if expected is not None else None
+            if want is None or want[1] is None:
+                raise WorkerError(f"stage {stage}: held output {slot.output} has no known shape")
+            full.insert(slot.output, stand_in(want[1], want[0]))
+            shapes[slot.input] = grown(tensors[slot.input].shape, slot.dim, want[1][slot.dim])
+        return full
+
+    def _request(
+        self,
+        stage: str,
+        tensors: list[torch.Tensor],
+        request_id: str,
+        omitted: set[int],
+        start: bool,
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """The request, and the tensors it stands for (what ``extends`` may extend next)."""
         request = self.pb.ModelInferRequest(model_name=stage, id=request_id)
-        sequence_parameters(request.parameters, self.session, self._next_id == 1, False)
+        if stage in self._sequences:
+            sequence_parameters(request.parameters, self._sequences[stage][0], start, False)
+            kept = {slot.output for slot in self._held[stage]}
+            for i, name in enumerate(self._outputs.get(stage, [])):
+                if i not in kept:
+                    request.outputs.add(name=name)
+        else:
+            sequence_parameters(request.parameters, self.session, self._next_id == 1, False)
         held = self._last.get(stage, ())
-        for i, tensor in enumerate(tensors):
+        sent = [t for i, t in enumerate(tensors) if i not in omitted]
+        names = [n for i, n in sorted(self._names.get(stage, {}).items()) if i not in omitted]
+        for i, tensor in enumerate(sent):
             payload = tensor
             dim = grown_dim(held[i], tensor) if self.extends and i < len(held) else None
-            spec = request.inputs.add(name=self._names.get(stage, {}).get(i, f"input_{i}"))
+            spec = request.inputs.add(name=names[i] if i < len(names) else f"input_{i}")
             if dim is not None:
-                start = held[i].shape[dim]
-                payload = tensor.narrow(dim, start, tensor.shape[dim] - start)
+                begin = held[i].shape[dim]
+                payload = tensor.narrow(dim, begin, tensor.shape[dim] - begin)
                 spec.parameters[EXTENDS].int64_param = dim
             if payload.dtype not in NAMES:
                 raise WorkerError(f"stage {stage} input {i}: {payload.dtype} cannot be sent")
             spec.datatype = NAMES[payload.dtype]
             spec.shape.extend(payload.shape)
             request.raw_input_contents.append(tensor_bytes(payload))
-        return request
+        return request, sent
 
     def _read(
         self, reply: Any, stage: str, request_id: str, expected: Expected | None
     ) -> list[torch.Tensor] | None:
-        """The reply's tensors, checked; None when it is the worker's refusal of the request."""
+        """The reply's tensors, checked; None when it is the worker's refusal of the request.
+        Held refills are not in the reply (they were not asked for)."""
         response = reply.infer_response
         if response.id != request_id or response.model_name != stage:
             raise ProtocolError(
@@ -241,15 +328,21 @@ class WorkerClient:
                 f"the reply has {len(response.outputs)} outputs but "
                 f"{len(response.raw_output_contents)} payloads"
             )
-        if expected is not None and len(response.outputs) != len(expected):
+        kept = {slot.output for slot in self._held.get(stage, [])}
+        names = self._outputs.get(stage)
+        wanted = [i for i in range(len(expected) if expected is not None else 0) if i not in kept]
+        if expected is not None and len(response.outputs) != len(wanted):
             raise ProtocolError(
                 f"the reply has {len(response.outputs)} tensors, stage {stage} returns "
-                f"{len(expected)}"
+                f"{len(wanted)}"
             )
         outs = []
-        for i, (spec, raw) in enumerate(
+        for j, (spec, raw) in enumerate(
             zip(response.outputs, response.raw_output_contents, strict=True)
         ):
+            i = wanted[j] if expected is not None else j
+            if names is not None and i < len(names) and spec.name != names[i]:
+                raise ProtocolError(f"output {j} is {spec.name!r}, the plan says {names[i]}")
             if expected is not None:
                 want, want_shape = expected[i]
                 got = DATATYPES.get(spec.datatype)
@@ -321,6 +414,14 @@ def connect(
     ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
     executor's ``runner``. ``tls_root`` (PEM) verifies a TLS worker."""
     plan = load_program(bundle, gpu=False, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
-    inputs = {s.name: list(s.inputs) for s in plan.stages if s.side == "gpu"}
-    client = WorkerClient(worker, timeout, token, tls_root=tls_root, inputs=inputs)
+    gpu = [s for s in plan.stages if s.side == "gpu"]
+    client = WorkerClient(
+        worker,
+        timeout,
+        token,
+        tls_root=tls_root,
+        inputs={s.name: list(s.inputs) for s in gpu},
+        outputs={s.name: list(s.outputs) for s in gpu},
+        held=plan.held(),
+    )
     return Executor(plan, client, seed=seed)

@@ -30,6 +30,7 @@ from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
+from runtime.state import HeldState
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
 # size) its concrete shape.
@@ -47,11 +48,13 @@ class StageRunner(Protocol):
 
 
 class InProcessRunner:
-    """GPU stages run here, by the modules the plan's GPU stages carry (looked up per call)."""
+    """GPU stages run here, by the modules the plan's GPU stages carry (looked up per call).
+    States a GPU stage holds (``Plan.held``) are kept here, as a worker keeps them."""
 
     def __init__(self, plan: Plan) -> None:
         self._stages = {s.name: s for s in plan.stages if s.side == GPU}
         self._prepared: dict[str, tuple[Any, Any]] = {}  # stage -> (module, its prepared copy)
+        self._state = {stage: HeldState(stage, slots) for stage, slots in plan.held().items()}
 
     def run(
         self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
@@ -63,7 +66,11 @@ class InProcessRunner:
         if cached is None or cached[0] is not module:
             cached = (module, prepare_ring_weights(module))
             self._prepared[stage] = cached
-        return list(cached[1](*tensors))
+        state = self._state.get(stage)
+        if state is None:
+            return list(cached[1](*tensors))
+        inputs = state.inputs(tensors)
+        return state.keep(inputs, list(cached[1](*inputs)))
 
 
 _EXPECTED_CACHE = 4096

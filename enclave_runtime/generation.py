@@ -2,7 +2,9 @@
 
 Reads an :class:`~enclave_runtime.executor.Executor` of a decoder step (captured by
 ``partitioner.generation.capture_decoder``: ``(input_ids, past) -> (logits, *present)`` with
-the cache as explicit state); writes the executor's ``last_request``. Guarantees the tokens of
+the cache as explicit state); writes the executor's ``last_request``. A state the GPU holds
+(``StateSpec.holder``) is passed as a stand-in of its shape (``runtime.state``): the positions
+count, the values stay with the holder. Guarantees the tokens of
 ``model.generate(do_sample=False)`` for the same prompt, and that under RNM only the prompt's
 private positions are sanitised and counted in ε.
 """
@@ -16,6 +18,7 @@ import torch
 from enclave_runtime.executor import Executor
 from partitioner.errors import InputError, PartitionError
 from partitioner.plan import Plan
+from runtime.state import grown, stand_in
 
 
 def _state_order(plan: Plan) -> list[str]:
@@ -109,6 +112,8 @@ def generate(
             tokens = torch.cat([tokens, step_ids], dim=1)
             past = [
                 torch.cat([p, out[spec.output]], dim=spec.dim)
+                if spec.holder is None
+                else stand_in(grown(p.shape, spec.dim, out[spec.output].shape[spec.dim]), p.dtype)
                 for p, spec in zip(past, specs, strict=True)
             ]
             if eos and bool(done.all()):

@@ -6,11 +6,13 @@ ready to run in this process).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind
@@ -20,8 +22,8 @@ from partitioner.bundle import load_program
 from partitioner.capturing import Captured, capture
 from partitioner.errors import PartitionError
 from partitioner.label_set import Label
-from partitioner.placement import place
-from partitioner.plan import ENCLAVE, Plan, Signature
+from partitioner.placement import Placement, place
+from partitioner.plan import ENCLAVE, GPU, INPUT, Plan, Signature, StateSpec
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram
 from partitioner.public_base import split_parameters
@@ -111,20 +113,16 @@ def partition(
         _tag_public(program, parameters.public)
     shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
-    force: dict[str, str] = {}
-    while True:
-        placement = place(program, policy, shapes, force)
-        stages, edges, flat_outputs = build_stages(program, placement, shapes)
-        validate(program, placement, stages, edges)
-        result = protect(program, policy, shapes, stages, edges, flat_outputs, special)
-        if not result.move_to_enclave:
-            break
-        fresh = {n: why for n, why in result.move_to_enclave.items() if n not in force}
-        if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
-            raise PartitionError(
-                f"on_unmaskable='enclave' could not place {sorted(result.move_to_enclave)[:5]}"
-            )
-        force.update(fresh)
+    placement, result = _place_and_protect(program, policy, shapes, special, held=())
+    holders = _holders(program, captured.state, result, settled=False)
+    if holders:  # again, with the states the GPU may keep produced there
+        held_placement, held_result = _place_and_protect(
+            program, policy, shapes, special, held=holders
+        )
+        if _holders(program, captured.state, held_result, settled=True) == holders:
+            placement, result = held_placement, held_result
+        else:
+            holders = {}
     labels = {}
     rules = {}
     flops = {}
@@ -149,7 +147,10 @@ def partition(
             if n.name in users and isinstance(n.meta.get("val"), torch.Tensor)
         },
         signature=_signature(program),
-        state=dict(captured.state),
+        state={
+            name: dataclasses.replace(spec, holder=holders.get(name))
+            for name, spec in captured.state.items()
+        },
         protection=result.protection,
         other_nodes={n: rules[n] for n, label in sorted(labels.items()) if label == Label.OTHER},
         dim_ranges={
@@ -172,6 +173,77 @@ def partition(
     )
     audit(split, verbose=False)
     return split
+
+
+def _place_and_protect(
+    program: ExportedProgram,
+    policy: Policy,
+    shapes: ShapeContext,
+    special: tuple[int, ...],
+    held: Collection[str],
+) -> tuple[Placement, Any]:
+    """Place, split and protect; ops protection cannot mask on the GPU go back to the
+    enclave (``on_unmaskable="enclave"``) and the program is placed again."""
+    force: dict[str, str] = {}
+    while True:
+        placement = place(program, policy, shapes, force, held)
+        stages, edges, flat_outputs = build_stages(program, placement, shapes)
+        validate(program, placement, stages, edges)
+        result = protect(program, policy, shapes, stages, edges, flat_outputs, special)
+        if not result.move_to_enclave:
+            return placement, result
+        fresh = {n: why for n, why in result.move_to_enclave.items() if n not in force}
+        if not fresh:  # cannot happen unless a pinned op is refused twice; never loop
+            raise PartitionError(
+                f"on_unmaskable='enclave' could not place {sorted(result.move_to_enclave)[:5]}"
+            )
+        force.update(fresh)
+
+
+def _holders(
+    program: ExportedProgram, state: Mapping[str, StateSpec], result: Any, *, settled: bool
+) -> dict[str, str]:
+    """The states a GPU stage may keep (``StateSpec.holder``): those whose refill a GPU stage
+    computes unmasked, so that keeping it shows the GPU nothing it has not computed, and does
+    not check (a Freivalds check reads the stage's inputs in the enclave).
+
+    ``settled``: the placement already counted these states as held; each must then go, as a
+    value, to its holder alone (the enclave may read its shape: positions), else none is held.
+    """
+    sides = {s.name: s.side for s in result.stages}
+    prot = result.protection
+    masked = prot.gpu_masked if prot is not None else set()
+    checked = set(prot.freivalds) if prot is not None else set()  # checks read every input
+    users = {n.name: n.users for n in program.graph.find_nodes(op="placeholder")}
+    out: dict[str, str] = {}
+    for name, spec in state.items():
+        refill = result.flat_outputs[spec.output]
+        stage = next((s for s in result.stages if refill in s.outputs), None)
+        if stage is None or stage.side != GPU or refill in masked or stage.name in checked:
+            continue
+        readers = {
+            e.consumer
+            for e in result.edges
+            if e.name == name and e.producer == INPUT and sides.get(e.consumer) == GPU
+        }
+        if settled:
+            placed = {u.name for u in users.get(name, ()) if u.op == "call_function"}
+            stray = placed - set(stage.nodes) - _shape_only(users.get(name, ()))
+            if readers != {stage.name} or stray:
+                return {}
+        elif readers - {stage.name}:
+            continue
+        out[name] = stage.name
+    return out
+
+
+def _shape_only(users: Collection[torch.fx.Node]) -> set[str]:
+    """Users that read a tensor's sizes, not its values (``sym_size``, ``_assert_*``)."""
+    return {
+        u.name
+        for u in users
+        if u.op == "call_function" and not isinstance(u.meta.get("val"), torch.Tensor)
+    }
 
 
 def _token_limits(program: ExportedProgram) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -113,9 +113,11 @@ class Placer:
         policy: Policy,
         shapes: ShapeContext,
         force_enclave: Mapping[str, str] | None = None,
+        held: Collection[str] = (),
     ) -> None:
         self.program = program
         self.force_enclave = dict(force_enclave or {})
+        self.held = set(held)
         self.policy = policy
         self.shapes = shapes
         self.graph = program.graph
@@ -211,7 +213,9 @@ class Placer:
         pinned, why, protected = self.pins()
         heads = sorted(set(self.units.values()), key=self.order.__getitem__)
         for name in self.user_inputs:
-            pinned[name] = ENCLAVE
+            # a state the GPU holds is produced there (it computed it), so its readers lean
+            # to the GPU like any other value's
+            pinned[name] = GPU if name in self.held else ENCLAVE
         pinned["output"] = ENCLAVE
         nodes = heads + sorted(self.user_inputs) + ["output"]
         unit_sides, cost = min_cut_sides(nodes, self._values(), pinned)
@@ -345,12 +349,14 @@ def place(
     policy: Policy,
     shapes: ShapeContext,
     force_enclave: Mapping[str, str] | None = None,
+    held: Collection[str] = (),
 ) -> Placement:
     """Place every compute node of a labelled ``program`` under ``policy``.
 
     ``force_enclave`` maps node names to the reason they must run in the enclave (protection
     moves ops it cannot mask there under ``on_unmaskable="enclave"``). Under ``protects:
     [model]`` every parameter is protected but those whose placeholder is tagged ``public``
-    (bit-identical to a public base's: ``partitioner.public_base``).
+    (bit-identical to a public base's: ``partitioner.public_base``). ``held`` names state inputs
+    the GPU keeps (``StateSpec.holder``): the min-cut counts them as produced on the GPU.
     """
-    return Placer(program, policy, shapes, force_enclave).place()
+    return Placer(program, policy, shapes, force_enclave, held).place()

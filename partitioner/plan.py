@@ -33,7 +33,7 @@ from partitioner.protection import (  # noqa: F401 - part of the data model's su
 )
 from partitioner.schema import choice, fields, ident, int_, map_, shape_, str_, strs
 
-PLAN_SCHEMA_VERSION = 3
+PLAN_SCHEMA_VERSION = 4
 ENCLAVE, GPU = "enclave", "gpu"
 SIDES = (ENCLAVE, GPU)
 INPUT, OUTPUT = "input", "output"  # the producer of user inputs, the consumer of outputs
@@ -156,23 +156,41 @@ class Edge:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """How one state input is refilled: ``past = cat(past, outputs[output], dim)``."""
+    """How one state input is refilled: ``past = cat(past, outputs[output], dim)``.
+
+    ``holder`` is the GPU stage that keeps the state itself (``None``: the enclave keeps it and
+    sends it with each call). A stage may hold a state only when it computes the refill in
+    the clear and is the only stage that reads the state's values: the GPU then holds nothing
+    it did not compute, and the enclave sends no cache and receives none (issue 13)."""
 
     output: int  # index into the program's flat outputs
     dim: int  # the dim that grows
     dtype: str  # torch dtype name, for the empty state of the first call
+    holder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output": self.output, "dim": self.dim, "dtype": self.dtype}
+        return {"output": self.output, "dim": self.dim, "dtype": self.dtype, "holder": self.holder}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "state") -> StateSpec:
-        d = fields(data, where, ("output", "dim", "dtype"))
+        d = fields(data, where, ("output", "dim", "dtype", "holder"))
         return cls(
             int_(d["output"], f"{where}.output", 0),
             int_(d["dim"], f"{where}.dim", 0),
             str_(d["dtype"], f"{where}.dtype"),
+            None if d["holder"] is None else str_(d["holder"], f"{where}.holder"),
         )
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """A state a GPU stage holds, in that stage's terms: which of its inputs the state is,
+    which of its outputs refills it, along which dim (see :meth:`Plan.held`)."""
+
+    state: str  # the state input's name
+    input: int  # index into the stage's inputs
+    output: int  # index into the stage's outputs
+    dim: int
 
 
 @dataclass
@@ -236,10 +254,35 @@ class Plan:
         return [e for e in self.edges if e.crossing]
 
     def bytes_crossing(self) -> dict[str, int]:
+        """Bytes each way per call at the reference dims; a state the GPU holds never crosses."""
+        held = self.held_values()
         totals = {"enclave->gpu": 0, "gpu->enclave": 0}
         for edge in self.cut_edges:
-            totals[edge.direction] += edge.nbytes
+            if edge.name not in held:
+                totals[edge.direction] += edge.nbytes
         return totals
+
+    def held(self) -> dict[str, list[HeldSlot]]:
+        """Per GPU stage, the states it holds (inputs it is not sent, outputs it keeps)."""
+        out: dict[str, list[HeldSlot]] = {}
+        for name, spec in self.state.items():
+            if spec.holder is None:
+                continue
+            stage = self.stage(spec.holder)
+            refill = self.flat_outputs[spec.output]
+            out.setdefault(stage.name, []).append(
+                HeldSlot(name, stage.inputs.index(name), stage.outputs.index(refill), spec.dim)
+            )
+        return out
+
+    def held_values(self) -> set[str]:
+        """The state inputs the GPU holds and the outputs that refill them."""
+        return {
+            v
+            for name, spec in self.state.items()
+            if spec.holder is not None
+            for v in (name, self.flat_outputs[spec.output])
+        }
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -344,15 +387,52 @@ class Plan:
             for end in (edge.producer, edge.consumer):
                 if end not in names and end not in (INPUT, OUTPUT):
                     raise ArtifactError(f"{where}: edge {edge.name} names unknown stage {end}")
+        sides = {s.name: s.side for s in self.stages}
+        for name, spec in self.state.items():
+            self._check_holder(name, spec, sides, where)
         prot = self.protection
         if prot is None:
             return
-        sides = {s.name: s.side for s in self.stages}
         for name in [*prot.corrections, *prot.freivalds, *prot.pooled]:
             if sides.get(name) != GPU:
                 raise ArtifactError(f"{where}.protection: {name} is not a GPU stage")
         if prot.rnm is not None and sides.get(prot.rnm.stage) != ENCLAVE:
             raise ArtifactError(f"{where}.protection.rnm: {prot.rnm.stage} is not an enclave stage")
+
+    def _check_holder(
+        self, name: str, spec: StateSpec, sides: Mapping[str, str], where: str
+    ) -> None:
+        """A state's refill is a tensor output; a holder is a GPU stage that reads the state,
+        computes its refill unmasked, and is the only stage the state's value goes to."""
+        at = f"{where}.state.{name}"
+        if not 0 <= spec.output < len(self.flat_outputs) or not isinstance(
+            self.flat_outputs[spec.output], str
+        ):
+            raise ArtifactError(f"{at}.output: {spec.output} is not a tensor output")
+        if spec.holder is None:
+            return
+        refill = self.flat_outputs[spec.output]
+        if sides.get(spec.holder) != GPU:
+            raise ArtifactError(f"{at}.holder: {spec.holder} is not a GPU stage")
+        stage = self.stage(spec.holder)
+        if name not in stage.inputs or refill not in stage.outputs:
+            raise ArtifactError(
+                f"{at}.holder: stage {spec.holder} does not read {name} and return {refill}"
+            )
+        masked = self.protection.gpu_masked if self.protection is not None else set()
+        if refill in masked or refill in stage.masked_outputs:
+            raise ArtifactError(f"{at}.holder: its refill {refill} is masked: it may not be held")
+        # enclave stages may read the state's shape (positions), never its values: they are
+        # handed a stand-in of the right shape (Executor)
+        readers = [
+            e.consumer
+            for e in self.edges
+            if e.name == name and e.producer == INPUT and sides.get(e.consumer) == GPU
+        ]
+        if readers != [spec.holder]:
+            raise ArtifactError(
+                f"{at}.holder: {name} goes to GPU stages {readers}, not to {spec.holder} alone"
+            )
 
 
 def _dim_range(value: Any, where: str) -> list[int | None]:

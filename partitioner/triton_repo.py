@@ -15,12 +15,12 @@ dim is -1); ``max_batch_size: 0`` (the batch is part of each tensor); one GPU in
 A stage that touches the program's state (a KV-cache input of ``Plan.state``, or the output that
 refills one) gets the sequence batcher, with START/END/READY control inputs (``TYPE_INT32`` of
 dims [1], added to the ONNX graph, unused by it) so a session is dropped at its end or after
-``idle_us``. A state input the stage reads itself, refilled by an output the stage returns in
-the clear, becomes Triton implicit state: the graph gains ``NAME__next = Concat(NAME, refill,
-axis)`` and the state starts as zeros of the plan's smallest shape (each named dim at its
-lower bound in ``Plan.dim_ranges``: the growing dim at 0, so a sequence carries batch 1). Any
-other cache (the enclave reads the state and sends the GPU a tensor derived from it, as under
-cmif) stays an ordinary input; what was not mapped is listed in ``teesplit.unmapped_state``.
+``idle_us``. A state the stage holds (``StateSpec.holder``: it reads the state itself and
+computes its refill in the clear) becomes Triton implicit state: the graph gains ``NAME__next =
+Concat(NAME, refill, axis)`` and the state starts as zeros of the plan's smallest shape (each
+named dim at its lower bound in ``Plan.dim_ranges``: the growing dim at 0, so a sequence
+carries batch 1). A cache the enclave holds (masked, or read by a checked stage) stays an
+ordinary input; what was not mapped is listed in ``teesplit.unmapped_state``.
 Errors are :class:`ArtifactError` naming the stage and value.
 """
 
@@ -182,10 +182,10 @@ def stage_config(plan: Plan, stage: Stage, model: Any, digest: str, idle_us: int
     implicit, unmapped = {}, []
     for name, spec in sorted(plan.state.items()):
         refill = plan.flat_outputs[spec.output] if spec.output < len(plan.flat_outputs) else None
-        if name in stage.inputs and refill in stage.outputs:
+        if spec.holder == stage.name:
             implicit[name] = (refill, spec)
         elif name in stage.inputs:
-            unmapped.append(f"{name} (read here, refilled by {refill} elsewhere)")
+            unmapped.append(f"{name} (read here; the enclave holds it and sends it)")
         elif refill in stage.outputs:
             unmapped.append(f"{name} (refilled by {refill} here; the enclave holds it)")
     for name, shape, dtype in ins:

@@ -41,6 +41,7 @@ from runtime.kserve import (
     tensor_bytes,
 )
 from runtime.onnx_stage import onnx_stage
+from runtime.state import HeldState, StateError, is_stand_in, stand_in
 
 
 class GPUWorker:
@@ -89,6 +90,7 @@ class GPUWorker:
                      for o in s.outputs]
             for s in gpu_stages
         }  # fmt: skip
+        self.held = plan.held()  # per stage, the states it keeps for a session's sequence
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
         self._lock = threading.Lock()
 
@@ -123,16 +125,69 @@ class GPUWorker:
                         f"got {list(tensor.shape)}"
                     )
 
-    def run(self, stage: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    def run(
+        self, stage: str, tensors: list[torch.Tensor], state: HeldState | None = None
+    ) -> tuple[list[torch.Tensor], float]:
+        """Run ``stage``; with ``state``, its held inputs (stand-ins in ``tensors``) are the
+        session's tensors, which stay on this device and grow by the stage's refills."""
         self.check_inputs(stage, tensors)
         start = time.perf_counter()
+        device = torch.device("cpu") if self.backend == "onnx" else self.device
+        inputs = [t if is_stand_in(t) else t.to(device) for t in tensors]
+        if state is not None:
+            inputs = state.inputs(inputs)
         with torch.no_grad():
-            if self.backend == "onnx":
-                outs = self.stages[stage](*tensors)
-            else:
-                outs = self.stages[stage](*(t.to(self.device) for t in tensors))
-        outs = [o.cpu() for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+            outs = self.stages[stage](*inputs)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        if state is not None:
+            outs = state.keep(inputs, outs)
+        outs = [o.cpu() for o in outs]
         return outs, time.perf_counter() - start
+
+    def stand_ins(
+        self, stage: str, given: dict[str, torch.Tensor], state: HeldState | None, start: bool
+    ) -> list[torch.Tensor]:
+        """The stage's inputs from a request that omits its held states: each omitted one is a
+        stand-in of what the session holds, or (``start``) an empty state shaped from the
+        other inputs' sizes."""
+        signature = self.signatures[stage]
+        slots = {slot.input: slot for slot in self.held.get(stage, [])}
+        binding: dict[str, int] = {}
+        for edge in signature:
+            tensor = given.get(edge["name"])
+            if tensor is not None and tensor.dim() == len(edge["shape"]):
+                for want, got in zip(edge["shape"], tensor.shape, strict=True):
+                    if isinstance(want, str):
+                        binding.setdefault(want, int(got))
+        device = torch.device("cpu") if self.backend == "onnx" else self.device
+        out = []
+        for i, edge in enumerate(signature):
+            if edge["name"] in given:
+                out.append(given[edge["name"]])
+                continue
+            slot = slots.get(i)
+            if slot is None or state is None:
+                raise ProtocolError(f"stage {stage}: input {edge['name']} is missing")
+            dtype = getattr(torch, edge["dtype"])
+            if start:
+                shape = [
+                    0 if d == slot.dim else binding.get(s, -1) if isinstance(s, str) else s
+                    for d, s in enumerate(edge["shape"])
+                ]
+                if min(shape) < 0:
+                    raise ProtocolError(
+                        f"stage {stage}: the other inputs do not size held state {edge['name']} "
+                        f"{edge['shape']}"
+                    )
+            elif slot.input in state.tensors:
+                shape = list(state.tensors[slot.input].shape)
+            else:
+                raise ProtocolError(
+                    f"stage {stage}: held state {edge['name']} is omitted but this session's "
+                    "sequence never started on this stage (sequence_start)"
+                )
+            out.append(stand_in(shape, dtype, device))
+        return out
 
     def record(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -273,14 +328,15 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"stage {request.model_name} failed: {exc}")
 
     def ModelStreamInfer(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
-        """One session: what it last sent each stage is held until the stream ends."""
+        """One session: what it last sent each stage, and the states each stage holds for its
+        sequence, are kept until the stream ends."""
         self._authorised(context)
-        held: dict[str, list[torch.Tensor]] = {}
+        session = _Session()
         pb = self.pb
         for request in requests:
             try:
-                reply = self._infer(request, held)
-            except ProtocolError as exc:
+                reply = self._infer(request, session)
+            except (ProtocolError, StateError) as exc:
                 yield pb.ModelStreamInferResponse(
                     error_message=str(exc), infer_response=self._echo(request)
                 )
@@ -294,50 +350,121 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=reply)
             params = request.parameters
             if "sequence_end" in params and params["sequence_end"].bool_param:
-                held.clear()
+                session.sent.clear()
+                session.states.clear()
 
     def _echo(self, request: Any) -> Any:
         return self.pb.ModelInferResponse(id=request.id, model_name=request.model_name)
 
-    def _infer(self, request: Any, held: dict[str, list[torch.Tensor]] | None) -> Any:
+    def _infer(self, request: Any, session: _Session | None) -> Any:
         worker = self.worker
         stage = request.model_name
         if stage not in worker.stages:
             raise ProtocolError(f"no GPU stage {stage!r} in this bundle")
-        signature = worker.signatures[stage]
         if len(request.inputs) != len(request.raw_input_contents):
             raise ProtocolError(
                 f"stage {stage}: {len(request.inputs)} inputs but "
                 f"{len(request.raw_input_contents)} raw payloads"
             )
-        if len(request.inputs) != len(signature):
-            raise ProtocolError(
-                f"stage {stage} takes {len(signature)} inputs, got {len(request.inputs)}"
-            )
+        names = _sent_names(stage, request, worker, session is not None)
         tensors, extends = [], {}
-        for i, (spec, raw, edge) in enumerate(
-            zip(request.inputs, request.raw_input_contents, signature, strict=True)
+        for i, (spec, raw) in enumerate(
+            zip(request.inputs, request.raw_input_contents, strict=True)
         ):
-            if spec.name != edge["name"]:
-                raise ProtocolError(f"stage {stage} input {i} is {edge['name']}, not {spec.name!r}")
             tensors.append(decode(spec.name, spec.datatype, spec.shape, raw, self.max_bytes))
             if EXTENDS in spec.parameters:
                 extends[i] = int(spec.parameters[EXTENDS].int64_param)
-        if extends and held is None:
+        if extends and session is None:
             raise ProtocolError(f"stage {stage}: extends needs a session (ModelStreamInfer)")
-        inputs = _extend(
-            held.pop(stage, None) if held is not None else None, tensors, extends, stage
+        sent = _extend(
+            session.sent.pop(stage, None) if session is not None else None, tensors, extends, stage
         )
-        outs, seconds = worker.run(stage, inputs)
-        if held is not None and sum(t.numel() * t.element_size() for t in inputs) <= self.max_bytes:
-            held[stage] = inputs  # a cache may not grow past what one message may carry
+        state, start = self._state(request, session, len(names) < len(worker.signatures[stage]))
+        inputs = worker.stand_ins(stage, dict(zip(names, sent, strict=True)), state, start)
+        wanted = _wanted(stage, request, worker.outputs[stage])
+        try:
+            outs, seconds = worker.run(stage, inputs, state)
+        except StateError:
+            if session is not None:
+                session.states.pop(stage, None)
+            raise
+        size = sum(t.numel() * t.element_size() for t in sent)
+        if session is not None and size <= self.max_bytes:
+            session.sent[stage] = sent  # what extends may extend: never more than one message
         pb = self.pb
         reply = pb.ModelInferResponse(model_name=stage, model_version=worker.version, id=request.id)
         for name, out in zip(worker.outputs[stage], outs, strict=True):
-            reply.outputs.add(name=name, datatype=NAMES[out.dtype], shape=list(out.shape))
-            reply.raw_output_contents.append(tensor_bytes(out))
+            if name in wanted:
+                reply.outputs.add(name=name, datatype=NAMES[out.dtype], shape=list(out.shape))
+                reply.raw_output_contents.append(tensor_bytes(out))
         worker.record(stage, seconds)
         return reply
+
+    def _state(
+        self, request: Any, session: _Session | None, omitted: bool
+    ) -> tuple[HeldState | None, bool]:
+        """The stage's held state for this request's sequence, and whether it starts one."""
+        stage = request.model_name
+        slots = self.worker.held.get(stage)
+        if not slots or session is None:
+            return None, False
+        params = request.parameters
+        sequence = params["sequence_id"].string_param if "sequence_id" in params else ""
+        start = "sequence_start" in params and params["sequence_start"].bool_param
+        if start:
+            if not sequence:
+                raise ProtocolError(f"stage {stage}: sequence_start without a sequence_id")
+            session.states[stage] = (sequence, HeldState(stage, slots))
+        current = session.states.get(stage)
+        if current is None or current[0] != sequence:
+            if omitted:
+                raise ProtocolError(
+                    f"stage {stage}: sequence {sequence!r} was not started in this session; "
+                    "its held state cannot be omitted"
+                )
+            return None, False
+        return current[1], start
+
+
+class _Session:
+    """What one ``ModelStreamInfer`` stream holds: per stage, the inputs it last sent (for
+    ``teesplit_extends``) and its sequence's held state."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, list[torch.Tensor]] = {}
+        self.states: dict[str, tuple[str, HeldState]] = {}
+
+
+def _sent_names(stage: str, request: Any, worker: GPUWorker, stream: bool) -> list[str]:
+    """The request's input names: the stage's inputs in order, less (in a session) held
+    states the stage keeps."""
+    signature = [e["name"] for e in worker.signatures[stage]]
+    held = {signature[slot.input] for slot in worker.held.get(stage, [])} if stream else set()
+    names = [spec.name for spec in request.inputs]
+    expected = iter(signature)
+    for i, name in enumerate(names):
+        for want in expected:
+            if want == name:
+                break
+            if want not in held:
+                raise ProtocolError(f"stage {stage} input {i} is {want}, not {name!r}")
+        else:
+            raise ProtocolError(f"stage {stage} input {i}: {name!r} is not an input of the stage")
+    missing = [n for n in signature if n not in names and n not in held]
+    if missing or len(names) > len(signature):
+        raise ProtocolError(
+            f"stage {stage} takes {len(signature)} inputs ({signature}), got {names}"
+        )
+    return names
+
+
+def _wanted(stage: str, request: Any, outputs: list[str]) -> set[str]:
+    """The outputs a request asks for (KServe ``outputs``; none named: all of them)."""
+    asked = [o.name for o in request.outputs]
+    unknown = sorted(set(asked) - set(outputs))
+    if unknown:
+        raise ProtocolError(f"stage {stage} has no outputs {unknown}; it returns {outputs}")
+    return set(asked) if asked else set(outputs)
 
 
 class WorkerServer:

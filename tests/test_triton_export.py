@@ -138,15 +138,11 @@ def test_every_config_matches_the_plan_and_its_onnx_model(repos, name):
     stateful = [s for s in gpu if _has_state(plan, s)]
     if name == "slalom":
         assert int32_seen and not stateful  # exact masks: int32 residues, no cache
-    elif name == "cmif":  # the enclave holds the cache: control inputs, no implicit state
-        [stage] = stateful
-        config = _config(repo, stage.name)
-        assert not config.sequence_batching.state
-        assert "the enclave holds it" in config.parameters["teesplit.unmapped_state"].string_value
-    else:  # all_gpu reads and refills its cache itself: every past_i is implicit state
+    else:  # cmif and all_gpu: the GPU stage holds its cache, every past_i is implicit state
         [stage] = stateful
         states = _config(repo, stage.name).sequence_batching.state
         assert sorted(s.input_name for s in states) == sorted(plan.state)
+        assert all(spec.holder == stage.name for spec in plan.state.values())
         assert "teesplit.unmapped_state" not in _config(repo, stage.name).parameters
 
 
