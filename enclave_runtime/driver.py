@@ -42,6 +42,8 @@ from runtime.kserve import (
 )
 from runtime.state import grown, is_stand_in, stand_in
 
+SESSION_HEADER = "teesplit-session"
+
 
 class WorkerError(TeesplitError):
     """The GPU worker failed, closed the connection, or did not answer in time."""
@@ -151,8 +153,11 @@ class WorkerClient:
 
     def _open(self) -> None:
         """The session's stream and the thread that queues its replies."""
+        # the session id as a header too: a load balancer hashing on it sends every stream of
+        # the session to the worker that holds its state
         self._stream = self.stub.ModelStreamInfer(
-            iter(self._requests.get, None), metadata=self.metadata
+            iter(self._requests.get, None),
+            metadata=[*self.metadata, (SESSION_HEADER, self.session)],
         )
 
         def read() -> None:
