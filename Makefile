@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
+.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): setup.py Makefile
 	# numpy<2 for its backend utilities, so it comes without its deps and numpy 1 goes aside
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	$(PY) -m pip install -q --target $(VENV)/triton-numpy 'numpy<2'
+	# nginx, the load balancer of `make scale-out` and tests/test_scale_out.py (root, Debian);
+	# anywhere else the test skips and says why
+	command -v nginx >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light) || \
+		echo "nginx not installed: tests/test_scale_out.py will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +32,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check partitioner passes runtime enclave_runtime tests examples benchmarks
 	$(PY) -m pytest -q -n 2 tests
+
+# two GPU workers behind nginx (hashing the session id), four enclave sessions, one worker killed
+scale-out: $(STAMP)
+	$(PY) examples/scale_out.py
 
 golden: $(STAMP)
 	$(PY) -m pytest -q tests/test_golden.py --update-golden
