@@ -220,6 +220,7 @@ class Placer:
         nodes = heads + sorted(self.user_inputs) + ["output"]
         unit_sides, cost = min_cut_sides(nodes, self._values(), pinned)
         sides = {name: unit_sides[head] for name, head in self.units.items()}
+        self._follow_users(sides, pinned, why)
         for name, _head in self.units.items():
             why.setdefault(name, f"min-cut (free label {label_of(self._node(name))})")
         stages = self.schedule(sides)
@@ -230,6 +231,22 @@ class Placer:
                 meta["side"] = sides[node.name]
                 meta["why"] = why[node.name]
         return Placement(sides, why, stages, protected, cost)
+
+    def _follow_users(
+        self, sides: dict[str, str], pinned: Mapping[str, str], why: dict[str, str]
+    ) -> None:
+        """A free node computed from constants alone (an empty cache's ``torch.tensor([])``)
+        goes to its users' side when they share one: the min-cut is indifferent (it carries no
+        request data and often no bytes), but sent across it would be a stage input of its own,
+        an empty one that a serving engine refuses (Triton: dims must be >= 1)."""
+        weight_only = self._weight_only(sides)
+        for name in sorted(weight_only, key=self.order.__getitem__, reverse=True):
+            if self.units.get(name) != name or name in pinned:
+                continue
+            users = {sides[u.name] for u in self._node(name).users if u.name in sides}
+            if len(users) == 1 and sides[name] not in users:
+                sides[name] = users.pop()
+                why[name] = f"computed from constants only: follows its users to the {sides[name]}"
 
     def _node(self, name: str) -> torch.fx.Node:
         return self._nodes_by_name[name]
@@ -298,8 +315,9 @@ class Placer:
         while ready[ENCLAVE] or ready[GPU]:
             if current is None or not ready[current]:
                 if current is None:
-                    firsts = [(h[0][0], s) for s, h in ready.items() if h]
-                    current = min(firsts)[1]
+                    # the enclave first: what the GPU could start without it (a held cache's
+                    # readers) waits to join the GPU work that follows, in one stage
+                    current = ENCLAVE if ready[ENCLAVE] else GPU
                 else:
                     current = GPU if current == ENCLAVE else ENCLAVE
                 stages.append(StagePlan(current))

@@ -179,7 +179,7 @@ def test_the_worker_refuses_an_omitted_state_no_sequence_started(cmif, cmif_bund
         (reply,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
         assert "was not started in this session" in reply.error_message
         assert not reply.infer_response.raw_output_contents
-        with pytest.raises(grpc.RpcError, match="input 0 is past_0, not 'detach_'"):
+        with pytest.raises(grpc.RpcError, match="input 0 is past_0, not 'embedding'"):
             stub.ModelInfer(request, timeout=10)  # no session: nothing is held
         # started, then resumed under another sequence id: refused
         first = _stage_request(stage, sizes, sequence_id="s1", sequence_start=True)
