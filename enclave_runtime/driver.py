@@ -87,7 +87,8 @@ class WorkerClient:
     ``outputs``); a 0-long state starts a sequence on that stage (a new ``sequence_id``,
     ``sequence_start``, as Triton's implicit state expects), and a stand-in whose length is not
     what the worker holds is refused before anything is sent. ``outputs`` are the stages'
-    output names (the plan's), by which the reply is read.
+    output names (the plan's), by which the reply is read. ``session`` (default: random) is
+    the id sent as the ``teesplit-session`` header, which a load balancer may hash on.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class WorkerClient:
         extends: bool = True,
         outputs: dict[str, list[str]] | None = None,
         held: dict[str, list[HeldSlot]] | None = None,
+        session: str | None = None,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
@@ -134,7 +136,7 @@ class WorkerClient:
                 f"cannot reach the GPU worker at {address}: {exc.code().name}: {exc.details()}"
             ) from None
         self.extends = extends  # Triton does not hold inputs: send them whole
-        self.session = secrets.token_hex(8)
+        self.session = session if session is not None else secrets.token_hex(8)
         # per GPU stage, its inputs' names in the plan (the tensor names the worker checks)
         self._names = {stage: dict(enumerate(names)) for stage, names in (inputs or {}).items()}
         self._lock = threading.Lock()
@@ -414,6 +416,7 @@ def connect(
     token: str | None = None,
     seed: int | None = None,
     tls_root: bytes | None = None,
+    session: str | None = None,
 ) -> Executor:
     """The saved program at ``bundle`` (enclave side only, its signature checked with
     ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
@@ -428,5 +431,6 @@ def connect(
         inputs={s.name: list(s.inputs) for s in gpu},
         outputs={s.name: list(s.outputs) for s in gpu},
         held=plan.held(),
+        session=session,
     )
     return Executor(plan, client, seed=seed)

@@ -167,10 +167,9 @@ def _session(
             allow_unsigned=allow_unsigned,
             seed=s.seed,
             timeout=timeout,
+            session=s.id,  # the teesplit-session header nginx hashes on
         )
         client = executor.runner
-        # the stream opens at the first call and carries this id (teesplit-session)
-        client.session = s.id
         send, step = client.run, executor.run
 
         def counted(*args: Any, **kwargs: Any) -> Any:
