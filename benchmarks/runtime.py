@@ -8,7 +8,15 @@ same amount of work; tests check token equality) from a chat prompt, timed end t
 * ``in-process``: the split program's stages all in this process (:func:`generate`);
 * ``two processes``: the saved bundle, GPU stages in a worker process (KServe v2 gRPC over a
   Unix socket: one stream per generation),
-  the enclave side here (``enclave_runtime.driver.connect``), with the bytes that crossed.
+  the enclave side here (``enclave_runtime.driver.connect``), with the bytes that crossed;
+* ``Triton`` (``--triton``): the same bundle exported by ``teesplit export-triton`` and served by
+  a real ``tritonserver`` (PyTriton's, Python backend running the ONNX stages on the CPU:
+  ``runtime.local_triton``) over TCP loopback.
+
+Per remote run: bytes per generated token each way beside the plan's own minimum (what one
+decode step must cross at a 128-token context: ``Plan.bytes_crossing``, where a cache the GPU
+holds never crosses), and the mean round trip of one GPU-stage call as the client sees it, with
+the server's own compute time per call (its ``ModelStatistics``).
 
 In-process, the mask pool is *not* filled ahead: each decode step has a new cache length, so
 its masks, pads and precomputable corrections are drawn during the request, as a server
@@ -19,6 +27,7 @@ Everything runs on this machine's CPU (no GPU is lent here), so "GPU" time is CP
 Bundles are saved once under ``build/bench-runtime/`` and reused. Medians of ``--repeats``.
 
     python benchmarks/runtime.py [--new 32] [--repeats 3] [--presets cmif secureinfer slalom]
+                                 [--triton]
 """
 
 from __future__ import annotations
@@ -60,12 +69,96 @@ def prefill_pool(executor: Any, prompt_len: int, new: int) -> None:
         executor.pool.fill({"batch": 1, "seq": 1, "past": past}, 1)
 
 
+def remote_row(
+    remote: Any, run: Any, repeats: int, n: int, hf_s: float, plan: Any
+) -> dict[str, Any]:
+    """Time generation through ``remote`` (an executor whose runner is a ``WorkerClient``):
+    tokens/s, bytes per token each way and against the plan's minimum, and per GPU-stage call
+    the client's round trip and the server's compute (its ``ModelStatistics``)."""
+    client = remote.runner
+    run(remote)  # warm-up
+    inner = client.run
+    trips = [0, 0.0]
+
+    def timed_call(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            trips[0] += 1
+            trips[1] += time.perf_counter() - start
+
+    client.run = timed_call
+    sent, received = client.bytes_sent, client.bytes_received
+    before = client.stats()
+    seconds = timed(lambda: run(remote), repeats)
+    after = client.stats()
+    up = (client.bytes_sent - sent) / repeats
+    down = (client.bytes_received - received) / repeats
+    calls = sum(after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after)
+    busy = sum(after[k]["seconds"] - before.get(k, {}).get("seconds", 0.0) for k in after)
+    minimum = sum(plan.bytes_crossing().values())
+    client.close()
+    return {
+        "seconds": seconds,
+        "tok_s": n / seconds,
+        "vs_transformers": hf_s / seconds,
+        "bytes_to_gpu_per_token": up / n,
+        "bytes_from_gpu_per_token": down / n,
+        "plan_minimum_bytes_per_token": minimum,
+        "vs_minimum": (up + down) / n / minimum,
+        "ms_per_call": 1e3 * trips[1] / trips[0],
+        "server_ms": 1e3 * busy / calls if calls else None,
+    }
+
+
+def triton_row(
+    bundle: Path, run: Any, repeats: int, n: int, hf_s: float, plan: Any
+) -> dict[str, Any]:
+    """The same generation through a real ``tritonserver`` serving the bundle's export."""
+    from enclave_runtime.driver import WorkerClient
+    from enclave_runtime.executor import Executor
+    from partitioner.bundle import load_program
+    from partitioner.triton_repo import export_repository
+    from runtime import local_triton
+
+    work = Path(tempfile.mkdtemp(prefix="teesplit-triton-"))
+    export_repository(bundle, work / "repo")
+    local_triton.python_backend(work / "repo")
+    proc, address = local_triton.start(work / "repo", work)
+    try:
+        enclave = load_program(bundle, gpu=False, allow_unsigned=True)
+        gpu = [s for s in enclave.stages if s.side == "gpu"]
+        client = WorkerClient(
+            address,
+            timeout=120.0,
+            inputs={s.name: list(s.inputs) for s in gpu},
+            outputs={s.name: list(s.outputs) for s in gpu},
+            held=enclave.held(),
+            extends=False,  # Triton holds nothing but implicit state
+        )
+        return remote_row(Executor(enclave, client), run, repeats, n, hf_s, plan)
+    finally:
+        local_triton.stop(proc)
+
+
+def report(preset: str, where: str, row: dict[str, Any]) -> None:
+    print(
+        f"  {preset} through {where}: {row['tok_s']:.1f} tokens/s, "
+        f"{row['bytes_to_gpu_per_token'] / 1e3:.1f} kB to the GPU and "
+        f"{row['bytes_from_gpu_per_token'] / 1e3:.1f} kB back per token "
+        f"({row['vs_minimum']:.3f}x the plan's minimum); {row['ms_per_call']:.2f} ms per call "
+        f"round trip, {row['server_ms'] or 0:.2f} ms of it the server's"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["cmif", "secureinfer", "slalom"])
     parser.add_argument("--out", default=str(ROOT / "build" / "bench-runtime"))
+    parser.add_argument("--triton", action="store_true", help="also through a real Triton")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -147,43 +240,37 @@ def main() -> None:
         proc, _ = spawn_worker(bundle / "gpu", address)
         try:
             remote = connect(bundle, address, allow_unsigned=True)
-            generate(remote, ids, max_new_tokens=2, public_prompt=public)  # warm-up
-            client = remote.runner  # the WorkerClient serving the GPU stages
-            sent, received = client.bytes_sent, client.bytes_received
-            seconds = timed(lambda r=remote: run(r), args.repeats)
-            up = (client.bytes_sent - sent) / args.repeats
-            down = (client.bytes_received - received) / args.repeats
+            row = remote_row(remote, run, args.repeats, n, hf_s, split.spec)
         finally:
             proc.kill()
             proc.wait()
-        rows.append(
-            {
-                "preset": preset,
-                "mode": "two processes (KServe v2 gRPC, Unix socket)",
-                "seconds": seconds,
-                "tok_s": n / seconds,
-                "vs_transformers": hf_s / seconds,
-                "bytes_to_gpu_per_token": up / n,
-                "bytes_from_gpu_per_token": down / n,
-            }
-        )
-        print(
-            f"  {preset} two processes: {n / seconds:.1f} tokens/s, "
-            f"{up / n / 1e3:.1f} kB to the GPU and {down / n / 1e3:.1f} kB back per token"
-        )
+        rows.append({"preset": preset, "mode": "two processes (our worker, Unix socket)", **row})
+        report(preset, "our worker", row)
+        if args.triton:
+            row = triton_row(bundle, run, args.repeats, n, hf_s, split.spec)
+            rows.append({"preset": preset, "mode": "Triton (Python backend, TCP)", **row})
+            report(preset, "Triton", row)
 
-    print("\n| preset | mode | tokens/s | × transformers | kB/token to GPU | kB/token back |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| preset | mode | tokens/s | × transformers | kB/token to GPU | kB/token back "
+        "| ÷ plan minimum | ms/call round trip | ms/call server |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         to = r.get("bytes_to_gpu_per_token")
         back = r.get("bytes_from_gpu_per_token")
+        ratio, trip, server = (r.get(k) for k in ("vs_minimum", "ms_per_call", "server_ms"))
         print(
             f"| {r['preset']} | {r['mode']} | {r['tok_s']:.1f} | "
             f"{r.get('vs_transformers', 1.0):.2f} | "
             f"{'' if to is None else f'{to / 1e3:,.1f}'} | "
-            f"{'' if back is None else f'{back / 1e3:,.1f}'} |"
+            f"{'' if back is None else f'{back / 1e3:,.1f}'} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | "
+            f"{'' if trip is None else f'{trip:.2f}'} | "
+            f"{'' if server is None else f'{server:.2f}'} |"
         )
-    out = ROOT / "benchmarks" / "results" / f"runtime-{'-'.join(args.presets)}.json"
+    name = "-".join(args.presets) + ("-triton" if args.triton else "")
+    out = ROOT / "benchmarks" / "results" / f"runtime-{name}.json"
     out.parent.mkdir(exist_ok=True)
     document = {"prompt": PROMPT, "new_tokens": n, "repeats": args.repeats, "rows": rows}
     out.write_text(json.dumps(document, indent=1))
