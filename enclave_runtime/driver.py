@@ -186,11 +186,15 @@ class WorkerClient:
         return WorkerError(why)
 
     def run(
-        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+        self,
+        stage: str,
+        tensors: list[torch.Tensor],
+        expected: Expected | None = None,
+        end: bool = False,
     ) -> list[torch.Tensor]:
         """One stage call. An input that extends what the worker already holds for the same
         slot (a KV cache one step longer) is sent as its new part only (``extends``); a state
-        the stage holds is not sent at all."""
+        the stage holds is not sent at all, and ``end`` ends its sequence (``sequence_end``)."""
         with self._lock:
             if self._broken is not None:
                 raise WorkerError(
@@ -203,7 +207,9 @@ class WorkerClient:
                 self._open()
             deadline = time.monotonic() + self.timeout
             self._next_id += 1
-            request, sent = self._request(stage, tensors, str(self._next_id), omitted, start)
+            request, sent = self._request(
+                stage, tensors, str(self._next_id), omitted, start, end and bool(slots)
+            )
             self._requests.put(request)
             self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
             try:
@@ -228,6 +234,9 @@ class WorkerClient:
             self._last[stage] = sent
             if slots:
                 outs = self._kept(stage, tensors, outs, expected)
+                if end:
+                    self._sequences.pop(stage, None)
+                    self._last.pop(stage, None)
         self.bytes_received += sum(len(b) for b in reply.infer_response.raw_output_contents)
         return outs
 
@@ -286,11 +295,12 @@ class WorkerClient:
         request_id: str,
         omitted: set[int],
         start: bool,
+        end: bool,
     ) -> tuple[Any, list[torch.Tensor]]:
         """The request, and the tensors it stands for (what ``extends`` may extend next)."""
         request = self.pb.ModelInferRequest(model_name=stage, id=request_id)
         if stage in self._sequences:
-            sequence_parameters(request.parameters, self._sequences[stage][0], start, False)
+            sequence_parameters(request.parameters, self._sequences[stage][0], start, end)
             kept = {slot.output for slot in self._held[stage]}
             for i, name in enumerate(self._outputs.get(stage, [])):
                 if i not in kept:
@@ -322,9 +332,10 @@ class WorkerClient:
         Held refills are not in the reply (they were not asked for)."""
         response = reply.infer_response
         if response.id != request_id or response.model_name != stage:
+            said = f" with the error {reply.error_message!r}" if reply.error_message else ""
             raise ProtocolError(
                 f"the reply names request {response.id!r} of stage {response.model_name!r}, "
-                f"not request {request_id} of stage {stage}"
+                f"not request {request_id} of stage {stage}{said}"
             )
         if reply.error_message:
             if len(response.raw_output_contents) or len(response.outputs):

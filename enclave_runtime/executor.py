@@ -40,7 +40,9 @@ Expected = list[tuple[torch.dtype, list[int] | None]]
 class StageRunner(Protocol):
     """Runs one GPU stage: ``run(stage, tensors, expected) -> tensors`` (inputs and outputs
     in the stage's order). ``expected`` is what the plan says the reply is; a runner that
-    reads replies from elsewhere refuses one that differs before reading its payload."""
+    reads replies from elsewhere refuses one that differs before reading its payload. A stage
+    that holds state (``Plan.held``) is also passed ``end=True`` on its sequence's last call:
+    the holder frees the state afterwards (Triton: ``sequence_end``)."""
 
     def run(
         self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
@@ -57,7 +59,11 @@ class InProcessRunner:
         self._state = {stage: HeldState(stage, slots) for stage, slots in plan.held().items()}
 
     def run(
-        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+        self,
+        stage: str,
+        tensors: list[torch.Tensor],
+        expected: Expected | None = None,
+        end: bool = False,
     ) -> list[torch.Tensor]:
         module = self._stages[stage].module
         if module is None:
@@ -70,7 +76,10 @@ class InProcessRunner:
         if state is None:
             return list(cached[1](*tensors))
         inputs = state.inputs(tensors)
-        return state.keep(inputs, list(cached[1](*inputs)))
+        outs = state.keep(inputs, list(cached[1](*inputs)))
+        if end:
+            state.tensors.clear()
+        return outs
 
 
 _EXPECTED_CACHE = 4096
@@ -126,6 +135,7 @@ class Executor:
         self._replies = self._reply_specs()
         self._expected: dict[tuple[str, tuple[tuple[str, int], ...]], Expected] = {}
         self._direct: dict[str, tuple[Any, Any]] = {}  # enclave stage -> (module, direct copy)
+        self._holders = set(plan.held())  # GPU stages that keep a state between calls
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         self._sent_clear = {
             e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
@@ -188,9 +198,11 @@ class Executor:
         kwargs: dict[str, Any],
         *,
         public_tokens: bool | torch.Tensor = False,
+        last: bool = False,
     ) -> Any:
         """One call; ``public_tokens`` (all, or a bool mask over the token input) marks token
-        positions that RNM passes through unchanged and that spend no ε.
+        positions that RNM passes through unchanged and that spend no ε. ``last``: no call
+        will continue from this one's state, so the stages holding it free it.
 
         Public positions are those the GPU knows anyway or that carry nothing private: a
         generated token (the arg-max of logits the GPU computed in the clear; under RNM
@@ -219,7 +231,7 @@ class Executor:
             noise = masks.noise[site.token_input]
             identity = site.tables.identity_noise(ids, noise.dtype)
             masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
-        flat = self.execute(env, masks, binding)
+        flat = self.execute(env, masks, binding, last)
         if public is not None:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
             self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
@@ -261,7 +273,11 @@ class Executor:
         return out
 
     def execute(
-        self, env: dict[str, Any], masks: MaskSet | None, binding: Mapping[str, int]
+        self,
+        env: dict[str, Any],
+        masks: MaskSet | None,
+        binding: Mapping[str, int],
+        last: bool = False,
     ) -> list[Any]:
         """Run the stages in order, keeping what the enclave and the GPU each hold apart.
 
@@ -300,7 +316,10 @@ class Executor:
             # a checked stage's runner gets copies: the check reads the enclave's own tensors,
             # whatever a runner in this process does to what it was handed
             handed = [t.clone() for t in sent] if stage.name in self.ring_checks else sent
-            outs = self.runner.run(stage.name, handed, expected)
+            if last and stage.name in self._holders:
+                outs = self.runner.run(stage.name, handed, expected, end=True)
+            else:
+                outs = self.runner.run(stage.name, handed, expected)
             check_reply(stage.name, outs, expected)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if masks is not None and stage.name in masks.freivalds:

@@ -101,7 +101,8 @@ def generate(
                 public: bool | torch.Tensor = True
             else:
                 public = public_prompt if public_prompt is not None else False
-            out = program.run((step_ids, past), {}, public_tokens=public)
+            last = step == max_new_tokens - 1  # the holders of the cache may free it
+            out = program.run((step_ids, past), {}, public_tokens=public, last=last)
             if step == 0:
                 prompt_request = dict(program.last_request)
             next_ids = out[0][:, -1].argmax(-1)

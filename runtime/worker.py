@@ -350,8 +350,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=reply)
             params = request.parameters
             if "sequence_end" in params and params["sequence_end"].bool_param:
-                session.sent.clear()
-                session.states.clear()
+                session.sent.pop(request.model_name, None)  # a sequence is one stage's
+                session.states.pop(request.model_name, None)
 
     def _echo(self, request: Any) -> Any:
         return self.pb.ModelInferResponse(id=request.id, model_name=request.model_name)

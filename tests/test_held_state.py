@@ -188,6 +188,13 @@ def test_the_worker_refuses_an_omitted_state_no_sequence_started(cmif, cmif_bund
         assert not replies[0].error_message
         assert [o.name for o in replies[0].infer_response.outputs] == stage.outputs
         assert "sequence 's2' was not started" in replies[1].error_message
+        # ended, then continued: the worker freed the state at the end
+        ended = _stage_request(stage, sizes, sequence_id="s1", sequence_start=True)
+        ended.parameters["sequence_end"].bool_param = True
+        again = _stage_request(stage, sizes, sequence_id="s1")
+        replies = list(stub.ModelStreamInfer(iter([ended, again]), timeout=10))
+        assert not replies[0].error_message
+        assert "sequence 's1' was not started" in replies[1].error_message
     finally:
         server.shutdown()
 
@@ -232,5 +239,27 @@ def test_a_worker_that_loses_the_state_fails_the_session(cmif_bundle, tmp_path):
             remote.run((ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
         with pytest.raises(WorkerError, match="closed after an earlier failure"):
             remote.run((ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
+    finally:
+        server.shutdown()
+
+
+def test_the_last_step_frees_the_held_cache(cmif, cmif_bundle, tmp_path):
+    """``last=True`` ends the sequence: the holder (here, and a worker) keeps nothing after it,
+    so a call continuing from it is refused rather than served from a stale cache."""
+    ids = prompt(batch=1, seq=4)
+    empty = [stand_in([1, 2, 0, 16], torch.float32)] * 4
+    after = [stand_in([1, 2, 4, 16], torch.float32)] * 4
+    local = Executor(cmif.spec, seed=2)
+    local.run((ids, empty), {}, last=True)
+    with pytest.raises(StateError, match="the sequence was not started"):
+        local.run((ids[:, :1], after), {})
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = serve(GPUWorker(cmif_bundle / "gpu"), address)
+    try:
+        remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5)
+        remote.run((ids, empty), {}, last=True)
+        with pytest.raises(WorkerError, match=r"holds past_0 of shape None"):
+            remote.run((ids[:, :1], after), {})
+        remote.run((ids, empty), {})  # a new sequence starts as before
     finally:
         server.shutdown()
