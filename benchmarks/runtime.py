@@ -13,10 +13,11 @@ same amount of work; tests check token equality) from a chat prompt, timed end t
   a real ``tritonserver`` (PyTriton's, Python backend running the ONNX stages on the CPU:
   ``runtime.local_triton``) over TCP loopback.
 
-Per remote run: bytes per generated token each way beside the plan's own minimum (what one
-decode step must cross at a 128-token context: ``Plan.bytes_crossing``, where a cache the GPU
-holds never crosses), and the mean round trip of one GPU-stage call as the client sees it, with
-the server's own compute time per call (its ``ModelStatistics``).
+Per remote run: bytes per generated token each way, and the total against the plan's own
+minimum (:func:`plan_minimum`: what the plan's edges carry over the prefill and every decode
+step, where a cache the GPU holds never crosses; under cmif, the embedding row of each position
+up and the last position's logits back), and the mean round trip of one GPU-stage call as the
+client sees it, with the server's own compute time per call (its ``ModelStatistics``).
 
 In-process, the mask pool is *not* filled ahead: each decode step has a new cache length, so
 its masks, pads and precomputable corrections are drawn during the request, as a server
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -69,8 +71,26 @@ def prefill_pool(executor: Any, prompt_len: int, new: int) -> None:
         executor.pool.fill({"batch": 1, "seq": 1, "past": past}, 1)
 
 
+def plan_minimum(plan: Any, prompt: int, n: int) -> int:
+    """The bytes one generation must cross by the plan: every crossing edge but a held
+    cache's, at the prefill's sizes and at each decode step's (a 1-row batch)."""
+    from partitioner.dims import concrete_shape
+
+    held = plan.held_values()
+    steps = [{"batch": 1, "seq": prompt, "past": 0}]
+    steps += [{"batch": 1, "seq": 1, "past": prompt + i} for i in range(n - 1)]
+    total = 0
+    for edge in plan.cut_edges:
+        if edge.name in held:
+            continue
+        size = torch.empty((), dtype=getattr(torch, edge.dtype)).element_size()
+        for binding in steps:
+            total += size * math.prod(concrete_shape(edge.shape, binding))
+    return total
+
+
 def remote_row(
-    remote: Any, run: Any, repeats: int, n: int, hf_s: float, plan: Any
+    remote: Any, run: Any, repeats: int, n: int, hf_s: float, plan: Any, prompt: int
 ) -> dict[str, Any]:
     """Time generation through ``remote`` (an executor whose runner is a ``WorkerClient``):
     tokens/s, bytes per token each way and against the plan's minimum, and per GPU-stage call
@@ -97,7 +117,7 @@ def remote_row(
     down = (client.bytes_received - received) / repeats
     calls = sum(after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after)
     busy = sum(after[k]["seconds"] - before.get(k, {}).get("seconds", 0.0) for k in after)
-    minimum = sum(plan.bytes_crossing().values())
+    minimum = plan_minimum(plan, prompt, n)
     client.close()
     return {
         "seconds": seconds,
@@ -105,15 +125,15 @@ def remote_row(
         "vs_transformers": hf_s / seconds,
         "bytes_to_gpu_per_token": up / n,
         "bytes_from_gpu_per_token": down / n,
-        "plan_minimum_bytes_per_token": minimum,
-        "vs_minimum": (up + down) / n / minimum,
+        "plan_minimum_bytes_per_token": minimum / n,
+        "vs_minimum": (up + down) / minimum,
         "ms_per_call": 1e3 * trips[1] / trips[0],
         "server_ms": 1e3 * busy / calls if calls else None,
     }
 
 
 def triton_row(
-    bundle: Path, run: Any, repeats: int, n: int, hf_s: float, plan: Any
+    bundle: Path, run: Any, repeats: int, n: int, hf_s: float, plan: Any, prompt: int
 ) -> dict[str, Any]:
     """The same generation through a real ``tritonserver`` serving the bundle's export."""
     from enclave_runtime.driver import WorkerClient
@@ -137,7 +157,7 @@ def triton_row(
             held=enclave.held(),
             extends=False,  # Triton holds nothing but implicit state
         )
-        return remote_row(Executor(enclave, client), run, repeats, n, hf_s, plan)
+        return remote_row(Executor(enclave, client), run, repeats, n, hf_s, plan, prompt)
     finally:
         local_triton.stop(proc)
 
@@ -231,8 +251,10 @@ def main() -> None:
 
         bundle = Path(args.out) / preset
         try:  # the benchmark's own bundles, saved unsigned just below
-            load(bundle, allow_unsigned=True)
-        except ArtifactError:  # missing or stale: save it again
+            saved = load(bundle, allow_unsigned=True).spec.describe()
+        except ArtifactError:  # missing or unreadable
+            saved = None
+        if saved != split.spec.describe():  # or made by another version of the compiler
             start = time.perf_counter()
             split.save(bundle)
             print(f"  saved {bundle} in {time.perf_counter() - start:.0f} s")
@@ -240,14 +262,14 @@ def main() -> None:
         proc, _ = spawn_worker(bundle / "gpu", address)
         try:
             remote = connect(bundle, address, allow_unsigned=True)
-            row = remote_row(remote, run, args.repeats, n, hf_s, split.spec)
+            row = remote_row(remote, run, args.repeats, n, hf_s, split.spec, ids.shape[1])
         finally:
             proc.kill()
             proc.wait()
         rows.append({"preset": preset, "mode": "two processes (our worker, Unix socket)", **row})
         report(preset, "our worker", row)
         if args.triton:
-            row = triton_row(bundle, run, args.repeats, n, hf_s, split.spec)
+            row = triton_row(bundle, run, args.repeats, n, hf_s, split.spec, ids.shape[1])
             rows.append({"preset": preset, "mode": "Triton (Python backend, TCP)", **row})
             report(preset, "Triton", row)
 
