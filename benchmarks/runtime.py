@@ -13,7 +13,8 @@ same amount of work; tests check token equality) from a chat prompt, timed end t
   a real ``tritonserver`` (PyTriton's, Python backend running the ONNX stages on the CPU:
   ``runtime.local_triton``) over TCP loopback.
 
-Per remote run: bytes per generated token each way, and the total against the plan's own
+Per remote run: bytes per generated token each way (whole KServe messages as serialised:
+payloads, names, shapes, ids), and the total against the plan's own
 minimum (:func:`plan_minimum`: what the plan's edges carry over the prefill and every decode
 step, where a cache the GPU holds never crosses; under cmif, the embedding row of each position
 up and the last position's logits back), and the mean round trip of one GPU-stage call as the
@@ -109,12 +110,12 @@ def remote_row(
             trips[1] += time.perf_counter() - start
 
     client.run = timed_call
-    sent, received = client.bytes_sent, client.bytes_received
+    sent, received = client.wire_bytes_sent, client.wire_bytes_received
     before = client.stats()
     seconds = timed(lambda: run(remote), repeats)
     after = client.stats()
-    up = (client.bytes_sent - sent) / repeats
-    down = (client.bytes_received - received) / repeats
+    up = (client.wire_bytes_sent - sent) / repeats
+    down = (client.wire_bytes_received - received) / repeats
     calls = sum(after[k]["calls"] - before.get(k, {}).get("calls", 0) for k in after)
     busy = sum(after[k]["seconds"] - before.get(k, {}).get("seconds", 0.0) for k in after)
     minimum = plan_minimum(plan, prompt, n)

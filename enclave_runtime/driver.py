@@ -145,8 +145,9 @@ class WorkerClient:
         self._stream: Any = None
         self._requests: queue.Queue[Any] = queue.Queue()
         self._replies: queue.Queue[Any] = queue.Queue()
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        # tensor payload bytes each way, and whole messages as serialised (names, shapes, ids)
+        self.bytes_sent = self.bytes_received = 0
+        self.wire_bytes_sent = self.wire_bytes_received = 0
         self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
         self._outputs = outputs or {}
         self._held = held or {}
@@ -212,6 +213,7 @@ class WorkerClient:
             )
             self._requests.put(request)
             self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
+            self.wire_bytes_sent += request.ByteSize()
             try:
                 reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
@@ -238,6 +240,7 @@ class WorkerClient:
                     self._sequences.pop(stage, None)
                     self._last.pop(stage, None)
         self.bytes_received += sum(len(b) for b in reply.infer_response.raw_output_contents)
+        self.wire_bytes_received += reply.ByteSize()
         return outs
 
     def _held_inputs(self, stage: str, tensors: list[torch.Tensor]) -> tuple[set[int], bool]:
