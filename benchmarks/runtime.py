@@ -7,7 +7,8 @@ same amount of work; tests check token equality) from a chat prompt, timed end t
 * ``transformers``: ``model.generate`` with its KV cache, the reference;
 * ``in-process``: the split program's stages all in this process (:func:`generate`);
 * ``two processes``: the saved bundle, GPU stages in a worker process (KServe v2 gRPC over a
-  Unix socket: one stream per generation),
+  Unix socket: one stream per generation) running them with torch, and with onnxruntime (the
+  compute the Triton row's Python backend runs, so the two differ in server and protocol only),
   the enclave side here (``enclave_runtime.driver.connect``), with the bytes that crossed;
 * ``Triton`` (``--triton``): the same bundle exported by ``teesplit export-triton`` and served by
   a real ``tritonserver`` (PyTriton's, Python backend running the ONNX stages on the CPU:
@@ -259,16 +260,18 @@ def main() -> None:
             start = time.perf_counter()
             split.save(bundle)
             print(f"  saved {bundle} in {time.perf_counter() - start:.0f} s")
-        address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-bench-')) / 'w.sock'}"
-        proc, _ = spawn_worker(bundle / "gpu", address)
-        try:
-            remote = connect(bundle, address, allow_unsigned=True)
-            row = remote_row(remote, run, args.repeats, n, hf_s, split.spec, ids.shape[1])
-        finally:
-            proc.kill()
-            proc.wait()
-        rows.append({"preset": preset, "mode": "two processes (our worker, Unix socket)", **row})
-        report(preset, "our worker", row)
+        for backend in ("torch", "onnx"):  # onnx: the compute Triton's model.py runs too
+            address = f"unix:{Path(tempfile.mkdtemp(prefix='teesplit-bench-')) / 'w.sock'}"
+            proc, _ = spawn_worker(bundle / "gpu", address, backend)
+            try:
+                remote = connect(bundle, address, allow_unsigned=True)
+                row = remote_row(remote, run, args.repeats, n, hf_s, split.spec, ids.shape[1])
+            finally:
+                proc.kill()
+                proc.wait()
+            mode = f"two processes (our worker, {backend}, Unix socket)"
+            rows.append({"preset": preset, "mode": mode, **row})
+            report(preset, f"our worker ({backend})", row)
         if args.triton:
             row = triton_row(bundle, run, args.repeats, n, hf_s, split.spec, ids.shape[1])
             rows.append({"preset": preset, "mode": "Triton (Python backend, TCP)", **row})

@@ -402,11 +402,14 @@ class WorkerClient:
         self.channel.close()
 
 
-def spawn_worker(gpu_bundle: str | Path, address: str) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m runtime GPU_BUNDLE --listen ADDRESS`` locally and wait until it
-    serves; returns the process and its ready line. The caller kills the process."""
+def spawn_worker(
+    gpu_bundle: str | Path, address: str, backend: str = "torch"
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m runtime GPU_BUNDLE --listen ADDRESS [--backend onnx]`` locally and
+    wait until it serves; returns the process and its ready line. The caller kills it."""
+    command = [sys.executable, "-m", "runtime", str(gpu_bundle), "--listen", address]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", str(gpu_bundle), "--listen", address],
+        [*command, "--backend", backend],
         cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
