@@ -53,8 +53,8 @@ bench-exact: $(STAMP)
 	$(PY) benchmarks/exact_accuracy.py
 
 bench-runtime: $(STAMP)
-	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer
-	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1
+	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer --triton
+	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1 --triton
 
 bench-integrity: $(STAMP)
 	$(PY) benchmarks/integrity.py --trials 12 --seq 16
