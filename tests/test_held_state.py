@@ -263,3 +263,33 @@ def test_the_last_step_frees_the_held_cache(cmif, cmif_bundle, tmp_path):
         remote.run((ids, empty), {})  # a new sequence starts as before
     finally:
         server.shutdown()
+
+
+def test_a_worker_that_sends_the_cache_back_anyway_is_refused(cmif_bundle, tmp_path):
+    """The client asks for the logits only; a worker answering with the refills too (the
+    cache's new positions) is not read: the session fails with a typed error."""
+    from concurrent import futures
+
+    from tritonclient.grpc import service_pb2_grpc
+
+    from runtime.kserve import MAX_MESSAGE
+    from runtime.worker import _Service
+
+    class Chatty(_Service):
+        def _infer(self, request, session):
+            del request.outputs[:]  # ignore what was asked: every output goes back
+            return super()._infer(request, session)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        Chatty(GPUWorker(cmif_bundle / "gpu"), None, MAX_MESSAGE), server
+    )
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server.add_insecure_port(address)
+    server.start()
+    try:
+        remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5, timeout=10)
+        with pytest.raises(WorkerError, match="the reply has 5 tensors, stage gpu_1 returns 1"):
+            remote.run((prompt(batch=1, seq=4), [stand_in([1, 2, 0, 16], torch.float32)] * 4), {})
+    finally:
+        server.stop(None).wait()
