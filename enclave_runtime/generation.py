@@ -1,4 +1,7 @@
-"""Generation with a KV cache, on the enclave side: greedy decoding over an executor.
+"""Generation with a KV cache, on the enclave side: decoding over an executor.
+
+:func:`decode_steps` is the one decoding loop: it yields each step's tokens, chosen greedily or
+by a sampler; :func:`generate` is greedy decoding to the end, like transformers' ``generate``.
 
 Reads an :class:`~enclave_runtime.executor.Executor` of a decoder step (captured by
 ``partitioner.generation.capture_decoder``: ``(input_ids, past) -> (logits, *present)`` with
@@ -11,6 +14,7 @@ private positions are sanitised and counted in ε.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -60,6 +64,43 @@ def generate(
     generation request: pass an executor (``split.executor()``) to read it, since a
     ``SplitProgram`` gets a fresh one that is dropped afterwards.
     """
+    steps = decode_steps(
+        program,
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        public_prompt=public_prompt,
+    )
+    return torch.cat([input_ids, *(next_ids[:, None] for next_ids in steps)], dim=1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The arg-max token of each row of ``[batch, vocab]`` logits."""
+    return logits.argmax(-1)
+
+
+def decode_steps(
+    program: Any,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    public_prompt: torch.Tensor | None = None,
+    choose: Callable[[torch.Tensor], torch.Tensor] = greedy,
+) -> Generator[torch.Tensor, None, None]:
+    """The decoding loop of :func:`generate`, one step at a time: yields each step's new
+    tokens (``[batch]`` int64) as soon as they are chosen, for a caller that streams them.
+
+    The request is checked here, before the first step (an :class:`InputError` is raised by
+    this call, not by the iterator). ``choose`` maps the last position's logits
+    (``[batch, vocab]``) to the next tokens: greedy by default, a sampler
+    (``enclave_runtime.sampling``) otherwise. The executor's ``last_request`` is the
+    prompt's account after every step. A caller that stops early (a stop string, a client
+    gone) closes the iterator; the cache's holder then keeps its state until the session
+    ends (``WorkerClient.close``), since no step said ``last``.
+    """
     if not isinstance(program, Executor):
         program = program.executor()
     plan = program.spec
@@ -81,46 +122,65 @@ def generate(
         or max_new_tokens < 1
     ):
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    context = plan.dim_ranges.get("past", [0, None])[1]
+    context = context_length(plan)
     if context is not None and input_ids.shape[1] + max_new_tokens > context:
         raise InputError(
             f"a prompt of {input_ids.shape[1]} tokens plus {max_new_tokens} new ones exceeds "
             f"the model's context of {context} positions; shorten the prompt or ask for fewer"
         )
+    return _steps(
+        program, input_ids, max_new_tokens, eos_token_id, pad_token_id, public_prompt, choose
+    )
+
+
+def context_length(plan: Plan) -> int | None:
+    """The most positions (prompt and new tokens) a decoder step's cache takes, if bounded."""
+    return plan.dim_ranges.get("past", [0, None])[1]
+
+
+def _steps(
+    program: Executor,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
+    public_prompt: torch.Tensor | None,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+) -> Generator[torch.Tensor, None, None]:
+    plan = program.spec
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     specs = [plan.state[name] for name in _state_order(plan)]
     past = _empty_state(plan, input_ids.shape[0], input_ids.device)
-    tokens = input_ids
     step_ids = input_ids
     prompt_request: dict[str, Any] = {}
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    with torch.no_grad():
-        for step in range(max_new_tokens):
-            if step > 0:
-                public: bool | torch.Tensor = True
-            else:
-                public = public_prompt if public_prompt is not None else False
-            last = step == max_new_tokens - 1  # the holders of the cache may free it
+    for step in range(max_new_tokens):
+        if step > 0:
+            public: bool | torch.Tensor = True
+        else:
+            public = public_prompt if public_prompt is not None else False
+        last = step == max_new_tokens - 1  # the holders of the cache may free it
+        with torch.no_grad():
             out = program.run((step_ids, past), {}, public_tokens=public, last=last)
-            if step == 0:
-                prompt_request = dict(program.last_request)
-            next_ids = out[0][:, -1].argmax(-1)
-            if eos:
-                next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
-                done |= torch.isin(next_ids, torch.tensor(eos, device=done.device))
-            step_ids = next_ids[:, None]
-            tokens = torch.cat([tokens, step_ids], dim=1)
-            past = [
-                torch.cat([p, out[spec.output]], dim=spec.dim)
-                if spec.holder is None
-                else stand_in(grown(p.shape, spec.dim, out[spec.output].shape[spec.dim]), p.dtype)
-                for p, spec in zip(past, specs, strict=True)
-            ]
-            if eos and bool(done.all()):
-                break
-    program.last_request = prompt_request
-    return tokens
+        if step == 0:
+            prompt_request = dict(program.last_request)
+        # the request's account is its prompt's: later steps pass public tokens only
+        program.last_request = prompt_request
+        next_ids = choose(out[0][:, -1])
+        if eos:
+            next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+            done |= torch.isin(next_ids, torch.tensor(eos, device=done.device))
+        step_ids = next_ids[:, None]
+        past = [
+            torch.cat([p, out[spec.output]], dim=spec.dim)
+            if spec.holder is None
+            else stand_in(grown(p.shape, spec.dim, out[spec.output].shape[spec.dim]), p.dtype)
+            for p, spec in zip(past, specs, strict=True)
+        ]
+        yield next_ids
+        if eos and bool(done.all()):
+            return
 
 
 def encode_prompt(tokenizer: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
