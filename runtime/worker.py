@@ -92,6 +92,7 @@ class GPUWorker:
         }  # fmt: skip
         self.held = plan.held()  # per stage, the states it keeps for a session's sequence
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
+        self.open_sessions = 0  # streams open now: each holds its session's inputs and caches
         self._lock = threading.Lock()
 
     def check_inputs(self, stage: str, tensors: list[torch.Tensor]) -> None:
@@ -332,6 +333,15 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         sequence, are kept until the stream ends."""
         self._authorised(context)
         session = _Session()
+        with self.worker._lock:
+            self.worker.open_sessions += 1
+        try:
+            yield from self._stream(requests, session)
+        finally:  # the stream ended or was cancelled: the session and what it held go
+            with self.worker._lock:
+                self.worker.open_sessions -= 1
+
+    def _stream(self, requests: Iterator[Any], session: _Session) -> Iterator[Any]:
         pb = self.pb
         for request in requests:
             try:
