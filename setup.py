@@ -28,6 +28,9 @@ setup(
         "tokenizers",
         # teesplit export-triton builds config.pbtxt as tritonclient's ModelConfig message
         "tritonclient[grpc]==2.73.*",
+        # teesplit serve: the OpenAI-compatible HTTP server in the enclave process
+        "starlette>=1,<2",
+        "uvicorn>=0.30,<1",
     ],
     extras_require={
         "models": [
@@ -43,7 +46,8 @@ setup(
         # extra instead of "onnx".
         "gpu": ["onnx==1.23.*", "onnxruntime-gpu==1.31.*", "onnxscript"],
         # scipy: the RNM statistical tests (chi-square, Clopper-Pearson bounds)
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "scipy"],
+        # openai (and its HTTP client, httpx2): tests/test_server.py's real client
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff", "scipy", "openai>=3,<4", "httpx2"],
         # the SST-2 privacy benchmark: logistic-regression head, stopword list, the plot
         "bench": ["scikit-learn==1.9.*", "matplotlib==3.11.*"],
     },

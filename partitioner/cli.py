@@ -6,6 +6,7 @@
     teesplit export-triton DIR/gpu --out REPO       # the GPU stages as a Triton model repository
 
     teesplit enclave DIR/enclave --worker ADDR     # the enclave driver: prompts on stdin
+    teesplit serve DIR --worker ADDR --listen HOST:PORT  # an OpenAI-compatible HTTP server
     teesplit run DIR --prompt TEXT                  # both processes locally, greedy decoding
     teesplit demo                                   # SmolLM2 under cmif, both processes
 
@@ -351,6 +352,12 @@ def _add_verification(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     from enclave_runtime.__main__ import positive_int, seconds
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # its options are defined once, by enclave_runtime.server
+        from enclave_runtime.server import main as serve_main
+
+        serve_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("partition", help="partition a model and save its split artifacts")
@@ -391,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
     _add_verification(p)
     p.set_defaults(func=cmd_enclave)
+    # listed here; `teesplit serve ...` is handed to the server's own parser above
+    sub.add_parser(
+        "serve", help="the enclave side as an OpenAI-compatible HTTP server (teesplit serve -h)"
+    )
     p = sub.add_parser("demo", help="SmolLM2 under cmif through both processes")
     p.add_argument("--out", default="build/demo-smollm2")
     p.add_argument("--policy", default="cmif")
