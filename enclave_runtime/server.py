@@ -1,12 +1,11 @@
 """``teesplit serve DIR --worker ADDR --listen HOST:PORT``: an OpenAI-compatible HTTP server in
 the enclave process.
 
-Reads the bundle's enclave side and tokenizer once (signature and hashes checked, as the stdin
-driver does) and serves ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true``
-as server-sent events), ``GET /v1/models``, ``GET /health`` (liveness, and the open sessions)
-and ``GET /ready`` (the GPU worker answers and a session is free), over TLS when given a
+Serves ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` as
+server-sent events), ``GET /v1/models``, ``GET /health`` (liveness, and the open sessions) and
+``GET /ready`` (the GPU worker answers and a session is free), over TLS when given a
 certificate and key. Starlette on uvicorn; the request schema and errors are
-:mod:`enclave_runtime.openai_api`.
+:mod:`enclave_runtime.openai_api`, the bundle and the sessions :mod:`enclave_runtime.sessions`.
 
 Each request is a session: its own :class:`Executor` (mask pool, ε account) over its own
 :class:`WorkerClient` (one stream to the worker, which holds the session's KV cache). Sessions
@@ -23,315 +22,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import socket
 import ssl
 import sys
 import threading
 import time
-import traceback
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from enclave_runtime.driver import WorkerClient, WorkerError
-from enclave_runtime.executor import Executor
-from enclave_runtime.generation import context_length, decode_steps
-from enclave_runtime.launcher import bundle_root
+from enclave_runtime.driver import WorkerError
 from enclave_runtime.openai_api import (
     APIError,
     Job,
     check_length,
     chunk,
-    encode_chat,
     final_chunks,
     parse_chat,
     parse_completion,
     parse_json,
-    privacy,
     response,
     sse,
-    usage,
 )
-from enclave_runtime.sampling import Sampler, sampling_rng
-from enclave_runtime.tokenizer import bundle_tokenizer
-from partitioner.bundle import VerifiedFiles, load_program, read_document
-from partitioner.errors import ArtifactError, InputError, IntegrityError, TeesplitError
-from partitioner.plan import Plan
-
-
-@dataclass
-class Settings:
-    """What ``teesplit serve`` was told (the command line's values)."""
-
-    bundle: Path
-    worker: str
-    trusted_key: str | None = None
-    allow_unsigned: bool = False
-    timeout: float = 60.0
-    worker_token: str | None = None
-    worker_tls_root: bytes | None = None
-    max_sessions: int = 8
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 512
-    model_name: str | None = None
-
-
-class Model:
-    """The bundle, loaded once: the plan (enclave side), its tokenizer, and how to reach the
-    worker. Holds no request state."""
-
-    def __init__(self, settings: Settings) -> None:
-        root = bundle_root(settings.bundle)
-        self.settings = settings
-        self.plan: Plan = load_program(
-            root,
-            gpu=False,
-            trusted_key=settings.trusted_key,
-            allow_unsigned=settings.allow_unsigned,
-        )
-        if not self.plan.state:
-            raise ArtifactError(f"{root} holds no decoder step (no KV-cache state) to generate")
-        document = read_document(root, trusted_key=settings.trusted_key)
-        self.tokenizer = bundle_tokenizer(root, VerifiedFiles(root, document["files"]))
-        if self.tokenizer is None:
-            raise ArtifactError(f"{root} was saved without a tokenizer: it cannot serve text")
-        self.context = context_length(self.plan) or 1 << 20
-        self.name = settings.model_name or self.plan.model
-        self.policy = self.plan.policy.name
-        eos = self.tokenizer.eos_token_id
-        self.eos = {eos} if isinstance(eos, int) else set()
-        # a prompt of more characters than this cannot fit the context whatever its tokens
-        self.max_prompt_chars = min(16 * self.context, settings.max_body_bytes)
-        gpu = [s for s in self.plan.stages if s.side == "gpu"]
-        self._inputs = {s.name: list(s.inputs) for s in gpu}
-        self._outputs = {s.name: list(s.outputs) for s in gpu}
-
-    def client(self, session: str, timeout: float | None = None) -> WorkerClient:
-        """A new session with the worker (as ``driver.connect`` builds it)."""
-        s = self.settings
-        return WorkerClient(
-            s.worker,
-            timeout or s.timeout,
-            s.worker_token,
-            tls_root=s.worker_tls_root,
-            inputs=self._inputs,
-            outputs=self._outputs,
-            held=self.plan.held(),
-            session=session,
-        )
-
-    def encode(self, job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The job's prompt as ``(input_ids, public positions or None)``."""
-        if job.prompt_ids is not None:
-            return torch.tensor([job.prompt_ids], dtype=torch.int64), None
-        if job.kind == "completion":
-            return self.tokenizer(job.prompt)["input_ids"], None
-        if not self.tokenizer.chat_template:
-            raise APIError(
-                400,
-                f"{self.name} has no chat template; use /v1/completions",
-                param="messages",
-                code="no_chat_template",
-            )
-        try:
-            return encode_chat(self.tokenizer, job.messages)
-        except ArtifactError as exc:  # the template refused the conversation (raise_exception)
-            raise APIError(400, str(exc), param="messages", code="chat_template_error") from None
-
-
-class Session:
-    """One request's state: its id, its worker client once connected, and whether it was
-    cancelled. ``cancel`` may come from the event loop while the session's thread runs."""
-
-    def __init__(self) -> None:
-        self.id = secrets.token_hex(8)
-        self.cancelled = threading.Event()
-        self._lock = threading.Lock()
-        self._client: WorkerClient | None = None
-        self._closed = False
-
-    def attach(self, client: WorkerClient) -> None:
-        with self._lock:
-            self._client = client
-            closed = self._closed
-        if closed:  # cancelled while connecting
-            client.close()
-
-    def close(self) -> None:
-        """End the worker stream now: the worker frees the session's cache, and a call in
-        flight fails at once instead of finishing for nobody."""
-        with self._lock:
-            client, self._client, self._closed = self._client, None, True
-        if client is not None:
-            client.close()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-        self.close()
-
-
-class Sessions:
-    """The open sessions, at most ``capacity``."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._open: dict[str, Session] = {}
-
-    def open(self) -> Session:
-        with self._lock:
-            if len(self._open) >= self.capacity:
-                raise APIError(
-                    503,
-                    f"the server is serving its {self.capacity} sessions; retry shortly",
-                    type="server_error",
-                    code="server_busy",
-                )
-            session = Session()
-            self._open[session.id] = session
-            return session
-
-    def release(self, session: Session) -> None:
-        with self._lock:
-            self._open.pop(session.id, None)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self._open)
-
-
-class Detokenizer:
-    """Generated tokens -> text deltas, stopping at a stop string.
-
-    Text that may be the start of a stop string, or an incomplete UTF-8 character (decoded as
-    U+FFFD), is held back until the next token decides it, so a stream never sends what the
-    whole response would not contain.
-    """
-
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """The new text that is safe to send, and whether a stop string ended the text."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return self._take(len(self.text)), True
-        end = len(self.text.rstrip("\ufffd"))
-        hold = 0  # the longest end of the text that begins a stop string
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, end), hold, -1):
-                if self.text[:end].endswith(stop[:k]):
-                    hold = k
-                    break
-        return self._take(end - hold), False
-
-    def flush(self) -> str:
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        out = self.text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
-
-
-def api_error(exc: BaseException) -> APIError:
-    """What a client is told about a failure: its own input's fault in full, the worker's or
-    ours without internals (those go to stderr)."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, InputError):
-        return APIError(400, str(exc))
-    log = f"teesplit serve: request failed: {type(exc).__name__}"
-    if isinstance(exc, (WorkerError, IntegrityError)):
-        print(f"{log}: {exc}", file=sys.stderr, flush=True)
-        return APIError(
-            502,
-            "the GPU worker failed or its reply was refused; the request was not completed",
-            type="server_error",
-            code="worker_error",
-        )
-    if isinstance(exc, TeesplitError):
-        print(f"{log}: {exc}", file=sys.stderr, flush=True)
-    else:  # a bug: where and what type only, since a message may hold request data and
-        # stderr is the host's to read
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        print(log + where, file=sys.stderr, flush=True)
-    return APIError(500, "internal error", type="server_error", code="internal_error")
-
-
-Emit = Callable[[tuple[Any, ...]], None]
-
-
-def generate_session(
-    model: Model,
-    session: Session,
-    job: Job,
-    ids: torch.Tensor,
-    public: torch.Tensor | None,
-    max_new: int,
-    emit: Emit,
-) -> None:
-    """The session's thread: connect, decode, send ``("text", delta)`` items and then exactly
-    one ``("done", finish_reason, usage, privacy)`` or ``("error", APIError)``."""
-    steps = None
-    try:
-        model_client = model.client(session.id)
-        session.attach(model_client)
-        if session.cancelled.is_set():
-            raise WorkerError("cancelled")
-        executor = Executor(model.plan, model_client)
-        sampler = Sampler(job.temperature, job.top_p, sampling_rng(job.seed))
-        eos = sorted(model.eos)
-        steps = decode_steps(
-            executor,
-            ids,
-            max_new_tokens=max_new,
-            eos_token_id=eos or None,
-            public_prompt=public,
-            choose=sampler,
-        )
-        text = Detokenizer(model.tokenizer, job.stop)
-        count, finish = 0, "length"
-        for next_ids in steps:
-            if session.cancelled.is_set():
-                raise WorkerError("cancelled")
-            token = int(next_ids[0])
-            count += 1
-            if token in model.eos:
-                finish = "stop"
-                break
-            delta, stopped = text.add(token)
-            if delta:
-                emit(("text", delta))
-            if stopped:
-                finish = "stop"
-                break
-        rest = text.flush()
-        if rest:
-            emit(("text", rest))
-        account = privacy(executor.last_request, model.policy)
-        emit(("done", finish, usage(ids.shape[1], count), account))
-    except Exception as exc:  # every failure ends the session with one error item
-        if session.cancelled.is_set():
-            emit(("error", APIError(499, "the client closed the request", code="cancelled")))
-        else:
-            emit(("error", api_error(exc)))
-    finally:
-        if steps is not None:
-            steps.close()
-        session.close()
+from enclave_runtime.sessions import Model, Session, Sessions, Settings, api_error, generate_session
+from partitioner.errors import TeesplitError
 
 
 class Server:
