@@ -162,6 +162,13 @@ def _common(body: dict[str, Any], kind: str, served: str, context: int) -> Job:
         value = body.get(name)
         if value is not None and value != default:
             raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
+    form = body.get("response_format")
+    if form is not None and form != {"type": "text"}:  # JSON modes would need constrained decoding
+        raise bad(
+            "only response_format {'type': 'text'} is supported",
+            "response_format",
+            "unsupported_parameter",
+        )
     # the newer name for the same limit, which chat clients may send instead
     limit = "max_completion_tokens" if _given(body, "max_completion_tokens") else "max_tokens"
     max_tokens = _integer(body, limit, 1, context)

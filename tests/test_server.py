@@ -443,6 +443,19 @@ def test_a_cancelled_stream_frees_its_session_at_once(served):
     assert served.worker.stats[stage]["calls"] - before < 60
 
 
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(served):
+    """Not streamed: the server notices the disconnect while the session runs, and stops it."""
+    served.wait_idle()
+    stage = next(iter(served.worker.stages))
+    before = served.worker.stats[stage]["calls"]
+    with slow(served.worker), served.http() as http:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 240, "temperature": 0}
+        with pytest.raises(httpx2.TimeoutException):
+            http.post("/v1/completions", json=body, timeout=0.5)
+        served.wait_idle(2)
+    assert served.worker.stats[stage]["calls"] - before < 60
+
+
 def test_a_full_server_refuses_with_503_and_recovers(served):
     served.wait_idle()
     with slow(served.worker), served.client() as client:
@@ -498,6 +511,8 @@ BAD = [
     (C, chat(seed="7"), 400, "seed"),
     (C, chat(stream="yes"), 400, "stream"),
     (C, chat(stream_options={"include_usage": True}), 400, "stream_options"),
+    (C, chat(response_format={"type": "json_object"}), 400, "response_format"),
+    (C, chat(logprobs=True), 400, "logprobs"),
     (P, completion(list(range(300))), 413, "prompt"),
     (P, completion([512]), 400, "prompt"),  # outside the vocabulary
     (P, completion(""), 400, "prompt"),
