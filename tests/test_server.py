@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import itertools
 import json
 import ssl
 import subprocess
@@ -430,6 +431,39 @@ def slow(worker: GPUWorker, seconds: float = 0.02):
         del worker.run
 
 
+@contextlib.contextmanager
+def failing(worker: GPUWorker, after: int):
+    """The worker's stages fail from the ``after``-th call on (a GPU that falls over)."""
+    run, calls = worker.run, itertools.count()
+
+    def broken(*args, **kwargs):
+        if next(calls) >= after:
+            raise RuntimeError("the GPU fell over at 0xdeadbeef")
+        return run(*args, **kwargs)
+
+    worker.run = broken
+    try:
+        yield
+    finally:
+        del worker.run
+
+
+def test_a_failing_worker_is_a_502_or_an_error_event_without_its_details(served):
+    with served.client() as client:
+        with failing(served.worker, after=0), pytest.raises(openai.APIStatusError) as plain:
+            client.completions.create(model=MODEL, prompt="a", max_tokens=8)
+        assert plain.value.status_code == 502 and plain.value.code == "worker_error"
+        with failing(served.worker, after=3):
+            stream = client.completions.create(model=MODEL, prompt="a", max_tokens=8, stream=True)
+            with pytest.raises(openai.APIError) as streamed:
+                list(stream)  # the headers went out with the first tokens: an error event
+        assert streamed.value.code == "worker_error"
+    for error in (plain.value, streamed.value):
+        assert "deadbeef" not in str(error.body) and "Traceback" not in str(error.body)
+    served.wait_idle()
+    assert "the GPU fell over" in served.log.read_text()  # the details are the host's log's
+
+
 def test_a_cancelled_stream_frees_its_session_at_once(served):
     served.wait_idle()
     stage = next(iter(served.worker.stages))
@@ -587,6 +621,9 @@ def test_the_server_process_leaves_the_compiler_out():
 
 
 def test_the_server_logged_no_failure(served):
-    """Every request above was answered or refused as planned: nothing failed inside."""
+    """Every request above was answered or refused as planned: nothing failed inside but the
+    worker that was made to."""
     log = served.log.read_text()
-    assert "request failed" not in log and "Traceback" not in log, log
+    failed = [line for line in log.splitlines() if "request failed" in line]
+    assert all("WorkerError" in line for line in failed), log  # only the failing worker's
+    assert "Traceback" not in log, log
