@@ -89,6 +89,9 @@ class WorkerClient:
     what the worker holds is refused before anything is sent. ``outputs`` are the stages'
     output names (the plan's), by which the reply is read. ``session`` (default: random) is
     the id sent as the ``teesplit-session`` header, which a load balancer may hash on.
+    ``resident`` (``Plan.resident()``) names inputs an earlier GPU stage produced: our worker
+    keeps them for the session, so they are not sent back up (the enclave keeps its copy for
+    its checks); ``extends=False`` sends them (Triton keeps nothing across models).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class WorkerClient:
         outputs: dict[str, list[str]] | None = None,
         held: dict[str, list[HeldSlot]] | None = None,
         session: str | None = None,
+        resident: dict[str, set[str]] | None = None,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
@@ -151,6 +155,11 @@ class WorkerClient:
         self._last: dict[str, list[torch.Tensor]] = {}  # per stage: the inputs the worker holds
         self._outputs = outputs or {}
         self._held = held or {}
+        # per stage, the indices of inputs an earlier GPU stage produced: our worker has them
+        self._resident = {
+            stage: {i for i, n in self._names.get(stage, {}).items() if n in names}
+            for stage, names in (resident or {}).items()
+        }
         # per stage with held state: its sequence's id, and the shape the worker holds per slot
         self._sequences: dict[str, tuple[str, dict[int, list[int]]]] = {}
 
@@ -204,6 +213,8 @@ class WorkerClient:
                 )
             slots = self._held.get(stage, [])
             omitted, start = self._held_inputs(stage, tensors) if slots else (set(), False)
+            if self.extends:  # a server that keeps what the session computed: our worker
+                omitted = omitted | self._resident.get(stage, set())
             if self._stream is None:
                 self._open()
             deadline = time.monotonic() + self.timeout
@@ -449,5 +460,6 @@ def connect(
         outputs={s.name: list(s.outputs) for s in gpu},
         held=plan.held(),
         session=session,
+        resident=plan.resident(),
     )
     return Executor(plan, client, seed=seed)

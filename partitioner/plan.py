@@ -275,6 +275,16 @@ class Plan:
             )
         return out
 
+    def resident(self) -> dict[str, set[str]]:
+        """Per GPU stage, its inputs that an earlier GPU stage produced: a worker that ran that
+        stage in the same session has them already, so they need not travel back up."""
+        sides = {s.name: s.side for s in self.stages}
+        out: dict[str, set[str]] = {}
+        for edge in self.edges:
+            if sides.get(edge.producer) == GPU and sides.get(edge.consumer) == GPU:
+                out.setdefault(edge.consumer, set()).add(edge.name)
+        return out
+
     def held_values(self) -> set[str]:
         """The state inputs the GPU holds and the outputs that refill them."""
         return {

@@ -91,6 +91,9 @@ class GPUWorker:
             for s in gpu_stages
         }  # fmt: skip
         self.held = plan.held()  # per stage, the states it keeps for a session's sequence
+        # per stage, inputs an earlier GPU stage produced: a session keeps them (last one each)
+        self.resident = plan.resident()
+        self.resident_names = set().union(*self.resident.values()) if self.resident else set()
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
         self.open_sessions = 0  # streams open now: each holds its session's inputs and caches
         self._lock = threading.Lock()
@@ -146,11 +149,17 @@ class GPUWorker:
         return outs, time.perf_counter() - start
 
     def stand_ins(
-        self, stage: str, given: dict[str, torch.Tensor], state: HeldState | None, start: bool
+        self,
+        stage: str,
+        given: dict[str, torch.Tensor],
+        state: HeldState | None,
+        start: bool,
+        values: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """The stage's inputs from a request that omits its held states: each omitted one is a
-        stand-in of what the session holds, or (``start``) an empty state shaped from the
-        other inputs' sizes."""
+        """The stage's inputs from a request that omits some: a held state is a stand-in of
+        what the session holds, or (``start``) an empty state shaped from the other inputs'
+        sizes; a value an earlier GPU stage produced is the one this session's last call of
+        that stage returned (``values``)."""
         signature = self.signatures[stage]
         slots = {slot.input: slot for slot in self.held.get(stage, [])}
         binding: dict[str, int] = {}
@@ -165,6 +174,14 @@ class GPUWorker:
         for i, edge in enumerate(signature):
             if edge["name"] in given:
                 out.append(given[edge["name"]])
+                continue
+            if values is not None and edge["name"] in self.resident.get(stage, ()):
+                if edge["name"] not in values:
+                    raise ProtocolError(
+                        f"stage {stage}: input {edge['name']} is omitted but no stage of this "
+                        "session produced it"
+                    )
+                out.append(values[edge["name"]])
                 continue
             slot = slots.get(i)
             if slot is None or state is None:
@@ -390,7 +407,13 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             session.sent.pop(stage, None) if session is not None else None, tensors, extends, stage
         )
         state, start = self._state(request, session, len(names) < len(worker.signatures[stage]))
-        inputs = worker.stand_ins(stage, dict(zip(names, sent, strict=True)), state, start)
+        inputs = worker.stand_ins(
+            stage,
+            dict(zip(names, sent, strict=True)),
+            state,
+            start,
+            session.values if session is not None else None,
+        )
         wanted = _wanted(stage, request, worker.outputs[stage])
         try:
             outs, seconds = worker.run(stage, inputs, state)
@@ -398,6 +421,10 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             if session is not None:
                 session.states.pop(stage, None)
             raise
+        if session is not None:
+            for name, out in zip(worker.outputs[stage], outs, strict=True):
+                if name in worker.resident_names:
+                    session.values[name] = out
         size = sum(t.numel() * t.element_size() for t in sent)
         if session is not None and size <= self.max_bytes:
             session.sent[stage] = sent  # what extends may extend: never more than one message
@@ -438,18 +465,22 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 class _Session:
     """What one ``ModelStreamInfer`` stream holds: per stage, the inputs it last sent (for
-    ``teesplit_extends``) and its sequence's held state."""
+    ``teesplit_extends``) and its sequence's held state; the last value of each output that a
+    later GPU stage reads."""
 
     def __init__(self) -> None:
         self.sent: dict[str, list[torch.Tensor]] = {}
         self.states: dict[str, tuple[str, HeldState]] = {}
+        self.values: dict[str, torch.Tensor] = {}  # GPU-produced values later stages read
 
 
 def _sent_names(stage: str, request: Any, worker: GPUWorker, stream: bool) -> list[str]:
     """The request's input names: the stage's inputs in order, less (in a session) held
-    states the stage keeps."""
+    states the stage keeps and values an earlier GPU stage of the session produced."""
     signature = [e["name"] for e in worker.signatures[stage]]
     held = {signature[slot.input] for slot in worker.held.get(stage, [])} if stream else set()
+    if stream:
+        held |= worker.resident.get(stage, set())
     names = [spec.name for spec in request.inputs]
     expected = iter(signature)
     for i, name in enumerate(names):

@@ -87,7 +87,7 @@ class _QuantisedReference:
     def executor(self):
         return self
 
-    def run(self, args, kwargs, *, public_tokens=False):
+    def run(self, args, kwargs, *, public_tokens=False, last=False):
         return self._step(*args, **kwargs)
 
 
@@ -128,9 +128,9 @@ def count_full_inputs(program) -> list[int]:
     total = [0]
     inner = program.runner.run
 
-    def counted(stage, tensors, expected=None):
+    def counted(stage, tensors, expected=None, **kwargs):
         total[0] += sum(t.numel() * t.element_size() for t in tensors)
-        return inner(stage, tensors, expected)
+        return inner(stage, tensors, expected, **kwargs)
 
     program.runner.run = counted
     return total
