@@ -286,8 +286,8 @@ def _listen(address: str) -> tuple[socket.socket, str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(port)))
     sock.listen(128)
-    bound = sock.getsockname()
-    return sock, f"{host}:{bound[1]}"
+    port = sock.getsockname()[1]
+    return sock, f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def _read(path: str | None, what: str) -> bytes | None:

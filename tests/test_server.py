@@ -472,9 +472,9 @@ def test_a_cancelled_stream_frees_its_session_at_once(served):
         stream = _open_stream(client, 240)
         assert served.health()["sessions"] == 1 and served.worker.open_sessions == 1
         stream.close()  # the client goes away mid-stream
-        served.wait_idle(2)
+        served.wait_idle(5)
     # the session stopped with its client: far fewer steps than the 240 it asked for
-    assert served.worker.stats[stage]["calls"] - before < 60
+    assert served.worker.stats[stage]["calls"] - before < 120
 
 
 def test_a_client_that_gives_up_on_a_plain_request_cancels_it(served):
@@ -486,8 +486,8 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(served):
         body = {"model": MODEL, "prompt": "a", "max_tokens": 240, "temperature": 0}
         with pytest.raises(httpx2.TimeoutException):
             http.post("/v1/completions", json=body, timeout=0.5)
-        served.wait_idle(2)
-    assert served.worker.stats[stage]["calls"] - before < 60
+        served.wait_idle(5)
+    assert served.worker.stats[stage]["calls"] - before < 120
 
 
 def test_a_full_server_refuses_with_503_and_recovers(served):
