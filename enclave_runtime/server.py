@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import socket
 import ssl
 import sys
@@ -90,14 +91,33 @@ class Server:
             "owned_by": "teesplit",
         }
 
+    def _authorised(self, request: Any) -> None:
+        """With ``--api-key-file``, a ``/v1`` request must carry the key as a bearer token."""
+        key = self.model.settings.api_key
+        if key is None:
+            return
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            raise APIError(
+                401, "the request does not carry this server's API key", code="invalid_api_key"
+            )
+
     async def models(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
+        try:
+            self._authorised(request)
+        except APIError as exc:
+            return error_response(exc)
         return JSONResponse({"object": "list", "data": [self._card()]})
 
     async def model_info(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
+        try:
+            self._authorised(request)
+        except APIError as exc:
+            return error_response(exc)
         if request.path_params["model"] != self.model.name:
             return error_response(
                 APIError(404, "no such model", param="model", code="model_not_found")
@@ -161,6 +181,7 @@ class Server:
 
     async def _complete(self, request: Any, kind: str) -> Any:
         try:
+            self._authorised(request)
             job = self._parse(parse_json(await self._body(request)), kind)
             ids, public = await asyncio.to_thread(self.model.encode, job)
             max_new = check_length(
@@ -184,7 +205,18 @@ class Server:
             finally:  # the slot is free only once the worker stream is closed
                 self.sessions.release(session)
 
-        threading.Thread(target=run, name=f"teesplit-session-{session.id}", daemon=True).start()
+        try:
+            threading.Thread(target=run, name=f"teesplit-session-{session.id}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the slot is given back, the client told
+            self.sessions.release(session)
+            return error_response(
+                APIError(
+                    503,
+                    "the server cannot start a session now; retry shortly",
+                    type="server_error",
+                    code="server_busy",
+                )
+            )
         watcher = asyncio.create_task(_watch_disconnect(request, session))
         try:
             first = await queue.get()
@@ -322,10 +354,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds per worker call")
     parser.add_argument("--worker-tls-root", default=None, help="PEM root: TLS to the worker")
     parser.add_argument("--worker-token-file", default=None, help="the worker's shared secret")
+    parser.add_argument(
+        "--api-key-file", default=None, help="a key every /v1 request must send (Bearer)"
+    )
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("teesplit serve: --tls-cert and --tls-key go together")
     token = _read(args.worker_token_file, "worker token")
+    api_key = _read(args.api_key_file, "API key")
+    if api_key is not None and not api_key.strip():
+        raise SystemExit(f"teesplit serve: the API key file {args.api_key_file} is empty")
     settings = Settings(
         bundle=Path(args.bundle),
         worker=args.worker,
@@ -338,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_kb << 10,
         default_max_tokens=args.max_tokens,
         model_name=args.model_name,
+        api_key=api_key.decode("utf-8", "replace").strip() if api_key is not None else None,
     )
     if args.allow_unsigned:
         print(

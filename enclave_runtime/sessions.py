@@ -52,6 +52,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 512
     model_name: str | None = None
+    api_key: str | None = None  # clients must send it as a bearer token, when set
 
 
 class Model:

@@ -51,6 +51,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-smol"
 CONTEXT = 256
+API_KEY = "sk-teesplit-test"
 EPSILON = 1e4  # RNM's noise (Laplace, scale 2/ε) never outweighs a score gap: tokens pass
 POLICY = dataclasses.replace(
     Policy.resolve("cmif"), name="cmif-test", rnm=RNMConfig(epsilon=EPSILON, candidates=20)
@@ -167,16 +168,18 @@ class Served:
     def __init__(self, worker: GPUWorker, url: str, tls: ssl.SSLContext, log: Path) -> None:
         self.worker = worker
         self.log = log
+        self.key = API_KEY
         self.url = url
         self.tls = tls
 
     def http(self) -> httpx2.Client:
-        return httpx2.Client(base_url=self.url, verify=self.tls, timeout=60)
+        headers = {"authorization": f"Bearer {self.key}"}
+        return httpx2.Client(base_url=self.url, verify=self.tls, timeout=60, headers=headers)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(
             base_url=f"{self.url}/v1",
-            api_key="unused",
+            api_key=self.key,
             max_retries=0,
             http_client=httpx2.Client(verify=self.tls, timeout=60),
         )
@@ -206,6 +209,8 @@ def served(bundle, key_files, tmp_path_factory):
     address = f"unix:{folder / 'worker.sock'}"
     worker_server = serve(worker, address)
     cert, key = _certificate(folder)
+    api_key = folder / "api.key"
+    api_key.write_text(API_KEY + "\n")
     log = (folder / "server.log").open("w")
     command = [
         sys.executable,
@@ -225,6 +230,8 @@ def served(bundle, key_files, tmp_path_factory):
         str(key),
         "--max-sessions",
         "8",
+        "--api-key-file",
+        str(api_key),
     ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
@@ -581,6 +588,24 @@ def test_unknown_paths_methods_and_fields(served):
         client.chat.completions.create(model="gpt-4", messages=CHAT)
     assert refused.value.code == "model_not_found"
     served.wait_idle()
+
+
+def test_the_api_key_is_required_on_v1_only(served):
+    with served.http() as http:
+        http.headers.pop("authorization")
+        assert http.get("/health").status_code == 200
+        for reply in (http.get("/v1/models"), http.post(C, json=chat(max_tokens=1))):
+            assert reply.status_code == 401
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(
+        base_url=f"{served.url}/v1",
+        api_key="sk-wrong",
+        max_retries=0,
+        http_client=httpx2.Client(verify=served.tls),
+    )
+    with wrong, pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+    assert served.health()["sessions"] == 0  # refused before a session was opened
 
 
 def test_serve_says_what_is_wrong_in_one_line(bundle, key_files, tmp_path):
