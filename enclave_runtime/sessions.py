@@ -182,37 +182,63 @@ class Sessions:
 class Detokenizer:
     """Generated tokens -> text deltas, stopping at a stop string.
 
-    Text that may be the start of a stop string, or an incomplete UTF-8 character (decoded as
-    U+FFFD), is held back until the next token decides it, so a stream never sends what the
-    whole response would not contain.
+    Each token is decoded in a short window (the tokens since the text last ended on a whole
+    character, and the one before them, so a tokenizer that drops a word's leading space at the
+    start of a text still spaces it), not the whole answer again: a step costs the same at the
+    thousandth token as at the first. Text that may be the start of a stop string, or an
+    incomplete UTF-8 character (decoded as U+FFFD), is held back until later tokens decide it,
+    so a stream never sends what the whole response would not contain.
     """
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0
+        self.text = ""  # the decoded text so far (whole characters only)
+        self.sent = 0  # how much of it was handed out
+        self._prefix = self._read = 0  # the window: ids[_prefix:_read] decoded already
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, final: bool = False) -> None:
+        """Append the window's new characters to ``text`` once they are whole (or at the end)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, token: int) -> tuple[str, bool]:
         """The new text that is safe to send, and whether a stop string ended the text."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        old = len(self.text)
+        self._advance()
+        return self._check(old)
+
+    def _check(self, old: int) -> tuple[str, bool]:
+        longest = max((len(stop) for stop in self.stops), default=0)
+        since = max(old - longest + 1, 0)  # an earlier stop would have ended the text already
+        hits = [i for i in (self.text.find(stop, since) for stop in self.stops) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             return self._take(len(self.text)), True
-        end = len(self.text.rstrip("\ufffd"))
+        end = len(self.text)
         hold = 0  # the longest end of the text that begins a stop string
         for stop in self.stops:
             for k in range(min(len(stop) - 1, end), hold, -1):
-                if self.text[:end].endswith(stop[:k]):
+                if self.text.endswith(stop[:k]):
                     hold = k
                     break
         return self._take(end - hold), False
 
-    def flush(self) -> str:
-        return self._take(len(self.text))
+    def flush(self) -> tuple[str, bool]:
+        """At the end: the rest of the text (a character left incomplete included), and
+        whether it ends at a stop string after all."""
+        old = len(self.text)
+        self._advance(final=True)
+        delta, stopped = self._check(old)
+        return delta + ("" if stopped else self._take(len(self.text))), stopped
 
     def _take(self, end: int) -> str:
         out = self.text[self.sent : end] if end > self.sent else ""
@@ -278,7 +304,7 @@ def generate_session(
             choose=sampler,
         )
         text = Detokenizer(model.tokenizer, job.stop)
-        count, finish = 0, "length"
+        count, finish, stopped = 0, "length", False
         for next_ids in steps:
             if session.cancelled.is_set():
                 raise WorkerError("cancelled")
@@ -291,11 +317,13 @@ def generate_session(
             if delta:
                 emit(("text", delta))
             if stopped:
-                finish = "stop"
                 break
-        rest = text.flush()
-        if rest:
-            emit(("text", rest))
+        if not stopped:  # the end of the text: what was held back goes out, unless it stops
+            rest, stopped = text.flush()
+            if rest:
+                emit(("text", rest))
+        if stopped:
+            finish = "stop"
         account = privacy(executor.last_request, model.policy)
         emit(("done", finish, usage(ids.shape[1], count), account))
     except Exception as exc:  # every failure ends the session with one error item

@@ -42,6 +42,7 @@ from enclave_runtime.executor import Executor
 from enclave_runtime.generation import decode_steps
 from enclave_runtime.openai_api import encode_chat
 from enclave_runtime.sampling import Sampler, sampling_rng
+from enclave_runtime.sessions import Detokenizer
 from enclave_runtime.tokenizer import BundleTokenizer
 from partitioner.policy import Policy, RNMConfig
 from runtime.worker import GPUWorker, serve
@@ -606,6 +607,44 @@ def test_the_api_key_is_required_on_v1_only(served):
     with wrong, pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
     assert served.health()["sessions"] == 0  # refused before a session was opened
+
+
+class _Bytes:
+    """A tokenizer whose tokens are byte strings (so one may end mid-character)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(ids).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "stops", "deltas", "stopped"),
+    [
+        # text that may begin a stop string waits for the next token to decide it
+        ([b"ab", b"cS", b"TO", b"x", b"P"], ["STOP", "xy"], ["ab", "c", "", "STO", "xP"], False),
+        ([b"ab", b"cS", b"TO", b"P", b"zz"], ["STOP"], ["ab", "c", "", ""], True),
+        # a character split over two tokens goes out whole; one never completed, at the end
+        (
+            [b"a", "é".encode()[:1], "é".encode()[1:], b"\xff"],
+            [],
+            ["a", "", "é", "", "\ufffd"],
+            False,
+        ),
+        ([b"a", b"S", b"T"], ["STOP"], ["a", "", "", "ST"], False),
+    ],
+)
+def test_the_detokenizer_sends_only_what_the_answer_keeps(tokens, stops, deltas, stopped):
+    text = Detokenizer(_Bytes(), stops)
+    out = []
+    for token in tokens:
+        delta, done = text.add(token)
+        out.append(delta)
+        if done:
+            break
+    else:
+        rest, done = text.flush()
+        out.append(rest)
+    assert out[: len(deltas)] == deltas and "".join(out) == "".join(deltas)
+    assert done == stopped
 
 
 def test_serve_says_what_is_wrong_in_one_line(bundle, key_files, tmp_path):
