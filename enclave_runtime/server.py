@@ -4,7 +4,8 @@ the enclave process.
 Serves ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` as
 server-sent events), ``GET /v1/models``, ``GET /health`` (liveness, and the open sessions) and
 ``GET /ready`` (the GPU worker answers and a session is free), over TLS when given a
-certificate and key, and only to clients that send ``--api-key-file``'s key when given one. Starlette on uvicorn; the request schema and errors are
+certificate and key, and (``/v1``) only to clients that send ``--api-key-file``'s key when
+given one. Starlette on uvicorn; the request schema and errors are
 :mod:`enclave_runtime.openai_api`, the bundle and the sessions :mod:`enclave_runtime.sessions`.
 
 Each request is a session: its own :class:`Executor` (mask pool, ε account) over its own
