@@ -26,7 +26,10 @@ import sysconfig
 import time
 from pathlib import Path
 
+import grpc
+
 from partitioner.errors import TeesplitError
+from runtime.kserve import service
 
 MODEL_PY = """
 import sys
@@ -145,8 +148,6 @@ def free_port() -> int:
 def start(repo: Path, workdir: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Serve ``repo`` (already :func:`python_backend`-ed) on a free loopback port; returns the
     process and its gRPC address once it answers. The caller terminates the process."""
-    from enclave_runtime.driver import WorkerClient, WorkerError
-
     server = root()
     backends = workdir / "backends" / "python"
     backends.mkdir(parents=True, exist_ok=True)
@@ -178,16 +179,20 @@ def start(repo: Path, workdir: Path, timeout: float = 120.0) -> tuple[subprocess
         )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
+    pb, service_grpc = service()
     while True:
         try:
-            WorkerClient(address, timeout=2.0).close()
-            return proc, address
-        except WorkerError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                tail = log_path.read_text()[-2000:]
-                raise TritonUnavailable(f"tritonserver did not start: {tail}") from None
-            time.sleep(0.5)
+            with grpc.insecure_channel(address) as channel:
+                stub = service_grpc.GRPCInferenceServiceStub(channel)
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=2.0).ready:
+                    return proc, address
+        except grpc.RpcError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            tail = log_path.read_text()[-2000:]
+            raise TritonUnavailable(f"tritonserver did not start: {tail}")
+        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> None:

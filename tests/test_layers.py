@@ -33,7 +33,7 @@ DATA = {
     "partitioner.shapes",
 }
 READER = {"partitioner.bundle", "partitioner.signing"}
-WIRE = {"runtime.kserve"}
+WIRE = {"runtime.kserve", "runtime.state"}  # the contract both processes apply
 CLI = {"partitioner.cli"}
 
 
