@@ -138,7 +138,7 @@ def triton_row(
     bundle: Path, run: Any, repeats: int, n: int, hf_s: float, plan: Any, prompt: int
 ) -> dict[str, Any]:
     """The same generation through a real ``tritonserver`` serving the bundle's export."""
-    from enclave_runtime.driver import WorkerClient
+    from enclave_runtime.driver import worker_client
     from enclave_runtime.executor import Executor
     from partitioner.bundle import load_program
     from partitioner.triton_repo import export_repository
@@ -150,15 +150,8 @@ def triton_row(
     proc, address = local_triton.start(work / "repo", work)
     try:
         enclave = load_program(bundle, gpu=False, allow_unsigned=True)
-        gpu = [s for s in enclave.stages if s.side == "gpu"]
-        client = WorkerClient(
-            address,
-            timeout=120.0,
-            inputs={s.name: list(s.inputs) for s in gpu},
-            outputs={s.name: list(s.outputs) for s in gpu},
-            held=enclave.held(),
-            extends=False,  # Triton holds nothing but implicit state
-        )
+        # Triton keeps nothing between calls but implicit state: every other input is sent
+        client = worker_client(enclave, address, timeout=120.0, extends=False)
         return remote_row(Executor(enclave, client), run, repeats, n, hf_s, plan, prompt)
     finally:
         local_triton.stop(proc)

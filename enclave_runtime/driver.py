@@ -27,7 +27,7 @@ import torch
 from enclave_runtime.executor import Executor, Expected
 from partitioner.bundle import load_program
 from partitioner.errors import TeesplitError
-from partitioner.plan import HeldSlot
+from partitioner.plan import HeldSlot, Plan
 from runtime.kserve import (
     DATATYPES,
     EXTENDS,
@@ -91,7 +91,9 @@ class WorkerClient:
     the id sent as the ``teesplit-session`` header, which a load balancer may hash on.
     ``resident`` (``Plan.resident()``) names inputs an earlier GPU stage produced: our worker
     keeps them for the session, so they are not sent back up (the enclave keeps its copy for
-    its checks); ``extends=False`` sends them (Triton keeps nothing across models).
+    its checks); ``passing`` (``Plan.passing()``) names outputs only unchecked later GPU
+    stages read, which are not asked for; ``extends=False`` sends and asks for both (Triton
+    keeps nothing across models).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class WorkerClient:
         held: dict[str, list[HeldSlot]] | None = None,
         session: str | None = None,
         resident: dict[str, set[str]] | None = None,
+        passing: dict[str, set[str]] | None = None,
     ) -> None:
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise WorkerError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
@@ -159,6 +162,11 @@ class WorkerClient:
         self._resident = {
             stage: {i for i, n in self._names.get(stage, {}).items() if n in names}
             for stage, names in (resident or {}).items()
+        }
+        # per stage, the indices of outputs only unchecked later GPU stages read: not asked for
+        self._passing = {
+            stage: {i for i, n in enumerate(self._outputs.get(stage, [])) if n in names}
+            for stage, names in (passing or {}).items()
         }
         # per stage with held state: its sequence's id, and the shape the worker holds per slot
         self._sequences: dict[str, tuple[str, dict[int, list[int]]]] = {}
@@ -245,8 +253,8 @@ class WorkerClient:
                 self._sequences.pop(stage, None)
                 raise WorkerError(f"GPU worker refused stage {stage}: {reply.error_message}")
             self._last[stage] = sent
+            outs = self._kept(stage, tensors, outs, expected)
             if slots:
-                outs = self._kept(stage, tensors, outs, expected)
                 if end:
                     self._sequences.pop(stage, None)
                     self._last.pop(stage, None)
@@ -290,17 +298,25 @@ class WorkerClient:
         outs: list[torch.Tensor],
         expected: Expected | None,
     ) -> list[torch.Tensor]:
-        """The reply's outputs with each held refill's place taken by a stand-in; records the
-        shapes the worker now holds."""
-        _, shapes = self._sequences.setdefault(stage, (secrets.token_hex(8), {}))
+        """The reply's outputs with a stand-in in the place of each output not asked for (a
+        held refill, a value only the worker needs); records the shapes the worker now holds."""
         full = list(outs)
-        for slot in sorted(self._held[stage], key=lambda s: s.output):
-            want = expected[slot.output] if expected is not None else None
+        for i in sorted(self._skipped(stage)):
+            want = expected[i] if expected is not None else None
             if want is None or want[1] is None:
-                raise WorkerError(f"stage {stage}: held output {slot.output} has no known shape")
-            full.insert(slot.output, stand_in(want[1], want[0]))
-            shapes[slot.input] = grown(tensors[slot.input].shape, slot.dim, want[1][slot.dim])
+                raise WorkerError(f"stage {stage}: output {i} was not asked for: no known shape")
+            full.insert(i, stand_in(want[1], want[0]))
+        if self._held.get(stage):
+            _, shapes = self._sequences.setdefault(stage, (secrets.token_hex(8), {}))
+            for slot in self._held[stage]:
+                more = full[slot.output].shape[slot.dim]
+                shapes[slot.input] = grown(tensors[slot.input].shape, slot.dim, more)
         return full
+
+    def _skipped(self, stage: str) -> set[int]:
+        """The stage's outputs not asked for: held refills, and (our worker) passing values."""
+        held = {slot.output for slot in self._held.get(stage, [])}
+        return held | self._passing.get(stage, set()) if self.extends else held
 
     def _request(
         self,
@@ -315,12 +331,13 @@ class WorkerClient:
         request = self.pb.ModelInferRequest(model_name=stage, id=request_id)
         if stage in self._sequences:
             sequence_parameters(request.parameters, self._sequences[stage][0], start, end)
-            kept = {slot.output for slot in self._held[stage]}
-            for i, name in enumerate(self._outputs.get(stage, [])):
-                if i not in kept:
-                    request.outputs.add(name=name)
         else:
             sequence_parameters(request.parameters, self.session, self._next_id == 1, False)
+        skipped = self._skipped(stage)
+        if skipped:
+            for i, name in enumerate(self._outputs.get(stage, [])):
+                if i not in skipped:
+                    request.outputs.add(name=name)
         held = self._last.get(stage, ())
         sent = [t for i, t in enumerate(tensors) if i not in omitted]
         names = [n for i, n in sorted(self._names.get(stage, {}).items()) if i not in omitted]
@@ -360,7 +377,7 @@ class WorkerClient:
                 f"the reply has {len(response.outputs)} outputs but "
                 f"{len(response.raw_output_contents)} payloads"
             )
-        kept = {slot.output for slot in self._held.get(stage, [])}
+        kept = self._skipped(stage)
         names = self._outputs.get(stage)
         wanted = [i for i in range(len(expected) if expected is not None else 0) if i not in kept]
         if expected is not None and len(response.outputs) != len(wanted):
@@ -434,6 +451,35 @@ def spawn_worker(
     return proc, line
 
 
+def worker_client(
+    plan: Plan,
+    address: str,
+    timeout: float = 60.0,
+    token: str | None = None,
+    *,
+    tls_root: bytes | None = None,
+    session: str | None = None,
+    extends: bool = True,
+) -> WorkerClient:
+    """A session with the GPU worker at ``address`` for ``plan``'s GPU stages: their tensor
+    names, the states they hold and the values that stay on the worker, all from the plan.
+    ``extends=False`` for a server that keeps nothing but implicit state (Triton)."""
+    gpu = [s for s in plan.stages if s.side == "gpu"]
+    return WorkerClient(
+        address,
+        timeout,
+        token,
+        tls_root=tls_root,
+        inputs={s.name: list(s.inputs) for s in gpu},
+        outputs={s.name: list(s.outputs) for s in gpu},
+        held=plan.held(),
+        session=session,
+        resident=plan.resident(),
+        passing=plan.passing(),
+        extends=extends,
+    )
+
+
 def connect(
     bundle: str | Path,
     worker: str,
@@ -450,16 +496,5 @@ def connect(
     ``trusted_key``) with its GPU stages served by the worker at ``worker``; the client is the
     executor's ``runner``. ``tls_root`` (PEM) verifies a TLS worker."""
     plan = load_program(bundle, gpu=False, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
-    gpu = [s for s in plan.stages if s.side == "gpu"]
-    client = WorkerClient(
-        worker,
-        timeout,
-        token,
-        tls_root=tls_root,
-        inputs={s.name: list(s.inputs) for s in gpu},
-        outputs={s.name: list(s.outputs) for s in gpu},
-        held=plan.held(),
-        session=session,
-        resident=plan.resident(),
-    )
+    client = worker_client(plan, worker, timeout, token, tls_root=tls_root, session=session)
     return Executor(plan, client, seed=seed)

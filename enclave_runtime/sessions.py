@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from enclave_runtime.driver import WorkerClient, WorkerError
+from enclave_runtime.driver import WorkerClient, WorkerError, worker_client
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import context_length, decode_steps
 from enclave_runtime.launcher import bundle_root
@@ -81,21 +81,16 @@ class Model:
         self.eos = {eos} if isinstance(eos, int) else set()
         # a prompt of more characters than this cannot fit the context whatever its tokens
         self.max_prompt_chars = min(16 * self.context, settings.max_body_bytes)
-        gpu = [s for s in self.plan.stages if s.side == "gpu"]
-        self._inputs = {s.name: list(s.inputs) for s in gpu}
-        self._outputs = {s.name: list(s.outputs) for s in gpu}
 
     def client(self, session: str, timeout: float | None = None) -> WorkerClient:
         """A new session with the worker (as ``driver.connect`` builds it)."""
         s = self.settings
-        return WorkerClient(
+        return worker_client(
+            self.plan,
             s.worker,
             timeout or s.timeout,
             s.worker_token,
             tls_root=s.worker_tls_root,
-            inputs=self._inputs,
-            outputs=self._outputs,
-            held=self.plan.held(),
             session=session,
         )
 

@@ -285,6 +285,24 @@ class Plan:
                 out.setdefault(edge.consumer, set()).add(edge.name)
         return out
 
+    def passing(self) -> dict[str, set[str]]:
+        """Per GPU stage, the outputs only later GPU stages read, none of them checked: the
+        enclave need not receive them (a Freivalds check would read its copy of them)."""
+        sides = {s.name: s.side for s in self.stages}
+        checked = set(self.protection.freivalds) if self.protection is not None else set()
+        readers: dict[tuple[str, str], set[str]] = {}
+        for edge in self.edges:
+            readers.setdefault((edge.producer, edge.name), set()).add(edge.consumer)
+        out: dict[str, set[str]] = {}
+        for stage in self.stages:
+            if stage.side != GPU:
+                continue
+            for name in stage.outputs:
+                to = readers.get((stage.name, name), set())
+                if to and all(sides.get(c) == GPU and c not in checked for c in to):
+                    out.setdefault(stage.name, set()).add(name)
+        return out
+
     def held_values(self) -> set[str]:
         """The state inputs the GPU holds and the outputs that refill them."""
         return {

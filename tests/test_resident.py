@@ -1,5 +1,6 @@
 """Values a GPU stage hands to a later GPU stage stay on the worker (``Plan.resident``): the
-enclave receives them (its checks read them) but does not send them back up.
+enclave does not send them back up, and does not even receive them when no Freivalds check
+of the later stage reads them (``Plan.passing``).
 
 What the worker keeps it computed itself, so it learns nothing new. Integrity does not change
 either: a Freivalds check of the later stage reads the enclave's own copy of its inputs, and a
@@ -42,10 +43,12 @@ def test_gpu_to_gpu_values_are_not_sent_back_up(secureinfer, tmp_path):
         kept = connect(root, address, trusted_key=TRUSTED, seed=4)
         assert torch.equal(generate(kept, ids, max_new_tokens=4), want)
         resent = connect(root, address, trusted_key=TRUSTED, seed=4)
-        resent.runner._resident = {}  # as before: every input sent
+        resent.runner._resident = resent.runner._passing = {}  # as before: all sent, all back
         assert torch.equal(generate(resent, ids, max_new_tokens=4), want)
-        assert kept.runner.bytes_received == resent.runner.bytes_received
         assert kept.runner.bytes_sent < 0.75 * resent.runner.bytes_sent
+        # secureinfer checks no stage: what only a later GPU stage reads never comes down
+        assert split.spec.passing() and not split.spec.protection.freivalds
+        assert kept.runner.bytes_received < 0.75 * resent.runner.bytes_received
     finally:
         server.shutdown()
 
