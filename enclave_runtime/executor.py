@@ -30,7 +30,7 @@ from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
-from runtime.state import HeldState
+from runtime.state import HeldState, StateError
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
 # size) its concrete shape.
@@ -45,7 +45,11 @@ class StageRunner(Protocol):
     the holder frees the state afterwards (Triton: ``sequence_end``)."""
 
     def run(
-        self, stage: str, tensors: list[torch.Tensor], expected: Expected | None = None
+        self,
+        stage: str,
+        tensors: list[torch.Tensor],
+        expected: Expected | None = None,
+        end: bool = False,
     ) -> list[torch.Tensor]: ...
 
 
@@ -76,7 +80,7 @@ class InProcessRunner:
         if state is None:
             return list(cached[1](*tensors))
         inputs = state.inputs(tensors)
-        outs = state.keep(inputs, list(cached[1](*inputs)))
+        outs = state.keep(inputs, list(cached[1](*inputs)), stand_ins=False)
         if end:
             state.tensors.clear()
         return outs
@@ -136,6 +140,7 @@ class Executor:
         self._expected: dict[tuple[str, tuple[tuple[str, int], ...]], Expected] = {}
         self._direct: dict[str, tuple[Any, Any]] = {}  # enclave stage -> (module, direct copy)
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
+        self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         self._sent_clear = {
             e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
@@ -199,10 +204,16 @@ class Executor:
         *,
         public_tokens: bool | torch.Tensor = False,
         last: bool = False,
+        sequence: object = None,
     ) -> Any:
         """One call; ``public_tokens`` (all, or a bool mask over the token input) marks token
         positions that RNM passes through unchanged and that spend no ε. ``last``: no call
         will continue from this one's state, so the stages holding it free it.
+
+        With states a GPU stage holds, an executor runs one generation at a time: a call
+        whose states are empty starts one (``sequence`` names it), and a later call naming
+        another sequence is refused (:class:`StateError`) instead of continuing on the cache
+        of the generation that started since. ``generate`` names each of its generations.
 
         Public positions are those the GPU knows anyway or that carry nothing private: a
         generated token (the arg-max of logits the GPU computed in the clear; under RNM
@@ -212,6 +223,8 @@ class Executor:
         env = self.signature.bind(args, dict(kwargs))
         binding = self.binding(env)
         self.check_inputs(env, binding)
+        if self._holders:
+            self._follow(env, sequence)
         masks = self.pool.take(binding) if self.pool is not None else None
         prot = self.spec.protection
         site = prot.rnm if prot is not None else None
@@ -232,10 +245,23 @@ class Executor:
             identity = site.tables.identity_noise(ids, noise.dtype)
             masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
         flat = self.execute(env, masks, binding, last)
+        if last:
+            self._open = None
         if public is not None:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
             self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
         return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def _follow(self, env: Mapping[str, Any], sequence: object) -> None:
+        """Start or continue the generation whose cache the GPU stages hold."""
+        held = [(n, s) for n, s in self.spec.state.items() if s.holder is not None]
+        if any(isinstance(env.get(n), torch.Tensor) and env[n].shape[s.dim] == 0 for n, s in held):
+            self._open = sequence
+        elif sequence is not None and sequence is not self._open:
+            raise StateError(
+                "another generation started on this executor since this one began: the GPU "
+                "holds its cache now (an executor with held state runs one at a time)"
+            )
 
     def check_inputs(self, env: Mapping[str, Any], binding: Mapping[str, int]) -> None:
         """Refuse a request the program does not take, with an :class:`InputError` naming

@@ -155,6 +155,7 @@ def _steps(
     step_ids = input_ids
     prompt_request: dict[str, Any] = {}
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    sequence = object()  # this generation: an executor refuses to mix it with another's cache
     for step in range(max_new_tokens):
         if step > 0:
             public: bool | torch.Tensor = True
@@ -162,7 +163,9 @@ def _steps(
             public = public_prompt if public_prompt is not None else False
         last = step == max_new_tokens - 1  # the holders of the cache may free it
         with torch.no_grad():
-            out = program.run((step_ids, past), {}, public_tokens=public, last=last)
+            out = program.run(
+                (step_ids, past), {}, public_tokens=public, last=last, sequence=sequence
+            )
         if step == 0:
             prompt_request = dict(program.last_request)
         # the request's account is its prompt's: later steps pass public tokens only

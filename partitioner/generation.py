@@ -5,7 +5,10 @@ transformers causal LM as ``step(input_ids, past) -> (logits, *present)`` where 
 one key and one value tensor per layer (``[batch, kv_heads, past, head_dim]``, ``past``
 dynamic and allowed to be 0) and ``present`` the keys and values of the ``seq`` new positions
 only. One exported program then serves the prefill (``past = 0``) and every decode step, and the
-caller appends ``present`` to ``past`` between calls.
+caller appends ``present`` to ``past`` between calls. When a GPU stage holds the cache
+(``StateSpec.holder``), a caller may instead pass stand-ins of ``past``'s shape
+(``runtime.state.stand_in``), as ``generate`` does: over a worker, ``present`` comes back as a
+stand-in and appending it is refused.
 
 :func:`capture_decoder` exports the step and declares each ``past_i`` as *state* of the output
 that refills it (:class:`StateSpec`); the taint analysis uses that pairing (a cache carries the

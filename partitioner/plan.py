@@ -447,6 +447,8 @@ class Plan:
             raise ArtifactError(
                 f"{at}.holder: stage {spec.holder} does not read {name} and return {refill}"
             )
+        if self.protection is not None and spec.holder in self.protection.freivalds:
+            raise ArtifactError(f"{at}.holder: {spec.holder} is checked: its inputs stay sent")
         masked = self.protection.gpu_masked if self.protection is not None else set()
         if refill in masked or refill in stage.masked_outputs:
             raise ArtifactError(f"{at}.holder: its refill {refill} is masked: it may not be held")

@@ -78,14 +78,18 @@ class HeldState:
             out[slot.input] = held
         return out
 
-    def keep(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def keep(
+        self, inputs: list[torch.Tensor], outputs: list[torch.Tensor], *, stand_ins: bool = True
+    ) -> list[torch.Tensor]:
         """Grow each held tensor by its refill; returns ``outputs`` with the refills as
-        stand-ins (they stay here)."""
+        stand-ins (they stay here; a holder in the enclave's own process returns them as they
+        are, ``stand_ins=False``: a caller appending them to its cache gets the real one)."""
         out = list(outputs)
         for slot in self.slots:
             refill = outputs[slot.output]
             self.tensors[slot.input] = torch.cat([inputs[slot.input], refill], dim=slot.dim)
-            out[slot.output] = stand_in(refill.shape, refill.dtype)
+            if stand_ins:
+                out[slot.output] = stand_in(refill.shape, refill.dtype)
         return out
 
 

@@ -1,6 +1,7 @@
 """Review of held state, resident and passing values (the commits since "The cache stays
-where it is computed"). Each test here shows one problem the review found: it fails until the
-problem is fixed.
+where it is computed"). Each test here showed one problem the review found, and failed until
+it was fixed (in-process holders return the real refills; an executor refuses to continue a
+generation after another one started, ``Executor.run(sequence=...)``).
 
 1. A held cache's ``present`` outputs come back from ``Executor.run`` as stand-ins (stride-0
    zeros) that look like data. The decoder step's documented contract
