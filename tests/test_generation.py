@@ -87,7 +87,7 @@ class _QuantisedReference:
     def executor(self):
         return self
 
-    def run(self, args, kwargs, *, public_tokens=False, last=False):
+    def run(self, args, kwargs, *, public_tokens=False, last=False, sequence=None):
         return self._step(*args, **kwargs)
 
 
