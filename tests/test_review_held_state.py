@@ -18,20 +18,17 @@ generation after another one started, ``Executor.run(sequence=...)``).
    refused, a step later. In process and over a worker alike.
 """
 
-import copy
-import dataclasses
-
 import pytest
 import torch
 from conftest import SIGN_KEY, TRUSTED
 from test_generation import prompt, step
+from test_held_state import without_holders
 
 from enclave_runtime.driver import connect
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import _empty_state, decode_steps, generate
 from partitioner.api import partition
 from partitioner.errors import TeesplitError
-from partitioner.plan import Plan
 from runtime.worker import GPUWorker, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
@@ -53,12 +50,6 @@ def bundle(split, tmp_path_factory):
     root = tmp_path_factory.mktemp("review-held")
     split.save(root, sign_key=SIGN_KEY)
     return root
-
-
-def without_holders(plan: Plan) -> Plan:
-    out = copy.copy(plan)
-    out.state = {k: dataclasses.replace(v, holder=None) for k, v in plan.state.items()}
-    return out
 
 
 def manual_decode(executor: Executor, ids: torch.Tensor, new: int) -> list[int]:
