@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-privacy bench-integrity bench-teebound clean golden
+.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-exact: $(STAMP)
 bench-runtime: $(STAMP)
 	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer --triton
 	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1 --triton
+
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py --presets cmif all_gpu --sessions 1 4 8 --results benchmarks/results/serving.json
 
 bench-integrity: $(STAMP)
 	$(PY) benchmarks/integrity.py --trials 12 --seq 16

@@ -542,10 +542,14 @@ def workloads_for(
     layers = int(model.config.num_hidden_layers)
     ids = torch.randint(0, model.config.vocab_size, (1, CONTEXT))
     empty = [torch.zeros(1, heads, 0, head_dim) for _ in range(2 * layers)]
+    whole = torch.zeros(1, 1, dtype=torch.long)  # no row padded
     with torch.no_grad():  # the prompt's real cache for the decode step
-        past = list(DecoderStep(model)(ids, empty)[1:])
+        past = list(DecoderStep(model)(ids, whole, empty)[1:])
     next_id = torch.randint(0, model.config.vocab_size, (1, 1))
-    workloads = {"prefill": ((ids, empty), False), "decode": ((next_id, past), True)}
+    workloads = {
+        "prefill": ((ids, whole, empty), False),
+        "decode": ((next_id, whole, past), True),
+    }
     return model, capture_decoder(model), workloads
 
 

@@ -4,10 +4,10 @@
 by a sampler; :func:`generate` is greedy decoding to the end, like transformers' ``generate``.
 
 Reads an :class:`~enclave_runtime.executor.Executor` of a decoder step (captured by
-``partitioner.generation.capture_decoder``: ``(input_ids, past) -> (logits, *present)`` with
-the cache as explicit state); writes the executor's ``last_request``. A state the GPU holds
-(``StateSpec.holder``) is passed as a stand-in of its shape (``runtime.state``): the positions
-count, the values stay with the holder. Guarantees the tokens of
+``partitioner.generation.capture_decoder``: ``(input_ids, padding, past) -> (logits,
+*present)`` with the cache as explicit state); writes the executor's ``last_request``. A
+state the GPU holds (``StateSpec.holder``) is passed as a stand-in of its shape
+(``runtime.state``): the positions count, the values stay with the holder. Guarantees the tokens of
 ``model.generate(do_sample=False)`` for the same prompt, and that under RNM only the prompt's
 private positions are sanitised and counted in ε.
 """
@@ -28,6 +28,14 @@ from runtime.state import grown, stand_in
 def _state_order(plan: Plan) -> list[str]:
     """State inputs in the order the program takes them (a saved plan's JSON may sort keys)."""
     return [name for name, _ in plan.signature.inputs if name in plan.state]
+
+
+def step_inputs(plan: Plan, ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[Any, ...]:
+    """A decoder step's arguments: ``(ids, padding, past)``, ``padding`` zeros (each row one
+    whole sequence), or ``(ids, past)`` for a program captured without padding."""
+    if plan.padding is None:
+        return (ids, past)
+    return (ids, torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device), past)
 
 
 def _empty_state(plan: Plan, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -164,7 +172,11 @@ def _steps(
         last = step == max_new_tokens - 1  # the holders of the cache may free it
         with torch.no_grad():
             out = program.run(
-                (step_ids, past), {}, public_tokens=public, last=last, sequence=sequence
+                step_inputs(plan, step_ids, past),
+                {},
+                public_tokens=public,
+                last=last,
+                sequence=sequence,
             )
         if step == 0:
             prompt_request = dict(program.last_request)

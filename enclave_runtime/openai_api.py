@@ -368,13 +368,19 @@ def encode_chat(
 # -- responses --------------------------------------------------------------------------------
 
 
-def privacy(account: dict[str, Any], policy: str) -> dict[str, Any]:
-    """The ``teesplit`` extension field: what the request cost in privacy."""
-    return {
+def privacy(
+    account: dict[str, Any], policy: str, crossed: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The ``teesplit`` extension field: what the request cost in privacy, and the bytes that
+    crossed to and from the GPU worker for it (KServe messages as serialised)."""
+    out = {
         "policy": policy,
         "epsilon": float(account.get("epsilon", 0.0)),
         "epsilon_per_token": account.get("epsilon_per_token"),
     }
+    if crossed is not None:
+        out["bytes_to_gpu"], out["bytes_from_gpu"] = crossed
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -319,7 +319,8 @@ def generate_session(
                 emit(("text", rest))
         if stopped:
             finish = "stop"
-        account = privacy(executor.last_request, model.policy)
+        crossed = (model_client.wire_bytes_sent, model_client.wire_bytes_received)
+        account = privacy(executor.last_request, model.policy, crossed)
         emit(("done", finish, usage(ids.shape[1], count), account))
     except Exception as exc:  # every failure ends the session with one error item
         if session.cancelled.is_set():

@@ -63,6 +63,16 @@ def _tag_state(program: ExportedProgram, state: Mapping[str, Any]) -> None:
         node.meta.setdefault("teesplit", {})["state_of"] = value.name
 
 
+def _tag_padding(program: ExportedProgram, padding: str | None) -> None:
+    """Tag the padding input public: it counts padded positions, and sizes are not hidden."""
+    if padding is None:
+        return
+    node = next(iter(program.graph.find_nodes(op="placeholder", target=padding)), None)
+    if node is None or padding not in user_input_names(program):
+        raise PartitionError(f"padding input {padding!r}: no such user input")
+    teesplit_meta(node)["public"] = True
+
+
 def _tag_public(program: ExportedProgram, public: Mapping[str, int]) -> None:
     """Tag the placeholders of public parameters (bit-identical to the policy's public base):
     placement and taint read the tag, so only the others count as protected."""
@@ -108,6 +118,7 @@ def partition(
         program = decompose_attention(program)
     label_program(program)
     _tag_state(program, captured.state)
+    _tag_padding(program, captured.padding)
     parameters = split_parameters(program, policy.public_base)
     if parameters is not None:
         _tag_public(program, parameters.public)
@@ -157,6 +168,7 @@ def partition(
             name: [low, shapes.upper.get(name)] for name, low in sorted(shapes.lower.items())
         },
         **_token_limits(program),
+        padding=captured.padding,
     )
     split = SplitProgram(
         spec=spec,

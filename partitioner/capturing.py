@@ -37,6 +37,8 @@ class Captured:
     special_token_ids: tuple[int, ...] = ()
     # state input placeholder -> how it is refilled (partitioner.generation.StateSpec)
     state: dict[str, Any] = field(default_factory=dict)
+    # the input counting each row's left padding of the state (public: sizes only)
+    padding: str | None = None
     # sizes at which bytes and FLOPs are counted, when the caller gives none
     reference: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REFERENCE))
 

@@ -20,7 +20,9 @@ when on the PATH, else as a plain process, and it says which.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import io
 import sys
 import time
 from collections import Counter
@@ -313,32 +315,92 @@ def cmd_run(args: argparse.Namespace) -> None:
 DEMO_PROMPT = "What is the capital of France?"
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Partition SmolLM2 under cmif (once; the bundle is reused) and answer a prompt through
-    both processes."""
+def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
+    """SmolLM2 partitioned under ``policy`` into ``out``, signed with the demo's key, unless
+    ``out`` holds that already."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
-    from partitioner.signing import generate_keypair
 
-    out = Path(args.out)
-    key = out.with_name(out.name + "-signing-key")  # the demo's own compiler key
-    public = key.with_name(key.name + ".pub")
-    if not key.exists():
-        generate_keypair(key)
     try:
         plan = read_document(out, trusted_key=public)["plan"]
-        fresh = plan["policy"]["name"] != args.policy or plan["model"] != "smollm2-135m"
+        fresh = plan["policy"]["name"] != policy or plan["model"] != "smollm2-135m"
     except ArtifactError:
         fresh = True
     if fresh:
-        cmd_partition(
-            argparse.Namespace(
-                model="smollm2-135m", policy=args.policy, out=str(out), sign_key=str(key)
+        print(f"partitioning SmolLM2-135M under {policy} (once; reused afterwards) ...", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the report is `teesplit inspect`'s
+            cmd_partition(
+                argparse.Namespace(
+                    model="smollm2-135m", policy=policy, out=str(out), sign_key=str(key)
+                )
             )
+
+
+DEMO_POLICIES = {
+    "cmif": "RNM on the prompt's words, then the GPU computes in the clear",
+    "slalom": "exact masks: the GPU sees uniformly random values; Freivalds checks its work",
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Partition SmolLM2 under each demo policy (once; the bundles are reused), serve each
+    bundle (GPU worker + OpenAI-compatible server in the enclave process), and ask the same
+    question through the ``openai`` client, streaming the answer."""
+    from partitioner.deploy import local_deployment
+    from partitioner.signing import generate_keypair
+
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit("teesplit demo needs the openai client: pip install openai") from None
+    root = Path(args.out)
+    key = root.with_name(root.name + "-signing-key")  # the demo's own compiler key
+    public = key.with_name(key.name + ".pub")
+    if not key.exists():
+        generate_keypair(key)
+    policies = args.policies or list(DEMO_POLICIES)
+    for policy in policies:
+        _demo_bundle(root / policy, policy, key, public)
+    print(f"question: {args.prompt}")
+    for policy in policies:
+        print(f"\n{policy}: {DEMO_POLICIES.get(policy, 'policy ' + policy)}", flush=True)
+        log = root / f"{policy}-serve.log"
+        with local_deployment(root / policy, trusted_key=str(public), log=log) as deployed:
+            client = openai.OpenAI(
+                base_url=deployed.url, api_key="local", max_retries=0, timeout=600
+            )
+            start = time.perf_counter()
+            stream = client.chat.completions.create(
+                model="smollm2-135m",
+                messages=[{"role": "user", "content": args.prompt}],
+                max_tokens=args.max_new_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            print("  answer: ", end="", flush=True)
+            account, used = {}, None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    print(chunk.choices[0].delta.content.replace("\n", " "), end="", flush=True)
+                account = (chunk.model_extra or {}).get("teesplit", account)
+                used = chunk.usage or used
+            seconds = time.perf_counter() - start
+        tokens = used.completion_tokens if used is not None else 0
+        up, down = account.get("bytes_to_gpu", 0), account.get("bytes_from_gpu", 0)
+        print(
+            f"\n  ε spent: {account.get('epsilon', 0.0):g}; bytes to the GPU {_size(up)}, "
+            f"back {_size(down)}; {tokens} tokens in {seconds:.1f} s (logs: {log})",
+            flush=True,
         )
-    else:
-        print(f"reusing the signed split artifacts in {out} (delete the folder to partition again)")
-    _run_both(out, [args.prompt], args.max_new_tokens, None, str(public), False)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _add_verification(p: argparse.ArgumentParser) -> None:
@@ -402,9 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "serve", help="the enclave side as an OpenAI-compatible HTTP server (teesplit serve -h)"
     )
-    p = sub.add_parser("demo", help="SmolLM2 under cmif through both processes")
+    p = sub.add_parser("demo", help="SmolLM2 served under cmif and slalom, asked one question")
     p.add_argument("--out", default="build/demo-smollm2")
-    p.add_argument("--policy", default="cmif")
+    p.add_argument("--policies", nargs="+", default=None, help="default: cmif slalom")
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.set_defaults(func=cmd_demo)

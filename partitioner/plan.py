@@ -33,7 +33,7 @@ from partitioner.protection import (  # noqa: F401 - part of the data model's su
 )
 from partitioner.schema import choice, fields, ident, int_, map_, shape_, str_, strs
 
-PLAN_SCHEMA_VERSION = 4
+PLAN_SCHEMA_VERSION = 5
 ENCLAVE, GPU = "enclave", "gpu"
 SIDES = (ENCLAVE, GPU)
 INPUT, OUTPUT = "input", "output"  # the producer of user inputs, the consumer of outputs
@@ -248,6 +248,9 @@ class Plan:
     token_input: str | None = None
     vocab: int | None = None
     dim_ranges: dict[str, list[int | None]] = field(default_factory=dict)
+    # The input counting each row's left padding of the state (``[batch, 1]`` int64, public):
+    # a holder may run several sequences as one left-padded batch
+    padding: str | None = None
 
     @property
     def cut_edges(self) -> list[Edge]:
@@ -343,13 +346,15 @@ class Plan:
         out["token_input"] = self.token_input
         out["vocab"] = self.vocab
         out["dim_ranges"] = dict(sorted(self.dim_ranges.items()))
+        out["padding"] = self.padding
         return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> Plan:
         keys = ("schema_version", "model", "policy", "reference_dims", "stages", "edges",
                 "bytes_crossing", "other_nodes", "protection", "flat_outputs", "input_dims",
-                "signature", "state", "token_input", "vocab", "dim_ranges")  # fmt: skip
+                "signature", "state", "token_input", "vocab", "dim_ranges",
+                "padding")  # fmt: skip
         d = fields(data, where, keys)
         if d["schema_version"] != PLAN_SCHEMA_VERSION:
             raise ArtifactError(
@@ -404,6 +409,7 @@ class Plan:
                 k: _dim_range(v, f"{where}.dim_ranges.{k}")
                 for k, v in map_(d["dim_ranges"], f"{where}.dim_ranges").items()
             },
+            padding=None if d["padding"] is None else str_(d["padding"], f"{where}.padding"),
         )
         plan._check_references(where)
         return plan
@@ -418,6 +424,7 @@ class Plan:
         sides = {s.name: s.side for s in self.stages}
         for name, spec in self.state.items():
             self._check_holder(name, spec, sides, where)
+        self._check_padding(where)
         prot = self.protection
         if prot is None:
             return
@@ -426,6 +433,26 @@ class Plan:
                 raise ArtifactError(f"{where}.protection: {name} is not a GPU stage")
         if prot.rnm is not None and sides.get(prot.rnm.stage) != ENCLAVE:
             raise ArtifactError(f"{where}.protection.rnm: {prot.rnm.stage} is not an enclave stage")
+
+    def _check_padding(self, where: str) -> None:
+        """The padding input is one count per row (``[batch, 1]``) of a program with state:
+        never the token input or a state (it is sent as public, and callers pass zeros)."""
+        name = self.padding
+        if name is None:
+            return
+        dims = self.input_dims.get(name)
+        if (
+            not self.state
+            or dims is None
+            or len(dims) != 2
+            or dims[1] != 1
+            or name == self.token_input
+            or name in self.state
+            or name not in [n for n, _ in self.signature.inputs]
+        ):
+            raise ArtifactError(
+                f"{where}.padding: {name!r} is not a [batch, 1] input beside the state inputs"
+            )
 
     def _check_holder(
         self, name: str, spec: StateSpec, sides: Mapping[str, str], where: str

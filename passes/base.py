@@ -31,8 +31,9 @@ def teesplit_meta(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def is_public(node: torch.fx.Node) -> bool:
-    """A parameter placeholder tagged public: bit-identical to the policy's public base
-    (``partitioner.public_base``), so not protected under ``protects: [model]``."""
+    """A placeholder tagged public: a parameter bit-identical to the policy's public base
+    (``partitioner.public_base``), so not protected under ``protects: [model]``, or an input
+    that carries sizes only (a decoder step's padding counts), so not under ``[input]``."""
     return bool(node.meta.get(META_KEY, {}).get("public"))
 
 

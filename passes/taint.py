@@ -45,7 +45,7 @@ def taint_of(
             if node.op == "placeholder":
                 if node.name in state:
                     tags |= carried[node.name]
-                elif node.name in users and "input" in policy.protects:
+                elif node.name in users and "input" in policy.protects and not is_public(node):
                     tags.add(DP_TAINT if node.name == sanitised_input else INPUT_TAINT)
                 elif node.name in params and "model" in policy.protects:
                     if not is_public(node):  # a public base's

@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key (TLS)")
     parser.add_argument("--max-connections", type=int, default=64)
     parser.add_argument("--max-frame-mb", type=int, default=1024, help="largest message")
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=5.0,
+        help="how long a call waits for other sessions' calls to batch with (0: no wait)",
+    )
+    parser.add_argument("--max-batch", type=int, default=64, help="most rows in one batch")
     args = parser.parse_args(argv)
     from runtime.worker import GPUWorker, serve
 
@@ -33,14 +40,22 @@ def main(argv: list[str] | None = None) -> None:
         token = None
         if args.token_file is not None:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        if args.max_connections < 1 or args.max_frame_mb < 1:
-            raise ValueError("--max-connections and --max-frame-mb must be at least 1")
+        if args.max_connections < 1 or args.max_frame_mb < 1 or args.max_batch < 1:
+            raise ValueError("--max-connections, --max-frame-mb and --max-batch must be >= 1")
+        if not 0 <= args.batch_delay_ms <= 1000:
+            raise ValueError("--batch-delay-ms must be between 0 and 1000")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = None
         if args.tls_cert is not None:
             tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
-        worker = GPUWorker(args.bundle, backend=args.backend, device=args.device)
+        worker = GPUWorker(
+            args.bundle,
+            backend=args.backend,
+            device=args.device,
+            batch_delay=args.batch_delay_ms / 1000,
+            max_batch=args.max_batch,
+        )
         server = serve(
             worker,
             args.listen,

@@ -7,7 +7,10 @@ request's inputs are checked (names, count, dtypes, ranks, sizes in the program'
 against the stage's signature and answered with the outputs, or with an error naming the stage
 and the input at fault. A ``ModelStreamInfer`` stream is one session: the inputs it last sent
 each stage are held for ``teesplit_extends`` and freed when the stream ends. It counts calls and
-time per stage (``ModelStatistics``; the client counts the bytes). Stages run with torch on
+time per stage (``ModelStatistics``; the client counts the bytes). Calls that concurrent
+sessions make to one stage run as one batch (:mod:`runtime.batching`: a decode step's caches of
+different lengths are left-padded), so the statistics' ``execution_count`` counts runs and
+``inference_count`` calls. Stages run with torch on
 CUDA when available (``device="auto"``), otherwise on the CPU with a warning;
 ``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
 """
@@ -31,6 +34,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from partitioner.bundle import PLAN_FILE, load_stage_modules, onnx_file, read_document, read_plan
 from partitioner.ops import prepare_ring_weights
+from runtime.batching import Layout, StageBatcher
 from runtime.kserve import (
     EXTENDS,
     MAX_MESSAGE,
@@ -47,7 +51,15 @@ from runtime.state import HeldState, StateError, is_stand_in, stand_in
 class GPUWorker:
     """The stages of one ``gpu/`` bundle and their counters."""
 
-    def __init__(self, bundle: str | Path, backend: str = "torch", device: str = "auto") -> None:
+    def __init__(
+        self,
+        bundle: str | Path,
+        backend: str = "torch",
+        device: str = "auto",
+        *,
+        batch_delay: float = 0.005,
+        max_batch: int = 64,
+    ) -> None:
         root = Path(bundle)
         if root.name == "gpu":
             root = root.parent
@@ -96,7 +108,34 @@ class GPUWorker:
         self.resident_names = set().union(*self.resident.values()) if self.resident else set()
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
         self.open_sessions = 0  # streams open now: each holds its session's inputs and caches
+        self.users: dict[str, int] = defaultdict(int)  # per stage, the open streams calling it
         self._lock = threading.Lock()
+        # concurrent sessions' calls of a stage run as one batch (runtime.batching)
+        self.batchers = {
+            s.name: StageBatcher(
+                self._runner(s.name),
+                Layout.of(
+                    [(e["name"], e["shape"]) for e in self.signatures[s.name]],
+                    [e["shape"] for e in self.output_edges[s.name]],
+                    {slot.input: slot.dim for slot in self.held.get(s.name, [])},
+                    plan.padding,
+                ),
+                expected=lambda name=s.name: max(self.users[name], 1),
+                max_delay=batch_delay,
+                max_rows=max_batch,
+            )
+            for s in gpu_stages
+        }
+
+    def _runner(self, stage: str) -> Any:
+        module = self.stages[stage]
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            with torch.no_grad():  # per thread: the batch may run on another session's
+                outs = module(*inputs)
+            return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+        return run
 
     def check_inputs(self, stage: str, tensors: list[torch.Tensor]) -> None:
         if stage not in self.stages:
@@ -140,9 +179,7 @@ class GPUWorker:
         inputs = [t if is_stand_in(t) else t.to(device) for t in tensors]
         if state is not None:
             inputs = state.inputs(inputs)
-        with torch.no_grad():
-            outs = self.stages[stage](*inputs)
-        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        outs, _ = self.batchers[stage](inputs)
         if state is not None:
             outs = state.keep(inputs, outs)
         outs = [o.cpu() for o in outs]
@@ -324,7 +361,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                     name=stage,
                     version=self.worker.version,
                     inference_count=calls,
-                    execution_count=calls,
+                    # runs of the stage: fewer than calls when sessions' calls were batched
+                    execution_count=self.worker.batchers[stage].batches,
                     inference_stats=pb.InferStatistics(success=duration, compute_infer=duration),
                 )
             )
@@ -357,6 +395,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:  # the stream ended or was cancelled: the session and what it held go
             with self.worker._lock:
                 self.worker.open_sessions -= 1
+                for stage in session.stages:
+                    self.worker.users[stage] -= 1
 
     def _stream(self, requests: Iterator[Any], session: _Session) -> Iterator[Any]:
         pb = self.pb
@@ -394,6 +434,10 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 f"{len(request.raw_input_contents)} raw payloads"
             )
         names = _sent_names(stage, request, worker, session is not None)
+        if session is not None and stage not in session.stages:
+            session.stages.add(stage)
+            with worker._lock:
+                worker.users[stage] += 1
         tensors, extends = [], {}
         for i, (spec, raw) in enumerate(
             zip(request.inputs, request.raw_input_contents, strict=True)
@@ -472,6 +516,7 @@ class _Session:
         self.sent: dict[str, list[torch.Tensor]] = {}
         self.states: dict[str, tuple[str, HeldState]] = {}
         self.values: dict[str, torch.Tensor] = {}  # GPU-produced values later stages read
+        self.stages: set[str] = set()  # the stages it called: the batchers expect it there
 
 
 def _sent_names(stage: str, request: Any, worker: GPUWorker, stream: bool) -> list[str]:

@@ -31,6 +31,11 @@ def step(name: str):
         return capture_decoder(built(name))
 
 
+def args(ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A decoder step's arguments for whole rows: ``(ids, padding zeros, past)``."""
+    return (ids, torch.zeros(ids.shape[0], 1, dtype=torch.long), past)
+
+
 def hf_generate(model, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(
@@ -205,5 +210,5 @@ def test_a_decode_steps_mask_set_serves_any_context_length():
     with torch.no_grad():
         for past in (5, 9):
             cache = [torch.randn(1, heads, past, dim) for _ in range(2 * layers)]
-            executor(torch.tensor([[7]]), cache)
+            executor(*args(torch.tensor([[7]]), cache))
     assert pool.misses == misses and pool.available({"batch": 1, "seq": 1, "past": 0}) == 0

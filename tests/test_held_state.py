@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 from conftest import SIGN_KEY, TRUSTED
-from test_generation import prompt, step
+from test_generation import args, prompt, step
 
 from enclave_runtime.driver import WorkerError, connect
 from enclave_runtime.executor import Executor
@@ -22,7 +22,7 @@ from enclave_runtime.generation import generate
 from partitioner.api import partition
 from partitioner.errors import ArtifactError
 from partitioner.plan import Plan
-from runtime.kserve import service, tensor_bytes
+from runtime.kserve import NAMES, service, tensor_bytes
 from runtime.state import StateError, stand_in
 from runtime.worker import GPUWorker, serve
 
@@ -78,8 +78,8 @@ def test_a_real_cache_given_in_process_is_used(cmif):
     """Called with a real cache (no stand-in), the in-process holder uses what it is given."""
     ids = prompt(batch=1, seq=3)
     cache = [torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    held = Executor(cmif.spec, seed=1).run((ids, cache), {})
-    sent = Executor(without_holders(cmif.spec), seed=1).run((ids, cache), {})
+    held = Executor(cmif.spec, seed=1).run(args(ids, cache), {})
+    sent = Executor(without_holders(cmif.spec), seed=1).run(args(ids, cache), {})
     assert torch.equal(held[0], sent[0])
 
 
@@ -153,8 +153,8 @@ def _stage_request(stage, sizes, **params):
         else:
             request.parameters[key].string_param = value
     for name, shape in sizes.items():
-        tensor = torch.zeros(shape)
-        request.inputs.add(name=name, datatype="FP32", shape=shape)
+        tensor = torch.zeros(shape, dtype=torch.long if name == "padding" else torch.float32)
+        request.inputs.add(name=name, datatype=NAMES[tensor.dtype], shape=shape)
         request.raw_input_contents.append(tensor_bytes(tensor))
     return request
 
@@ -179,7 +179,7 @@ def test_the_worker_refuses_an_omitted_state_no_sequence_started(cmif, cmif_bund
         (reply,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
         assert "was not started in this session" in reply.error_message
         assert not reply.infer_response.raw_output_contents
-        with pytest.raises(grpc.RpcError, match="input 0 is past_0, not 'embedding'"):
+        with pytest.raises(grpc.RpcError, match="is past_0, not 'embedding'"):
             stub.ModelInfer(request, timeout=10)  # no session: nothing is held
         # started, then resumed under another sequence id: refused
         first = _stage_request(stage, sizes, sequence_id="s1", sequence_start=True)
@@ -206,14 +206,14 @@ def test_a_cache_length_out_of_step_is_refused_before_anything_is_sent(cmif_bund
         remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5)
         ids = prompt(batch=1, seq=4)
         empty = [stand_in([1, 2, 0, 16], torch.float32) for _ in range(4)]
-        remote.run((ids, empty), {})  # the worker now holds 4 positions
+        remote.run(args(ids, empty), {})  # the worker now holds 4 positions
         sent = remote.runner.bytes_sent
         wrong = [stand_in([1, 2, 9, 16], torch.float32) for _ in range(4)]
         with pytest.raises(WorkerError, match=r"holds past_0 of shape \[1, 2, 4, 16\]"):
-            remote.run((ids[:, :1], wrong), {})
+            remote.run(args(ids[:, :1], wrong), {})
         assert remote.runner.bytes_sent == sent
         right = [stand_in([1, 2, 4, 16], torch.float32) for _ in range(4)]
-        assert remote.run((ids[:, :1], right), {})[0].shape[-1] == remote.spec.vocab
+        assert remote.run(args(ids[:, :1], right), {})[0].shape[-1] == remote.spec.vocab
     finally:
         server.shutdown()
 
@@ -221,7 +221,7 @@ def test_a_cache_length_out_of_step_is_refused_before_anything_is_sent(cmif_bund
 def test_the_in_process_holder_refuses_a_cache_out_of_step(cmif):
     program = Executor(cmif.spec, seed=2)
     with pytest.raises(StateError, match="the sequence was not started"):
-        program.run((prompt(batch=1, seq=1), [stand_in([1, 2, 3, 16], torch.float32)] * 4), {})
+        program.run(args(prompt(batch=1, seq=1), [stand_in([1, 2, 3, 16], torch.float32)] * 4), {})
 
 
 def test_a_worker_that_loses_the_state_fails_the_session(cmif_bundle, tmp_path):
@@ -231,14 +231,14 @@ def test_a_worker_that_loses_the_state_fails_the_session(cmif_bundle, tmp_path):
     server = serve(GPUWorker(cmif_bundle / "gpu"), address)
     remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5, timeout=10)
     ids = prompt(batch=1, seq=4)
-    remote.run((ids, [stand_in([1, 2, 0, 16], torch.float32)] * 4), {})
+    remote.run(args(ids, [stand_in([1, 2, 0, 16], torch.float32)] * 4), {})
     server.shutdown()
     server = serve(GPUWorker(cmif_bundle / "gpu"), address)
     try:
         with pytest.raises(WorkerError):
-            remote.run((ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
+            remote.run(args(ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
         with pytest.raises(WorkerError, match="closed after an earlier failure"):
-            remote.run((ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
+            remote.run(args(ids[:, :1], [stand_in([1, 2, 4, 16], torch.float32)] * 4), {})
     finally:
         server.shutdown()
 
@@ -250,17 +250,17 @@ def test_the_last_step_frees_the_held_cache(cmif, cmif_bundle, tmp_path):
     empty = [stand_in([1, 2, 0, 16], torch.float32)] * 4
     after = [stand_in([1, 2, 4, 16], torch.float32)] * 4
     local = Executor(cmif.spec, seed=2)
-    local.run((ids, empty), {}, last=True)
+    local.run(args(ids, empty), {}, last=True)
     with pytest.raises(StateError, match="the sequence was not started"):
-        local.run((ids[:, :1], after), {})
+        local.run(args(ids[:, :1], after), {})
     address = f"unix:{tmp_path / 'w.sock'}"
     server = serve(GPUWorker(cmif_bundle / "gpu"), address)
     try:
         remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5)
-        remote.run((ids, empty), {}, last=True)
+        remote.run(args(ids, empty), {}, last=True)
         with pytest.raises(WorkerError, match=r"holds past_0 of shape None"):
-            remote.run((ids[:, :1], after), {})
-        remote.run((ids, empty), {})  # a new sequence starts as before
+            remote.run(args(ids[:, :1], after), {})
+        remote.run(args(ids, empty), {})  # a new sequence starts as before
     finally:
         server.shutdown()
 
@@ -290,6 +290,8 @@ def test_a_worker_that_sends_the_cache_back_anyway_is_refused(cmif_bundle, tmp_p
     try:
         remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=5, timeout=10)
         with pytest.raises(WorkerError, match="the reply has 5 tensors, stage gpu_1 returns 1"):
-            remote.run((prompt(batch=1, seq=4), [stand_in([1, 2, 0, 16], torch.float32)] * 4), {})
+            remote.run(
+                args(prompt(batch=1, seq=4), [stand_in([1, 2, 0, 16], torch.float32)] * 4), {}
+            )
     finally:
         server.stop(None).wait()

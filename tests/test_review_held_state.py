@@ -21,7 +21,7 @@ generation after another one started, ``Executor.run(sequence=...)``).
 import pytest
 import torch
 from conftest import SIGN_KEY, TRUSTED
-from test_generation import prompt, step
+from test_generation import args, prompt, step
 from test_held_state import without_holders
 
 from enclave_runtime.driver import connect
@@ -60,7 +60,7 @@ def manual_decode(executor: Executor, ids: torch.Tensor, new: int) -> list[int]:
     tokens, step_ids = [], ids
     for _ in range(new):
         with torch.no_grad():
-            out = executor.run((step_ids, past), {})
+            out = executor.run(args(step_ids, past), {})
         next_ids = out[0][:, -1].argmax(-1)
         tokens.append(int(next_ids[0]))
         past = [
@@ -76,8 +76,8 @@ def test_present_outputs_of_a_held_cache_are_the_new_keys_and_values(split):
     keys and values the model computed."""
     ids = prompt(batch=1, seq=5)
     past = _empty_state(split.spec, 1, ids.device)
-    held = Executor(split.spec, seed=1).run((ids, past), {})
-    sent = Executor(without_holders(split.spec), seed=1).run((ids, past), {})
+    held = Executor(split.spec, seed=1).run(args(ids, past), {})
+    sent = Executor(without_holders(split.spec), seed=1).run(args(ids, past), {})
     assert torch.equal(held[0], sent[0])
     assert any(bool(t.abs().sum() > 0) for t in sent[1:])
     for i, (h, s) in enumerate(zip(held[1:], sent[1:], strict=True)):

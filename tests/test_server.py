@@ -291,6 +291,7 @@ def test_models_health_and_readiness(served):
 
 
 def test_chat_greedy_equals_in_process_generation(served, bundle):
+    _, split, _ = bundle
     ids, public = encode_chat(bundle[2], CHAT)
     assert public.any() and not public.all()  # the template public, the words private
     text, count, epsilon = reference(bundle, ids, public, 12)
@@ -312,14 +313,22 @@ def test_chat_greedy_equals_in_process_generation(served, bundle):
     assert out.choices[0].message.role == "assistant"
     assert out.usage.completion_tokens == count and out.usage.prompt_tokens == ids.shape[1]
     assert out.choices[0].finish_reason == ("length" if count == 12 else "stop")
-    privacy = out.model_extra["teesplit"]
+    privacy = dict(out.model_extra["teesplit"])
+    # the bytes that crossed: at least the logits of each step back, the new rows up
+    up, down = privacy.pop("bytes_to_gpu"), privacy.pop("bytes_from_gpu")
+    assert down >= count * split.spec.vocab * 4 and up > 0
     # ε counts the user's sanitised positions only: never the template's
     assert privacy == {"policy": "cmif-test", "epsilon": epsilon, "epsilon_per_token": EPSILON}
     assert 0 < epsilon < EPSILON * ids.shape[1]
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     final = [c for c in streamed if c.choices and c.choices[0].finish_reason]
-    assert len(final) == 1 and final[0].model_extra["teesplit"] == privacy
+    assert len(final) == 1
+    assert final[0].model_extra["teesplit"] == {
+        **privacy,
+        "bytes_to_gpu": up,
+        "bytes_from_gpu": down,
+    }
     assert streamed[-1].usage.completion_tokens == count and not streamed[-1].choices
 
 
@@ -464,6 +473,7 @@ def failing(worker: GPUWorker, after: int):
 
 
 def test_a_failing_worker_is_a_502_or_an_error_event_without_its_details(served):
+    served.wait_idle()  # the failing call is counted from here: no other session may be running
     with served.client() as client:
         with failing(served.worker, after=0), pytest.raises(openai.APIStatusError) as plain:
             client.completions.create(model=MODEL, prompt="a", max_tokens=8)

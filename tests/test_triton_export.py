@@ -154,6 +154,8 @@ def _inputs(plan, stage, sizes, gen):
         shape = [d if isinstance(d, int) else sizes[d] for d in edge.shape]
         if edge.dtype == "int32":
             out.append(torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=gen))
+        elif name == plan.padding:  # two of the past positions padded: the mask is exercised
+            out.append(torch.full(shape, 2, dtype=torch.int64))
         elif edge.dtype == "int64":
             out.append(torch.randint(0, plan.vocab or 100, shape, dtype=torch.int64, generator=gen))
         else:
