@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["cmif", "all_gpu"])
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--batch-delay-ms", type=float, default=20.0)
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--out", default=str(ROOT / "build" / "bench-serving"))
     parser.add_argument("--results", default=None, help="JSON file to write the figures to")
     args = parser.parse_args()
@@ -156,7 +157,11 @@ def main() -> None:
         path = bundle_for(preset, Path(args.out))
         log = Path(args.out) / f"{preset}-serve.log"
         with local_deployment(
-            path, max_sessions=max(args.sessions), batch_delay_ms=args.batch_delay_ms, log=log
+            path,
+            max_sessions=max(args.sessions),
+            batch_delay_ms=args.batch_delay_ms,
+            backend=args.backend,
+            log=log,
         ) as deployment:
             url = deployment.url
             load_run(url, 1, 4)  # warm-up: first calls load and compile lazily

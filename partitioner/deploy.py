@@ -73,14 +73,16 @@ def local_deployment(
     *,
     trusted_key: str | None = None,
     max_sessions: int = 8,
-    batch_delay_ms: float = 5.0,
+    batch_delay_ms: float = 20.0,
+    backend: str = "torch",
     log: str | Path | None = None,
 ) -> Iterator[Deployment]:
     """Start the worker and the server for ``bundle``; yields where they answer (the server
     at ``http://127.0.0.1:PORT/v1``).
 
     ``trusted_key`` checks the bundle's signature (``None``: run it unsigned, for benchmarks
-    of bundles made here). ``batch_delay_ms`` is the worker's wait for calls to batch with.
+    of bundles made here). ``batch_delay_ms`` is the worker's wait for calls to batch with;
+    ``backend`` how it runs its stages (``torch`` or ``onnx``).
     """
     bundle = Path(bundle)
     folder = Path(tempfile.mkdtemp(prefix="teesplit-deploy-"))
@@ -91,7 +93,7 @@ def local_deployment(
         address = f"unix:{folder / 'worker.sock'}"
         worker = subprocess.Popen(
             [sys.executable, "-m", "runtime", str(bundle / "gpu"), "--listen", address,
-             "--batch-delay-ms", str(batch_delay_ms)],
+             "--batch-delay-ms", str(batch_delay_ms), "--backend", backend],
             cwd=_ROOT, stdout=subprocess.PIPE, stderr=out, text=True,
         )  # fmt: skip
         procs.append(worker)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch-delay-ms",
         type=float,
-        default=5.0,
+        default=20.0,
         help="how long a call waits for other sessions' calls to batch with (0: no wait)",
     )
     parser.add_argument("--max-batch", type=int, default=64, help="most rows in one batch")

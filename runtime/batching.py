@@ -106,7 +106,7 @@ class StageBatcher:
         layout: Layout,
         *,
         expected: Callable[[], int] = lambda: 1,
-        max_delay: float = 0.005,
+        max_delay: float = 0.02,
         max_rows: int = 64,
     ) -> None:
         self._run = run
