@@ -14,7 +14,10 @@ own held state already in place). Writes nothing but the calls' results. Guarant
   floating-point summation order);
 - a call waits at most ``max_delay`` seconds for others to join it, and not at all when no
   other session is expected (``expected``: the sessions that use the stage now);
-- one batch of a stage runs at a time, so a stage's calls never compete for its device.
+- one batch of a stage runs at a time, so a stage's calls never compete for its device;
+- a call cannot fail its batch-mates: one whose inputs disagree on their row count runs
+  alone, and a batch whose run fails is run again call by call, so only the calls that fail
+  alone get the error.
 
 This is a dynamic batcher (Triton's ``dynamic_batching`` with ``max_queue_delay``), plus the
 ragged-length rule that lets decode steps of caches of different lengths share a call.
@@ -82,7 +85,8 @@ class Layout:
                 lengths.add(shape[dim - 1])
                 shape[dim - 1] = -1
             out.append((tensor.dtype, tensor.device, tuple(shape)))
-        if len(lengths) > 1:  # states of one call out of step: it runs alone, as it would
+        rows = {int(t.shape[0]) for t in inputs}
+        if len(lengths) > 1 or len(rows) > 1:  # a call out of step with itself runs alone
             out.append(object())
         return tuple(out)
 
@@ -143,9 +147,14 @@ class StageBatcher:
                 outputs = self._execute(batch)
                 for c, out in zip(batch, outputs, strict=True):
                     c.outputs = out
-            except BaseException as exc:  # every call of the batch fails with it
+            except Exception:
+                # one call's values (a token id out of range) may fail the whole run: run
+                # each alone, so a bad call fails itself only, never its batch-mates
                 for c in batch:
-                    c.error = exc
+                    try:
+                        c.outputs = self._run(c.inputs)
+                    except Exception as exc:
+                        c.error = exc
             with self._cond:
                 for c in batch:
                     c.finished = True

@@ -163,32 +163,51 @@ def test_calls_that_cannot_share_a_batch_run_apart():
     assert [float(out[i][0][0][0]) for i in range(3)] == [1.0, 2.0, 15.0]
 
 
-def test_a_failing_batch_fails_its_calls_and_the_next_batch_runs():
-    layout = Layout.of([("x", ["batch", 2])], [["batch", 2]], {}, None)
-    failing = {"on": True}
+def test_a_poisoned_call_fails_alone_and_a_dead_device_fails_everyone():
+    """A call whose values break the run (a token id past the table) is batched with honest
+    calls: the honest ones still get their answers; a call whose inputs disagree on their
+    rows never joins a batch; when the device itself fails, every call is told."""
+    layout = Layout.of([("x", ["batch", 2]), ("y", ["batch", 2])], [["batch", 2]], {}, None)
+    table = torch.arange(10.0)
+    state = {"dead": False}
+    runs = []
 
     def run(inputs):
-        if failing["on"]:
+        runs.append(inputs[0].shape[0])
+        if state["dead"]:
             raise RuntimeError("device lost")
-        return [inputs[0] * 2]
+        return [table[inputs[0]] + inputs[1]]  # IndexError on an id past the table
 
-    batcher = StageBatcher(run, layout, expected=lambda: 2, max_delay=0.5)
-    errors = []
+    batcher = StageBatcher(run, layout, expected=lambda: 3, max_delay=0.5)
+    calls = {
+        "honest": [torch.tensor([[1, 2]]), torch.zeros(1, 2)],
+        "poisoned": [torch.tensor([[1, 99]]), torch.zeros(1, 2)],
+        "ragged": [torch.tensor([[3, 4]]), torch.zeros(2, 2)],
+    }
+    out, errors = {}, {}
 
-    def call(i):
+    def call(name):
         try:
-            batcher([torch.ones(1, 2)])
-        except RuntimeError as exc:
-            errors.append(str(exc))
+            out[name] = batcher(calls[name])[0][0]
+        except (IndexError, RuntimeError) as exc:
+            errors[name] = exc
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert errors == ["device lost", "device lost"]
-    failing["on"] = False
-    assert torch.equal(batcher([torch.ones(1, 2)])[0][0], torch.full((1, 2), 2.0))
+    def all_at_once():
+        threads = [threading.Thread(target=call, args=(n,)) for n in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+
+    all_at_once()
+    assert torch.equal(out["honest"], torch.tensor([[1.0, 2.0]]))
+    assert isinstance(errors["poisoned"], IndexError)
+    assert 2 in runs  # honest and poisoned shared a run (which failed) before running alone
+    assert 3 not in runs  # the ragged call never joined them
+    out.clear(), errors.clear()
+    state["dead"] = True
+    all_at_once()
+    assert sorted(errors) == sorted(calls) and not out
 
 
 def test_sessions_decoding_at_once_on_a_worker_share_runs_and_keep_their_tokens(cmif, tmp_path):

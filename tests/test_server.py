@@ -415,6 +415,8 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served, bundle):
             errors.append(exc)
 
     peak = 0  # the most sessions the worker held at once: they did run side by side
+    stage = next(iter(served.worker.stages))
+    calls, runs = served.worker.stats[stage]["calls"], served.worker.batchers[stage].batches
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     with slow(served.worker, 0.01):
         for t in threads:
@@ -428,6 +430,9 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served, bundle):
     assert not errors, errors
     assert [results.get(i) for i in range(8)] == expected
     assert peak >= 4
+    # and their decode steps shared runs of the stage: far fewer runs than calls
+    calls = served.worker.stats[stage]["calls"] - calls
+    assert served.worker.batchers[stage].batches - runs < calls / 2
     served.wait_idle()
 
 
