@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
-import io
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -327,13 +327,43 @@ def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
     except ArtifactError:
         fresh = True
     if fresh:
-        print(f"partitioning SmolLM2-135M under {policy} (once; reused afterwards) ...", flush=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # the report is `teesplit inspect`'s
+        log = out.with_name(f"{out.name}-partition.log")
+        print(
+            f"partitioning SmolLM2-135M under {policy} (once; reused afterwards; log: {log}) ...",
+            flush=True,
+        )
+        with _quiet(log):  # the report is `teesplit inspect`'s; the libraries' noise the log's
             cmd_partition(
                 argparse.Namespace(
                     model="smollm2-135m", policy=policy, out=str(out), sign_key=str(key)
                 )
             )
+
+
+@contextlib.contextmanager
+def _quiet(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr to ``log`` meanwhile, at the file-descriptor
+    level: progress bars, C++ and logging handlers write there, not only ``sys.stdout``."""
+    import os
+    import warnings
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with log.open("w") as sink, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 DEMO_POLICIES = {
