@@ -22,6 +22,8 @@ from enclave_runtime.driver import connect
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
 from partitioner.api import partition
+from partitioner.errors import ArtifactError
+from partitioner.plan import Plan
 from runtime.batching import Layout, StageBatcher
 from runtime.kserve import service
 from runtime.worker import GPUWorker, serve
@@ -241,3 +243,14 @@ def test_sessions_decoding_at_once_on_a_worker_share_runs_and_keep_their_tokens(
         assert stats.execution_count < stats.inference_count - 8
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("name", ["input_ids", "past_0", "nothing"])
+def test_a_plan_naming_another_input_as_padding_is_refused(cmif, name):
+    """The padding input is sent as public and filled with zeros by the enclave: a tampered
+    plan may not give that role to the tokens, a cache, or an input that does not exist."""
+    data = cmif.spec.to_dict()
+    assert data["padding"] == "padding"
+    data["padding"] = name
+    with pytest.raises(ArtifactError, match="padding"):
+        Plan.from_dict(data)

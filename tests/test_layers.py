@@ -34,7 +34,7 @@ DATA = {
 }
 READER = {"partitioner.bundle", "partitioner.signing"}
 WIRE = {"runtime.kserve", "runtime.state"}  # the contract both processes apply
-CLI = {"partitioner.cli"}
+CLI = {"partitioner.cli", "partitioner.deploy"}  # the command and the processes it starts
 
 
 def layer_of(module: str) -> str:
@@ -64,7 +64,7 @@ ALLOWED = {
     "worker": {"data", "reader", "wire", "worker"},
     "enclave": {"data", "reader", "wire", "enclave"},
     "compiler": {"data", "reader", "wire", "passes", "worker", "enclave", "compiler"},
-    "cli": {"data", "reader", "wire", "passes", "worker", "enclave", "compiler"},
+    "cli": {"data", "reader", "wire", "passes", "worker", "enclave", "compiler", "cli"},
 }
 
 
