@@ -44,6 +44,18 @@ def reply_for(request, tensors=None, **changes):
     return pb.ModelStreamInferResponse(infer_response=response)
 
 
+_STARTED: list[grpc.Server] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_fake_workers():
+    """Stop each test's fake servers: a stream left open would block the process's exit
+    (concurrent.futures joins its threads at exit)."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop(0).wait()
+
+
 class FakeWorker:
     """A KServe server whose stream answers each request with ``behave(request)`` (a reply,
     or None for no reply)."""
@@ -65,6 +77,7 @@ class FakeWorker:
         self.address = f"unix:{path}"
         self.server.add_insecure_port(self.address)
         self.server.start()
+        _STARTED.append(self.server)
 
 
 def call(worker, timeout=2.0, **kwargs):
