@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-delay-ms",
         type=float,
         default=20.0,
-        help="how long a call waits for other sessions' calls to batch with (0: no wait)",
+        help="how long a decode step's call (a stage holding caches) waits for other "
+        "sessions' calls to batch with (0: no wait); other stages batch what is queued",
     )
     parser.add_argument("--max-batch", type=int, default=64, help="most rows in one batch")
     args = parser.parse_args(argv)

@@ -125,7 +125,10 @@ class GPUWorker:
                     plan.padding,
                 ),
                 expected=lambda name=s.name: max(self.users[name], 1),
-                max_delay=batch_delay,
+                # only a stage holding sessions' caches (a decode step, one call per token)
+                # waits for batch-mates: a preset with many stages per token would pay the
+                # wait on every call whenever the sessions are out of step
+                max_delay=batch_delay if self.held.get(s.name) else 0.0,
                 max_rows=max_batch,
             )
             for s in gpu_stages

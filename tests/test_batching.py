@@ -254,3 +254,19 @@ def test_a_plan_naming_another_input_as_padding_is_refused(cmif, name):
     data["padding"] = name
     with pytest.raises(ArtifactError, match="padding"):
         Plan.from_dict(data)
+
+
+def test_only_a_stage_holding_caches_waits_for_batch_mates(cmif, tmp_path):
+    """A decode step (one call per token) waits for the other sessions; a stateless stage of
+    a many-stage preset (slalom: one call per linear layer) must not pay a wait per call."""
+    root = tmp_path / "cmif"
+    cmif.save(root, sign_key=SIGN_KEY)
+    worker = GPUWorker(root / "gpu", batch_delay=0.2)
+    [held] = worker.held
+    assert worker.batchers[held].max_delay == 0.2
+    slalom = partition(step("tiny-llama"), "slalom", seed=3)
+    root = tmp_path / "slalom"
+    slalom.save(root, sign_key=SIGN_KEY)
+    worker = GPUWorker(root / "gpu", batch_delay=0.2)
+    assert not worker.held and worker.batchers
+    assert all(b.max_delay == 0.0 for b in worker.batchers.values())
