@@ -68,14 +68,16 @@ def bundle_for(preset: str, out: Path) -> Path:
     return path
 
 
-def one_session(url: str, prompt: str, new: int, start: float, out: dict[str, Any]) -> None:
+def one_session(
+    url: str, model: str, prompt: str, new: int, start: float, out: dict[str, Any]
+) -> None:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
     first = None
     tokens = 0
     stream = client.completions.create(
-        model=client.models.list().data[0].id,
+        model=model,
         prompt=prompt,
         max_tokens=new,
         temperature=0,
@@ -98,12 +100,16 @@ def one_session(url: str, prompt: str, new: int, start: float, out: dict[str, An
 
 
 def load_run(url: str, sessions: int, new: int) -> dict[str, Any]:
+    import openai
+
+    # asked once, before the clock starts: not a request of each timed session
+    model = openai.OpenAI(base_url=url, api_key="local").models.list().data[0].id
     results: list[dict[str, Any]] = [{} for _ in range(sessions)]
     start = time.perf_counter()
     threads = [
         threading.Thread(
             target=one_session,
-            args=(url, PROMPTS[i % len(PROMPTS)], new, start, results[i]),
+            args=(url, model, PROMPTS[i % len(PROMPTS)], new, start, results[i]),
         )
         for i in range(sessions)
     ]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from partitioner.errors import TeesplitError
+from runtime.local_triton import stop
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,16 +56,6 @@ def _started(proc: subprocess.Popen, marker: str, log: Path, what: str) -> str:
         proc.wait()
         raise DeployError(f"the {what} did not start: {line or _tail(log) or 'no output'}")
     return line
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -111,7 +102,7 @@ def local_deployment(
         yield Deployment(url, address)
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc, grace=10)
         out.close()
         if log is None:
             shutil.rmtree(folder, ignore_errors=True)

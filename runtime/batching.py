@@ -123,14 +123,13 @@ class StageBatcher:
         self._running = False
         self.batches = 0  # runs of the stage, for statistics
 
-    def __call__(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-        """The stage's outputs for ``inputs``, and how many calls shared the run."""
-        if not self.layout.batchable:
-            with self._cond:  # still one run at a time
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The stage's outputs for ``inputs``."""
+        if not self.layout.batchable:  # a run of its own, as before batching
+            with self._cond:
                 self.batches += 1
-            return self._run(inputs), 1
+            return self._run(inputs)
         call = _Call(inputs, self.layout.key(inputs))
-        size = 1
         with self._cond:
             self._queue.append(call)
             self._cond.notify_all()
@@ -147,25 +146,26 @@ class StageBatcher:
                 outputs = self._execute(batch)
                 for c, out in zip(batch, outputs, strict=True):
                     c.outputs = out
-            except Exception:
-                # one call's values (a token id out of range) may fail the whole run: run
-                # each alone, so a bad call fails itself only, never its batch-mates
-                for c in batch:
-                    try:
-                        c.outputs = self._run(c.inputs)
-                    except Exception as exc:
-                        c.error = exc
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                else:
+                    # one call's values (a token id out of range) may fail the whole run: run
+                    # each alone, so a bad call fails itself only, never its batch-mates
+                    for c in batch:
+                        try:
+                            c.outputs = self._run(c.inputs)
+                        except Exception as alone:
+                            c.error = alone
             with self._cond:
                 for c in batch:
                     c.finished = True
-                if call in batch:
-                    size = len(batch)
                 self._running = False
                 self._cond.notify_all()
         if call.error is not None:
             raise call.error
         assert call.outputs is not None
-        return call.outputs, size
+        return call.outputs
 
     def _gather(self) -> list[_Call]:
         """With the lock held: wait (at most ``max_delay``) until the expected calls are

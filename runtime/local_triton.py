@@ -195,10 +195,11 @@ def start(repo: Path, workdir: Path, timeout: float = 120.0) -> tuple[subprocess
         time.sleep(0.5)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Terminate ``proc``, and kill it if it has not exited after ``grace`` seconds."""
     proc.terminate()
     try:
-        proc.wait(30)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

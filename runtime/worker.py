@@ -10,9 +10,9 @@ each stage are held for ``teesplit_extends`` and freed when the stream ends. It 
 time per stage (``ModelStatistics``; the client counts the bytes). Calls that concurrent
 sessions make to one stage run as one batch (:mod:`runtime.batching`: a decode step's caches of
 different lengths are left-padded), so the statistics' ``execution_count`` counts runs and
-``inference_count`` calls. Stages run with torch on
-CUDA when available (``device="auto"``), otherwise on the CPU with a warning;
-``backend="onnx"`` runs the ``.onnx`` stages under onnxruntime instead.
+``inference_count`` calls. Stages run with torch on CUDA when available (``device="auto"``),
+otherwise on the CPU with a warning; ``backend="onnx"`` runs the ``.onnx`` stages under
+onnxruntime instead.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class GPUWorker:
         inputs = [t if is_stand_in(t) else t.to(device) for t in tensors]
         if state is not None:
             inputs = state.inputs(inputs)
-        outs, _ = self.batchers[stage](inputs)
+        outs = self.batchers[stage](inputs)
         if state is not None:
             outs = state.keep(inputs, outs)
         outs = [o.cpu() for o in outs]

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
+import ipaddress
+import threading
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 from models import BUILDERS
 
 from partitioner.capturing import Captured, capture
@@ -16,6 +25,47 @@ from partitioner.signing import generate_keypair
 # The compiler's signing key for bundles saved by tests, and the public key that loads them.
 SIGN_KEY = Ed25519PrivateKey.generate()
 TRUSTED = SIGN_KEY.public_key()
+
+
+def at_once(target: Callable[[Any], None], items: Iterable[Any], timeout: float = 120) -> None:
+    """``target(item)`` for every item, each in its own thread, all started before any is
+    joined: concurrent sessions or calls."""
+    threads = [threading.Thread(target=target, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
+def self_signed(host: str = "localhost") -> tuple[bytes, bytes]:
+    """A PEM certificate for ``host`` (a name, or an IP address) and its key: a test CA of
+    one."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
 
 PRESET_NAMES = ["cmif", "secureinfer", "slalom", "all_enclave", "all_gpu"]
 # Every architecture the core supports, at sizes that keep the suite fast (SmolLM2 is `slow`).

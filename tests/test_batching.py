@@ -9,13 +9,12 @@ fails (every call in it is told; the next batch runs).
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
+from conftest import SIGN_KEY, TRUSTED, at_once
 from test_generation import args, prompt, step
 
 from enclave_runtime.driver import connect
@@ -96,13 +95,9 @@ def test_rows_of_different_cache_lengths_compute_what_they_compute_alone(all_gpu
     results: dict[int, list[torch.Tensor]] = {}
 
     def session(i):
-        results[i] = batcher(calls[i])[0]
+        results[i] = batcher(calls[i])
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    at_once(session, range(3), timeout=60)
     assert len(ran) == 1 and ran[0][0][0] == 3  # one run of three rows
     for i in range(3):
         for got, want in zip(results[i], alone[i], strict=True):
@@ -156,13 +151,9 @@ def test_calls_that_cannot_share_a_batch_run_apart():
     def call(i):
         out[i] = batcher([torch.full((1, sizes[i]), float(i + 1))])
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    at_once(call, range(3), timeout=10)
     assert sorted(runs) == [1, 5]  # the two seq-1 calls together, the seq-5 one apart
-    assert [float(out[i][0][0][0]) for i in range(3)] == [1.0, 2.0, 15.0]
+    assert [float(out[i][0][0]) for i in range(3)] == [1.0, 2.0, 15.0]
 
 
 def test_a_poisoned_call_fails_alone_and_a_dead_device_fails_everyone():
@@ -190,25 +181,18 @@ def test_a_poisoned_call_fails_alone_and_a_dead_device_fails_everyone():
 
     def call(name):
         try:
-            out[name] = batcher(calls[name])[0][0]
+            out[name] = batcher(calls[name])[0]
         except (IndexError, RuntimeError) as exc:
             errors[name] = exc
 
-    def all_at_once():
-        threads = [threading.Thread(target=call, args=(n,)) for n in calls]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=10)
-
-    all_at_once()
+    at_once(call, calls, timeout=10)
     assert torch.equal(out["honest"], torch.tensor([[1.0, 2.0]]))
     assert isinstance(errors["poisoned"], IndexError)
     assert 2 in runs  # honest and poisoned shared a run (which failed) before running alone
     assert 3 not in runs  # the ragged call never joined them
     out.clear(), errors.clear()
     state["dead"] = True
-    all_at_once()
+    at_once(call, calls, timeout=10)
     assert sorted(errors) == sorted(calls) and not out
 
 
@@ -228,11 +212,7 @@ def test_sessions_decoding_at_once_on_a_worker_share_runs_and_keep_their_tokens(
             remote = connect(root, address, trusted_key=TRUSTED, seed=i)
             results[i] = generate(remote, prompts[i], max_new_tokens=8)
 
-        threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        at_once(session, range(4))
         for i, ids in enumerate(prompts):
             want = generate(Executor(cmif.spec, seed=i), ids, max_new_tokens=8)
             assert torch.equal(results[i], want), i

@@ -8,12 +8,11 @@ that loses the state mid-generation.
 
 import copy
 import dataclasses
-import threading
 
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
+from conftest import SIGN_KEY, TRUSTED, at_once
 from test_generation import args, prompt, step
 
 from enclave_runtime.driver import WorkerError, connect
@@ -114,11 +113,7 @@ def test_sessions_on_one_worker_keep_their_own_caches(cmif, cmif_bundle, tmp_pat
             remote = connect(cmif_bundle, address, trusted_key=TRUSTED, seed=i)
             results[i] = generate(remote, prompts[i], max_new_tokens=5)
 
-        threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        at_once(session, range(3))
         for i, ids in enumerate(prompts):
             want = generate(Executor(cmif.spec, seed=i), ids, max_new_tokens=5)
             assert torch.equal(results[i], want), i

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, captured, model_output
+from conftest import SIGN_KEY, TRUSTED, captured, model_output, self_signed
 
 from enclave_runtime.driver import WorkerError, connect, spawn_worker
 from partitioner.api import partition
@@ -239,41 +239,8 @@ def test_grown_dim_only_for_a_true_extension():
     assert grown_dim(old, torch.ones(2, 2, 4)) is None
 
 
-def _self_signed(host="localhost"):
-    """A PEM certificate for ``host`` and its key (a test CA of one)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return pem, key_pem
-
-
 def test_tls_and_a_token_on_tcp(bundles):
-    cert, key = _self_signed()
+    cert, key = self_signed()
     server = serve(
         GPUWorker(bundles["slalom"], device="cpu"), "localhost:0", token="t0k", tls=(cert, key)
     )
@@ -290,7 +257,7 @@ def test_tls_and_a_token_on_tcp(bundles):
             )
         with pytest.raises(WorkerError, match="cannot reach the GPU worker"):
             connect(bundles["slalom"], address, trusted_key=TRUSTED, token="t0k", timeout=2.0)
-        other, _ = _self_signed()
+        other, _ = self_signed()
         with pytest.raises(WorkerError, match="cannot reach the GPU worker"):
             connect(bundles["slalom"], address, trusted_key=TRUSTED, tls_root=other, timeout=2.0)
     finally:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import ipaddress
 import itertools
 import json
 import ssl
@@ -27,16 +25,14 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
 import torch
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import self_signed
 
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import decode_steps
@@ -45,6 +41,7 @@ from enclave_runtime.sampling import Sampler, sampling_rng
 from enclave_runtime.sessions import Detokenizer
 from enclave_runtime.tokenizer import BundleTokenizer
 from partitioner.policy import Policy, RNMConfig
+from runtime.local_triton import stop
 from runtime.worker import GPUWorker, serve
 
 pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
@@ -133,33 +130,10 @@ def bundle(tmp_path_factory, key_files):
 
 def _certificate(folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed("127.0.0.1")
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_bytes(cert)
+    key_path.write_bytes(key)
     return cert_path, key_path
 
 
@@ -251,12 +225,7 @@ def served(bundle, key_files, tmp_path_factory):
                 time.sleep(0.05)
         yield result
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=10)
         log.close()
         worker_server.shutdown()
 
@@ -445,36 +414,34 @@ def _open_stream(client: openai.OpenAI, tokens: int = 200):
 
 
 @contextlib.contextmanager
-def slow(worker: GPUWorker, seconds: float = 0.02):
-    """Each stage call on the worker takes ``seconds`` longer: sessions stay open a while."""
-    run = worker.run
-
-    def delayed(*args, **kwargs):
-        time.sleep(seconds)
-        return run(*args, **kwargs)
-
-    worker.run = delayed
-    try:
-        yield
-    finally:
-        del worker.run
-
-
-@contextlib.contextmanager
-def failing(worker: GPUWorker, after: int):
-    """The worker's stages fail from the ``after``-th call on (a GPU that falls over)."""
+def before_each_run(worker: GPUWorker, hook: Callable[[int], None]):
+    """``hook(n)`` runs before the worker's ``n``-th stage call from here on."""
     run, calls = worker.run, itertools.count()
 
-    def broken(*args, **kwargs):
-        if next(calls) >= after:
-            raise RuntimeError("the GPU fell over at 0xdeadbeef")
+    def wrapped(*args, **kwargs):
+        hook(next(calls))
         return run(*args, **kwargs)
 
-    worker.run = broken
+    worker.run = wrapped
     try:
         yield
     finally:
         del worker.run
+
+
+def slow(worker: GPUWorker, seconds: float = 0.02):
+    """Each stage call on the worker takes ``seconds`` longer: sessions stay open a while."""
+    return before_each_run(worker, lambda _: time.sleep(seconds))
+
+
+def failing(worker: GPUWorker, after: int):
+    """The worker's stages fail from the ``after``-th call on (a GPU that falls over)."""
+
+    def fall_over(n: int) -> None:
+        if n >= after:
+            raise RuntimeError("the GPU fell over at 0xdeadbeef")
+
+    return before_each_run(worker, fall_over)
 
 
 def test_a_failing_worker_is_a_502_or_an_error_event_without_its_details(served):
