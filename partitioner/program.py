@@ -193,9 +193,16 @@ class SplitProgram:
                 f"{offloaded:.1f} MFLOP of products of two activations on the GPU"
             )
         if prot.rnm is not None:
+            g = prot.rnm.grouping
+            groups = (
+                f"groups in frequency strata of the prior {g['prior']} (ratio {g['ratio']:g})"
+                if g["method"] == "strata"
+                else "cosine groups without a prior (a group may give its most frequent word "
+                "away: pass a token prior)"
+            )
             lines.append(
                 f"RNM: ε={prot.rnm.epsilon:g} per token, {prot.rnm.candidates} candidates, "
-                f"in {prot.rnm.stage}; a request's ε is ε x its non-special tokens"
+                f"in {prot.rnm.stage}; a request's ε is ε x its non-special tokens; {groups}"
             )
         if prot.freivalds:
             lines.append(f"Freivalds checks on {len(prot.freivalds)} GPU stages")

@@ -8,6 +8,8 @@ for one program). Each has ``to_dict``/``from_dict``; the callables they carry i
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +71,9 @@ class RNMSite:
     candidates: int
     special_tokens: int | None  # how many tokens pass through (None: planned on meta weights)
     tables: Any = None
+    # how the groups were built: {"method": "cosine"} or RNM's frequency strata and the
+    # prior they were built against (partitioner.rnm_tables.TokenPrior.describe)
+    grouping: dict[str, Any] = field(default_factory=lambda: {"method": "cosine"})
 
     @property
     def noise_scale(self) -> float:
@@ -82,11 +87,13 @@ class RNMSite:
             "epsilon": self.epsilon,
             "candidates": self.candidates,
             "special_tokens": self.special_tokens,
+            "grouping": dict(self.grouping),
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "protection.rnm") -> RNMSite:
-        d = fields(data, where, tuple(cls("", "", "", 1.0, 2, None).to_dict()))
+        keys = tuple(k for k in cls("", "", "", 1.0, 2, None).to_dict() if k != "grouping")
+        d = fields(data, where, keys, optional=("grouping",))  # plans before it: cosine
         epsilon = number(d["epsilon"], f"{where}.epsilon")
         if not 0 < epsilon < float("inf"):
             raise ArtifactError(f"{where}.epsilon: {epsilon} is not a finite positive number")
@@ -98,7 +105,25 @@ class RNMSite:
             epsilon,
             int_(d["candidates"], f"{where}.candidates", 2),
             None if special is None else int_(special, f"{where}.special_tokens", 0),
+            grouping=_grouping(d.get("grouping", {"method": "cosine"}), f"{where}.grouping"),
         )
+
+
+def _grouping(data: Any, where: str) -> dict[str, Any]:
+    if isinstance(data, Mapping) and data.get("method") == "cosine":
+        fields(data, where, ("method",))
+        return {"method": "cosine"}
+    d = fields(data, where, ("method", "prior", "prior_sha256", "ratio"))
+    if d["method"] != "strata":
+        raise ArtifactError(f"{where}.method: {d['method']!r} is not 'cosine' or 'strata'")
+    digest = str_(d["prior_sha256"], f"{where}.prior_sha256")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ArtifactError(f"{where}.prior_sha256: not a SHA-256 hex digest")
+    ratio = number(d["ratio"], f"{where}.ratio")
+    if not 1 < ratio < float("inf"):
+        raise ArtifactError(f"{where}.ratio: {ratio} is not a finite number above 1")
+    return {"method": "strata", "prior": str_(d["prior"], f"{where}.prior"),
+            "prior_sha256": digest, "ratio": ratio}  # fmt: skip
 
 
 @dataclass

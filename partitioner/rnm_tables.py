@@ -7,16 +7,46 @@ why it is ε-DP). Imports only ``errors``: the enclave loads these tables withou
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from partitioner.errors import ArtifactError
+from partitioner.errors import ArtifactError, PolicyError
 
 _BATCH = 256
+
+
+@dataclass(frozen=True)
+class TokenPrior:
+    """A public count per token id, which RNM groups are built against (``RNMTables.build``).
+
+    ``source`` says where the counts come from (``wordfreq``, ``corpus:NAME``); ``ratio`` is
+    the most two members of one frequency stratum may differ by. The plan records both and
+    the counts' SHA-256, so a reader can rebuild the groups and check them.
+    """
+
+    source: str
+    counts: torch.Tensor  # (V,) float64, finite, non-negative
+    ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        c = self.counts
+        if c.dim() != 1 or not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+            raise PolicyError(f"token prior {self.source}: counts must be finite, >= 0, one per id")
+        if not 1.0 < self.ratio < float("inf"):
+            raise PolicyError(f"token prior {self.source}: ratio must be > 1, got {self.ratio}")
+
+    def describe(self) -> dict[str, object]:
+        digest = hashlib.sha256(self.counts.to(torch.float64).numpy().tobytes()).hexdigest()
+        return {"method": "strata", "prior": self.source, "prior_sha256": digest,
+                "ratio": self.ratio}  # fmt: skip
+
+
+COSINE = {"method": "cosine"}  # the grouping without a prior: similarity only
 
 
 @dataclass
@@ -27,6 +57,7 @@ class RNMTables:
     scores: torch.Tensor  # (V, K) float32, -inf in padding slots
     keep: torch.Tensor  # (V,) bool: special tokens, emitted unchanged
     epsilon: float
+    grouping: dict = field(default_factory=lambda: dict(COSINE))  # how the groups were built
 
     @property
     def noise_scale(self) -> float:
@@ -55,42 +86,44 @@ class RNMTables:
 
     @classmethod
     def build(
-        cls, embedding: torch.Tensor, k: int, epsilon: float, special_ids: Iterable[int] = ()
+        cls,
+        embedding: torch.Tensor,
+        k: int,
+        epsilon: float,
+        special_ids: Iterable[int] = (),
+        prior: TokenPrior | None = None,
     ) -> RNMTables:
-        """Group the vocabulary and score each token's group (deterministic, no randomness)."""
+        """Group the vocabulary and score each token's group (deterministic, no randomness).
+
+        Without ``prior``, the groups are greedy cosine clusters over the whole vocabulary:
+        one frequent word among rare ones, so the group alone names the word. With a
+        ``prior`` (a public count per token), the vocabulary is first cut into frequency
+        strata, inside which no two tokens' prior counts differ by more than its ``ratio`` (a
+        stratum holds at least ``k`` tokens, so the most frequent ones share one); groups are
+        cosine clusters inside a stratum. A group's members are then about equally likely a
+        priori, so the group says little and the ε-noisy choice inside it hides the word.
+        """
         weight = embedding.detach().to(torch.float32)
         vocab = weight.shape[0]
         unit = torch.nn.functional.normalize(weight, dim=1)
         keep = torch.zeros(vocab, dtype=torch.bool)
         special = [i for i in special_ids if 0 <= i < vocab]
         keep[special] = True
-        assigned = keep.clone()
         candidates = torch.full((vocab, k), -1, dtype=torch.int64)
         scores = torch.full((vocab, k), float("-inf"), dtype=torch.float32)
         candidates[keep, 0] = torch.nonzero(keep).flatten()
         scores[keep, 0] = 1.0
-        while not bool(assigned.all()):
-            # One matmul for the next batch of unassigned seeds (in id order), then the groups
-            # one seed at a time; a seed taken by an earlier group of its batch is skipped.
-            seeds = torch.nonzero(~assigned).flatten()[:_BATCH]
-            sims = unit[seeds] @ unit.t()
-            for row, seed in zip(sims, seeds.tolist(), strict=True):
-                if assigned[seed]:
-                    continue
-                row = row.masked_fill(assigned, float("-inf"))
-                row[seed] = float("inf")  # the seed is always in its own group
-                free = int((~assigned).sum())
-                group = torch.topk(row, min(k, free)).indices
-                assigned[group] = True
-                members = unit[group]
-                cos = members @ members.t()  # (g, g): row i scores every member for token i
-                lo = cos.min(dim=1, keepdim=True).values
-                hi = cos.max(dim=1, keepdim=True).values
-                normed = (cos - lo) / (hi - lo).clamp_min(1e-12)
-                g = len(group)
-                candidates[group, :g] = group.unsqueeze(0).expand(g, g)
-                scores[group, :g] = normed
-        return cls(candidates, scores, keep, float(epsilon))
+        if prior is not None and prior.counts.shape[0] != vocab:
+            raise PolicyError(
+                f"token prior {prior.source} has {prior.counts.shape[0]} counts for a "
+                f"vocabulary of {vocab}"
+            )
+        for stratum in _strata(keep, prior, k):
+            assigned = torch.ones(vocab, dtype=torch.bool)
+            assigned[stratum] = False
+            _cluster(unit, assigned, k, candidates, scores)
+        grouping = dict(COSINE) if prior is None else prior.describe()
+        return cls(candidates, scores, keep, float(epsilon), grouping)
 
     @classmethod
     def on_meta(cls, vocab: int, k: int, epsilon: float) -> RNMTables:
@@ -149,3 +182,57 @@ class RNMTables:
         ):
             raise ArtifactError(f"RNM tables {what} are malformed (shapes, dtypes, ids or ε)")
         return cls(candidates, scores, keep, epsilon)
+
+
+def _strata(keep: torch.Tensor, prior: TokenPrior | None, k: int) -> list[torch.Tensor]:
+    """The token ids to group, cut into frequency strata (one stratum without a prior)."""
+    ids = torch.nonzero(~keep).flatten()
+    if prior is None:
+        return [ids]
+    counts, ratio = prior.counts.to(torch.float64)[ids], prior.ratio
+    order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id
+    ids, counts = ids[order], counts[order].tolist()
+    strata, start = [], 0
+    while start < len(ids):
+        end = min(start + k, len(ids))
+        while end < len(ids) and counts[end] * ratio >= counts[start]:
+            end += 1
+        # whole groups of k inside the ratio; where even k tokens exceed it (the most
+        # frequent words), the k next in frequency order, the flattest group there is
+        end = min(start + max(k, (end - start) // k * k), len(ids))
+        strata.append(ids[start:end])
+        start = end
+    return strata
+
+
+def _cluster(
+    unit: torch.Tensor,
+    assigned: torch.Tensor,
+    k: int,
+    candidates: torch.Tensor,
+    scores: torch.Tensor,
+) -> None:
+    """Greedy cosine groups of ``k`` over the tokens not yet ``assigned`` (in id order: each
+    seed takes its ``k − 1`` nearest free tokens), written into ``candidates`` and ``scores``
+    with min-max normalised cosine scores (Δ = 1)."""
+    while not bool(assigned.all()):
+        # One matmul for the next batch of unassigned seeds (in id order), then the groups
+        # one seed at a time; a seed taken by an earlier group of its batch is skipped.
+        seeds = torch.nonzero(~assigned).flatten()[:_BATCH]
+        sims = unit[seeds] @ unit.t()
+        for row, seed in zip(sims, seeds.tolist(), strict=True):
+            if assigned[seed]:
+                continue
+            row = row.masked_fill(assigned, float("-inf"))
+            row[seed] = float("inf")  # the seed is always in its own group
+            free = int((~assigned).sum())
+            group = torch.topk(row, min(k, free)).indices
+            assigned[group] = True
+            members = unit[group]
+            cos = members @ members.t()  # (g, g): row i scores every member for token i
+            lo = cos.min(dim=1, keepdim=True).values
+            hi = cos.max(dim=1, keepdim=True).values
+            normed = (cos - lo) / (hi - lo).clamp_min(1e-12)
+            g = len(group)
+            candidates[group, :g] = group.unsqueeze(0).expand(g, g)
+            scores[group, :g] = normed

@@ -46,6 +46,7 @@ from partitioner.plan import (
     Stage,
 )
 from partitioner.policy import Policy
+from partitioner.rnm_tables import TokenPrior
 from partitioner.shapes import ShapeContext
 from passes import exact as exact_pass
 from passes.cost import correction_cost
@@ -89,8 +90,10 @@ class _Protector:
         edges: list[Edge],
         flat_outputs: list[Any],
         special_ids: Iterable[int],
+        prior: TokenPrior | None = None,
     ) -> None:
         self.program = program
+        self.prior = prior
         self.policy = policy
         self.shapes = shapes
         self.stages = stages
@@ -104,7 +107,13 @@ class _Protector:
 
     def run(self) -> ProtectResult:
         inserted = insert_rnm(
-            self.program, self.policy, self.stages, self.edges, self.flat_outputs, self.special_ids
+            self.program,
+            self.policy,
+            self.stages,
+            self.edges,
+            self.flat_outputs,
+            self.special_ids,
+            self.prior,
         )
         self.stages, self.flat_outputs = inserted.stages, inserted.flat_outputs
         # edges are re-annotated below: work on copies so the caller's are never edited
@@ -291,13 +300,14 @@ def protect(
     edges: list[Edge],
     flat_outputs: list[Any],
     special_ids: Iterable[int] = (),
+    prior: TokenPrior | None = None,
 ) -> ProtectResult:
     """Insert RNM, masks, unmasks and corrections; see the module docstring for guarantees.
 
     Raises :class:`PartitionError` when the policy cannot be met.
     """
     protector = _Protector(
-        program, policy, shapes, list(stages), list(edges), list(flat_outputs), special_ids
+        program, policy, shapes, list(stages), list(edges), list(flat_outputs), special_ids, prior
     )
     try:
         return protector.run()

@@ -46,7 +46,7 @@ from partitioner.op_table import EMBEDDING_OPS, op_name, props
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, INPUT, Edge, RNMSite, Stage
 from partitioner.policy import Policy
-from partitioner.rnm_tables import RNMTables
+from partitioner.rnm_tables import RNMTables, TokenPrior
 from passes.base import fake_like
 from passes.graph_edit import append_placeholder, copy_graph, graph_module, input_node
 from passes.labels import user_input_names
@@ -117,18 +117,26 @@ def token_input_of(program: ExportedProgram) -> tuple[str, str] | None:
 _TABLES: dict[tuple[Any, ...], tuple[weakref.ref, RNMTables]] = {}
 
 
-def rnm_tables(weight: torch.Tensor, k: int, epsilon: float, special: Iterable[int]) -> RNMTables:
-    """Tables for one embedding matrix, built once per (weight, k, ε, specials) in a process.
+def rnm_tables(
+    weight: torch.Tensor,
+    k: int,
+    epsilon: float,
+    special: Iterable[int],
+    prior: TokenPrior | None = None,
+) -> RNMTables:
+    """Tables for one embedding matrix, built once per (weight, k, ε, specials, prior) in a
+    process.
 
     The cache holds the weight weakly: entries die with their model.
     """
-    key = (id(weight), weight._version, k, float(epsilon), tuple(sorted(set(special))))
+    grouping = None if prior is None else tuple(sorted(prior.describe().items()))
+    key = (id(weight), weight._version, k, float(epsilon), tuple(sorted(set(special))), grouping)
     for stale in [k_ for k_, (ref, _) in _TABLES.items() if ref() is None]:
         del _TABLES[stale]
     hit = _TABLES.get(key)
     if hit is not None and hit[0]() is weight:
         return hit[1]
-    tables = RNMTables.build(weight, k, epsilon, key[4])
+    tables = RNMTables.build(weight, k, epsilon, key[4], prior)
     _TABLES[key] = (weakref.ref(weight), tables)
     return tables
 
@@ -150,8 +158,10 @@ def insert_rnm(
     edges: list[Edge],
     flat_outputs: list[Any],
     special_ids: Iterable[int],
+    prior: TokenPrior | None = None,
 ) -> RNMInsertion:
-    """Sanitise the token input with RNM in the first enclave stage that reads it."""
+    """Sanitise the token input with RNM in the first enclave stage that reads it; with a
+    ``prior``, its groups are frequency strata built against that prior."""
     cfg = policy.rnm
     if cfg is None:
         return RNMInsertion(list(stages), list(edges), list(flat_outputs), None)
@@ -170,12 +180,17 @@ def insert_rnm(
         )
     if weight.device.type == "meta":  # planning only: shapes without contents
         tables = RNMTables.on_meta(weight.shape[0], cfg.candidates, cfg.epsilon)
+        if prior is not None:
+            tables.grouping = prior.describe()
         special = None
     else:
-        tables = rnm_tables(weight, cfg.candidates, cfg.epsilon, special_ids)
+        tables = rnm_tables(weight, cfg.candidates, cfg.epsilon, special_ids, prior)
         special = int(tables.keep.sum())
     sanitised = f"{token}_rnm"
-    site = RNMSite(token, sanitised, first.consumer, tables.epsilon, tables.k, special, tables)
+    site = RNMSite(
+        token, sanitised, first.consumer, tables.epsilon, tables.k, special, tables,
+        grouping=dict(tables.grouping),
+    )  # fmt: skip
     new_stages = []
     for stage in stages:
         if stage.name == first.consumer:

@@ -32,7 +32,7 @@ import torch
 
 from enclave_runtime.randomness import CSPRNG
 from partitioner.ops import OPS
-from partitioner.rnm_tables import RNMTables
+from partitioner.rnm_tables import RNMTables, TokenPrior
 
 K = 20  # CusText's default output-set size; RNM uses the same groups
 
@@ -81,9 +81,12 @@ class Mechanism:
         return ids.clone()
 
 
-def groups(universe: Universe) -> RNMTables:
-    """The disjoint cosine groups of ``K`` and their scores (they do not depend on ε)."""
-    return RNMTables.build(universe.embedding, K, epsilon=1.0)
+def groups(universe: Universe, prior: TokenPrior | None = None) -> RNMTables:
+    """The disjoint groups of ``K`` and their scores (they do not depend on ε): cosine
+    clusters, or with a ``prior`` (a count per *model* token id) frequency strata of it."""
+    if prior is not None:
+        prior = TokenPrior(prior.source, prior.counts[universe.ids], prior.ratio)
+    return RNMTables.build(universe.embedding, K, epsilon=1.0, prior=prior)
 
 
 class RNM(Mechanism):

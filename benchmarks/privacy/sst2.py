@@ -139,7 +139,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in MECHANISMS:
+    for name in dict.fromkeys(r["mechanism"] for r in results["runs"]):
         rows = [r for r in results["runs"] if r["mechanism"] == name]
         eps = [r["epsilon"] for r in rows]
         ax.errorbar(
@@ -170,7 +170,7 @@ def table(results: dict[str, Any]) -> str:
     eps = results["epsilons"]
     head = "| mechanism | " + " | ".join(f"ε = {e:g}" for e in eps) + " |"
     lines = [head, "|---" * (len(eps) + 1) + "|"]
-    for name in MECHANISMS:
+    for name in dict.fromkeys(r["mechanism"] for r in results["runs"]):
         cells = []
         for e in eps:
             r = next(r for r in results["runs"] if r["mechanism"] == name and r["epsilon"] == e)
@@ -190,6 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy"))
+    parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=MECHANISMS)
+    parser.add_argument(
+        "--grouping",
+        choices=["cosine", "wordfreq", "corpus"],
+        default="cosine",
+        help="RNM/CusText+ groups: cosine clusters, or frequency strata of wordfreq's counts or "
+        "of the train split's (issue 16); results other than cosine's go to sst2-GROUPING.*",
+    )
     args = parser.parse_args(argv)
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -210,7 +218,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     train_ids = [all_train[i] for i in pick]
     train_y = [train_y[i] for i in pick]
-    tables = groups(universe)
+    prior = None
+    if args.grouping != "cosine":
+        from partitioner.token_prior import corpus_prior, wordfreq_prior
+
+        vocab_size = embedding.shape[0]
+        prior = (
+            wordfreq_prior(encoder.tokenizer, vocab_size)
+            if args.grouping == "wordfreq"
+            else corpus_prior(encoder.tokenizer, train_s, "sst2-train", vocab_size)
+        )
+    tables = groups(universe, prior)
     print(
         f"SST-2: {len(train_ids):,} train / {len(dev_ids):,} dev sentences; universe "
         f"{len(universe):,} tokens; groups of {tables.k} built "
@@ -228,9 +246,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "classifier": "frozen all-MiniLM-L6-v2 (mean pooled) + scikit-learn LogisticRegression",
         "non_private": {"mean": clean, "std": 0.0},
+        "grouping": tables.grouping,
         "runs": [],
     }
-    for name in MECHANISMS:
+    for name in args.mechanisms:
         for epsilon in args.epsilons:
             accs, replaced = [], []
             for seed in args.seeds:
@@ -255,9 +274,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sst2.json").write_text(json.dumps(results, indent=1))
-    (out / "sst2.md").write_text(table(results) + "\n")
-    plot(results, out / "sst2.png")
+    stem = "sst2" if args.grouping == "cosine" else f"sst2-{args.grouping}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(table(results) + "\n")
+    plot(results, out / f"{stem}.png")
     print(table(results))
     print(f"written to {out}/sst2.{{json,md,png}} in {time.perf_counter() - start:.0f} s")
     return results

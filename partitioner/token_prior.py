@@ -1,0 +1,109 @@
+"""Public token priors, which RNM's groups are built against (issue 16).
+
+RNM hides a token among the ``K`` members of its group, and the GPU learns the group. If one
+member is far more frequent than the others, the group alone names the word: an attacker who
+guesses the group's most frequent member recovers it however much noise RNM adds. Groups
+built inside frequency strata (:meth:`partitioner.rnm_tables.RNMTables.build` with a prior)
+keep the members about equally likely; this module makes the prior, from public data only:
+
+* :func:`wordfreq_prior`: English word frequencies from the ``wordfreq`` package (its own
+  data, no download), spread over the tokens each word is split into, with and without a
+  leading space. Its blind spot is punctuation, which ``wordfreq`` does not count.
+* :func:`corpus_prior`: the token counts of a text corpus the deployer chooses (text like the
+  traffic it will serve), read from a file of one text per line.
+
+Compile-time only: the enclave never builds groups, it loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner.errors import PolicyError
+from partitioner.rnm_tables import TokenPrior
+
+WORDS = 100_000  # wordfreq's most frequent English words; the rest add little mass
+START_OF_TEXT = 0.1  # the share of a word's uses without a leading space (text-initial)
+MAX_CORPUS_BYTES = 512 * 2**20
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _vocab(tokenizer: Any, vocab_size: int | None) -> int:
+    return int(vocab_size if vocab_size is not None else len(tokenizer))
+
+
+def wordfreq_prior(tokenizer: Any, vocab_size: int | None = None, ratio: float = 2.0) -> TokenPrior:
+    """Counts from ``wordfreq``'s English frequencies (``vocab_size``: the embedding's rows,
+    when it has more than the tokenizer names)."""
+    import wordfreq
+
+    freqs = sorted(wordfreq.get_frequency_dict("en").items(), key=lambda kv: -kv[1])[:WORDS]
+    counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
+    for lead, share in ((" ", 1.0 - START_OF_TEXT), ("", START_OF_TEXT)):
+        pieces = _ids(tokenizer, [lead + word for word, _ in freqs])
+        for (_, freq), ids in zip(freqs, pieces, strict=True):
+            index = torch.as_tensor(ids, dtype=torch.int64)
+            counts.index_add_(0, index, torch.full((len(ids),), freq * share, dtype=torch.float64))
+    version = importlib.metadata.version("wordfreq")
+    return TokenPrior(f"wordfreq-{version}-en", counts, ratio)
+
+
+def corpus_prior(
+    tokenizer: Any,
+    texts: Iterable[str],
+    name: str,
+    vocab_size: int | None = None,
+    ratio: float = 2.0,
+) -> TokenPrior:
+    """Token counts over ``texts`` (named ``name`` in the plan)."""
+    counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
+    batch: list[str] = []
+    for text in [*texts, None]:
+        if text is not None:
+            batch.append(text)
+        if batch and (text is None or len(batch) == 1024):
+            for ids in _ids(tokenizer, batch):
+                counts += torch.bincount(
+                    torch.as_tensor(ids, dtype=torch.int64), minlength=counts.shape[0]
+                )[: counts.shape[0]].to(torch.float64)
+            batch = []
+    if not bool(counts.any()):
+        raise PolicyError(f"token prior corpus {name}: no tokens")
+    return TokenPrior(f"corpus:{name}", counts, ratio)
+
+
+def prior_from(
+    spec: str, tokenizer: Any, vocab_size: int | None = None, ratio: float = 2.0
+) -> TokenPrior | None:
+    """``wordfreq``, ``none`` (cosine groups only) or the path of a UTF-8 text corpus, one
+    text per line (named in the plan by its file name and SHA-256)."""
+    if spec == "none":
+        return None
+    if tokenizer is None:
+        raise PolicyError(f"token prior {spec!r} needs the model's tokenizer, and it has none")
+    if spec == "wordfreq":
+        return wordfreq_prior(tokenizer, vocab_size, ratio)
+    path = Path(spec)
+    try:
+        if path.stat().st_size > MAX_CORPUS_BYTES:
+            raise PolicyError(f"token prior corpus {path}: over {MAX_CORPUS_BYTES} bytes")
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
+    except OSError as exc:
+        raise PolicyError(f"token prior corpus {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"token prior corpus {path}: not UTF-8 ({exc.reason})") from None
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return corpus_prior(tokenizer, lines, f"{path.name}@{digest}", vocab_size, ratio)
+
+
+__all__ = ["corpus_prior", "prior_from", "wordfreq_prior"]

@@ -1,0 +1,192 @@
+"""RNM groups against the attack of issue 16: the GPU inverts the embedding to the sanitised
+token, takes its group and guesses the original with a unigram prior.
+
+The attack is ``benchmarks/privacy/attack.py``; here it is checked against a brute-force Bayes
+optimum (the production sampler, over the whole vocabulary), run against cosine groups (where
+it recovers far more than the ε bound suggests) and against frequency-strata groups (where it
+does not), and the plan is shown to say which groups it holds.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import built, captured
+
+from benchmarks.privacy.attack import GroupAttack, custext_channel, rnm_channel, uniform_bound
+from enclave_runtime.randomness import CSPRNG
+from partitioner import ops  # noqa: F401 - registers torch.ops.teesplit
+from partitioner.api import partition
+from partitioner.errors import ArtifactError, PolicyError
+from partitioner.protection import RNMSite
+from partitioner.rnm_tables import RNMTables, TokenPrior
+from partitioner.token_prior import corpus_prior, prior_from
+from passes.rnm import exact_distribution
+
+
+def _embedding(vocab: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(vocab, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _log_uniform_prior(vocab: int, seed: int = 1) -> torch.Tensor:
+    """Counts from 1 to 10^4, unrelated to the embedding: words of every frequency."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.pow(10.0, 4 * torch.rand(vocab, generator=g, dtype=torch.float64))
+
+
+def _text(prior: torch.Tensor, n: int, seed: int = 2) -> torch.Tensor:
+    """Tokens drawn from the prior: the text the attacker's prior describes."""
+    return torch.multinomial(
+        prior, n, replacement=True, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_the_attacks_bayes_guess_is_the_brute_force_optimum():
+    """Brute force: P(y | x) counted from the production op's outputs for every token of a
+    tiny vocabulary, the posterior over *all* tokens (no groups assumed), its arg-max."""
+    vocab, k, epsilon, n = 12, 4, 3.0, 60_000
+    tables = RNMTables.build(_embedding(vocab), k, epsilon)
+    prior = torch.tensor([9, 1, 4, 2, 7, 3, 1, 6, 2, 5, 8, 1], dtype=torch.float64)
+    attack = GroupAttack(tables, prior, range(vocab))
+    counts = torch.zeros(vocab, vocab, dtype=torch.float64)  # [x, y]
+    for x in range(vocab):
+        noise = CSPRNG(x).laplace([n, k], tables.noise_scale)
+        out = torch.ops.teesplit.rnm(
+            torch.full((n,), x), tables.candidates, tables.scores, tables.keep, noise
+        )
+        counts[x] = torch.bincount(out, minlength=vocab).to(torch.float64)
+    channel = counts / n
+    joint = prior[:, None] * channel  # [x, y] ∝ P(x, y)
+    checked = 0
+    for y in range(vocab):
+        top2 = torch.topk(joint[:, y], 2)
+        # a guess is decided when the runner-up trails by more than the sampling error
+        err = 4 * math.sqrt(float(top2.values[0]) * float(prior.max()) / n)
+        if float(top2.values[0] - top2.values[1]) > err:
+            assert int(attack.bayes_guess[y]) == int(top2.indices[0]), y
+            checked += 1
+    assert checked >= vocab // 2
+    # and the expected recovery is what the brute-force guesses score on the same channel
+    text = torch.arange(vocab).repeat_interleave(prior.to(torch.int64))
+    brute = joint.argmax(dim=0)
+    expected_brute = float(
+        sum(prior[x] * channel[x, brute == x].sum() for x in range(vocab)) / prior.sum()
+    )
+    assert attack.expected(text).bayes == pytest.approx(expected_brute, abs=0.02)
+
+
+def test_the_integrated_channel_matches_the_reference_integration():
+    tables = RNMTables.build(_embedding(30), 6, 1.0)
+    group = tables.candidates[0][tables.candidates[0] >= 0]
+    scores = tables.scores[group][:, : len(group)]
+    fast = rnm_channel(tables.noise_scale)(scores)
+    for i in range(len(scores)):
+        reference = exact_distribution(scores[i], tables.noise_scale)[: len(group)]
+        assert torch.allclose(fast[i], reference, atol=1e-5)
+    soft = custext_channel(2.0)(scores)
+    assert torch.allclose(soft.sum(dim=1), torch.ones(len(scores), dtype=torch.float64))
+
+
+def test_cosine_groups_give_the_word_away_and_strata_groups_do_not():
+    """The attack first: on cosine groups a skewed prior inside a group lets the Bayes guess
+    recover far more than ``e^ε/(e^ε+K−1)``; strata groups hold it near that bound."""
+    vocab, k, epsilon = 400, 10, 1.0
+    embedding, prior = _embedding(vocab), _log_uniform_prior(vocab)
+    text = _text(prior, 20_000)
+    bound = uniform_bound(epsilon, k)
+    cosine = RNMTables.build(embedding, k, epsilon)
+    strata = RNMTables.build(embedding, k, epsilon, prior=TokenPrior("test", prior, 2.0))
+    broken = GroupAttack(cosine, prior, text.tolist()).expected(text)
+    held = GroupAttack(strata, prior, text.tolist()).expected(text)
+    assert broken.bayes > 2 * bound  # the attack succeeds on the old groups
+    assert held.bayes <= 1.5 * bound
+    assert held.exact == pytest.approx(broken.exact, abs=0.02)  # the noise is the same
+    assert cosine.grouping == {"method": "cosine"}
+    assert strata.grouping["method"] == "strata" and strata.grouping["prior"] == "test"
+
+
+def test_strata_groups_are_a_partition_of_near_equal_priors_and_still_epsilon_dp():
+    vocab, k, ratio, special = 300, 8, 2.0, (0, 1)
+    prior = _log_uniform_prior(vocab)
+    tables = RNMTables.build(
+        _embedding(vocab), k, 1.0, special, prior=TokenPrior("test", prior, ratio)
+    )
+    seen: dict[int, tuple[int, ...]] = {}
+    order = torch.argsort(-prior[2:], stable=True) + 2
+    rank = {int(t): r for r, t in enumerate(order)}
+    for token in range(vocab):
+        group = tuple(tables.group_of(token))
+        if token in special:
+            assert group == (token,) and bool(tables.keep[token])
+            continue
+        for member in group:
+            assert seen.setdefault(member, group) == group
+        counts = prior[list(group)]
+        # every group lies in one stratum: its counts within the ratio, or (where k tokens
+        # in a row exceed it: the most frequent words) k neighbours in frequency order
+        ranks = sorted(rank[t] for t in group)
+        if len(group) == k and ranks[-1] - ranks[0] == k - 1:
+            continue
+        assert float(counts.max() / counts.min()) <= ratio
+    assert set(seen) == set(range(vocab)) - set(special)
+    group = tables.group_of(5)
+    probs = {
+        t: exact_distribution(tables.scores[t], tables.noise_scale)[: len(group)] for t in group
+    }
+    for a in group:
+        for b in group:
+            assert float((probs[a] / probs[b]).max()) <= math.exp(1.0) * (1 + 1e-6)
+
+
+def test_a_prior_of_the_wrong_size_or_values_is_refused():
+    with pytest.raises(PolicyError, match="counts for a vocabulary of 50"):
+        RNMTables.build(_embedding(50), 5, 1.0, prior=TokenPrior("short", torch.ones(49)))
+    with pytest.raises(PolicyError, match="finite"):
+        TokenPrior("nan", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(PolicyError, match="ratio"):
+        TokenPrior("flat", torch.ones(3), ratio=1.0)
+
+
+def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
+    from partitioner.zoo import minilm_tokenizer
+
+    tokenizer = minilm_tokenizer()
+    prior = corpus_prior(tokenizer, ["the film , the film", "a film"], "tiny")
+    the, film = tokenizer.convert_tokens_to_ids(["the", "film"])
+    assert prior.counts[film] == 3 and prior.counts[the] == 2 and prior.source == "corpus:tiny"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the film\n")
+    assert prior_from(str(corpus), tokenizer).source.startswith("corpus:corpus.txt@")
+    assert prior_from("none", tokenizer) is None
+    with pytest.raises(PolicyError, match=r"missing\.txt"):
+        prior_from(str(tmp_path / "missing.txt"), tokenizer)
+    corpus.write_bytes(b"\xff\xfe")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        prior_from(str(corpus), tokenizer)
+    with pytest.raises(PolicyError, match="tokenizer"):
+        prior_from("wordfreq", None)
+    words = prior_from("wordfreq", tokenizer)
+    rare = tokenizer.convert_tokens_to_ids("cinematography")
+    assert words.counts[the] > 100 * words.counts[rare] > 0
+
+
+def test_the_plan_says_which_groups_it_holds_and_refuses_a_forged_record(tmp_path):
+    model = built("tiny-llama")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prior = TokenPrior("test-corpus", _log_uniform_prior(vocab))
+    split = partition(captured("tiny-llama"), "cmif", token_prior=prior, seed=0)
+    site = split.spec.protection.rnm
+    assert site.grouping == prior.describe()
+    assert "frequency strata of the prior test-corpus" in split.report()
+    plain = partition(captured("tiny-llama"), "cmif", seed=0).spec.protection.rnm
+    assert plain.grouping == {"method": "cosine"}
+    assert not torch.equal(site.tables.candidates, plain.tables.candidates)
+    record = json.loads(json.dumps(site.to_dict()))
+    assert RNMSite.from_dict(record).grouping == site.grouping
+    old = {key: value for key, value in record.items() if key != "grouping"}
+    assert RNMSite.from_dict(old).grouping == {"method": "cosine"}  # plans before issue 16
+    for key, value in (("method", "kmeans"), ("prior_sha256", "zz"), ("ratio", 0.5)):
+        forged = {**record, "grouping": {**record["grouping"], key: value}}
+        with pytest.raises(ArtifactError, match=f"grouping.{key}"):
+            RNMSite.from_dict(forged)
