@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--ratio", type=float, default=2.0)
+    parser.add_argument(
+        "--groupings",
+        nargs="+",
+        default=["cosine", "strata/wordfreq", "strata/corpus"],
+        choices=["cosine", "strata/wordfreq", "strata/corpus"],
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy"))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -98,11 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text = torch.tensor([t for s in ids for t in s], dtype=torch.int64)
         attacker = unigram_prior(tokenizer(train, add_special_tokens=False)["input_ids"], vocab)
         content = content_mask(tokenizer, vocab)[text]
-        priors: dict[str, TokenPrior | None] = {
-            "cosine": None,
-            "strata/wordfreq": wordfreq_prior(tokenizer, vocab, args.ratio),
-            "strata/corpus": corpus_prior(tokenizer, train, "sst2-train", vocab, args.ratio),
-        }
+        priors: dict[str, TokenPrior | None] = {}
+        for grouping in args.groupings:
+            priors[grouping] = (
+                None
+                if grouping == "cosine"
+                else wordfreq_prior(tokenizer, vocab, args.ratio)
+                if grouping == "strata/wordfreq"
+                else corpus_prior(tokenizer, train, "sst2-train", vocab, args.ratio)
+            )
         print(
             f"{name}: vocabulary {vocab:,}, {len(text):,} dev tokens "
             f"({int(content.sum()):,} content) ({time.perf_counter() - start:.0f} s)",
@@ -135,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"k": args.k, "ratio": args.ratio, "attacker_prior": "SST-2 train", "rows": rows}
-    (out / "recovery.json").write_text(json.dumps(results, indent=1))
-    (out / "recovery.md").write_text(table(rows) + "\n")
+    stem = "recovery" if args.ratio == 2.0 else f"recovery-ratio{args.ratio:g}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(table(rows) + "\n")
     return results
 
 

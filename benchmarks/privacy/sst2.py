@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="RNM/CusText+ groups: cosine clusters, or frequency strata of wordfreq's counts or "
         "of the train split's (issue 16); results other than cosine's go to sst2-GROUPING.*",
     )
+    parser.add_argument("--ratio", type=float, default=2.0, help="the strata's count ratio")
     args = parser.parse_args(argv)
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -224,9 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         vocab_size = embedding.shape[0]
         prior = (
-            wordfreq_prior(encoder.tokenizer, vocab_size)
+            wordfreq_prior(encoder.tokenizer, vocab_size, args.ratio)
             if args.grouping == "wordfreq"
-            else corpus_prior(encoder.tokenizer, train_s, "sst2-train", vocab_size)
+            else corpus_prior(encoder.tokenizer, train_s, "sst2-train", vocab_size, args.ratio)
         )
     tables = groups(universe, prior)
     print(
@@ -274,12 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "sst2" if args.grouping == "cosine" else f"sst2-{args.grouping}"
+    stem = "sst2" if args.grouping == "cosine" else f"sst2-{args.grouping}-ratio{args.ratio:g}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(table(results) + "\n")
     plot(results, out / f"{stem}.png")
     print(table(results))
-    print(f"written to {out}/sst2.{{json,md,png}} in {time.perf_counter() - start:.0f} s")
+    print(f"written to {out}/{stem}.{{json,md,png}} in {time.perf_counter() - start:.0f} s")
     return results
 
 
