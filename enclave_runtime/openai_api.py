@@ -378,6 +378,8 @@ def privacy(
         "epsilon": float(account.get("epsilon", 0.0)),
         "epsilon_per_token": account.get("epsilon_per_token"),
     }
+    if "public_classes" in account:  # the token classes that passed unchanged, no ε spent
+        out["public_classes"] = list(account["public_classes"])
     if crossed is not None:
         out["bytes_to_gpu"], out["bytes_from_gpu"] = crossed
     return out

@@ -20,7 +20,7 @@ from torch.export.graph_signature import ConstantArgument, InputKind
 from enclave_runtime.executor import Executor
 from partitioner.bundle import load_program
 from partitioner.capturing import Captured, capture
-from partitioner.errors import PartitionError
+from partitioner.errors import PartitionError, PolicyError
 from partitioner.label_set import Label
 from partitioner.placement import Placement, place
 from partitioner.plan import ENCLAVE, GPU, INPUT, Plan, Signature, StateSpec
@@ -93,6 +93,7 @@ def partition(
     reference_dims: Mapping[str, int] | None = None,
     special_token_ids: tuple[int, ...] | None = None,
     token_prior: TokenPrior | None = None,
+    public_tokens: Mapping[str, Collection[int]] | None = None,
     seed: int | None = None,
 ) -> SplitProgram:
     """Capture, label, place and split ``model`` under ``policy``.
@@ -106,8 +107,11 @@ def partition(
     config names). ``token_prior`` (default: the captured model's, see
     :mod:`partitioner.token_prior`) builds RNM's groups as frequency strata, so that a group
     does not give its most frequent word away; without one the groups are cosine clusters
-    only and the plan says so. ``seed`` makes masks and noise reproducible and is for tests only: by
-    default the pool keys its CSPRNG from the OS.
+    only and the plan says so. ``public_tokens`` maps each token class the policy's
+    ``rnm.public`` names to its ids (:func:`partitioner.token_classes.public_tokens` makes it
+    from a tokenizer): those tokens pass RNM unchanged and spend no ε. ``seed`` makes masks
+    and noise reproducible and is for tests only: by default the pool keys its CSPRNG from
+    the OS.
 
     Protection is inserted and the audit run on every call; a split that the audit rejects
     raises :class:`AuditError`.
@@ -130,11 +134,14 @@ def partition(
     shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
     prior = captured.token_prior if token_prior is None else token_prior
-    placement, result = _place_and_protect(program, policy, shapes, (special, prior), held=())
+    public = _public_classes(policy, special, public_tokens)
+    kept = tuple(sorted(set(special).union(*public.values())))
+    tokens = (kept, prior, {name: len(ids) for name, ids in public.items()})
+    placement, result = _place_and_protect(program, policy, shapes, tokens, held=())
     holders = _holders(program, captured.state, result, settled=False)
     if holders:  # again, with the states the GPU may keep produced there
         held_placement, held_result = _place_and_protect(
-            program, policy, shapes, (special, prior), held=holders
+            program, policy, shapes, tokens, held=holders
         )
         if _holders(program, captured.state, held_result, settled=True) == holders:
             placement, result = held_placement, held_result
@@ -193,11 +200,29 @@ def partition(
     return split
 
 
+def _public_classes(
+    policy: Policy, special: tuple[int, ...], given: Mapping[str, Collection[int]] | None
+) -> dict[str, set[int]]:
+    """The ids of each class ``rnm.public`` names; ``special`` is the model's own."""
+    names = policy.rnm.public if policy.rnm is not None else ()
+    given = dict(given or {})
+    missing = [n for n in names if n != "special" and n not in given]
+    if missing:
+        raise PolicyError(
+            f"rnm.public names {missing}, but partition() got no ids for them: pass "
+            "public_tokens= (partitioner.token_classes.public_tokens(tokenizer, classes))"
+        )
+    unasked = sorted(set(given) - set(names))
+    if unasked:
+        raise PolicyError(f"public_tokens has classes {unasked} that rnm.public does not name")
+    return {n: set(given.get(n, special)) for n in names}
+
+
 def _place_and_protect(
     program: ExportedProgram,
     policy: Policy,
     shapes: ShapeContext,
-    tokens: tuple[tuple[int, ...], TokenPrior | None],
+    tokens: tuple[tuple[int, ...], TokenPrior | None, dict[str, int]],
     held: Collection[str],
 ) -> tuple[Placement, Any]:
     """Place, split and protect; ops protection cannot mask on the GPU go back to the

@@ -76,15 +76,16 @@ def cmd_partition(args: argparse.Namespace) -> None:
         _step("capturing the KV-cache decoder step", start)
         model = capture_decoder(model, model_name=name)
     tokenizer = _source_tokenizer(args.model)
-    prior = None
+    prior, public = None, None
     if policy.rnm is not None:
         from partitioner.token_prior import prior_from
 
         spec = getattr(args, "prior", None) or ("wordfreq" if tokenizer is not None else "none")
         _step(f"RNM groups against the token prior: {spec}", start)
         prior = prior_from(spec, tokenizer)
+        public = _public_tokens(policy.rnm.public, tokenizer, model)
     _step(f"partitioning under {args.policy}", start)
-    split = partition(model, policy, model_name=name, token_prior=prior)
+    split = partition(model, policy, model_name=name, token_prior=prior, public_tokens=public)
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
@@ -95,6 +96,19 @@ def cmd_partition(args: argparse.Namespace) -> None:
             "with --allow-unsigned"
         )
     _step("done", start)
+
+
+def _public_tokens(classes: tuple[str, ...], tokenizer: Any, model: Any) -> Any:
+    """The ids of each public token class (``rnm.public``); the model's special tokens are
+    the captured program's own."""
+    from partitioner.errors import PolicyError
+    from partitioner.token_classes import public_tokens
+
+    named = [c for c in classes if c != "special"]
+    if named and tokenizer is None:
+        raise PolicyError(f"rnm.public names {named}, which need the model's tokenizer")
+    special = getattr(model, "special_token_ids", ())
+    return public_tokens(tokenizer, named, special=special) if named else None
 
 
 def _source_tokenizer(spec: str) -> Any:

@@ -22,6 +22,7 @@ PROTECTABLE = frozenset({"input", "model"})
 MASKING_MODES = ("none", "additive", "exact")
 INTEGRITY_MODES = ("none", "freivalds")
 UNMASKABLE_MODES = ("error", "enclave", "cross_terms")
+PUBLIC_CLASSES = ("special", "stopwords", "punctuation")
 MAX_CANDIDATES = 4096  # an RNM group larger than this is a vocabulary, not a candidate set
 # Float masks are added to activations in float32: a pad wider than this swamps every value
 # (x + r - r loses x entirely) long before it overflows to inf.
@@ -34,8 +35,26 @@ class RNMConfig:
 
     epsilon: float = 1.0
     candidates: int = 20
+    # token classes passed through unchanged, spending no ε (issue 15): "special",
+    # "stopwords", "punctuation", or a .txt file of token ids; the default passes only the
+    # special tokens, as every release has
+    public: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        public = self.public
+        if isinstance(public, str) or not isinstance(public, (list, tuple)):
+            raise PolicyError(f"rnm.public must be a list of token classes, got {public!r}")
+        for entry in public:
+            if not isinstance(entry, str) or not (
+                entry in PUBLIC_CLASSES or entry.endswith(".txt")
+            ):
+                raise PolicyError(
+                    f"rnm.public: {entry!r} is not a token class {list(PUBLIC_CLASSES)} or a "
+                    ".txt file of token ids"
+                )
+        if len(set(public)) != len(public):
+            raise PolicyError(f"rnm.public names a class twice: {list(public)}")
+        object.__setattr__(self, "public", tuple(public))
         # ε = inf would let every token through unchanged while reporting a DP guarantee
         if not _is_number(self.epsilon) or not 0 < self.epsilon < math.inf:
             raise PolicyError(f"rnm.epsilon must be a finite positive number, got {self.epsilon!r}")

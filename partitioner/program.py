@@ -200,9 +200,11 @@ class SplitProgram:
                 else "cosine groups without a prior (a group may give its most frequent word "
                 "away: pass a token prior)"
             )
+            public = ", ".join(f"{n} ({c} ids)" for n, c in prot.rnm.public.items())
             lines.append(
                 f"RNM: ε={prot.rnm.epsilon:g} per token, {prot.rnm.candidates} candidates, "
-                f"in {prot.rnm.stage}; a request's ε is ε x its non-special tokens; {groups}"
+                f"in {prot.rnm.stage}; a request's ε is ε x its non-public tokens; {groups}; "
+                f"public token classes (passed unchanged, no ε): {public or 'special only'}"
             )
         if prot.freivalds:
             lines.append(f"Freivalds checks on {len(prot.freivalds)} GPU stages")

@@ -74,6 +74,8 @@ class RNMSite:
     # how the groups were built: {"method": "cosine"} or RNM's frequency strata and the
     # prior they were built against (partitioner.rnm_tables.TokenPrior.describe)
     grouping: dict[str, Any] = field(default_factory=lambda: {"method": "cosine"})
+    # the public token classes (policy rnm.public) and how many ids each passes through
+    public: dict[str, int] = field(default_factory=dict)
 
     @property
     def noise_scale(self) -> float:
@@ -88,12 +90,14 @@ class RNMSite:
             "candidates": self.candidates,
             "special_tokens": self.special_tokens,
             "grouping": dict(self.grouping),
+            "public": dict(self.public),
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "protection.rnm") -> RNMSite:
-        keys = tuple(k for k in cls("", "", "", 1.0, 2, None).to_dict() if k != "grouping")
-        d = fields(data, where, keys, optional=("grouping",))  # plans before it: cosine
+        later = ("grouping", "public")  # plans before issue 16: cosine groups, no classes
+        keys = tuple(k for k in cls("", "", "", 1.0, 2, None).to_dict() if k not in later)
+        d = fields(data, where, keys, optional=later)
         epsilon = number(d["epsilon"], f"{where}.epsilon")
         if not 0 < epsilon < float("inf"):
             raise ArtifactError(f"{where}.epsilon: {epsilon} is not a finite positive number")
@@ -106,6 +110,10 @@ class RNMSite:
             int_(d["candidates"], f"{where}.candidates", 2),
             None if special is None else int_(special, f"{where}.special_tokens", 0),
             grouping=_grouping(d.get("grouping", {"method": "cosine"}), f"{where}.grouping"),
+            public={
+                name: int_(count, f"{where}.public.{name}", 0)
+                for name, count in map_(d.get("public", {}), f"{where}.public").items()
+            },
         )
 
 

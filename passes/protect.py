@@ -25,7 +25,7 @@ enclave's corrections), :mod:`passes.mask` (mask/unmask insertion), :mod:`passes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,9 +91,11 @@ class _Protector:
         flat_outputs: list[Any],
         special_ids: Iterable[int],
         prior: TokenPrior | None = None,
+        public: Mapping[str, int] | None = None,
     ) -> None:
         self.program = program
         self.prior = prior
+        self.public = dict(public or {})
         self.policy = policy
         self.shapes = shapes
         self.stages = stages
@@ -114,6 +116,7 @@ class _Protector:
             self.flat_outputs,
             self.special_ids,
             self.prior,
+            self.public,
         )
         self.stages, self.flat_outputs = inserted.stages, inserted.flat_outputs
         # edges are re-annotated below: work on copies so the caller's are never edited
@@ -301,13 +304,22 @@ def protect(
     flat_outputs: list[Any],
     special_ids: Iterable[int] = (),
     prior: TokenPrior | None = None,
+    public: Mapping[str, int] | None = None,
 ) -> ProtectResult:
     """Insert RNM, masks, unmasks and corrections; see the module docstring for guarantees.
 
     Raises :class:`PartitionError` when the policy cannot be met.
     """
     protector = _Protector(
-        program, policy, shapes, list(stages), list(edges), list(flat_outputs), special_ids, prior
+        program,
+        policy,
+        shapes,
+        list(stages),
+        list(edges),
+        list(flat_outputs),
+        special_ids,
+        prior,
+        public,
     )
     try:
         return protector.run()

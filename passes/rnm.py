@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,9 +159,11 @@ def insert_rnm(
     flat_outputs: list[Any],
     special_ids: Iterable[int],
     prior: TokenPrior | None = None,
+    public: Mapping[str, int] | None = None,
 ) -> RNMInsertion:
     """Sanitise the token input with RNM in the first enclave stage that reads it; with a
-    ``prior``, its groups are frequency strata built against that prior."""
+    ``prior``, its groups are frequency strata built against that prior. ``special_ids`` are
+    every id passed through; ``public`` counts them per public class, for the plan."""
     cfg = policy.rnm
     if cfg is None:
         return RNMInsertion(list(stages), list(edges), list(flat_outputs), None)
@@ -189,7 +191,7 @@ def insert_rnm(
     sanitised = f"{token}_rnm"
     site = RNMSite(
         token, sanitised, first.consumer, tables.epsilon, tables.k, special, tables,
-        grouping=dict(tables.grouping),
+        grouping=dict(tables.grouping), public=dict(public or {}),
     )  # fmt: skip
     new_stages = []
     for stage in stages:

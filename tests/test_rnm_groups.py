@@ -42,11 +42,15 @@ def _text(prior: torch.Tensor, n: int, seed: int = 2) -> torch.Tensor:
     )
 
 
-def test_the_attacks_bayes_guess_is_the_brute_force_optimum():
+@pytest.mark.parametrize("kept", [(), (3, 7)])
+def test_the_attacks_bayes_guess_is_the_brute_force_optimum(kept):
     """Brute force: P(y | x) counted from the production op's outputs for every token of a
-    tiny vocabulary, the posterior over *all* tokens (no groups assumed), its arg-max."""
+    tiny vocabulary, the posterior over *all* tokens (no groups assumed), its arg-max. With
+    ``kept`` tokens passed through while still candidates of their group's others (the
+    harness's "stopwords kept")."""
     vocab, k, epsilon, n = 12, 4, 3.0, 60_000
     tables = RNMTables.build(_embedding(vocab), k, epsilon)
+    tables.keep[list(kept)] = True
     prior = torch.tensor([9, 1, 4, 2, 7, 3, 1, 6, 2, 5, 8, 1], dtype=torch.float64)
     attack = GroupAttack(tables, prior, range(vocab))
     counts = torch.zeros(vocab, vocab, dtype=torch.float64)  # [x, y]
@@ -190,3 +194,38 @@ def test_the_plan_says_which_groups_it_holds_and_refuses_a_forged_record(tmp_pat
         forged = {**record, "grouping": {**record["grouping"], key: value}}
         with pytest.raises(ArtifactError, match=f"grouping.{key}"):
             RNMSite.from_dict(forged)
+
+
+def test_the_santext_attack_is_the_brute_force_bayes_optimum():
+    """SanText+ is no partition: the brute force builds its whole channel from the
+    mechanism's own probabilities and takes the posterior's arg-max for every output."""
+    from benchmarks.privacy.attack import SanTextAttack
+    from benchmarks.privacy.mechanisms import SanTextPlus, Universe
+
+    n, epsilon, p = 14, 3.0, 0.3
+    embedding = _embedding(n, dim=4, seed=3)
+    counts = torch.tensor([50, 40, 30, 9, 8, 7, 6, 5, 4, 3, 3, 2, 2, 1])
+    universe = Universe(
+        ids=torch.arange(n),
+        embedding=embedding,
+        counts=counts,
+        local=torch.arange(n),
+        tokens=[str(i) for i in range(n)],
+    )
+    mech = SanTextPlus(universe, epsilon, seed=0, w=0.6, p=p)
+    prior = counts.to(torch.float64)
+    attack = SanTextAttack(embedding, mech.sensitive, epsilon, p, prior, chunk=3)
+    channel = torch.zeros(n, n, dtype=torch.float64)  # [x, y]
+    q = mech.probabilities(torch.arange(n)).to(torch.float64)  # [x, sensitive rows]
+    for x in range(n):
+        resample = 1.0 if mech.sensitive[x] else p
+        channel[x, mech.sensitive_rows] += resample * q[x]
+        channel[x, x] += 1.0 - resample
+    joint = prior[:, None] * channel
+    brute = joint.argmax(dim=0)
+    for y in torch.nonzero(mech.sensitive).flatten().tolist():
+        top2 = torch.topk(joint[:, y], 2).values
+        if float(top2[0] - top2[1]) > 1e-9 * float(top2[0]):
+            assert int(attack.guess[y]) == int(brute[y]), y
+    recovered = torch.tensor([float(channel[x, brute == x].sum()) for x in range(n)])
+    assert torch.allclose(attack.p_bayes, recovered.to(torch.float64), atol=1e-6)

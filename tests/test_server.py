@@ -287,7 +287,12 @@ def test_chat_greedy_equals_in_process_generation(served, bundle):
     up, down = privacy.pop("bytes_to_gpu"), privacy.pop("bytes_from_gpu")
     assert down >= count * split.spec.vocab * 4 and up > 0
     # ε counts the user's sanitised positions only: never the template's
-    assert privacy == {"policy": "cmif-test", "epsilon": epsilon, "epsilon_per_token": EPSILON}
+    assert privacy == {
+        "policy": "cmif-test",
+        "epsilon": epsilon,
+        "epsilon_per_token": EPSILON,
+        "public_classes": ["special"],
+    }
     assert 0 < epsilon < EPSILON * ids.shape[1]
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text

@@ -131,6 +131,10 @@ class GroupAttack:
         if not torch.equal(t.candidates[group][:, : len(group)], group.expand(len(group), -1)):
             raise ValueError(f"token {token}: its group's candidate rows differ (not a partition)")
         p = self.channel(scores)  # (g, g): P[out = group[j] | x = group[i]]
+        # a pass-through member (a kept stopword) is emitted as itself; the others may still
+        # be sanitised into it, which is what leaves the guess in doubt
+        kept = t.keep[group]
+        p[kept] = torch.eye(len(group), dtype=p.dtype)[kept]
         pi = self.prior[group]
         joint = pi[:, None] * p  # ∝ P(x = i, y = j)
         bayes = joint.argmax(dim=0)  # per output j, the most likely original (row index)
@@ -162,6 +166,56 @@ class GroupAttack:
         )
 
 
+class SanTextAttack:
+    """The Bayes guess against SanText+ (not a partition: every sensitive token may become any
+    sensitive token), over a universe of ``n`` tokens.
+
+    ``q(y | x) ∝ exp(−ε·‖x − y‖/2)`` over the sensitive tokens ``S``; a sensitive ``x`` is always
+    resampled, any other with probability ``p``. An output outside ``S`` can only be its own
+    input (recovered for sure); for ``y ∈ S`` the guess is ``argmax_x π(x)·c(x)·q(y | x)``
+    with ``c(x) = 1`` on ``S`` and ``p`` elsewhere. Computed in chunks of outputs (the full
+    ``n × |S|`` matrix of a real universe is ~1 GB).
+    """
+
+    def __init__(
+        self,
+        embedding: torch.Tensor,
+        sensitive: torch.Tensor,
+        epsilon: float,
+        p: float,
+        prior: torch.Tensor,
+        chunk: int = 1024,
+    ) -> None:
+        emb = embedding.to(torch.float64)
+        rows = torch.nonzero(sensitive).flatten()
+        targets = emb[rows]
+        n = emb.shape[0]
+        # log normaliser of q(. | x) for every x
+        log_z = torch.full((n,), -math.inf, dtype=torch.float64)
+        for start in range(0, len(rows), chunk):
+            logits = -epsilon * torch.cdist(emb, targets[start : start + chunk]) / 2
+            log_z = torch.logaddexp(log_z, torch.logsumexp(logits, dim=1))
+        weight = torch.log(prior.to(torch.float64)) + torch.where(
+            sensitive, 0.0, math.log(p) if p > 0 else -math.inf
+        )
+        self.guess = torch.arange(n)  # per output (universe row): the Bayes guess
+        self.p_bayes = torch.where(sensitive, 0.0, 1.0 - p).to(torch.float64)
+        for start in range(0, len(rows), chunk):
+            ys = rows[start : start + chunk]
+            log_q = -epsilon * torch.cdist(emb, targets[start : start + chunk]) / 2 - log_z[:, None]
+            best = (weight[:, None] + log_q).argmax(dim=0)  # per output y: the likeliest x
+            self.guess[ys] = best
+            # x is recovered from y when y's guess is x: add P(resampled, y | x)
+            reach = torch.where(sensitive[best], 1.0, p) * torch.exp(
+                log_q[best, torch.arange(len(ys))]
+            )
+            self.p_bayes.index_add_(0, best, reach.to(torch.float64))
+
+    def expected(self, text: torch.Tensor) -> float:
+        """The Bayes guess's expected share of ``text`` (universe rows) recovered."""
+        return float(self.p_bayes[text].mean())
+
+
 def unigram_prior(
     sequences: Iterable[Iterable[int]], vocab: int, smoothing: float = 0.01
 ) -> torch.Tensor:
@@ -177,6 +231,7 @@ def unigram_prior(
 __all__ = [
     "GroupAttack",
     "Recovery",
+    "SanTextAttack",
     "custext_channel",
     "rnm_channel",
     "uniform_bound",
