@@ -104,14 +104,14 @@ def partition(
     sizes at which bytes and FLOPs are counted (default batch=1, seq=128; for a decoder step
     batch=1, seq=1, past=128: one generated token at a 128-token context).
     ``special_token_ids`` are the tokens RNM passes through (default: those the model's
-    config names). ``token_prior`` (default: the captured model's, see
-    :mod:`partitioner.token_prior`) builds RNM's groups as frequency strata, so that a group
-    does not give its most frequent word away; without one the groups are cosine clusters
-    only and the plan says so. ``public_tokens`` maps each token class the policy's
-    ``rnm.public`` names to its ids (:func:`partitioner.token_classes.public_tokens` makes it
-    from a tokenizer): those tokens pass RNM unchanged and spend no ε. ``seed`` makes masks
-    and noise reproducible and is for tests only: by default the pool keys its CSPRNG from
-    the OS.
+    config names). ``token_prior`` (:mod:`partitioner.token_prior` makes one from a
+    tokenizer; ``teesplit partition`` does by default) builds RNM's groups as frequency
+    strata, so that a group does not give its most frequent word away; without one the groups
+    are cosine clusters only and the plan and the report say so. ``public_tokens`` maps each
+    token class the policy's ``rnm.public`` names to its ids
+    (:func:`partitioner.token_classes.public_tokens` makes it from a tokenizer): those
+    tokens pass RNM unchanged and spend no ε. ``seed`` makes masks and noise reproducible and
+    is for tests only: by default the pool keys its CSPRNG from the OS.
 
     Protection is inserted and the audit run on every call; a split that the audit rejects
     raises :class:`AuditError`.
@@ -133,8 +133,8 @@ def partition(
         _tag_public(program, parameters.public)
     shapes = ShapeContext(program, captured.dim_names, reference_dims or captured.reference)
     special = captured.special_token_ids if special_token_ids is None else special_token_ids
-    prior = captured.token_prior if token_prior is None else token_prior
-    public = _public_classes(policy, special, public_tokens)
+    prior = token_prior
+    public = _public_classes(policy, special, public_tokens, _vocab_rows(program))
     kept = tuple(sorted(set(special).union(*public.values())))
     tokens = (kept, prior, {name: len(ids) for name, ids in public.items()})
     placement, result = _place_and_protect(program, policy, shapes, tokens, held=())
@@ -200,10 +200,22 @@ def partition(
     return split
 
 
+def _vocab_rows(program: ExportedProgram) -> int | None:
+    """The rows of the embedding RNM sanitises for (None when no lookup reads user tokens)."""
+    found = token_input_of(program)
+    weight = program.state_dict.get(found[1]) if found is not None else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def _public_classes(
-    policy: Policy, special: tuple[int, ...], given: Mapping[str, Collection[int]] | None
+    policy: Policy,
+    special: tuple[int, ...],
+    given: Mapping[str, Collection[int]] | None,
+    vocab: int | None,
 ) -> dict[str, set[int]]:
-    """The ids of each class ``rnm.public`` names; ``special`` is the model's own."""
+    """The ids of each class ``rnm.public`` names, keyed as the plan records it (a file by
+    its name only: the deployer's paths stay out of the plan's report and the responses);
+    ``special`` is the model's own."""
     names = policy.rnm.public if policy.rnm is not None else ()
     given = dict(given or {})
     missing = [n for n in names if n != "special" and n not in given]
@@ -215,7 +227,18 @@ def _public_classes(
     unasked = sorted(set(given) - set(names))
     if unasked:
         raise PolicyError(f"public_tokens has classes {unasked} that rnm.public does not name")
-    return {n: set(given.get(n, special)) for n in names}
+    out = {}
+    for name in names:
+        ids = set(given.get(name, special))
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise PolicyError(f"public_tokens[{name!r}]: {i!r} is not a token id")
+            if name != "special" and vocab is not None and i >= vocab:
+                raise PolicyError(
+                    f"public_tokens[{name!r}]: token id {i} is outside the vocabulary of {vocab}"
+                )
+        out[f"file:{Path(name).name}" if name.endswith(".txt") else name] = ids
+    return out
 
 
 def _place_and_protect(

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from partitioner import ops as _ops  # noqa: F401 - .pt2 files name teesplit:: ops: register them
 from partitioner.errors import ArtifactError
+from partitioner.ops import OPS  # .pt2 files name teesplit:: ops: this registers them
 from partitioner.plan import Plan
 from partitioner.rnm_tables import RNMTables
 
@@ -342,6 +342,33 @@ def load_exported(
         raise ArtifactError(f"cannot load {rel}: {type(exc).__name__}: {exc}") from None
 
 
+def _check_rnm_stage(plan: Plan, tables: RNMTables) -> None:
+    """The tables the RNM stage carries are the bundle's checked ones: a stage whose copy
+    makes every token its own group would send the prompt to the GPU as it is."""
+    import functools
+
+    site = plan.protection.rnm
+    stage = next((s for s in plan.stages if s.name == site.stage), None)
+    if stage is None or stage.module is None:
+        raise ArtifactError(f"protection.rnm.stage: no stage {site.stage!r} in the plan")
+    graph = stage.module.graph
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target == OPS.rnm.default]
+    if len(calls) != 1:
+        raise ArtifactError(
+            f"stage {stage.name}: expected one teesplit::rnm call, found {len(calls)}"
+        )
+    for arg, name in zip(calls[0].args[1:4], ("candidates", "scores", "keep"), strict=True):
+        value = (
+            functools.reduce(getattr, arg.target.split("."), stage.module)
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+            else None
+        )
+        if not isinstance(value, torch.Tensor) or not torch.equal(value, getattr(tables, name)):
+            raise ArtifactError(
+                f"stage {stage.name}: the RNM {name} it carries are not those of {RNM_FILE}"
+            )
+
+
 # A stage computes; it does not touch files or mutate what it reads. A graph may only call
 # aten and teesplit ops whose schema writes nothing, and Python's own ``operator`` functions:
 # aten.from_file, aten.copy_ and every other mutating or I/O op are refused by name.
@@ -433,6 +460,13 @@ def load_program(
             tables = RNMTables.from_bytes(files.read(RNM_FILE), RNM_FILE)
             if tables.epsilon != prot.rnm.epsilon or tables.k != prot.rnm.candidates:
                 raise ArtifactError(f"{RNM_FILE}: its ε or K disagrees with the plan")
+            passed = int(tables.keep.sum())
+            if prot.rnm.special_tokens is not None and passed != prot.rnm.special_tokens:
+                raise ArtifactError(
+                    f"{RNM_FILE}: passes {passed} tokens through unchanged, the plan says "
+                    f"{prot.rnm.special_tokens}"
+                )
+            _check_rnm_stage(plan, tables)
             prot.rnm.tables = tables
         if prot.exact is not None:
             for value in exact_outputs(plan):

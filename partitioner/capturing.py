@@ -19,7 +19,6 @@ import torch.fx
 from torch.export import Dim, ExportedProgram
 
 from partitioner.errors import CaptureError
-from partitioner.rnm_tables import TokenPrior
 
 # Reference sizes at which symbolic shapes are evaluated for byte and FLOP accounting.
 DEFAULT_REFERENCE = {"batch": 1, "seq": 128}
@@ -36,8 +35,6 @@ class Captured:
     dim_names: dict[str, str] = field(default_factory=dict)
     # token ids RNM passes through unchanged (BOS/EOS/PAD … from the model's config)
     special_token_ids: tuple[int, ...] = ()
-    # public token counts RNM's groups are built against (partitioner.token_prior)
-    token_prior: TokenPrior | None = None
     # state input placeholder -> how it is refilled (partitioner.generation.StateSpec)
     state: dict[str, Any] = field(default_factory=dict)
     # the input counting each row's left padding of the state (public: sizes only)

@@ -70,6 +70,8 @@ def cmd_partition(args: argparse.Namespace) -> None:
     _step(f"loading {args.model}", start)
     model = _load_model(args.model)
     name = Path(args.model).name
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = int(embedding.weight.shape[0]) if embedding is not None else None
     if _generates(model):
         from partitioner.generation import capture_decoder
 
@@ -82,8 +84,10 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
         spec = getattr(args, "prior", None) or ("wordfreq" if tokenizer is not None else "none")
         _step(f"RNM groups against the token prior: {spec}", start)
-        prior = prior_from(spec, tokenizer)
-        public = _public_tokens(policy.rnm.public, tokenizer, model)
+        prior = prior_from(spec, tokenizer, rows)  # one count per embedding row
+        public = _public_tokens(policy.rnm.public, tokenizer, rows)
+    elif getattr(args, "prior", None):
+        print(f"--prior {args.prior} is not used: policy {policy.name} has no RNM")
     _step(f"partitioning under {args.policy}", start)
     split = partition(model, policy, model_name=name, token_prior=prior, public_tokens=public)
     report = audit(split, verbose=False)
@@ -98,17 +102,16 @@ def cmd_partition(args: argparse.Namespace) -> None:
     _step("done", start)
 
 
-def _public_tokens(classes: tuple[str, ...], tokenizer: Any, model: Any) -> Any:
-    """The ids of each public token class (``rnm.public``); the model's special tokens are
-    the captured program's own."""
+def _public_tokens(classes: tuple[str, ...], tokenizer: Any, rows: int | None) -> Any:
+    """The ids of each public token class (``rnm.public``) but ``special``, which is the
+    captured program's own."""
     from partitioner.errors import PolicyError
     from partitioner.token_classes import public_tokens
 
     named = [c for c in classes if c != "special"]
     if named and tokenizer is None:
         raise PolicyError(f"rnm.public names {named}, which need the model's tokenizer")
-    special = getattr(model, "special_token_ids", ())
-    return public_tokens(tokenizer, named, special=special) if named else None
+    return public_tokens(tokenizer, named, rows) if named else None
 
 
 def _source_tokenizer(spec: str) -> Any:

@@ -111,10 +111,19 @@ class RNMSite:
             None if special is None else int_(special, f"{where}.special_tokens", 0),
             grouping=_grouping(d.get("grouping", {"method": "cosine"}), f"{where}.grouping"),
             public={
-                name: int_(count, f"{where}.public.{name}", 0)
+                _public_class(name, f"{where}.public"): int_(count, f"{where}.public.{name}", 0)
                 for name, count in map_(d.get("public", {}), f"{where}.public").items()
             },
         )
+
+
+def _public_class(name: str, where: str) -> str:
+    """A public token class as the plan records it: a class name, or ``file:NAME.txt``."""
+    if name in ("special", "stopwords", "punctuation") or re.fullmatch(
+        r"file:[\w.-]{1,128}\.txt", name
+    ):
+        return name
+    raise ArtifactError(f"{where}: {name[:80]!r} is not a public token class")
 
 
 def _grouping(data: Any, where: str) -> dict[str, Any]:

@@ -122,6 +122,10 @@ class RNMTables:
             assigned = torch.ones(vocab, dtype=torch.bool)
             assigned[stratum] = False
             _cluster(unit, assigned, k, candidates, scores)
+        # a token left alone (k = 2 and an odd count) is emitted as it is: say so, and spend
+        # no ε on it, instead of charging for noise that cannot move it
+        alone = ~keep & ((candidates >= 0).sum(dim=1) == 1)
+        keep |= alone
         grouping = dict(COSINE) if prior is None else prior.describe()
         return cls(candidates, scores, keep, float(epsilon), grouping)
 
@@ -181,6 +185,7 @@ class RNMTables:
             or int(candidates.max()) >= vocab
         ):
             raise ArtifactError(f"RNM tables {what} are malformed (shapes, dtypes, ids or ε)")
+        _check_partition(candidates, scores, keep, what)
         return cls(candidates, scores, keep, epsilon)
 
 
@@ -226,7 +231,9 @@ def _cluster(
             row = row.masked_fill(assigned, float("-inf"))
             row[seed] = float("inf")  # the seed is always in its own group
             free = int((~assigned).sum())
-            group = torch.topk(row, min(k, free)).indices
+            # never leave one token over: a group of one would always emit its token
+            size = k - 1 if free == k + 1 and k > 2 else min(k, free)
+            group = torch.topk(row, size).indices
             assigned[group] = True
             members = unit[group]
             cos = members @ members.t()  # (g, g): row i scores every member for token i
@@ -236,3 +243,37 @@ def _cluster(
             g = len(group)
             candidates[group, :g] = group.unsqueeze(0).expand(g, g)
             scores[group, :g] = normed
+
+
+def _check_partition(
+    candidates: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, what: str
+) -> None:
+    """The ε claim needs the candidate sets to be a fixed partition: every sanitised token in
+    a group of at least two that lists it, every member listing the same group, its scores
+    finite in [0, 1] and -inf in the padding; a pass-through token lists only itself."""
+    valid = candidates >= 0
+    size = valid.sum(dim=1)
+    vocab = candidates.shape[0]
+    ids = torch.arange(vocab)
+    first = candidates[:, 0]
+    lists_itself = (candidates == ids[:, None]).any(dim=1)
+    bad = ~lists_itself | (valid[:, :-1] < valid[:, 1:]).any(dim=1)  # padding only at the end
+    bad |= ~keep & (size < 2)
+    bad |= keep & ((size != 1) | (first != ids))
+    # a group is named by its first member: every row equals its first member's row, every
+    # member is named by the same first member, and the group holds as many tokens as a row
+    # lists (so no member is listed twice); O(V·K), no V·K·K tensor in the enclave
+    bad |= (candidates != candidates[first.clamp(min=0)]).any(dim=1)
+    member = torch.where(valid, candidates, ids[:, None])
+    bad |= (candidates[member, 0] != first[:, None]).any(dim=1)
+    bad |= size != torch.bincount(first.clamp(min=0), minlength=vocab)[first.clamp(min=0)]
+    in_range = torch.where(valid, scores, 0.0)
+    bad |= ~(torch.isfinite(in_range) & (in_range >= 0) & (in_range <= 1)).all(dim=1)
+    bad |= ~torch.where(valid, True, torch.isneginf(scores)).all(dim=1)
+    if bool(bad.any()):
+        token = int(torch.nonzero(bad)[0])
+        raise ArtifactError(
+            f"RNM tables {what}: token {token}'s candidate set is not a group of a fixed "
+            "partition (groups of two or more that list each member the same way; special "
+            "tokens alone); its ε-DP claim would not hold"
+        )

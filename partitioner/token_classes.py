@@ -29,8 +29,9 @@ from partitioner.errors import PolicyError
 
 
 def _decoded(tokenizer: Any, vocab: int) -> list[tuple[str, str]]:
-    """(raw token, decoded text) of every id."""
-    raw = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    """(raw token, decoded text) of every id the tokenizer names (an embedding may have
+    more rows than that: those ids are in no class)."""
+    raw = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
     return [(r or "", tokenizer.decode([i])) for i, r in enumerate(raw)]
 
 

@@ -4,7 +4,8 @@ The mechanism, per input token ``t`` (special tokens pass through unchanged):
 
 1. the candidate set ``C(t)`` is the group of ``t`` in a *fixed partition* of the vocabulary into
    groups of ``K`` tokens (CusText's disjoint groups), built once per model by greedy clustering on
-   the cosine similarity of the model's own embedding rows;
+   the cosine similarity of the model's own embedding rows; with a public token prior, inside
+   frequency strata of it (``RNMTables.build``), so a group does not name its likeliest word;
 2. each candidate ``c`` scores ``u(t, c) = cos(E_t, E_c)`` min-max normalised over ``C(t)`` to
    ``[0, 1]``, so the sensitivity is ``Δ = 1``;
 3. the output is ``argmax_c u(t, c) + Laplace(2Δ/ε)``.

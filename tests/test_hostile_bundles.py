@@ -64,9 +64,49 @@ def identity_rnm_tables(bundle):
     rehash(bundle, rel)
 
 
-def test_swapped_rnm_tables_leak_the_prompt_unless_the_bundle_is_signed(bundles, tmp_path):
+def test_swapped_rnm_tables_are_refused_even_unsigned(bundles, tmp_path):
+    """The stage's own copy of the tables made every token its own group: the prompt would
+    reach the GPU as it is. The copy must equal the bundle's RNM file, which must be a
+    partition into groups of two or more, whoever signed it."""
     bundle = copy_bundle(bundles["cmif"], tmp_path / "b")
     identity_rnm_tables(bundle)
+    with pytest.raises(ArtifactError, match="RNM candidates it carries are not those of"):
+        load(bundle, allow_unsigned=True)
+    with pytest.raises(ArtifactError, match="signature does not verify"):
+        load(bundle, trusted_key=TRUSTED)
+
+
+def test_rnm_tables_that_pass_every_token_leak_the_prompt_unless_the_bundle_is_signed(
+    bundles, tmp_path
+):
+    """Every table consistent and every token marked pass-through, the plan's count edited to
+    match: only the signature tells this bundle from the compiler's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bundle = copy_bundle(bundles["cmif"], tmp_path / "b")
+    vocab = 0
+    for rel in ("enclave/weights.safetensors", "enclave/rnm.safetensors"):
+        with safe_open(str(bundle / rel), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key, value in list(tensors.items()):
+            if key.endswith("candidates"):
+                vocab = value.shape[0]
+                tensors[key] = torch.full_like(value, -1)
+                tensors[key][:, 0] = torch.arange(vocab)
+            elif key.endswith("scores"):
+                tensors[key] = torch.full_like(value, float("-inf"))
+                tensors[key][:, 0] = 1.0
+            elif key.endswith("keep"):
+                tensors[key] = torch.ones_like(value)
+        save_file(tensors, str(bundle / rel), metadata=meta)
+        rehash(bundle, rel)
+    with pytest.raises(ArtifactError, match=r"passes \d+ tokens through unchanged, the plan says"):
+        load(bundle, allow_unsigned=True)
+    document = read_plan(bundle)
+    document["plan"]["protection"]["rnm"]["special_tokens"] = vocab
+    write_plan(bundle, document)
     ids = torch.randint(3, 250, (1, 12))
     attacked = load(bundle, allow_unsigned=True)  # the attack, without the defence
     with torch.no_grad():

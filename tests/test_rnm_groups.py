@@ -229,3 +229,36 @@ def test_the_santext_attack_is_the_brute_force_bayes_optimum():
             assert int(attack.guess[y]) == int(brute[y]), y
     recovered = torch.tensor([float(channel[x, brute == x].sum()) for x in range(n)])
     assert torch.allclose(attack.p_bayes, recovered.to(torch.float64), atol=1e-6)
+
+
+def test_no_token_is_left_alone_and_one_that_must_be_passes_through_for_free():
+    """101 tokens in groups of 10 used to leave one token alone: RNM always emitted it and
+    charged ε for noise that could not move it."""
+    sizes = (RNMTables.build(_embedding(101), 10, 1.0).candidates >= 0).sum(dim=1)
+    assert int(sizes.min()) >= 2
+    odd = RNMTables.build(_embedding(7), 2, 1.0)  # groups of 2: one token must stay alone
+    alone = (odd.candidates >= 0).sum(dim=1) == 1
+    assert int(alone.sum()) == 1 and bool(odd.keep[alone].all())
+    assert odd.request_epsilon(torch.arange(7)) == 6.0  # it spends no ε
+
+
+@pytest.mark.parametrize("forgery", ["alone", "reordered", "listed_twice", "score_above_one"])
+def test_tables_that_are_not_a_partition_are_refused_on_load(forgery, tmp_path):
+    tables = RNMTables.build(_embedding(60), 6, 1.0, special_ids=(0,))
+    c, s = tables.candidates.clone(), tables.scores.clone()
+    group = tables.group_of(10)
+    if forgery == "alone":  # token 10 its own group: always emitted as it is
+        c[10], s[10] = -1, float("-inf")
+        c[10, 0], s[10, 0] = 10, 1.0
+    elif forgery == "reordered":  # a member lists the group in another order
+        c[group[1], : len(group)] = torch.tensor(group[::-1])
+    elif forgery == "listed_twice":
+        c[group, 1] = group[0]
+    else:
+        s[10, 0] = 2.0
+    forged = RNMTables(c, s, tables.keep, 1.0)
+    forged.save(tmp_path / "rnm.safetensors")
+    with pytest.raises(ArtifactError, match="not a group of a fixed partition"):
+        RNMTables.load(tmp_path / "rnm.safetensors")
+    tables.save(tmp_path / "good.safetensors")
+    assert torch.equal(RNMTables.load(tmp_path / "good.safetensors").candidates, tables.candidates)

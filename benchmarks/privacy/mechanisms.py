@@ -89,6 +89,14 @@ def groups(universe: Universe, prior: TokenPrior | None = None) -> RNMTables:
     return RNMTables.build(universe.embedding, K, epsilon=1.0, prior=prior)
 
 
+def public_groups(universe: Universe, public: set[str]) -> RNMTables:
+    """The cosine groups with the ``public`` tokens taken out of them (each alone, passed
+    through): what ``rnm.public`` deploys, where no private token is sanitised into a public
+    one."""
+    rows = [i for i, tok in enumerate(universe.tokens) if tok in public]
+    return RNMTables.build(universe.embedding, K, epsilon=1.0, special_ids=rows)
+
+
 class RNM(Mechanism):
     """teesplit's Report-Noisy-Max over the shared groups.
 

@@ -41,9 +41,16 @@ from benchmarks.privacy.mechanisms import (  # noqa: E402 - after the path set-u
     SanTextPlus,
     Universe,
     groups,
+    public_groups,
 )
 
-MECHANISMS = ("RNM (teesplit)", "RNM + stopwords kept", "CusText+", "SanText+")
+MECHANISMS = (
+    "RNM (teesplit)",
+    "RNM + stopwords kept",
+    "RNM, public stopwords",
+    "CusText+",
+    "SanText+",
+)
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[int]]:
@@ -127,6 +134,8 @@ def build(
         return RNM(universe, epsilon, seed, tables)
     if name == "RNM + stopwords kept":
         return RNM(universe, epsilon, seed, tables, keep=stopwords)
+    if name == "RNM, public stopwords":  # as rnm.public deploys it: out of every group
+        return RNM(universe, epsilon, seed, public_groups(universe, stopwords), keep=stopwords)
     if name == "CusText+":
         return CusTextPlus(universe, epsilon, seed, tables, stopwords)
     return SanTextPlus(universe, epsilon, seed)
@@ -199,6 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "of the train split's (issue 16); results other than cosine's go to sst2-GROUPING.*",
     )
     parser.add_argument("--ratio", type=float, default=2.0, help="the strata's count ratio")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these runs to the results already in --out (same settings), replacing "
+        "those of the same mechanism and ε",
+    )
     args = parser.parse_args(argv)
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -276,6 +291,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "sst2" if args.grouping == "cosine" else f"sst2-{args.grouping}-ratio{args.ratio:g}"
+    if args.merge and (out / f"{stem}.json").is_file():
+        old = json.loads((out / f"{stem}.json").read_text())
+        new = {(r["mechanism"], r["epsilon"]) for r in results["runs"]}
+        kept = [r for r in old["runs"] if (r["mechanism"], r["epsilon"]) not in new]
+        results["runs"] = sorted(
+            kept + results["runs"], key=lambda r: (MECHANISMS.index(r["mechanism"]), r["epsilon"])
+        )
+        results["epsilons"] = sorted({r["epsilon"] for r in results["runs"]})
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(table(results) + "\n")
     plot(results, out / f"{stem}.png")

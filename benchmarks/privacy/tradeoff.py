@@ -39,7 +39,13 @@ from benchmarks.privacy.attack import (  # noqa: E402
     uniform_bound,
     unigram_prior,
 )
-from benchmarks.privacy.mechanisms import K, SanTextPlus, Universe, groups  # noqa: E402
+from benchmarks.privacy.mechanisms import (  # noqa: E402
+    K,
+    SanTextPlus,
+    Universe,
+    groups,
+    public_groups,
+)
 from benchmarks.privacy.sst2 import MECHANISMS, read_tsv  # noqa: E402
 from partitioner.rnm_tables import RNMTables  # noqa: E402
 
@@ -74,6 +80,9 @@ def recovery(
         mech = SanTextPlus(universe, epsilon, seed=0)
         attack = SanTextAttack(universe.embedding, mech.sensitive, epsilon, mech.p, prior)
         return attack.expected(text), attack.expected(text[content])
+    if name == "RNM, public stopwords":
+        words = {tok for tok, s in zip(universe.tokens, stop.tolist(), strict=True) if s}
+        tables = public_groups(universe, words)
     keep = tables.keep | stop if name != "RNM (teesplit)" else tables.keep
     t = RNMTables(tables.candidates, tables.scores, keep, epsilon)
     channel = custext_channel(epsilon) if name == "CusText+" else _rnm_channel(epsilon)
