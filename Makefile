@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
 
-.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-recovery bench-integrity bench-teebound clean golden
+.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-privacy-finetuned bench-tradeoff bench-recovery bench-integrity bench-teebound clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench-teebound: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
+
+bench-privacy-finetuned: $(STAMP)
+	$(PY) benchmarks/privacy/finetuned.py --data $(SST2)
+
+bench-tradeoff: $(STAMP)
+	$(PY) benchmarks/privacy/tradeoff.py --data $(SST2) --epsilons 1 2
 
 bench-recovery: $(STAMP)
 	$(PY) benchmarks/privacy/recovery.py --data $(SST2)
