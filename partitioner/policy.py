@@ -285,7 +285,9 @@ class Policy:
             "gpu": sorted(str(label) for label in self.gpu),
             "protects": sorted(self.protects),
             "masking": self.masking,
-            "rnm": dataclasses.asdict(self.rnm) if self.rnm else None,
+            "rnm": {**dataclasses.asdict(self.rnm), "public": list(self.rnm.public)}
+            if self.rnm
+            else None,
             "integrity": self.integrity,
             "min_gpu_block": self.min_gpu_block,
             "on_unmaskable": self.on_unmaskable,
