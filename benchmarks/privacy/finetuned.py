@@ -120,8 +120,12 @@ def table(results: dict[str, Any]) -> str:
     for name in dict.fromkeys(r["mechanism"] for r in results["runs"]):
         cells = []
         for e in eps:
-            r = next(r for r in results["runs"] if r["mechanism"] == name and r["epsilon"] == e)
-            cells.append(f"{r['accuracy']:.4f} (replaced {r['replaced']:.0%})")
+            r = next(
+                (r for r in results["runs"] if r["mechanism"] == name and r["epsilon"] == e), None
+            )
+            cells.append(
+                "–" if r is None else f"{r['accuracy']:.4f} (replaced {r['replaced']:.0%})"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(
         f"| non-private | {results['non_private']:.4f} (every ε) |" + " |" * (len(eps) - 1)
@@ -181,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=MECHANISMS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="resume: keep the runs (and the non-private figure) already in --out's "
+        "finetuned.json, replacing those of the same mechanism and ε",
+    )
     args = parser.parse_args(argv)
     import warnings
 
@@ -219,9 +229,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"epochs of batch {args.batch}; universe {len(universe):,} tokens",
         flush=True,
     )
-    clean = fine_tune(
-        state, tokenizer, (train_ids, train_labels), (dev_ids, dev_y), args, "non-private"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = (
+        json.loads((out / "finetuned.json").read_text())
+        if args.merge and (out / "finetuned.json").is_file()
+        else None
     )
+    if previous is not None:
+        clean = previous["non_private"]
+    else:
+        clean = fine_tune(
+            state, tokenizer, (train_ids, train_labels), (dev_ids, dev_y), args, "non-private"
+        )
     print(f"non-private: {clean:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     results: dict[str, Any] = {
         "train_size": len(train_ids),
@@ -235,6 +255,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "non_private": clean,
         "runs": [],
     }
+    if previous is not None:
+        asked = {(m, e) for m in args.mechanisms for e in args.epsilons}
+        results["runs"] = [
+            r for r in previous["runs"] if (r["mechanism"], r["epsilon"]) not in asked
+        ]
+        results["epsilons"] = sorted({*previous["epsilons"], *args.epsilons})
     for name in args.mechanisms:
         for epsilon in args.epsilons:
             mech = build(name, universe, epsilon, 0, tables, set(ENGLISH_STOP_WORDS))
@@ -250,8 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+            # after every run: a long run stopped part-way keeps what it measured
+            results["runs"].sort(key=lambda r: (MECHANISMS.index(r["mechanism"]), r["epsilon"]))
+            (out / "finetuned.json").write_text(json.dumps(results, indent=1))
     (out / "finetuned.json").write_text(json.dumps(results, indent=1))
     (out / "finetuned.md").write_text(table(results) + "\n")
     frozen_path = out / "sst2.json"
