@@ -30,8 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.privacy.mechanisms import Universe, groups  # noqa: E402
-from benchmarks.privacy.sst2 import MECHANISMS, build, read_tsv, sanitise  # noqa: E402
+from benchmarks.privacy.mechanisms import groups  # noqa: E402
+from benchmarks.privacy.sst2 import (  # noqa: E402
+    MECHANISMS,
+    build,
+    corpus,
+    read_tsv,
+    sanitise,
+)
 
 
 class Classifier(torch.nn.Module):
@@ -210,15 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrained = minilm()
     state = {k: v.clone() for k, v in pretrained.state_dict().items()}
 
-    def ids(sentences: list[str]) -> list[list[int]]:
-        return tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=126)[
-            "input_ids"
-        ]
-
-    all_train, dev_ids = ids(train_s), ids(dev_s)
     embedding = pretrained.embeddings.word_embeddings.weight
-    vocab = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
-    universe = Universe.from_corpus([*all_train, *dev_ids], embedding, vocab)
+    all_train, dev_ids, universe = corpus(tokenizer, embedding, train_s, dev_s)
     pick = sorted(
         random.Random(0).sample(range(len(all_train)), min(args.train_size, len(all_train)))
     )

@@ -70,6 +70,22 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
     return sentences, labels
 
 
+def token_ids(tokenizer: Any, sentences: list[str]) -> list[list[int]]:
+    """MiniLM WordPiece ids of each sentence, without [CLS]/[SEP], at most 126."""
+    return tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=126)[
+        "input_ids"
+    ]
+
+
+def corpus(
+    tokenizer: Any, embedding: torch.Tensor, train: list[str], dev: list[str]
+) -> tuple[list[list[int]], list[list[int]], Universe]:
+    """The train and dev ids and the universe of the tokens they use (every harness's)."""
+    train_ids, dev_ids = token_ids(tokenizer, train), token_ids(tokenizer, dev)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
+    return train_ids, dev_ids, Universe.from_corpus([*train_ids, *dev_ids], embedding, vocab)
+
+
 class Encoder:
     """Frozen MiniLM: token ids -> mean-pooled sentence embeddings."""
 
@@ -81,9 +97,7 @@ class Encoder:
         self.batch = batch
 
     def ids(self, sentences: list[str]) -> list[list[int]]:
-        return self.tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=126)[
-            "input_ids"
-        ]
+        return token_ids(self.tokenizer, sentences)
 
     @torch.no_grad()
     def __call__(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -224,11 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dev_size:
         dev_s, dev_y = dev_s[: args.dev_size], dev_y[: args.dev_size]
     encoder = Encoder(args.batch)
-    all_train = encoder.ids(train_s)
-    dev_ids = encoder.ids(dev_s)
     embedding = encoder.model.embeddings.word_embeddings.weight
-    vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
-    universe = Universe.from_corpus([*all_train, *dev_ids], embedding, vocab)
+    all_train, dev_ids, universe = corpus(encoder.tokenizer, embedding, train_s, dev_s)
     pick = sorted(
         random.Random(0).sample(range(len(all_train)), min(args.train_size, len(all_train)))
     )

@@ -46,7 +46,7 @@ from benchmarks.privacy.mechanisms import (  # noqa: E402
     groups,
     public_groups,
 )
-from benchmarks.privacy.sst2 import MECHANISMS, read_tsv  # noqa: E402
+from benchmarks.privacy.sst2 import MECHANISMS, corpus, read_tsv  # noqa: E402
 from partitioner.rnm_tables import RNMTables  # noqa: E402
 
 
@@ -163,15 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     dev_s, _ = read_tsv(Path(args.data) / "dev.tsv")
     tokenizer = minilm_tokenizer()
 
-    def ids(sentences: list[str]) -> list[list[int]]:
-        return tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=126)[
-            "input_ids"
-        ]
-
-    train, dev = ids(train_s), ids(dev_s)
     embedding = minilm().embeddings.word_embeddings.weight
-    vocab = tokenizer.convert_ids_to_tokens(list(range(embedding.shape[0])))
-    universe = Universe.from_corpus([*train, *dev], embedding, vocab)
+    train, dev, universe = corpus(tokenizer, embedding, train_s, dev_s)
     tables = groups(universe)
     prior = unigram_prior(([int(universe.local[t]) for t in s] for s in train), len(universe))
     text = universe.local[torch.tensor([t for s in dev for t in s])]
