@@ -11,8 +11,9 @@ prompts and caches differ in length) started at the same moment. Reported per lo
   the last session's end;
 * per session: tokens/s of each session's decoding (after its first token), the mean;
 * time to first token: mean and worst;
-* the worker's stage runs per call (its ``ModelStatistics``): below 1 when sessions' decode
-  steps shared a batch.
+* the worker's calls per generated token (its ``ModelStatistics``, every stage): the server
+  decodes every session in one call per step, so this falls towards 1/sessions (prefills
+  are a call each).
 
 Everything runs on this machine's CPU (the worker's stages too: no GPU is lent here), so the
 worker, the server and the clients share its cores. The target (issue 14): under ``cmif`` and
@@ -173,10 +174,10 @@ def main() -> None:
             load_run(url, 1, 4)  # warm-up: first calls load and compile lazily
             base = None
             for n in args.sessions:
-                calls, runs = stage_counts(deployment.worker)
+                calls, _ = stage_counts(deployment.worker)
                 row = {"preset": preset, **load_run(url, n, args.new)}
-                calls_after, runs_after = stage_counts(deployment.worker)
-                row["stage_runs_per_call"] = (runs_after - runs) / max(calls_after - calls, 1)
+                calls_after, _ = stage_counts(deployment.worker)
+                row["worker_calls_per_token"] = (calls_after - calls) / max(row["tokens"], 1)
                 base = base or row["aggregate_tok_s"]
                 row["vs_one_session"] = row["aggregate_tok_s"] / base
                 rows.append(row)
@@ -184,8 +185,8 @@ def main() -> None:
                     f"{preset:8s} {n} session(s): {row['aggregate_tok_s']:5.1f} tok/s aggregate "
                     f"({row['vs_one_session']:.2f}x one), {row['per_session_tok_s']:5.1f} tok/s "
                     f"per session, first token {row['ttft_mean_s']:.2f} s mean / "
-                    f"{row['ttft_max_s']:.2f} s worst; {row['stage_runs_per_call']:.2f} stage runs "
-                    "per call",
+                    f"{row['ttft_max_s']:.2f} s worst; {row['worker_calls_per_token']:.2f} worker "
+                    "calls per token",
                     flush=True,
                 )
     if args.results:

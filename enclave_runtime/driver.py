@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from runtime.kserve import (
     EXTENDS,
     MAX_MESSAGE,
     NAMES,
+    RELEASE,
+    ROWS,
     ProtocolError,
     decode,
     sequence_parameters,
@@ -86,7 +89,10 @@ class WorkerClient:
     (``runtime.state``), the client sends neither them nor asks for their refills (KServe
     ``outputs``); a 0-long state starts a sequence on that stage (a new ``sequence_id``,
     ``sequence_start``, as Triton's implicit state expects), and a stand-in whose length is not
-    what the worker holds is refused before anything is sent. ``outputs`` are the stages'
+    what the worker holds is refused before anything is sent. A call given ``rows`` (one
+    sequence id per batch row) continues or starts one sequence per row instead
+    (``teesplit_rows``: the worker left-pads the rows' caches to the longest), and
+    :meth:`release` frees rows. ``outputs`` are the stages'
     output names (the plan's), by which the reply is read. ``session`` (default: random) is
     the id sent as the ``teesplit-session`` header, which a load balancer may hash on.
     ``resident`` (``Plan.resident()``) names inputs an earlier GPU stage produced: our worker
@@ -170,6 +176,8 @@ class WorkerClient:
         }
         # per stage with held state: its sequence's id, and the shape the worker holds per slot
         self._sequences: dict[str, tuple[str, dict[int, list[int]]]] = {}
+        # per stage, its row-addressed sequences: id -> the length held, per slot
+        self._rows: dict[str, dict[str, dict[int, int]]] = {}
 
     def _open(self) -> None:
         """The session's stream and the thread that queues its replies."""
@@ -209,39 +217,28 @@ class WorkerClient:
         tensors: list[torch.Tensor],
         expected: Expected | None = None,
         end: bool = False,
+        rows: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
         """One stage call. An input that extends what the worker already holds for the same
         slot (a KV cache one step longer) is sent as its new part only (``extends``); a state
-        the stage holds is not sent at all, and ``end`` ends its sequence (``sequence_end``)."""
+        the stage holds is not sent at all, and ``end`` ends its sequence (``sequence_end``).
+        ``rows``: the sequence of each batch row, on a stage that holds state."""
         with self._lock:
-            if self._broken is not None:
-                raise WorkerError(
-                    f"the session with the GPU worker at {self.address} was closed after an "
-                    f"earlier failure ({self._broken})"
-                )
+            self._check_open()
             slots = self._held.get(stage, [])
-            omitted, start = self._held_inputs(stage, tensors) if slots else (set(), False)
+            if rows is not None and not slots:
+                raise WorkerError(f"stage {stage} holds no state: its rows name no sequences")
+            if rows is not None:
+                omitted, start = self._row_inputs(stage, tensors, list(rows))
+            else:
+                omitted, start = self._held_inputs(stage, tensors) if slots else (set(), False)
             if self.extends:  # a server that keeps what the session computed: our worker
                 omitted = omitted | self._resident.get(stage, set())
-            if self._stream is None:
-                self._open()
-            deadline = time.monotonic() + self.timeout
             self._next_id += 1
             request, sent = self._request(
-                stage, tensors, str(self._next_id), omitted, start, end and bool(slots)
+                stage, tensors, str(self._next_id), omitted, start, end and bool(slots), rows
             )
-            self._requests.put(request)
-            self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
-            self.wire_bytes_sent += request.ByteSize()
-            try:
-                reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                raise self._fail(
-                    f"GPU worker at {self.address} did not answer stage {stage} within "
-                    f"{self.timeout:g} s"
-                ) from None
-            if isinstance(reply, WorkerError):
-                raise self._fail(f"GPU worker at {self.address} failed on stage {stage}: {reply}")
+            reply = self._roundtrip(stage, request)
             try:
                 outs = self._read(reply, stage, str(self._next_id), expected)
             except ProtocolError as exc:
@@ -250,17 +247,107 @@ class WorkerClient:
                 ) from None
             if outs is None:  # the worker refused the request; it dropped its copies too
                 self._last.pop(stage, None)
-                self._sequences.pop(stage, None)
+                if rows is None:
+                    self._sequences.pop(stage, None)
                 raise WorkerError(f"GPU worker refused stage {stage}: {reply.error_message}")
             self._last[stage] = sent
-            outs = self._kept(stage, tensors, outs, expected)
-            if slots:
+            outs = self._kept(stage, tensors, outs, expected, rows)
+            if slots and rows is None:
                 if end:
                     self._sequences.pop(stage, None)
                     self._last.pop(stage, None)
         self.bytes_received += sum(len(b) for b in reply.infer_response.raw_output_contents)
         self.wire_bytes_received += reply.ByteSize()
         return outs
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise WorkerError(
+                f"the session with the GPU worker at {self.address} was closed after an "
+                f"earlier failure ({self._broken})"
+            )
+        if self._stream is None:
+            self._open()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the session was given up (every later call fails)."""
+        return self._broken is not None
+
+    def _roundtrip(self, stage: str, request: Any) -> Any:
+        """Send ``request`` and wait for its reply, within the timeout (lock held)."""
+        deadline = time.monotonic() + self.timeout
+        self._requests.put(request)
+        self.bytes_sent += sum(len(b) for b in request.raw_input_contents)
+        self.wire_bytes_sent += request.ByteSize()
+        try:
+            reply = self._replies.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            raise self._fail(
+                f"GPU worker at {self.address} did not answer stage {stage} within "
+                f"{self.timeout:g} s"
+            ) from None
+        if isinstance(reply, WorkerError):
+            raise self._fail(f"GPU worker at {self.address} failed on stage {stage}: {reply}")
+        return reply
+
+    def release(self, stage: str, rows: Sequence[str]) -> None:
+        """Free row-addressed sequences of ``stage`` on the worker now (a session that
+        finished or was cancelled). Nothing to do once the session is closed: the worker
+        freed everything with the stream."""
+        with self._lock:
+            held = self._rows.get(stage, {})
+            rows = [row for row in rows if held.pop(row, None) is not None]
+            if not rows or self._broken is not None or self._stream is None:
+                return
+            self._next_id += 1
+            request = self.pb.ModelInferRequest(model_name=stage, id=str(self._next_id))
+            request.parameters[RELEASE].string_param = ",".join(rows)
+            reply = self._roundtrip(stage, request)
+            response = reply.infer_response
+            if response.id != str(self._next_id) or response.model_name != stage:
+                raise self._fail(f"GPU worker at {self.address} answered a release out of turn")
+            if reply.error_message:
+                raise self._fail(
+                    f"GPU worker at {self.address} refused to release on stage {stage}: "
+                    f"{reply.error_message}"
+                )
+        self.wire_bytes_received += reply.ByteSize()
+
+    def _row_inputs(
+        self, stage: str, tensors: list[torch.Tensor], rows: list[str]
+    ) -> tuple[set[int], bool]:
+        """As :meth:`_held_inputs`, for a call with one sequence per row: either every row
+        starts (0-long stand-ins) or every row continues, the stand-ins as long as the longest
+        row the worker holds."""
+        held = self._rows.setdefault(stage, {})
+        if len(set(rows)) != len(rows):
+            raise WorkerError(f"stage {stage}: a sequence names two rows")
+        omitted: set[int] = set()
+        starts = []
+        for slot in self._held[stage]:
+            tensor = tensors[slot.input]
+            if not is_stand_in(tensor) or tensor.shape[0] != len(rows):
+                raise WorkerError(
+                    f"stage {stage} keeps {slot.state} on the GPU worker: pass a stand-in "
+                    f"of {len(rows)} rows, one per sequence named"
+                )
+            omitted.add(slot.input)
+            starts.append(tensor.shape[slot.dim] == 0)
+            if not tensor.shape[slot.dim]:
+                continue
+            lengths = [held.get(row, {}).get(slot.input) for row in rows]
+            if None in lengths or tensor.shape[slot.dim] != max(lengths):
+                raise WorkerError(
+                    f"stage {stage}: the worker holds {slot.state} of lengths {lengths} for "
+                    f"these rows, the call says {tensor.shape[slot.dim]}"
+                )
+        start = all(starts)
+        if any(starts) and not start:
+            raise WorkerError(f"stage {stage}: some of its held states are empty, some not")
+        if start and any(row in held for row in rows):
+            raise WorkerError(f"stage {stage}: a row's sequence was started already")
+        return omitted, start
 
     def _held_inputs(self, stage: str, tensors: list[torch.Tensor]) -> tuple[set[int], bool]:
         """The held inputs not to send (stand-ins), and whether this call starts the stage's
@@ -297,6 +384,7 @@ class WorkerClient:
         tensors: list[torch.Tensor],
         outs: list[torch.Tensor],
         expected: Expected | None,
+        rows: list[str] | None = None,
     ) -> list[torch.Tensor]:
         """The reply's outputs with a stand-in in the place of each output not asked for (a
         held refill, a value only the worker needs); records the shapes the worker now holds."""
@@ -306,7 +394,14 @@ class WorkerClient:
             if want is None or want[1] is None:
                 raise WorkerError(f"stage {stage}: output {i} was not asked for: no known shape")
             full.insert(i, stand_in(want[1], want[0]))
-        if self._held.get(stage):
+        if rows is not None:
+            held = self._rows.setdefault(stage, {})
+            for row in rows:
+                lengths = held.setdefault(row, {})
+                for slot in self._held[stage]:
+                    more = full[slot.output].shape[slot.dim]
+                    lengths[slot.input] = lengths.get(slot.input, 0) + more
+        elif self._held.get(stage):
             _, shapes = self._sequences.setdefault(stage, (secrets.token_hex(8), {}))
             for slot in self._held[stage]:
                 more = full[slot.output].shape[slot.dim]
@@ -326,10 +421,14 @@ class WorkerClient:
         omitted: set[int],
         start: bool,
         end: bool,
+        rows: Sequence[str] | None = None,
     ) -> tuple[Any, list[torch.Tensor]]:
         """The request, and the tensors it stands for (what ``extends`` may extend next)."""
         request = self.pb.ModelInferRequest(model_name=stage, id=request_id)
-        if stage in self._sequences:
+        if rows is not None:
+            sequence_parameters(request.parameters, self.session, start, False)
+            request.parameters[ROWS].string_param = ",".join(rows)
+        elif stage in self._sequences:
             sequence_parameters(request.parameters, self._sequences[stage][0], start, end)
         else:
             sequence_parameters(request.parameters, self.session, self._next_id == 1, False)
@@ -426,6 +525,7 @@ class WorkerClient:
 
     def close(self) -> None:
         """End the session: the stream closes and the worker frees what it held for it."""
+        self._rows.clear()
         self._requests.put(None)
         self.channel.close()
 

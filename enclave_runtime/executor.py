@@ -14,7 +14,7 @@ sends them to a GPU worker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +30,7 @@ from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, Plan, Stage
-from runtime.state import HeldState, StateError
+from runtime.state import HeldState, RowStates, StateError
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
 # size) its concrete shape.
@@ -42,7 +42,8 @@ class StageRunner(Protocol):
     in the stage's order). ``expected`` is what the plan says the reply is; a runner that
     reads replies from elsewhere refuses one that differs before reading its payload. A stage
     that holds state (``Plan.held``) is also passed ``end=True`` on its sequence's last call:
-    the holder frees the state afterwards (Triton: ``sequence_end``)."""
+    the holder frees the state afterwards (Triton: ``sequence_end``), or ``rows``: one
+    sequence per batch row (an enclave batching its sessions), which ``release`` frees."""
 
     def run(
         self,
@@ -50,7 +51,10 @@ class StageRunner(Protocol):
         tensors: list[torch.Tensor],
         expected: Expected | None = None,
         end: bool = False,
+        rows: Sequence[str] | None = None,
     ) -> list[torch.Tensor]: ...
+
+    def release(self, stage: str, rows: Sequence[str]) -> None: ...
 
 
 class InProcessRunner:
@@ -61,6 +65,10 @@ class InProcessRunner:
         self._stages = {s.name: s for s in plan.stages if s.side == GPU}
         self._prepared: dict[str, tuple[Any, Any]] = {}  # stage -> (module, its prepared copy)
         self._state = {stage: HeldState(stage, slots) for stage, slots in plan.held().items()}
+        self._rows = {stage: RowStates(stage, slots) for stage, slots in plan.held().items()}
+
+    def release(self, stage: str, rows: Sequence[str]) -> None:
+        self._rows[stage].release(rows)
 
     def run(
         self,
@@ -68,6 +76,7 @@ class InProcessRunner:
         tensors: list[torch.Tensor],
         expected: Expected | None = None,
         end: bool = False,
+        rows: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
         module = self._stages[stage].module
         if module is None:
@@ -76,6 +85,12 @@ class InProcessRunner:
         if cached is None or cached[0] is not module:
             cached = (module, prepare_ring_weights(module))
             self._prepared[stage] = cached
+        if rows is not None:
+            slots = self._rows[stage].slots
+            start = all(tensors[slot.input].shape[slot.dim] == 0 for slot in slots)
+            batch = self._rows[stage].batch(list(rows), start)
+            inputs = batch.inputs(tensors)
+            return batch.keep(inputs, list(cached[1](*inputs)), stand_ins=False)
         state = self._state.get(stage)
         if state is None:
             return list(cached[1](*tensors))
@@ -205,10 +220,16 @@ class Executor:
         public_tokens: bool | torch.Tensor = False,
         last: bool = False,
         sequence: object = None,
+        rows: Sequence[str] | None = None,
     ) -> Any:
         """One call; ``public_tokens`` (all, or a bool mask over the token input) marks token
         positions that RNM passes through unchanged and that spend no ε. ``last``: no call
         will continue from this one's state, so the stages holding it free it.
+
+        ``rows`` (a scheduler batching many sequences): one sequence id per batch row. The
+        GPU stages holding state keep each row's cache apart, addressed by its id, and the
+        call's held stand-ins are as long as its longest row (the shorter rows left-padded,
+        their ``padding`` input raised by as much); :meth:`release` frees finished rows.
 
         With states a GPU stage holds, an executor runs one generation at a time: a call
         whose states are empty starts one (``sequence`` names it), and a later call naming
@@ -223,7 +244,11 @@ class Executor:
         env = self.signature.bind(args, dict(kwargs))
         binding = self.binding(env)
         self.check_inputs(env, binding)
-        if self._holders:
+        if rows is not None:
+            rows = list(rows)
+            if len(rows) != binding.get("batch", len(rows)):
+                raise InputError(f"{len(rows)} sequences named for {binding['batch']} rows")
+        elif self._holders:
             self._follow(env, sequence)
         masks = self.pool.take(binding) if self.pool is not None else None
         prot = self.spec.protection
@@ -244,13 +269,21 @@ class Executor:
             noise = masks.noise[site.token_input]
             identity = site.tables.identity_noise(ids, noise.dtype)
             masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
-        flat = self.execute(env, masks, binding, last)
+        flat = self.execute(env, masks, binding, last, rows)
         if last:
             self._open = None
         if public is not None:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
             self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
+            # per row (a scheduler's batch of sessions: each is charged its own positions)
+            counts = sanitised.reshape(sanitised.shape[0], -1).sum(-1).tolist()
+            self.last_request["epsilon_rows"] = [float(site.epsilon * n) for n in counts]
         return pytree.tree_unflatten(flat, self.signature.out_spec)
+
+    def release(self, rows: Sequence[str]) -> None:
+        """Free the row-addressed sequences ``rows`` on every GPU stage that holds state."""
+        for stage in sorted(self._holders):
+            self.runner.release(stage, list(rows))
 
     def _follow(self, env: Mapping[str, Any], sequence: object) -> None:
         """Start or continue the generation whose cache the GPU stages hold."""
@@ -304,6 +337,7 @@ class Executor:
         masks: MaskSet | None,
         binding: Mapping[str, int],
         last: bool = False,
+        rows: list[str] | None = None,
     ) -> list[Any]:
         """Run the stages in order, keeping what the enclave and the GPU each hold apart.
 
@@ -342,7 +376,9 @@ class Executor:
             # a checked stage's runner gets copies: the check reads the enclave's own tensors,
             # whatever a runner in this process does to what it was handed
             handed = [t.clone() for t in sent] if stage.name in self.ring_checks else sent
-            if last and stage.name in self._holders:
+            if rows is not None and stage.name in self._holders:
+                outs = self.runner.run(stage.name, handed, expected, rows=rows)
+            elif last and stage.name in self._holders:
                 outs = self.runner.run(stage.name, handed, expected, end=True)
             else:
                 outs = self.runner.run(stage.name, handed, expected)

@@ -372,7 +372,8 @@ def privacy(
     account: dict[str, Any], policy: str, crossed: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """The ``teesplit`` extension field: what the request cost in privacy, and the bytes that
-    crossed to and from the GPU worker for it (KServe messages as serialised)."""
+    crossed to and from the GPU worker for it (tensor payloads: its own rows of each batched
+    call; the messages' headers are shared by the batch and not counted)."""
     out = {
         "policy": policy,
         "epsilon": float(account.get("epsilon", 0.0)),

@@ -8,15 +8,16 @@ certificate and key, and (``/v1``) only to clients that send ``--api-key-file``'
 given one. Starlette on uvicorn; the request schema and errors are
 :mod:`enclave_runtime.openai_api`, the bundle and the sessions :mod:`enclave_runtime.sessions`.
 
-Each request is a session: its own :class:`Executor` (mask pool, ε account) over its own
-:class:`WorkerClient` (one stream to the worker, which holds the session's KV cache). Sessions
-run concurrently, each in its own thread, at most ``max_sessions`` at once; one more is refused
-at once with 503 (and ``Retry-After``). A session that ends (finished, failed, or cancelled
-because its client went away) closes its worker stream, so the worker frees what it held, and
-its slot is free again only after that. The prompt's account (ε and the policy) is returned in
-the ``teesplit`` field. A request's bytes never choose a file, a module or a code path: they are
-parsed into a :class:`~enclave_runtime.openai_api.Job` of checked values, and a failure is
-answered with the OpenAI error object, never a traceback.
+Each request is a session, at most ``max_sessions`` at once; one more is refused at once with
+503 (and ``Retry-After``). One scheduler (:mod:`enclave_runtime.engine`) decodes them all:
+each new session is prefilled on its own, and every session that is decoding takes its next
+step in one batched call to the worker, which keeps each session's KV cache apart. A session
+that ends (finished, failed, or cancelled because its client went away) leaves the batch
+before the next step, the worker frees its cache, and only then is its slot free again. The
+prompt's account (ε and the policy) is returned in the ``teesplit`` field. A request's bytes
+never choose a file, a module or a code path: they are parsed into a
+:class:`~enclave_runtime.openai_api.Job` of checked values, and a failure is answered with the
+OpenAI error object, never a traceback.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import hmac
 import socket
 import ssl
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from enclave_runtime.driver import WorkerError
+from enclave_runtime.engine import Engine, Request
 from enclave_runtime.openai_api import (
     APIError,
     Job,
@@ -46,7 +47,7 @@ from enclave_runtime.openai_api import (
     response,
     sse,
 )
-from enclave_runtime.sessions import Model, Session, Sessions, Settings, api_error, generate_session
+from enclave_runtime.sessions import Model, Session, Sessions, Settings, api_error
 from partitioner.errors import TeesplitError
 
 
@@ -56,6 +57,7 @@ class Server:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.sessions = Sessions(model.settings.max_sessions)
+        self.engine = Engine(model)
         self.started = int(time.time())
 
     def app(self) -> Any:
@@ -200,24 +202,14 @@ class Server:
             except RuntimeError:  # the loop is closed: the server is stopping
                 pass
 
-        def run() -> None:
-            try:
-                generate_session(self.model, session, job, ids, public, max_new, emit)
-            finally:  # the slot is free only once the worker stream is closed
-                self.sessions.release(session)
+        def ended() -> None:  # the worker freed the session's cache: its slot is free
+            self.sessions.release(session)
 
         try:
-            threading.Thread(target=run, name=f"teesplit-session-{session.id}", daemon=True).start()
-        except RuntimeError:  # no thread to be had: the slot is given back, the client told
+            self.engine.submit(Request(session, job, ids, public, max_new, emit, ended))
+        except APIError as exc:
             self.sessions.release(session)
-            return error_response(
-                APIError(
-                    503,
-                    "the server cannot start a session now; retry shortly",
-                    type="server_error",
-                    code="server_busy",
-                )
-            )
+            return error_response(exc)
         watcher = asyncio.create_task(_watch_disconnect(request, session))
         try:
             first = await queue.get()

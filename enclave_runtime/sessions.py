@@ -1,15 +1,11 @@
-"""The sessions of ``teesplit serve``: the bundle loaded once, and one request run to its end.
+"""The sessions of ``teesplit serve``: the bundle loaded once, and what each request holds.
 
 Reads the bundle's enclave side and tokenizer once (:class:`Model`: signature and hashes
-checked, as the stdin driver does). Each request is a :class:`Session`: its own
-:class:`Executor` (mask pool, ε account) over its own :class:`WorkerClient` (one stream to the
-worker, which holds the session's KV cache), run in a thread by :func:`generate_session`, which
-sends the text as it is decoded and ends with exactly one final item. :class:`Sessions` bounds
-how many are open. Guarantees: a session that ends (finished, failed, or cancelled because its
-client went away) closes its worker stream, so the worker frees what it held; a cancelled
-session stops between steps, and a worker call in flight fails at once; a failure is turned
-into an OpenAI error that names the client's own mistake in full and the worker's or ours
-without internals (:func:`api_error`; those go to stderr, the host's to read).
+checked, as the stdin driver does). Each request is a :class:`Session` (its id, and whether
+its client went away); :class:`Sessions` bounds how many are open; the scheduler that decodes
+them (``enclave_runtime.engine``) streams each one's text through a :class:`Detokenizer`.
+A failure is turned into an OpenAI error that names the client's own mistake in full and the
+worker's or ours without internals (:func:`api_error`; those go to stderr, the host's to read).
 """
 
 from __future__ import annotations
@@ -26,11 +22,9 @@ from typing import Any
 import torch
 
 from enclave_runtime.driver import WorkerClient, WorkerError, worker_client
-from enclave_runtime.executor import Executor
-from enclave_runtime.generation import context_length, decode_steps
+from enclave_runtime.generation import context_length
 from enclave_runtime.launcher import bundle_root
-from enclave_runtime.openai_api import APIError, Job, encode_chat, privacy, usage
-from enclave_runtime.sampling import Sampler, sampling_rng
+from enclave_runtime.openai_api import APIError, Job, encode_chat
 from enclave_runtime.tokenizer import bundle_tokenizer
 from partitioner.bundle import VerifiedFiles, load_program, read_document
 from partitioner.errors import ArtifactError, InputError, IntegrityError, TeesplitError
@@ -114,34 +108,28 @@ class Model:
 
 
 class Session:
-    """One request's state: its id, its worker client once connected, and whether it was
-    cancelled. ``cancel`` may come from the event loop while the session's thread runs."""
+    """One request's id and whether it was cancelled. ``cancel`` may come from the event loop
+    while the scheduler runs the session; it stops before the scheduler's next step."""
 
     def __init__(self) -> None:
         self.id = secrets.token_hex(8)
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._client: WorkerClient | None = None
-        self._closed = False
+        self._wake: Callable[[], None] | None = None
 
-    def attach(self, client: WorkerClient) -> None:
+    def on_cancel(self, wake: Callable[[], None]) -> None:
+        """``wake`` runs when the session is cancelled (now, if it was already)."""
         with self._lock:
-            self._client = client
-            closed = self._closed
-        if closed:  # cancelled while connecting
-            client.close()
-
-    def close(self) -> None:
-        """End the worker stream now: the worker frees the session's cache, and a call in
-        flight fails at once instead of finishing for nobody."""
-        with self._lock:
-            client, self._client, self._closed = self._client, None, True
-        if client is not None:
-            client.close()
+            self._wake = wake
+        if self.cancelled.is_set():
+            wake()
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self.close()
+        with self._lock:
+            wake = self._wake
+        if wake is not None:
+            wake()
 
 
 class Sessions:
@@ -265,69 +253,3 @@ def api_error(exc: BaseException) -> APIError:
         where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
         print(log + where, file=sys.stderr, flush=True)
     return APIError(500, "internal error", type="server_error", code="internal_error")
-
-
-Emit = Callable[[tuple[Any, ...]], None]
-
-
-def generate_session(
-    model: Model,
-    session: Session,
-    job: Job,
-    ids: torch.Tensor,
-    public: torch.Tensor | None,
-    max_new: int,
-    emit: Emit,
-) -> None:
-    """The session's thread: connect, decode, send ``("text", delta)`` items and then exactly
-    one ``("done", finish_reason, usage, privacy)`` or ``("error", APIError)``."""
-    steps = None
-    try:
-        model_client = model.client(session.id)
-        session.attach(model_client)
-        if session.cancelled.is_set():
-            raise WorkerError("cancelled")
-        executor = Executor(model.plan, model_client)
-        sampler = Sampler(job.temperature, job.top_p, sampling_rng(job.seed))
-        eos = sorted(model.eos)
-        steps = decode_steps(
-            executor,
-            ids,
-            max_new_tokens=max_new,
-            eos_token_id=eos or None,
-            public_prompt=public,
-            choose=sampler,
-        )
-        text = Detokenizer(model.tokenizer, job.stop)
-        count, finish, stopped = 0, "length", False
-        for next_ids in steps:
-            if session.cancelled.is_set():
-                raise WorkerError("cancelled")
-            token = int(next_ids[0])
-            count += 1
-            if token in model.eos:
-                finish = "stop"
-                break
-            delta, stopped = text.add(token)
-            if delta:
-                emit(("text", delta))
-            if stopped:
-                break
-        if not stopped:  # the end of the text: what was held back goes out, unless it stops
-            rest, stopped = text.flush()
-            if rest:
-                emit(("text", rest))
-        if stopped:
-            finish = "stop"
-        crossed = (model_client.wire_bytes_sent, model_client.wire_bytes_received)
-        account = privacy(executor.last_request, model.policy, crossed)
-        emit(("done", finish, usage(ids.shape[1], count), account))
-    except Exception as exc:  # every failure ends the session with one error item
-        if session.cancelled.is_set():
-            emit(("error", APIError(499, "the client closed the request", code="cancelled")))
-        else:
-            emit(("error", api_error(exc)))
-    finally:
-        if steps is not None:
-            steps.close()
-        session.close()

@@ -11,7 +11,13 @@ Triton's sequence batcher reads them):
   state (the inputs a stage was last sent, for ``extends``) the worker frees at its end or
   after an idle timeout;
 * per input, ``teesplit_extends`` (int64): the tensor is only the new part of what this session
-  last sent that input, along this dim (a KV cache one position longer).
+  last sent that input, along this dim (a KV cache one position longer);
+* ``teesplit_rows`` (string, ``"id1,id2,..."``): on a stage that holds state, one sequence id
+  per row of the batch instead of one ``sequence_id`` for the request: an enclave that decodes
+  many sessions in one call names whose cache each row continues (``sequence_start``: every
+  row starts a sequence);
+* ``teesplit_release`` (string, the same form), on a request without tensors: free those
+  row-addressed sequences of the stage now.
 
 This module decodes what a peer sent and refuses anything malformed with a
 :class:`ProtocolError` naming the tensor: an unknown datatype, a negative or absurd shape, a
@@ -43,6 +49,8 @@ NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 MAX_DIMS = 8
 MAX_MESSAGE = 1 << 30  # bytes of one request or reply: grpc's limits are set from this
 EXTENDS = "teesplit_extends"
+ROWS = "teesplit_rows"
+RELEASE = "teesplit_release"
 
 
 class ProtocolError(TeesplitError):

@@ -6,7 +6,10 @@ socket or TCP, with TLS and a bearer token when configured. Each GPU stage is a 
 request's inputs are checked (names, count, dtypes, ranks, sizes in the program's ranges)
 against the stage's signature and answered with the outputs, or with an error naming the stage
 and the input at fault. A ``ModelStreamInfer`` stream is one session: the inputs it last sent
-each stage are held for ``teesplit_extends`` and freed when the stream ends. It counts calls and
+each stage are held for ``teesplit_extends`` and freed when the stream ends. A stage's held
+state (a KV cache) is one sequence per stream (Triton's ``sequence_id``), or, when a request
+names a sequence per row (``teesplit_rows``: an enclave that batches its sessions itself), one
+per row, each released by ``teesplit_release`` or with the stream. It counts calls and
 time per stage (``ModelStatistics``; the client counts the bytes). Calls that concurrent
 sessions make to one stage run as one batch (:mod:`runtime.batching`: a decode step's caches of
 different lengths are left-padded), so the statistics' ``execution_count`` counts runs and
@@ -39,13 +42,23 @@ from runtime.kserve import (
     EXTENDS,
     MAX_MESSAGE,
     NAMES,
+    RELEASE,
+    ROWS,
     ProtocolError,
     decode,
     target,
     tensor_bytes,
 )
 from runtime.onnx_stage import onnx_stage
-from runtime.state import HeldState, StateError, is_stand_in, stand_in
+from runtime.state import (
+    HeldState,
+    RowBatch,
+    RowStates,
+    StateError,
+    is_stand_in,
+    row_ids,
+    stand_in,
+)
 
 
 class GPUWorker:
@@ -112,6 +125,7 @@ class GPUWorker:
         self.resident_names = set().union(*self.resident.values()) if self.resident else set()
         self.stats: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "seconds": 0.0})
         self.open_sessions = 0  # streams open now: each holds its session's inputs and caches
+        self._row_states: list[RowStates] = []  # the row-addressed caches of the open streams
         self.users: dict[str, int] = defaultdict(int)  # per stage, the open streams calling it
         self._lock = threading.Lock()
         # concurrent sessions' calls of a stage run as one batch (runtime.batching)
@@ -133,6 +147,18 @@ class GPUWorker:
             )
             for s in gpu_stages
         }
+
+    def held_sequences(self) -> int:
+        """Row-addressed sequences held now, over all open streams."""
+        with self._lock:
+            return sum(len(states.rows) for states in self._row_states)
+
+    def track(self, states: RowStates, held: bool) -> None:
+        with self._lock:
+            if held:
+                self._row_states.append(states)
+            elif states in self._row_states:
+                self._row_states.remove(states)
 
     def _runner(self, stage: str) -> Any:
         module = self.stages[stage]
@@ -176,7 +202,7 @@ class GPUWorker:
                     )
 
     def run(
-        self, stage: str, tensors: list[torch.Tensor], state: HeldState | None = None
+        self, stage: str, tensors: list[torch.Tensor], state: HeldState | RowBatch | None = None
     ) -> tuple[list[torch.Tensor], float]:
         """Run ``stage``; with ``state``, its held inputs (stand-ins in ``tensors``) are the
         session's tensors, which stay on this device and grow by the stage's refills."""
@@ -196,7 +222,7 @@ class GPUWorker:
         self,
         stage: str,
         given: dict[str, torch.Tensor],
-        state: HeldState | None,
+        state: HeldState | RowBatch | None,
         start: bool,
         values: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
@@ -241,8 +267,8 @@ class GPUWorker:
                         f"stage {stage}: the other inputs do not size held state {edge['name']} "
                         f"{edge['shape']}"
                     )
-            elif slot.input in state.tensors:
-                shape = list(state.tensors[slot.input].shape)
+            elif (held := state.held_shape(slot)) is not None:
+                shape = held
             else:
                 raise ProtocolError(
                     f"stage {stage}: held state {edge['name']} is omitted but this session's "
@@ -404,12 +430,18 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self.worker.open_sessions -= 1
                 for stage in session.stages:
                     self.worker.users[stage] -= 1
+            for states in session.rows.values():
+                self.worker.track(states, held=False)
+            session.rows.clear()
 
     def _stream(self, requests: Iterator[Any], session: _Session) -> Iterator[Any]:
         pb = self.pb
         for request in requests:
             try:
-                reply = self._infer(request, session)
+                if RELEASE in request.parameters:
+                    reply = self._release(request, session)
+                else:
+                    reply = self._infer(request, session)
             except (ProtocolError, StateError) as exc:
                 yield pb.ModelStreamInferResponse(
                     error_message=str(exc), infer_response=self._echo(request)
@@ -426,6 +458,19 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             if "sequence_end" in params and params["sequence_end"].bool_param:
                 session.sent.pop(request.model_name, None)  # a sequence is one stage's
                 session.states.pop(request.model_name, None)
+
+    def _release(self, request: Any, session: _Session) -> Any:
+        """Free the row-addressed sequences a request names, on its stage; an empty reply."""
+        stage = request.model_name
+        if stage not in self.worker.held:
+            raise ProtocolError(f"stage {stage!r} holds no state to release")
+        if len(request.inputs) or len(request.raw_input_contents):
+            raise ProtocolError(f"stage {stage}: a release carries no tensors")
+        ids = row_ids(request.parameters[RELEASE].string_param)
+        states = session.rows.get(stage)
+        if states is not None:
+            states.release(ids)
+        return self._echo(request)
 
     def _echo(self, request: Any) -> Any:
         return self.pb.ModelInferResponse(id=request.id, model_name=request.model_name)
@@ -465,11 +510,18 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             start,
             session.values if session is not None else None,
         )
+        if isinstance(state, RowBatch):
+            for edge, tensor in zip(worker.signatures[stage], inputs, strict=True):
+                if edge["shape"][:1] == ["batch"] and tensor.shape[0] != len(state.ids):
+                    raise ProtocolError(
+                        f"stage {stage}: {len(state.ids)} sequences named for {tensor.shape[0]} "
+                        f"rows of {edge['name']}"
+                    )
         wanted = _wanted(stage, request, worker.outputs[stage])
         try:
             outs, seconds = worker.run(stage, inputs, state)
         except StateError:
-            if session is not None:
+            if session is not None and isinstance(state, HeldState):
                 session.states.pop(stage, None)
             raise
         if session is not None:
@@ -490,15 +542,27 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _state(
         self, request: Any, session: _Session | None, omitted: bool
-    ) -> tuple[HeldState | None, bool]:
-        """The stage's held state for this request's sequence, and whether it starts one."""
+    ) -> tuple[HeldState | RowBatch | None, bool]:
+        """The stage's held state for this request's sequence (or its rows' sequences), and
+        whether it starts them."""
         stage = request.model_name
         slots = self.worker.held.get(stage)
-        if not slots or session is None:
-            return None, False
         params = request.parameters
-        sequence = params["sequence_id"].string_param if "sequence_id" in params else ""
+        if not slots or session is None:
+            if ROWS in params:
+                raise ProtocolError(
+                    f"stage {stage}: {ROWS} needs a stage that holds state, "
+                    "in a session (ModelStreamInfer)"
+                )
+            return None, False
         start = "sequence_start" in params and params["sequence_start"].bool_param
+        if ROWS in params:
+            states = session.rows.get(stage)
+            if states is None:
+                states = session.rows[stage] = RowStates(stage, slots)
+                self.worker.track(states, held=True)
+            return states.batch(row_ids(params[ROWS].string_param), start), start
+        sequence = params["sequence_id"].string_param if "sequence_id" in params else ""
         if start:
             if not sequence:
                 raise ProtocolError(f"stage {stage}: sequence_start without a sequence_id")
@@ -523,6 +587,7 @@ class _Session:
         self.sent: dict[str, list[torch.Tensor]] = {}
         self.states: dict[str, tuple[str, HeldState]] = {}
         self.values: dict[str, torch.Tensor] = {}  # GPU-produced values later stages read
+        self.rows: dict[str, RowStates] = {}  # per stage, its row-addressed sequences
         self.stages: set[str] = set()  # the stages it called: the batchers expect it there
 
 

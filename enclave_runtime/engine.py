@@ -1,0 +1,389 @@
+"""The scheduler of ``teesplit serve``: every decoding session advanced by one call per step.
+
+Reads the loaded bundle (:class:`~enclave_runtime.sessions.Model`) and the requests the server
+submits (:class:`Request`: a checked job, its prompt's ids, where to send its text). Owns one
+:class:`~enclave_runtime.executor.Executor` (mask pool, CSPRNG) and one worker session (one
+stream) for all requests, driven by one thread. Each turn of its loop:
+
+1. sessions whose client went away are dropped;
+2. new requests are prefilled together, in one call: each prompt a row, left-padded to the
+   longest with its ``padding`` input counting the pad (positions the step masks, public
+   to RNM, charged no ε); each request is charged its own row's ε
+   (``last_request["epsilon_rows"]``);
+3. every session that is decoding takes its next step *together*: one executor call with one
+   row per session, each row naming its session's sequence (``rows``), so each GPU stage runs
+   once per step for all of them (continuous batching, as vLLM schedules and Triton's sequence
+   batcher batches). The worker keeps each session's cache apart; the call's stand-ins are as
+   long as the longest cache and each shorter row's ``padding`` is raised by its shortfall,
+   which the decoder step masks (``Plan.padding``; a program captured without it batches
+   only sessions of equal lengths).
+
+Per session: its own sampler (temperature, top-p, seed: ``enclave_runtime.sampling``), stop
+strings and detokenizer, its prompt's ε account and its share of the bytes that crossed. Masks
+are drawn per call, so every row of every step has fresh pads of its own.
+
+Guarantees: a session's tokens are the ones it gets alone (greedy: up to the floating-point
+summation order of a batched step); a session that ends (finished, failed, cancelled) leaves the
+batch before the next step and its rows are released on the worker before its final item is
+sent and its slot freed; a worker that fails or whose reply is refused fails the sessions
+whose cache it held (the stream is given up) and the next requests get a new one; a request
+the program refuses fails that request only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from enclave_runtime.driver import WorkerClient, WorkerError
+from enclave_runtime.executor import Executor
+from enclave_runtime.generation import _state_order
+from enclave_runtime.openai_api import APIError, Job, privacy, usage
+from enclave_runtime.sampling import Sampler, sampling_rng
+from enclave_runtime.sessions import Detokenizer, Model, Session, api_error
+from partitioner.errors import InputError, IntegrityError
+from runtime.state import left_padded, stand_in
+
+Emit = Callable[[tuple[Any, ...]], None]
+
+
+@dataclass
+class Request:
+    """One submitted request: what the server checked, and where its items go. ``emit``
+    receives ``("text", delta)`` items, then exactly one ``("done", finish_reason, usage,
+    privacy)`` or ``("error", APIError)``; ``ended`` runs after that (the slot is free)."""
+
+    session: Session
+    job: Job
+    ids: torch.Tensor
+    public: torch.Tensor | None
+    max_new: int
+    emit: Emit
+    ended: Callable[[], None]
+
+
+@dataclass(eq=False)  # compared by identity: one per session
+class _Running:
+    """A request being decoded: its sampler and text, the positions its cache holds, the
+    cache itself where the enclave keeps it, and its account."""
+
+    request: Request
+    sampler: Sampler
+    text: Detokenizer
+    row: str = field(default_factory=lambda: secrets.token_hex(8))
+    count: int = 0
+    token: int = 0
+    length: int = 0  # positions its cache holds, its prompt's left pad included
+    pad: int = 0  # that pad: positions the step masks, whatever the batch
+    past: list[torch.Tensor] = field(default_factory=list)
+    account: dict[str, Any] = field(default_factory=dict)
+    sent: float = 0.0
+    received: float = 0.0
+    finish: str | None = None
+
+
+class Engine:
+    """The scheduler (see the module): ``submit`` requests; ``close`` at shutdown."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.plan = model.plan
+        self._names = _state_order(self.plan)
+        self._specs = [self.plan.state[name] for name in self._names]
+        self._executor = Executor(self.plan, runner=_Unconnected())
+        self._client: WorkerClient | None = None
+        self._cond = threading.Condition()
+        self._pending: list[Request] = []
+        self._running: list[_Running] = []
+        self._closed = False
+        self.steps = 0  # batched decode calls, for statistics
+        self._thread = threading.Thread(target=self._loop, name="teesplit-engine", daemon=True)
+        self._thread.start()
+
+    # -- the server's side -----------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise APIError(503, "the server is stopping", type="server_error")
+            self._pending.append(request)
+            self._cond.notify_all()
+        request.session.on_cancel(self.wake)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5)
+        if self._client is not None:
+            self._client.close()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    new, self._pending = self._pending, []
+                    for run in [*self._running, *map(self._start, new)]:
+                        self._end(run, APIError(503, "the server is stopping", type="server_error"))
+                    return
+                new, self._pending = self._pending, []
+            try:
+                self._turn(new)
+            except Exception as exc:  # a bug: every session in flight ends with it
+                for run in self._running:
+                    self._end(run, api_error(exc))
+                self._running = []
+
+    def _turn(self, new: list[Request]) -> None:
+        self._drop_cancelled()
+        starting = []
+        for request in new:
+            run = self._start(request)
+            if request.session.cancelled.is_set():
+                self._end(run, _cancelled())
+            else:
+                starting.append(run)
+        # without a padding input, prompts of different lengths cannot share a call
+        prefills = [starting] if self.plan.padding is not None else [[r] for r in starting]
+        for batch in prefills:
+            if batch and self._call(batch, prefill=True):
+                self._running.extend(batch)
+        if not self._running:
+            return
+        if self.plan.padding is None:  # no way to pad: only equal lengths share a call
+            groups: dict[int, list[_Running]] = {}
+            for run in self._running:
+                groups.setdefault(run.length, []).append(run)
+            batches = list(groups.values())
+        else:
+            batches = [list(self._running)]
+        for batch in batches:  # a failed call may have ended the sessions of later ones
+            self._call([r for r in batch if r in self._running], prefill=False)
+        self.steps += 1
+        self._drop_finished()
+
+    def _start(self, request: Request) -> _Running:
+        return _Running(
+            request,
+            Sampler(request.job.temperature, request.job.top_p, sampling_rng(request.job.seed)),
+            Detokenizer(self.model.tokenizer, request.job.stop),
+        )
+
+    def _drop_cancelled(self) -> None:
+        gone = [r for r in self._running if r.request.session.cancelled.is_set()]
+        if gone:
+            self._running = [r for r in self._running if r not in gone]
+            self._release(gone)
+            for run in gone:
+                self._end(run, _cancelled())
+
+    def _drop_finished(self) -> None:
+        done = [r for r in self._running if r.finish is not None]
+        if done:
+            self._running = [r for r in self._running if r.finish is None]
+            self._release(done)
+            for run in done:
+                self._end(run)
+
+    # -- one call ------------------------------------------------------------------------------
+
+    def _client_now(self) -> WorkerClient:
+        if self._client is None or self._client.broken:
+            if self._client is not None:
+                self._client.close()
+            self._client = self.model.client(f"engine-{secrets.token_hex(8)}")
+            self._executor.runner = self._client
+        return self._client
+
+    def _call(self, batch: list[_Running], *, prefill: bool) -> bool:
+        """One executor call for ``batch`` (a prompt, or one decode step of every row), and
+        each row's next token; False when it failed (the sessions it failed are ended)."""
+        if not batch:
+            return True
+        try:
+            client = self._client_now()
+            before = (client.bytes_sent, client.bytes_received)
+            args, public = self._inputs(batch, prefill)
+            with torch.no_grad():
+                out = self._executor.run(
+                    args, {}, public_tokens=public, rows=[r.row for r in batch]
+                )
+        except Exception as exc:
+            self._failed(batch, exc)
+            return False
+        share = len(batch)
+        for run in batch:
+            run.sent += (client.bytes_sent - before[0]) / share
+            run.received += (client.bytes_received - before[1]) / share
+        if prefill:
+            account = self._executor.last_request
+            for i, run in enumerate(batch):
+                run.account = {k: v for k, v in account.items() if k != "epsilon_rows"}
+                if "epsilon_rows" in account:
+                    run.account["epsilon"] = account["epsilon_rows"][i]
+        logits = out[0][:, -1]
+        for i, run in enumerate(batch):
+            for k, spec in enumerate(self._specs):
+                refill = out[spec.output].narrow(0, i, 1)
+                if spec.holder is None:
+                    run.past[k] = refill if prefill else torch.cat([run.past[k], refill], spec.dim)
+            run.length += int(out[self._specs[0].output].shape[self._specs[0].dim])
+            try:
+                self._advance(run, int(run.sampler(logits[i : i + 1])[0]))
+            except Exception as exc:  # the detokenizer or sampler on this row's values
+                run.finish = "error"
+                self._release([run])
+                self._end(run, api_error(exc))
+        return True
+
+    def _inputs(
+        self, batch: list[_Running], prefill: bool
+    ) -> tuple[tuple[Any, ...], bool | torch.Tensor]:
+        """The decoder step's arguments for ``batch``, and which token positions are public."""
+        plan = self.plan
+        public: bool | torch.Tensor
+        if prefill:
+            longest = max(int(r.request.ids.shape[1]) for r in batch)
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            public = torch.ones(len(batch), longest, dtype=torch.bool)
+            for i, run in enumerate(batch):
+                given = run.request.ids[0]
+                run.pad = longest - len(given)
+                ids[i, run.pad :] = given  # the pad (token 0) is masked by the step
+                mask = run.request.public
+                public[i, run.pad :] = mask[0] if mask is not None else False
+                run.past = [
+                    self._state(name, spec, 1, 0)
+                    for name, spec in zip(self._names, self._specs, strict=True)
+                ]
+            past = [
+                self._state(name, spec, len(batch), 0)
+                for name, spec in zip(self._names, self._specs, strict=True)
+            ]
+            padding = torch.tensor([[r.pad] for r in batch], dtype=torch.long)
+        else:
+            ids = torch.tensor([[r.token] for r in batch], dtype=torch.long)
+            public = True  # generated tokens: the GPU computed the logits they came from
+            length = max(r.length for r in batch)
+            padding = torch.tensor([[r.pad + length - r.length] for r in batch], dtype=torch.long)
+            past = [
+                self._state(name, spec, len(batch), length)
+                if spec.holder is not None
+                else left_padded([r.past[k] for r in batch], spec.dim, length)
+                for k, (name, spec) in enumerate(zip(self._names, self._specs, strict=True))
+            ]
+        if plan.padding is None:
+            return (ids, past), public
+        return (ids, padding, past), public
+
+    def _state(self, name: str, spec: Any, batch: int, length: int) -> torch.Tensor:
+        """A state input of ``batch`` rows, ``length`` long: a stand-in where the GPU holds
+        it, zeros (an empty cache) where the enclave does."""
+        dims = self.plan.input_dims[name]
+        shape = [batch if d == "batch" else length if i == spec.dim else d
+                 for i, d in enumerate(dims)]  # fmt: skip
+        if not all(isinstance(d, int) for d in shape):
+            raise InputError(f"state input {name} has unnamed symbolic dims {dims}")
+        dtype = getattr(torch, spec.dtype)
+        if spec.holder is not None:
+            return stand_in(shape, dtype)
+        return torch.zeros(shape, dtype=dtype)
+
+    def _advance(self, run: _Running, token: int) -> None:
+        """Take the row's new token: stream its text, or end the session."""
+        run.count += 1
+        run.token = token
+        emit = run.request.emit
+        if token in self.model.eos:
+            run.finish = "stop"
+        else:
+            delta, stopped = run.text.add(token)
+            if delta:
+                emit(("text", delta))
+            if stopped:
+                run.finish = "stop"
+                return
+            if run.count >= run.request.max_new:
+                run.finish = "length"
+        if run.finish is not None:
+            rest, stopped = run.text.flush()
+            if rest:
+                emit(("text", rest))
+            if stopped:
+                run.finish = "stop"
+
+    def _failed(self, batch: list[_Running], exc: BaseException) -> None:
+        """A call failed: the request's own fault fails it alone; anything else fails every
+        session whose cache the worker held, and the stream is given up."""
+        if isinstance(exc, (InputError, APIError)):
+            for run in batch:
+                run.finish = "error"
+            self._release(batch)
+            for run in batch:
+                self._end(run, api_error(exc))
+            return
+        everyone = batch + [r for r in self._running if r not in batch]
+        self._running = []
+        if isinstance(exc, IntegrityError) or (self._client is not None and self._client.broken):
+            if self._client is not None:
+                self._client.close()  # a worker that lied, or a dead one: nothing more from it
+            self._client = None
+        else:
+            self._release(everyone)
+        error = api_error(exc)
+        for run in everyone:
+            self._end(run, error)
+
+    def _release(self, runs: list[_Running]) -> None:
+        """Free the rows of ``runs`` on the worker (best effort: a failure gives the stream
+        up, which frees them too)."""
+        if self._client is None or self._client.broken:
+            return
+        try:
+            self._executor.release([r.row for r in runs])
+        except WorkerError:
+            pass  # the client gave the stream up: the worker dropped everything it held
+
+    def _end(self, run: _Running, error: APIError | None = None) -> None:
+        """The session's final item, then its slot."""
+        request = run.request
+        try:
+            if error is not None:
+                request.emit(("error", error))
+            else:
+                crossed = (round(run.sent), round(run.received))
+                account = privacy(run.account, self.model.policy, crossed)
+                used = usage(request.ids.shape[1], run.count)
+                request.emit(("done", run.finish, used, account))
+        finally:
+            request.ended()
+
+
+class _Unconnected:
+    """The executor's runner until the first request connects to the worker."""
+
+    def run(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        raise WorkerError("not connected to the GPU worker")
+
+    def release(self, stage: str, rows: Any) -> None:
+        return None
+
+
+def _cancelled() -> APIError:
+    return APIError(499, "the client closed the request", code="cancelled")
+
+
+__all__ = ["Engine", "Request"]

@@ -1,0 +1,273 @@
+"""The serving scheduler (``enclave_runtime.engine``): every session decoding at once advances
+in one call per step, with one sequence per row (``rows``) that the cache's holder keeps apart.
+
+Attacks on its one promise, that each session gets what it would get alone: sessions of
+different prompt lengths and answer lengths batched together, in process and over a real
+worker (greedy tokens equal to decoding each alone, far fewer calls than tokens); a preset
+whose cache the enclave keeps (left-padded in the enclave); a cancelled session (dropped before
+the next step, its cache freed on the worker); and hostile row calls to the worker (malformed
+ids, a row that was never started or is started twice, a cache length out of step, a release
+carrying tensors).
+"""
+
+from __future__ import annotations
+
+import queue
+import types
+
+import grpc
+import pytest
+import torch
+from conftest import SIGN_KEY, TRUSTED
+from test_generation import prompt, step
+from test_held_state import _stage_request
+
+from enclave_runtime.driver import worker_client
+from enclave_runtime.engine import Engine, Request
+from enclave_runtime.executor import Executor, InProcessRunner
+from enclave_runtime.generation import decode_steps
+from enclave_runtime.openai_api import Job
+from enclave_runtime.sessions import Session
+from partitioner.api import partition
+from partitioner.bundle import load_program
+from runtime.kserve import service
+from runtime.state import RowStates, StateError, row_ids, stand_in
+from runtime.worker import GPUWorker, serve
+
+pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
+
+# (prompt length, tokens asked for): caches of different lengths, sessions ending at different steps
+LOAD = [(3, 6), (9, 4), (5, 7), (12, 2)]
+
+
+@pytest.fixture(scope="module")
+def cmif():
+    return partition(step("tiny-llama"), "cmif", seed=3)
+
+
+class Tokens:
+    """A stand-in tokenizer: token ``i`` is the text ``<i>``, so the text gives the ids back."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+class LocalClient(InProcessRunner):
+    """The in-process runner with what the engine reads of a worker client."""
+
+    broken = False
+    bytes_sent = bytes_received = 0
+
+    def __init__(self, plan) -> None:
+        super().__init__(plan)
+        self.calls = 0
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        return super().run(*args, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+
+def model(plan, client):
+    return types.SimpleNamespace(
+        plan=plan, tokenizer=Tokens(), eos=set(), policy=plan.policy.name, client=lambda _: client
+    )
+
+
+def submit(
+    engine: Engine, ids: torch.Tensor, new: int, private: bool = False
+) -> tuple[Session, queue.Queue]:
+    items: queue.Queue = queue.Queue()
+    job = Job("completion", "m", prompt_ids=ids[0].tolist(), max_tokens=new, temperature=0)
+    session = Session()
+    ended = lambda: items.put(("ended",))  # noqa: E731
+    # the prompt public unless asked: RNM's noise (drawn per call) would make "alone" differ
+    public = None if private else torch.ones_like(ids, dtype=torch.bool)
+    engine.submit(Request(session, job, ids, public, new, items.put, ended))
+    return session, items
+
+
+def collect(items: queue.Queue) -> tuple[list[int], tuple]:
+    """The tokens a session streamed, and its final item."""
+    text = ""
+    while True:
+        item = items.get(timeout=60)
+        if item[0] != "text":
+            assert items.get(timeout=60) == ("ended",)
+            return [int(t) for t in text.strip("<>").split("><") if t], item
+        text += item[1]
+
+
+def alone(plan, ids: torch.Tensor, new: int) -> list[int]:
+    public = torch.ones_like(ids, dtype=torch.bool)
+    steps = decode_steps(Executor(plan, seed=0), ids, max_new_tokens=new, public_prompt=public)
+    return [int(t[0]) for t in steps]
+
+
+def run_load(engine: Engine, plan) -> None:
+    prompts = [prompt(batch=1, seq=n, seed=20 + i) for i, (n, _) in enumerate(LOAD)]
+    # submitted together: they are prefilled in one turn and decode side by side
+    with engine._cond:
+        sessions = [submit(engine, ids, new) for ids, (_, new) in zip(prompts, LOAD, strict=True)]
+    for (ids, (_, new)), (_, items) in zip(zip(prompts, LOAD, strict=True), sessions, strict=True):
+        tokens, final = collect(items)
+        assert final[0] == "done" and final[1] == "length", final
+        assert tokens == alone(plan, ids, new)
+
+
+@pytest.mark.parametrize("policy", ["cmif", "slalom"])
+def test_sessions_decoded_together_get_the_tokens_they_get_alone(policy, cmif):
+    """cmif: the GPU stage holds each row's cache; slalom: the enclave keeps the caches and
+    left-pads them itself (exact masks, per-row quantisation)."""
+    split = cmif if policy == "cmif" else partition(step("tiny-llama"), policy, seed=3)
+    client = LocalClient(split.spec)
+    engine = Engine(model(split.spec, client))
+    try:
+        run_load(engine, split.spec)
+    finally:
+        engine.close()
+    held = sum(len(r.rows) for r in client._rows.values())
+    assert held == 0  # every finished session's cache was freed
+    if policy == "cmif":
+        # 4 prefills, then one call per step for every session still decoding (7 steps)
+        assert engine.steps <= max(new for _, new in LOAD)
+        assert client.calls <= len(LOAD) + max(new for _, new in LOAD) - 1
+
+
+def test_prompts_prefilled_together_are_each_charged_their_own_epsilon(cmif):
+    """One call sanitises every new prompt (left-padded): each request's ε counts its own
+    private positions, never its batch-mates' or the pad's."""
+    site = cmif.spec.protection.rnm
+    engine = Engine(model(cmif.spec, LocalClient(cmif.spec)))
+    prompts = [prompt(batch=1, seq=n, seed=50 + n) for n in (2, 11, 6)]
+    try:
+        with engine._cond:
+            sessions = [submit(engine, ids, 2, private=True) for ids in prompts]
+        for ids, (_, items) in zip(prompts, sessions, strict=True):
+            _, final = collect(items)
+            assert final[3]["epsilon"] == site.tables.request_epsilon(ids) > 0
+            assert final[3]["epsilon_per_token"] == site.epsilon
+    finally:
+        engine.close()
+
+
+def test_over_a_worker_each_row_continues_its_own_cache(cmif, tmp_path):
+    root = tmp_path / "bundle"
+    cmif.save(root, sign_key=SIGN_KEY)
+    worker = GPUWorker(root / "gpu")
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = serve(worker, address)
+    plan = load_program(root, gpu=False, trusted_key=TRUSTED)
+    stage = next(iter(worker.stages))
+    try:
+        engine = Engine(model(plan, worker_client(plan, address)))
+        try:
+            run_load(engine, cmif.spec)
+            assert worker.stats[stage]["calls"] <= len(LOAD) + max(new for _, new in LOAD) - 1
+            assert worker.held_sequences() == 0
+            # a cancelled session leaves the batch and the worker's memory
+            long_ids = prompt(batch=1, seq=4, seed=40)
+            with engine._cond:
+                session, items = submit(engine, long_ids, 60)
+                _, other = submit(engine, prompt(batch=1, seq=6, seed=41), 3)
+            assert collect(other)[1][0] == "done"
+            assert items.get(timeout=60)[0] == "text"  # decoding
+            assert worker.held_sequences() == 1
+            session.cancel()
+            while (item := items.get(timeout=60))[0] == "text":
+                pass
+            assert item[1].status == 499 and items.get(timeout=60) == ("ended",)
+            assert worker.held_sequences() == 0
+        finally:
+            engine.close()
+    finally:
+        server.shutdown()
+
+
+def test_row_ids_are_checked():
+    assert row_ids("a,b-2,C_3") == ["a", "b-2", "C_3"]
+    for bad in ["", "a,,b", "a,a", "x" * 65, "a b", "../etc", "a;b"]:
+        with pytest.raises(StateError):
+            row_ids(bad)
+
+
+def test_the_holder_refuses_rows_out_of_step(cmif):
+    [slots] = cmif.spec.held().values()
+    states = RowStates("gpu", slots, max_rows=3)
+    zero = [torch.zeros(1, 2, 0, 16)] * (max(s.input for s in slots) + 1)
+    for rows, n in (["a"], 3), (["b"], 5):  # two sequences of different lengths
+        batch = states.batch(rows, start=True)
+        given = batch.inputs(list(zero))
+        outs = [torch.randn(1, 2, n, 16) for _ in range(max(s.output for s in slots) + 1)]
+        batch.keep(given, outs)
+    with pytest.raises(StateError, match="started already"):
+        states.batch(["a"], start=True)
+    with pytest.raises(StateError, match="holds no sequence c"):
+        states.batch(["a", "c"], start=False)
+    with pytest.raises(StateError, match="limit of 3"):
+        states.batch(["c", "d"], start=True)
+    slot = slots[0]
+    batch = states.batch(["a", "b"], start=False)
+    assert batch.held_shape(slot) == [2, 2, 5, 16]  # the longest row
+    wrong = [stand_in([2, 2, 3, 16], torch.float32)] * len(zero)
+    with pytest.raises(StateError, match="holds"):
+        batch.inputs(wrong)  # the shorter row's length: out of step
+    padded = batch.inputs([stand_in([2, 2, 5, 16], torch.float32)] * len(zero))[slot.input]
+    a = states.rows["a"][slot.input]
+    assert torch.equal(padded[0, :, 2:], a[0]) and not padded[0, :, :2].any()  # left-padded
+    states.release(["a", "zzz"])  # unknown ids are ignored
+    assert set(states.rows) == {"b"}
+
+
+def test_the_worker_refuses_malformed_row_calls(cmif, tmp_path):
+    root = tmp_path / "bundle"
+    cmif.save(root, sign_key=SIGN_KEY)
+    address = f"unix:{tmp_path / 'w.sock'}"
+    worker = GPUWorker(root / "gpu")
+    server = serve(worker, address)
+    try:
+        [stage] = [s for s in cmif.stages if s.side == "gpu"]
+        _, service_grpc = service()
+        stub = service_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+        edges = {e.name: e for e in cmif.edges if e.consumer == stage.name}
+
+        def request(rows: int, **params):
+            sizes = {
+                n: [{"batch": rows, "seq": 1}.get(d, d) if isinstance(d, str) else d
+                    for d in edges[n].shape]
+                for n in stage.inputs
+                if n not in cmif.spec.state
+            }  # fmt: skip
+            return _stage_request(stage, sizes, **params)
+
+        calls = [
+            request(2, teesplit_rows="a,b", sequence_start=True),  # starts two sequences
+            request(2, teesplit_rows="a,b"),  # continues them
+            request(1, teesplit_rows="a", sequence_start=True),  # a second start: refused
+            request(1, teesplit_rows="c"),  # never started: refused
+            request(2, teesplit_rows="a,a"),  # one sequence, two rows: refused
+            request(1, teesplit_rows="a/../../x"),  # not an id: refused
+            request(1, teesplit_rows="a,b"),  # two sequences named for one row
+        ]
+        release = _stage_request(stage, {}, teesplit_release="a,nobody")
+        with_tensor = request(1, teesplit_release="b")
+        replies = list(stub.ModelStreamInfer(iter([*calls, release, with_tensor]), timeout=30))
+        errors = [r.error_message for r in replies]
+        assert errors[:2] == ["", ""]
+        assert "started already" in errors[2]
+        assert "holds no sequence c" in errors[3]
+        assert "names two rows" in errors[4]
+        assert "is not a sequence id" in errors[5]
+        assert "2 sequences named for 1 rows" in errors[6], errors[6]
+        assert errors[7] == "" and "carries no tensors" in errors[8]
+        assert [len(r.infer_response.outputs) for r in replies[:2]] == [len(stage.outputs)] * 2
+        assert worker.held_sequences() == 0  # the stream ended: b went with it
+        # outside a session (ModelInfer) nothing is held: the omitted caches are refused
+        with pytest.raises(grpc.RpcError, match="INVALID_ARGUMENT"):
+            stub.ModelInfer(request(1, teesplit_rows="a"), timeout=10)
+    finally:
+        server.shutdown()
