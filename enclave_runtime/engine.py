@@ -85,6 +85,7 @@ class _Running:
     sent: float = 0.0
     received: float = 0.0
     finish: str | None = None
+    ended: bool = False  # its final item was sent
 
 
 class Engine:
@@ -99,6 +100,7 @@ class Engine:
         self._client: WorkerClient | None = None
         self._cond = threading.Condition()
         self._pending: list[Request] = []
+        self._starting: list[_Running] = []  # this turn's new sessions, not yet prefilled
         self._running: list[_Running] = []
         self._closed = False
         self.steps = 0  # batched decode calls, for statistics
@@ -134,33 +136,39 @@ class Engine:
             with self._cond:
                 while not self._closed and not self._pending and not self._running:
                     self._cond.wait()
-                if self._closed:
-                    new, self._pending = self._pending, []
-                    for run in [*self._running, *map(self._start, new)]:
-                        self._end(run, APIError(503, "the server is stopping", type="server_error"))
-                    return
                 new, self._pending = self._pending, []
+                closed = self._closed
+            if closed:
+                stopping = APIError(503, "the server is stopping", type="server_error")
+                for run in [*self._running, *map(self._start, new)]:
+                    self._end(run, stopping)
+                return
+            self._starting = [self._start(request) for request in new]
             try:
-                self._turn(new)
+                self._turn()
             except Exception as exc:  # a bug: every session in flight ends with it
-                for run in self._running:
-                    self._end(run, api_error(exc))
-                self._running = []
+                everyone = [*self._running, *self._starting]
+                self._running, self._starting = [], []
+                try:
+                    self._release(everyone)
+                except Exception:  # the stream is given up below: the worker frees them
+                    self._reset()
+                error = api_error(exc)
+                for run in everyone:
+                    self._end(run, error)
 
-    def _turn(self, new: list[Request]) -> None:
+    def _turn(self) -> None:
         self._drop_cancelled()
-        starting = []
-        for request in new:
-            run = self._start(request)
-            if request.session.cancelled.is_set():
+        for run in self._starting:
+            if run.request.session.cancelled.is_set():
                 self._end(run, _cancelled())
-            else:
-                starting.append(run)
-        # without a padding input, prompts of different lengths cannot share a call
-        prefills = [starting] if self.plan.padding is not None else [[r] for r in starting]
-        for batch in prefills:
-            if batch and self._call(batch, prefill=True):
+        starting = [run for run in self._starting if not run.ended]
+        for batch in self._prefill_groups(starting):
+            if self._call(batch, prefill=True):
                 self._running.extend(batch)
+        self._starting = []
+        # a session may have finished on its first token: it takes no further step
+        self._drop_finished()
         if not self._running:
             return
         if self.plan.padding is None:  # no way to pad: only equal lengths share a call
@@ -171,9 +179,29 @@ class Engine:
         else:
             batches = [list(self._running)]
         for batch in batches:  # a failed call may have ended the sessions of later ones
-            self._call([r for r in batch if r in self._running], prefill=False)
+            self._call([r for r in batch if r in self._running and not r.ended], prefill=False)
         self.steps += 1
         self._drop_finished()
+
+    def _prefill_groups(self, runs: list[_Running]) -> list[list[_Running]]:
+        """The new sessions in groups prefilled together. A row's left pad stays in its cache
+        and counts against the context, so a prompt joins a group only if the group's longest
+        prompt plus its own answer fits the context, and only if its pad is at most its own
+        length or 16 (the pad's bytes and work are the row's, and stay bounded)."""
+        if self.plan.padding is None:  # rows of different lengths cannot share a call
+            return [[run] for run in runs]
+        context = self.model.context
+        groups: list[list[_Running]] = []
+        for run in sorted(runs, key=lambda r: -int(r.request.ids.shape[1])):
+            n = int(run.request.ids.shape[1])
+            for group in groups:
+                longest = int(group[0].request.ids.shape[1])  # sorted: the first is longest
+                if longest + run.request.max_new <= context and longest - n <= max(16, n):
+                    group.append(run)
+                    break
+            else:
+                groups.append([run])
+        return groups
 
     def _start(self, request: Request) -> _Running:
         return _Running(
@@ -191,10 +219,10 @@ class Engine:
                 self._end(run, _cancelled())
 
     def _drop_finished(self) -> None:
-        done = [r for r in self._running if r.finish is not None]
+        done = [r for r in self._running if r.finish is not None or r.ended]
         if done:
-            self._running = [r for r in self._running if r.finish is None]
-            self._release(done)
+            self._running = [r for r in self._running if r not in done]
+            self._release([r for r in done if not r.ended])
             for run in done:
                 self._end(run)
 
@@ -202,11 +230,16 @@ class Engine:
 
     def _client_now(self) -> WorkerClient:
         if self._client is None or self._client.broken:
-            if self._client is not None:
-                self._client.close()
+            self._reset()
             self._client = self.model.client(f"engine-{secrets.token_hex(8)}")
             self._executor.runner = self._client
         return self._client
+
+    def _reset(self) -> None:
+        """Give the worker stream up: the worker frees every row it held for it."""
+        if self._client is not None:
+            self._client.close()
+        self._client = None
 
     def _call(self, batch: list[_Running], *, prefill: bool) -> bool:
         """One executor call for ``batch`` (a prompt, or one decode step of every row), and
@@ -222,6 +255,17 @@ class Engine:
                     args, {}, public_tokens=public, rows=[r.row for r in batch]
                 )
         except Exception as exc:
+            if isinstance(exc, InputError) and prefill and len(batch) > 1:
+                # one prompt the program refuses must not fail the others prefilled with it
+                self._release(batch)
+                before = self._client
+                ok = [run for run in batch if self._call([run], prefill=True)]
+                if self._client is not before:  # the stream was given up on the way
+                    for run in ok:
+                        self._end(run, api_error(WorkerError("the GPU worker failed")))
+                    ok = []
+                batch[:] = ok
+                return bool(ok)
             self._failed(batch, exc)
             return False
         share = len(batch)
@@ -243,10 +287,12 @@ class Engine:
             run.length += int(out[self._specs[0].output].shape[self._specs[0].dim])
             try:
                 self._advance(run, int(run.sampler(logits[i : i + 1])[0]))
-            except Exception as exc:  # the detokenizer or sampler on this row's values
+            except Exception as exc:  # the detokenizer, sampler or emit on this row's values
                 run.finish = "error"
                 self._release([run])
                 self._end(run, api_error(exc))
+        if prefill:
+            batch[:] = [run for run in batch if not run.ended]
         return True
 
     def _inputs(
@@ -335,12 +381,10 @@ class Engine:
             for run in batch:
                 self._end(run, api_error(exc))
             return
-        everyone = batch + [r for r in self._running if r not in batch]
+        everyone = batch + [r for r in self._running if r not in batch and not r.ended]
         self._running = []
         if isinstance(exc, IntegrityError) or (self._client is not None and self._client.broken):
-            if self._client is not None:
-                self._client.close()  # a worker that lied, or a dead one: nothing more from it
-            self._client = None
+            self._reset()  # a worker that lied, or a dead one: nothing more from it
         else:
             self._release(everyone)
         error = api_error(exc)
@@ -358,7 +402,11 @@ class Engine:
             pass  # the client gave the stream up: the worker dropped everything it held
 
     def _end(self, run: _Running, error: APIError | None = None) -> None:
-        """The session's final item, then its slot."""
+        """The session's final item, then its slot; once only, and never raising (a
+        failure here is the server's, and must not stop the scheduler)."""
+        if run.ended:
+            return
+        run.ended = True
         request = run.request
         try:
             if error is not None:
@@ -368,8 +416,13 @@ class Engine:
                 account = privacy(run.account, self.model.policy, crossed)
                 used = usage(request.ids.shape[1], run.count)
                 request.emit(("done", run.finish, used, account))
+        except Exception as exc:
+            api_error(exc)  # logged, without the request's data
         finally:
-            request.ended()
+            try:
+                request.ended()
+            except Exception as exc:
+                api_error(exc)
 
 
 class _Unconnected:

@@ -207,7 +207,11 @@ class RowBatch:
                     f"{list(tensor.shape)}"
                 )
             stacked = self.states.stacked
-            if stacked is not None and stacked[0] == tuple(self.ids):
+            if (
+                stacked is not None
+                and stacked[0] == tuple(self.ids)
+                and list(stacked[1][slot.input].shape) == want
+            ):
                 out[slot.input] = stacked[1][slot.input]  # the same rows as last time
             else:
                 rows = [self.states.rows[row][slot.input] for row in self.ids]

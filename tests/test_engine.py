@@ -25,7 +25,7 @@ from test_held_state import _stage_request
 from enclave_runtime.driver import worker_client
 from enclave_runtime.engine import Engine, Request
 from enclave_runtime.executor import Executor, InProcessRunner
-from enclave_runtime.generation import decode_steps
+from enclave_runtime.generation import context_length, decode_steps
 from enclave_runtime.openai_api import Job
 from enclave_runtime.sessions import Session
 from partitioner.api import partition
@@ -74,7 +74,12 @@ class LocalClient(InProcessRunner):
 
 def model(plan, client):
     return types.SimpleNamespace(
-        plan=plan, tokenizer=Tokens(), eos=set(), policy=plan.policy.name, client=lambda _: client
+        plan=plan,
+        tokenizer=Tokens(),
+        eos=set(),
+        policy=plan.policy.name,
+        client=lambda _: client,
+        context=context_length(plan),
     )
 
 
@@ -100,6 +105,14 @@ def collect(items: queue.Queue) -> tuple[list[int], tuple]:
             assert items.get(timeout=60) == ("ended",)
             return [int(t) for t in text.strip("<>").split("><") if t], item
         text += item[1]
+
+
+def collect_final(items: queue.Queue) -> tuple[list[int], tuple]:
+    """As :func:`collect`, for a session whose ``ended`` puts nothing."""
+    text = ""
+    while (item := items.get(timeout=60))[0] == "text":
+        text += item[1]
+    return [int(t) for t in text.strip("<>").split("><") if t], item
 
 
 def alone(plan, ids: torch.Tensor, new: int) -> list[int]:
@@ -151,6 +164,93 @@ def test_prompts_prefilled_together_are_each_charged_their_own_epsilon(cmif):
             _, final = collect(items)
             assert final[3]["epsilon"] == site.tables.request_epsilon(ids) > 0
             assert final[3]["epsilon_per_token"] == site.epsilon
+    finally:
+        engine.close()
+
+
+def test_a_prompt_the_program_refuses_fails_alone(cmif):
+    """A hostile client's prompt (an id outside the vocabulary, past the server's own checks)
+    prefilled with others: it is refused, they are answered."""
+    engine = Engine(model(cmif.spec, LocalClient(cmif.spec)))
+    good = [prompt(batch=1, seq=n, seed=60 + n) for n in (4, 7)]
+    bad = torch.tensor([[5, cmif.spec.vocab + 9, 6]])
+    try:
+        with engine._cond:
+            first = submit(engine, good[0], 3)
+            _, refused = submit(engine, bad, 3)
+            last = submit(engine, good[1], 3)
+        assert collect(refused)[1][1].status == 400
+        for ids, (_, items) in zip(good, [first, last], strict=True):
+            assert collect(items)[0] == alone(cmif.spec, ids, 3)
+    finally:
+        engine.close()
+
+
+def test_a_long_prompt_cannot_push_a_short_one_past_the_context(cmif):
+    """A short prompt's left pad stays in its cache: prefilled beside a prompt almost as long as
+    the context, it would overflow the context while decoding (and the refused step would fail
+    every session decoding with it). Such prompts are prefilled apart."""
+    engine = Engine(model(cmif.spec, LocalClient(cmif.spec)))
+    context = context_length(cmif.spec)
+    short = prompt(batch=1, seq=4, seed=3)
+    try:
+        _, bystander = submit(engine, prompt(batch=1, seq=5, seed=1), 40)
+        assert bystander.get(timeout=60)[0] == "text"  # decoding already
+        with engine._cond:
+            _, hostile = submit(engine, prompt(batch=1, seq=context - 8, seed=2), 1)
+            _, victim = submit(engine, short, context - 4)  # fits the context alone
+        for items in (hostile, victim, bystander):
+            assert collect(items)[1][:2][0] == "done"
+    finally:
+        engine.close()
+
+
+def test_a_session_finished_by_its_first_token_takes_no_more_steps(cmif):
+    ids = prompt(batch=1, seq=6, seed=2)
+    first = alone(cmif.spec, ids, 1)[0]
+    for eos, stop, new in [(set(), [], 1), ({first}, [], 5), (set(), [f"<{first}>"], 5)]:
+        served = model(cmif.spec, LocalClient(cmif.spec))
+        served.eos = eos
+        engine = Engine(served)
+        items: queue.Queue = queue.Queue()
+        job = Job("completion", "m", prompt_ids=ids[0].tolist(), max_tokens=new, temperature=0,
+                  stop=stop)  # fmt: skip
+        public = torch.ones_like(ids, dtype=torch.bool)
+        engine.submit(Request(Session(), job, ids, public, new, items.put, lambda: None))
+        try:
+            tokens, final = collect_final(items)
+        finally:
+            engine.close()
+        assert final[2]["completion_tokens"] == 1, (eos, stop, new)
+        assert tokens == ([first] if not eos and not stop else [])
+
+
+def test_a_row_that_fails_in_the_enclave_fails_alone(cmif):
+    """A failure on one session's row (here: sending its first token fails) ends that session
+    once; the session prefilled with it decodes on, and the scheduler keeps running."""
+    engine = Engine(model(cmif.spec, LocalClient(cmif.spec)))
+    ids = [prompt(batch=1, seq=n, seed=70 + n) for n in (3, 5)]
+    try:
+        with engine._cond:
+            _, broken = submit(engine, ids[0], 4)
+            _, fine = submit(engine, ids[1], 4)
+            request = engine._pending[0]
+            sent = request.emit
+
+            def emit(item, calls=[]):  # noqa: B006 - counts this session's items
+                calls.append(item)
+                if len(calls) == 1:
+                    raise RuntimeError("the client's queue fell over")
+                sent(item)
+
+            request.emit = emit
+        items = []
+        while (item := broken.get(timeout=60)) != ("ended",):
+            items.append(item)
+        assert [i[0] for i in items] == ["error"] and items[0][1].status == 500
+        assert collect(fine)[0] == alone(cmif.spec, ids[1], 4)
+        _, again = submit(engine, ids[0], 2)
+        assert collect(again)[1][0] == "done"  # the scheduler is still running
     finally:
         engine.close()
 
