@@ -45,6 +45,13 @@ def cmif():
     return partition(step("tiny-llama"), "cmif", seed=3)
 
 
+@pytest.fixture(scope="module")
+def cmif_root(cmif, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine") / "bundle"
+    cmif.save(root, sign_key=SIGN_KEY)
+    return root
+
+
 class Tokens:
     """A stand-in tokenizer: token ``i`` is the text ``<i>``, so the text gives the ids back."""
 
@@ -255,9 +262,8 @@ def test_a_row_that_fails_in_the_enclave_fails_alone(cmif):
         engine.close()
 
 
-def test_over_a_worker_each_row_continues_its_own_cache(cmif, tmp_path):
-    root = tmp_path / "bundle"
-    cmif.save(root, sign_key=SIGN_KEY)
+def test_over_a_worker_each_row_continues_its_own_cache(cmif, cmif_root, tmp_path):
+    root = cmif_root
     worker = GPUWorker(root / "gpu")
     address = f"unix:{tmp_path / 'w.sock'}"
     server = serve(worker, address)
@@ -323,9 +329,8 @@ def test_the_holder_refuses_rows_out_of_step(cmif):
     assert set(states.rows) == {"b"}
 
 
-def test_the_worker_refuses_malformed_row_calls(cmif, tmp_path):
-    root = tmp_path / "bundle"
-    cmif.save(root, sign_key=SIGN_KEY)
+def test_the_worker_refuses_malformed_row_calls(cmif, cmif_root, tmp_path):
+    root = cmif_root
     address = f"unix:{tmp_path / 'w.sock'}"
     worker = GPUWorker(root / "gpu")
     server = serve(worker, address)
