@@ -173,6 +173,12 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     words = prior_from("wordfreq", tokenizer)
     rare = tokenizer.convert_tokens_to_ids("cinematography")
     assert words.counts[the] > 100 * words.counts[rare] > 0
+    # punctuation, which wordfreq does not count, is as frequent as the words it rivals: a
+    # comma in a group of rare tokens would be named by its group (81 % of SST-2's were)
+    comma, stop, bang = tokenizer.convert_tokens_to_ids([",", ".", "!"])
+    assert words.counts[the] / 2 < words.counts[comma] <= words.counts[the]
+    assert words.counts[the] / 2 < words.counts[stop] <= words.counts[the]
+    assert 0 < words.counts[bang] < words.counts[film] * 100
 
 
 def test_the_plan_says_which_groups_it_holds_and_refuses_a_forged_record(tmp_path):
