@@ -73,8 +73,8 @@ class _Running:
     cache itself where the enclave keeps it, and its account."""
 
     request: Request
-    sampler: Sampler
-    text: Detokenizer
+    sampler: Sampler | None  # None: the request was refused before it started
+    text: Detokenizer | None
     row: str = field(default_factory=lambda: secrets.token_hex(8))
     count: int = 0
     token: int = 0
@@ -86,6 +86,7 @@ class _Running:
     received: float = 0.0
     finish: str | None = None
     ended: bool = False  # its final item was sent
+    client: object = None  # the worker stream its cache is on
 
 
 class Engine:
@@ -166,9 +167,11 @@ class Engine:
         for batch in self._prefill_groups(starting):
             if self._call(batch, prefill=True):
                 self._running.extend(batch)
+            # a session may have finished on its first token: it ends now, and takes no
+            # further step (nor the fate of a later group's failure)
+            self._drop_finished()
         self._starting = []
-        # a session may have finished on its first token: it takes no further step
-        self._drop_finished()
+        self._drop_dead()
         if not self._running:
             return
         if self.plan.padding is None:  # no way to pad: only equal lengths share a call
@@ -180,8 +183,8 @@ class Engine:
             batches = [list(self._running)]
         for batch in batches:  # a failed call may have ended the sessions of later ones
             self._call([r for r in batch if r in self._running and not r.ended], prefill=False)
+            self._drop_finished()
         self.steps += 1
-        self._drop_finished()
 
     def _prefill_groups(self, runs: list[_Running]) -> list[list[_Running]]:
         """The new sessions in groups prefilled together. A row's left pad stays in its cache
@@ -204,11 +207,32 @@ class Engine:
         return groups
 
     def _start(self, request: Request) -> _Running:
-        return _Running(
-            request,
-            Sampler(request.job.temperature, request.job.top_p, sampling_rng(request.job.seed)),
-            Detokenizer(self.model.tokenizer, request.job.stop),
-        )
+        """The request's running state; one that cannot start is ended at once (400)."""
+        try:
+            if request.ids.dim() != 2 or request.ids.shape[0] != 1 or request.ids.shape[1] < 1:
+                raise InputError("the prompt must be one row of at least one token")
+            job = request.job
+            return _Running(
+                request,
+                Sampler(job.temperature, job.top_p, sampling_rng(job.seed)),
+                Detokenizer(self.model.tokenizer, job.stop),
+            )
+        except Exception as exc:
+            run = _Running(request, None, None, finish="error")
+            self._end(run, api_error(InputError(str(exc))) if isinstance(exc, ValueError)
+                      else api_error(exc))  # fmt: skip
+            return run
+
+    def _drop_dead(self) -> None:
+        """End the sessions whose cache is on a stream given up since (502); one that had
+        finished already ends as it finished."""
+        live = self._client if self._client is not None and not self._client.broken else None
+        dead = [r for r in self._running if r.client is not live]
+        if dead:
+            self._running = [r for r in self._running if r not in dead]
+            error = api_error(WorkerError("the GPU worker's stream holding the cache was lost"))
+            for run in dead:
+                self._end(run, None if run.finish not in (None, "error") else error)
 
     def _drop_cancelled(self) -> None:
         gone = [r for r in self._running if r.request.session.cancelled.is_set()]
@@ -235,13 +259,16 @@ class Engine:
             self._executor.runner = self._client
         return self._client
 
+    def _broken(self) -> bool:
+        return self._client is not None and self._client.broken
+
     def _reset(self) -> None:
         """Give the worker stream up: the worker frees every row it held for it."""
         if self._client is not None:
             self._client.close()
         self._client = None
 
-    def _call(self, batch: list[_Running], *, prefill: bool) -> bool:
+    def _call(self, batch: list[_Running], *, prefill: bool, again: bool = False) -> bool:
         """One executor call for ``batch`` (a prompt, or one decode step of every row), and
         each row's next token; False when it failed (the sessions it failed are ended)."""
         if not batch:
@@ -256,16 +283,17 @@ class Engine:
                 )
         except Exception as exc:
             if isinstance(exc, InputError) and prefill and len(batch) > 1:
-                # one prompt the program refuses must not fail the others prefilled with it
+                # one prompt the program refuses must not fail the others prefilled with it;
+                # one retried on a stream given up since is ended by _drop_dead
                 self._release(batch)
-                before = self._client
-                ok = [run for run in batch if self._call([run], prefill=True)]
-                if self._client is not before:  # the stream was given up on the way
-                    for run in ok:
-                        self._end(run, api_error(WorkerError("the GPU worker failed")))
-                    ok = []
-                batch[:] = ok
-                return bool(ok)
+                batch[:] = [run for run in batch if self._call([run], prefill=True)]
+                return bool(batch)
+            if prefill and not again and isinstance(exc, WorkerError) and self._broken():
+                # the stream died (a worker restarted while idle shows it only now): a prompt
+                # holds no cache on it yet, so it is tried once more on a new stream
+                self._reset()
+                self._drop_dead()
+                return self._call(batch, prefill=True, again=True)
             self._failed(batch, exc)
             return False
         share = len(batch)
@@ -274,6 +302,8 @@ class Engine:
             run.received += (client.bytes_received - before[1]) / share
         if prefill:
             account = self._executor.last_request
+            for run in batch:
+                run.client = client
             for i, run in enumerate(batch):
                 run.account = {k: v for k, v in account.items() if k != "epsilon_rows"}
                 if "epsilon_rows" in account:
@@ -372,24 +402,19 @@ class Engine:
                 run.finish = "stop"
 
     def _failed(self, batch: list[_Running], exc: BaseException) -> None:
-        """A call failed: the request's own fault fails it alone; anything else fails every
-        session whose cache the worker held, and the stream is given up."""
-        if isinstance(exc, (InputError, APIError)):
-            for run in batch:
-                run.finish = "error"
-            self._release(batch)
-            for run in batch:
-                self._end(run, api_error(exc))
-            return
-        everyone = batch + [r for r in self._running if r not in batch and not r.ended]
-        self._running = []
+        """A call failed: it fails the sessions in it. A reply refused (a worker that lied) or
+        a stream that died also gives the stream up, and with it every session whose cache
+        it held (:meth:`_drop_dead`); a refusal on a live stream fails the call's sessions
+        only."""
         if isinstance(exc, IntegrityError) or (self._client is not None and self._client.broken):
-            self._reset()  # a worker that lied, or a dead one: nothing more from it
-        else:
-            self._release(everyone)
+            self._reset()
+        for run in batch:
+            run.finish = "error"
+        self._release(batch)
         error = api_error(exc)
-        for run in everyone:
+        for run in batch:
             self._end(run, error)
+        self._drop_dead()
 
     def _release(self, runs: list[_Running]) -> None:
         """Free the rows of ``runs`` on the worker (best effort: a failure gives the stream
@@ -399,7 +424,9 @@ class Engine:
         try:
             self._executor.release([r.row for r in runs])
         except WorkerError:
-            pass  # the client gave the stream up: the worker dropped everything it held
+            # the stream was given up: the worker dropped everything it held, and the
+            # sessions still decoding on it end now (not in a call with a new stream's rows)
+            self._drop_dead()
 
     def _end(self, run: _Running, error: APIError | None = None) -> None:
         """The session's final item, then its slot; once only, and never raising (a

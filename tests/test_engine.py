@@ -22,7 +22,7 @@ from conftest import SIGN_KEY, TRUSTED
 from test_generation import prompt, step
 from test_held_state import _stage_request
 
-from enclave_runtime.driver import worker_client
+from enclave_runtime.driver import WorkerError, worker_client
 from enclave_runtime.engine import Engine, Request
 from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.generation import context_length, decode_steps
@@ -327,6 +327,62 @@ def test_the_holder_refuses_rows_out_of_step(cmif):
     assert torch.equal(padded[0, :, 2:], a[0]) and not padded[0, :, :2].any()  # left-padded
     states.release(["a", "zzz"])  # unknown ids are ignored
     assert set(states.rows) == {"b"}
+
+
+def test_a_worker_restarted_while_idle_costs_no_request(cmif, cmif_root, tmp_path):
+    """The stream dies while nothing holds a cache on it: the next prompts are tried once
+    more on a new stream instead of failing."""
+    worker = GPUWorker(cmif_root / "gpu")
+    address = f"unix:{tmp_path / 'w.sock'}"
+    server = serve(worker, address)
+    plan = load_program(cmif_root, gpu=False, trusted_key=TRUSTED)
+    engine = Engine(model(plan, None))
+    engine.model.client = lambda _: worker_client(plan, address, timeout=10)
+    ids = prompt(batch=1, seq=5, seed=1)
+    try:
+        assert collect(submit(engine, ids, 3)[1])[1][0] == "done"
+        server.shutdown()
+        server = serve(worker, address)  # restarted: the engine's stream is gone
+        with engine._cond:
+            sessions = [submit(engine, ids, 3), submit(engine, prompt(1, 7, 2), 3)]
+        for _, items in sessions:
+            assert collect(items)[1][0] == "done"
+    finally:
+        engine.close()
+        server.shutdown()
+
+
+def test_a_session_finished_before_a_stream_dies_ends_as_it_finished(cmif):
+    """A first prefill group finishes at its first token; the worker then dies on the second
+    group's prefill, on the retry's new stream too: the first answer stands, the second
+    fails (502), and the next request is served."""
+    context = context_length(cmif.spec)
+    doomed = prompt(1, 10, 2)
+    died = []
+
+    class Dying(LocalClient):
+        broken = False
+
+        def run(self, stage, tensors, *args, rows=None, **kwargs):
+            if rows is not None and any(t.shape[:2] == (1, doomed.shape[1]) for t in tensors):
+                died.append(rows[0])
+                self.broken = True
+                raise WorkerError("the worker died")
+            return super().run(stage, tensors, *args, rows=rows, **kwargs)
+
+    engine = Engine(model(cmif.spec, None))
+    engine.model.client = lambda _: Dying(cmif.spec)
+    try:
+        with engine._cond:  # too long together: two prefill groups, the longer first
+            _, first = submit(engine, prompt(1, context - 20, 1), 1)
+            _, second = submit(engine, doomed, 30)
+        assert collect(first)[1][:2] == ("done", "length")
+        final = collect(second)[1]
+        assert final[0] == "error" and final[1].status == 502, (final, died)
+        assert len(died) == 2  # tried once more on a new stream, which died too
+        assert collect(submit(engine, prompt(1, 6, 3), 2)[1])[1][0] == "done"
+    finally:
+        engine.close()
 
 
 def test_the_worker_refuses_malformed_row_calls(cmif, cmif_root, tmp_path):
