@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from runtime.state import left_padded
+
 Run = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -193,7 +195,8 @@ class StageBatcher:
         for i in range(len(batch[0].inputs)):
             tensors = [c.inputs[i] for c in batch]
             if i in self.layout.ragged:
-                inputs.append(_left_padded(tensors, self.layout.ragged[i], pads))
+                dim = self.layout.ragged[i]
+                inputs.append(left_padded(tensors, dim, int(tensors[0].shape[dim]) + pads[0]))
             elif i == self.layout.padding:
                 inputs.append(torch.cat([t + pad for t, pad in zip(tensors, pads, strict=True)]))
             else:
@@ -210,19 +213,6 @@ class StageBatcher:
         index, dim = next(iter(self.layout.ragged.items()))
         lengths = [int(c.inputs[index].shape[dim]) for c in batch]
         return [max(lengths) - n for n in lengths]
-
-
-def _left_padded(tensors: list[torch.Tensor], dim: int, pads: list[int]) -> torch.Tensor:
-    """``tensors`` stacked on dim 0, each preceded along ``dim`` by its pad of zeros."""
-    shape = list(tensors[0].shape)
-    shape[0] = sum(int(t.shape[0]) for t in tensors)
-    shape[dim] = int(tensors[0].shape[dim]) + pads[0]
-    out = tensors[0].new_zeros(shape)
-    row = 0
-    for t, pad in zip(tensors, pads, strict=True):
-        out.narrow(0, row, t.shape[0]).narrow(dim, pad, t.shape[dim]).copy_(t)
-        row += int(t.shape[0])
-    return out
 
 
 __all__ = ["Layout", "StageBatcher"]
