@@ -42,12 +42,12 @@ import torch
 
 from enclave_runtime.driver import WorkerClient, WorkerError
 from enclave_runtime.executor import Executor
-from enclave_runtime.generation import _state_order
+from enclave_runtime.generation import _empty_state, _state_order
 from enclave_runtime.openai_api import APIError, Job, privacy, usage
 from enclave_runtime.sampling import Sampler, sampling_rng
 from enclave_runtime.sessions import Detokenizer, Model, Session, api_error
 from partitioner.errors import InputError, IntegrityError
-from runtime.state import left_padded, stand_in
+from runtime.state import grown, left_padded, stand_in
 
 Emit = Callable[[tuple[Any, ...]], None]
 
@@ -95,8 +95,7 @@ class Engine:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.plan = model.plan
-        self._names = _state_order(self.plan)
-        self._specs = [self.plan.state[name] for name in self._names]
+        self._specs = [self.plan.state[name] for name in _state_order(self.plan)]
         self._executor = Executor(self.plan, runner=_Unconnected())
         self._client: WorkerClient | None = None
         self._cond = threading.Condition()
@@ -226,7 +225,7 @@ class Engine:
     def _drop_dead(self) -> None:
         """End the sessions whose cache is on a stream given up since (502); one that had
         finished already ends as it finished."""
-        live = self._client if self._client is not None and not self._client.broken else None
+        live = self._live()
         dead = [r for r in self._running if r.client is not live]
         if dead:
             self._running = [r for r in self._running if r not in dead]
@@ -253,11 +252,15 @@ class Engine:
     # -- one call ------------------------------------------------------------------------------
 
     def _client_now(self) -> WorkerClient:
-        if self._client is None or self._client.broken:
+        if self._live() is None:
             self._reset()
             self._client = self.model.client(f"engine-{secrets.token_hex(8)}")
             self._executor.runner = self._client
         return self._client
+
+    def _live(self) -> WorkerClient | None:
+        """The worker stream, unless there is none or it was given up."""
+        return self._client if self._client is not None and not self._client.broken else None
 
     def _broken(self) -> bool:
         return self._client is not None and self._client.broken
@@ -302,18 +305,17 @@ class Engine:
             run.received += (client.bytes_received - before[1]) / share
         if prefill:
             account = self._executor.last_request
-            for run in batch:
-                run.client = client
             for i, run in enumerate(batch):
+                run.client = client
                 run.account = {k: v for k, v in account.items() if k != "epsilon_rows"}
                 if "epsilon_rows" in account:
                     run.account["epsilon"] = account["epsilon_rows"][i]
         logits = out[0][:, -1]
         for i, run in enumerate(batch):
             for k, spec in enumerate(self._specs):
-                refill = out[spec.output].narrow(0, i, 1)
                 if spec.holder is None:
-                    run.past[k] = refill if prefill else torch.cat([run.past[k], refill], spec.dim)
+                    refill = out[spec.output].narrow(0, i, 1)
+                    run.past[k] = torch.cat([run.past[k], refill], spec.dim)
             run.length += int(out[self._specs[0].output].shape[self._specs[0].dim])
             try:
                 self._advance(run, int(run.sampler(logits[i : i + 1])[0]))
@@ -341,14 +343,8 @@ class Engine:
                 ids[i, run.pad :] = given  # the pad (token 0) is masked by the step
                 mask = run.request.public
                 public[i, run.pad :] = mask[0] if mask is not None else False
-                run.past = [
-                    self._state(name, spec, 1, 0)
-                    for name, spec in zip(self._names, self._specs, strict=True)
-                ]
-            past = [
-                self._state(name, spec, len(batch), 0)
-                for name, spec in zip(self._names, self._specs, strict=True)
-            ]
+                run.past = self._empty(1)  # the caches the enclave keeps grow from here
+            past = self._empty(len(batch))
             padding = torch.tensor([[r.pad] for r in batch], dtype=torch.long)
         else:
             ids = torch.tensor([[r.token] for r in batch], dtype=torch.long)
@@ -356,27 +352,20 @@ class Engine:
             length = max(r.length for r in batch)
             padding = torch.tensor([[r.pad + length - r.length] for r in batch], dtype=torch.long)
             past = [
-                self._state(name, spec, len(batch), length)
-                if spec.holder is not None
+                stand_in(grown(empty.shape, spec.dim, length), empty.dtype)
+                if spec.holder is not None  # the GPU holds it: its shape only
                 else left_padded([r.past[k] for r in batch], spec.dim, length)
-                for k, (name, spec) in enumerate(zip(self._names, self._specs, strict=True))
+                for k, (empty, spec) in enumerate(
+                    zip(self._empty(len(batch)), self._specs, strict=True)
+                )
             ]
         if plan.padding is None:
             return (ids, past), public
         return (ids, padding, past), public
 
-    def _state(self, name: str, spec: Any, batch: int, length: int) -> torch.Tensor:
-        """A state input of ``batch`` rows, ``length`` long: a stand-in where the GPU holds
-        it, zeros (an empty cache) where the enclave does."""
-        dims = self.plan.input_dims[name]
-        shape = [batch if d == "batch" else length if i == spec.dim else d
-                 for i, d in enumerate(dims)]  # fmt: skip
-        if not all(isinstance(d, int) for d in shape):
-            raise InputError(f"state input {name} has unnamed symbolic dims {dims}")
-        dtype = getattr(torch, spec.dtype)
-        if spec.holder is not None:
-            return stand_in(shape, dtype)
-        return torch.zeros(shape, dtype=dtype)
+    def _empty(self, batch: int) -> list[torch.Tensor]:
+        """Empty state inputs (0 long) of ``batch`` rows, in the program's order."""
+        return _empty_state(self.plan, batch, torch.device("cpu"))
 
     def _advance(self, run: _Running, token: int) -> None:
         """Take the row's new token: stream its text, or end the session."""
@@ -406,7 +395,7 @@ class Engine:
         a stream that died also gives the stream up, and with it every session whose cache
         it held (:meth:`_drop_dead`); a refusal on a live stream fails the call's sessions
         only."""
-        if isinstance(exc, IntegrityError) or (self._client is not None and self._client.broken):
+        if isinstance(exc, IntegrityError) or self._broken():
             self._reset()
         for run in batch:
             run.finish = "error"
@@ -419,7 +408,7 @@ class Engine:
     def _release(self, runs: list[_Running]) -> None:
         """Free the rows of ``runs`` on the worker (best effort: a failure gives the stream
         up, which frees them too)."""
-        if self._client is None or self._client.broken:
+        if self._live() is None:
             return
         try:
             self._executor.release([r.row for r in runs])
