@@ -133,8 +133,8 @@ def load_run(url: str, sessions: int, new: int) -> dict[str, Any]:
     }
 
 
-def stage_counts(worker: str) -> tuple[int, int]:
-    """(calls, runs) of every stage so far, from the worker's KServe ModelStatistics."""
+def worker_calls(worker: str) -> int:
+    """Calls of every stage so far, from the worker's KServe ModelStatistics."""
     import grpc
 
     from runtime.kserve import service, target
@@ -143,7 +143,7 @@ def stage_counts(worker: str) -> tuple[int, int]:
     with grpc.insecure_channel(target(worker)) as channel:
         stub = grpc_service.GRPCInferenceServiceStub(channel)
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=10).model_stats
-    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+    return sum(s.inference_count for s in stats)
 
 
 def main() -> None:
@@ -174,10 +174,10 @@ def main() -> None:
             load_run(url, 1, 4)  # warm-up: first calls load and compile lazily
             base = None
             for n in args.sessions:
-                calls, _ = stage_counts(deployment.worker)
+                calls = worker_calls(deployment.worker)
                 row = {"preset": preset, **load_run(url, n, args.new)}
-                calls_after, _ = stage_counts(deployment.worker)
-                row["worker_calls_per_token"] = (calls_after - calls) / max(row["tokens"], 1)
+                calls = worker_calls(deployment.worker) - calls
+                row["worker_calls_per_token"] = calls / max(row["tokens"], 1)
                 base = base or row["aggregate_tok_s"]
                 row["vs_one_session"] = row["aggregate_tok_s"] / base
                 rows.append(row)

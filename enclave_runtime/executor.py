@@ -274,9 +274,9 @@ class Executor:
             self._open = None
         if public is not None:
             sanitised = ~site.tables.keep[env[site.token_input]] & ~public
-            self.last_request["epsilon"] = float(site.epsilon * int(sanitised.sum()))
             # per row (a scheduler's batch of sessions: each is charged its own positions)
             counts = sanitised.reshape(sanitised.shape[0], -1).sum(-1).tolist()
+            self.last_request["epsilon"] = float(site.epsilon * sum(counts))
             self.last_request["epsilon_rows"] = [float(site.epsilon * n) for n in counts]
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 

@@ -147,11 +147,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     if args.reuse:
         rows = json.loads((out / "tradeoff.json").read_text())["rows"]
-        frozen = accuracies(out / "sst2.json", "mean")
-        tuned = accuracies(out / "finetuned.json", "accuracy")
-        for row in rows:
-            key = (row["mechanism"], row["epsilon"])
-            row["frozen"], row["fine-tuned"] = frozen.get(key), tuned.get(key)
         _write(rows, out)
         return rows
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
@@ -172,8 +167,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     content = (~stop[text]) & torch.tensor(
         [any(c.isalnum() for c in universe.tokens[int(i)]) for i in text]
     )
-    frozen = accuracies(out / "sst2.json", "mean")
-    tuned = accuracies(out / "finetuned.json", "accuracy")
     rows = []
     for name in MECHANISMS:
         for epsilon in args.epsilons:
@@ -185,8 +178,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "bayes": every,
                 "bayes_content": words,
                 "bound": bound,
-                "frozen": frozen.get((name, epsilon)),
-                "fine-tuned": tuned.get((name, epsilon)),
             }
             rows.append(row)
             print(
@@ -200,6 +191,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _write(rows: list[dict[str, Any]], out: Path) -> None:
+    """Join each row with the accuracies the harnesses measured (``sst2.json``,
+    ``finetuned.json`` in ``out``), then write the table, the JSON and the plot."""
+    frozen = accuracies(out / "sst2.json", "mean")
+    tuned = accuracies(out / "finetuned.json", "accuracy")
+    for row in rows:
+        key = (row["mechanism"], row["epsilon"])
+        row["frozen"], row["fine-tuned"] = frozen.get(key), tuned.get(key)
     non_private = {}
     for harness, file in (("frozen", "sst2.json"), ("fine-tuned", "finetuned.json")):
         if (out / file).is_file():
