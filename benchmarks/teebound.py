@@ -56,6 +56,7 @@ printed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import signal
@@ -183,9 +184,9 @@ class Instrumented:
         self.executor = executor
         self.clock = clock
         self._undo: list[Callable[[], None]] = []
-        for stage in executor.stages:
-            if stage.side != "gpu" and stage.module is not None:
-                self._swap(stage, "module", clock.wrap("enclave_stages", stage.module))
+        # what runs each enclave stage: its graph, or its compiled library (partitioner.aot)
+        resolve = executor._module
+        self._swap(executor, "_module", lambda s: clock.wrap("enclave_stages", resolve(s)))
         prot = executor.spec.protection
         if prot is not None:
             pooled = set(getattr(prot, "pooled", ()) or ())
@@ -585,6 +586,19 @@ def main() -> None:
         default=1,
         help="torch threads (0: torch's default); 1 keeps figures stable on a shared machine",
     )
+    parser.add_argument(
+        "--enclave",
+        nargs="+",
+        choices=["eager", "aot"],
+        default=["eager", "aot"],
+        help="how the enclave runs its stages: op by op (eager) or compiled ahead of time "
+        "(partitioner.aot, every preset and all_enclave alike); each mode has its own baseline",
+    )
+    parser.add_argument(
+        "--aot-cache",
+        default=str(ROOT / "build" / "aot-cache"),
+        help="where compiled enclave libraries are kept between runs (keyed by structure)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 timed call, 1 fill: a smoke run")
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="NAME[:K=V,..]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -622,6 +636,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
 
+    from partitioner.aot import compile_enclave
     from partitioner.api import partition
     from partitioner.errors import TeesplitError
     from partitioner.generation import DecoderStep
@@ -675,7 +690,21 @@ def main() -> None:
         if name == BASELINE and not overrides and args.ceiling:
             for workload, (call_args, _) in workloads.items():
                 ceilings[workload] = ceiling(split, call_args, args.repeats, compile=True)
-        for workload, (call_args, public) in workloads.items():
+        compiled: dict[str, Any] = {}
+        for mode, (workload, (call_args, public)) in itertools.product(
+            args.enclave, workloads.items()
+        ):
+            if mode == "aot" and not compiled:
+                t2 = time.perf_counter()
+                report = compile_enclave(split, args.aot_cache)
+                compiled = {s.name: s.compiled for s in split.stages if s.compiled is not None}
+                print(
+                    f"  {row_label}: {len(report.compiled)} enclave stages compiled "
+                    f"({len(report.libraries)} libraries, {time.perf_counter() - t2:.0f} s)"
+                    + (f", {len(report.eager)} eager: {report.eager}" if report.eager else "")
+                )
+            for stage in split.stages:
+                stage.compiled = compiled.get(stage.name) if mode == "aot" else None
             t1 = time.perf_counter()
             phase = {"now": "starting"}
             previous = signal.signal(signal.SIGALRM, _alarm)
@@ -715,13 +744,15 @@ def main() -> None:
             result.update(
                 preset=row_label,
                 workload=workload,
+                enclave=mode,
                 partition_s=partition_s,
                 # at the plan's reference dims (one token at a 128-token context)
                 gpu_flop_share=1.0 - split.share()["flops"],
             )
             rows.append(result)
             print(
-                f"  {row_label} {workload}: enclave online {result['enclave_online_ms']:.1f} ms, "
+                f"  {row_label} {workload} ({mode}): "
+                f"enclave online {result['enclave_online_ms']:.1f} ms, "
                 f"GPU {result['gpu_ms']:.1f} ms, offline "
                 + (
                     f"{result['offline_ms']:.1f} ms per set (batch {result['offline_batch']})"
@@ -732,34 +763,45 @@ def main() -> None:
             )
 
     base = {
-        r["workload"]: r["enclave_online_ms"]
+        (r["workload"], r["enclave"]): r["enclave_online_ms"]
         for r in rows
         if r["preset"] == BASELINE and "error" not in r
     }
     for r in rows:
-        ref = base.get(r.get("workload"))
-        if "error" in r or ref is None:
+        if "error" in r:
             continue
-        online, offline = r["enclave_online_ms"], r["offline_ms"]
-        r["speedup_online"] = ref / online if online > 0 else math.inf
-        r["speedup_with_offline"] = ref / (online + offline) if online + offline > 0 else math.inf
+        # against all_enclave run the same way (like for like), and against eager all_enclave
+        for suffix, ref in (
+            ("", base.get((r["workload"], r["enclave"]))),
+            ("_vs_eager", base.get((r["workload"], "eager"))),
+        ):
+            if ref is None:
+                continue
+            online, offline = r["enclave_online_ms"], r["offline_ms"]
+            r["speedup_online" + suffix] = ref / online if online > 0 else math.inf
+            r["speedup_with_offline" + suffix] = (
+                ref / (online + offline) if online + offline > 0 else math.inf
+            )
 
     print("\n## SmolLM2-135M: enclave time per request (ms, medians; this CPU runs both sides)\n")
     print(
-        "| workload | preset | masking | calls | T_enclave online | enclave stages | corrections "
+        "| workload | enclave | preset | masking | calls | T_enclave online | enclave stages "
+        "| corrections "
         "| checks | loop | T_gpu | offline/request | offline batch | sets/s | round trips "
-        "| kB to GPU | kB from GPU | GPU FLOPs | speedup online | speedup incl. offline |"
+        "| kB to GPU | kB from GPU | GPU FLOPs | speedup online | speedup incl. offline "
+        "| online ÷ eager all_enclave |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for r in rows:
             if r.get("workload", workload) != workload:
                 continue
             if "error" in r:
-                print(f"| {workload} | {r['preset']} | {r['error']} |" + " |" * 16)
+                print(f"| {workload} | – | {r['preset']} | {r['error']} |" + " |" * 17)
                 continue
             print(
-                f"| {workload} | {r['preset']} | {r['masking']} | {r['timed_calls']}"
+                f"| {workload} | {r['enclave']} | {r['preset']} | {r['masking']} | "
+                f"{r['timed_calls']}"
                 f"{'' if r['warm_up'] else ' (no warm-up)'} | "
                 f"{r['enclave_online_ms']:.2f} | {r['enclave_stages_ms']:.2f} | "
                 f"{r['corrections_ms']:.2f} | {r['checks_ms']:.2f} | {r['loop_ms']:.2f} | "
@@ -767,7 +809,8 @@ def main() -> None:
                 f"{fmt(r['offline_rate_sets_s'], '.1f')} | {r['round_trips']} | "
                 f"{r['bytes_to_gpu'] / 1e3:,.1f} | {r['bytes_from_gpu'] / 1e3:,.1f} | "
                 f"{r['gpu_flop_share']:.1%} | {fmt(r.get('speedup_online'), '.2f')} | "
-                f"{fmt(r.get('speedup_with_offline'), '.2f')} |"
+                f"{fmt(r.get('speedup_with_offline'), '.2f')} | "
+                f"{fmt(r.get('speedup_online_vs_eager'), '.2f')} |"
             )
     print(
         "\nPlain eager decoder step (no split), for reference: "

@@ -22,6 +22,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from enclave_runtime import integrity
+from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
@@ -29,7 +30,7 @@ from partitioner import ops
 from partitioner.dims import concrete_shape
 from partitioner.errors import InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
-from partitioner.plan import ENCLAVE, GPU, Plan, Stage
+from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage
 from runtime.state import HeldState, RowStates, StateError
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
@@ -153,7 +154,8 @@ class Executor:
         masked = prot.masked if prot is not None else {}
         self._replies = self._reply_specs()
         self._expected: dict[tuple[str, tuple[tuple[str, int], ...]], Expected] = {}
-        self._direct: dict[str, tuple[Any, Any]] = {}  # enclave stage -> (module, direct copy)
+        # enclave stage -> (its module or library, what runs it)
+        self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -414,13 +416,19 @@ class Executor:
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 
     def _module(self, stage: Stage) -> Any:
-        """The enclave stage's module with its ``teesplit::`` calls made directly
+        """The enclave stage's compiled library when it has one (``partitioner.aot``), else
+        its module with its ``teesplit::`` calls made directly
         (:func:`partitioner.ops.direct_calls`), built once per module object."""
+        source = stage.compiled if stage.compiled is not None else stage.module
         cached = self._direct.get(stage.name)
-        if cached is None or cached[0] is not stage.module:
-            module = stage.module
-            direct = direct_calls(module) if isinstance(module, torch.fx.GraphModule) else module
-            cached = self._direct[stage.name] = (module, direct)
+        if cached is None or cached[0] is not source:
+            if isinstance(source, CompiledLibrary):
+                run = CompiledCall(stage.name, source)
+            elif isinstance(source, torch.fx.GraphModule):
+                run = direct_calls(source)
+            else:
+                run = source
+            cached = self._direct[stage.name] = (source, run)
         return cached[1]
 
     def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:

@@ -22,6 +22,8 @@ from torch.export import Dim
 from enclave_runtime.manifest import TEMPLATE
 from enclave_runtime.tokenizer import save_tokenizer
 from partitioner.bundle import (
+    AOT_DIR,
+    AOT_INDEX,
     ARTIFACT_SCHEMA_VERSION,
     PLAN_FILE,
     RNM_FILE,
@@ -35,13 +37,10 @@ from partitioner.bundle import (
     stage_file,
     weights_file,
 )
-from partitioner.dims import concrete_shape
+from partitioner.dims import EXPORT_DEFAULT, EXPORT_SIZES, concrete_shape
 from partitioner.errors import ArtifactError
 from partitioner.onnx_export import export_onnx
 from partitioner.signing import SIGNATURE_FILE, load_private_key, sign
-
-_EXPORT_DIMS = {"batch": 2}  # export at sizes >= 2 so no dim specialises to 0/1
-_EXPORT_DEFAULT = 17
 
 
 def _versions() -> dict[str, str]:
@@ -81,7 +80,7 @@ class _Weights:
 def _export(program: Any, name: str, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
     """Export one stage graph with its named dims dynamic (at example sizes >= 2)."""
     names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
-    example = {n: _EXPORT_DIMS.get(n, _EXPORT_DEFAULT) for n in names if n.isidentifier()}
+    example = {n: EXPORT_SIZES.get(n, EXPORT_DEFAULT) for n in names if n.isidentifier()}
     # a KV cache's ``past`` may be 0 (the prefill); other dims start at 1
     dims = {n: Dim(n, min=min(1, program.shapes.lower.get(n, 1))) for n in example}
     args, specs = [], []
@@ -114,10 +113,41 @@ def _save_exported(
     torch.export.save(ep, str(path))
 
 
+def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
+    from partitioner.aot import compile_enclave
+
+    report = compile_enclave(program, root / AOT_DIR)
+    stages = {}
+    for name, compiled in report.compiled.items():
+        keys = []
+        for i, tensor in enumerate(compiled.constants):
+            key = f"aot/{name}/{i}"
+            weights.add(key, tensor)
+            keys.append(key)
+        stages[name] = {
+            "library": f"{AOT_DIR}/{compiled.library.name}",
+            "constants": keys,
+            "checks": compiled.checks,
+        }
+    index = {"stages": stages, "eager": report.eager}
+    (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
 def save(
-    program: Any, directory: str | Path, *, tokenizer: Any = None, sign_key: Any = None
+    program: Any,
+    directory: str | Path,
+    *,
+    tokenizer: Any = None,
+    sign_key: Any = None,
+    compile_enclave: bool = False,
 ) -> Path:
     """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
+
+    ``compile_enclave``: also compile the enclave stages ahead of time (``partitioner.aot``)
+    into ``enclave/aot/``: one ``.so`` per distinct stage graph, ``index.json`` naming each
+    stage's library and constants (stored in the enclave's weights file). Like every file,
+    the libraries are listed in ``plan.json`` with their sha256 (signed) and in the Gramine
+    manifest as trusted files; a stage that cannot be compiled stays eager (the index says why).
 
     ``tokenizer`` (a transformers fast tokenizer) is saved into the enclave bundle so the
     enclave driver can tokenize prompts without transformers. ``sign_key`` (an Ed25519 private
@@ -159,6 +189,8 @@ def save(
                 weights["enclave"].add(exact_scale_key(value), prot.exact.inv_scale[value])
                 if value in prot.exact.bias:
                     weights["enclave"].add(exact_bias_key(value), prot.exact.bias[value])
+    if compile_enclave:
+        _compile_enclave(program, root, weights["enclave"])
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / weights_file(side))

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -32,13 +33,17 @@ import torch
 
 from partitioner.errors import ArtifactError
 from partitioner.ops import OPS  # .pt2 files name teesplit:: ops: this registers them
-from partitioner.plan import Plan
+from partitioner.plan import CompiledLibrary, Plan
 from partitioner.rnm_tables import RNMTables
 
 ARTIFACT_SCHEMA_VERSION = 2
 PLAN_FILE = "plan.json"
 RNM_FILE = "enclave/rnm.safetensors"
 _LOAD_LOCK = threading.Lock()
+
+
+AOT_DIR = "enclave/aot"  # ahead-of-time compiled enclave stages (partitioner.aot)
+AOT_INDEX = f"{AOT_DIR}/index.json"
 
 
 def stage_file(side: str, name: str) -> str:
@@ -411,6 +416,53 @@ def load_stage_modules(
     }
 
 
+def private_copy(data: bytes, name: str) -> Path:
+    """``data`` (a library's bytes, already checked against the bundle's sha256) written to a
+    new directory only this process's user can open, so that what is loaded is what was
+    checked, whatever happens to the bundle's file afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="teesplit-aot-"))
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.Tensor]) -> None:
+    """Give each enclave stage that ``enclave/aot/index.json`` names its compiled library:
+    its bytes are read once and checked against ``plan.json`` (signed) before a private copy
+    is loaded, so the code that runs is the code the compiler listed."""
+    try:
+        index = json.loads(files.read(AOT_INDEX), object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        raise ArtifactError(f"{AOT_INDEX}: not JSON ({exc})") from None
+    entries = index.get("stages") if isinstance(index, dict) else None
+    if not isinstance(entries, dict):
+        raise ArtifactError(f"{AOT_INDEX}: expected {{'stages': {{stage: entry}}}}")
+    stages = {s.name: s for s in plan.stages if s.side == "enclave"}
+    loaded: dict[str, Path] = {}
+    for name, entry in entries.items():
+        where = f"{AOT_INDEX}: stage {name}"
+        if name not in stages:
+            raise ArtifactError(f"{where}: the plan has no enclave stage of that name")
+        if not isinstance(entry, dict) or set(entry) != {"library", "constants", "checks"}:
+            raise ArtifactError(f"{where}: expected keys library, constants, checks")
+        library, keys, checks = entry["library"], entry["constants"], entry["checks"]
+        if not isinstance(library, str) or not library.startswith(f"{AOT_DIR}/"):
+            raise ArtifactError(f"{where}: library must be a file under {AOT_DIR}/")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ArtifactError(f"{where}: constants must be a list of weight keys")
+        if not isinstance(checks, bool):
+            raise ArtifactError(f"{where}: checks must be true or false")
+        missing = [k for k in keys if k not in weights]
+        if missing:
+            raise ArtifactError(f"{where}: constant {missing[0]} is not in the enclave weights")
+        if library not in loaded:
+            loaded[library] = private_copy(files.read(library), Path(library).name)
+        constants = tuple(weights[k] for k in keys)
+        stages[name].compiled = CompiledLibrary(str(loaded[library]), constants, checks)
+
+
 def load_program(
     directory: str | Path,
     *,
@@ -446,6 +498,8 @@ def load_program(
         if stage.side in sides:
             rel = stage_file(stage.side, stage.name)
             stage.module = load_exported(files.read(rel), rel, stage.name, weights[stage.side])
+    if AOT_INDEX in document["files"]:
+        _attach_compiled(plan, files, weights["enclave"])
     prot = plan.protection
     if prot is not None:
         enclave = weights["enclave"]

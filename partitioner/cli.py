@@ -93,7 +93,14 @@ def cmd_partition(args: argparse.Namespace) -> None:
     report = audit(split, verbose=False)
     print("\n".join(split.report().splitlines()[:2]))
     _step(f"audit passed: {len(report.rows)} cut edges; saving to {args.out}", start)
-    split.save(args.out, tokenizer=tokenizer, sign_key=args.sign_key)
+    if args.compile_enclave:
+        _step("compiling the enclave stages ahead of time (AOTInductor)", start)
+    split.save(
+        args.out,
+        tokenizer=tokenizer,
+        sign_key=args.sign_key,
+        compile_enclave=args.compile_enclave,
+    )
     if args.sign_key is None:
         print(
             "plan.json is NOT signed (no --sign-key): the enclave will refuse it unless run "
@@ -487,6 +494,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", default="secureinfer", help="a preset or a .yaml/.json file")
     p.add_argument("--out", required=True)
     p.add_argument("--sign-key", default=None, help="Ed25519 private key (teesplit keygen)")
+    p.add_argument(
+        "--compile-enclave",
+        action="store_true",
+        help="compile the enclave stages ahead of time into enclave/aot/ (one shared object "
+        "per distinct stage graph; the enclave loads them instead of running op by op)",
+    )
     p.add_argument(
         "--prior",
         default=None,

@@ -20,6 +20,10 @@ from collections.abc import Mapping
 _TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(//|[-+*()]))")
 _MAX_LENGTH = 256  # a size expression is short; refuse megabytes of text before tokenising
 
+# stages are exported (and compiled) at these example sizes, >= 2 so no dim specialises to 0/1
+EXPORT_SIZES = {"batch": 2}
+EXPORT_DEFAULT = 17
+
 
 def _tokens(text: str) -> list[str]:
     if len(text) > _MAX_LENGTH:

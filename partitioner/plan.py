@@ -44,6 +44,17 @@ EXTRA_INPUT_KINDS = ("mask", "delta", "noise")
 # -- records ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CompiledLibrary:
+    """An enclave stage compiled ahead of time (``partitioner.aot``): the shared object to
+    load (a verified file), the constants appended to the stage's inputs, and whether its
+    last output is a check flag. ``enclave_runtime.compiled`` runs it."""
+
+    path: str
+    constants: tuple[Any, ...]
+    checks: bool
+
+
 @dataclass
 class Stage:
     """A run of nodes on one side, in program order. ``module`` runs it (never serialised)."""
@@ -60,6 +71,9 @@ class Stage:
     extra_inputs: list[tuple[str, str]] = field(default_factory=list)
     masked_outputs: list[str] = field(default_factory=list)  # returned after ``outputs``
     labels: dict[str, int] = field(default_factory=dict)  # label -> nodes with it (reporting)
+    # an enclave stage's ahead-of-time compiled library, which the executor runs instead of
+    # ``module``. Never serialised here: the bundle's enclave/aot/index.json lists them.
+    compiled: CompiledLibrary | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {

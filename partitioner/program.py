@@ -86,11 +86,24 @@ class SplitProgram:
     def signature(self) -> CallSignature:
         return CallSignature(self.spec.signature)
 
-    def save(self, directory: str | Path, *, tokenizer: Any = None, sign_key: Any = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        tokenizer: Any = None,
+        sign_key: Any = None,
+        compile_enclave: bool = False,
+    ) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
         from partitioner.artifacts import save  # artifacts imports this module's callers
 
-        return save(self, directory, tokenizer=tokenizer, sign_key=sign_key)
+        return save(
+            self,
+            directory,
+            tokenizer=tokenizer,
+            sign_key=sign_key,
+            compile_enclave=compile_enclave,
+        )
 
     # -- execution ---------------------------------------------------------------------------
 

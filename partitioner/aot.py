@@ -1,0 +1,361 @@
+"""Enclave stages compiled ahead of time: each stage graph as one shared object (AOTInductor).
+
+Why: run op by op, an enclave stage pays Python's and the dispatcher's cost per op, hundreds
+of times a request, and that, not arithmetic, bounds what a split saves the enclave
+(``benchmarks/ceiling.py``: 2.7x for a SmolLM2 decode step eager, 19x compiled). Compiled
+ahead of time, the enclave loads measured machine code and never a compiler.
+
+Pass: reads a split's enclave stage graphs; writes, per stage, a *lowered* graph (the
+``teesplit::`` mask, unmask and RNM ops spelled in aten arithmetic, so Inductor fuses them
+with the model's ops), compiles each distinct lowered graph once to a ``.so``, and returns
+which library and which constants each stage runs with. Guarantees:
+
+* **The same arithmetic.** Ring operations are exact integer arithmetic (``Z_{2^32}`` sums
+  done in int64 and wrapped explicitly); fixed-point scaling is by powers of two. The
+  compiled stage equals the eager one bit for bit wherever both do the same float operations
+  in the same order; Inductor may sum a reduction (an RMSNorm's mean) in another order, so a
+  float output can differ from eager in its last bit, exactly as two BLAS builds do.
+  Masking stays exact: the enclave unmasks exactly what it masked.
+* **The same refusals.** The eager kernels raise :class:`InputError` for a value that is not
+  finite or whose fixed point would exceed its norm limit; a compiled stage cannot raise, so
+  it returns one extra flag, false in those cases, and the runtime raises the same error.
+* **Compiled once per structure.** Constants (a layer's norm weights, its fixed-point scales
+  and limits) become inputs, so the 30 layers of a decoder share a handful of libraries.
+
+A compiled stage carries a :class:`~partitioner.plan.CompiledLibrary`; the runtime half
+(loading a library, calling it, checking the flag) is ``enclave_runtime.compiled``, which
+imports nothing from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import operator
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim
+
+from partitioner.dims import EXPORT_DEFAULT, EXPORT_SIZES, concrete_shape
+from partitioner.errors import ArtifactError
+from partitioner.ops import _DIRECT_NORM, _NORM_SLACK, MAX_ROW_BITS, OPS
+from partitioner.plan import CompiledLibrary
+
+_HALF = 1 << 31
+_LOW32 = (1 << 32) - 1
+
+
+def _wrap32(v: torch.Tensor) -> torch.Tensor:
+    """int64 integers to their residues in ``Z_{2^32}`` as int32 (signed representative)."""
+    return ((v + _HALF) & _LOW32).sub(_HALF).to(torch.int32)
+
+
+def _ring_sub(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``y - c`` in the ring of ``y``'s dtype, as int64 integers."""
+    d = y.to(torch.int64) - c.to(torch.int64)
+    return ((d + _HALF) & _LOW32) - _HALF if y.dtype == torch.int32 else d
+
+
+def _to_ring(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _wrap32(v) if dtype == torch.int32 else v
+
+
+def mask_rows(
+    x: torch.Tensor, r: torch.Tensor, limit: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teesplit::ring_mask_rows`` in aten (``partitioner.ops._quantize_rows``' operations in
+    its order; ``limit``, the norm limit, as a float64 scalar). Returns the masked rows and a
+    flag: every value finite and every row within the limit."""
+    slack = (limit - 0.5 * x.shape[-1] ** 0.5 - 1.0) * _NORM_SLACK  # float64, as eager's
+    limit_sq = limit * limit  # exact: the limit is below 2**31
+    a = x.to(torch.float64)
+    top = a.abs().amax(-1)
+    huge = (top > _DIRECT_NORM).any()  # as eager: one huge row scales every row by its max
+    safe = torch.where(top > 0, top, 1.0)
+    unit = a / safe[..., None]
+    norm = torch.where(huge, torch.sqrt((unit * unit).sum(-1)) * safe, torch.sqrt((a * a).sum(-1)))
+    e = torch.clamp_max(torch.floor(torch.log2(slack / norm)), float(MAX_ROW_BITS))
+    q = torch.round(a * torch.exp2(e)[..., None])
+    ok = torch.isfinite(top).all() & ((q * q).sum(-1) <= limit_sq).all()
+    rows = torch.cat([q, e[..., None]], -1).to(torch.int64)
+    return _wrap32(rows + r.to(torch.int64)), ok
+
+
+def unmask_rows(
+    y: torch.Tensor, c: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``teesplit::ring_unmask_rows`` in aten (``partitioner.ops._dequantize_rows``)."""
+    d = _ring_sub(y, c)
+    out = d[..., :-1].to(torch.float64) * torch.exp2(-d[..., -1].to(torch.float64))[..., None]
+    out = out * inv_scale.to(torch.float64)
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out.to(torch.float32)
+
+
+def ring_mask(
+    x: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, limit: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teesplit::ring_mask`` in aten; ``scale`` is ``2**frac_bits`` (float64, exact)."""
+    q = torch.round(x.to(torch.float64) * scale)
+    q = torch.minimum(torch.maximum(q, -limit), limit).to(torch.int64)
+    return _to_ring(q + r.to(torch.int64), r.dtype), torch.isfinite(x).all()
+
+
+def ring_unmask(y: torch.Tensor, c: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """``teesplit::ring_unmask`` in aten."""
+    return (_ring_sub(y, c).to(torch.float64) * inv_scale).to(torch.float32)
+
+
+def rnm(ids: Any, candidates: Any, scores: Any, keep: Any, noise: Any) -> torch.Tensor:
+    cand = candidates[ids]
+    noisy = scores[ids].to(noise.dtype) + noise
+    pick = cand.gather(-1, noisy.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(keep[ids], ids, pick)
+
+
+def _all(*flags: torch.Tensor) -> torch.Tensor:
+    return functools.reduce(torch.logical_and, flags)
+
+
+@dataclass
+class Lowered:
+    """A stage graph in aten only. Its inputs are the stage's, then ``constants`` in order;
+    its outputs the stage's, then (``checks``) one bool flag."""
+
+    module: torch.fx.GraphModule
+    constants: list[torch.Tensor]
+    constant_names: list[str]  # the stage's attribute each came from, or "" for a scalar
+    checks: bool
+    key: str = ""
+    stage_inputs: int = 0
+
+
+@dataclass
+class CompiledStage:
+    """What the runtime needs to run one stage compiled (``enclave_runtime.compiled``)."""
+
+    library: Path
+    constants: list[torch.Tensor]
+    constant_names: list[str]
+    checks: bool
+    key: str
+
+
+class NotLowerable(Exception):
+    """A stage holds an op this pass has no aten spelling for: it stays eager."""
+
+
+def lower(module: torch.fx.GraphModule) -> Lowered:
+    """The lowered copy of ``module`` (``module`` is not changed)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    constants: list[torch.Tensor] = []
+    names: list[str] = []
+    nodes = list(module.graph.nodes)
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+    stage_inputs = len(env)
+    lifted: dict[str, torch.fx.Node] = {}
+
+    def constant(value: torch.Tensor, name: str) -> torch.fx.Node:
+        if name and name in lifted:
+            return lifted[name]
+        ph = graph.placeholder(f"const_{len(constants)}")
+        ph.meta["val"] = value
+        constants.append(value)
+        names.append(name)
+        if name:
+            lifted[name] = ph
+        return ph
+
+    for node in nodes:  # placeholders first: every constant is known before any use
+        if node.op == "get_attr":
+            value = operator.attrgetter(node.target)(module)
+            if not isinstance(value, torch.Tensor):
+                raise NotLowerable(f"attribute {node.target} is not a tensor")
+            env[node] = constant(value.detach(), node.target)
+    flags: list[torch.fx.Node] = []
+    out_node = None
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            out_node = node
+            continue
+        if node.op != "call_function":
+            raise NotLowerable(f"{node.op} node {node.name}")
+        args = torch.fx.map_arg(node.args, lambda n: env[n])
+        kwargs = torch.fx.map_arg(node.kwargs, lambda n: env[n])
+        target = node.target
+        if isinstance(target, torch._ops.OpOverloadPacket):  # a traced ``OPS.name(...)``
+            target = target.default
+        if target == OPS.ring_mask_rows.default:
+            x, r, limit = args
+            limit_t = constant(torch.tensor(float(limit), dtype=torch.float64), "")
+            pair = graph.call_function(mask_rows, (x, r, limit_t))
+            env[node] = graph.call_function(operator.getitem, (pair, 0))
+            flags.append(graph.call_function(operator.getitem, (pair, 1)))
+        elif target == OPS.ring_mask.default:
+            x, r, frac_bits, limit = args
+            pair = graph.call_function(
+                ring_mask,
+                (
+                    x,
+                    r,
+                    constant(torch.tensor(float(2**frac_bits), dtype=torch.float64), ""),
+                    constant(torch.tensor(float(limit), dtype=torch.float64), ""),
+                ),
+            )
+            env[node] = graph.call_function(operator.getitem, (pair, 0))
+            flags.append(graph.call_function(operator.getitem, (pair, 1)))
+        elif target == OPS.ring_unmask_rows.default:
+            env[node] = graph.call_function(unmask_rows, args, kwargs)
+        elif target == OPS.ring_unmask.default:
+            env[node] = graph.call_function(ring_unmask, args, kwargs)
+        elif target == OPS.mask.default:
+            env[node] = graph.call_function(torch.add, args, kwargs)
+        elif target == OPS.unmask.default:
+            env[node] = graph.call_function(torch.sub, args, kwargs)
+        elif target == OPS.rnm.default:
+            env[node] = graph.call_function(rnm, args, kwargs)
+        elif getattr(target, "namespace", None) == "teesplit":
+            raise NotLowerable(f"{target} in {node.name}")
+        else:
+            env[node] = graph.call_function(target, args, kwargs)
+        env[node].meta = dict(node.meta)
+    if out_node is None:
+        raise NotLowerable("no output")
+    result = out_node.args[0]
+    if isinstance(result, torch.fx.Node):  # a graph that returns one value, not a tuple
+        result = (result,)
+    outs = list(torch.fx.map_arg(result, lambda n: env[n]))
+    if flags:
+        outs.append(graph.call_function(_all, tuple(flags)))
+    graph.output(tuple(outs))
+    lowered = torch.fx.GraphModule(torch.nn.Module(), graph)
+    result = Lowered(lowered, constants, names, bool(flags), stage_inputs=stage_inputs)
+    result.key = structure_key(result)
+    return result
+
+
+def _describe(value: Any, index: dict[torch.fx.Node, int]) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return f"%{index[value]}"
+    if isinstance(value, (list, tuple)):
+        return [_describe(v, index) for v in value]
+    if isinstance(value, dict):
+        return {k: _describe(v, index) for k, v in sorted(value.items())}
+    return repr(value)
+
+
+def structure_key(lowered: Lowered) -> str:
+    """A digest of what the compiled code depends on: the ops, their wiring and literal
+    arguments, and each input's dtype and shape (named dims by their symbol), but not the
+    constants' values."""
+    index: dict[torch.fx.Node, int] = {}
+    parts = []
+    for i, node in enumerate(lowered.module.graph.nodes):
+        index[node] = i
+        target = node.target
+        name = (
+            f"{target.__module__}.{target.__qualname__}"
+            if callable(target) and hasattr(target, "__qualname__")
+            else str(target)
+        )
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        meta = (str(val.dtype), str(list(val.shape))) if isinstance(val, torch.Tensor) else None
+        parts.append(
+            [
+                node.op,
+                name if node.op != "placeholder" else "",
+                meta,
+                _describe(node.args, index),
+                _describe(node.kwargs, index),
+            ]
+        )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def _example(program: Any, lowered: Lowered) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+    """Example inputs at sizes >= 2 (no dim specialises to 0/1) and each input's dynamic dims,
+    named by the program's dims (as ``partitioner.artifacts`` exports stages)."""
+    names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
+    example = {n: EXPORT_SIZES.get(n, EXPORT_DEFAULT) for n in names if n.isidentifier()}
+    dims = {n: Dim(n, min=min(1, program.shapes.lower.get(n, 1))) for n in example}
+    args: list[torch.Tensor] = []
+    specs: list[Any] = []
+    placeholders = list(lowered.module.graph.find_nodes(op="placeholder"))
+    for i, ph in enumerate(placeholders):
+        if i >= lowered.stage_inputs:  # a constant: its own value, its own static shape
+            args.append(lowered.constants[i - lowered.stage_inputs])
+            specs.append(None)
+            continue
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise NotLowerable(f"input {ph.name} has no tensor metadata")
+        shape = program.shapes.shape(val)
+        args.append(torch.zeros(concrete_shape(shape, example), dtype=val.dtype))
+        spec = {i: dims.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
+        specs.append(spec or None)
+    return tuple(args), tuple(specs)
+
+
+def compile_library(program: Any, lowered: Lowered, path: Path) -> None:
+    """Export ``lowered`` with the program's dims dynamic and compile it to ``path`` (.so)."""
+    import torch._inductor
+
+    args, specs = _example(program, lowered)
+    ep = torch.export.export(lowered.module, args, dynamic_shapes=specs, strict=False)
+    built = torch._inductor.aot_compile(ep.module(), args, options={"aot_inductor.package": False})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(str(built), path)
+
+
+@dataclass
+class CompileReport:
+    """Which stages run compiled, which stay eager and why, and how many libraries."""
+
+    compiled: dict[str, CompiledStage] = field(default_factory=dict)
+    eager: dict[str, str] = field(default_factory=dict)  # stage -> why it stays eager
+    libraries: dict[str, Path] = field(default_factory=dict)  # key -> .so
+
+
+def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
+    """Compile ``program``'s enclave stages into ``directory`` (one ``<key>.so`` per distinct
+    lowered graph) and attach each compiled stage to its :class:`~partitioner.plan.Stage`
+    (``stage.compiled``), where the executor runs it instead of the graph. A stage this pass
+    cannot lower or export stays eager, with the reason in the report."""
+    root = Path(directory)
+    report = CompileReport()
+    for stage in program.stages:
+        if stage.side != "enclave" or not isinstance(stage.module, torch.fx.GraphModule):
+            continue
+        try:
+            lowered = lower(stage.module)
+            library = report.libraries.get(lowered.key)
+            if library is None:
+                library = root / f"{lowered.key}.so"
+                if not library.is_file():
+                    compile_library(program, lowered, library)
+                report.libraries[lowered.key] = library
+        except NotLowerable as exc:
+            report.eager[stage.name] = str(exc)
+            continue
+        except Exception as exc:  # export and Inductor raise many types: the stage stays eager
+            report.eager[stage.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            continue
+        report.compiled[stage.name] = CompiledStage(
+            library, lowered.constants, lowered.constant_names, lowered.checks, lowered.key
+        )
+        stage.compiled = CompiledLibrary(str(library), tuple(lowered.constants), lowered.checks)
+    if not report.compiled and not report.eager:
+        raise ArtifactError("the program has no enclave stage graph to compile")
+    return report
