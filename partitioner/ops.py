@@ -303,19 +303,39 @@ def prepare_ring_weights(module: torch.nn.Module, device: torch.device | str = "
     at a fraction of the rate (``torch._int_mm``). Returns a new GraphModule; ``module``
     (whose integer weights are what a bundle stores) is not changed."""
     device = torch.device(device)
-    if device.type == "cuda" and not _fast_fp64(device):
-        return module.to(device)
     if not isinstance(module, torch.fx.GraphModule):
         return module.to(device) if isinstance(module, torch.nn.Module) else module
     weights = {
         node.args[1].target
         for node in module.graph.find_nodes(op="call_function", target=OPS.ring_linear.default)
     }
-    if not weights:
-        return module.to(device)
-    return with_attrs(
-        module, lambda target, t: (t.to(torch.float64) if target in weights else t).to(device)
-    )
+    if not weights or (device.type == "cuda" and not _fast_fp64(device)):
+        # a copy: ``module.to`` would move parameters it shares with other stages (a tied
+        # embedding the enclave's stage reads too) along with it
+        copy = with_attrs(module, lambda _, t: t.to(device))
+    else:
+        copy = with_attrs(
+            module, lambda target, t: (t.to(torch.float64) if target in weights else t).to(device)
+        )
+    return _on_device(copy, device)
+
+
+def _on_device(module: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """``module`` with every device its graph names made ``device`` (export records the
+    capture's ``cpu`` on the tensors a graph creates, positions and masks, on ``.to`` calls
+    and in its metadata asserts), so that a stage captured on the CPU runs on a GPU."""
+    if device.type == "cpu":
+        return module
+
+    def moved(value: Any) -> Any:
+        return device if isinstance(value, torch.device) else value
+
+    for node in module.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, moved)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, moved)
+    module.recompile()
+    return module
 
 
 def with_attrs(module: torch.fx.GraphModule, convert: Any) -> torch.fx.GraphModule:
