@@ -18,10 +18,12 @@ nothing; guarantees: a missing, tampered or unlisted file, and a malformed ``pla
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -421,6 +423,7 @@ def private_copy(data: bytes, name: str) -> Path:
     new directory only this process's user can open, so that what is loaded is what was
     checked, whatever happens to the bundle's file afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="teesplit-aot-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     path = directory / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
     with os.fdopen(fd, "wb") as f:
