@@ -10,10 +10,17 @@ measures (``plan.json`` lists each library's sha256, the Gramine manifest as a t
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from partitioner.errors import ArtifactError, InputError
+from partitioner.dims import concrete_shape, names_in
+from partitioner.errors import ArtifactError, InputError, IntegrityError
 from partitioner.plan import CompiledLibrary
+
+# AOTInductor's libraries check their inputs' dtypes, static sizes, size ranges and strides
+# only when this is set (read once, at a library's first call): set it before any runs.
+os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
 
 
 class CompiledCall:
@@ -24,6 +31,7 @@ class CompiledCall:
         self.library = library.path
         self.constants = [c.contiguous() for c in library.constants]
         self.checks = library.checks
+        self.inputs = [(getattr(torch, dtype), list(shape)) for dtype, shape in library.inputs]
         try:
             self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(self.library, 1)
         except RuntimeError as exc:
@@ -32,7 +40,46 @@ class CompiledCall:
                 f"{str(exc).splitlines()[0]}"
             ) from None
 
+    def check(self, args: tuple[torch.Tensor, ...]) -> None:
+        """Refuse inputs the library was not compiled for, before it reads them: compiled
+        code indexes memory by the sizes it is given, so an input whose size disagrees with
+        another's (a GPU reply shorter than the correction it is unmasked with) would be read
+        past its end instead of raising, as the eager ops do. Raises :class:`IntegrityError`."""
+        if len(args) != len(self.inputs):
+            raise IntegrityError(
+                f"enclave stage {self.name} takes {len(self.inputs)} inputs, got {len(args)}"
+            )
+        sizes: dict[str, int] = {}
+        for i, (arg, (dtype, shape)) in enumerate(zip(args, self.inputs, strict=True)):
+            if not isinstance(arg, torch.Tensor) or arg.dtype != dtype or arg.dim() != len(shape):
+                raise IntegrityError(
+                    f"enclave stage {self.name} input {i}: expected {dtype} of shape {shape}"
+                )
+            for want, got in zip(shape, arg.shape, strict=True):
+                if isinstance(want, str) and want.isidentifier():
+                    want = sizes.setdefault(want, got)
+                if isinstance(want, int) and want != got:
+                    raise IntegrityError(
+                        f"enclave stage {self.name} input {i}: shape {list(arg.shape)} does "
+                        f"not match {shape} (sizes so far {sizes})"
+                    )
+        for i, (arg, (_, shape)) in enumerate(zip(args, self.inputs, strict=True)):
+            if all(isinstance(d, int) or d.isidentifier() for d in shape):
+                continue
+            if not all(isinstance(d, int) or names_in(d) <= sizes.keys() for d in shape):
+                continue  # a size no other input names: the library's own range check applies
+            try:  # size expressions ("past + seq") of sizes bound above
+                want_shape = concrete_shape(shape, sizes)
+            except ValueError:
+                want_shape = None
+            if want_shape != list(arg.shape):
+                raise IntegrityError(
+                    f"enclave stage {self.name} input {i}: shape {list(arg.shape)} does not "
+                    f"match {shape} (sizes {sizes})"
+                )
+
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        self.check(args)
         outs = self._runner.run([a.contiguous() for a in args] + self.constants)
         if self.checks:
             if not bool(outs.pop()):

@@ -145,6 +145,7 @@ class CompiledStage:
     constant_names: list[str]
     checks: bool
     key: str
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
 
 
 class NotLowerable(Exception):
@@ -246,6 +247,10 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
     return result
 
 
+# what the key covers besides the graph: bump it when the compile options change
+_FORMAT = "aoti-checked-inputs-1"
+
+
 def _describe(value: Any, index: dict[torch.fx.Node, int]) -> Any:
     if isinstance(value, torch.fx.Node):
         return f"%{index[value]}"
@@ -261,7 +266,7 @@ def structure_key(lowered: Lowered) -> str:
     arguments, and each input's dtype and shape (named dims by their symbol), but not the
     constants' values."""
     index: dict[torch.fx.Node, int] = {}
-    parts = []
+    parts: list[Any] = [_FORMAT]
     for i, node in enumerate(lowered.module.graph.nodes):
         index[node] = i
         target = node.target
@@ -308,13 +313,27 @@ def _example(program: Any, lowered: Lowered) -> tuple[tuple[torch.Tensor, ...], 
     return tuple(args), tuple(specs)
 
 
+def input_specs(program: Any, lowered: Lowered) -> tuple[tuple[str, tuple[int | str, ...]], ...]:
+    """Each stage input's dtype name and plan shape, as the runtime checks them."""
+    specs = []
+    for ph in list(lowered.module.graph.find_nodes(op="placeholder"))[: lowered.stage_inputs]:
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise NotLowerable(f"input {ph.name} has no tensor metadata")
+        specs.append((str(val.dtype).removeprefix("torch."), tuple(program.shapes.shape(val))))
+    return tuple(specs)
+
+
 def compile_library(program: Any, lowered: Lowered, path: Path) -> None:
     """Export ``lowered`` with the program's dims dynamic and compile it to ``path`` (.so)."""
     import torch._inductor
 
     args, specs = _example(program, lowered)
     ep = torch.export.export(lowered.module, args, dynamic_shapes=specs, strict=False)
-    built = torch._inductor.aot_compile(ep.module(), args, options={"aot_inductor.package": False})
+    # the library's own input checks (enabled by enclave_runtime.compiled) must take a
+    # decode step's seq = 1: export's example sizes start at 2
+    options = {"aot_inductor.package": False, "aot_inductor.check_lowerbound": False}
+    built = torch._inductor.aot_compile(ep.module(), args, options=options)
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(str(built), path)
 
@@ -340,6 +359,7 @@ def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
             continue
         try:
             lowered = lower(stage.module)
+            inputs = input_specs(program, lowered)
             library = report.libraries.get(lowered.key)
             if library is None:
                 library = root / f"{lowered.key}.so"
@@ -353,9 +373,11 @@ def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
             report.eager[stage.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             continue
         report.compiled[stage.name] = CompiledStage(
-            library, lowered.constants, lowered.constant_names, lowered.checks, lowered.key
+            library, lowered.constants, lowered.constant_names, lowered.checks, lowered.key, inputs
         )
-        stage.compiled = CompiledLibrary(str(library), tuple(lowered.constants), lowered.checks)
+        stage.compiled = CompiledLibrary(
+            str(library), tuple(lowered.constants), lowered.checks, inputs
+        )
     if not report.compiled and not report.eager:
         raise ArtifactError("the program has no enclave stage graph to compile")
     return report

@@ -128,6 +128,7 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
             "library": f"{AOT_DIR}/{compiled.library.name}",
             "constants": keys,
             "checks": compiled.checks,
+            "inputs": [[dtype, list(shape)] for dtype, shape in compiled.inputs],
         }
     index = {"stages": stages, "eager": report.eager}
     (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")

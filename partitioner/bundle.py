@@ -37,6 +37,7 @@ from partitioner.errors import ArtifactError
 from partitioner.ops import OPS  # .pt2 files name teesplit:: ops: this registers them
 from partitioner.plan import CompiledLibrary, Plan
 from partitioner.rnm_tables import RNMTables
+from partitioner.schema import shape_
 
 ARTIFACT_SCHEMA_VERSION = 2
 PLAN_FILE = "plan.json"
@@ -431,6 +432,22 @@ def private_copy(data: bytes, name: str) -> Path:
     return path
 
 
+_DTYPES = {"float32", "float64", "int32", "int64", "bool", "float16", "bfloat16", "int8"}
+
+
+def _input_specs(value: Any, where: str, stage: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """A compiled stage's input dtypes and shapes, one per input of the stage."""
+    count = len(stage.inputs) + len(stage.extra_inputs)
+    if not isinstance(value, list) or len(value) != count:
+        raise ArtifactError(f"{where}: expected one [dtype, shape] per input ({count})")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, list) or len(item) != 2 or item[0] not in _DTYPES:
+            raise ArtifactError(f"{where}[{i}]: expected [dtype, shape]")
+        out.append((item[0], tuple(shape_(item[1], f"{where}[{i}]"))))
+    return tuple(out)
+
+
 def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.Tensor]) -> None:
     """Give each enclave stage that ``enclave/aot/index.json`` names its compiled library:
     its bytes are read once and checked against ``plan.json`` (signed) before a private copy
@@ -448,9 +465,15 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         where = f"{AOT_INDEX}: stage {name}"
         if name not in stages:
             raise ArtifactError(f"{where}: the plan has no enclave stage of that name")
-        if not isinstance(entry, dict) or set(entry) != {"library", "constants", "checks"}:
-            raise ArtifactError(f"{where}: expected keys library, constants, checks")
+        if not isinstance(entry, dict) or set(entry) != {
+            "library",
+            "constants",
+            "checks",
+            "inputs",
+        }:
+            raise ArtifactError(f"{where}: expected keys library, constants, checks, inputs")
         library, keys, checks = entry["library"], entry["constants"], entry["checks"]
+        inputs = _input_specs(entry["inputs"], f"{where}.inputs", stages[name])
         if not isinstance(library, str) or not library.startswith(f"{AOT_DIR}/"):
             raise ArtifactError(f"{where}: library must be a file under {AOT_DIR}/")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -463,7 +486,7 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         if library not in loaded:
             loaded[library] = private_copy(files.read(library), Path(library).name)
         constants = tuple(weights[k] for k in keys)
-        stages[name].compiled = CompiledLibrary(str(loaded[library]), constants, checks)
+        stages[name].compiled = CompiledLibrary(str(loaded[library]), constants, checks, inputs)
 
 
 def load_program(

@@ -53,6 +53,9 @@ class CompiledLibrary:
     path: str
     constants: tuple[Any, ...]
     checks: bool
+    # per input of the stage (before the constants): its dtype name and plan shape (ints and
+    # named sizes); compiled code trusts its inputs' shapes, so the runtime checks them first
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
 
 
 @dataclass

@@ -17,10 +17,10 @@ from conftest import captured
 
 from enclave_runtime.compiled import CompiledCall
 from partitioner import ops
-from partitioner.aot import compile_library, lower
+from partitioner.aot import compile_library, input_specs, lower
 from partitioner.api import partition
 from partitioner.bundle import AOT_INDEX, load_program
-from partitioner.errors import ArtifactError, InputError
+from partitioner.errors import ArtifactError, InputError, IntegrityError
 from partitioner.plan import CompiledLibrary
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7, 128, 64]])
@@ -115,9 +115,10 @@ def compiled_stage(tmp_path_factory):
     lowered = lower(stage.module)
     path = tmp_path_factory.mktemp("aot") / f"{lowered.key}.so"
     compile_library(split, lowered, path)
-    call = CompiledCall(
-        stage.name, CompiledLibrary(str(path), tuple(lowered.constants), lowered.checks)
+    library = CompiledLibrary(
+        str(path), tuple(lowered.constants), lowered.checks, input_specs(split, lowered)
     )
+    call = CompiledCall(stage.name, library)
     return split, stage, call, calls
 
 
@@ -154,6 +155,25 @@ def test_a_compiled_stage_refuses_a_value_it_cannot_mask(compiled_stage):
         ops.direct_calls(stage.module)(*hostile)
     with pytest.raises(InputError, match="NaN or inf"):
         call(*hostile)
+
+
+def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
+    """Compiled code indexes memory by the sizes it is given: a GPU reply one position
+    shorter than the correction it is unmasked with, or one column short, must be refused
+    before the library reads it (eager ops raise on their own; compiled code would read
+    past the end)."""
+    _, stage, call, calls = compiled_stage
+    args, _ = calls[stage.name]
+    reply = next(i for i, a in enumerate(args) if a.dtype == torch.int32)
+    for cut in (lambda t: t[:, :-1], lambda t: t[..., :-1], lambda t: t[0]):
+        hostile = list(args)
+        hostile[reply] = cut(args[reply]).contiguous()
+        with pytest.raises(IntegrityError, match=f"enclave stage {stage.name} input"):
+            call(*hostile)
+    wrong_dtype = list(args)
+    wrong_dtype[reply] = args[reply].to(torch.int64)
+    with pytest.raises(IntegrityError):
+        call(*wrong_dtype)
 
 
 @pytest.fixture(scope="module")
