@@ -81,7 +81,12 @@ def mask_rows(
     norm = torch.where(huge, torch.sqrt((unit * unit).sum(-1)) * safe, torch.sqrt((a * a).sum(-1)))
     e = torch.clamp_max(torch.floor(torch.log2(slack / norm)), float(MAX_ROW_BITS))
     q = torch.round(a * torch.exp2(e)[..., None])
-    ok = torch.isfinite(top).all() & ((q * q).sum(-1) <= limit_sq).all()
+    ok = (
+        torch.isfinite(top).all()
+        & torch.isfinite(norm).all()
+        & (slack > 0)
+        & ((q * q).sum(-1) <= limit_sq).all()
+    )
     rows = torch.cat([q, e[..., None]], -1).to(torch.int64)
     return _wrap32(rows + r.to(torch.int64)), ok
 
@@ -247,8 +252,15 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
     return result
 
 
-# what the key covers besides the graph: bump it when the compile options change
-_FORMAT = "aoti-checked-inputs-1"
+# what the key covers besides the graph: the compile options' version, torch's, and the
+# lowering itself (a library cached under an old lowering must not be reused)
+_FORMAT = "|".join(
+    [
+        "aoti-checked-inputs-1",
+        torch.__version__,
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+    ]
+)
 
 
 def _describe(value: Any, index: dict[torch.fx.Node, int]) -> Any:
@@ -347,6 +359,19 @@ class CompileReport:
     libraries: dict[str, Path] = field(default_factory=dict)  # key -> .so
 
 
+def _requantised(program: Any) -> set[str]:
+    """Row-scaled values that ``Executor._primal`` quantises again for a correction."""
+    prot = program.protection
+    if prot is None or prot.exact is None:
+        return set()
+    return {
+        name
+        for corr in prot.corrections.values()
+        for name in corr.primal_inputs
+        if name in prot.exact.row_limit
+    }
+
+
 def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
     """Compile ``program``'s enclave stages into ``directory`` (one ``<key>.so`` per distinct
     lowered graph) and attach each compiled stage to its :class:`~partitioner.plan.Stage`
@@ -354,8 +379,17 @@ def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
     cannot lower or export stays eager, with the reason in the report."""
     root = Path(directory)
     report = CompileReport()
+    requantised = _requantised(program)
     for stage in program.stages:
         if stage.side != "enclave" or not isinstance(stage.module, torch.fx.GraphModule):
+            continue
+        if requantised & set(stage.outputs):
+            # the executor quantises these rows again, eagerly, for a product correction: a
+            # compiled row norm summed in another order could pick the neighbouring exponent
+            report.eager[stage.name] = (
+                f"its row-scaled outputs {sorted(requantised & set(stage.outputs))} feed a "
+                "product correction that quantises them again eagerly"
+            )
             continue
         try:
             lowered = lower(stage.module)

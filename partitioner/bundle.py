@@ -524,7 +524,12 @@ def load_program(
         if stage.side in sides:
             rel = stage_file(stage.side, stage.name)
             stage.module = load_exported(files.read(rel), rel, stage.name, weights[stage.side])
-    if AOT_INDEX in document["files"]:
+    if AOT_INDEX in document["files"] and "enclave" in sides:
+        if trusted_key is None:
+            raise ArtifactError(
+                f"{root}: {AOT_DIR}/ holds native code for the enclave to run; an unsigned "
+                "bundle may not carry it (whoever can write the folder would choose the code)"
+            )
         _attach_compiled(plan, files, weights["enclave"])
     prot = plan.protection
     if prot is not None:

@@ -185,6 +185,9 @@ def _quantize_rows(x: Tensor, norm_limit: int) -> tuple[np.ndarray, np.ndarray]:
         norm = np.sqrt(np.einsum("...i,...i->...", unit, unit)) * safe
     else:
         norm = np.sqrt(np.einsum("...i,...i->...", a, a))
+    if slack <= 0 or not np.isfinite(norm).all():  # a limit below the rounding, or a row
+        # whose norm overflows float64: no exponent carries it (refused, not garbage)
+        raise InputError("row quantisation: no exponent fits this row under its norm limit")
     with np.errstate(divide="ignore"):  # a zero row: +inf, clipped
         e = np.minimum(np.floor(np.log2(slack / norm)), MAX_ROW_BITS)
     a *= np.exp2(e)[..., None]

@@ -94,9 +94,29 @@ def test_lowered_mask_refuses_what_the_eager_kernel_refuses():
         assert not bool(flag)
 
 
+def test_rows_no_exponent_can_carry_are_refused_by_both_kernels():
+    """A float64 row whose norm overflows, and a norm limit below the rounding's slack: the
+    eager kernel used to emit a garbage exponent, the compiled one a zero row."""
+    cases = [
+        (torch.tensor([[1.7e308, 1.7e308, 0.0, 0.0]], dtype=torch.float64), 1000),
+        (torch.randn(4, 8), 2),
+    ]
+    for x, limit in cases:
+        r = torch.zeros(x.shape[0], x.shape[1] + 1, dtype=torch.int32)
+        with pytest.raises(InputError):
+            ops.ring_mask_rows(x, r, limit)
+        lowered = lower(torch.fx.symbolic_trace(_MaskRows(limit)))
+        *_, flag = lowered.module(x, r, *lowered.constants)
+        assert not bool(flag)
+
+
 class _MaskRows(torch.nn.Module):
+    def __init__(self, limit: int = 1000) -> None:
+        super().__init__()
+        self.limit = limit
+
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return ops.OPS.ring_mask_rows(x, r, 1000)
+        return ops.OPS.ring_mask_rows(x, r, self.limit)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +185,9 @@ def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
     _, stage, call, calls = compiled_stage
     args, _ = calls[stage.name]
     reply = next(i for i, a in enumerate(args) if a.dtype == torch.int32)
-    for cut in (lambda t: t[:, :-1], lambda t: t[..., :-1], lambda t: t[0]):
+    # the last: a reply with no positions, which the library's own checks pass whatever
+    # its sizes (a reviewer's finding: read as the full shape, SIGSEGV)
+    for cut in (lambda t: t[:, :-1], lambda t: t[..., :-1], lambda t: t[0], lambda t: t[:, :0]):
         hostile = list(args)
         hostile[reply] = cut(args[reply]).contiguous()
         with pytest.raises(IntegrityError, match=f"enclave stage {stage.name} input"):
@@ -205,6 +227,14 @@ def test_a_compiled_bundle_runs_as_the_eager_program(compiled_bundle):
     sanitised = [ex.last_request["sanitised_tokens"] for ex in (compiled, eager)]
     assert torch.equal(*sanitised) and not torch.equal(sanitised[0], IDS)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unsigned_bundle_may_not_carry_compiled_code(compiled_bundle):
+    """Without a signature, whoever can write the folder would choose the enclave's native
+    code: the operator's opt-out covers stage graphs, not machine code."""
+    _, root, _ = compiled_bundle
+    with pytest.raises(ArtifactError, match="unsigned bundle may not carry"):
+        load_program(root, allow_unsigned=True)
 
 
 def test_a_swapped_library_is_refused_before_it_is_loaded(compiled_bundle, tmp_path):

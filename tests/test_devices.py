@@ -43,9 +43,7 @@ def test_every_gpu_stage_runs_on_another_device(preset):
     runner = Recording(InProcessRunner(split.spec))
     with torch.no_grad():
         split.executor(runner, seed=1)(input_ids=IDS)
-    before = {
-        name: t.device for s in split.stages for name, t in s.module.state_dict().items()
-    }
+    before = {name: t.device for s in split.stages for name, t in s.module.state_dict().items()}
     for stage in split.stages:
         if stage.side != "gpu":
             continue

@@ -146,6 +146,8 @@ FORBIDDEN_IN_PROCESSES = [
     "partitioner.program",
     "networkx",
     "transformers",
+    "partitioner.aot",  # the enclave loads compiled stages; it never compiles them
+    "torch._inductor",
 ]
 
 
