@@ -653,6 +653,28 @@ def workloads_for(
     return model, capture_decoder(model), workloads
 
 
+def add_speedups(rows: list[dict[str, Any]], online_key: str, prefix: str) -> None:
+    """``{prefix}speedup_online``/``{prefix}speedup_with_offline`` per row, against
+    all_enclave's ``online_key`` in the same mode, and (suffix ``_vs_eager``) in eager mode."""
+    base = {
+        (r["workload"], r["enclave"]): r[online_key]
+        for r in rows
+        if r["preset"] == BASELINE and "error" not in r
+    }
+    for r in rows:
+        if "error" in r:
+            continue
+        for suffix, mode in (("", r["enclave"]), ("_vs_eager", "eager")):
+            ref = base.get((r["workload"], mode))
+            if ref is None:
+                continue
+            online, offline = r[online_key], r["offline_ms"]
+            r[f"{prefix}speedup_online{suffix}"] = ref / online if online > 0 else math.inf
+            r[f"{prefix}speedup_with_offline{suffix}"] = (
+                ref / (online + offline) if online + offline > 0 else math.inf
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -861,45 +883,10 @@ def main() -> None:
                 + f" ({time.perf_counter() - t1:.0f} s)"
             )
 
-    base = {
-        (r["workload"], r["enclave"]): r["enclave_online_ms"]
-        for r in rows
-        if r["preset"] == BASELINE and "error" not in r
-    }
-    base_replay = {
-        (r["workload"], r["enclave"]): r["replay_online_ms"]
-        for r in rows
-        if r["preset"] == BASELINE and "error" not in r
-    }
-    for r in rows:
-        if "error" in r:
-            continue
-        for suffix, ref in (
-            ("", base_replay.get((r["workload"], r["enclave"]))),
-            ("_vs_eager", base_replay.get((r["workload"], "eager"))),
-        ):
-            if ref is None:
-                continue
-            online, offline = r["replay_online_ms"], r["offline_ms"]
-            r["replay_speedup_online" + suffix] = ref / online if online > 0 else math.inf
-            r["replay_speedup_with_offline" + suffix] = (
-                ref / (online + offline) if online + offline > 0 else math.inf
-            )
-    for r in rows:
-        if "error" in r:
-            continue
-        # against all_enclave run the same way (like for like), and against eager all_enclave
-        for suffix, ref in (
-            ("", base.get((r["workload"], r["enclave"]))),
-            ("_vs_eager", base.get((r["workload"], "eager"))),
-        ):
-            if ref is None:
-                continue
-            online, offline = r["enclave_online_ms"], r["offline_ms"]
-            r["speedup_online" + suffix] = ref / online if online > 0 else math.inf
-            r["speedup_with_offline" + suffix] = (
-                ref / (online + offline) if online + offline > 0 else math.inf
-            )
+    # in run and replayed, each against all_enclave run the same way (like for like) and
+    # against eager all_enclave
+    add_speedups(rows, "enclave_online_ms", "")
+    add_speedups(rows, "replay_online_ms", "replay_")
 
     print("\n## SmolLM2-135M: enclave time per request (ms, medians; this CPU runs both sides)\n")
     print(

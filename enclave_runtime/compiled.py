@@ -88,14 +88,11 @@ class CompiledCall:
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         # The library checks its inputs itself before any kernel reads them (dtypes, static
         # sizes, ranges, one value per size across inputs, strides: AOTI_RUNTIME_CHECK_INPUTS
-        # above; without it, an input one position short is read past its end, as
-        # tests/test_aot.py's attack shows). Those checks cost nothing per call next to
-        # doing them here in Python (~35 us a call, 4 ms a decode step), so this side only
-        # turns a refusal into an error naming the input.
-        # The library's own checks miss one case: an input with no elements passes them
-        # whatever its sizes (reviewer's finding: a [1, 0, 129] reply read as [1, 9, 129],
-        # SIGSEGV). So each distinct signature of inputs is checked here once, then
-        # remembered: a dict lookup per call instead of 35 us.
+        # above; without it, an input one position short is read past its end). Its checks
+        # miss one case: an input with no elements passes them whatever its sizes (a
+        # reviewer's finding: a [1, 0, 129] reply read as [1, 9, 129], SIGSEGV). So each
+        # distinct signature of inputs is checked here once, then remembered: a set lookup
+        # per call instead of 35 us.
         signature = tuple((a.dtype, a.shape) for a in args)
         if signature not in self._checked:
             self.check(args)
@@ -105,7 +102,6 @@ class CompiledCall:
         try:
             outs = self._runner.run([a.contiguous() for a in args] + self.constants)
         except RuntimeError as exc:
-            self.check(args)  # raises IntegrityError naming the input it can tell apart
             raise IntegrityError(
                 f"enclave stage {self.name}: its compiled library refused the inputs: "
                 f"{str(exc).splitlines()[0]}"

@@ -39,9 +39,7 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.export import Dim
 
-from partitioner.dims import EXPORT_DEFAULT, EXPORT_SIZES, concrete_shape
 from partitioner.errors import ArtifactError
 from partitioner.ops import _DIRECT_NORM, _NORM_SLACK, MAX_ROW_BITS, OPS
 from partitioner.plan import CompiledLibrary
@@ -124,6 +122,15 @@ def rnm(ids: Any, candidates: Any, scores: Any, keep: Any, noise: Any) -> torch.
     return torch.where(keep[ids], ids, pick)
 
 
+# the masks that refuse what they cannot carry, with the float64 scalars their lowerings take
+# in place of their integer literals (a norm limit; ``2**frac_bits`` and a limit)
+_MASKS = {
+    OPS.ring_mask_rows.default: lambda limit: (limit,),
+    OPS.ring_mask.default: lambda frac_bits, limit: (2**frac_bits, limit),
+}
+_MASK_LOWERINGS = {OPS.ring_mask_rows.default: mask_rows, OPS.ring_mask.default: ring_mask}
+
+
 def _all(*flags: torch.Tensor) -> torch.Tensor:
     return functools.reduce(torch.logical_and, flags)
 
@@ -135,22 +142,9 @@ class Lowered:
 
     module: torch.fx.GraphModule
     constants: list[torch.Tensor]
-    constant_names: list[str]  # the stage's attribute each came from, or "" for a scalar
     checks: bool
     key: str = ""
     stage_inputs: int = 0
-
-
-@dataclass
-class CompiledStage:
-    """What the runtime needs to run one stage compiled (``enclave_runtime.compiled``)."""
-
-    library: Path
-    constants: list[torch.Tensor]
-    constant_names: list[str]
-    checks: bool
-    key: str
-    inputs: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
 
 
 class NotLowerable(Exception):
@@ -162,7 +156,6 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, Any] = {}
     constants: list[torch.Tensor] = []
-    names: list[str] = []
     nodes = list(module.graph.nodes)
     for node in nodes:
         if node.op == "placeholder":
@@ -177,7 +170,6 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
         ph = graph.placeholder(f"const_{len(constants)}")
         ph.meta["val"] = value
         constants.append(value)
-        names.append(name)
         if name:
             lifted[name] = ph
         return ph
@@ -203,23 +195,11 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
         target = node.target
         if isinstance(target, torch._ops.OpOverloadPacket):  # a traced ``OPS.name(...)``
             target = target.default
-        if target == OPS.ring_mask_rows.default:
-            x, r, limit = args
-            limit_t = constant(torch.tensor(float(limit), dtype=torch.float64), "")
-            pair = graph.call_function(mask_rows, (x, r, limit_t))
-            env[node] = graph.call_function(operator.getitem, (pair, 0))
-            flags.append(graph.call_function(operator.getitem, (pair, 1)))
-        elif target == OPS.ring_mask.default:
-            x, r, frac_bits, limit = args
-            pair = graph.call_function(
-                ring_mask,
-                (
-                    x,
-                    r,
-                    constant(torch.tensor(float(2**frac_bits), dtype=torch.float64), ""),
-                    constant(torch.tensor(float(limit), dtype=torch.float64), ""),
-                ),
-            )
+        if target in _MASKS:  # a mask that can refuse: its value, and its flag collected
+            x, r, *literals = args
+            scalars = [constant(torch.tensor(float(v), dtype=torch.float64), "") for v in
+                       _MASKS[target](*literals)]  # fmt: skip
+            pair = graph.call_function(_MASK_LOWERINGS[target], (x, r, *scalars))
             env[node] = graph.call_function(operator.getitem, (pair, 0))
             flags.append(graph.call_function(operator.getitem, (pair, 1)))
         elif target == OPS.ring_unmask_rows.default:
@@ -247,7 +227,7 @@ def lower(module: torch.fx.GraphModule) -> Lowered:
         outs.append(graph.call_function(_all, tuple(flags)))
     graph.output(tuple(outs))
     lowered = torch.fx.GraphModule(torch.nn.Module(), graph)
-    result = Lowered(lowered, constants, names, bool(flags), stage_inputs=stage_inputs)
+    result = Lowered(lowered, constants, bool(flags), stage_inputs=stage_inputs)
     result.key = structure_key(result)
     return result
 
@@ -302,27 +282,15 @@ def structure_key(lowered: Lowered) -> str:
 
 
 def _example(program: Any, lowered: Lowered) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
-    """Example inputs at sizes >= 2 (no dim specialises to 0/1) and each input's dynamic dims,
-    named by the program's dims (as ``partitioner.artifacts`` exports stages)."""
-    names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
-    example = {n: EXPORT_SIZES.get(n, EXPORT_DEFAULT) for n in names if n.isidentifier()}
-    dims = {n: Dim(n, min=min(1, program.shapes.lower.get(n, 1))) for n in example}
-    args: list[torch.Tensor] = []
-    specs: list[Any] = []
+    """Example inputs and dynamic dims as ``partitioner.artifacts`` exports stages; the
+    constants are their own values, with static shapes."""
     placeholders = list(lowered.module.graph.find_nodes(op="placeholder"))
-    for i, ph in enumerate(placeholders):
-        if i >= lowered.stage_inputs:  # a constant: its own value, its own static shape
-            args.append(lowered.constants[i - lowered.stage_inputs])
-            specs.append(None)
-            continue
-        val = ph.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise NotLowerable(f"input {ph.name} has no tensor metadata")
-        shape = program.shapes.shape(val)
-        args.append(torch.zeros(concrete_shape(shape, example), dtype=val.dtype))
-        spec = {i: dims.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
-        specs.append(spec or None)
-    return tuple(args), tuple(specs)
+    vals = [ph.meta.get("val") for ph in placeholders[: lowered.stage_inputs]]
+    try:
+        args, specs = program.shapes.export_example(program.input_dims, vals)
+    except ValueError as exc:
+        raise NotLowerable(str(exc)) from None
+    return tuple(args + lowered.constants), tuple(specs + [None] * len(lowered.constants))
 
 
 def input_specs(program: Any, lowered: Lowered) -> tuple[tuple[str, tuple[int | str, ...]], ...]:
@@ -354,7 +322,7 @@ def compile_library(program: Any, lowered: Lowered, path: Path) -> None:
 class CompileReport:
     """Which stages run compiled, which stay eager and why, and how many libraries."""
 
-    compiled: dict[str, CompiledStage] = field(default_factory=dict)
+    compiled: dict[str, CompiledLibrary] = field(default_factory=dict)
     eager: dict[str, str] = field(default_factory=dict)  # stage -> why it stays eager
     libraries: dict[str, Path] = field(default_factory=dict)  # key -> .so
 
@@ -406,10 +374,7 @@ def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
         except Exception as exc:  # export and Inductor raise many types: the stage stays eager
             report.eager[stage.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             continue
-        report.compiled[stage.name] = CompiledStage(
-            library, lowered.constants, lowered.constant_names, lowered.checks, lowered.key, inputs
-        )
-        stage.compiled = CompiledLibrary(
+        stage.compiled = report.compiled[stage.name] = CompiledLibrary(
             str(library), tuple(lowered.constants), lowered.checks, inputs
         )
     if not report.compiled and not report.eager:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.export import Dim
 
 from enclave_runtime.manifest import TEMPLATE
 from enclave_runtime.tokenizer import save_tokenizer
@@ -37,7 +36,6 @@ from partitioner.bundle import (
     stage_file,
     weights_file,
 )
-from partitioner.dims import EXPORT_DEFAULT, EXPORT_SIZES, concrete_shape
 from partitioner.errors import ArtifactError
 from partitioner.onnx_export import export_onnx
 from partitioner.signing import SIGNATURE_FILE, load_private_key, sign
@@ -79,19 +77,13 @@ class _Weights:
 
 def _export(program: Any, name: str, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
     """Export one stage graph with its named dims dynamic (at example sizes >= 2)."""
-    names = {d for ds in program.input_dims.values() for d in ds if isinstance(d, str)}
-    example = {n: EXPORT_SIZES.get(n, EXPORT_DEFAULT) for n in names if n.isidentifier()}
-    # a KV cache's ``past`` may be 0 (the prefill); other dims start at 1
-    dims = {n: Dim(n, min=min(1, program.shapes.lower.get(n, 1))) for n in example}
-    args, specs = [], []
-    for ph in module.graph.find_nodes(op="placeholder"):
-        val = ph.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise ArtifactError(f"{name}: input {ph.name} has no tensor metadata to export with")
-        shape = program.shapes.shape(val)
-        args.append(torch.zeros(concrete_shape(shape, example), dtype=val.dtype))
-        spec = {i: dims.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
-        specs.append(spec or None)
+    placeholders = list(module.graph.find_nodes(op="placeholder"))
+    try:
+        args, specs = program.shapes.export_example(
+            program.input_dims, [ph.meta.get("val") for ph in placeholders]
+        )
+    except ValueError as exc:
+        raise ArtifactError(f"{name}: {exc} to export with") from None
     try:
         return torch.export.export(module, tuple(args), dynamic_shapes=tuple(specs), strict=False)
     except Exception as exc:  # export raises many types; all mean this stage cannot be saved
@@ -125,7 +117,7 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
             weights.add(key, tensor)
             keys.append(key)
         stages[name] = {
-            "library": f"{AOT_DIR}/{compiled.library.name}",
+            "library": f"{AOT_DIR}/{Path(compiled.path).name}",
             "constants": keys,
             "checks": compiled.checks,
             "inputs": [[dtype, list(shape)] for dtype, shape in compiled.inputs],

@@ -432,6 +432,7 @@ def private_copy(data: bytes, name: str) -> Path:
     return path
 
 
+_AOT_ENTRY = {"library", "constants", "checks", "inputs"}
 _DTYPES = {"float32", "float64", "int32", "int64", "bool", "float16", "bfloat16", "int8"}
 
 
@@ -465,12 +466,7 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         where = f"{AOT_INDEX}: stage {name}"
         if name not in stages:
             raise ArtifactError(f"{where}: the plan has no enclave stage of that name")
-        if not isinstance(entry, dict) or set(entry) != {
-            "library",
-            "constants",
-            "checks",
-            "inputs",
-        }:
+        if not isinstance(entry, dict) or set(entry) != _AOT_ENTRY:
             raise ArtifactError(f"{where}: expected keys library, constants, checks, inputs")
         library, keys, checks = entry["library"], entry["constants"], entry["checks"]
         inputs = _input_specs(entry["inputs"], f"{where}.inputs", stages[name])

@@ -13,10 +13,10 @@ from typing import Any
 
 import sympy
 import torch
-from torch.export import ExportedProgram
+from torch.export import Dim, ExportedProgram
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from partitioner.dims import names_in
+from partitioner.dims import EXPORT_DEFAULT, EXPORT_SIZES, concrete_shape, names_in
 from partitioner.errors import PartitionError
 from partitioner.op_table import MATRIX_PRODUCT_OPS, SDPA_OPS, op_name
 
@@ -99,6 +99,27 @@ class ShapeContext:
 
     def meta_tensor(self, val: torch.Tensor) -> torch.Tensor:
         return torch.empty(self.concrete_shape(val), dtype=val.dtype, device="meta")
+
+    def export_example(
+        self, input_dims: Mapping[str, list[Any]], vals: list[Any]
+    ) -> tuple[list[torch.Tensor], list[Any]]:
+        """Example inputs for ``torch.export`` of a graph whose inputs are ``vals`` (their
+        fake tensors), at sizes >= 2 so no dim specialises to 0/1, and each input's dynamic
+        dims named after the program's (``input_dims``: the program inputs' named dims). A
+        KV cache's ``past`` may be 0 (the prefill); other dims start at 1. ``ValueError``
+        names the first input that is not a tensor."""
+        names = {d for ds in input_dims.values() for d in ds if isinstance(d, str)}
+        example = {n: EXPORT_SIZES.get(n, EXPORT_DEFAULT) for n in names if n.isidentifier()}
+        dims = {n: Dim(n, min=min(1, self.lower.get(n, 1))) for n in example}
+        args, specs = [], []
+        for i, val in enumerate(vals):
+            if not isinstance(val, torch.Tensor):
+                raise ValueError(f"input {i} has no tensor metadata")
+            shape = self.shape(val)
+            args.append(torch.zeros(concrete_shape(shape, example), dtype=val.dtype))
+            spec = {j: dims.get(d, Dim.AUTO) for j, d in enumerate(shape) if isinstance(d, str)}
+            specs.append(spec or None)
+        return args, specs
 
 
 def node_flops(node: torch.fx.Node, shapes: ShapeContext) -> int:
