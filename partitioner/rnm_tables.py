@@ -121,7 +121,7 @@ class RNMTables:
         for stratum in _strata(keep, prior, k):
             assigned = torch.ones(vocab, dtype=torch.bool)
             assigned[stratum] = False
-            _cluster(unit, assigned, k, candidates, scores)
+            _cluster(unit, assigned, k, candidates, scores, stratum)
         # a token left alone (k = 2 and an odd count) is emitted as it is: say so, and spend
         # no ε on it, instead of charging for noise that cannot move it
         alone = ~keep & ((candidates >= 0).sum(dim=1) == 1)
@@ -216,14 +216,19 @@ def _cluster(
     k: int,
     candidates: torch.Tensor,
     scores: torch.Tensor,
+    order: torch.Tensor,
 ) -> None:
-    """Greedy cosine groups of ``k`` over the tokens not yet ``assigned`` (in id order: each
-    seed takes its ``k − 1`` nearest free tokens), written into ``candidates`` and ``scores``
-    with min-max normalised cosine scores (Δ = 1)."""
+    """Greedy cosine groups of ``k`` over the tokens not yet ``assigned``, written into
+    ``candidates`` and ``scores`` with min-max normalised cosine scores (Δ = 1). Seeds come
+    in ``order`` (the stratum's: most frequent first under a prior, else id order), each
+    taking its ``k − 1`` nearest free tokens. Greedy groups get worse as the free tokens run
+    out, so the frequent tokens, which are most of a text, seed first and get the closest
+    neighbours."""
     while not bool(assigned.all()):
-        # One matmul for the next batch of unassigned seeds (in id order), then the groups
+        # One matmul for the next batch of unassigned seeds (in ``order``), then the groups
         # one seed at a time; a seed taken by an earlier group of its batch is skipped.
-        seeds = torch.nonzero(~assigned).flatten()[:_BATCH]
+        order = order[~assigned[order]]
+        seeds = order[:_BATCH]
         sims = unit[seeds] @ unit.t()
         for row, seed in zip(sims, seeds.tolist(), strict=True):
             if assigned[seed]:

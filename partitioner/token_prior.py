@@ -11,6 +11,8 @@ keep the members about equally likely; this module makes the prior, from public 
   leading space; plus punctuation, which ``wordfreq`` does not count, at its rate in the
   Brown corpus relative to "the" (:data:`PUNCTUATION`). Without it a comma, one token in
   fourteen of English text, would share a group with rare tokens, and the group would name it.
+  Words and marks are counted as natural text writes them and as tokenised corpora do
+  (:data:`TOKENISED`): SST-2's " 's" is a token natural text never produces.
 * :func:`corpus_prior`: the token counts of a text corpus the deployer chooses (text like the
   traffic it will serve), read from a file of one text per line.
 
@@ -33,26 +35,35 @@ from partitioner.rnm_tables import TokenPrior
 WORDS = 100_000  # wordfreq's most frequent English words; the rest add little mass
 START_OF_TEXT = 0.1  # the share of a word's uses without a leading space (text-initial)
 MAX_CORPUS_BYTES = 512 * 2**20
+# Two conventions of writing the same English, which byte-level BPE and WordPiece give
+# different ids: natural text ("it's", "film's", "(", '"', "," attached to its word) and
+# tokenised corpora in the Penn Treebank style (SST-2, PTB, most NLP corpora: "it 's",
+# "does n't", "-lrb-", "``", every mark spaced). Counting each at half keeps every token of
+# either within a factor 2 of its rate, and the strata tolerate a factor of their ratio.
+TOKENISED = 0.5
 # Punctuation per occurrence of "the" in the Brown corpus (1.16 M tokens: "the" 62,713,
 # "," 58,334, "." 49,346, the two quote marks 17,626, ";" 5,566, "?" 4,693, "--" 3,432,
-# ")" 2,466, "(" 2,435, ":" 1,795, "!" 1,596). The strata tolerate a factor of their ratio,
-# so rates this rough place a mark among words about as frequent.
-PUNCTUATION: dict[str, float] = {
-    ",": 0.93,
-    ".": 0.79,
-    '"': 0.28,
-    ";": 0.089,
-    "?": 0.075,
-    "-": 0.055,
-    ")": 0.039,
-    "(": 0.039,
-    ":": 0.029,
-    "!": 0.025,
+# ")" 2,466, "(" 2,435, ":" 1,795, "!" 1,596), with each mark's spellings in natural text
+# and in tokenised text. Rates this rough place a mark among words about as frequent.
+PUNCTUATION: dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]] = {
+    ",": (0.93, (",",), (",",)),
+    ".": (0.79, (".",), (".",)),
+    '"': (0.28, ('"',), ("``", "''")),
+    ";": (0.089, (";",), (";",)),
+    "?": (0.075, ("?",), ("?",)),
+    "--": (0.055, ("--",), ("--",)),
+    ")": (0.039, (")",), ("-rrb-",)),
+    "(": (0.039, ("(",), ("-lrb-",)),
+    ":": (0.029, (":",), (":",)),
+    "!": (0.025, ("!",), ("!",)),
 }
-# Whether a mark follows a space is the text's convention, not the language's: natural text
-# attaches "," to its word, tokenised corpora (Penn Treebank style, as SST-2) space every mark,
-# and byte-level BPE gives the two forms different ids. Half each keeps both within a factor 2.
-SPACED_MARKS = 0.5
+
+
+def tokenised(word: str) -> str:
+    """A word as Penn Treebank tokenisation writes it: clitics split off ("it's" → "it 's",
+    "doesn't" → "does n't", "film's" → "film 's"); other words unchanged."""
+    cut = len(word) - 3 if word.endswith("n't") else word.find("'")
+    return word if cut <= 0 else word[:cut] + " " + word[cut:]
 
 
 def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -63,28 +74,31 @@ def _vocab(tokenizer: Any, vocab_size: int | None) -> int:
     return int(vocab_size if vocab_size is not None else len(tokenizer))
 
 
+def _add(counts: torch.Tensor, tokenizer: Any, texts: list[str], weights: list[float]) -> None:
+    """Adds each text's weight to every token the text is split into."""
+    for weight, ids in zip(weights, _ids(tokenizer, texts), strict=True):
+        index = torch.as_tensor(ids, dtype=torch.int64)
+        counts.index_add_(0, index, torch.full((len(ids),), weight, dtype=torch.float64))
+
+
 def wordfreq_prior(tokenizer: Any, vocab_size: int | None = None, ratio: float = 2.0) -> TokenPrior:
     """Counts from ``wordfreq``'s English frequencies (``vocab_size``: the embedding's rows,
-    when it has more than the tokenizer names)."""
+    when it has more than the tokenizer names), written both ways (:data:`TOKENISED`)."""
     import wordfreq
 
     freqs = sorted(wordfreq.get_frequency_dict("en").items(), key=lambda kv: -kv[1])[:WORDS]
     counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
     for lead, share in ((" ", 1.0 - START_OF_TEXT), ("", START_OF_TEXT)):
-        pieces = _ids(tokenizer, [lead + word for word, _ in freqs])
-        for (_, freq), ids in zip(freqs, pieces, strict=True):
-            index = torch.as_tensor(ids, dtype=torch.int64)
-            counts.index_add_(0, index, torch.full((len(ids),), freq * share, dtype=torch.float64))
+        for spell, part in ((str, 1.0 - TOKENISED), (tokenised, TOKENISED)):
+            texts = [lead + spell(word) for word, _ in freqs]
+            _add(counts, tokenizer, texts, [freq * share * part for _, freq in freqs])
     the = wordfreq.word_frequency("the", "en")
-    for mark, rate in PUNCTUATION.items():
-        for text, share in ((" " + mark, SPACED_MARKS), (mark, 1.0 - SPACED_MARKS)):
-            ids = _ids(tokenizer, [text])[0]
-            index = torch.as_tensor(ids, dtype=torch.int64)
-            counts.index_add_(
-                0, index, torch.full((len(ids),), the * rate * share, dtype=torch.float64)
-            )
+    for rate, natural, spaced in PUNCTUATION.values():
+        for forms, lead, part in ((natural, "", 1.0 - TOKENISED), (spaced, " ", TOKENISED)):
+            weight = the * rate * part / len(forms)
+            _add(counts, tokenizer, [lead + form for form in forms], [weight] * len(forms))
     version = importlib.metadata.version("wordfreq")
-    return TokenPrior(f"wordfreq-{version}-en+brown-punctuation", counts, ratio)
+    return TokenPrior(f"wordfreq-{version}-en+brown-punctuation+ptb", counts, ratio)
 
 
 def corpus_prior(
@@ -136,4 +150,4 @@ def prior_from(
     return corpus_prior(tokenizer, lines, f"{path.name}@{digest}", vocab_size, ratio)
 
 
-__all__ = ["corpus_prior", "prior_from", "wordfreq_prior"]
+__all__ = ["corpus_prior", "prior_from", "tokenised", "wordfreq_prior"]

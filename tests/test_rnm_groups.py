@@ -268,3 +268,34 @@ def test_tables_that_are_not_a_partition_are_refused_on_load(forgery, tmp_path):
         RNMTables.load(tmp_path / "rnm.safetensors")
     tables.save(tmp_path / "good.safetensors")
     assert torch.equal(RNMTables.load(tmp_path / "good.safetensors").candidates, tables.candidates)
+
+
+def test_the_wordfreq_prior_counts_tokenised_text_as_well_as_natural_text():
+    """SST-2, like most NLP corpora, is Penn-Treebank tokenised: "it 's", "does n't", "``".
+    Byte-level BPE gives those spellings their own ids (" '", " n"), which natural text
+    never produces; a prior that counts only natural text put " '", one token in 60 of SST-2,
+    among rare tokens, where its group named it."""
+    from partitioner.token_prior import tokenised, wordfreq_prior
+    from partitioner.zoo import smollm2_tokenizer
+
+    assert [tokenised(w) for w in ("it's", "doesn't", "film's", "n't", "the")] == [
+        "it 's", "does n't", "film 's", "n't", "the"]  # fmt: skip
+    tokenizer = smollm2_tokenizer()
+    words = wordfreq_prior(tokenizer).counts
+    (apostrophe,), (the,), (film,) = (tokenizer.encode(t) for t in (" '", " the", " film"))
+    (quote,), (lrb,) = tokenizer.encode(" ``"), tokenizer.encode(" -lrb-")[:1]
+    assert words[the] / 20 < words[apostrophe] < words[the]  # " 's" is about 1 % of words
+    assert words[quote] > words[film] and words[lrb] > 0
+
+
+def test_inside_a_stratum_the_most_frequent_token_seeds_first_and_gets_its_nearest():
+    """Greedy groups get worse as free tokens run out: the most frequent token of a stratum
+    (most of the text) must pick first, not whichever token has the lowest id."""
+    vocab, k = 60, 5
+    embedding = _embedding(vocab)
+    prior = torch.ones(vocab, dtype=torch.float64)  # one stratum
+    prior[41] = 1.5
+    tables = RNMTables.build(embedding, k, 1.0, prior=TokenPrior("test", prior, 2.0))
+    unit = torch.nn.functional.normalize(embedding, dim=1)
+    nearest = torch.topk(unit @ unit[41], k).indices
+    assert sorted(tables.group_of(41)) == sorted(nearest.tolist())
