@@ -84,7 +84,8 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
         spec = getattr(args, "prior", None) or ("wordfreq" if tokenizer is not None else "none")
         _step(f"RNM groups against the token prior: {spec}", start)
-        prior = prior_from(spec, tokenizer, rows)  # one count per embedding row
+        ratio = getattr(args, "prior_ratio", None)
+        prior = prior_from(spec, tokenizer, rows, ratio)  # one count per embedding row
         public = _public_tokens(policy.rnm.public, tokenizer, rows)
     elif getattr(args, "prior", None):
         print(f"--prior {args.prior} is not used: policy {policy.name} has no RNM")
@@ -506,6 +507,13 @@ def main(argv: list[str] | None = None) -> None:
         help="what RNM's groups are built against: wordfreq (the default with a tokenizer), "
         "a text corpus file (one text per line, like the traffic served), or none (cosine "
         "groups only: the group may give its most frequent word away)",
+    )
+    p.add_argument(
+        "--prior-ratio",
+        type=float,
+        default=None,
+        help="the most two members of a frequency stratum may differ in prior count (> 1; "
+        "default 2 for wordfreq, 8 for a corpus: see benchmarks/README.md)",
     )
     p.set_defaults(func=cmd_partition)
     p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign bundles with")

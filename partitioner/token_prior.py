@@ -35,6 +35,13 @@ from partitioner.rnm_tables import TokenPrior
 WORDS = 100_000  # wordfreq's most frequent English words; the rest add little mass
 START_OF_TEXT = 0.1  # the share of a word's uses without a leading space (text-initial)
 MAX_CORPUS_BYTES = 512 * 2**20
+# The strata's count ratio, per source (measured on SST-2, ε = 1, K = 20; benchmarks/README):
+# a corpus like the traffic keeps recovery under the uniform bound even at 8 (12 %, 10 % at 2)
+# and the wider strata give back the accuracy narrow ones cost (0.592 against 0.564, cosine
+# groups 0.592); with general English counts the prior's error, not the strata's width, sets
+# the recovery, and wider strata only add to it (23.2 % at 8, 21.9 % at 2 on SmolLM2).
+WORDFREQ_RATIO = 2.0
+CORPUS_RATIO = 8.0
 # Two conventions of writing the same English, which byte-level BPE and WordPiece give
 # different ids: natural text ("it's", "film's", "(", '"', "," attached to its word) and
 # tokenised corpora in the Penn Treebank style (SST-2, PTB, most NLP corpora: "it 's",
@@ -81,7 +88,9 @@ def _add(counts: torch.Tensor, tokenizer: Any, texts: list[str], weights: list[f
         counts.index_add_(0, index, torch.full((len(ids),), weight, dtype=torch.float64))
 
 
-def wordfreq_prior(tokenizer: Any, vocab_size: int | None = None, ratio: float = 2.0) -> TokenPrior:
+def wordfreq_prior(
+    tokenizer: Any, vocab_size: int | None = None, ratio: float = WORDFREQ_RATIO
+) -> TokenPrior:
     """Counts from ``wordfreq``'s English frequencies (``vocab_size``: the embedding's rows,
     when it has more than the tokenizer names), written both ways (:data:`TOKENISED`)."""
     import wordfreq
@@ -106,7 +115,7 @@ def corpus_prior(
     texts: Iterable[str],
     name: str,
     vocab_size: int | None = None,
-    ratio: float = 2.0,
+    ratio: float = CORPUS_RATIO,
 ) -> TokenPrior:
     """Token counts over ``texts`` (named ``name`` in the plan)."""
     counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
@@ -126,16 +135,19 @@ def corpus_prior(
 
 
 def prior_from(
-    spec: str, tokenizer: Any, vocab_size: int | None = None, ratio: float = 2.0
+    spec: str, tokenizer: Any, vocab_size: int | None = None, ratio: float | None = None
 ) -> TokenPrior | None:
     """``wordfreq``, ``none`` (cosine groups only) or the path of a UTF-8 text corpus, one
-    text per line (named in the plan by its file name and SHA-256)."""
+    text per line (named in the plan by its file name and SHA-256); ``ratio`` defaults to
+    the source's (:data:`WORDFREQ_RATIO`, :data:`CORPUS_RATIO`)."""
     if spec == "none":
+        if ratio is not None:
+            raise PolicyError("a prior ratio was given without a prior (--prior none)")
         return None
     if tokenizer is None:
         raise PolicyError(f"token prior {spec!r} needs the model's tokenizer, and it has none")
     if spec == "wordfreq":
-        return wordfreq_prior(tokenizer, vocab_size, ratio)
+        return wordfreq_prior(tokenizer, vocab_size, WORDFREQ_RATIO if ratio is None else ratio)
     path = Path(spec)
     try:
         if path.stat().st_size > MAX_CORPUS_BYTES:
@@ -147,6 +159,7 @@ def prior_from(
     except UnicodeDecodeError as exc:
         raise PolicyError(f"token prior corpus {path}: not UTF-8 ({exc.reason})") from None
     digest = hashlib.sha256(data).hexdigest()[:16]
+    ratio = CORPUS_RATIO if ratio is None else ratio
     return corpus_prior(tokenizer, lines, f"{path.name}@{digest}", vocab_size, ratio)
 
 

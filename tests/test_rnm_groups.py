@@ -161,8 +161,14 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     assert prior.counts[film] == 3 and prior.counts[the] == 2 and prior.source == "corpus:tiny"
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the film\n")
-    assert prior_from(str(corpus), tokenizer).source.startswith("corpus:corpus.txt@")
+    from_file = prior_from(str(corpus), tokenizer)
+    assert from_file.source.startswith("corpus:corpus.txt@") and from_file.ratio == 8.0
+    assert prior_from(str(corpus), tokenizer, ratio=3.0).ratio == 3.0
+    with pytest.raises(PolicyError, match="ratio must be > 1"):
+        prior_from(str(corpus), tokenizer, ratio=1.0)
     assert prior_from("none", tokenizer) is None
+    with pytest.raises(PolicyError, match="without a prior"):
+        prior_from("none", tokenizer, ratio=4.0)
     with pytest.raises(PolicyError, match=r"missing\.txt"):
         prior_from(str(tmp_path / "missing.txt"), tokenizer)
     corpus.write_bytes(b"\xff\xfe")
@@ -171,6 +177,7 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     with pytest.raises(PolicyError, match="tokenizer"):
         prior_from("wordfreq", None)
     words = prior_from("wordfreq", tokenizer)
+    assert words.ratio == 2.0
     rare = tokenizer.convert_tokens_to_ids("cinematography")
     assert words.counts[the] > 100 * words.counts[rare] > 0
     # punctuation, which wordfreq does not count, is as frequent as the words it rivals: a

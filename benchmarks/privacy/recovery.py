@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocabularies", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--ratio", type=float, default=2.0)
+    parser.add_argument(
+        "--ratio", type=float, default=None, help="strata ratio (default: each prior's own)"
+    )
     parser.add_argument(
         "--groupings",
         nargs="+",
@@ -105,13 +107,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attacker = unigram_prior(tokenizer(train, add_special_tokens=False)["input_ids"], vocab)
         content = content_mask(tokenizer, vocab)[text]
         priors: dict[str, TokenPrior | None] = {}
+        ratio = {} if args.ratio is None else {"ratio": args.ratio}
         for grouping in args.groupings:
             priors[grouping] = (
                 None
                 if grouping == "cosine"
-                else wordfreq_prior(tokenizer, vocab, args.ratio)
+                else wordfreq_prior(tokenizer, vocab, **ratio)
                 if grouping == "strata/wordfreq"
-                else corpus_prior(tokenizer, train, "sst2-train", vocab, args.ratio)
+                else corpus_prior(tokenizer, train, "sst2-train", vocab, **ratio)
             )
         print(
             f"{name}: vocabulary {vocab:,}, {len(text):,} dev tokens "
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = {
                     "vocabulary": name,
                     "grouping": grouping,
+                    "ratio": None if prior is None else prior.ratio,
                     "epsilon": epsilon,
                     "k": args.k,
                     "bound": uniform_bound(epsilon, args.k),
@@ -145,10 +149,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"k": args.k, "ratio": args.ratio, "attacker_prior": "SST-2 train", "rows": rows}
-    stem = "recovery" if args.ratio == 2.0 else f"recovery-ratio{args.ratio:g}"
+    stem = "recovery" if args.ratio is None else f"recovery-ratio{args.ratio:g}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(table(rows) + "\n")
     return results
+
+
+def _grouping(row: dict[str, Any]) -> str:
+    ratio = row.get("ratio")
+    return row["grouping"] if ratio is None else f"{row['grouping']}, ratio {ratio:g}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -160,7 +169,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         a, c = r["all"], r["content"]
         lines.append(
-            f"| {r['vocabulary']} | {r['grouping']} | {r['epsilon']:g} | {a['exact']:.1%} | "
+            f"| {r['vocabulary']} | {_grouping(r)} | {r['epsilon']:g} | {a['exact']:.1%} | "
             f"{a['group_prior']:.1%} | {a['bayes']:.1%} | {r['sampled_bayes']:.1%} | "
             f"{c['bayes']:.1%} | {r['bound']:.1%} | {a['bayes'] / r['bound']:.2f}x |"
         )
