@@ -87,8 +87,12 @@ def cmd_partition(args: argparse.Namespace) -> None:
         ratio = getattr(args, "prior_ratio", None)
         prior = prior_from(spec, tokenizer, rows, ratio)  # one count per embedding row
         public = _public_tokens(policy.rnm.public, tokenizer, rows)
-    elif getattr(args, "prior", None):
-        print(f"--prior {args.prior} is not used: policy {policy.name} has no RNM")
+    else:
+        for option in ("prior", "prior_ratio"):
+            value = getattr(args, option, None)
+            if value is not None:
+                flag = "--" + option.replace("_", "-")
+                print(f"{flag} {value} is not used: policy {policy.name} has no RNM")
     _step(f"partitioning under {args.policy}", start)
     split = partition(model, policy, model_name=name, token_prior=prior, public_tokens=public)
     report = audit(split, verbose=False)
@@ -463,6 +467,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
         )
 
 
+def ratio(text: str) -> float:
+    """A strata ratio: a finite number above 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 1")
+    return value
+
+
 def _size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -510,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--prior-ratio",
-        type=float,
+        type=ratio,
         default=None,
         help="the most two members of a frequency stratum may differ in prior count (> 1; "
         "default 2 for wordfreq, 8 for a corpus: see benchmarks/README.md)",

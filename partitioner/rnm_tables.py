@@ -122,8 +122,8 @@ class RNMTables:
             assigned = torch.ones(vocab, dtype=torch.bool)
             assigned[stratum] = False
             _cluster(unit, assigned, k, candidates, scores, stratum)
-        # a token left alone (k = 2 and an odd count) is emitted as it is: say so, and spend
-        # no ε on it, instead of charging for noise that cannot move it
+        # a token left alone (k = 2 and an odd count in the last stratum) is emitted as it is:
+        # say so, and spend no ε on it, instead of charging for noise that cannot move it
         alone = ~keep & ((candidates >= 0).sum(dim=1) == 1)
         keep |= alone
         grouping = dict(COSINE) if prior is None else prior.describe()
@@ -205,6 +205,8 @@ def _strata(keep: torch.Tensor, prior: TokenPrior | None, k: int) -> list[torch.
         # whole groups of k inside the ratio; where even k tokens exceed it (the most
         # frequent words), the k next in frequency order, the flattest group there is
         end = min(start + max(k, (end - start) // k * k), len(ids))
+        if len(ids) - end < k:  # fewer than k left: they join this stratum, not one short
+            end = len(ids)
         strata.append(ids[start:end])
         start = end
     return strata
@@ -224,10 +226,10 @@ def _cluster(
     taking its ``k − 1`` nearest free tokens. Greedy groups get worse as the free tokens run
     out, so the frequent tokens, which are most of a text, seed first and get the closest
     neighbours."""
-    while not bool(assigned.all()):
+    order = order[~assigned[order]]
+    while order.numel():
         # One matmul for the next batch of unassigned seeds (in ``order``), then the groups
         # one seed at a time; a seed taken by an earlier group of its batch is skipped.
-        order = order[~assigned[order]]
         seeds = order[:_BATCH]
         sims = unit[seeds] @ unit.t()
         for row, seed in zip(sims, seeds.tolist(), strict=True):
@@ -248,6 +250,9 @@ def _cluster(
             g = len(group)
             candidates[group, :g] = group.unsqueeze(0).expand(g, g)
             scores[group, :g] = normed
+        order = order[~assigned[order]]
+    if not bool(assigned.all()):  # a free token missing from ``order`` would go ungrouped
+        raise PolicyError("RNM grouping: a token of the stratum was never seeded nor grouped")
 
 
 def _check_partition(

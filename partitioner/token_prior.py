@@ -43,34 +43,48 @@ MAX_CORPUS_BYTES = 512 * 2**20
 WORDFREQ_RATIO = 2.0
 CORPUS_RATIO = 8.0
 # Two conventions of writing the same English, which byte-level BPE and WordPiece give
-# different ids: natural text ("it's", "film's", "(", '"', "," attached to its word) and
-# tokenised corpora in the Penn Treebank style (SST-2, PTB, most NLP corpora: "it 's",
-# "does n't", "-lrb-", "``", every mark spaced). Counting each at half keeps every token of
-# either within a factor 2 of its rate, and the strata tolerate a factor of their ratio.
+# different ids: natural text ("it's", "film's", ", " attached to its word, " (" and an
+# opening ' "' after a space) and tokenised corpora in the Penn Treebank style (SST-2, PTB,
+# most NLP corpora: "it 's", "does n't", "``", every mark spaced). Counting each at half keeps
+# every token of either within a factor 2 of its rate, and the strata tolerate a factor of
+# their ratio.
 TOKENISED = 0.5
 # Punctuation per occurrence of "the" in the Brown corpus (1.16 M tokens: "the" 62,713,
 # "," 58,334, "." 49,346, the two quote marks 17,626, ";" 5,566, "?" 4,693, "--" 3,432,
-# ")" 2,466, "(" 2,435, ":" 1,795, "!" 1,596), with each mark's spellings in natural text
-# and in tokenised text. Rates this rough place a mark among words about as frequent.
+# ")" 2,466, "(" 2,435, ":" 1,795, "!" 1,596), with each mark's spellings (leading space
+# included) in natural text and in tokenised text, the rate shared evenly among them. Rates
+# this rough place a mark among words about as frequent.
 PUNCTUATION: dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]] = {
-    ",": (0.93, (",",), (",",)),
-    ".": (0.79, (".",), (".",)),
-    '"': (0.28, ('"',), ("``", "''")),
-    ";": (0.089, (";",), (";",)),
-    "?": (0.075, ("?",), ("?",)),
-    "--": (0.055, ("--",), ("--",)),
-    ")": (0.039, (")",), ("-rrb-",)),
-    "(": (0.039, ("(",), ("-lrb-",)),
-    ":": (0.029, (":",), (":",)),
-    "!": (0.025, ("!",), ("!",)),
+    ",": (0.93, (",",), (" ,",)),
+    ".": (0.79, (".",), (" .",)),
+    '"': (0.28, (' "', '"'), (" ``", " ''")),
+    ";": (0.089, (";",), (" ;",)),
+    "?": (0.075, ("?",), (" ?",)),
+    "--": (0.055, (" --", "--"), (" --",)),
+    ")": (0.039, (")",), (" )", " -rrb-")),
+    "(": (0.039, (" (",), (" (", " -lrb-")),
+    ":": (0.029, (":",), (" :",)),
+    "!": (0.025, ("!",), (" !",)),
 }
+# Penn Treebank splits these off the word they end ("couldn't've" → "could n't 've"); a
+# trailing apostrophe is a plural possessive ("players'"). Other apostrophes stay in the word
+# ("o'clock", "rock'n'roll").
+CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m", "'")
 
 
 def tokenised(word: str) -> str:
-    """A word as Penn Treebank tokenisation writes it: clitics split off ("it's" → "it 's",
-    "doesn't" → "does n't", "film's" → "film 's"); other words unchanged."""
-    cut = len(word) - 3 if word.endswith("n't") else word.find("'")
-    return word if cut <= 0 else word[:cut] + " " + word[cut:]
+    """A word as Penn Treebank tokenisation writes it: its clitics split off ("it's" →
+    "it 's", "doesn't" → "does n't", "film's" → "film 's"); other words unchanged."""
+    stem, clitics = word, []
+    while clitic := next((c for c in CLITICS if stem.endswith(c) and stem != c), None):
+        stem, clitics = stem[: -len(clitic)], [clitic, *clitics]
+    return " ".join([stem, *clitics])
+
+
+def _check_ratio(ratio: float) -> float:
+    if not 1.0 < ratio < float("inf"):  # NaN fails too
+        raise PolicyError(f"token prior ratio must be a number > 1, got {ratio}")
+    return ratio
 
 
 def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -103,9 +117,8 @@ def wordfreq_prior(
             _add(counts, tokenizer, texts, [freq * share * part for _, freq in freqs])
     the = wordfreq.word_frequency("the", "en")
     for rate, natural, spaced in PUNCTUATION.values():
-        for forms, lead, part in ((natural, "", 1.0 - TOKENISED), (spaced, " ", TOKENISED)):
-            weight = the * rate * part / len(forms)
-            _add(counts, tokenizer, [lead + form for form in forms], [weight] * len(forms))
+        for forms, part in ((natural, 1.0 - TOKENISED), (spaced, TOKENISED)):
+            _add(counts, tokenizer, list(forms), [the * rate * part / len(forms)] * len(forms))
     version = importlib.metadata.version("wordfreq")
     return TokenPrior(f"wordfreq-{version}-en+brown-punctuation+ptb", counts, ratio)
 
@@ -140,9 +153,11 @@ def prior_from(
     """``wordfreq``, ``none`` (cosine groups only) or the path of a UTF-8 text corpus, one
     text per line (named in the plan by its file name and SHA-256); ``ratio`` defaults to
     the source's (:data:`WORDFREQ_RATIO`, :data:`CORPUS_RATIO`)."""
+    if ratio is not None:
+        _check_ratio(ratio)  # before any counting: a corpus may take a while to read
     if spec == "none":
         if ratio is not None:
-            raise PolicyError("a prior ratio was given without a prior (--prior none)")
+            raise PolicyError("a token prior ratio was given, but no prior to build strata of")
         return None
     if tokenizer is None:
         raise PolicyError(f"token prior {spec!r} needs the model's tokenizer, and it has none")

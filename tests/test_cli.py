@@ -51,6 +51,10 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path):
     assert run.returncode != 0 and "MODEL 'no-such-model' is neither a built-in" in run.stderr
     run = teesplit("inspect", str(tmp_path / "nothing"))
     assert run.returncode != 0 and "cannot read" in run.stderr
+    for bad in ("nan", "inf", "1", "0.5", "two"):  # refused before any model is read
+        run = teesplit("partition", "no-such-model", "--prior-ratio", bad, "--out", "x")
+        assert run.returncode == 2 and "--prior-ratio" in run.stderr, bad
+        assert "Traceback" not in run.stderr and "no-such-model" not in run.stderr
 
 
 def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama, key_files):

@@ -164,10 +164,10 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     from_file = prior_from(str(corpus), tokenizer)
     assert from_file.source.startswith("corpus:corpus.txt@") and from_file.ratio == 8.0
     assert prior_from(str(corpus), tokenizer, ratio=3.0).ratio == 3.0
-    with pytest.raises(PolicyError, match="ratio must be > 1"):
+    with pytest.raises(PolicyError, match="ratio must be a number > 1"):
         prior_from(str(corpus), tokenizer, ratio=1.0)
     assert prior_from("none", tokenizer) is None
-    with pytest.raises(PolicyError, match="without a prior"):
+    with pytest.raises(PolicyError, match="no prior to build strata of"):
         prior_from("none", tokenizer, ratio=4.0)
     with pytest.raises(PolicyError, match=r"missing\.txt"):
         prior_from(str(tmp_path / "missing.txt"), tokenizer)
@@ -282,17 +282,26 @@ def test_the_wordfreq_prior_counts_tokenised_text_as_well_as_natural_text():
     Byte-level BPE gives those spellings their own ids (" '", " n"), which natural text
     never produces; a prior that counts only natural text put " '", one token in 60 of SST-2,
     among rare tokens, where its group named it."""
+    import wordfreq
+
     from partitioner.token_prior import tokenised, wordfreq_prior
     from partitioner.zoo import smollm2_tokenizer
 
-    assert [tokenised(w) for w in ("it's", "doesn't", "film's", "n't", "the")] == [
-        "it 's", "does n't", "film 's", "n't", "the"]  # fmt: skip
+    words = ("it's", "doesn't", "film's", "n't", "the", "couldn't've", "players'", "o'clock",
+             "o'brien's", "rock'n'roll")  # fmt: skip
+    assert [tokenised(w) for w in words] == [
+        "it 's", "does n't", "film 's", "n't", "the", "could n't 've", "players '", "o'clock",
+        "o'brien 's", "rock'n'roll"]  # fmt: skip
     tokenizer = smollm2_tokenizer()
-    words = wordfreq_prior(tokenizer).counts
+    counts = wordfreq_prior(tokenizer).counts
     (apostrophe,), (the,), (film,) = (tokenizer.encode(t) for t in (" '", " the", " film"))
-    (quote,), (lrb,) = tokenizer.encode(" ``"), tokenizer.encode(" -lrb-")[:1]
-    assert words[the] / 20 < words[apostrophe] < words[the]  # " 's" is about 1 % of words
-    assert words[quote] > words[film] and words[lrb] > 0
+    assert counts[the] / 20 < counts[apostrophe] < counts[the]  # " 's" is about 1 % of words
+    assert counts[tokenizer.encode(" ``")[0]] > counts[film]
+    # every spelling of a mark is counted: natural text's " (" and opening ' "' as well as
+    # tokenised text's " )" and -rrb- (each a share of the Brown rate, 0.039 of "the")
+    least = 0.039 * wordfreq.word_frequency("the", "en") / 4
+    for text in (" (", ")", ' "', '"', " )", " -rrb-", " --"):
+        assert all(counts[i] >= least for i in tokenizer.encode(text)), text
 
 
 def test_inside_a_stratum_the_most_frequent_token_seeds_first_and_gets_its_nearest():
@@ -306,3 +315,14 @@ def test_inside_a_stratum_the_most_frequent_token_seeds_first_and_gets_its_neare
     unit = torch.nn.functional.normalize(embedding, dim=1)
     nearest = torch.topk(unit @ unit[41], k).indices
     assert sorted(tables.group_of(41)) == sorted(nearest.tolist())
+
+
+def test_no_token_is_left_alone_at_the_end_of_the_strata():
+    """41 tokens of one stratum in groups of 20: cut into strata of whole groups, the last
+    token would form a group of one and pass through in the clear, spending no ε."""
+    vocab, k = 41, 20
+    tables = RNMTables.build(
+        _embedding(vocab), k, 1.0, prior=TokenPrior("flat", torch.ones(vocab, dtype=torch.float64))
+    )
+    sizes = sorted(len(tables.group_of(t)) for t in range(vocab))
+    assert not bool(tables.keep.any()) and min(sizes) >= 2
