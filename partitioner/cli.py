@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         type=ratio,
         default=None,
         help="the most two members of a frequency stratum may differ in prior count (> 1; "
-        "default 2 for wordfreq, 8 for a corpus: see benchmarks/README.md)",
+        "default 8: see benchmarks/README.md)",
     )
     p.set_defaults(func=cmd_partition)
     p = sub.add_parser("keygen", help="make an Ed25519 key pair to sign bundles with")

@@ -30,18 +30,11 @@ from typing import Any
 import torch
 
 from partitioner.errors import PolicyError
-from partitioner.rnm_tables import TokenPrior
+from partitioner.rnm_tables import RATIO, TokenPrior
 
 WORDS = 100_000  # wordfreq's most frequent English words; the rest add little mass
 START_OF_TEXT = 0.1  # the share of a word's uses without a leading space (text-initial)
 MAX_CORPUS_BYTES = 512 * 2**20
-# The strata's count ratio, per source (measured on SST-2, ε = 1, K = 20; benchmarks/README):
-# a corpus like the traffic keeps recovery under the uniform bound even at 8 (12 %, 10 % at 2)
-# and the wider strata give back the accuracy narrow ones cost (0.592 against 0.564, cosine
-# groups 0.592); with general English counts the prior's error, not the strata's width, sets
-# the recovery, and wider strata only add to it (23.2 % at 8, 21.9 % at 2 on SmolLM2).
-WORDFREQ_RATIO = 2.0
-CORPUS_RATIO = 8.0
 # Two conventions of writing the same English, which byte-level BPE and WordPiece give
 # different ids: natural text ("it's", "film's", ", " attached to its word, " (" and an
 # opening ' "' after a space) and tokenised corpora in the Penn Treebank style (SST-2, PTB,
@@ -103,7 +96,7 @@ def _add(counts: torch.Tensor, tokenizer: Any, texts: list[str], weights: list[f
 
 
 def wordfreq_prior(
-    tokenizer: Any, vocab_size: int | None = None, ratio: float = WORDFREQ_RATIO
+    tokenizer: Any, vocab_size: int | None = None, ratio: float = RATIO
 ) -> TokenPrior:
     """Counts from ``wordfreq``'s English frequencies (``vocab_size``: the embedding's rows,
     when it has more than the tokenizer names), written both ways (:data:`TOKENISED`)."""
@@ -128,7 +121,7 @@ def corpus_prior(
     texts: Iterable[str],
     name: str,
     vocab_size: int | None = None,
-    ratio: float = CORPUS_RATIO,
+    ratio: float = RATIO,
 ) -> TokenPrior:
     """Token counts over ``texts`` (named ``name`` in the plan)."""
     counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
@@ -151,8 +144,8 @@ def prior_from(
     spec: str, tokenizer: Any, vocab_size: int | None = None, ratio: float | None = None
 ) -> TokenPrior | None:
     """``wordfreq``, ``none`` (cosine groups only) or the path of a UTF-8 text corpus, one
-    text per line (named in the plan by its file name and SHA-256); ``ratio`` defaults to
-    the source's (:data:`WORDFREQ_RATIO`, :data:`CORPUS_RATIO`)."""
+    text per line (named in the plan by its file name and SHA-256), with strata of ``ratio``
+    (default :data:`partitioner.rnm_tables.RATIO`)."""
     if ratio is not None:
         _check_ratio(ratio)  # before any counting: a corpus may take a while to read
     if spec == "none":
@@ -162,7 +155,7 @@ def prior_from(
     if tokenizer is None:
         raise PolicyError(f"token prior {spec!r} needs the model's tokenizer, and it has none")
     if spec == "wordfreq":
-        return wordfreq_prior(tokenizer, vocab_size, WORDFREQ_RATIO if ratio is None else ratio)
+        return wordfreq_prior(tokenizer, vocab_size, RATIO if ratio is None else ratio)
     path = Path(spec)
     try:
         if path.stat().st_size > MAX_CORPUS_BYTES:
@@ -174,7 +167,7 @@ def prior_from(
     except UnicodeDecodeError as exc:
         raise PolicyError(f"token prior corpus {path}: not UTF-8 ({exc.reason})") from None
     digest = hashlib.sha256(data).hexdigest()[:16]
-    ratio = CORPUS_RATIO if ratio is None else ratio
+    ratio = RATIO if ratio is None else ratio
     return corpus_prior(tokenizer, lines, f"{path.name}@{digest}", vocab_size, ratio)
 
 

@@ -177,7 +177,7 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     with pytest.raises(PolicyError, match="tokenizer"):
         prior_from("wordfreq", None)
     words = prior_from("wordfreq", tokenizer)
-    assert words.ratio == 2.0
+    assert words.ratio == 8.0
     rare = tokenizer.convert_tokens_to_ids("cinematography")
     assert words.counts[the] > 100 * words.counts[rare] > 0
     # punctuation, which wordfreq does not count, is as frequent as the words it rivals: a
