@@ -375,11 +375,8 @@ def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
             flush=True,
         )
         with _quiet(log):  # the report is `teesplit inspect`'s; the libraries' noise the log's
-            cmd_partition(
-                argparse.Namespace(
-                    model="smollm2-135m", policy=policy, out=str(out), sign_key=str(key)
-                )
-            )
+            command = ["partition", "smollm2-135m", "--policy", policy, "--out", str(out)]
+            cmd_partition(_parser().parse_args([*command, "--sign-key", str(key)]))
 
 
 @contextlib.contextmanager
@@ -495,14 +492,26 @@ def _add_verification(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from enclave_runtime.__main__ import positive_int, seconds
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # its options are defined once, by enclave_runtime.server
         from enclave_runtime.server import main as serve_main
 
         serve_main(argv[1:])
         return
+    args = _parser().parse_args(argv)
+    from partitioner.errors import TeesplitError
+
+    try:
+        args.func(args)
+    except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed
+        raise SystemExit(f"teesplit {args.command}: {type(exc).__name__}: {exc}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line; the demo parses its own partition command with it, so that it gets
+    every option's default."""
+    from enclave_runtime.__main__ import positive_int, seconds
+
     parser = argparse.ArgumentParser(prog="teesplit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("partition", help="partition a model and save its split artifacts")
@@ -581,13 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", default=None, help="an already running worker's address")
     _add_verification(p)
     p.set_defaults(func=cmd_run)
-    args = parser.parse_args(argv)
-    from partitioner.errors import TeesplitError
-
-    try:
-        args.func(args)
-    except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed
-        raise SystemExit(f"teesplit {args.command}: {type(exc).__name__}: {exc}") from None
+    return parser
 
 
 if __name__ == "__main__":

@@ -121,3 +121,17 @@ def test_enclave_reports_a_missing_worker(tmp_path, tiny_llama, key_files):
         "enclave", str(out / "enclave"), "--worker", worker, "--trusted-key", str(key_files[1])
     )
     assert run.returncode != 0 and "none.sock" in run.stderr
+
+
+def test_the_demo_partitions_with_every_option_the_command_line_has(tmp_path, monkeypatch):
+    """The demo builds its bundles by calling the partition command; a namespace written by
+    hand lacked an option added later (--compile-enclave), and a clean `make demo` failed."""
+    from partitioner import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_partition", seen.append)
+    cli._demo_bundle(tmp_path / "cmif", "cmif", tmp_path / "key", tmp_path / "key.pub")
+    parsed = cli._parser().parse_args(["partition", "m", "--out", "x"])
+    (args,) = seen
+    assert set(vars(args)) == set(vars(parsed))
+    assert (args.model, args.policy, args.compile_enclave) == ("smollm2-135m", "cmif", False)
