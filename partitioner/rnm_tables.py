@@ -29,6 +29,13 @@ _BATCH = 256
 RATIO = 8.0
 
 
+def check_ratio(ratio: float, what: str) -> float:
+    """``ratio``, refused unless a finite number above 1 (NaN included)."""
+    if not 1.0 < ratio < float("inf"):
+        raise PolicyError(f"{what}: ratio must be a number > 1, got {ratio}")
+    return ratio
+
+
 @dataclass(frozen=True)
 class TokenPrior:
     """A public count per token id, which RNM groups are built against (``RNMTables.build``).
@@ -46,8 +53,7 @@ class TokenPrior:
         c = self.counts
         if c.dim() != 1 or not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
             raise PolicyError(f"token prior {self.source}: counts must be finite, >= 0, one per id")
-        if not 1.0 < self.ratio < float("inf"):
-            raise PolicyError(f"token prior {self.source}: ratio must be > 1, got {self.ratio}")
+        check_ratio(self.ratio, f"token prior {self.source}")
 
     def describe(self) -> dict[str, object]:
         digest = hashlib.sha256(self.counts.to(torch.float64).numpy().tobytes()).hexdigest()
@@ -128,9 +134,7 @@ class RNMTables:
                 f"vocabulary of {vocab}"
             )
         for stratum in _strata(keep, prior, k):
-            assigned = torch.ones(vocab, dtype=torch.bool)
-            assigned[stratum] = False
-            _cluster(unit, assigned, k, candidates, scores, stratum)
+            _cluster(unit, stratum, k, candidates, scores)
         # a token left alone (k = 2 and an odd count in the last stratum) is emitted as it is:
         # say so, and spend no ε on it, instead of charging for noise that cannot move it
         alone = ~keep & ((candidates >= 0).sum(dim=1) == 1)
@@ -223,19 +227,20 @@ def _strata(keep: torch.Tensor, prior: TokenPrior | None, k: int) -> list[torch.
 
 def _cluster(
     unit: torch.Tensor,
-    assigned: torch.Tensor,
+    stratum: torch.Tensor,
     k: int,
     candidates: torch.Tensor,
     scores: torch.Tensor,
-    order: torch.Tensor,
 ) -> None:
-    """Greedy cosine groups of ``k`` over the tokens not yet ``assigned``, written into
+    """Greedy cosine groups of ``k`` over the ``stratum``'s tokens, written into
     ``candidates`` and ``scores`` with min-max normalised cosine scores (Δ = 1). Seeds come
-    in ``order`` (the stratum's: most frequent first under a prior, else id order), each
-    taking its ``k − 1`` nearest free tokens. Greedy groups get worse as the free tokens run
-    out, so the frequent tokens, which are most of a text, seed first and get the closest
+    in the stratum's order (most frequent first under a prior, else id order), each taking
+    its ``k − 1`` nearest free tokens. Greedy groups get worse as the free tokens run out, so
+    the frequent tokens, which are most of a text, seed first and get the closest
     neighbours."""
-    order = order[~assigned[order]]
+    assigned = torch.ones(unit.shape[0], dtype=torch.bool)
+    assigned[stratum] = False
+    order = stratum
     while order.numel():
         # One matmul for the next batch of unassigned seeds (in ``order``), then the groups
         # one seed at a time; a seed taken by an earlier group of its batch is skipped.
@@ -260,8 +265,6 @@ def _cluster(
             candidates[group, :g] = group.unsqueeze(0).expand(g, g)
             scores[group, :g] = normed
         order = order[~assigned[order]]
-    if not bool(assigned.all()):  # a free token missing from ``order`` would go ungrouped
-        raise PolicyError("RNM grouping: a token of the stratum was never seeded nor grouped")
 
 
 def _check_partition(

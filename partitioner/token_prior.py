@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from partitioner.errors import PolicyError
-from partitioner.rnm_tables import RATIO, TokenPrior
+from partitioner.rnm_tables import RATIO, TokenPrior, check_ratio
 
 WORDS = 100_000  # wordfreq's most frequent English words; the rest add little mass
 START_OF_TEXT = 0.1  # the share of a word's uses without a leading space (text-initial)
@@ -72,12 +72,6 @@ def tokenised(word: str) -> str:
     while clitic := next((c for c in CLITICS if stem.endswith(c) and stem != c), None):
         stem, clitics = stem[: -len(clitic)], [clitic, *clitics]
     return " ".join([stem, *clitics])
-
-
-def _check_ratio(ratio: float) -> float:
-    if not 1.0 < ratio < float("inf"):  # NaN fails too
-        raise PolicyError(f"token prior ratio must be a number > 1, got {ratio}")
-    return ratio
 
 
 def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -146,16 +140,16 @@ def prior_from(
     """``wordfreq``, ``none`` (cosine groups only) or the path of a UTF-8 text corpus, one
     text per line (named in the plan by its file name and SHA-256), with strata of ``ratio``
     (default :data:`partitioner.rnm_tables.RATIO`)."""
-    if ratio is not None:
-        _check_ratio(ratio)  # before any counting: a corpus may take a while to read
     if spec == "none":
         if ratio is not None:
             raise PolicyError("a token prior ratio was given, but no prior to build strata of")
         return None
+    # checked before any counting: a corpus may take a while to read
+    ratio = check_ratio(RATIO if ratio is None else ratio, f"token prior {spec}")
     if tokenizer is None:
         raise PolicyError(f"token prior {spec!r} needs the model's tokenizer, and it has none")
     if spec == "wordfreq":
-        return wordfreq_prior(tokenizer, vocab_size, RATIO if ratio is None else ratio)
+        return wordfreq_prior(tokenizer, vocab_size, ratio)
     path = Path(spec)
     try:
         if path.stat().st_size > MAX_CORPUS_BYTES:
@@ -167,7 +161,6 @@ def prior_from(
     except UnicodeDecodeError as exc:
         raise PolicyError(f"token prior corpus {path}: not UTF-8 ({exc.reason})") from None
     digest = hashlib.sha256(data).hexdigest()[:16]
-    ratio = RATIO if ratio is None else ratio
     return corpus_prior(tokenizer, lines, f"{path.name}@{digest}", vocab_size, ratio)
 
 

@@ -42,7 +42,7 @@ from benchmarks.privacy.attack import GroupAttack, uniform_bound, unigram_prior 
 from benchmarks.privacy.sst2 import read_tsv  # noqa: E402
 from enclave_runtime.randomness import CSPRNG  # noqa: E402
 from partitioner.ops import OPS  # noqa: E402
-from partitioner.rnm_tables import RNMTables, TokenPrior  # noqa: E402
+from partitioner.rnm_tables import RATIO, RNMTables, TokenPrior  # noqa: E402
 
 
 def vocabulary(name: str) -> tuple[Any, torch.Tensor, tuple[int, ...]]:
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocabularies", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument(
-        "--ratio", type=float, default=None, help="strata ratio (default: each prior's own)"
-    )
+    parser.add_argument("--ratio", type=float, default=RATIO, help="the strata's count ratio")
     parser.add_argument(
         "--groupings",
         nargs="+",
@@ -107,14 +105,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attacker = unigram_prior(tokenizer(train, add_special_tokens=False)["input_ids"], vocab)
         content = content_mask(tokenizer, vocab)[text]
         priors: dict[str, TokenPrior | None] = {}
-        ratio = {} if args.ratio is None else {"ratio": args.ratio}
         for grouping in args.groupings:
             priors[grouping] = (
                 None
                 if grouping == "cosine"
-                else wordfreq_prior(tokenizer, vocab, **ratio)
+                else wordfreq_prior(tokenizer, vocab, args.ratio)
                 if grouping == "strata/wordfreq"
-                else corpus_prior(tokenizer, train, "sst2-train", vocab, **ratio)
+                else corpus_prior(tokenizer, train, "sst2-train", vocab, args.ratio)
             )
         print(
             f"{name}: vocabulary {vocab:,}, {len(text):,} dev tokens "
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"k": args.k, "ratio": args.ratio, "attacker_prior": "SST-2 train", "rows": rows}
-    stem = "recovery" if args.ratio is None else f"recovery-ratio{args.ratio:g}"
+    stem = "recovery" if args.ratio == RATIO else f"recovery-ratio{args.ratio:g}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(table(rows) + "\n")
     return results

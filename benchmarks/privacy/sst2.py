@@ -43,6 +43,7 @@ from benchmarks.privacy.mechanisms import (  # noqa: E402 - after the path set-u
     groups,
     public_groups,
 )
+from partitioner.rnm_tables import RATIO  # noqa: E402
 
 MECHANISMS = (
     "RNM (teesplit)",
@@ -221,9 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="RNM/CusText+ groups: cosine clusters, or frequency strata of wordfreq's counts or "
         "of the train split's (issue 16); results other than cosine's go to sst2-GROUPING.*",
     )
-    parser.add_argument(
-        "--ratio", type=float, default=None, help="the strata's count ratio (default: the prior's)"
-    )
+    parser.add_argument("--ratio", type=float, default=RATIO, help="the strata's count ratio")
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -252,11 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from partitioner.token_prior import corpus_prior, wordfreq_prior
 
         vocab_size = embedding.shape[0]
-        ratio = {} if args.ratio is None else {"ratio": args.ratio}
         prior = (
-            wordfreq_prior(encoder.tokenizer, vocab_size, **ratio)
+            wordfreq_prior(encoder.tokenizer, vocab_size, args.ratio)
             if args.grouping == "wordfreq"
-            else corpus_prior(encoder.tokenizer, train_s, "sst2-train", vocab_size, **ratio)
+            else corpus_prior(encoder.tokenizer, train_s, "sst2-train", vocab_size, args.ratio)
         )
     tables = groups(universe, prior)
     print(
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "sst2" if prior is None else f"sst2-{args.grouping}-ratio{prior.ratio:g}"
+    stem = "sst2" if prior is None else f"sst2-{args.grouping}-ratio{args.ratio:g}"
     if args.merge and (out / f"{stem}.json").is_file():
         old = json.loads((out / f"{stem}.json").read_text())
         new = {(r["mechanism"], r["epsilon"]) for r in results["runs"]}
