@@ -115,8 +115,9 @@ class RNMTables:
         ``prior`` (a public count per token), the vocabulary is first cut into frequency
         strata, inside which no two tokens' prior counts differ by more than its ``ratio`` (a
         stratum holds at least ``k`` tokens, so the most frequent ones share one); groups are
-        cosine clusters inside a stratum. A group's members are then about equally likely a
-        priori, so the group says little and the ε-noisy choice inside it hides the word.
+        cosine clusters inside a stratum, refined by swaps (``_refine``). A group's members are
+        then about equally likely a priori, so the group says little and the ε-noisy choice
+        inside it hides the word.
         """
         weight = embedding.detach().to(torch.float32)
         vocab = weight.shape[0]
@@ -134,7 +135,10 @@ class RNMTables:
                 f"vocabulary of {vocab}"
             )
         for stratum in _strata(keep, prior, k):
-            _cluster(unit, stratum, k, candidates, scores)
+            groups = _greedy(unit, stratum, k)
+            if prior is not None:  # see _refine; the grouping without a prior is as it was
+                groups = _refine(unit, groups)
+            _score(unit, groups, candidates, scores)
         # a token left alone (k = 2 and an odd count in the last stratum) is emitted as it is:
         # say so, and spend no ε on it, instead of charging for noise that cannot move it
         alone = ~keep & ((candidates >= 0).sum(dim=1) == 1)
@@ -225,22 +229,33 @@ def _strata(keep: torch.Tensor, prior: TokenPrior | None, k: int) -> list[torch.
     return strata
 
 
-def _cluster(
+def _score(
     unit: torch.Tensor,
-    stratum: torch.Tensor,
-    k: int,
+    groups: list[torch.Tensor],
     candidates: torch.Tensor,
     scores: torch.Tensor,
 ) -> None:
-    """Greedy cosine groups of ``k`` over the ``stratum``'s tokens, written into
-    ``candidates`` and ``scores`` with min-max normalised cosine scores (Δ = 1). Seeds come
-    in the stratum's order (most frequent first under a prior, else id order), each taking
-    its ``k − 1`` nearest free tokens. Greedy groups get worse as the free tokens run out, so
-    the frequent tokens, which are most of a text, seed first and get the closest
-    neighbours."""
+    """Write the ``groups`` into ``candidates`` and ``scores``: min-max normalised cosine
+    scores, so that every score is in [0, 1] (Δ = 1)."""
+    for group in groups:
+        members = unit[group]
+        cos = members @ members.t()  # (g, g): row i scores every member for token i
+        lo = cos.min(dim=1, keepdim=True).values
+        hi = cos.max(dim=1, keepdim=True).values
+        normed = (cos - lo) / (hi - lo).clamp_min(1e-12)
+        g = len(group)
+        candidates[group, :g] = group.unsqueeze(0).expand(g, g)
+        scores[group, :g] = normed
+
+
+def _greedy(unit: torch.Tensor, stratum: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Greedy cosine groups of ``k``: seeds come in the stratum's order (most frequent first
+    under a prior, else id order), each taking its ``k − 1`` nearest free tokens. Greedy groups
+    get worse as the free tokens run out, so the frequent tokens, which are most of a text,
+    seed first and get the closest neighbours."""
     assigned = torch.ones(unit.shape[0], dtype=torch.bool)
     assigned[stratum] = False
-    order = stratum
+    order, groups = stratum, []
     while order.numel():
         # One matmul for the next batch of unassigned seeds (in ``order``), then the groups
         # one seed at a time; a seed taken by an earlier group of its batch is skipped.
@@ -256,15 +271,114 @@ def _cluster(
             size = k - 1 if free == k + 1 and k > 2 else min(k, free)
             group = torch.topk(row, size).indices
             assigned[group] = True
-            members = unit[group]
-            cos = members @ members.t()  # (g, g): row i scores every member for token i
-            lo = cos.min(dim=1, keepdim=True).values
-            hi = cos.max(dim=1, keepdim=True).values
-            normed = (cos - lo) / (hi - lo).clamp_min(1e-12)
-            g = len(group)
-            candidates[group, :g] = group.unsqueeze(0).expand(g, g)
-            scores[group, :g] = normed
+            groups.append(group)
         order = order[~assigned[order]]
+    return groups
+
+
+# A swap must raise the summed similarity by more than float32 rounding of a few hundred
+# products, so that two machines' BLAS agree on which swaps to make.
+_GAIN = 1e-3
+_ROUNDS = 6
+_TARGETS = 4  # groups each token tries per sweep: those it is nearest, relative to its own
+_PROPOSE = 512  # tokens whose target groups come from one GEMM
+# Tokens swapping at once: smaller batches see fresher group sums and clash less.
+_SWAP_BATCH = 16
+
+
+def _refine(unit: torch.Tensor, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Swap tokens between the ``groups`` (sizes kept) while a swap raises the two groups'
+    summed pairwise cosine similarity, for up to ``_ROUNDS`` sweeps.
+
+    Greedy groups serve their seeds: the last groups of a stratum are its leftovers, and a
+    member may sit nearer another group than its own. RNM emits a group's members, so what
+    its noise costs the text is how far apart they are. With ``C_G`` the sum of group ``G``'s
+    unit vectors, token ``t``'s summed similarity to ``G`` is ``t·C_G``; swapping ``a ∈ A``
+    with ``b ∈ B`` changes the objective by ``a·(C_B − C_A) + b·(C_A − C_B) + 2 − 2·a·b``.
+    Each token tries every member of the ``_TARGETS`` groups it is nearest (relative to its
+    own) and makes the best swap; swaps of one batch touch disjoint groups, so each gain is
+    exact when made. A sweep that makes no swap ends the search: then no token gains by
+    swapping with a member of those groups (of any group, in a stratum of at most
+    ``_TARGETS + 1`` groups). Deterministic: no randomness.
+
+    Measured in the issue-5 harness (SST-2, ε = 1, K = 20, corpus strata): 0.606 accuracy
+    against 0.591 for the greedy groups. Only strata are refined: without a prior the whole
+    vocabulary is one stratum, and the cosine grouping stays the reference it was.
+    """
+    if len(groups) < 2:
+        return groups
+    members = torch.cat(groups)
+    u = unit[members]  # stratum-local rows
+    group_of = torch.cat([torch.full((len(g),), i) for i, g in enumerate(groups)])
+    width = max(len(g) for g in groups)
+    table = torch.full((len(groups), width), -1, dtype=torch.int64)  # group -> local ids
+    start = 0
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = torch.arange(start, start + len(g))
+        start += len(g)
+    sums = torch.zeros(len(groups), u.shape[1]).index_add_(0, group_of, u)
+    home = (u * sums[group_of]).sum(dim=1)
+    targets = min(_TARGETS, len(groups) - 1)
+    for _ in range(_ROUNDS):
+        swaps = 0
+        for first in range(0, len(members), _PROPOSE):
+            rows = torch.arange(first, min(first + _PROPOSE, len(members)))
+            near = u[rows] @ sums.t()
+            near[torch.arange(len(rows)), group_of[rows]] = float("-inf")
+            proposed = near.topk(targets, dim=1).indices  # (c, T), from this chunk's sums
+            for sub in range(0, len(rows), _SWAP_BATCH):
+                a = rows[sub : sub + _SWAP_BATCH]
+                chosen = proposed[sub : sub + _SWAP_BATCH]
+                swaps += _swap(u, a, chosen, group_of, table, sums, home)
+        if not swaps:
+            break
+    return [members[row[row >= 0]] for row in table]
+
+
+def _swap(
+    u: torch.Tensor,
+    a: torch.Tensor,
+    proposed: torch.Tensor,
+    group_of: torch.Tensor,
+    table: torch.Tensor,
+    sums: torch.Tensor,
+    home: torch.Tensor,
+) -> int:
+    """For each token of ``a`` the best swap with a member of its ``proposed`` groups, from
+    the current ``sums`` (``home[t] = t·C_{group of t}``); make those that gain over
+    ``_GAIN`` in order, skipping a swap whose groups an earlier one of the batch changed.
+    Returns how many were made."""
+    own = group_of[a]
+    ua, mine = u[a], sums[own]
+    slots = table[proposed].flatten(1)  # (m, T·w) local ids, -1 padding
+    ub = u[slots.clamp(min=0)]  # (m, T·w, d)
+    to_a = torch.bmm(sums[proposed], ua[:, :, None])[..., 0] - home[a, None]  # (m, T)
+    dots = torch.bmm(ub, torch.stack((mine, ua), dim=2))  # b·C_A and b·a
+    to_b = dots[..., 0] - home[slots.clamp(min=0)]
+    width = table.shape[1]
+    gain = to_a.repeat_interleave(width, dim=1) + to_b + 2 - 2 * dots[..., 1]
+    # a proposal made before a swap of this sweep may name the token's own group now
+    stale = (proposed == own[:, None]).repeat_interleave(width, dim=1)
+    gain = gain.masked_fill((slots < 0) | stale, float("-inf"))
+    top, best = gain.max(dim=1)
+    touched: set[int] = set()
+    made = 0
+    for i in torch.nonzero(top > _GAIN).flatten().tolist():
+        ga, gb = int(own[i]), int(proposed[i, int(best[i]) // width])
+        if ga in touched or gb in touched:
+            continue
+        touched.update((ga, gb))
+        ta, tb = int(a[i]), int(slots[i, best[i]])
+        sums[ga] += u[tb] - u[ta]
+        sums[gb] += u[ta] - u[tb]
+        group_of[ta], group_of[tb] = gb, ga
+        table[ga][table[ga] == ta] = tb
+        table[gb][table[gb] == tb] = ta
+        for g in (ga, gb):
+            row = table[g][table[g] >= 0]
+            home[row] = u[row] @ sums[g]
+        made += 1
+    return made
 
 
 def _check_partition(
