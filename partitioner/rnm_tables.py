@@ -301,8 +301,9 @@ def _refine(unit: torch.Tensor, groups: list[torch.Tensor]) -> list[torch.Tensor
     ``_TARGETS + 1`` groups). Deterministic: no randomness.
 
     Measured in the issue-5 harness (SST-2, ε = 1, K = 20, 16 seeds): 0.614 accuracy against
-    0.591 for the greedy groups of a corpus's strata, 0.600 against 0.570 for wordfreq's. Only strata are refined: without a prior the whole
-    vocabulary is one stratum, and the cosine grouping stays the reference it was.
+    0.591 for the greedy groups of a corpus's strata, 0.600 against 0.570 for wordfreq's.
+    Only strata are refined: without a prior the whole vocabulary is one stratum, and the
+    cosine grouping stays the reference it was.
     """
     if len(groups) < 2:
         return groups
