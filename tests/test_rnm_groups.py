@@ -332,15 +332,29 @@ def test_no_token_is_left_alone_at_the_end_of_the_strata():
     assert not bool(tables.keep.any()) and min(sizes) >= 2
 
 
-def test_no_swap_of_two_members_brings_the_groups_closer():
+def _objective(tables: RNMTables, embedding: torch.Tensor) -> float:
+    """The groups' summed pairwise cosine similarity (each pair once per direction)."""
+    unit = torch.nn.functional.normalize(embedding, dim=1)
+    group = tables.candidates[:, 0]
+    sums = torch.zeros(len(group), unit.shape[1]).index_add_(0, group, unit)
+    return float((sums * sums).sum() - (unit * unit).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_no_swap_of_two_members_brings_the_groups_closer(seed, monkeypatch):
     """Greedy groups serve their seeds: the last groups of a stratum hold its leftovers, far
-    apart, and RNM emits them. After the build no swap of two tokens between two groups may
-    raise the groups' summed cosine similarity (checked by brute force over every pair; five
-    groups of one stratum, so that every token tries every other group)."""
+    apart, and RNM emits them. When the swaps stop by themselves, no swap of two tokens between
+    two groups may raise the groups' summed cosine similarity (checked by brute force over
+    every pair; five groups of one stratum, so that every token tries every other group). The
+    sweeps are capped in production; here they run until they stop."""
+    from partitioner import rnm_tables
+
+    monkeypatch.setattr(rnm_tables, "_ROUNDS", 1000)
     vocab, k = 30, 6
+    embedding = _embedding(vocab, seed=seed)
     flat = TokenPrior("flat", torch.ones(vocab, dtype=torch.float64))
-    tables = RNMTables.build(_embedding(vocab), k, 1.0, prior=flat)
-    unit = torch.nn.functional.normalize(_embedding(vocab), dim=1)
+    tables = RNMTables.build(embedding, k, 1.0, prior=flat)
+    unit = torch.nn.functional.normalize(embedding, dim=1)
     group = tables.candidates[:, 0]  # each token's group, named by its first member
     sums = torch.zeros(vocab, unit.shape[1]).index_add_(0, group, unit)
     cos = unit @ unit.t()
@@ -350,3 +364,36 @@ def test_no_swap_of_two_members_brings_the_groups_closer():
     gain = to_other - to_own[:, None] + to_other.t() - to_own[None, :] + 2 - 2 * cos
     gain[group[:, None] == group[None, :]] = float("-inf")
     assert float(gain.max()) <= 1e-3, f"swap gains {float(gain.max()):.3f}"
+
+
+def test_swaps_never_lower_the_groups_similarity_even_with_zero_rows(monkeypatch):
+    """A zero embedding row (padding, unused ids) normalises to zero, not to a unit vector:
+    a gain that assumes unit rows overstates a swap with it by 1 and makes swaps that lower
+    the objective (and zero-for-zero swaps that never stop)."""
+    from partitioner import rnm_tables
+
+    vocab, k = 48, 4
+    gen = torch.Generator().manual_seed(25)
+    embedding = torch.randn(vocab, 8, generator=gen)
+    embedding[torch.randperm(vocab, generator=gen)[:20]] = 0.0
+    flat = TokenPrior("flat", torch.ones(vocab, dtype=torch.float64))
+    refined = RNMTables.build(embedding, k, 1.0, prior=flat)
+    monkeypatch.setattr(rnm_tables, "_ROUNDS", 0)
+    greedy = RNMTables.build(embedding, k, 1.0, prior=flat)
+    assert _objective(refined, embedding) >= _objective(greedy, embedding) - 1e-4
+
+
+def test_the_token_left_alone_stays_the_one_greedy_left(monkeypatch):
+    """With k = 2 and an odd stratum one token goes out alone (in the clear, ε = 0): the one
+    the greedy pass leaves, whose seeds go most frequent first. The swaps must not trade
+    another token, whatever its frequency, into that group of one."""
+    from partitioner import rnm_tables
+
+    vocab, k = 21, 2
+    prior = TokenPrior("t", torch.linspace(2.0, 1.0, vocab, dtype=torch.float64), 4.0)
+    for seed in range(6):
+        refined = RNMTables.build(_embedding(vocab, seed=seed), k, 1.0, prior=prior)
+        with monkeypatch.context() as m:
+            m.setattr(rnm_tables, "_ROUNDS", 0)
+            greedy = RNMTables.build(_embedding(vocab, seed=seed), k, 1.0, prior=prior)
+        assert int(refined.keep.sum()) == 1 and torch.equal(refined.keep, greedy.keep), seed
