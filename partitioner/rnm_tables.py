@@ -358,12 +358,12 @@ def _swap(
     own = group_of[a]
     ua, mine = u[a], sums[own]
     slots = table[proposed].flatten(1)  # (m, T·w) local ids, -1 padding
-    ub = u[slots.clamp(min=0)]  # (m, T·w, d)
+    b = slots.clamp(min=0)
     to_a = torch.bmm(sums[proposed], ua[:, :, None])[..., 0] - home[a, None]  # (m, T)
-    dots = torch.bmm(ub, torch.stack((mine, ua), dim=2))  # b·C_A and b·a
-    to_b = dots[..., 0] - home[slots.clamp(min=0)]
+    dots = torch.bmm(u[b], torch.stack((mine, ua), dim=2))  # b·C_A and b·a
+    to_b = dots[..., 0] - home[b]
     width = table.shape[1]
-    apart = square[a, None] + square[slots.clamp(min=0)] - 2 * dots[..., 1]  # |a − b|²
+    apart = square[a, None] + square[b] - 2 * dots[..., 1]  # |a − b|²
     gain = to_a.repeat_interleave(width, dim=1) + to_b + apart
     # a proposal made before a swap of this sweep may name the token's own group now
     stale = (proposed == own[:, None]).repeat_interleave(width, dim=1)
