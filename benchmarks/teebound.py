@@ -14,7 +14,7 @@ broken down by wrapping the executor's parts:
   split into enclave stage modules (the model's enclave ops and the mask/unmask/RNM ops inside
   them), online corrections (``prot.corrections[s].module`` not precomputed by the pool),
   integrity checks (``enclave_runtime.integrity.check`` for float masks, the executor's
-  ``ring_checks[s].check`` for exact ones), and the executor loop (the rest:
+  ``ring_checks[s].expect``/``verify`` and ``DeferredChecks.verify`` for exact ones), and the executor loop (the rest:
   binding, input checks, ``pool.take``, reply checks, output unmasking, Python dispatch);
 * offline per request: the pool draws mask sets (pads, RNM noise, precomputed corrections
   ``W·r``, Freivalds vectors) in batches, the corrections of a batch as one GEMM per layer
@@ -195,7 +195,10 @@ class Instrumented:
                     self._swap(corr, "module", clock.wrap("corrections", corr.module))
         # exact masking checks with one RingCheck per GPU stage, held by the executor
         for check in (getattr(executor, "ring_checks", None) or {}).values():
-            self._swap(check, "check", clock.wrap("checks", check.check))
+            self._swap(check, "expect", clock.wrap("checks", check.expect))
+            self._swap(check, "verify", clock.wrap("checks", check.verify))
+        deferred = integrity_module.DeferredChecks  # a call's small checks, made at its end
+        self._swap(deferred, "verify", clock.wrap("checks", deferred.verify))
         # float masks: the executor calls ``integrity.check`` through the module
         if hasattr(integrity_module, "check"):
             self._swap(integrity_module, "check", clock.wrap("checks", integrity_module.check))
@@ -237,6 +240,10 @@ class Replay:
     an executor with the same seed (so the same pads: the replies are right, and every check
     passes). What it costs the enclave is a list lookup, and it leaves the CPU's caches to
     the enclave, as a real GPU does."""
+
+    # stands in for a remote GPU behind a serialising client (``WorkerClient``), which never
+    # writes what it is handed: the executor hands it its own tensors, as it hands the client
+    copies_inputs = True
 
     def __init__(self, replies: list[tuple[str, list[torch.Tensor]]]) -> None:
         self.replies = replies

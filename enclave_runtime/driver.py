@@ -102,6 +102,10 @@ class WorkerClient:
     keeps nothing across models).
     """
 
+    # the tensors it is handed are serialised into the request and never written: the
+    # executor need not copy them before a call (``StageRunner``)
+    copies_inputs = True
+
     def __init__(
         self,
         address: str,

@@ -44,7 +44,11 @@ class StageRunner(Protocol):
     reads replies from elsewhere refuses one that differs before reading its payload. A stage
     that holds state (``Plan.held``) is also passed ``end=True`` on its sequence's last call:
     the holder frees the state afterwards (Triton: ``sequence_end``), or ``rows``: one
-    sequence per batch row (an enclave batching its sessions), which ``release`` frees."""
+    sequence per batch row (an enclave batching its sessions), which ``release`` frees.
+
+    A runner that never touches the tensors it is handed after ``run`` returns, because it
+    copies them out (serialises them to a worker), says so with ``copies_inputs = True``;
+    the executor then hands it its own tensors instead of copies."""
 
     def run(
         self,
@@ -102,7 +106,7 @@ class InProcessRunner:
         return outs
 
 
-_EXPECTED_CACHE = 4096
+_EXPECTED_CACHE = 256  # distinct bindings (each holds every GPU stage)
 
 
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
@@ -153,7 +157,7 @@ class Executor:
         self.last_request: dict[str, Any] = {}
         masked = prot.masked if prot is not None else {}
         self._replies = self._reply_specs()
-        self._expected: dict[tuple[str, tuple[tuple[str, int], ...]], Expected] = {}
+        self._expected: dict[tuple[tuple[str, int], ...], dict[str, Expected]] = {}
         # enclave stage -> (its module or library, what runs it)
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
@@ -181,13 +185,17 @@ class Executor:
             specs[stage.name] = outs
         return specs
 
-    def expected(self, stage: str, binding: Mapping[str, int]) -> Expected:
-        key = (stage, tuple(sorted(binding.items())))
+    def replies(self, binding: Mapping[str, int]) -> dict[str, Expected]:
+        """What each GPU stage's reply must be for a call with these sizes (built once per
+        distinct binding)."""
+        key = tuple(sorted(binding.items()))
         cached = self._expected.get(key)
         if cached is None:
             if len(self._expected) > _EXPECTED_CACHE:  # a long-running server's many sizes
                 self._expected.clear()
-            cached = self._expected[key] = self._expect(stage, binding)
+            cached = self._expected[key] = {
+                stage: self._expect(stage, binding) for stage in self._replies
+            }
         return cached
 
     def _expect(self, stage: str, binding: Mapping[str, int]) -> Expected:
@@ -355,55 +363,72 @@ class Executor:
             delta.update(masks.pads)
             delta.update(masks.deltas)
         clear = self._sent_clear
-        for stage in self.spec.stages:
-            if stage.side == ENCLAVE:
-                args = [env[n] if n in env else gpu[n] for n in stage.inputs]
-                for kind, name in stage.extra_inputs:
-                    if kind == "mask":
-                        args.append(masks.pads[name])
-                    elif kind == "delta":
-                        args.append(delta[name])
+        replies = self.replies(binding)
+        copies = bool(getattr(self.runner, "copies_inputs", False))
+        deferred = integrity.DeferredChecks()
+        try:
+            for stage in self.spec.stages:
+                if stage.side == ENCLAVE:
+                    args = [env[n] if n in env else gpu[n] for n in stage.inputs]
+                    for kind, name in stage.extra_inputs:
+                        if kind == "mask":
+                            args.append(masks.pads[name])
+                        elif kind == "delta":
+                            args.append(delta[name])
+                        else:
+                            args.append(masks.noise[name])
+                    outs = self._module(stage)(*args)
+                    n = len(stage.outputs)
+                    env.update(zip(stage.outputs, outs[:n], strict=True))
+                    gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
+                    for name in stage.outputs:
+                        if name in clear:
+                            gpu[name] = env[name]
+                    continue
+                sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
+                expected = replies[stage.name]
+                check = self.ring_checks.get(stage.name)
+                sums = pads = None
+                handed = sent
+                if check is not None:
+                    pads = [delta.get(n) for n in stage.inputs]
+                    # the check reads the enclave's own tensors: its right-hand side now, before
+                    # the GPU has them, or with the call's other small checks at its end; a
+                    # runner in this process that could edit what it is handed gets copies
+                    if not deferred.accepts(check, sent, pads):
+                        sums = check.expect(sent, pads)
+                    if not copies:
+                        handed = [t.clone() for t in sent]
+                if rows is not None and stage.name in self._holders:
+                    outs = self.runner.run(stage.name, handed, expected, rows=rows)
+                elif last and stage.name in self._holders:
+                    outs = self.runner.run(stage.name, handed, expected, end=True)
+                else:
+                    outs = self.runner.run(stage.name, handed, expected)
+                check_reply(stage.name, outs, expected)
+                gpu.update(zip(stage.outputs, outs, strict=True))
+                if masks is not None and stage.name in masks.freivalds:
+                    integrity.check(stage.name, masks.freivalds[stage.name], sent, list(outs))
+                corr = prot.corrections.get(stage.name) if prot is not None else None
+                if corr is not None and stage.name not in prot.pooled:
+                    results = corr.module(
+                        *(delta[n] for n in corr.delta_inputs),
+                        *(self._primal(n, env, shadow) for n in corr.primal_inputs),
+                    )
+                    k = len(corr.delta_outputs)
+                    delta.update(zip(corr.delta_outputs, results[:k], strict=True))
+                    shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
+                if check is not None:
+                    deltas = [delta.get(n) for n in stage.outputs]
+                    if sums is None:
+                        deferred.add(check, sent, pads, list(outs), deltas)
                     else:
-                        args.append(masks.noise[name])
-                outs = self._module(stage)(*args)
-                n = len(stage.outputs)
-                env.update(zip(stage.outputs, outs[:n], strict=True))
-                gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
-                for name in stage.outputs:
-                    if name in clear:
-                        gpu[name] = env[name]
-                continue
-            sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
-            expected = self.expected(stage.name, binding)
-            # a checked stage's runner gets copies: the check reads the enclave's own tensors,
-            # whatever a runner in this process does to what it was handed
-            handed = [t.clone() for t in sent] if stage.name in self.ring_checks else sent
-            if rows is not None and stage.name in self._holders:
-                outs = self.runner.run(stage.name, handed, expected, rows=rows)
-            elif last and stage.name in self._holders:
-                outs = self.runner.run(stage.name, handed, expected, end=True)
-            else:
-                outs = self.runner.run(stage.name, handed, expected)
-            check_reply(stage.name, outs, expected)
-            gpu.update(zip(stage.outputs, outs, strict=True))
-            if masks is not None and stage.name in masks.freivalds:
-                integrity.check(stage.name, masks.freivalds[stage.name], sent, list(outs))
-            corr = prot.corrections.get(stage.name) if prot is not None else None
-            if corr is not None and stage.name not in prot.pooled:
-                results = corr.module(
-                    *(delta[n] for n in corr.delta_inputs),
-                    *(self._primal(n, env, shadow) for n in corr.primal_inputs),
-                )
-                k = len(corr.delta_outputs)
-                delta.update(zip(corr.delta_outputs, results[:k], strict=True))
-                shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
-            if stage.name in self.ring_checks:
-                self.ring_checks[stage.name].check(
-                    sent,
-                    list(outs),
-                    [delta.get(n) for n in stage.inputs],
-                    [delta.get(n) for n in stage.outputs],
-                )
+                        check.verify(sums, list(outs), deltas)
+        except Exception:
+            # a wrong result is reported as such, not as what it made a later stage refuse
+            deferred.verify()
+            raise
+        deferred.verify()  # before anything of the call is read out
         if prot is not None and prot.rnm is not None:
             site = prot.rnm
             self.last_request = {

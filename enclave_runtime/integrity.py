@@ -276,14 +276,60 @@ class RingCheck:
             kappa = (rows * bias.to(torch.int64)).sum() if bias is not None else torch.tensor(0)
             self.vectors.append((s, a, kappa))
         # per input: the outputs that read it, and their a and κ summed (mod 2**64)
-        self.by_source: dict[int, tuple[list[tuple[int, np.ndarray]], np.ndarray, Any]] = {}
+        by_source: dict[int, tuple[list[tuple[int, np.ndarray]], np.ndarray, Any]] = {}
         for (index, source, *_), (s, a, kappa) in zip(self.layers, self.vectors, strict=True):
-            outs, a_sum, k_sum = self.by_source.get(source, ([], 0, 0))
-            self.by_source[source] = (
+            outs, a_sum, k_sum = by_source.get(source, ([], 0, 0))
+            by_source[source] = (
                 [*outs, (index, _u64(s.numpy()))],
                 _u64(a.numpy()) + a_sum,
                 _u64(kappa.numpy()) + k_sum,
             )
+        self.by_source = list(by_source.items())
+        # the same, flattened for DeferredChecks: inputs, outputs, and their vectors joined
+        self.sources = [source for source, _ in self.by_source]
+        self.outputs = [index for _, (outs, _, _) in self.by_source for index, _ in outs]
+        self.s_joined = np.concatenate([s for _, (outs, _, _) in self.by_source for _, s in outs])
+        self.a_joined = np.concatenate([a for _, (_, a, _) in self.by_source])
+        self.kappa = sum((k for _, (_, _, k) in self.by_source), np.uint64(0))
+
+    def expect(self, sent: list[torch.Tensor], pads: list[torch.Tensor | None]) -> list[Any]:
+        """The right-hand sides ``<sum_o W_oᵀ s_o, x> + sum_o κ_o`` per row, one per input,
+        from what is about to be sent and its pads (``x = sent - pad``). Computed *before*
+        the GPU gets ``sent``: the check then never reads a tensor a runner was handed."""
+        # numpy over uint64: products and sums wrap mod 2**64 by definition, at a fraction of
+        # torch's per-call cost on a decode step's one-row tensors; int32 -> uint64 casts
+        # sign-extend (C conversion), so a residue reads as its signed value mod 2**64
+        out = []
+        for source, (_, a, kappa) in self.by_source:
+            x, pad = sent[source].numpy(), pads[source]
+            plain = x if pad is None else x - pad.numpy()  # wraps in the residues' ring
+            out.append(plain.astype(np.uint64) @ a + kappa)
+        return out
+
+    def verify(
+        self, expected: list[Any], outputs: list[torch.Tensor], deltas: list[torch.Tensor | None]
+    ) -> None:
+        """Raise :class:`IntegrityError` unless, for every input, ``sum_o <s_o, y_o>`` (the
+        unmasked outputs ``y_o = reply_o - delta_o``) equals what :meth:`expect` computed.
+
+        With independent uniform ``s_o`` a wrong result in any output still passes with
+        probability ``<= 2**-31``, and the input is unmasked once instead of once per layer
+        (q, k and v share one)."""
+        for (_, (outs, _, _)), rhs in zip(self.by_source, expected, strict=True):
+            lhs = None
+            for index, s in outs:
+                y, delta = outputs[index].numpy(), deltas[index]
+                plain = y if delta is None else y - delta.numpy()
+                term = plain.astype(np.uint64) @ s
+                lhs = term if lhs is None else lhs + term
+            if not np.array_equal(lhs, rhs):
+                self.draw()  # the failed check told the GPU something about s: replace it
+                row = [int(i) for i in np.argwhere(lhs != rhs)[0]] if np.ndim(lhs) else []
+                raise IntegrityError(
+                    f"GPU stage {self.stage} returned results that fail the Freivalds check "
+                    f"(outputs {[i for i, _ in outs]}, row {row}; exact: an honest result "
+                    "always passes, a wrong one passes with probability <= 2**-31)"
+                )
 
     def check(
         self,
@@ -292,33 +338,95 @@ class RingCheck:
         pads: list[torch.Tensor | None],
         deltas: list[torch.Tensor | None],
     ) -> None:
-        """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output.
-
-        The outputs that read one input are checked as one equation,
-        ``sum_o <s_o, y_o> = <sum_o W_oᵀ s_o, x> + sum_o κ_o``: with independent uniform
-        ``s_o`` a wrong result in any of them still passes with probability ``<= 2**-31``,
-        and the input is unmasked once instead of once per layer (q, k and v share one)."""
-        # numpy over uint64: products and sums wrap mod 2**64 by definition, at a fraction of
-        # torch's per-call cost on a decode step's one-row tensors
-        for source, (outs, a, kappa) in self.by_source.items():
-            rhs = _unmasked(sent[source], pads[source]) @ a + kappa
-            lhs = np.zeros_like(rhs)
-            for index, s in outs:
-                lhs += _unmasked(outputs[index], deltas[index]) @ s
-            if not np.array_equal(lhs, rhs):
-                self.draw()  # the failed check told the GPU something about s: replace it
-                row = [int(i) for i in np.argwhere(lhs != rhs)[0]]
-                raise IntegrityError(
-                    f"GPU stage {self.stage} returned results that fail the Freivalds check "
-                    f"(outputs {[i for i, _ in outs]}, row {row}; exact: an honest result "
-                    "always passes, a wrong one passes with probability <= 2**-31)"
-                )
-
-
-def _unmasked(x: torch.Tensor, pad: torch.Tensor | None) -> np.ndarray:
-    """``x - pad`` in the ring (wrapping), sign-extended to 64 bits and read as ``Z_2^64``."""
-    return _u64(x.numpy() if pad is None else x.numpy() - pad.numpy())
+        """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output: the
+        outputs that read one input are checked as one equation,
+        ``sum_o <s_o, y_o> = <sum_o W_oᵀ s_o, x> + sum_o κ_o`` (:meth:`expect`, then
+        :meth:`verify`)."""
+        self.verify(self.expect(sent, pads), outputs, deltas)
 
 
 def _u64(v: np.ndarray) -> np.ndarray:
     return v.astype(np.int64, copy=False).view(np.uint64)
+
+
+# A stage whose inputs and outputs hold at most this many residues is checked with the
+# others at the end of the call (a decode step's stages); a larger one is checked on its own
+# when its reply arrives (a prefill's): its arithmetic, not the call, is then the cost, and
+# joining it to the others would copy it once more.
+DEFERRED_ELEMENTS = 1 << 16
+
+
+class DeferredChecks:
+    """The exact checks of one call's small stages, made together as one equation.
+
+    Each :class:`RingCheck` asks ``sum_o <s_o, y_o> = <a, x> + κ`` of one stage; with every
+    ``s_o`` independent and uniform over ``Z_{2^64}``, the sum of all the stages' equations
+    still fails, except with probability ``<= 2**-31``, if any one result is wrong: a wrong
+    output's error is multiplied by its own secret ``s_o``, which nothing the GPU received
+    depends on (the pads hide every value the enclave computed from it). Summed, a decode
+    step's 121 checks are a handful of numpy calls instead of some 25 each.
+
+    The enclave goes on computing on results not yet checked; nothing it computes leaves it
+    before :meth:`verify` (every value it sends meanwhile is masked by a fresh pad), and the
+    executor verifies the batch before reading anything else of the call out, or before it
+    raises any other error (a wrong result is reported as :class:`IntegrityError`, not as
+    whatever it made a later stage refuse). A failed batch is checked again stage by stage,
+    to name the stage, whose ``s`` is then drawn again.
+    """
+
+    def __init__(self) -> None:
+        # (check, sent, pads, outputs, deltas); the tensors are the enclave's own
+        self.items: list[tuple[RingCheck, list, list, list, list]] = []
+
+    @staticmethod
+    def accepts(check: RingCheck, sent: list[torch.Tensor], pads: list[Any]) -> bool:
+        """Whether a stage's check may wait: small, and every input it reads was masked by the
+        enclave with a pad of its own dtype."""
+        total = 0
+        for source, _ in check.by_source:
+            x, pad = sent[source], pads[source]
+            if pad is None or pad.dtype != x.dtype or pad.shape != x.shape:
+                return False
+            total += x.numel()
+        return total <= DEFERRED_ELEMENTS
+
+    def add(
+        self,
+        check: RingCheck,
+        sent: list[torch.Tensor],
+        pads: list[torch.Tensor | None],
+        outputs: list[torch.Tensor],
+        deltas: list[torch.Tensor | None],
+    ) -> None:
+        if any(deltas[i] is None for i in check.outputs):
+            check.verify(check.expect(sent, pads), outputs, deltas)  # nothing to join it to
+            return
+        self.items.append((check, sent, pads, outputs, deltas))
+
+    def verify(self) -> None:
+        """Check every pending stage; raise :class:`IntegrityError` naming one that failed."""
+        items, self.items = self.items, []
+        if not items:
+            return
+        ys, ds, xs, rs = [], [], [], []
+        for check, sent, pads, outputs, deltas in items:
+            xs += [sent[i] for i in check.sources]
+            rs += [pads[i] for i in check.sources]
+            ys += [outputs[i] for i in check.outputs]
+            ds += [deltas[i] for i in check.outputs]
+        try:  # one tensor each, joined along the last dim (their other dims, the rows, agree)
+            y, d, x, r = (torch.cat(t, -1).numpy() for t in (ys, ds, xs, rs))
+            joined = y.dtype == d.dtype and x.dtype == r.dtype
+        except RuntimeError:  # rows that disagree, or dtypes torch will not join
+            joined = False
+        if joined:
+            lhs = (y - d).astype(np.uint64) @ np.concatenate([c.s_joined for c, *_ in items])
+            kappa = sum((c.kappa for c, *_ in items), np.uint64(0))
+            rhs = (x - r).astype(np.uint64) @ np.concatenate([c.a_joined for c, *_ in items])
+            rhs = rhs + kappa
+            if np.array_equal(lhs, rhs):
+                return
+        for check, sent, pads, outputs, deltas in items:  # name the stage that failed
+            check.verify(check.expect(sent, pads), outputs, deltas)
+        if joined:  # unreachable: the equations' sum failed, so one of them does
+            raise IntegrityError("the GPU's results failed the Freivalds checks of this call")

@@ -29,6 +29,7 @@ import torch
 from conftest import captured, model_output
 from models import BUILDERS
 
+from enclave_runtime import integrity
 from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.randomness import CSPRNG
 from partitioner import ops
@@ -353,8 +354,17 @@ TAMPERS = {
 }
 
 
+@pytest.fixture(params=["with the call", "at once"])
+def when(request, monkeypatch):
+    """Where the checks are made: a small stage's with the call's others at its end (the
+    default for these sizes), or every stage's as its reply arrives (a prefill's large ones)."""
+    if request.param == "at once":
+        monkeypatch.setattr(integrity, "DEFERRED_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(TAMPERS))
-def test_freivalds_catches_a_tampered_reply(case):
+def test_freivalds_catches_a_tampered_reply(case, when):
     stage, tamper = TAMPERS[case]
 
     def hook(name, sent, outs, call):
@@ -434,6 +444,63 @@ def test_a_gpu_that_edits_the_request_in_place_is_caught():
     except IntegrityError:
         return
     assert torch.equal(out, reference(tuple(IDS[0].tolist())))
+
+
+def test_errors_that_cancel_across_two_stages_are_caught(when):
+    """The call's checks are made as one equation: +1 in one stage's result and -1 in the same
+    place of another's would cancel if the stages shared ``s``; each has its own."""
+
+    def hook(stage, sent, outs, call):
+        if stage == "gpu_3":
+            outs[0][0, 1, 0] += 1
+        if stage == "gpu_11":  # the same shapes, one layer later
+            outs[0][0, 1, 0] -= 1
+        return outs
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook), seed=35)
+    with pytest.raises(IntegrityError, match="GPU stage gpu_3 returned results that fail"):
+        request(executor)
+
+
+def test_a_wrong_result_is_reported_even_when_a_later_stage_fails_first():
+    """A wrong result whose check waits for the end of the call, then a failure further on
+    (the worker gone, or a later stage refusing what the wrong value became): the error is
+    the wrong result's, naming its stage, not the later one's."""
+
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            outs[0][0, 2, 5] += 1
+        return outs
+
+    def gone(stage, sent, call):
+        if stage == "gpu_9":
+            raise RuntimeError("the GPU worker went away")
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook, gone), seed=36)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST} returned results that fail"):
+        request(executor)
+    honest = Executor(slalom().spec, runner=Runner(slalom(), before=gone), seed=36)
+    with pytest.raises(RuntimeError, match="went away"):  # no wrong result: the error stands
+        request(honest)
+
+
+def test_a_runner_that_serialises_is_handed_the_enclave_tensors_and_still_checked(when):
+    """``copies_inputs``: the executor hands a serialising runner its own tensors, uncopied;
+    a wrong reply is caught all the same."""
+    handed = []
+
+    class Serialising(Runner):
+        copies_inputs = True
+
+        def run(self, stage, tensors, expected=None):
+            handed.append((stage, tensors))
+            return super().run(stage, tensors, expected)
+
+    executor = Executor(slalom().spec, runner=Serialising(slalom(), _add((0, 3, 1), 1)), seed=37)
+    with pytest.raises(IntegrityError, match="returned results that fail"):
+        request(executor)
+    honest = Executor(slalom().spec, runner=Serialising(slalom()), seed=37)
+    assert torch.equal(request(honest), reference(tuple(IDS[0].tolist())))
 
 
 # -- 4. hostile replies ----------------------------------------------------------------------
