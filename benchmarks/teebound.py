@@ -15,7 +15,8 @@ broken down by wrapping the executor's parts:
   them), online corrections (``prot.corrections[s].module`` not precomputed by the pool),
   integrity checks (``enclave_runtime.integrity.check`` for float masks; for exact ones the
   executor's ``ring_checks[s].expect``/``verify`` and ``DeferredChecks.verify``), and the
-  executor loop (the rest: binding, input checks, ``pool.take``, reply checks, output unmasking, Python dispatch);
+  executor loop (the rest: binding, input checks, ``pool.take``, reply checks, output
+  unmasking, Python dispatch);
 * offline per request: the pool draws mask sets (pads, RNM noise, precomputed corrections
   ``W·r``, Freivalds vectors) in batches, the corrections of a batch as one GEMM per layer
   (``W·[r_1 … r_B]``); each ``pool.fill(binding, B, batch=B)`` that stocks the pool for the
