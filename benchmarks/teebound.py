@@ -90,7 +90,7 @@ DEFAULT_PRESETS = [
 DEFAULT_ADAPTER = ROOT / "benchmarks" / "results" / "lora-sst2"
 CONTEXT = 128  # prefill length, and the decode step's past
 # mask sets per batched fill, per workload: a prefill set holds 128 tokens' pads and corrections
-DEFAULT_BATCH = {"prefill": 4, "decode": 16}
+DEFAULT_BATCH = {"prefill": 4, "decode": 64}
 
 
 # -- presets and overrides ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from enclave_runtime import integrity
@@ -46,6 +47,7 @@ class MaskPool:
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
         self._modules: dict[str, Any] = {}
+        self._layouts: dict[Binding, tuple[list[Any], int]] = {}
         shapes = [shape for shape, _ in protection.masked.values()]
         if protection.rnm is not None and protection.token_shape is not None:
             shapes.append(protection.token_shape)
@@ -96,7 +98,7 @@ class MaskPool:
     def draw_many(self, binding: Mapping[str, int], count: int) -> list[MaskSet]:
         """``count`` fresh mask sets; the corrections of ring-linear stages are computed for
         all of them at once."""
-        sets = [self._pads(binding) for _ in range(count)]
+        sets = self._pads(binding, count)
         for stage in self.protection.pooled:
             corr = self.protection.corrections[stage]
             module = self._prepared(stage)
@@ -121,22 +123,45 @@ class MaskPool:
         self.drawn += count
         return sets
 
-    def _pads(self, binding: Mapping[str, int]) -> MaskSet:
+    def _layout(self, binding: Mapping[str, int]) -> tuple[list[Any], int]:
+        """Each masked value's shape, dtype and byte range in one set's keystream (8-byte
+        aligned), and the set's length in bytes; computed once per key."""
+        key = self.key(binding)
+        cached = self._layouts.get(key)
+        if cached is None:
+            entries, offset = [], 0
+            for name, (shape_spec, dtype) in self.protection.masked.items():
+                shape = concrete_shape(shape_spec, binding)
+                dt = getattr(torch, dtype)
+                nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+                entries.append((name, shape, dt, offset, nbytes))
+                offset += -(-nbytes // 8) * 8
+            cached = self._layouts[key] = (entries, offset)
+        return cached
+
+    def _pads(self, binding: Mapping[str, int], count: int) -> list[MaskSet]:
+        """``count`` sets of fresh pads (and RNM noise). Exact pads are uniform over their
+        ring: the sets' pads are consecutive slices of one keystream, each used once."""
         prot = self.protection
-        out = MaskSet()
-        for name, (shape_spec, dtype) in prot.masked.items():
-            shape = concrete_shape(shape_spec, binding)
-            if prot.exact is not None:
-                out.pads[name] = self.rng.ring(shape, getattr(torch, dtype))
-            else:
-                scale = prot.mask_scale
-                out.pads[name] = self.rng.uniform(shape, -scale, scale).to(getattr(torch, dtype))
-        if prot.rnm is not None:
-            site = prot.rnm
-            shape = [*concrete_shape(prot.token_shape, binding), site.candidates]
-            out.noise[site.token_input] = self.rng.laplace(shape, site.noise_scale)
-        out.deltas = dict(out.pads)  # the pads, then the corrections drawn from them
-        return out
+        entries, length = self._layout(binding)
+        stream = self.rng.stream(length * count) if prot.exact is not None else None
+        sets = []
+        for i in range(count):
+            out = MaskSet()
+            for name, shape, dtype, offset, nbytes in entries:
+                if stream is not None:
+                    start = i * length + offset
+                    out.pads[name] = stream[start : start + nbytes].view(dtype).reshape(shape)
+                else:
+                    scale = prot.mask_scale
+                    out.pads[name] = self.rng.uniform(shape, -scale, scale).to(dtype)
+            if prot.rnm is not None:
+                site = prot.rnm
+                shape = [*concrete_shape(prot.token_shape, binding), site.candidates]
+                out.noise[site.token_input] = self.rng.laplace(shape, site.noise_scale)
+            out.deltas = dict(out.pads)  # the pads, then the corrections drawn from them
+            sets.append(out)
+        return sets
 
     def fill(self, binding: Mapping[str, int], count: int, batch: int = 16) -> None:
         """Draw ``count`` sets for ``binding``, ``batch`` at a time."""

@@ -46,6 +46,11 @@ class CSPRNG:
             raise RuntimeError(f"AES-CTR wrote {written} of {n} keystream bytes")
         return out[:n]
 
+    def stream(self, n: int) -> torch.Tensor:
+        """``n`` uniform bytes (uint8): one draw, sliced by the caller into pads of any ring
+        (each slice used once; a slice's offset a multiple of its element size)."""
+        return self._keystream(n)
+
     def ring(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Uniform over the whole ring of ``dtype`` (int32: ``Z_{2^32}``, int64: ``Z_{2^64}``):
         every bit pattern is equally likely, so a pad hides any value exactly."""
