@@ -51,6 +51,10 @@ from runtime.state import grown, left_padded, stand_in
 
 Emit = Callable[[tuple[Any, ...]], None]
 
+# one-session decode mask sets kept ready, drawn this many at a time (one GEMM per layer)
+MASK_STOCK = 64
+MASK_BATCH = 32
+
 
 @dataclass
 class Request:
@@ -97,6 +101,7 @@ class Engine:
         self.plan = model.plan
         self._specs = [self.plan.state[name] for name in _state_order(self.plan)]
         self._executor = Executor(self.plan, runner=_Unconnected())
+        self._refill = self._stock_decode_masks()
         self._client: WorkerClient | None = None
         self._cond = threading.Condition()
         self._pending: list[Request] = []
@@ -122,12 +127,39 @@ class Engine:
             self._cond.notify_all()
 
     def close(self) -> None:
+        if self._refill is not None:
+            self._refill.set()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(5)
         if self._client is not None:
             self._client.close()
+
+    def masks(self) -> dict[str, Any]:
+        """The mask pool, for ``/health``: one-session decode sets ready, draws made on the
+        spot because none was (``misses``), and the background refill's rate."""
+        pool = self._executor.pool
+        if pool is None:
+            return {}
+        ready = pool.available(self._decode_binding) if self._refill is not None else 0
+        return {"mask_sets_ready": ready, "mask_set_misses": pool.misses,
+                "mask_sets_per_s": round(pool.rate, 1)}  # fmt: skip
+
+    def _stock_decode_masks(self) -> threading.Event | None:
+        """Keep one-session decode steps' mask sets drawn ahead, in batches, from a thread
+        (the offline work: pads and the corrections ``W·r``, one GEMM per layer per batch),
+        so a step takes a set instead of drawing one. A decode step's masked values do not
+        grow with the cache, so one stock serves every step; prefills (their lengths vary)
+        and batched steps draw on the spot."""
+        pool = self._executor.pool
+        token = self.plan.token_input
+        dims = self.plan.input_dims.get(token, []) if token is not None else []
+        names = [d for d in dims if isinstance(d, str) and d.isidentifier()]
+        if pool is None or not names:
+            return None
+        self._decode_binding = dict.fromkeys(names, 1)  # one row, one new token
+        return pool.refill_in_background(self._decode_binding, MASK_STOCK, MASK_BATCH)
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -128,7 +128,11 @@ class Server:
         return JSONResponse(self._card())
 
     def _load(self) -> dict[str, Any]:
-        return {"sessions": self.sessions.count(), "max_sessions": self.sessions.capacity}
+        return {
+            "sessions": self.sessions.count(),
+            "max_sessions": self.sessions.capacity,
+            **self.engine.masks(),
+        }
 
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

@@ -13,6 +13,7 @@ carrying tensors).
 from __future__ import annotations
 
 import queue
+import threading
 import types
 
 import grpc
@@ -432,3 +433,26 @@ def test_the_worker_refuses_malformed_row_calls(cmif, cmif_root, tmp_path):
             stub.ModelInfer(request(1, teesplit_rows="a"), timeout=10)
     finally:
         server.shutdown()
+
+
+def test_decode_steps_take_mask_sets_drawn_ahead_by_the_background_refill():
+    """The offline work is offline when serving: a thread keeps one-session decode mask sets
+    stocked, so a step takes one instead of drawing it (and its corrections) on the spot;
+    only the prefill, whose length varies, draws its own. ``/health`` reports the stock."""
+    split = partition(step("tiny-llama"), "slalom", seed=3)
+    engine = Engine(model(split.spec, LocalClient(split.spec)))
+    try:
+        for _ in range(600):  # the first batch, drawn while nothing is asked
+            if engine.masks()["mask_sets_ready"] >= 8:
+                break
+            threading.Event().wait(0.05)
+        stats = engine.masks()
+        assert stats["mask_sets_ready"] >= 8 and stats["mask_set_misses"] == 0
+        ids = prompt(batch=1, seq=5, seed=4)
+        tokens, final = collect(submit(engine, ids, 6)[1])
+        assert final[0] == "done" and tokens == alone(split.spec, ids, 6)
+        assert engine.masks()["mask_set_misses"] == 1  # the prefill; 5 decode steps took sets
+        assert engine.masks()["mask_sets_per_s"] > 0
+    finally:
+        engine.close()
+    assert engine._refill.is_set()  # the refill thread stops with the engine

@@ -254,7 +254,12 @@ def test_models_health_and_readiness(served):
     with served.client() as client:
         assert [m.id for m in client.models.list().data] == [MODEL]
         assert client.models.retrieve(MODEL).id == MODEL
-    assert served.health() == {"status": "ok", "model": MODEL, "sessions": 0, "max_sessions": 8}
+    health = served.health()
+    masks = {k: health.pop(k) for k in list(health) if k.startswith("mask_")}
+    assert health == {"status": "ok", "model": MODEL, "sessions": 0, "max_sessions": 8}
+    # the mask pool's stock of decode sets, drawn in the background (cmif: its RNM noise)
+    assert set(masks) == {"mask_sets_ready", "mask_set_misses", "mask_sets_per_s"}
+    assert masks["mask_sets_ready"] >= 0 and masks["mask_set_misses"] >= 0
     with served.http() as http:
         assert http.get("/ready").status_code == 200
 
