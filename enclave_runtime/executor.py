@@ -163,9 +163,21 @@ class Executor:
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
-        self._sent_clear = {
+        clear = {
             e.name for e in plan.edges if e.direction == "enclave->gpu" and e.name not in masked
         }
+        # per stage, what the loop would otherwise work out on every call: where each extra
+        # input comes from (0 the pads, 1 the corrections, 2 RNM's noise), and which of an
+        # enclave stage's outputs the GPU also reads in the clear
+        sources = {"mask": 0, "delta": 1}
+        self._steps = [
+            (
+                stage,
+                [(sources.get(kind, 2), name) for kind, name in stage.extra_inputs],
+                [name for name in stage.outputs if name in clear],
+            )
+            for stage in plan.stages
+        ]
 
     def _reply_specs(self) -> dict[str, list[tuple[torch.dtype, list[int | str]]]]:
         """Per GPU stage, each output's dtype and plan shape (from the edges it feeds)."""
@@ -362,32 +374,33 @@ class Executor:
         if masks is not None:
             delta.update(masks.pads)
             delta.update(masks.deltas)
-        clear = self._sent_clear
         replies = self.replies(binding)
         copies = bool(getattr(self.runner, "copies_inputs", False))
         deferred = integrity.DeferredChecks()
+        checks = self.ring_checks
+        pools = (masks.pads, delta, masks.noise) if masks is not None else None
+        float_checks = masks.freivalds if masks is not None else {}
+        corrections = prot.corrections if prot is not None else {}
+        pooled = prot.pooled if prot is not None else ()
+        run = self.runner.run
         try:
-            for stage in self.spec.stages:
+            for stage, extras, clear_outputs in self._steps:
                 if stage.side == ENCLAVE:
                     args = [env[n] if n in env else gpu[n] for n in stage.inputs]
-                    for kind, name in stage.extra_inputs:
-                        if kind == "mask":
-                            args.append(masks.pads[name])
-                        elif kind == "delta":
-                            args.append(delta[name])
-                        else:
-                            args.append(masks.noise[name])
+                    if extras:
+                        args += [pools[k][name] for k, name in extras]
                     outs = self._module(stage)(*args)
                     n = len(stage.outputs)
                     env.update(zip(stage.outputs, outs[:n], strict=True))
-                    gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
-                    for name in stage.outputs:
-                        if name in clear:
-                            gpu[name] = env[name]
+                    if stage.masked_outputs:
+                        gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
+                    for name in clear_outputs:
+                        gpu[name] = env[name]
                     continue
+                name = stage.name
                 sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
-                expected = replies[stage.name]
-                check = self.ring_checks.get(stage.name)
+                expected = replies[name]
+                check = checks.get(name)
                 sums = pads = None
                 handed = sent
                 if check is not None:
@@ -399,18 +412,20 @@ class Executor:
                         sums = check.expect(sent, pads)
                     if not copies:
                         handed = [t.clone() for t in sent]
-                if rows is not None and stage.name in self._holders:
-                    outs = self.runner.run(stage.name, handed, expected, rows=rows)
-                elif last and stage.name in self._holders:
-                    outs = self.runner.run(stage.name, handed, expected, end=True)
+                if name not in self._holders:
+                    outs = run(name, handed, expected)
+                elif rows is not None:
+                    outs = run(name, handed, expected, rows=rows)
+                elif last:
+                    outs = run(name, handed, expected, end=True)
                 else:
-                    outs = self.runner.run(stage.name, handed, expected)
-                check_reply(stage.name, outs, expected)
+                    outs = run(name, handed, expected)
+                check_reply(name, outs, expected)
                 gpu.update(zip(stage.outputs, outs, strict=True))
-                if masks is not None and stage.name in masks.freivalds:
-                    integrity.check(stage.name, masks.freivalds[stage.name], sent, list(outs))
-                corr = prot.corrections.get(stage.name) if prot is not None else None
-                if corr is not None and stage.name not in prot.pooled:
+                if name in float_checks:
+                    integrity.check(name, float_checks[name], sent, list(outs))
+                corr = corrections.get(name)
+                if corr is not None and name not in pooled:
                     results = corr.module(
                         *(delta[n] for n in corr.delta_inputs),
                         *(self._primal(n, env, shadow) for n in corr.primal_inputs),
