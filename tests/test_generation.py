@@ -212,3 +212,19 @@ def test_a_decode_steps_mask_set_serves_any_context_length():
             cache = [torch.randn(1, heads, past, dim) for _ in range(2 * layers)]
             executor(*args(torch.tensor([[7]]), cache))
     assert pool.misses == misses and pool.available({"batch": 1, "seq": 1, "past": 0}) == 0
+
+
+def test_a_step_appends_to_the_cache_without_copying_what_it_was_given():
+    """Each layer's keys and values are appended to once (``cat(past, new)``); seeding the
+    cache by appending ``past`` to an empty tensor copied the whole cache every step."""
+    captured = step("tiny-llama")
+    graph = captured.program.graph
+    cats = [  # along the positions (the rotary embedding's halves are joined along -1)
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and "cat" in str(n.target) and n.args[1:] == (-2,)
+    ]
+    layers = int(built("tiny-llama").config.num_hidden_layers)
+    assert len(cats) == 2 * layers
+    past = {n.name for n in graph.find_nodes(op="placeholder") if n.name.startswith("past")}
+    assert {n.args[0][0].name for n in cats} == past  # each appends to its past directly
