@@ -14,9 +14,8 @@ broken down by wrapping the executor's parts:
   split into enclave stage modules (the model's enclave ops and the mask/unmask/RNM ops inside
   them), online corrections (``prot.corrections[s].module`` not precomputed by the pool),
   integrity checks (``enclave_runtime.integrity.check`` for float masks; for exact ones the
-  executor's ``ring_checks[s].expect``/``verify`` and ``DeferredChecks.verify``), and the
-  executor loop (the rest: binding, input checks, ``pool.take``, reply checks, output
-  unmasking, Python dispatch);
+  executor's ``ring_checks[s].expect``/``verify``), and the executor loop (the rest:
+  binding, input checks, ``pool.take``, reply checks, output unmasking, Python dispatch);
 * offline per request: the pool draws mask sets (pads, RNM noise, precomputed corrections
   ``W·r``, Freivalds vectors) in batches, the corrections of a batch as one GEMM per layer
   (``W·[r_1 … r_B]``); each ``pool.fill(binding, B, batch=B)`` that stocks the pool for the
@@ -198,8 +197,6 @@ class Instrumented:
         for check in (getattr(executor, "ring_checks", None) or {}).values():
             self._swap(check, "expect", clock.wrap("checks", check.expect))
             self._swap(check, "verify", clock.wrap("checks", check.verify))
-        deferred = integrity_module.DeferredChecks  # a call's small checks, made at its end
-        self._swap(deferred, "verify", clock.wrap("checks", deferred.verify))
         # float masks: the executor calls ``integrity.check`` through the module
         if hasattr(integrity_module, "check"):
             self._swap(integrity_module, "check", clock.wrap("checks", integrity_module.check))

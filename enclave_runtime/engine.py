@@ -143,8 +143,11 @@ class Engine:
         if pool is None:
             return {}
         ready = pool.available(self._decode_binding) if self._refill is not None else 0
-        return {"mask_sets_ready": ready, "mask_set_misses": pool.misses,
-                "mask_sets_per_s": round(pool.rate, 1)}  # fmt: skip
+        out = {"mask_sets_ready": ready, "mask_set_misses": pool.misses,
+               "mask_sets_per_s": round(pool.rate, 1)}  # fmt: skip
+        if pool.failure is not None:
+            out["mask_refill_failed"] = pool.failure
+        return out
 
     def _stock_decode_masks(self) -> threading.Event | None:
         """Keep one-session decode steps' mask sets drawn ahead, in batches, from a thread
@@ -159,7 +162,10 @@ class Engine:
         if pool is None or not names:
             return None
         self._decode_binding = dict.fromkeys(names, 1)  # one row, one new token
-        return pool.refill_in_background(self._decode_binding, MASK_STOCK, MASK_BATCH)
+        try:
+            return pool.refill_in_background(self._decode_binding, MASK_STOCK, MASK_BATCH)
+        except ValueError:  # its sets depend on the context length (secureinfer): none stocked
+            return None
 
     # -- the loop ------------------------------------------------------------------------------
 

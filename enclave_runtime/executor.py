@@ -376,74 +376,65 @@ class Executor:
             delta.update(masks.deltas)
         replies = self.replies(binding)
         copies = bool(getattr(self.runner, "copies_inputs", False))
-        deferred = integrity.DeferredChecks()
         checks = self.ring_checks
         pools = (masks.pads, delta, masks.noise) if masks is not None else None
         float_checks = masks.freivalds if masks is not None else {}
         corrections = prot.corrections if prot is not None else {}
         pooled = prot.pooled if prot is not None else ()
         run = self.runner.run
-        try:
-            for stage, extras, clear_outputs in self._steps:
-                if stage.side == ENCLAVE:
-                    args = [env[n] if n in env else gpu[n] for n in stage.inputs]
-                    if extras:
-                        args += [pools[k][name] for k, name in extras]
-                    outs = self._module(stage)(*args)
-                    n = len(stage.outputs)
-                    env.update(zip(stage.outputs, outs[:n], strict=True))
-                    if stage.masked_outputs:
-                        gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
-                    for name in clear_outputs:
-                        gpu[name] = env[name]
-                    continue
-                name = stage.name
-                sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
-                expected = replies[name]
-                check = checks.get(name)
-                sums = pads = None
-                handed = sent
-                if check is not None:
-                    pads = [delta.get(n) for n in stage.inputs]
-                    # the check reads the enclave's own tensors: its right-hand side now, before
-                    # the GPU has them, or with the call's other small checks at its end; a
-                    # runner in this process that could edit what it is handed gets copies
-                    if not deferred.accepts(check, sent, pads):
-                        sums = check.expect(sent, pads)
-                    if not copies:
-                        handed = [t.clone() for t in sent]
-                if name not in self._holders:
-                    outs = run(name, handed, expected)
-                elif rows is not None:
-                    outs = run(name, handed, expected, rows=rows)
-                elif last:
-                    outs = run(name, handed, expected, end=True)
-                else:
-                    outs = run(name, handed, expected)
-                check_reply(name, outs, expected)
-                gpu.update(zip(stage.outputs, outs, strict=True))
-                if name in float_checks:
-                    integrity.check(name, float_checks[name], sent, list(outs))
-                corr = corrections.get(name)
-                if corr is not None and name not in pooled:
-                    results = corr.module(
-                        *(delta[n] for n in corr.delta_inputs),
-                        *(self._primal(n, env, shadow) for n in corr.primal_inputs),
-                    )
-                    k = len(corr.delta_outputs)
-                    delta.update(zip(corr.delta_outputs, results[:k], strict=True))
-                    shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
-                if check is not None:
-                    deltas = [delta.get(n) for n in stage.outputs]
-                    if sums is None:
-                        deferred.add(check, sent, pads, list(outs), deltas)
-                    else:
-                        check.verify(sums, list(outs), deltas)
-        except Exception:
-            # a wrong result is reported as such, not as what it made a later stage refuse
-            deferred.verify()
-            raise
-        deferred.verify()  # before anything of the call is read out
+        for stage, extras, clear_outputs in self._steps:
+            if stage.side == ENCLAVE:
+                args = [env[n] if n in env else gpu[n] for n in stage.inputs]
+                if extras:
+                    args += [pools[k][name] for k, name in extras]
+                outs = self._module(stage)(*args)
+                n = len(stage.outputs)
+                env.update(zip(stage.outputs, outs[:n], strict=True))
+                if stage.masked_outputs:
+                    gpu.update(zip(stage.masked_outputs, outs[n:], strict=True))
+                for name in clear_outputs:
+                    gpu[name] = env[name]
+                continue
+            name = stage.name
+            sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
+            expected = replies[name]
+            check = checks.get(name)
+            sums = None
+            handed = sent
+            if check is not None:
+                # the check's right-hand side from the enclave's own tensors, before the
+                # GPU has them; a runner in this process that could edit what it is handed
+                # gets copies, so that no later stage reads an edited request either
+                sums = check.expect(sent, [delta.get(n) for n in stage.inputs])
+                if not copies:
+                    handed = [t.clone() for t in sent]
+            if name not in self._holders:
+                outs = run(name, handed, expected)
+            elif rows is not None:
+                outs = run(name, handed, expected, rows=rows)
+            elif last:
+                outs = run(name, handed, expected, end=True)
+            else:
+                outs = run(name, handed, expected)
+            check_reply(name, outs, expected)
+            gpu.update(zip(stage.outputs, outs, strict=True))
+            if name in float_checks:
+                integrity.check(name, float_checks[name], sent, list(outs))
+            corr = corrections.get(name)
+            if corr is not None and name not in pooled:
+                results = corr.module(
+                    *(delta[n] for n in corr.delta_inputs),
+                    *(self._primal(n, env, shadow) for n in corr.primal_inputs),
+                )
+                k = len(corr.delta_outputs)
+                delta.update(zip(corr.delta_outputs, results[:k], strict=True))
+                shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
+            if check is not None:
+                # checked now, before any enclave stage reads the reply: a stage that
+                # refused what a wrong value became (a NaN, a norm past its limit) would
+                # end the call at a point that depends on the private data; a failed
+                # check ends it where the GPU lied, which the GPU knows anyway
+                check.verify(sums, list(outs), [delta.get(n) for n in stage.outputs])
         if prot is not None and prot.rnm is not None:
             site = prot.rnm
             self.last_request = {

@@ -285,12 +285,6 @@ class RingCheck:
                 _u64(kappa.numpy()) + k_sum,
             )
         self.by_source = list(by_source.items())
-        # the same, flattened for DeferredChecks: inputs, outputs, and their vectors joined
-        self.sources = [source for source, _ in self.by_source]
-        self.outputs = [index for _, (outs, _, _) in self.by_source for index, _ in outs]
-        self.s_joined = np.concatenate([s for _, (outs, _, _) in self.by_source for _, s in outs])
-        self.a_joined = np.concatenate([a for _, (_, a, _) in self.by_source])
-        self.kappa = sum((k for _, (_, _, k) in self.by_source), np.uint64(0))
 
     def expect(self, sent: list[torch.Tensor], pads: list[torch.Tensor | None]) -> list[Any]:
         """The right-hand sides ``<sum_o W_oᵀ s_o, x> + sum_o κ_o`` per row, one per input,
@@ -306,6 +300,9 @@ class RingCheck:
             out.append(plain.astype(np.uint64) @ a + kappa)
         return out
 
+    def _refuse(self, why: str) -> IntegrityError:
+        return IntegrityError(f"GPU stage {self.stage} returned results the check refuses: {why}")
+
     def verify(
         self, expected: list[Any], outputs: list[torch.Tensor], deltas: list[torch.Tensor | None]
     ) -> None:
@@ -319,9 +316,19 @@ class RingCheck:
             lhs = None
             for index, s in outs:
                 y, delta = outputs[index].numpy(), deltas[index]
+                # a reply whose shape the plan leaves open (check_reply knew no size) must
+                # still fit the check: refused as such, never a numpy broadcasting error
+                if y.ndim == 0 or y.shape[-1] != s.shape[0]:
+                    raise self._refuse(f"output {index} has shape {list(y.shape)}")
+                if delta is not None and delta.shape != outputs[index].shape:
+                    raise self._refuse(f"output {index} has shape {list(y.shape)}")
                 plain = y if delta is None else y - delta.numpy()
                 term = plain.astype(np.uint64) @ s
+                if lhs is not None and term.shape != lhs.shape:
+                    raise self._refuse(f"output {index} has {list(y.shape)[:-1]} rows")
                 lhs = term if lhs is None else lhs + term
+            if lhs.shape != np.shape(rhs):
+                raise self._refuse(f"outputs {[i for i, _ in outs]} do not match the input's rows")
             if not np.array_equal(lhs, rhs):
                 self.draw()  # the failed check told the GPU something about s: replace it
                 row = [int(i) for i in np.argwhere(lhs != rhs)[0]] if np.ndim(lhs) else []
@@ -347,86 +354,3 @@ class RingCheck:
 
 def _u64(v: np.ndarray) -> np.ndarray:
     return v.astype(np.int64, copy=False).view(np.uint64)
-
-
-# A stage whose inputs and outputs hold at most this many residues is checked with the
-# others at the end of the call (a decode step's stages); a larger one is checked on its own
-# when its reply arrives (a prefill's): its arithmetic, not the call, is then the cost, and
-# joining it to the others would copy it once more.
-DEFERRED_ELEMENTS = 1 << 16
-
-
-class DeferredChecks:
-    """The exact checks of one call's small stages, made together as one equation.
-
-    Each :class:`RingCheck` asks ``sum_o <s_o, y_o> = <a, x> + κ`` of one stage; with every
-    ``s_o`` independent and uniform over ``Z_{2^64}``, the sum of all the stages' equations
-    still fails, except with probability ``<= 2**-31``, if any one result is wrong: a wrong
-    output's error is multiplied by its own secret ``s_o``, which nothing the GPU received
-    depends on (the pads hide every value the enclave computed from it). Summed, a decode
-    step's 121 checks are a handful of numpy calls instead of some 25 each.
-
-    The enclave goes on computing on results not yet checked; nothing it computes leaves it
-    before :meth:`verify` (every value it sends meanwhile is masked by a fresh pad), and the
-    executor verifies the batch before reading anything else of the call out, or before it
-    raises any other error (a wrong result is reported as :class:`IntegrityError`, not as
-    whatever it made a later stage refuse). A failed batch is checked again stage by stage,
-    to name the stage, whose ``s`` is then drawn again.
-    """
-
-    def __init__(self) -> None:
-        # (check, sent, pads, outputs, deltas); the tensors are the enclave's own
-        self.items: list[tuple[RingCheck, list, list, list, list]] = []
-
-    @staticmethod
-    def accepts(check: RingCheck, sent: list[torch.Tensor], pads: list[Any]) -> bool:
-        """Whether a stage's check may wait: small, and every input it reads masked by the
-        enclave (a pad of another dtype or shape is caught by :meth:`verify`, which then
-        checks the stages one by one)."""
-        total = 0
-        for source in check.sources:
-            if pads[source] is None:
-                return False
-            total += sent[source].numel()
-        return total <= DEFERRED_ELEMENTS
-
-    def add(
-        self,
-        check: RingCheck,
-        sent: list[torch.Tensor],
-        pads: list[torch.Tensor | None],
-        outputs: list[torch.Tensor],
-        deltas: list[torch.Tensor | None],
-    ) -> None:
-        if any(deltas[i] is None for i in check.outputs):
-            check.verify(check.expect(sent, pads), outputs, deltas)  # nothing to join it to
-            return
-        self.items.append((check, sent, pads, outputs, deltas))
-
-    def verify(self) -> None:
-        """Check every pending stage; raise :class:`IntegrityError` naming one that failed."""
-        items, self.items = self.items, []
-        if not items:
-            return
-        ys, ds, xs, rs = [], [], [], []
-        for check, sent, pads, outputs, deltas in items:
-            xs += [sent[i] for i in check.sources]
-            rs += [pads[i] for i in check.sources]
-            ys += [outputs[i] for i in check.outputs]
-            ds += [deltas[i] for i in check.outputs]
-        try:  # one tensor each, joined along the last dim (their other dims, the rows, agree)
-            y, d, x, r = (torch.cat(t, -1).numpy() for t in (ys, ds, xs, rs))
-            joined = y.dtype == d.dtype and x.dtype == r.dtype
-        except RuntimeError:  # rows that disagree, or dtypes torch will not join
-            joined = False
-        if joined:
-            lhs = (y - d).astype(np.uint64) @ np.concatenate([c.s_joined for c, *_ in items])
-            kappa = sum((c.kappa for c, *_ in items), np.uint64(0))
-            rhs = (x - r).astype(np.uint64) @ np.concatenate([c.a_joined for c, *_ in items])
-            rhs = rhs + kappa
-            if np.array_equal(lhs, rhs):
-                return
-        for check, sent, pads, outputs, deltas in items:  # name the stage that failed
-            check.verify(check.expect(sent, pads), outputs, deltas)
-        if joined:  # unreachable: the equations' sum failed, so one of them does
-            raise IntegrityError("the GPU's results failed the Freivalds checks of this call")

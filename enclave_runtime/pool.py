@@ -59,6 +59,8 @@ class MaskPool:
         self.misses = 0
         self.drawn = 0
         self.rate = 0.0  # sets per second drawn by the background refill
+        self.failure: str | None = None  # why the background refill stopped, if it did
+        self._taken = threading.Event()
         # exact masking checks with one secret vector per executor (integrity.RingCheck),
         # float masks with vectors drawn per mask set
         self._checks = (
@@ -181,6 +183,8 @@ class MaskPool:
                 return queue.popleft()
         except IndexError:  # a concurrent take emptied it
             pass
+        finally:
+            self._taken.set()  # a background refill waits for this, not on a timer
         self.misses += 1
         with self._lock:
             return self.draw(binding)
@@ -192,14 +196,22 @@ class MaskPool:
         ``batch`` at a time while requests are served; set the returned event to stop it.
         ``rate`` (sets per second drawn) is updated as it goes."""
         stop = threading.Event()
+        missing = self._dims - set(binding)
+        if missing:  # a set's shapes would need sizes the binding does not give
+            raise ValueError(f"cannot stock sets for {dict(binding)}: {sorted(missing)} unbound")
 
         def loop() -> None:
             while not stop.is_set():
                 if self.available(binding) >= keep:
-                    stop.wait(0.005)
+                    self._taken.wait(0.5)  # woken by a take; the timeout only rechecks stop
+                    self._taken.clear()
                     continue
                 start = time.perf_counter()
-                self.fill(binding, batch, batch)
+                try:
+                    self.fill(binding, batch, batch)
+                except Exception as exc:  # the refill is an optimisation: requests still draw
+                    self.failure = f"{type(exc).__name__}: {exc}"
+                    return
                 self.rate = batch / (time.perf_counter() - start)
 
         threading.Thread(target=loop, name="teesplit-mask-pool", daemon=True).start()

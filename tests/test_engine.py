@@ -456,3 +456,19 @@ def test_decode_steps_take_mask_sets_drawn_ahead_by_the_background_refill():
     finally:
         engine.close()
     assert engine._refill.is_set()  # the refill thread stops with the engine
+
+
+def test_a_preset_whose_mask_sets_grow_with_the_cache_is_not_stocked():
+    """secureinfer's pads cover the attention products, whose shapes name the cache length: a
+    set for one decode step serves no other, so none is stocked (the refill used to start and
+    die on the unbound size, leaving ``/health`` at zero for good)."""
+    split = partition(step("tiny-llama"), "secureinfer", seed=3)
+    engine = Engine(model(split.spec, LocalClient(split.spec)))
+    try:
+        assert engine._refill is None
+        assert engine.masks() == {"mask_sets_ready": 0, "mask_set_misses": 0, "mask_sets_per_s": 0}
+        ids = prompt(batch=1, seq=4, seed=5)
+        tokens, final = collect(submit(engine, ids, 3)[1])
+        assert final[0] == "done" and tokens == alone(split.spec, ids, 3)
+    finally:
+        engine.close()

@@ -29,7 +29,6 @@ import torch
 from conftest import captured, model_output
 from models import BUILDERS
 
-from enclave_runtime import integrity
 from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.randomness import CSPRNG
 from partitioner import ops
@@ -354,17 +353,8 @@ TAMPERS = {
 }
 
 
-@pytest.fixture(params=["with the call", "at once"])
-def when(request, monkeypatch):
-    """Where the checks are made: a small stage's with the call's others at its end (the
-    default for these sizes), or every stage's as its reply arrives (a prefill's large ones)."""
-    if request.param == "at once":
-        monkeypatch.setattr(integrity, "DEFERRED_ELEMENTS", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("case", sorted(TAMPERS))
-def test_freivalds_catches_a_tampered_reply(case, when):
+def test_freivalds_catches_a_tampered_reply(case):
     stage, tamper = TAMPERS[case]
 
     def hook(name, sent, outs, call):
@@ -446,9 +436,9 @@ def test_a_gpu_that_edits_the_request_in_place_is_caught():
     assert torch.equal(out, reference(tuple(IDS[0].tolist())))
 
 
-def test_errors_that_cancel_across_two_stages_are_caught(when):
-    """The call's checks are made as one equation: +1 in one stage's result and -1 in the same
-    place of another's would cancel if the stages shared ``s``; each has its own."""
+def test_errors_that_cancel_across_two_stages_are_caught():
+    """+1 in one stage's result and -1 in the same place of another's: each stage has its
+    own ``s``, and the first is checked before the second is asked for."""
 
     def hook(stage, sent, outs, call):
         if stage == "gpu_3":
@@ -463,9 +453,8 @@ def test_errors_that_cancel_across_two_stages_are_caught(when):
 
 
 def test_a_wrong_result_is_reported_even_when_a_later_stage_fails_first():
-    """A wrong result whose check waits for the end of the call, then a failure further on
-    (the worker gone, or a later stage refusing what the wrong value became): the error is
-    the wrong result's, naming its stage, not the later one's."""
+    """A wrong result, then a failure further on (the worker gone): the error is the wrong
+    result's, naming its stage, not the later one's."""
 
     def hook(stage, sent, outs, call):
         if stage == FIRST:
@@ -484,7 +473,70 @@ def test_a_wrong_result_is_reported_even_when_a_later_stage_fails_first():
         request(honest)
 
 
-def test_a_runner_that_serialises_is_handed_the_enclave_tensors_and_still_checked(when):
+def _asked_after_a_lie(ids: tuple[int, ...], shift: int) -> int:
+    """The GPU scales row 4 of the first stage's q by ``2**shift`` (its exponent residue) and
+    counts the stages it is asked for before the call ends."""
+
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            outs[0][0, 4, -1] -= shift
+        return outs
+
+    runner = Runner(slalom(), hook)
+    with pytest.raises(IntegrityError):
+        request(Executor(slalom().spec, runner=runner, seed=40), torch.tensor([ids]))
+    return sum(runner.calls.values())
+
+
+def test_where_a_call_ends_after_a_lie_does_not_depend_on_the_prompt():
+    """Selective failure (a review's finding against checks deferred to the call's end): the
+    enclave went on computing on the wrong value, and whether a later stage refused it (the
+    row overflowing to inf) depended on the row's true magnitude, so the number of stages the
+    GPU was asked for told it a bit of the prompt per request. Each reply is checked before
+    any stage reads it: the call ends where the GPU lied, whatever the prompt."""
+    for shift in (1, 64, 129):
+        asked = {
+            _asked_after_a_lie(tuple(ids), shift) for ids in ([*IDS[0].tolist()], range(1, 10))
+        }
+        assert asked == {1}, (shift, asked)
+
+
+def test_an_in_process_runner_cannot_take_its_lie_back_before_the_check():
+    """A runner that keeps the reply it gave and writes the honest values back into it during a
+    later call: the reply is checked when it arrives, before the enclave reads it."""
+    kept = {}
+
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            kept["honest"] = outs[0].clone()
+            outs[0][0, 2, -1] -= 3
+            kept["reply"] = outs[0]
+        elif stage == LAST and kept:
+            kept["reply"].copy_(kept["honest"])
+        return outs
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook), seed=50)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST} returned results that fail"):
+        request(executor)
+
+
+def test_a_reply_of_another_width_is_refused_by_the_check_itself():
+    """Where the plan leaves a size open, ``check_reply`` checks the dtype only: the check
+    refuses a reply that does not fit it with an ``IntegrityError``, not a numpy error."""
+    check = Executor(slalom().spec, seed=51).ring_checks[FIRST]
+    x = torch.zeros(1, 9, 65, dtype=torch.int32)
+    sums = check.expect([x], [x.clone()])
+    for widths in ((65, 33, 34), (66, 33, 33)):
+        outs = [torch.zeros(1, 9, n, dtype=torch.int32) for n in widths]
+        deltas = [torch.zeros(1, 9, n, dtype=torch.int32) for n in (65, 33, 33)]
+        with pytest.raises(IntegrityError, match="the check refuses"):
+            check.verify(sums, outs, deltas)
+    rows = [torch.zeros(1, 8, n, dtype=torch.int32) for n in (65, 33, 33)]
+    with pytest.raises(IntegrityError, match="the check refuses"):
+        check.verify(sums, rows, [r.clone() for r in rows])
+
+
+def test_a_runner_that_serialises_is_handed_the_enclave_tensors_and_still_checked():
     """``copies_inputs``: the executor hands a serialising runner its own tensors, uncopied;
     a wrong reply is caught all the same."""
     handed = []
