@@ -318,9 +318,9 @@ class RingCheck:
                 y, delta = outputs[index].numpy(), deltas[index]
                 # a reply whose shape the plan leaves open (check_reply knew no size) must
                 # still fit the check: refused as such, never a numpy broadcasting error
-                if y.ndim == 0 or y.shape[-1] != s.shape[0]:
-                    raise self._refuse(f"output {index} has shape {list(y.shape)}")
-                if delta is not None and delta.shape != outputs[index].shape:
+                if (y.ndim == 0 or y.shape[-1] != s.shape[0]) or (
+                    delta is not None and delta.shape != outputs[index].shape
+                ):
                     raise self._refuse(f"output {index} has shape {list(y.shape)}")
                 plain = y if delta is None else y - delta.numpy()
                 term = plain.astype(np.uint64) @ s

@@ -146,7 +146,7 @@ class MaskPool:
         ring: the sets' pads are consecutive slices of one keystream, each used once."""
         prot = self.protection
         entries, length = self._layout(binding)
-        stream = self.rng.stream(length * count) if prot.exact is not None else None
+        stream = self.rng.ring([length * count], torch.uint8) if prot.exact is not None else None
         sets = []
         for i in range(count):
             out = MaskSet()

@@ -46,17 +46,12 @@ class CSPRNG:
             raise RuntimeError(f"AES-CTR wrote {written} of {n} keystream bytes")
         return out[:n]
 
-    def stream(self, n: int) -> torch.Tensor:
-        """``n`` uniform bytes (uint8): one draw, sliced by the caller into pads of any ring
-        (each slice used once; a slice's offset a multiple of its element size)."""
-        return self._keystream(n)
-
     def ring(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Uniform over the whole ring of ``dtype`` (int32: ``Z_{2^32}``, int64: ``Z_{2^64}``):
-        every bit pattern is equally likely, so a pad hides any value exactly."""
+        """Uniform over the whole ring of ``dtype`` (int32: ``Z_{2^32}``, int64: ``Z_{2^64}``;
+        uint8: bytes a caller slices into pads of several rings): every bit pattern is equally
+        likely, so a pad hides any value exactly."""
         numel = int(np.prod(shape, dtype=np.int64))
-        size = 4 if dtype == torch.int32 else 8
-        return self._keystream(size * numel).view(dtype).reshape(shape)
+        return self._keystream(dtype.itemsize * numel).view(dtype).reshape(shape)
 
     def _uint64(self, numel: int) -> np.ndarray:
         return np.frombuffer(self.bytes(8 * numel), dtype=np.uint64)

@@ -85,8 +85,8 @@ class DecoderStep(torch.nn.Module):
 
 def _seed(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Start ``layer`` of ``cache`` at the given keys and values. ``update`` would append
-    them to an empty tensor: a copy of the whole cache in every step's graph (a decode step
-    at context 128 copied SmolLM2's 5.9 MB twice); the layer holds them as they are instead."""
+    them to an empty tensor: a copy of the whole cache in every step's graph (5.9 MB for a
+    SmolLM2 decode step at context 128); the layer holds them as they are instead."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
