@@ -122,7 +122,7 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
         if not isinstance(out, torch.Tensor) or out.dtype != dtype:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise IntegrityError(f"GPU stage {stage} output {i}: {got}, the plan says {dtype}")
-        if out.device.type != "cpu":  # the enclave's own tensors: nothing else is its memory
+        if not out.is_cpu:  # the enclave's own tensors: nothing else is its memory
             raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
         if shape is not None and list(out.shape) != shape:
             raise IntegrityError(
@@ -170,6 +170,12 @@ class Executor:
         # input comes from (0 the pads, 1 the corrections, 2 RNM's noise), and which of an
         # enclave stage's outputs the GPU also reads in the clear
         sources = {"mask": 0, "delta": 1}
+        # per input, the positions of its dims that a plain name binds (a decode step has
+        # 60 cache inputs: each call reads only these)
+        self._named_dims = [
+            (name, [(i, d) for i, d in enumerate(dims) if isinstance(d, str) and d.isidentifier()])
+            for name, dims in plan.input_dims.items()
+        ]
         self._steps = [
             (
                 stage,
@@ -344,13 +350,14 @@ class Executor:
     def binding(self, env: Mapping[str, Any]) -> dict[str, int]:
         """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""
         out: dict[str, int] = {}
-        for name, dims in self.spec.input_dims.items():
+        for name, named in self._named_dims:
             value = env.get(name)
             if not isinstance(value, torch.Tensor):
                 continue
-            for dim, actual in zip(dims, value.shape, strict=False):
-                if isinstance(dim, str) and dim.isidentifier():
-                    out[dim] = int(actual)
+            shape = value.shape
+            for index, dim in named:
+                if index < len(shape):
+                    out[dim] = int(shape[index])
         return out
 
     def execute(
@@ -378,6 +385,8 @@ class Executor:
         copies = bool(getattr(self.runner, "copies_inputs", False))
         checks = self.ring_checks
         pools = (masks.pads, delta, masks.noise) if masks is not None else None
+        # the checks read the set's pads and corrections as numpy views made offline
+        arrays = masks.arrays if masks is not None else {}
         float_checks = masks.freivalds if masks is not None else {}
         corrections = prot.corrections if prot is not None else {}
         pooled = prot.pooled if prot is not None else ()
@@ -405,7 +414,8 @@ class Executor:
                 # the check's right-hand side from the enclave's own tensors, before the
                 # GPU has them; a runner in this process that could edit what it is handed
                 # gets copies, so that no later stage reads an edited request either
-                sums = check.expect(sent, [delta.get(n) for n in stage.inputs])
+                pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
+                sums = check.expect(sent, pads)
                 if not copies:
                     handed = [t.clone() for t in sent]
             if name not in self._holders:
@@ -434,7 +444,8 @@ class Executor:
                 # refused what a wrong value became (a NaN, a norm past its limit) would
                 # end the call at a point that depends on the private data; a failed
                 # check ends it where the GPU lied, which the GPU knows anyway
-                check.verify(sums, list(outs), [delta.get(n) for n in stage.outputs])
+                deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
+                check.verify(sums, list(outs), deltas)
         if prot is not None and prot.rnm is not None:
             site = prot.rnm
             self.last_request = {

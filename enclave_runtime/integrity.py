@@ -284,57 +284,65 @@ class RingCheck:
                 _u64(a.numpy()) + a_sum,
                 _u64(kappa.numpy()) + k_sum,
             )
-        self.by_source = list(by_source.items())
+        # one tuple per equation, read by expect and verify in the same order: a request's
+        # checks are ~240 per decode step, so what is per equation is worked out here once
+        self.equations = [
+            (source, a, kappa, [(index, s, (s.shape[0],)) for index, s in outs])
+            for source, (outs, a, kappa) in by_source.items()
+        ]
 
-    def expect(self, sent: list[torch.Tensor], pads: list[torch.Tensor | None]) -> list[Any]:
+    def expect(self, sent: list[torch.Tensor], pads: list[Any]) -> list[Any]:
         """The right-hand sides ``<sum_o W_oᵀ s_o, x> + sum_o κ_o`` per row, one per input,
-        from what is about to be sent and its pads (``x = sent - pad``). Computed *before*
-        the GPU gets ``sent``: the check then never reads a tensor a runner was handed."""
+        from what is about to be sent and its pads (``x = sent - pad``; a pad may be given as
+        the numpy view of its tensor). Computed *before* the GPU gets ``sent``: the check then
+        never reads a tensor a runner was handed."""
         # numpy over uint64: products and sums wrap mod 2**64 by definition, at a fraction of
         # torch's per-call cost on a decode step's one-row tensors; int32 -> uint64 casts
         # sign-extend (C conversion), so a residue reads as its signed value mod 2**64
         out = []
-        for source, (_, a, kappa) in self.by_source:
+        for source, a, kappa, _ in self.equations:
             x, pad = sent[source].numpy(), pads[source]
-            plain = x if pad is None else x - pad.numpy()  # wraps in the residues' ring
-            out.append(plain.astype(np.uint64) @ a + kappa)
+            if pad is not None:  # wraps in the residues' ring
+                x = x - (pad if isinstance(pad, np.ndarray) else pad.numpy())
+            out.append(x.astype(np.uint64) @ a + kappa)
         return out
 
     def _refuse(self, why: str) -> IntegrityError:
         return IntegrityError(f"GPU stage {self.stage} returned results the check refuses: {why}")
 
-    def verify(
-        self, expected: list[Any], outputs: list[torch.Tensor], deltas: list[torch.Tensor | None]
-    ) -> None:
+    def verify(self, expected: list[Any], outputs: list[torch.Tensor], deltas: list[Any]) -> None:
         """Raise :class:`IntegrityError` unless, for every input, ``sum_o <s_o, y_o>`` (the
-        unmasked outputs ``y_o = reply_o - delta_o``) equals what :meth:`expect` computed.
+        unmasked outputs ``y_o = reply_o - delta_o``; a delta may be a numpy view) equals what
+        :meth:`expect` computed.
 
         With independent uniform ``s_o`` a wrong result in any output still passes with
         probability ``<= 2**-31``, and the input is unmasked once instead of once per layer
         (q, k and v share one)."""
-        for (_, (outs, _, _)), rhs in zip(self.by_source, expected, strict=True):
+        for (_, _, _, outs), rhs in zip(self.equations, expected, strict=True):
             lhs = None
-            for index, s in outs:
+            for index, s, width in outs:
                 y, delta = outputs[index].numpy(), deltas[index]
                 # a reply whose shape the plan leaves open (check_reply knew no size) must
                 # still fit the check: refused as such, never a numpy broadcasting error
-                if (y.ndim == 0 or y.shape[-1] != s.shape[0]) or (
-                    delta is not None and delta.shape != outputs[index].shape
-                ):
+                if y.shape[-1:] != width or (delta is not None and delta.shape != y.shape):
                     raise self._refuse(f"output {index} has shape {list(y.shape)}")
-                plain = y if delta is None else y - delta.numpy()
-                term = plain.astype(np.uint64) @ s
-                if lhs is not None and term.shape != lhs.shape:
+                if delta is not None:
+                    y = y - (delta if isinstance(delta, np.ndarray) else delta.numpy())
+                term = y.astype(np.uint64) @ s
+                if lhs is None:
+                    lhs = term
+                elif term.shape == lhs.shape:
+                    lhs += term
+                else:
                     raise self._refuse(f"output {index} has {list(y.shape)[:-1]} rows")
-                lhs = term if lhs is None else lhs + term
             if lhs.shape != np.shape(rhs):
-                raise self._refuse(f"outputs {[i for i, _ in outs]} do not match the input's rows")
-            if not np.array_equal(lhs, rhs):
+                raise self._refuse(f"outputs {[i for i, *_ in outs]} do not match the input's rows")
+            if not (lhs == rhs).all():
                 self.draw()  # the failed check told the GPU something about s: replace it
                 row = [int(i) for i in np.argwhere(lhs != rhs)[0]] if np.ndim(lhs) else []
                 raise IntegrityError(
                     f"GPU stage {self.stage} returned results that fail the Freivalds check "
-                    f"(outputs {[i for i, _ in outs]}, row {row}; exact: an honest result "
+                    f"(outputs {[i for i, *_ in outs]}, row {row}; exact: an honest result "
                     "always passes, a wrong one passes with probability <= 2**-31)"
                 )
 
@@ -342,8 +350,8 @@ class RingCheck:
         self,
         sent: list[torch.Tensor],
         outputs: list[torch.Tensor],
-        pads: list[torch.Tensor | None],
-        deltas: list[torch.Tensor | None],
+        pads: list[Any],
+        deltas: list[Any],
     ) -> None:
         """``sent``/``pads`` per stage input, ``outputs``/``deltas`` per stage output: the
         outputs that read one input are checked as one equation,

@@ -37,6 +37,18 @@ class MaskSet:
     noise: dict[str, torch.Tensor] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     freivalds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # exact masking: numpy views of the pads and precomputed corrections (the same memory),
+    # which the Freivalds checks read; made once per batch here rather than per check online
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _split(result: torch.Tensor, count: int) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """A batched correction's rows back per set: each a tensor and its numpy view."""
+    array = result.numpy()
+    rows = result.shape[0] // count
+    return [
+        (result[i * rows : (i + 1) * rows], array[i * rows : (i + 1) * rows]) for i in range(count)
+    ]
 
 
 class MaskPool:
@@ -106,12 +118,22 @@ class MaskPool:
             module = self._prepared(stage)
             if count > 1 and self._batchable(stage):
                 inputs = [torch.cat([m.deltas[n] for m in sets]) for n in corr.delta_inputs]
-                results = [r.chunk(count) for r in module(*inputs)]
+                results = [_split(r, count) for r in module(*inputs)]
                 per_set = [[r[i] for r in results] for i in range(count)]
             else:
-                per_set = [module(*(m.deltas[n] for n in corr.delta_inputs)) for m in sets]
+                exact = self.protection.exact is not None  # float masks keep no views
+                per_set = [
+                    [
+                        (t, t.numpy() if exact else None)
+                        for t in module(*(m.deltas[n] for n in corr.delta_inputs))
+                    ]
+                    for m in sets
+                ]
             for m, outs in zip(sets, per_set, strict=True):
-                m.deltas.update(zip(corr.delta_outputs, outs, strict=True))
+                for name, (tensor, array) in zip(corr.delta_outputs, outs, strict=True):
+                    m.deltas[name] = tensor
+                    if array is not None:
+                        m.arrays[name] = array
         for m in sets:
             deltas = m.deltas
             m.deltas = {k: v for k, v in deltas.items() if k not in m.pads}
@@ -136,7 +158,8 @@ class MaskPool:
                 shape = concrete_shape(shape_spec, binding)
                 dt = getattr(torch, dtype)
                 nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-                entries.append((name, shape, dt, offset, nbytes))
+                np_dtype = torch.empty(0, dtype=dt).numpy().dtype
+                entries.append((name, shape, dt, np_dtype, offset, nbytes))
                 offset += -(-nbytes // 8) * 8
             cached = self._layouts[key] = (entries, offset)
         return cached
@@ -147,13 +170,16 @@ class MaskPool:
         prot = self.protection
         entries, length = self._layout(binding)
         stream = self.rng.ring([length * count], torch.uint8) if prot.exact is not None else None
+        data = stream.numpy() if stream is not None else None
         sets = []
         for i in range(count):
             out = MaskSet()
-            for name, shape, dtype, offset, nbytes in entries:
-                if stream is not None:
+            for name, shape, dtype, np_dtype, offset, nbytes in entries:
+                if data is not None:
                     start = i * length + offset
-                    out.pads[name] = stream[start : start + nbytes].view(dtype).reshape(shape)
+                    array = data[start : start + nbytes].view(np_dtype).reshape(shape)
+                    out.pads[name] = torch.from_numpy(array)  # shares the array's memory
+                    out.arrays[name] = array
                 else:
                     scale = prot.mask_scale
                     out.pads[name] = self.rng.uniform(shape, -scale, scale).to(dtype)

@@ -33,6 +33,7 @@ from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
 from passes.audit import audit
 from passes.base import teesplit_meta
+from passes.gqa import share_kv_heads
 from passes.labels import label_program, user_input_names
 from passes.protect import protect
 from passes.rnm import token_input_of
@@ -125,6 +126,8 @@ def partition(
     program = captured.program
     if needs_attention_decomposition(policy):
         program = decompose_attention(program)
+    else:  # SDPA stays one op: it can read grouped KV heads without repeating them
+        program = share_kv_heads(program)
     label_program(program)
     _tag_state(program, captured.state)
     _tag_padding(program, captured.padding)

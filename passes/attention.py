@@ -26,6 +26,7 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 
 from partitioner.errors import PartitionError
+from passes.graph_edit import rewritten
 
 aten = torch.ops.aten
 
@@ -125,12 +126,9 @@ def decompose_attention(program: ExportedProgram) -> ExportedProgram:
     ]
     if not targets:
         return program
-    graph = torch.fx.Graph()
-    value_map: dict[torch.fx.Node, torch.fx.Node] = {}
-    output = graph.graph_copy(program.graph, value_map)
-    graph.output(output)
-    for node in targets:
-        _rewrite_sdpa(graph, value_map[node])
-    graph.lint()
-    module = torch.fx.GraphModule(program.graph_module, graph)
-    return program._update(module, program.graph_signature)
+
+    def rewrite(graph: torch.fx.Graph, value_map: dict[torch.fx.Node, torch.fx.Node]) -> None:
+        for node in targets:
+            _rewrite_sdpa(graph, value_map[node])
+
+    return rewritten(program, rewrite)

@@ -1,14 +1,17 @@
-"""Small graph edits shared by the protection passes: copy a stage's graph, add an input,
-find the placeholder of a value, wrap a graph with its weights. None edits a graph it is given.
+"""Small graph edits shared by the passes: copy a stage's graph, add an input, find the
+placeholder of a value, wrap a graph with its weights, rewrite a copy of a program. None edits a
+graph it is given.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
+from torch.export import ExportedProgram
 
 from partitioner.plan import Stage
 
@@ -19,6 +22,22 @@ def copy_graph(module: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict[str, 
     out = graph.graph_copy(module.graph, value_map)
     graph.output(out)
     return graph, {old.name: new for old, new in value_map.items()}
+
+
+def rewritten(
+    program: ExportedProgram,
+    rewrite: Callable[[torch.fx.Graph, dict[torch.fx.Node, torch.fx.Node]], None],
+) -> ExportedProgram:
+    """A new program whose graph is a copy of ``program``'s, changed by ``rewrite(graph,
+    value_map)`` (``value_map``: each original node to its copy); weights are shared."""
+    graph = torch.fx.Graph()
+    value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(program.graph, value_map)
+    graph.output(output)
+    rewrite(graph, value_map)
+    graph.lint()
+    module = torch.fx.GraphModule(program.graph_module, graph)
+    return program._update(module, program.graph_signature)
 
 
 def append_placeholder(graph: torch.fx.Graph, name: str, like: Any) -> torch.fx.Node:
