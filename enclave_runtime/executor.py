@@ -119,9 +119,18 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             f"GPU stage {stage} returned {len(outputs)} outputs, the plan has {len(expected)}"
         )
     for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
-        if not isinstance(out, torch.Tensor) or out.dtype != dtype:
-            got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
-            raise IntegrityError(f"GPU stage {stage} output {i}: {got}, the plan says {dtype}")
+        # a plain dense tensor only: a subclass could show the check (which reads .numpy())
+        # other values than the stages read; a sparse or negated view has no numpy view
+        if type(out) is not torch.Tensor or out.layout != torch.strided or out.is_neg():
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {type(out).__name__}"
+                + (f" ({out.layout}, negated {out.is_neg()})" if type(out) is torch.Tensor else "")
+                + ", not a plain dense tensor (refused)"
+            )
+        if out.dtype != dtype:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {out.dtype}, the plan says {dtype}"
+            )
         if not out.is_cpu:  # the enclave's own tensors: nothing else is its memory
             raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
         if shape is not None and list(out.shape) != shape:

@@ -153,12 +153,15 @@ class MaskPool:
         key = self.key(binding)
         cached = self._layouts.get(key)
         if cached is None:
+            exact = self.protection.exact is not None
             entries, offset = [], 0
             for name, (shape_spec, dtype) in self.protection.masked.items():
                 shape = concrete_shape(shape_spec, binding)
                 dt = getattr(torch, dtype)
                 nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-                np_dtype = torch.empty(0, dtype=dt).numpy().dtype
+                # numpy views for the ring checks (exact pads are integers; numpy has no
+                # bfloat16, which float masks may use)
+                np_dtype = torch.empty(0, dtype=dt).numpy().dtype if exact else None
                 entries.append((name, shape, dt, np_dtype, offset, nbytes))
                 offset += -(-nbytes // 8) * 8
             cached = self._layouts[key] = (entries, offset)

@@ -78,6 +78,18 @@ def share_kv_heads(program: ExportedProgram) -> ExportedProgram:
         key, value = _repeat_source(node.args[1]), _repeat_source(node.args[2])
         if key is None or value is None or key[1] != value[1] or key[1] == 1:
             continue
+        # enable_gqa maps query head j to KV head j // group: the query must have exactly
+        # the repeated heads (SDPA would otherwise broadcast a query over them), and key and
+        # value the same heads
+        query, repeated = node.args[0].meta.get("val"), node.args[1].meta.get("val")
+        heads = [key[0].meta["val"].shape[1], value[0].meta["val"].shape[1]]
+        if not (
+            isinstance(query, torch.Tensor)
+            and query.dim() == 4
+            and query.shape[1] == repeated.shape[1]
+            and heads[0] == heads[1]
+        ):
+            continue
         found.append((node, key[0], value[0]))
     if not found:
         return program
@@ -88,7 +100,8 @@ def share_kv_heads(program: ExportedProgram) -> ExportedProgram:
             repeats = [new.args[1], new.args[2]]
             new.args = (new.args[0], value_map[key], value_map[value], *new.args[3:])
             new.kwargs = {**new.kwargs, "enable_gqa": True}
-            for repeat in repeats:  # reshape <- expand <- unsqueeze, if nothing else reads it
+            # reshape <- expand <- unsqueeze, if nothing else reads it (once: k may be v)
+            for repeat in dict.fromkeys(repeats):
                 for dead in [repeat, repeat.args[0], repeat.args[0].args[0]]:
                     if dead.users:
                         break

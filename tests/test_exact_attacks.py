@@ -612,6 +612,48 @@ def test_a_reply_on_another_device_is_refused_with_an_integrity_error():
         request(Executor(slalom().spec, runner=Runner(slalom(), hook), seed=37))
 
 
+class _NumpyShowsHonest(torch.Tensor):
+    """A reply whose torch values are wrong while ``.numpy()`` (what the check reads) shows
+    the honest ones: an in-process GPU could return it."""
+
+    honest: torch.Tensor
+
+    def numpy(self, *args, **kwargs):
+        return self.honest.numpy()
+
+
+def _two_faced(reply: torch.Tensor) -> torch.Tensor:
+    wrong = reply.clone()
+    wrong[0, 2, 3] += 1
+    out = wrong.as_subclass(_NumpyShowsHonest)
+    out.honest = reply.clone()
+    return out
+
+
+HOSTILE_FORMS = {
+    "a subclass whose numpy() is the honest reply": _two_faced,
+    "a sparse reply": lambda reply: reply.to_sparse(),
+    "a reply with its negative bit set": lambda reply: torch._neg_view(-reply),
+}
+
+
+@pytest.mark.parametrize("form", sorted(HOSTILE_FORMS))
+def test_a_reply_in_another_form_of_tensor_is_refused(form):
+    """``check_reply`` takes plain dense tensors only: anything else is refused as an
+    ``IntegrityError`` before a stage or the check reads it (a reviewer's attacks: the
+    two-faced subclass passed the check while the stages read the lie; the other two raised
+    numpy's errors)."""
+
+    def hook(stage, sent, outs, call):
+        if stage == FIRST:
+            outs[0] = HOSTILE_FORMS[form](outs[0])
+        return outs
+
+    executor = Executor(slalom().spec, runner=Runner(slalom(), hook), seed=52)
+    with pytest.raises(IntegrityError, match=f"GPU stage {FIRST} output 0"):
+        request(executor)
+
+
 # -- GPU arithmetic (runs where CUDA is; skipped elsewhere) ----------------------------------
 
 

@@ -119,3 +119,40 @@ def test_a_repeat_read_elsewhere_stays_for_its_other_reader():
     args = _args()
     for got, want in zip(rewritten.module()(*args), module(*args), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _OneQueryHead(torch.nn.Module):
+    """One query head broadcast over the repeated KV heads (SDPA broadcasts batch-like dims):
+    the output has the repeated heads' count, which ``enable_gqa`` would not give."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = k.shape
+        k4 = k[:, :, None].expand(b, h, 4, n, d).reshape(b, 4 * h, n, d)
+        v4 = v[:, :, None].expand(b, h, 4, n, d).reshape(b, 4 * h, n, d)
+        return F.scaled_dot_product_attention(q, k4, v4)
+
+
+class _KeyIsValue(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = k.shape
+        k4 = k[:, :, None].expand(b, h, 2, n, d).reshape(b, 2 * h, n, d)
+        return F.scaled_dot_product_attention(q, k4, k4)
+
+
+def test_a_query_that_broadcasts_over_the_heads_is_left_alone():
+    """A reviewer's case: q with one head; rewritten, the output lost its heads."""
+    gen = torch.Generator().manual_seed(5)
+    args = (torch.randn(1, 1, 3, 8, generator=gen), torch.randn(1, 1, 3, 8, generator=gen))
+    args = (args[0], args[1], torch.randn(1, 1, 3, 8, generator=gen))
+    program = torch.export.export(_OneQueryHead(), args)
+    assert share_kv_heads(program) is program
+
+
+def test_key_and_value_from_one_repeat_are_rewritten_once():
+    """A reviewer's case: ``sdpa(q, r, r)`` erased the shared repeat twice (AttributeError)."""
+    gen = torch.Generator().manual_seed(6)
+    args = (torch.randn(1, 4, 3, 8, generator=gen), torch.randn(1, 2, 5, 8, generator=gen))
+    module = _KeyIsValue()
+    rewritten = share_kv_heads(torch.export.export(module, args))
+    assert _repeats_read_by_attention(rewritten.graph) == []
+    torch.testing.assert_close(rewritten.module()(*args), module(*args), rtol=1e-6, atol=1e-6)

@@ -427,3 +427,20 @@ def test_freivalds_refuses_values_its_arithmetic_cannot_vouch_for(masking, poiso
     stage.module = poisoned
     with torch.no_grad(), pytest.raises(IntegrityError, match=f"GPU stage {stage.name} output 0"):
         sp(input_ids=torch.randint(3, 250, (1, 9)))
+
+
+def test_float_masks_of_a_bfloat16_model_are_drawn():
+    """A reviewer's regression: the pool made numpy views of every pad, and numpy has no
+    bfloat16, so every draw for a bf16 model under float masks raised ``TypeError``."""
+    from models import BUILDERS
+
+    from partitioner.capturing import capture
+
+    model = BUILDERS["tiny-llama"]().to(torch.bfloat16)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    policy = Policy.preset("slalom", masking="additive", integrity="none")
+    split = partition(capture(model, model_name="tiny-llama"), policy, (ids,))
+    assert "bfloat16" in {d for _, d in split.spec.protection.masked.values()}
+    with torch.no_grad():
+        out = split.executor(seed=1)(ids)
+    assert out[0].dtype == torch.bfloat16 and bool(torch.isfinite(out[0].float()).all())
