@@ -109,6 +109,9 @@ class InProcessRunner:
 _EXPECTED_CACHE = 256  # distinct bindings (each holds every GPU stage)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: neither overrides numpy()
+
+
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
     """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
     shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
@@ -121,10 +124,11 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
     for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
         # a plain dense tensor only: a subclass could show the check (which reads .numpy())
         # other values than the stages read; a sparse or negated view has no numpy view
-        if type(out) is not torch.Tensor or out.layout != torch.strided or out.is_neg():
+        plain = type(out) in _PLAIN
+        if not plain or out.layout != torch.strided or out.is_neg():
             raise IntegrityError(
                 f"GPU stage {stage} output {i}: {type(out).__name__}"
-                + (f" ({out.layout}, negated {out.is_neg()})" if type(out) is torch.Tensor else "")
+                + (f" ({out.layout}, negated {out.is_neg()})" if plain else "")
                 + ", not a plain dense tensor (refused)"
             )
         if out.dtype != dtype:
