@@ -44,11 +44,11 @@ class MaskSet:
 
 def _split(result: torch.Tensor, count: int) -> list[tuple[torch.Tensor, np.ndarray]]:
     """A batched correction's rows back per set: each a tensor and its numpy view."""
-    array = result.numpy()
     rows = result.shape[0] // count
-    return [
-        (result[i * rows : (i + 1) * rows], array[i * rows : (i + 1) * rows]) for i in range(count)
-    ]
+    # views made in C (split, and iterating a reshaped array), not sliced one by one: a
+    # decode fill splits ~200 results into 64 sets each
+    arrays = result.numpy().reshape(count, rows, *result.shape[1:])
+    return list(zip(result.split(rows), arrays, strict=True))
 
 
 class MaskPool:
@@ -112,16 +112,19 @@ class MaskPool:
     def draw_many(self, binding: Mapping[str, int], count: int) -> list[MaskSet]:
         """``count`` fresh mask sets; the corrections of ring-linear stages are computed for
         all of them at once."""
-        sets = self._pads(binding, count)
+        sets, batched = self._pads(binding, count)
+        exact = self.protection.exact is not None  # float masks keep no numpy views
         for stage in self.protection.pooled:
             corr = self.protection.corrections[stage]
             module = self._prepared(stage)
             if count > 1 and self._batchable(stage):
-                inputs = [torch.cat([m.deltas[n] for m in sets]) for n in corr.delta_inputs]
+                inputs = [
+                    batched[n] if n in batched else torch.cat([m.deltas[n] for m in sets])
+                    for n in corr.delta_inputs
+                ]
                 results = [_split(r, count) for r in module(*inputs)]
                 per_set = [[r[i] for r in results] for i in range(count)]
             else:
-                exact = self.protection.exact is not None  # float masks keep no views
                 per_set = [
                     [
                         (t, t.numpy() if exact else None)
@@ -148,42 +151,46 @@ class MaskPool:
         return sets
 
     def _layout(self, binding: Mapping[str, int]) -> tuple[list[Any], int]:
-        """Each masked value's shape, dtype and byte range in one set's keystream (8-byte
-        aligned), and the set's length in bytes; computed once per key."""
+        """Each masked value's shape, dtype, offset and length in bytes in one set (8-byte
+        aligned; a batch of ``count`` sets holds the value's pads at ``offset * count``), and
+        the set's length in bytes; computed once per key."""
         key = self.key(binding)
         cached = self._layouts.get(key)
         if cached is None:
-            exact = self.protection.exact is not None
             entries, offset = [], 0
             for name, (shape_spec, dtype) in self.protection.masked.items():
                 shape = concrete_shape(shape_spec, binding)
                 dt = getattr(torch, dtype)
                 nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-                # numpy views for the ring checks (exact pads are integers; numpy has no
-                # bfloat16, which float masks may use)
-                np_dtype = torch.empty(0, dtype=dt).numpy().dtype if exact else None
-                entries.append((name, shape, dt, np_dtype, offset, nbytes))
+                entries.append((name, shape, dt, offset, nbytes))
                 offset += -(-nbytes // 8) * 8
             cached = self._layouts[key] = (entries, offset)
         return cached
 
-    def _pads(self, binding: Mapping[str, int], count: int) -> list[MaskSet]:
-        """``count`` sets of fresh pads (and RNM noise). Exact pads are uniform over their
-        ring: the sets' pads are consecutive slices of one keystream, each used once."""
+    def _pads(
+        self, binding: Mapping[str, int], count: int
+    ) -> tuple[list[MaskSet], dict[str, torch.Tensor]]:
+        """``count`` sets of fresh pads (and RNM noise), and per masked value the ``count``
+        pads as one tensor (exact masking), for batched corrections. Exact pads are uniform
+        over their ring: slices of one keystream, each used once, laid out value by value
+        (a value's pads of all sets are adjacent, so a batch of them needs no copy)."""
         prot = self.protection
         entries, length = self._layout(binding)
         stream = self.rng.ring([length * count], torch.uint8) if prot.exact is not None else None
-        data = stream.numpy() if stream is not None else None
-        sets = []
-        for i in range(count):
-            out = MaskSet()
-            for name, shape, dtype, np_dtype, offset, nbytes in entries:
-                if data is not None:
-                    start = i * length + offset
-                    array = data[start : start + nbytes].view(np_dtype).reshape(shape)
-                    out.pads[name] = torch.from_numpy(array)  # shares the array's memory
-                    out.arrays[name] = array
-                else:
+        sets = [MaskSet() for _ in range(count)]
+        batched: dict[str, torch.Tensor] = {}
+        for name, shape, dtype, offset, nbytes in entries if stream is not None else ():
+            start = offset * count
+            block = stream[start : start + nbytes * count].view(dtype)
+            batched[name] = block.reshape(count * shape[0], *shape[1:]) if shape else block
+            # per set, a tensor and its numpy view of the same memory
+            arrays = block.numpy().reshape(count, *shape)
+            for out, tensor, array in zip(sets, block.view(count, *shape), arrays, strict=True):
+                out.pads[name] = tensor
+                out.arrays[name] = array
+        for out in sets:
+            if stream is None:
+                for name, shape, dtype, _, _ in entries:
                     scale = prot.mask_scale
                     out.pads[name] = self.rng.uniform(shape, -scale, scale).to(dtype)
             if prot.rnm is not None:
@@ -191,8 +198,7 @@ class MaskPool:
                 shape = [*concrete_shape(prot.token_shape, binding), site.candidates]
                 out.noise[site.token_input] = self.rng.laplace(shape, site.noise_scale)
             out.deltas = dict(out.pads)  # the pads, then the corrections drawn from them
-            sets.append(out)
-        return sets
+        return sets, batched
 
     def fill(self, binding: Mapping[str, int], count: int, batch: int = 16) -> None:
         """Draw ``count`` sets for ``binding``, ``batch`` at a time."""

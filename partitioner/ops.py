@@ -7,8 +7,8 @@ can find them by name. Importing this module registers them.
 * ``mask(x, r) = x + r`` and ``unmask(y, c) = y - c``: additive float masking.
 * Exact masking works in the rings ``Z_{2^32}`` (int32 tensors) and ``Z_{2^64}`` (int64): a
   signed integer tensor *is* its residue's signed representative, and torch's integer add,
-  sub and mul wrap, so ring addition is plain ``+`` (``tests/test_exact.py`` checks that
-  this build wraps).
+  sub and mul wrap, so ring addition is plain ``+``; narrowing int64 to int32 keeps the
+  residue mod ``2**32`` (``tests/test_exact_attacks.py`` checks both on this build).
 * ``ring_mask(x, r, frac_bits, limit)``: ``clamp(round(x * 2**frac_bits), ±limit) + r``.
 * ``ring_unmask(y, c, inv_scale)``: ``(y - c) * inv_scale`` as float32.
 * ``ring_linear(u, w, b)``: ``u @ w.T + b`` in the ring, int8 weights, at BLAS speed.
@@ -377,11 +377,13 @@ def ring_linear(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> 
     ``carry``: the last column of ``u`` is a row's masked scale exponent
     (:func:`ring_mask_rows`), passed through to the last column of the result.
     """
+    if u.dtype == torch.int32 and not u.is_cuda:
+        return _ring_linear32_cpu(u, w, b, carry)
     if carry:
         body = ring_linear(u[..., :-1], w, b)
         return torch.cat([body, u[..., -1:]], dim=-1)
     if u.dtype == torch.int32:
-        out = _int8_linear_cuda(u, w) if u.is_cuda else None  # None for float64 weights
+        out = _int8_linear_cuda(u, w)
         if out is None:  # w may come prepared as float64 (prepare_ring_weights)
             prod = torch.matmul(u.to(torch.float64), w.to(torch.float64).t())
             out = wrap(prod.to(torch.int64), torch.int32)
@@ -391,6 +393,27 @@ def ring_linear(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> 
     wt = w.to(torch.float64).t()
     out = ring_recombine([torch.matmul(limb, wt) for limb in ring_limbs(u, 4)], torch.int64)
     return out if b is None else out + b
+
+
+def _ring_linear32_cpu(u: Tensor, w: Tensor, b: Tensor | None, carry: bool) -> Tensor:
+    """:func:`ring_linear` in ``Z_{2^32}`` on the CPU with as few passes over the result as
+    exactness allows: the GEMM's float64 integers to int64 (exact), the bias added there (no
+    int64 sum can overflow), then one narrowing copy into the int32 result, which keeps the
+    low 32 bits: the residue mod ``2**32`` (``tests/test_protection.py`` checks this build
+    narrows so). The pool computes every layer's correction this way, ``W·[r_1 … r_B]``, and
+    the passes after the GEMM were a third of its time."""
+    n = w.shape[0]
+    body = u[..., :-1] if carry else u
+    prod = torch.matmul(body.to(torch.float64), w.to(torch.float64).t()).to(torch.int64)
+    if b is not None:
+        prod += b
+    out = torch.empty((*u.shape[:-1], n + int(carry)), dtype=torch.int32)
+    if carry:
+        out[..., :n] = prod
+        out[..., n] = u[..., -1]
+    else:
+        out.copy_(prod)
+    return out
 
 
 @ring_linear.register_fake

@@ -662,6 +662,53 @@ def _uniform_int32(shape, gen) -> torch.Tensor:
     return ops.wrap(wide, torch.int32)
 
 
+def test_integer_arithmetic_wraps_and_narrowing_keeps_the_residue():
+    """The CPU ring_linear writes its int64 sums into int32 with one narrowing copy: this
+    build must keep the low 32 bits (the residue mod 2**32) on every path of that copy
+    (vectorised, scalar tail, strided destination)."""
+    gen = torch.Generator().manual_seed(7)
+    for n in (1, 7, 33, 4099):
+        wide = torch.randint(-(2**52), 2**52, (n,), dtype=torch.int64, generator=gen)
+        residue = ((wide + 2**31) & (2**32 - 1)) - 2**31
+        dense = torch.empty(n, dtype=torch.int32).copy_(wide)
+        strided = torch.empty(n, 3, dtype=torch.int32)
+        strided[:, 1] = wide
+        assert torch.equal(dense.to(torch.int64), residue)
+        assert torch.equal(strided[:, 1].to(torch.int64), residue)
+    # and ring arithmetic is plain integer arithmetic: int32 and int64 sums and products wrap
+    top32 = torch.full((40,), 2**31 - 1, dtype=torch.int32)
+    assert bool(((top32 + 1) == -(2**31)).all()) and bool(((top32 * 2) == -2).all())
+    top64 = torch.full((40,), 2**63 - 1, dtype=torch.int64)
+    assert bool(((top64 + 1) == -(2**63)).all()) and bool(((top64 * 2) == -2).all())
+
+
+@pytest.mark.parametrize("weights", ["int8", "int16", "float64"])
+def test_ring_linear_on_the_cpu_is_the_residue_of_the_exact_product(weights):
+    """The int32 CPU path (one float64 GEMM, narrowed once) against the int64 path (four
+    16-bit limb GEMMs, a different computation) reduced mod 2**32, on uniform residues: with
+    and without the carried exponent column, with a bias, batched, and on a strided input."""
+    gen = torch.Generator().manual_seed(9)
+    for fan_in, out_features, lead in [(64, 96, (5,)), (577, 40, (3, 2)), (1536, 24, (1, 1))]:
+        w, _ = quantise_weight(torch.randn(out_features, fan_in, generator=gen))
+        if weights == "int16":
+            w = torch.randint(-(2**11), 2**11, w.shape, dtype=torch.int16, generator=gen)
+        prepared = w.to(torch.float64) if weights == "float64" else w
+        b = _uniform_int32((out_features,), gen) // 4
+        u = _uniform_int32((*lead, 2 * (fan_in + 1)), gen)[..., ::2]  # not contiguous
+        for carry, bias in [(False, b), (False, None), (True, None)]:
+            x = u if carry else u[..., :-1]
+            got = ops.ring_linear(x, prepared, bias, carry)
+            body = x[..., :-1] if carry else x
+            wide = ops.ring_linear(body.to(torch.int64), w, None)
+            if bias is not None:
+                wide = wide + bias
+            want = ops.wrap(wide, torch.int32)
+            if carry:
+                want = torch.cat([want, x[..., -1:]], -1)
+            assert got.dtype == torch.int32
+            assert torch.equal(got, want), (fan_in, out_features, carry, bias is not None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("prepared", [False, True], ids=["int8-digits", "float64"])
 def test_ring_linear_on_cuda_is_bit_exact_on_uniform_residues(prepared):
