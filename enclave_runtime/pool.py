@@ -48,7 +48,7 @@ def _split(result: torch.Tensor, count: int) -> list[tuple[torch.Tensor, np.ndar
     # views made in C (split, and iterating a reshaped array), not sliced one by one: a
     # decode fill splits ~200 results into 64 sets each
     arrays = result.numpy().reshape(count, rows, *result.shape[1:])
-    return list(zip(result.split(rows), arrays, strict=True))
+    return list(zip(result.unflatten(0, (count, rows)).unbind(0), arrays, strict=True))
 
 
 class MaskPool:
@@ -185,6 +185,8 @@ class MaskPool:
             batched[name] = block.reshape(count * shape[0], *shape[1:]) if shape else block
             # per set, a tensor and its numpy view of the same memory
             arrays = block.numpy().reshape(count, *shape)
+            if not shape:  # iterating would give numpy scalars (copies), not 0-d views
+                arrays = [a.reshape(()) for a in arrays.reshape(count, 1)]
             for out, tensor, array in zip(sets, block.view(count, *shape), arrays, strict=True):
                 out.pads[name] = tensor
                 out.arrays[name] = array

@@ -377,7 +377,7 @@ def ring_linear(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> 
     ``carry``: the last column of ``u`` is a row's masked scale exponent
     (:func:`ring_mask_rows`), passed through to the last column of the result.
     """
-    if u.dtype == torch.int32 and not u.is_cuda:
+    if u.dtype == torch.int32 and u.device.type == "cpu":
         return _ring_linear32_cpu(u, w, b, carry)
     if carry:
         body = ring_linear(u[..., :-1], w, b)
@@ -399,7 +399,7 @@ def _ring_linear32_cpu(u: Tensor, w: Tensor, b: Tensor | None, carry: bool) -> T
     """:func:`ring_linear` in ``Z_{2^32}`` on the CPU with as few passes over the result as
     exactness allows: the GEMM's float64 integers to int64 (exact), the bias added there (no
     int64 sum can overflow), then one narrowing copy into the int32 result, which keeps the
-    low 32 bits: the residue mod ``2**32`` (``tests/test_protection.py`` checks this build
+    low 32 bits: the residue mod ``2**32`` (``tests/test_exact_attacks.py`` checks this build
     narrows so). The pool computes every layer's correction this way, ``W·[r_1 … r_B]``, and
     the passes after the GEMM were a third of its time."""
     n = w.shape[0]
@@ -407,7 +407,7 @@ def _ring_linear32_cpu(u: Tensor, w: Tensor, b: Tensor | None, carry: bool) -> T
     prod = torch.matmul(body.to(torch.float64), w.to(torch.float64).t()).to(torch.int64)
     if b is not None:
         prod += b
-    out = torch.empty((*u.shape[:-1], n + int(carry)), dtype=torch.int32)
+    out = torch.empty((*u.shape[:-1], n + int(carry)), dtype=torch.int32, device=u.device)
     if carry:
         out[..., :n] = prod
         out[..., n] = u[..., -1]

@@ -138,6 +138,20 @@ def test_no_keystream_block_is_used_twice_within_or_across_mask_sets():
     assert len(blocks) > 1000 and len(set(blocks)) == len(blocks)
 
 
+def test_a_batch_of_sets_is_split_per_set_even_when_a_dimension_is_empty():
+    """The pool splits a batch's corrections per set: with an empty leading dim (a size the
+    background refill may be asked for; requests refuse it, the pool does not) every set
+    still gets its own, empty, pads and corrections (a reviewer's finding: the split made
+    one piece where there were four sets, and the fill raised)."""
+    pool = Executor(slalom().spec, seed=25).pool
+    pool.fill({"batch": 0, "seq": 4}, 4, batch=4)
+    sets = [pool.take({"batch": 0, "seq": 4}) for _ in range(4)]
+    assert pool.misses == 0
+    for m in sets:
+        assert m.deltas and all(t.shape[0] == 0 for t in m.deltas.values())
+        assert all(m.arrays[n].shape == tuple(t.shape) for n, t in m.deltas.items())
+
+
 def test_unseeded_executors_draw_unpredictable_pads():
     """``seed=None`` keys the CSPRNG from the OS: torch's generator cannot predict it, and two
     executors never share pads."""
