@@ -28,7 +28,11 @@ broken down by wrapping the executor's parts:
 * round trips: GPU stage calls per request; bytes to / from the GPU: the ``nbytes`` of the
   tensors passed to / returned by ``runner.run``;
 * speedups: ``T_enclave(all_enclave) / T_enclave_online`` (a server that draws masks while
-  idle) and ``T_enclave(all_enclave) / (T_enclave_online + T_offline)`` (one that does not).
+  idle) and ``T_enclave(all_enclave) / (T_enclave_online + T_offline)`` (one that does not);
+* paired (the headline, with one ``--enclave`` mode): each replayed call of a preset is
+  preceded by one all_enclave call on the same workload, and the speedup is the ratio of the
+  two medians. On a shared host whose load swings between minutes, presets measured minutes
+  apart can differ by 1.5x for the same code; calls made in turn see the same load.
 
 Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
 holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
@@ -56,6 +60,7 @@ printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -271,6 +276,7 @@ def replay(
     fills: int,
     batch: int,
     warm_up: bool,
+    paired: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """The enclave's time per request with the GPU's replies replayed (:class:`Replay`), in
     the same call order as :func:`measure`'s executor: on this machine the CPU also runs the
@@ -283,7 +289,12 @@ def replay(
     (:class:`Instrumented`) for the breakdown, stages and checks: those timers cost a split
     a few microseconds per GPU round trip, ~120 a decode step, which all_enclave (one stage)
     does not pay, so the online figure is not taken from that pass
-    (``replay_online_instrumented_ms`` shows what it would have been)."""
+    (``replay_online_instrumented_ms`` shows what it would have been).
+
+    ``paired``: one call of all_enclave on the same workload. In the plain pass each call is
+    then preceded by one such call, so that both see the same moment of a shared, noisy host:
+    ``replay_paired_speedup`` is the median of all_enclave's times over the median of this
+    preset's, from calls made in turn (``replay_paired_base_ms`` is the former)."""
 
     def executor() -> Any:
         ex = split.executor(Replay(replies), seed=REPLAY_SEED)
@@ -294,6 +305,7 @@ def replay(
         return ex
 
     plain: list[float] = []
+    base: list[float] = []
     ex = executor()
     with torch.no_grad():
         if warm_up:
@@ -303,6 +315,10 @@ def replay(
             ex.run(args, {}, public_tokens=public)
             plain.append(time.perf_counter() - start)
         while ex.runner.next < len(replies):
+            if paired is not None:
+                start = time.perf_counter()
+                paired()
+                base.append(time.perf_counter() - start)
             before = ex.runner.seconds
             start = time.perf_counter()
             ex.run(args, {}, public_tokens=public)
@@ -336,7 +352,16 @@ def replay(
     def med(key: str) -> float:
         return median([c.get(key, 0.0) for c in calls]) * 1e3
 
+    paired_figures = (
+        {
+            "replay_paired_base_ms": median(base) * 1e3,
+            "replay_paired_speedup": median(base) / median(plain),
+        }
+        if base
+        else {}
+    )
     return {
+        **paired_figures,
         "replay_calls": len(plain),
         "replay_online_ms": median(plain) * 1e3,
         "replay_online_instrumented_ms": med("online"),
@@ -366,6 +391,7 @@ def measure(
     fills: int,
     draw_budget: float,
     phase: dict[str, str],
+    paired: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Time one workload on a fresh executor of ``split`` (see the module docstring);
     ``phase["now"]`` says what it is doing (for a timeout's message)."""
@@ -434,7 +460,7 @@ def measure(
     if pool is not None and pool.misses != misses:
         raise AssertionError(f"{pool.misses - misses} pool misses during the timed calls")
     phase["now"] = "replaying the GPU's replies"
-    replayed = replay(split, args, public, recorder.replies, len(fill_s), batch, warm_up)
+    replayed = replay(split, args, public, recorder.replies, len(fill_s), batch, warm_up, paired)
 
     def med(key: str) -> float:
         return median([c[key] for c in calls])
@@ -795,6 +821,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
 
+    from enclave_runtime.executor import InProcessRunner
     from partitioner.aot import compile_enclave
     from partitioner.api import partition
     from partitioner.errors import TeesplitError
@@ -828,6 +855,7 @@ def main() -> None:
     )
 
     rows: list[dict[str, Any]] = []
+    baseline_calls: dict[str, Callable[[], Any]] = {}  # workload -> one all_enclave call
     ceilings: dict[str, dict[str, Any]] = {}  # workload -> benchmarks/ceiling.py's figures
     unexpected = False
     for name, overrides in presets:
@@ -878,6 +906,7 @@ def main() -> None:
                     args.fills,
                     args.draw_budget,
                     phase,
+                    baseline_calls.get(workload),
                 )
             except Timeout:
                 why = f"timed out after {args.timeout} s, {phase['now']}"
@@ -909,6 +938,14 @@ def main() -> None:
                 gpu_flop_share=1.0 - split.share()["flops"],
             )
             rows.append(result)
+            if name == BASELINE and not overrides and len(args.enclave) == 1:
+                # all_enclave's calls to pair with each preset's replayed calls (one mode
+                # only: an executor reads its stages' compiled libraries when called, and a
+                # second mode would swap them)
+                base_ex = split.executor(InProcessRunner(split.spec), seed=REPLAY_SEED)
+                baseline_calls[workload] = functools.partial(
+                    base_ex.run, call_args, {}, public_tokens=public
+                )
             print(
                 f"  {row_label} {workload} ({mode}): "
                 f"enclave online {result['enclave_online_ms']:.1f} ms, "
@@ -925,6 +962,11 @@ def main() -> None:
     # against eager all_enclave
     add_speedups(rows, "enclave_online_ms", "")
     add_speedups(rows, "replay_online_ms", "replay_")
+    for r in rows:  # paired: all_enclave's calls made in turn with this preset's
+        if "replay_paired_base_ms" in r:
+            r["replay_paired_speedup_with_offline"] = r["replay_paired_base_ms"] / (
+                r["replay_online_ms"] + r["offline_ms"]
+            )
 
     print("\n## SmolLM2-135M: enclave time per request (ms, medians; this CPU runs both sides)\n")
     print(
@@ -959,9 +1001,10 @@ def main() -> None:
     print(
         "| workload | enclave | preset | T_enclave online | (with timers) | enclave stages "
         "| checks | offline/request | speedup online | speedup incl. offline "
+        "| all_enclave in turn | **paired speedup online** | paired incl. offline "
         "| online ÷ eager all_enclave |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for r in rows:
             if r.get("workload", workload) != workload or "error" in r:
@@ -972,6 +1015,9 @@ def main() -> None:
                 f"{r['replay_stages_ms']:.2f} | {r['replay_checks_ms']:.2f} | "
                 f"{r['offline_ms']:.2f} | {fmt(r.get('replay_speedup_online'), '.2f')} | "
                 f"{fmt(r.get('replay_speedup_with_offline'), '.2f')} | "
+                f"{fmt(r.get('replay_paired_base_ms'), '.2f')} | "
+                f"{fmt(r.get('replay_paired_speedup'), '.2f')} | "
+                f"{fmt(r.get('replay_paired_speedup_with_offline'), '.2f')} | "
                 f"{fmt(r.get('replay_speedup_online_vs_eager'), '.2f')} |"
             )
     print(
@@ -984,7 +1030,9 @@ def main() -> None:
         "B: " + ", ".join(f"{w} {b}" for w, b in batches.items()) + "); speedups are "
         "T_enclave(all_enclave) over T_enclave online (and + offline). Replayed: T_enclave "
         "online from calls with nothing wrapped (the replay's own time left out); the stages "
-        "and checks, and '(with timers)', from a second replay with the executor's parts timed."
+        "and checks, and '(with timers)', from a second replay with the executor's parts "
+        "timed; paired: each of those calls preceded by one all_enclave call (one --enclave "
+        "mode only), the speedup from the medians of the two."
     )
 
     if ceilings:
