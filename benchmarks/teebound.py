@@ -32,7 +32,9 @@ broken down by wrapping the executor's parts:
 * paired (the headline, with one ``--enclave`` mode): each replayed call of a preset is
   preceded by one all_enclave call on the same workload, and the speedup is the ratio of the
   two medians. On a shared host whose load swings between minutes, presets measured minutes
-  apart can differ by 1.5x for the same code; calls made in turn see the same load.
+  apart can differ by 1.5x for the same code; calls made in turn see the same load. (If
+  anything against the split: all_enclave's call streams every weight through the caches
+  just before each of the split's calls.)
 
 Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
 holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
