@@ -401,7 +401,7 @@ def _ring_linear32_cpu(u: Tensor, w: Tensor, b: Tensor | None, carry: bool) -> T
     int64 sum can overflow), then one narrowing copy into the int32 result, which keeps the
     low 32 bits: the residue mod ``2**32`` (``tests/test_exact_attacks.py`` checks this build
     narrows so). The pool computes every layer's correction this way, ``W·[r_1 … r_B]``, and
-    the passes after the GEMM were a third of its time."""
+    the four wrapping passes after the GEMM were about a quarter of its time."""
     n = w.shape[0]
     body = u[..., :-1] if carry else u
     prod = torch.matmul(body.to(torch.float64), w.to(torch.float64).t()).to(torch.int64)
