@@ -37,7 +37,7 @@ _SDPA = aten.scaled_dot_product_attention.default
 def _repeat_source(node: object) -> tuple[torch.fx.Node, int] | None:
     """``(source, group)`` if ``node`` is ``reshape(expand(unsqueeze(source, 2)))`` repeating
     each of the source's heads ``group`` times in place (``repeat_kv``), else ``None``."""
-    if not (isinstance(node, torch.fx.Node) and node.target in (aten.reshape.default,)):
+    if not (isinstance(node, torch.fx.Node) and node.target is aten.reshape.default):
         return None
     expand = node.args[0]
     if not (isinstance(expand, torch.fx.Node) and expand.target is aten.expand.default):
@@ -50,7 +50,7 @@ def _repeat_source(node: object) -> tuple[torch.fx.Node, int] | None:
         return None
     src, out = source.meta.get("val"), node.meta.get("val")
     unsq, exp = unsqueeze.meta.get("val"), expand.meta.get("val")
-    if not all(isinstance(t, torch.Tensor) and t.dim() for t in (src, out, unsq, exp)):
+    if not all(isinstance(t, torch.Tensor) for t in (src, out, unsq, exp)):
         return None
     if src.dim() != 4 or exp.dim() != 5 or out.dim() != 4:
         return None
