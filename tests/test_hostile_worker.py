@@ -232,6 +232,15 @@ def test_a_token_is_required_when_set_and_stats_are_not_for_strangers(gpu_bundle
     tcp.shutdown()
 
 
+@pytest.mark.parametrize("datatype", ["FP64", "BF16", "INT32"])
+def test_an_empty_tensor_whose_other_dims_are_huge_is_refused_naming_it(datatype):
+    """Hypothesis found these in CI: no byte, but dims numpy cannot lay out (it raised
+    ValueError, not a protocol error)."""
+    with pytest.raises(ProtocolError, match="tensor x: shape"):
+        decode("x", datatype, [0, 10498, 10503, 10508, 995084], b"", limit=1 << 16)
+    assert decode("x", datatype, [0, 3, 64], b"", limit=1 << 16).shape == (0, 3, 64)
+
+
 @settings(max_examples=2000, deadline=None)
 @given(
     st.text(max_size=6) | st.sampled_from(sorted(DATATYPES)),
