@@ -86,9 +86,9 @@ def decode(
         raise ProtocolError(f"tensor {name}: shape {dims[: MAX_DIMS + 1]} is not a valid shape")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(dims) * itemsize
-    # an empty tensor's other dims still make its strides: [0, 10**4, 10**4, 10**4, 10**6]
-    # holds no byte, but numpy cannot lay it out (ValueError, not a refusal naming it)
-    if expected > limit or math.prod(max(d, 1) for d in dims) * itemsize > limit:
+    # each dim counted as at least 1: an empty tensor's other dims still make its strides
+    # ([0, 10**4, 10**4, 10**4, 10**6] holds no byte, but numpy cannot lay it out)
+    if math.prod(max(d, 1) for d in dims) * itemsize > limit:
         raise ProtocolError(
             f"tensor {name}: shape {dims} of {datatype} is over the limit of {limit} bytes"
         )
