@@ -31,7 +31,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check partitioner passes runtime enclave_runtime tests examples benchmarks
-	$(PY) -m pytest -q -n 2 tests
+	# one module per worker (--dist loadscope): a module's fixtures (bundles, captures) are built once
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 # two GPU workers behind nginx (hashing the session id), four enclave sessions, one worker killed
 scale-out: $(STAMP)

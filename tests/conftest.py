@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import functools
 import ipaddress
+import os
+import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -20,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from models import BUILDERS
 
 from partitioner.capturing import Captured, capture
-from partitioner.signing import generate_keypair
+from partitioner.signing import SIGNATURE_FILE, generate_keypair, sign
 
 # The compiler's signing key for bundles saved by tests, and the public key that loads them.
 SIGN_KEY = Ed25519PrivateKey.generate()
@@ -123,3 +126,43 @@ def eager(name: str, ids: torch.Tensor) -> torch.Tensor:
 def key_files(tmp_path_factory):
     """(private, public) PEM files of a fresh key pair, for the CLI."""
     return generate_keypair(tmp_path_factory.mktemp("keys") / "compiler.key")
+
+
+# The seed of the bundles tests share (``shared_bundle``): a test that compares a loaded
+# bundle with a fresh partition partitions with this seed too.
+BUNDLE_SEED = 4
+
+
+def shared_bundle(tmp_path_factory: pytest.TempPathFactory, policy: str) -> Any:
+    """tiny-llama (``captured``) partitioned under the preset ``policy`` with
+    :data:`BUNDLE_SEED` and saved, as a fresh copy signed with :data:`SIGN_KEY`.
+
+    Saving is the slow part of many modules' fixtures (an export and an ONNX export per
+    stage), so the run saves each preset once: the first test process to ask saves it under
+    a lock in the run's temporary directory (shared by xdist's workers), the others copy it.
+    Each copy is the caller's to change; it is re-signed because every process has its own
+    :data:`SIGN_KEY`."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-bundles"
+    shared.mkdir(exist_ok=True)
+    built_at = shared / policy
+    with open(shared / f"{policy}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not built_at.is_dir():
+            partial = shared / f"{policy}.partial"  # a whole bundle or none under its name
+            shutil.rmtree(partial, ignore_errors=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                partition_for_tests(policy).save(partial)
+            partial.rename(built_at)
+    copy = tmp_path_factory.mktemp(policy)
+    shutil.copytree(built_at, copy, dirs_exist_ok=True)
+    (copy / SIGNATURE_FILE).write_bytes(sign((copy / "plan.json").read_bytes(), SIGN_KEY))
+    return copy
+
+
+def partition_for_tests(policy: str) -> Any:
+    """The program :func:`shared_bundle` saves, made afresh (same seed, same pads)."""
+    from partitioner.api import partition
+
+    return partition(captured("tiny-llama"), policy, seed=BUNDLE_SEED)

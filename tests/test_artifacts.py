@@ -7,10 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRESET_NAMES, SIGN_KEY, TRUSTED, captured, model_output
+from conftest import (
+    BUNDLE_SEED,
+    PRESET_NAMES,
+    SIGN_KEY,
+    TRUSTED,
+    captured,
+    model_output,
+    partition_for_tests,
+    shared_bundle,
+)
 
 from partitioner.api import load, partition
 from partitioner.errors import ArtifactError
+from partitioner.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,26 +30,23 @@ def saved(tmp_path_factory):
     """One bundle per preset for tiny-llama, saved once for the module."""
     out = {}
     for preset in PRESET_NAMES:
-        sp = partition(captured("tiny-llama"), preset, seed=5)
-        path = tmp_path_factory.mktemp(preset)
-        sp.save(path, sign_key=SIGN_KEY)
-        out[preset] = (sp, path)
+        out[preset] = (Policy.preset(preset), shared_bundle(tmp_path_factory, preset))
     return out
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_a_loaded_program_gives_the_same_outputs(saved, preset):
-    sp, path = saved[preset]
-    fresh = partition(captured("tiny-llama"), preset, seed=5)  # same pads as the loaded pool
-    loaded = load(path, trusted_key=TRUSTED, seed=5)
+    policy, path = saved[preset]
+    fresh = partition_for_tests(preset)  # same pads as the loaded pool
+    loaded = load(path, trusted_key=TRUSTED, seed=BUNDLE_SEED)
     ids = torch.randint(3, 250, (2, 11))
     with torch.no_grad():
         want, got = model_output(fresh(input_ids=ids)), model_output(loaded(input_ids=ids))
-    if sp.policy.masking == "additive":  # exported graphs may round differently
+    if policy.masking == "additive":  # exported graphs may round differently
         torch.testing.assert_close(got, want)
     else:
         assert torch.equal(got, want)
-    assert loaded.plan() == json.loads(json.dumps(sp.plan()))
+    assert loaded.plan() == json.loads(json.dumps(fresh.plan()))
 
 
 def test_the_gpu_bundle_holds_no_protected_weight(saved):

@@ -1,12 +1,21 @@
-"""The ``teesplit`` command: partition -> inspect, and clear errors for bad arguments."""
+"""The ``teesplit`` command: partition -> inspect, and clear errors for bad arguments.
+
+Partitioning is the slow part (a capture and an ONNX export per bundle), so the commands that
+only read a bundle share one, made by the command line itself (``signed_cmif``); the tests
+that change it work on a copy.
+"""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import built
+
+from partitioner import cli
+from partitioner.signing import load_private_key, sign
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +29,22 @@ def teesplit(*args):
     )
 
 
+def teesplit_here(capsys, *args):
+    """The command in this process (no interpreter start-up): (exit code, stdout, stderr).
+    An exception other than the command's own exit fails the test, as a traceback would."""
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a typed error: main's one line
+            print(exc.code, file=sys.stderr)
+            code = 1
+        else:
+            code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """The tiny Llama as a local transformers folder: the CLI's built-in names are real models.
@@ -31,11 +56,24 @@ def tiny_llama(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def signed_cmif(tmp_path_factory, tiny_llama, key_files):
+    """A cmif bundle the command line partitioned and signed with ``key_files``; its stdout."""
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    made = teesplit(
+        "partition", tiny_llama, "--policy", "cmif", "--out", str(out),
+        "--sign-key", str(key_files[0]),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    return out, made.stdout
+
+
 def test_partition_then_inspect(tmp_path, tiny_llama):
     out = tmp_path / "bundle"
     run = teesplit("partition", tiny_llama, "--policy", "slalom", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "audit passed" in run.stdout and "done" in run.stdout
+    assert "NOT signed" in run.stdout  # no --sign-key: it says so
     assert (out / "plan.json").is_file() and list((out / "gpu" / "stages").glob("*.onnx"))
     shown = teesplit("inspect", str(out))
     assert shown.returncode == 0, shown.stderr[-2000:]
@@ -46,31 +84,23 @@ def test_partition_then_inspect(tmp_path, tiny_llama):
     assert "#fdc086" in svg and "#7fc97f" in svg  # GPU and enclave stages both drawn
 
 
-def test_unknown_model_and_missing_bundle_are_named(tmp_path):
+def test_unknown_model_and_missing_bundle_are_named(tmp_path, capsys):
     run = teesplit("partition", "no-such-model", "--out", str(tmp_path / "x"))
     assert run.returncode != 0 and "MODEL 'no-such-model' is neither a built-in" in run.stderr
-    run = teesplit("inspect", str(tmp_path / "nothing"))
-    assert run.returncode != 0 and "cannot read" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    code, _, err = teesplit_here(capsys, "inspect", str(tmp_path / "nothing"))
+    assert code != 0 and "cannot read" in err
     for bad in ("nan", "inf", "1", "0.5", "two"):  # refused before any model is read
-        run = teesplit("partition", "no-such-model", "--prior-ratio", bad, "--out", "x")
-        assert run.returncode == 2 and "--prior-ratio" in run.stderr, bad
-        assert "Traceback" not in run.stderr and "no-such-model" not in run.stderr
+        code, _, err = teesplit_here(
+            capsys, "partition", "no-such-model", "--prior-ratio", bad, "--out", "x"
+        )
+        assert code == 2 and "--prior-ratio" in err, bad
+        assert "no-such-model" not in err
 
 
-def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama, key_files):
-    out = tmp_path / "bundle"
-    made = teesplit(
-        "partition",
-        tiny_llama,
-        "--policy",
-        "cmif",
-        "--out",
-        str(out),
-        "--sign-key",
-        str(key_files[0]),
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    assert "capturing the KV-cache decoder step" in made.stdout
+def test_run_drives_a_worker_and_an_enclave_process(signed_cmif, key_files):
+    out, made = signed_cmif
+    assert "capturing the KV-cache decoder step" in made
     run = teesplit(
         "run",
         str(out),
@@ -89,10 +119,10 @@ def test_run_drives_a_worker_and_an_enclave_process(tmp_path, tiny_llama, key_fi
     assert "signature verified" in run.stdout
 
 
-def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, tiny_llama, key_files):
+def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, key_files):
     out = tmp_path / "bundle"
-    made = teesplit("partition", tiny_llama, "--policy", "cmif", "--out", str(out))
-    assert made.returncode == 0 and "NOT signed" in made.stdout
+    shutil.copytree(signed_cmif[0], out)
+    (out / "plan.json.sig").unlink()
     ids = ("--ids", "5,6,7,8", "--max-new-tokens", "2")
     run = teesplit("run", str(out), *ids)
     assert run.returncode != 0 and "--trusted-key" in run.stderr
@@ -106,16 +136,16 @@ def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, tiny_llama, k
     made = teesplit("keygen", "--out", str(other))
     assert made.returncode == 0 and (tmp_path / "other.key.pub").is_file()
     assert (other.stat().st_mode & 0o777) == 0o600
-    signed = teesplit("partition", tiny_llama, "--out", str(out), "--sign-key", str(other))
-    assert signed.returncode == 0, signed.stderr[-2000:]
+    # signed by a key the enclave was not told to trust
+    (out / "plan.json.sig").write_bytes(
+        sign((out / "plan.json").read_bytes(), load_private_key(other))
+    )
     run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
     assert run.returncode != 0 and "does not verify with the trusted key" in run.stderr
 
 
-def test_enclave_reports_a_missing_worker(tmp_path, tiny_llama, key_files):
-    out = tmp_path / "bundle"
-    signed = ("--sign-key", str(key_files[0]))
-    assert teesplit("partition", tiny_llama, "--out", str(out), *signed).returncode == 0
+def test_enclave_reports_a_missing_worker(tmp_path, signed_cmif, key_files):
+    out = signed_cmif[0]
     worker = f"unix:{tmp_path / 'none.sock'}"
     run = teesplit(
         "enclave", str(out / "enclave"), "--worker", worker, "--trusted-key", str(key_files[1])

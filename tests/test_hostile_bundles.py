@@ -16,7 +16,7 @@ import zipfile
 import pytest
 import torch
 from adversary import MARKER, copy_bundle, payload, read_plan, rehash, swap_file, write_plan
-from conftest import SIGN_KEY, TRUSTED, captured
+from conftest import SIGN_KEY, TRUSTED, captured, shared_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,14 +30,11 @@ from partitioner.policy import Policy
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     out = {}
-    for name, policy in {
-        "cmif": "cmif",
-        "slalom": "slalom",
-        # the same stages as cmif, but no RNM: a donor of "valid" files without sanitisation
-        "plain": Policy.preset("cmif", name="plain", rnm=None, protects=frozenset()),
-    }.items():
-        partition(captured("tiny-llama"), policy, seed=2).save(root / name, sign_key=SIGN_KEY)
-        out[name] = root / name
+    out = {name: shared_bundle(tmp_path_factory, name) for name in ("cmif", "slalom")}
+    # the same stages as cmif, but no RNM: a donor of "valid" files without sanitisation
+    plain = Policy.preset("cmif", name="plain", rnm=None, protects=frozenset())
+    partition(captured("tiny-llama"), plain, seed=2).save(root / "plain", sign_key=SIGN_KEY)
+    out["plain"] = root / "plain"
     return out
 
 

@@ -16,7 +16,7 @@ from concurrent import futures
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, captured
+from conftest import captured, shared_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -169,9 +169,7 @@ def test_nan_and_inf_results_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile-client")
-    partition(captured("tiny-llama"), "cmif", seed=1).save(root, sign_key=SIGN_KEY)
-    return GPUWorker(root / "gpu", device="cpu")
+    return GPUWorker(shared_bundle(tmp_path_factory, "cmif") / "gpu", device="cpu")
 
 
 def _stub(address):

@@ -494,18 +494,6 @@ def test_model_label_counts(
     assert counts[Label.NONLINEAR] >= layers
 
 
-@pytest.mark.slow
-def test_smollm2_label_counts():
-    program = captured("smollm2-135m").program
-    label_program(program)
-    counts = Counter(label_of(n) for n in program.graph.nodes if n.op == "call_function")
-    assert counts[Label.ATTENTION_PROJECTION] == 30 * 4
-    assert counts[Label.FFN] == 30 * 3
-    assert counts[Label.ATTENTION] == 30
-    assert counts[Label.LM_HEAD] == 1
-    assert counts[Label.OTHER] == 0
-
-
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))
 def test_every_spelling_of_a_linear_layer_runs_masked_on_the_gpu_under_slalom(spelling):
     """Labelled like F.linear is not enough: the layer must also be *split* like it. Its

@@ -4,17 +4,16 @@ import json
 import tomllib
 
 import pytest
-from conftest import captured
+from conftest import shared_bundle
 
 from enclave_runtime.manifest import ManifestOptions, enclave_size, render_manifest
-from partitioner.api import partition
 from partitioner.errors import ArtifactError
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle")
-    partition(captured("tiny-llama"), "slalom").save(path)
+    path = shared_bundle(tmp_path_factory, "slalom")
+    (path / "plan.json.sig").unlink()  # unsigned: the manifests below allow it
     return path
 
 

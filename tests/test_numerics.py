@@ -14,14 +14,18 @@ Presets that decompose SDPA are compared with eager under torch's MATH attention
 the decomposition reproduces op for op.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import MODELS, PRESET_NAMES, built, captured, eager, model_output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from partitioner.api import needs_attention_decomposition, partition
+from partitioner.label_set import Label
 from partitioner.policy import Policy
 from passes.exact import quantised_reference
+from passes.labels import label_of, label_program
 
 MASKED_TOL = {"rtol": 1e-4, "atol": 1e-3}
 
@@ -87,3 +91,17 @@ def test_positional_call_and_hf_output_type():
     torch.testing.assert_close(out.logits, eager("tiny-llama", ids))
     with pytest.raises(TypeError, match="unexpected arguments"):
         sp(input_ids=ids, labels=ids)
+
+
+@pytest.mark.slow
+def test_smollm2_label_counts():
+    """Here rather than in test_labels.py: this module captures SmolLM2 already (xdist
+    --dist loadscope runs a module in one process, and the capture takes ~45 s)."""
+    program = captured("smollm2-135m").program
+    label_program(program)
+    counts = Counter(label_of(n) for n in program.graph.nodes if n.op == "call_function")
+    assert counts[Label.ATTENTION_PROJECTION] == 30 * 4
+    assert counts[Label.FFN] == 30 * 3
+    assert counts[Label.ATTENTION] == 30
+    assert counts[Label.LM_HEAD] == 1
+    assert counts[Label.OTHER] == 0

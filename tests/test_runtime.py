@@ -7,7 +7,14 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, captured, model_output, self_signed
+from conftest import (
+    BUNDLE_SEED,
+    TRUSTED,
+    captured,
+    model_output,
+    self_signed,
+    shared_bundle,
+)
 
 from enclave_runtime.driver import WorkerError, connect, spawn_worker
 from partitioner.api import partition
@@ -19,9 +26,7 @@ from runtime.worker import GPUWorker, serve
 def bundles(tmp_path_factory):
     out = {}
     for preset in ("secureinfer", "slalom", "cmif"):
-        path = tmp_path_factory.mktemp(preset)
-        partition(captured("tiny-llama"), preset, seed=4).save(path, sign_key=SIGN_KEY)
-        out[preset] = path
+        out[preset] = shared_bundle(tmp_path_factory, preset)
     return out
 
 
@@ -38,8 +43,8 @@ def worker_process(bundles, tmp_path):
 
 def test_two_processes_give_the_in_process_outputs(bundles, worker_process):
     _, address = worker_process
-    program = connect(bundles["slalom"], address, seed=4, trusted_key=TRUSTED)
-    reference = partition(captured("tiny-llama"), "slalom", seed=4)
+    program = connect(bundles["slalom"], address, seed=BUNDLE_SEED, trusted_key=TRUSTED)
+    reference = partition(captured("tiny-llama"), "slalom", seed=BUNDLE_SEED)
     ids = torch.randint(3, 250, (2, 9))
     with torch.no_grad():
         assert torch.equal(
@@ -197,8 +202,8 @@ def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
     shutil.copytree(bundles["cmif"], enclave_only, ignore=shutil.ignore_patterns("gpu"))
     address = f"unix:{tmp_path / 'w.sock'}"
     server = _serve_in_thread(bundles["cmif"], address)
-    program = connect(enclave_only, address, seed=4, trusted_key=TRUSTED)
-    reference = partition(captured("tiny-llama"), "cmif", seed=4)
+    program = connect(enclave_only, address, seed=BUNDLE_SEED, trusted_key=TRUSTED)
+    reference = partition(captured("tiny-llama"), "cmif", seed=BUNDLE_SEED)
     ids = torch.randint(3, 250, (1, 6))
     with torch.no_grad():
         assert torch.equal(
@@ -247,9 +252,14 @@ def test_tls_and_a_token_on_tcp(bundles):
     address = f"localhost:{server.port}"
     try:
         program = connect(
-            bundles["slalom"], address, seed=4, trusted_key=TRUSTED, token="t0k", tls_root=cert
+            bundles["slalom"],
+            address,
+            seed=BUNDLE_SEED,
+            trusted_key=TRUSTED,
+            token="t0k",
+            tls_root=cert,
         )
-        reference = partition(captured("tiny-llama"), "slalom", seed=4)
+        reference = partition(captured("tiny-llama"), "slalom", seed=BUNDLE_SEED)
         ids = torch.randint(3, 250, (1, 5))
         with torch.no_grad():
             assert torch.equal(

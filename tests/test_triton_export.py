@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SIGN_KEY, built, captured
+from conftest import SIGN_KEY, built, shared_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -40,14 +40,11 @@ def bundles(tmp_path_factory):
         warnings.simplefilter("ignore")
         step = capture_decoder(built("tiny-llama"))
         out = {}
-        for name, program, policy in [
-            ("cmif", step, "cmif"),
-            ("all_gpu", step, "all_gpu"),
-            ("slalom", captured("tiny-llama"), "slalom"),
-        ]:
+        for name in ("cmif", "all_gpu"):
             path = tmp_path_factory.mktemp(name)
-            partition(program, policy, seed=2).save(path, sign_key=SIGN_KEY)
+            partition(step, name, seed=2).save(path, sign_key=SIGN_KEY)
             out[name] = path
+    out["slalom"] = shared_bundle(tmp_path_factory, "slalom")
     return out
 
 
