@@ -102,6 +102,21 @@ def test_save_refuses_a_directory_that_is_not_a_bundle(tmp_path):
         sp.save(tmp_path, sign_key=SIGN_KEY)
 
 
+def test_saving_over_a_bundle_replaces_it_whole(tmp_path_factory):
+    """A bundle saved over another (the same --out twice) keeps none of the old files: its
+    GPU stages, its signature. The new one loads, unsigned until it is signed again."""
+    root = shared_bundle(tmp_path_factory, "cmif")  # this test's own copy
+    assert list((root / "gpu").rglob("*.onnx")) and (root / "plan.json.sig").is_file()
+    split = partition(captured("tiny-llama"), "all_enclave")
+    split.save(root)
+    assert not list((root / "gpu").rglob("*.onnx")) and not (root / "plan.json.sig").exists()
+    with pytest.raises(ArtifactError, match="is not signed"):
+        load(root, trusted_key=TRUSTED)
+    assert load(root, allow_unsigned=True).plan() == json.loads(json.dumps(split.plan()))
+    split.save(root, sign_key=SIGN_KEY)
+    assert load(root, trusted_key=TRUSTED).policy.name == "all_enclave"
+
+
 def test_loading_needs_no_model_source_code(saved):
     _, path = saved["cmif"]
     script = (

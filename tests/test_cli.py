@@ -73,7 +73,8 @@ def test_partition_then_inspect(tmp_path, tiny_llama):
     run = teesplit("partition", tiny_llama, "--policy", "slalom", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "audit passed" in run.stdout and "done" in run.stdout
-    assert "NOT signed" in run.stdout  # no --sign-key: it says so
+    assert "NOT signed" in run.stdout  # no --sign-key: it says so, and signs nothing
+    assert not (out / "plan.json.sig").exists()
     assert (out / "plan.json").is_file() and list((out / "gpu" / "stages").glob("*.onnx"))
     shown = teesplit("inspect", str(out))
     assert shown.returncode == 0, shown.stderr[-2000:]
@@ -98,8 +99,9 @@ def test_unknown_model_and_missing_bundle_are_named(tmp_path, capsys):
         assert "no-such-model" not in err
 
 
-def test_run_drives_a_worker_and_an_enclave_process(signed_cmif, key_files):
-    out, made = signed_cmif
+def test_run_drives_a_worker_and_an_enclave_process(tmp_path, signed_cmif, key_files):
+    out, made = tmp_path / "bundle", signed_cmif[1]
+    shutil.copytree(signed_cmif[0], out)  # with Gramine on the PATH, run writes gramine/ here
     assert "capturing the KV-cache decoder step" in made
     run = teesplit(
         "run",
@@ -165,3 +167,4 @@ def test_the_demo_partitions_with_every_option_the_command_line_has(tmp_path, mo
     (args,) = seen
     assert set(vars(args)) == set(vars(parsed))
     assert (args.model, args.policy, args.compile_enclave) == ("smollm2-135m", "cmif", False)
+    assert parsed.policy == "secureinfer"  # the default
