@@ -11,6 +11,7 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from models import BUILDERS
 
+from partitioner.api import partition
 from partitioner.capturing import Captured, capture
 from partitioner.signing import SIGNATURE_FILE, generate_keypair, sign
 
@@ -133,7 +135,7 @@ def key_files(tmp_path_factory):
 BUNDLE_SEED = 4
 
 
-def shared_bundle(tmp_path_factory: pytest.TempPathFactory, policy: str) -> Any:
+def shared_bundle(tmp_path_factory: pytest.TempPathFactory, policy: str) -> Path:
     """tiny-llama (``captured``) partitioned under the preset ``policy`` with
     :data:`BUNDLE_SEED` and saved, as a fresh copy signed with :data:`SIGN_KEY`.
 
@@ -163,6 +165,4 @@ def shared_bundle(tmp_path_factory: pytest.TempPathFactory, policy: str) -> Any:
 
 def partition_for_tests(policy: str) -> Any:
     """The program :func:`shared_bundle` saves, made afresh (same seed, same pads)."""
-    from partitioner.api import partition
-
     return partition(captured("tiny-llama"), policy, seed=BUNDLE_SEED)

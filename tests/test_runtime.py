@@ -12,6 +12,7 @@ from conftest import (
     TRUSTED,
     captured,
     model_output,
+    partition_for_tests,
     self_signed,
     shared_bundle,
 )
@@ -44,7 +45,7 @@ def worker_process(bundles, tmp_path):
 def test_two_processes_give_the_in_process_outputs(bundles, worker_process):
     _, address = worker_process
     program = connect(bundles["slalom"], address, seed=BUNDLE_SEED, trusted_key=TRUSTED)
-    reference = partition(captured("tiny-llama"), "slalom", seed=BUNDLE_SEED)
+    reference = partition_for_tests("slalom")
     ids = torch.randint(3, 250, (2, 9))
     with torch.no_grad():
         assert torch.equal(
@@ -203,7 +204,7 @@ def test_the_enclave_host_needs_no_gpu_bundle(bundles, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
     server = _serve_in_thread(bundles["cmif"], address)
     program = connect(enclave_only, address, seed=BUNDLE_SEED, trusted_key=TRUSTED)
-    reference = partition(captured("tiny-llama"), "cmif", seed=BUNDLE_SEED)
+    reference = partition_for_tests("cmif")
     ids = torch.randint(3, 250, (1, 6))
     with torch.no_grad():
         assert torch.equal(
@@ -259,7 +260,7 @@ def test_tls_and_a_token_on_tcp(bundles):
             token="t0k",
             tls_root=cert,
         )
-        reference = partition(captured("tiny-llama"), "slalom", seed=BUNDLE_SEED)
+        reference = partition_for_tests("slalom")
         ids = torch.randint(3, 250, (1, 5))
         with torch.no_grad():
             assert torch.equal(
