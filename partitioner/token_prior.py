@@ -21,12 +21,15 @@ Compile-time only: the enclave never builds groups, it loads them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from partitioner.errors import PolicyError
@@ -74,19 +77,50 @@ def tokenised(word: str) -> str:
     return " ".join([stem, *clitics])
 
 
-def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def _encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """``texts -> token ids`` as ``tokenizer(texts, add_special_tokens=False)`` gives them.
+
+    A fast tokenizer's batch is encoded by its Rust backend directly, without transformers'
+    Python conversion of every encoding (~4x faster: wordfreq's prior encodes 400,000
+    texts); on a copy with truncation and padding off, which is what transformers' own call
+    sets (MiniLM's tokenizer file comes with both on, at 128)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = copy.deepcopy(backend)
+    backend.no_truncation()
+    backend.no_padding()
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _vocab(tokenizer: Any, vocab_size: int | None) -> int:
     return int(vocab_size if vocab_size is not None else len(tokenizer))
 
 
-def _add(counts: torch.Tensor, tokenizer: Any, texts: list[str], weights: list[float]) -> None:
-    """Adds each text's weight to every token the text is split into."""
-    for weight, ids in zip(weights, _ids(tokenizer, texts), strict=True):
-        index = torch.as_tensor(ids, dtype=torch.int64)
-        counts.index_add_(0, index, torch.full((len(ids),), weight, dtype=torch.float64))
+class _Tally:
+    """Weighted token counts, summed in the order the texts come (one ``bincount`` at the
+    end adds them one by one, as adding each text's tokens in turn would: the counts do not
+    depend on how the texts were batched). ``wordfreq`` counts 400,000 texts: a tensor per
+    text cost ~20 s of a ~27 s prior."""
+
+    def __init__(self, tokenizer: Any, vocab: int) -> None:
+        self.encode, self.vocab = _encoder(tokenizer), vocab
+        self.ids: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+
+    def add(self, texts: list[str], weights: list[float]) -> None:
+        """Each text's weight to every token the text is split into."""
+        ids = self.encode(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        self.ids.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
+        self.weights.append(np.repeat(np.asarray(weights, dtype=np.float64), lengths))
+
+    def counts(self) -> torch.Tensor:
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
+        if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
+            raise PolicyError(f"the tokenizer gave ids outside the {self.vocab} embedding rows")
+        weights = np.concatenate(self.weights) if self.weights else None
+        return torch.from_numpy(np.bincount(ids, weights, minlength=self.vocab).astype(np.float64))
 
 
 def wordfreq_prior(
@@ -97,17 +131,17 @@ def wordfreq_prior(
     import wordfreq
 
     freqs = sorted(wordfreq.get_frequency_dict("en").items(), key=lambda kv: -kv[1])[:WORDS]
-    counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
+    tally = _Tally(tokenizer, _vocab(tokenizer, vocab_size))
     for lead, share in ((" ", 1.0 - START_OF_TEXT), ("", START_OF_TEXT)):
         for spell, part in ((str, 1.0 - TOKENISED), (tokenised, TOKENISED)):
             texts = [lead + spell(word) for word, _ in freqs]
-            _add(counts, tokenizer, texts, [freq * share * part for _, freq in freqs])
+            tally.add(texts, [freq * share * part for _, freq in freqs])
     the = wordfreq.word_frequency("the", "en")
     for rate, natural, spaced in PUNCTUATION.values():
         for forms, part in ((natural, 1.0 - TOKENISED), (spaced, TOKENISED)):
-            _add(counts, tokenizer, list(forms), [the * rate * part / len(forms)] * len(forms))
+            tally.add(list(forms), [the * rate * part / len(forms)] * len(forms))
     version = importlib.metadata.version("wordfreq")
-    return TokenPrior(f"wordfreq-{version}-en+brown-punctuation+ptb", counts, ratio)
+    return TokenPrior(f"wordfreq-{version}-en+brown-punctuation+ptb", tally.counts(), ratio)
 
 
 def corpus_prior(
@@ -119,12 +153,13 @@ def corpus_prior(
 ) -> TokenPrior:
     """Token counts over ``texts`` (named ``name`` in the plan)."""
     counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
+    encode = _encoder(tokenizer)
     batch: list[str] = []
     for text in [*texts, None]:
         if text is not None:
             batch.append(text)
         if batch and (text is None or len(batch) == 1024):
-            for ids in _ids(tokenizer, batch):
+            for ids in encode(batch):
                 counts += torch.bincount(
                     torch.as_tensor(ids, dtype=torch.int64), minlength=counts.shape[0]
                 )[: counts.shape[0]].to(torch.float64)

@@ -25,6 +25,15 @@ def step():
     return partition(capture_decoder(built("tiny-llama")), "cmif", seed=3)
 
 
+@pytest.fixture(scope="module")
+def saved(step, tmp_path_factory):
+    """``step`` saved and signed once (an ONNX export per GPU stage): the tests below read it
+    (a worker, the enclave driver) and write nothing into it."""
+    bundle = tmp_path_factory.mktemp("step") / "b"
+    step.save(bundle, sign_key=SIGN_KEY)
+    return bundle
+
+
 @pytest.mark.parametrize(
     ("ids", "message"),
     [
@@ -50,14 +59,13 @@ def test_generation_refuses_empty_and_too_long_requests(step):
         generate(step, torch.tensor([[5, 6, 7]]), max_new_tokens=0)
 
 
-def test_the_enclave_driver_answers_bad_lines_with_errors_and_goes_on(step, tmp_path):
-    step.save(tmp_path / "b", sign_key=SIGN_KEY)
+def test_the_enclave_driver_answers_bad_lines_with_errors_and_goes_on(saved, tmp_path):
     address = f"unix:{tmp_path / 'w.sock'}"
-    server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
+    server = serve(GPUWorker(saved / "gpu", device="cpu"), address)
     lines = b"ids: 5,6,x\n\xff\xfe not utf-8\nids: 5,-3\nids: 5,6,7\n"
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "enclave_runtime", str(tmp_path / "b"), "--worker", address,
+            [sys.executable, "-m", "enclave_runtime", str(saved), "--worker", address,
              "--allow-unsigned", "--max-new-tokens", "2"],
             input=lines, capture_output=True, cwd=ROOT, timeout=300,
         )  # fmt: skip
@@ -80,26 +88,23 @@ def test_the_enclave_driver_answers_bad_lines_with_errors_and_goes_on(step, tmp_
         (["--worker", "unix:/nonexistent/w.sock", "--max-new-tokens", "0"], "positive integer"),
     ],
 )
-def test_bad_driver_options_are_one_line_errors(step, tmp_path, argv, message):
-    bundle = tmp_path / "b"
-    step.save(bundle, sign_key=SIGN_KEY)
+def test_bad_driver_options_are_one_line_errors(saved, argv, message):
     run = subprocess.run(
-        [sys.executable, "-m", "enclave_runtime", str(bundle), "--allow-unsigned", *argv],
+        [sys.executable, "-m", "enclave_runtime", str(saved), "--allow-unsigned", *argv],
         capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=300,
     )  # fmt: skip
     assert run.returncode != 0 and message in run.stderr
     assert "Traceback" not in run.stderr
 
 
-def test_the_worker_refuses_sizes_outside_the_programs_range(step, tmp_path):
+def test_the_worker_refuses_sizes_outside_the_programs_range(step, saved, tmp_path):
     """Found by the red team: 'extends' frames grew a held cache to past = 442,369 (the plan
     allows 128) and the worker's memory by 1 GB."""
     from enclave_runtime.driver import WorkerClient, WorkerError
     from partitioner.dims import concrete_shape
 
-    step.save(tmp_path / "b", sign_key=SIGN_KEY)
     address = f"unix:{tmp_path / 'w.sock'}"
-    server = serve(GPUWorker(tmp_path / "b" / "gpu", device="cpu"), address)
+    server = serve(GPUWorker(saved / "gpu", device="cpu"), address)
     try:
         stage = next(s for s in step.stages if s.side == "gpu")
         edges = {e.name: e for e in step.edges if e.consumer == stage.name}

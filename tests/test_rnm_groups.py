@@ -397,3 +397,18 @@ def test_the_token_left_alone_stays_the_one_greedy_left(monkeypatch):
             m.setattr(rnm_tables, "_ROUNDS", 0)
             greedy = RNMTables.build(_embedding(vocab, seed=seed), k, 1.0, prior=prior)
         assert int(refined.keep.sum()) == 1 and torch.equal(refined.keep, greedy.keep), seed
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_priors_split_texts_as_the_tokenizers_own_call_does(name):
+    """The priors encode through the fast tokenizer's backend (transformers' per-text
+    conversion was most of wordfreq's time): the ids must be the tokenizer's own. MiniLM's
+    tokenizer file turns truncation and padding on at 128, which its own call turns off."""
+    from partitioner import zoo
+    from partitioner.token_prior import _encoder
+
+    tokenizer = getattr(zoo, f"{name}_tokenizer")()
+    texts = ["the film , the film", " it 's", "", "caf\u00e9 -lrb- x -rrb-", "word " * 300]
+    encoded = _encoder(tokenizer)(texts)
+    assert encoded == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert len(encoded[-1]) >= 300 and 0 not in encoded[0]  # neither truncated nor padded
