@@ -118,7 +118,11 @@ class _Tally:
     def counts(self) -> torch.Tensor:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
         if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
-            raise PolicyError(f"the tokenizer gave ids outside the {self.vocab} embedding rows")
+            # counted nowhere, a token would be missed by the strata it should shape
+            raise PolicyError(
+                f"token prior: the tokenizer gives id {int(ids.max())}, outside the model's "
+                f"{self.vocab} embedding rows"
+            )
         weights = np.concatenate(self.weights) if self.weights else None
         return torch.from_numpy(np.bincount(ids, weights, minlength=self.vocab).astype(np.float64))
 
@@ -152,18 +156,12 @@ def corpus_prior(
     ratio: float = RATIO,
 ) -> TokenPrior:
     """Token counts over ``texts`` (named ``name`` in the plan)."""
-    counts = torch.zeros(_vocab(tokenizer, vocab_size), dtype=torch.float64)
-    encode = _encoder(tokenizer)
-    batch: list[str] = []
-    for text in [*texts, None]:
-        if text is not None:
-            batch.append(text)
-        if batch and (text is None or len(batch) == 1024):
-            for ids in encode(batch):
-                counts += torch.bincount(
-                    torch.as_tensor(ids, dtype=torch.int64), minlength=counts.shape[0]
-                )[: counts.shape[0]].to(torch.float64)
-            batch = []
+    tally = _Tally(tokenizer, _vocab(tokenizer, vocab_size))
+    texts = list(texts)
+    for start in range(0, len(texts), 1024):
+        batch = texts[start : start + 1024]
+        tally.add(batch, [1.0] * len(batch))
+    counts = tally.counts()
     if not bool(counts.any()):
         raise PolicyError(f"token prior corpus {name}: no tokens")
     return TokenPrior(f"corpus:{name}", counts, ratio)

@@ -159,6 +159,8 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     prior = corpus_prior(tokenizer, ["the film , the film", "a film"], "tiny")
     the, film = tokenizer.convert_tokens_to_ids(["the", "film"])
     assert prior.counts[film] == 3 and prior.counts[the] == 2 and prior.source == "corpus:tiny"
+    with pytest.raises(PolicyError, match="outside the model's 1000 embedding rows"):
+        corpus_prior(tokenizer, ["the film"], "tiny", vocab_size=1000)  # was dropped unsaid
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the film\n")
     from_file = prior_from(str(corpus), tokenizer)
