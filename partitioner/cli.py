@@ -229,12 +229,13 @@ def cmd_export_triton(args: argparse.Namespace) -> None:
     print(f"Triton model repository: {args.out} ({len(written)} models, onnxruntime backend)")
 
 
-def _read_plan(directory: str | Path) -> dict[str, Any]:
+def _read_plan(directory: str | Path, trusted_key: str | None = None) -> dict[str, Any]:
+    """The bundle's plan; with ``trusted_key``, only if that key signed it."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
 
     try:
-        return read_document(Path(directory))["plan"]
+        return read_document(Path(directory), trusted_key=trusted_key)["plan"]
     except ArtifactError as exc:
         raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
 
@@ -338,7 +339,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
     if args.trusted_key is None and not args.allow_unsigned:
         raise SystemExit("teesplit run: give --trusted-key PUB (or --allow-unsigned)")
-    _read_plan(args.dir)
+    # The enclave checks the signature itself (its trust anchor); checking here too refuses a
+    # bundle the key did not sign before a worker or an enclave process is started for it.
+    _read_plan(args.dir, args.trusted_key)
     _run_both(
         Path(args.dir),
         prompts,

@@ -121,7 +121,9 @@ def test_run_drives_a_worker_and_an_enclave_process(tmp_path, signed_cmif, key_f
     assert "signature verified" in run.stdout
 
 
-def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, key_files):
+def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, key_files, capsys):
+    """A bundle the trusted key did not sign is refused before a worker or an enclave
+    process starts (stdout stays empty: no banner of either)."""
     out = tmp_path / "bundle"
     shutil.copytree(signed_cmif[0], out)
     (out / "plan.json.sig").unlink()
@@ -130,13 +132,20 @@ def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, 
     assert run.returncode != 0 and "--trusted-key" in run.stderr
     run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
     assert run.returncode != 0 and "is not signed" in run.stderr
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    # the enclave driver refuses it itself, before it looks for a worker
+    worker = f"unix:{tmp_path / 'none.sock'}"
+    code, _, err = teesplit_here(
+        capsys, "enclave", str(out / "enclave"), "--worker", worker,
+        "--trusted-key", str(key_files[1]),
+    )  # fmt: skip
+    assert code != 0 and "is not signed" in err and "none.sock" not in err
     opted_out = teesplit("run", str(out), *ids, "--allow-unsigned")
     assert opted_out.returncode == 0, opted_out.stderr[-2000:]
     assert "UNSIGNED bundle" in opted_out.stdout and "WARNING --allow-unsigned" in opted_out.stderr
     other = tmp_path / "other.key"
-    made = teesplit("keygen", "--out", str(other))
-    assert made.returncode == 0 and (tmp_path / "other.key.pub").is_file()
+    code, _, _ = teesplit_here(capsys, "keygen", "--out", str(other))
+    assert code == 0 and (tmp_path / "other.key.pub").is_file()
     assert (other.stat().st_mode & 0o777) == 0o600
     # signed by a key the enclave was not told to trust
     (out / "plan.json.sig").write_bytes(
@@ -144,6 +153,7 @@ def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, 
     )
     run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
     assert run.returncode != 0 and "does not verify with the trusted key" in run.stderr
+    assert run.stdout == ""
 
 
 def test_enclave_reports_a_missing_worker(tmp_path, signed_cmif, key_files):

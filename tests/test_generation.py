@@ -180,9 +180,10 @@ def test_smollm2_answers_exactly_like_generate(policy):
 
 def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
     """plan.json sorts its keys (past_10 before past_2): generation must follow the
-    program's input order, not the order of the saved state map."""
+    program's input order, not the order of the saved state map. (all_enclave: the order is
+    the plan's, whichever side runs the stage, and an enclave stage needs no ONNX export.)"""
     model = tiny_llama(num_hidden_layers=6)
-    split = partition(capture_decoder(model), "all_gpu")
+    split = partition(capture_decoder(model), "all_enclave")
     split.save(tmp_path, sign_key=SIGN_KEY)
     ids = prompt()
     expected = hf_generate(model, ids, 8, eos_token_id=None)
