@@ -60,23 +60,38 @@ def _generates(model: Any) -> bool:
     return bool(can()) if callable(can) else False
 
 
-def cmd_partition(args: argparse.Namespace) -> None:
-    from partitioner.api import partition
-    from partitioner.policy import Policy
-    from passes.audit import audit
-
-    policy = Policy.resolve(args.policy)  # a bad policy fails before a long model load
-    start = time.perf_counter()
-    _step(f"loading {args.model}", start)
-    model = _load_model(args.model)
-    name = Path(args.model).name
+def _captured(spec: str, start: float, cache: dict[str, Any] | None) -> tuple[Any, int | None]:
+    """The model ``spec`` names as ``partition`` takes it (a causal LM's decoder step
+    captured), and its embedding rows; kept in ``cache`` when one is given (the demo
+    partitions one model under two policies, and ``partition`` leaves a captured program as
+    it was given)."""
+    if cache is not None and spec in cache:
+        _step(f"{spec}: loaded and captured already", start)
+        return cache[spec]
+    _step(f"loading {spec}", start)
+    model = _load_model(spec)
     embedding = getattr(model, "get_input_embeddings", lambda: None)()
     rows = int(embedding.weight.shape[0]) if embedding is not None else None
     if _generates(model):
         from partitioner.generation import capture_decoder
 
         _step("capturing the KV-cache decoder step", start)
-        model = capture_decoder(model, model_name=name)
+        model = capture_decoder(model, model_name=Path(spec).name)
+    if cache is not None:
+        cache[spec] = (model, rows)
+    return model, rows
+
+
+def cmd_partition(args: argparse.Namespace, cache: dict[str, Any] | None = None) -> None:
+    """``teesplit partition``; ``cache`` keeps loaded models between calls (see _captured)."""
+    from partitioner.api import partition
+    from partitioner.policy import Policy
+    from passes.audit import audit
+
+    policy = Policy.resolve(args.policy)  # a bad policy fails before a long model load
+    start = time.perf_counter()
+    name = Path(args.model).name
+    model, rows = _captured(args.model, start, cache)
     tokenizer = _source_tokenizer(args.model)
     prior, public = None, None
     if policy.rnm is not None:
@@ -355,7 +370,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 DEMO_PROMPT = "What is the capital of France?"
 
 
-def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
+def _demo_bundle(
+    out: Path, policy: str, key: Path, public: Path, cache: dict[str, Any] | None = None
+) -> None:
     """SmolLM2 partitioned under ``policy`` into ``out``, signed with the demo's key, unless
     ``out`` holds that already."""
     from partitioner.bundle import read_document
@@ -379,7 +396,7 @@ def _demo_bundle(out: Path, policy: str, key: Path, public: Path) -> None:
         )
         with _quiet(log):  # the report is `teesplit inspect`'s; the libraries' noise the log's
             command = ["partition", "smollm2-135m", "--policy", policy, "--out", str(out)]
-            cmd_partition(_parser().parse_args([*command, "--sign-key", str(key)]))
+            cmd_partition(_parser().parse_args([*command, "--sign-key", str(key)]), cache)
 
 
 @contextlib.contextmanager
@@ -431,8 +448,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if not key.exists():
         generate_keypair(key)
     policies = args.policies or list(DEMO_POLICIES)
+    loaded: dict[str, Any] = {}  # SmolLM2 loaded and captured once for both bundles
     for policy in policies:
-        _demo_bundle(root / policy, policy, key, public)
+        _demo_bundle(root / policy, policy, key, public, loaded)
+    loaded.clear()  # the bundles are saved: the model is not needed in this process
     print(f"question: {args.prompt}")
     for policy in policies:
         print(f"\n{policy}: {DEMO_POLICIES.get(policy, 'policy ' + policy)}", flush=True)

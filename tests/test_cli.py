@@ -171,7 +171,7 @@ def test_the_demo_partitions_with_every_option_the_command_line_has(tmp_path, mo
     from partitioner import cli
 
     seen = []
-    monkeypatch.setattr(cli, "cmd_partition", seen.append)
+    monkeypatch.setattr(cli, "cmd_partition", lambda args, cache=None: seen.append(args))
     cli._demo_bundle(tmp_path / "cmif", "cmif", tmp_path / "key", tmp_path / "key.pub")
     parsed = cli._parser().parse_args(["partition", "m", "--out", "x"])
     (args,) = seen

@@ -178,6 +178,29 @@ def test_smollm2_answers_exactly_like_generate(policy):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
+def test_partition_leaves_the_captured_program_as_it_was_given():
+    """The demo captures SmolLM2 once and partitions it under two policies (and tests share
+    captures): a partition must not change the program, its weights or its dims, and a
+    second partition of the same capture is the partition of a fresh one."""
+    captured = capture_decoder(tiny_llama())
+    graph = str(captured.program.graph)
+    weights = {k: v.clone() for k, v in captured.program.state_dict.items()}
+    dims, state = dict(captured.dim_names), dict(captured.state)
+    first = partition(captured, "slalom", seed=2)
+    partition(captured, "cmif", seed=2)
+    partition(captured, "secureinfer", seed=2)
+    assert str(captured.program.graph) == graph
+    assert weights.keys() == captured.program.state_dict.keys()
+    assert all(torch.equal(v, captured.program.state_dict[k]) for k, v in weights.items())
+    assert (captured.dim_names, captured.state) == (dims, state)
+    again = partition(captured, "slalom", seed=2)
+    assert again.plan() == first.plan()
+    ids = prompt(batch=1)
+    assert torch.equal(
+        generate(again, ids, max_new_tokens=4), generate(first, ids, max_new_tokens=4)
+    )
+
+
 def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
     """plan.json sorts its keys (past_10 before past_2): generation must follow the
     program's input order, not the order of the saved state map. (all_enclave: the order is
