@@ -34,6 +34,7 @@ from passes.attention import decompose_attention
 from passes.audit import audit
 from passes.base import teesplit_meta
 from passes.gqa import share_kv_heads
+from passes.graph_edit import rewritten
 from passes.labels import label_program, user_input_names
 from passes.protect import protect
 from passes.rnm import token_input_of
@@ -123,7 +124,9 @@ def partition(
         if isinstance(model, Captured)
         else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
-    program = captured.program
+    # a private copy: the labels and placement tags below go into node metadata, and a
+    # capture is often partitioned again (the demo's two bundles, a later public-base policy)
+    program = rewritten(captured.program, lambda graph, value_map: None)
     if needs_attention_decomposition(policy):
         program = decompose_attention(program)
     else:  # SDPA stays one op: it can read grouped KV heads without repeating them

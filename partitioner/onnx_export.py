@@ -126,9 +126,9 @@ def export_onnx(program: torch.export.ExportedProgram, path: Path, name: str) ->
 
     What ``torch.onnx.export(program, dynamo=True)`` does, with the registry built once.
     """
-    from torch.onnx._internal.exporter import _core
+    try:  # onnxscript, which _core imports, comes with the onnx extra: a missing one is typed
+        from torch.onnx._internal.exporter import _core
 
-    try:
         onnx_program = _core.export(
             program, registry=_registry(), verbose=False, opset_version=_opset()
         )

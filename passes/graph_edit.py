@@ -5,6 +5,7 @@ graph it is given.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -29,11 +30,15 @@ def rewritten(
     rewrite: Callable[[torch.fx.Graph, dict[torch.fx.Node, torch.fx.Node]], None],
 ) -> ExportedProgram:
     """A new program whose graph is a copy of ``program``'s, changed by ``rewrite(graph,
-    value_map)`` (``value_map``: each original node to its copy); weights are shared."""
+    value_map)`` (``value_map``: each original node to its copy); weights are shared, the
+    copy's teesplit tags are its own."""
     graph = torch.fx.Graph()
     value_map: dict[torch.fx.Node, torch.fx.Node] = {}
     output = graph.graph_copy(program.graph, value_map)
     graph.output(output)
+    for old, new in value_map.items():  # graph_copy shares each node's meta values
+        if "teesplit" in old.meta:  # our tags: a pass that tags the copy must not tag this
+            new.meta["teesplit"] = copy.deepcopy(old.meta["teesplit"])
     rewrite(graph, value_map)
     graph.lint()
     module = torch.fx.GraphModule(program.graph_module, graph)

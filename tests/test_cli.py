@@ -165,6 +165,34 @@ def test_enclave_reports_a_missing_worker(tmp_path, signed_cmif, key_files):
     assert run.returncode != 0 and "none.sock" in run.stderr
 
 
+def test_the_demo_loads_and_captures_its_model_once_for_both_bundles(tmp_path, monkeypatch):
+    """The demo's bundles share one load and capture of SmolLM2 (one cache, handed to each
+    partition); a plain `teesplit partition` keeps nothing between calls."""
+    import partitioner.deploy
+
+    class Served(Exception):
+        pass
+
+    def serve(*args, **kwargs):
+        raise Served  # stop before serving
+
+    seen = []
+    monkeypatch.setattr(cli, "_demo_bundle", lambda *args: seen.append(args))
+    monkeypatch.setattr(partitioner.deploy, "local_deployment", serve)
+    with pytest.raises(Served):
+        cli.cmd_demo(cli._parser().parse_args(["demo", "--out", str(tmp_path / "demo")]))
+    assert [args[1] for args in seen] == ["cmif", "slalom"]
+    assert isinstance(seen[0][4], dict) and seen[0][4] is seen[1][4]
+    loads = []
+    monkeypatch.setattr(cli, "_load_model", lambda spec: loads.append(spec) or built("tiny-llama"))
+    cache = {}
+    first = cli._captured("m", 0.0, cache)
+    assert cli._captured("m", 0.0, cache)[0] is first[0] and loads == ["m"]
+    cli._captured("m", 0.0, None)
+    cli._captured("m", 0.0, None)
+    assert loads == ["m", "m", "m"]
+
+
 def test_the_demo_partitions_with_every_option_the_command_line_has(tmp_path, monkeypatch):
     """The demo builds its bundles by calling the partition command; a namespace written by
     hand lacked an option added later (--compile-enclave), and a clean `make demo` failed."""

@@ -12,6 +12,7 @@ from models import tiny_llama
 from enclave_runtime.driver import connect
 from enclave_runtime.generation import generate
 from partitioner.api import load, partition
+from partitioner.capturing import capture
 from partitioner.errors import PartitionError
 from partitioner.generation import capture_decoder
 from partitioner.policy import Policy
@@ -199,6 +200,17 @@ def test_partition_leaves_the_captured_program_as_it_was_given():
     assert torch.equal(
         generate(again, ids, max_new_tokens=4), generate(first, ids, max_new_tokens=4)
     )
+    assert not any("teesplit" in node.meta for node in captured.program.graph.nodes)
+
+
+def test_partition_tags_none_of_a_capture_it_has_nothing_to_rewrite_in():
+    """GPT-2's heads are not grouped, so no attention rewrite copies its graph: the labels
+    and placement tags (``public`` among them, which a later partition would read) must
+    still go to partition's own copy, not into the caller's capture."""
+    captured = capture(built("tiny-gpt2"), model_name="tiny-gpt2")
+    for policy in ("cmif", "slalom", "all_enclave"):
+        partition(captured, policy, seed=2)
+        assert not any("teesplit" in node.meta for node in captured.program.graph.nodes)
 
 
 def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
