@@ -50,6 +50,12 @@ def needs_attention_decomposition(policy: Policy) -> bool:
     )
 
 
+def _untagged(graph: torch.fx.Graph, value_map: Any) -> None:
+    """Drop every teesplit tag: only this partition's passes may set them."""
+    for node in graph.nodes:
+        node.meta.pop("teesplit", None)
+
+
 def _tag_state(program: ExportedProgram, state: Mapping[str, Any]) -> None:
     """Tag each state placeholder with the output value that refills it (for taint)."""
     if not state:
@@ -124,9 +130,10 @@ def partition(
         if isinstance(model, Captured)
         else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
-    # a private copy: the labels and placement tags below go into node metadata, and a
-    # capture is often partitioned again (the demo's two bundles, a later public-base policy)
-    program = rewritten(captured.program, lambda graph, value_map: None)
+    # a private copy, untagged: the labels and placement tags below go into node metadata, a
+    # capture is often partitioned again (the demo's two bundles), and a tag given in (public,
+    # from an earlier partition of the same program) would unprotect what this policy protects
+    program = rewritten(captured.program, _untagged)
     if needs_attention_decomposition(policy):
         program = decompose_attention(program)
     else:  # SDPA stays one op: it can read grouped KV heads without repeating them

@@ -255,7 +255,8 @@ def _read_plan(directory: str | Path) -> dict[str, Any]:
 
 
 def _check_signed(directory: str | Path, trusted_key: str) -> None:
-    """Refuse a bundle ``trusted_key`` did not sign, before anything is started for it."""
+    """Refuse a bundle ``trusted_key`` did not sign (checked before its plan is parsed),
+    before anything is started for it."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
     from partitioner.signing import load_public_key
@@ -369,9 +370,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
     if args.trusted_key is None and not args.allow_unsigned:
         raise SystemExit("teesplit run: give --trusted-key PUB (or --allow-unsigned)")
-    _read_plan(args.dir)
     if args.trusted_key is not None:  # the enclave checks it too: this only refuses earlier
         _check_signed(args.dir, args.trusted_key)
+    else:
+        _read_plan(args.dir)
     _run_both(
         Path(args.dir),
         prompts,

@@ -5,7 +5,6 @@ graph it is given.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +37,7 @@ def rewritten(
     graph.output(output)
     for old, new in value_map.items():  # graph_copy shares each node's meta values
         if "teesplit" in old.meta:  # our tags: a pass that tags the copy must not tag this
-            new.meta["teesplit"] = copy.deepcopy(old.meta["teesplit"])
+            new.meta["teesplit"] = dict(old.meta["teesplit"])  # its values are immutable
     rewrite(graph, value_map)
     graph.lint()
     module = torch.fx.GraphModule(program.graph_module, graph)

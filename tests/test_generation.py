@@ -213,6 +213,20 @@ def test_partition_tags_none_of_a_capture_it_has_nothing_to_rewrite_in():
         assert not any("teesplit" in node.meta for node in captured.program.graph.nodes)
 
 
+def test_partition_sets_every_tag_itself():
+    """Tags a program arrives with (an earlier partition's ``public``, say, when its
+    ``source`` is partitioned again) are dropped: a weight this policy protects must not
+    pass as public because another policy's base held it."""
+    captured = capture(built("tiny-gpt2"), model_name="tiny-gpt2")
+    for node in captured.program.graph.nodes:
+        node.meta["teesplit"] = {"public": True, "side": "gpu"}
+    split = partition(captured, "slalom", seed=2)
+    tags = [node.meta.get("teesplit", {}) for node in split.source.graph.nodes]
+    assert not any(tag.get("public") for tag in tags)
+    fresh = capture(built("tiny-gpt2"), model_name="tiny-gpt2")
+    assert split.plan() == partition(fresh, "slalom", seed=2).plan()
+
+
 def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
     """plan.json sorts its keys (past_10 before past_2): generation must follow the
     program's input order, not the order of the saved state map. (all_enclave: the order is
