@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 SST2 ?= ../shared/data/sst2
+# SmolLM2 converted once from GGUF (partitioner/converted.py) for every target here: in the
+# clone, so a fresh clone converts afresh and `make clean` removes it
+export TEESPLIT_CACHE ?= $(CURDIR)/build/cache
 
 .PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-privacy-finetuned bench-tradeoff bench-recovery bench-integrity bench-teebound clean golden
 

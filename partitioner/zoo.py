@@ -72,23 +72,116 @@ def minilm_tokenizer() -> Any:
 
 
 def smollm2() -> torch.nn.Module:
-    """SmolLM2-135M-Instruct (Llama architecture), dequantised from GGUF to float32 (~20 s)."""
-    path = smollm2_dir()
+    """SmolLM2-135M-Instruct (Llama architecture), dequantised from GGUF to float32: from
+    its converted folder (:func:`smollm2_folder`, ~1 s), or from the GGUF file itself when
+    no cache can be written."""
+    _offline()
+    from transformers import AutoModelForCausalLM
+
+    folder = smollm2_folder()
+    if folder is None:
+        return _smollm2_from_gguf()
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file (or its folder)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    folder = smollm2_folder()
+    if folder is None:
+        return _smollm2_tokenizer_from_gguf()
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _smollm2_from_gguf() -> torch.nn.Module:
     _offline()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=SMOLLM2_FILE, local_files_only=True
+        smollm2_dir(), gguf_file=SMOLLM2_FILE, local_files_only=True
     ).eval()
 
 
-def smollm2_tokenizer() -> Any:
-    """SmolLM2-135M-Instruct's tokenizer, read from the same GGUF file."""
-    path = smollm2_dir()
+def _smollm2_tokenizer_from_gguf() -> Any:
     _offline()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_FILE, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        smollm2_dir(), gguf_file=SMOLLM2_FILE, local_files_only=True
+    )
+
+
+def smollm2_folder() -> Path | None:
+    """SmolLM2 converted once from its GGUF file into a transformers folder (safetensors
+    weights, config, tokenizer) in :func:`partitioner.converted.cache_root`, or None where
+    no cache can be written.
+
+    Why: transformers reads a GGUF file's metadata field by field and maps every tensor name
+    through a table it rebuilds per tensor, ~35 s for the model and ~10 s for the tokenizer
+    here, on every load; the folder loads in ~1 s. The folder is named for the GGUF file's
+    sha256 and the transformers version, and is used only after the conversion checked it
+    against the GGUF load (weights bit for bit, config, tokenizer, chat template)."""
+    from partitioner import converted
+
+    return converted.folder("smollm2", smollm2_dir() / SMOLLM2_FILE, _convert_smollm2)
+
+
+_PROBES = ("What is the capital of France?", "it 's a charming , often affecting journey .")
+
+
+def _convert_smollm2(out: Path) -> str | None:
+    model, tokenizer = _smollm2_from_gguf(), _smollm2_tokenizer_from_gguf()
+    write_folder(model, tokenizer, out)
+    return folder_mismatch(model, tokenizer, out)
+
+
+def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    """``model`` and ``tokenizer`` as a transformers folder in ``out``. save_pretrained
+    refuses a model loaded from GGUF, so the weights are written as it would write them:
+    safetensors, a tied output layer stored once, as the embedding."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(out / "model.safetensors"))
+    model.config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def folder_mismatch(model: torch.nn.Module, tokenizer: Any, out: Path) -> str | None:
+    """Why the folder ``out`` does not load as ``model`` and ``tokenizer`` (None if it does):
+    config and generation config, every weight bit for bit, the tokenizer's ids for probe
+    texts, its chat template and special tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    back = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    # where it was read from, and the dtype it was read as (the weights' own are compared)
+    unnamed = {"_name_or_path": "", "dtype": ""}
+    if model.config.to_dict() | unnamed != back.config.to_dict() | unnamed:
+        return "its config differs"
+    if model.generation_config.to_dict() != back.generation_config.to_dict():
+        return "its generation config differs"
+    a, b = model.state_dict(), back.state_dict()
+    if a.keys() != b.keys() or any(
+        a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]) for k in a
+    ):
+        return "its weights differ"
+    read = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for text in _PROBES:
+        if tokenizer(text).input_ids != read(text).input_ids:
+            return f"its tokenizer encodes {text!r} differently"
+    chat = [{"role": "user", "content": _PROBES[0]}]
+    if tokenizer.apply_chat_template(chat, tokenize=False) != read.apply_chat_template(
+        chat, tokenize=False
+    ):
+        return "its chat template differs"
+    if (tokenizer.eos_token_id, tokenizer.bos_token_id) != (read.eos_token_id, read.bos_token_id):
+        return "its special tokens differ"
+    return None
 
 
 def llama2_7b_meta(num_hidden_layers: int = 32) -> torch.nn.Module:

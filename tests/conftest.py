@@ -25,6 +25,7 @@ from models import BUILDERS
 
 from partitioner.api import partition
 from partitioner.capturing import Captured, capture
+from partitioner.generation import capture_decoder
 from partitioner.signing import SIGNATURE_FILE, generate_keypair, sign
 
 # The compiler's signing key for bundles saved by tests, and the public key that loads them.
@@ -133,34 +134,67 @@ def key_files(tmp_path_factory):
 # The seed of the bundles tests share (``shared_bundle``): a test that compares a loaded
 # bundle with a fresh partition partitions with this seed too.
 BUNDLE_SEED = 4
+# The same for the shared bundles of the tiny Llama's decoder step (``shared_step_bundle``).
+STEP_SEED = 3
+
+
+@functools.cache
+def step(name: str) -> Captured:
+    """The KV-cache decoder step of a model (``capture_decoder``), captured once per process
+    (the tiny Llama's takes ~10 s)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture_decoder(built(name))
 
 
 def shared_bundle(tmp_path_factory: pytest.TempPathFactory, policy: str) -> Path:
     """tiny-llama (``captured``) partitioned under the preset ``policy`` with
-    :data:`BUNDLE_SEED` and saved, as a fresh copy signed with :data:`SIGN_KEY`.
+    :data:`BUNDLE_SEED` and saved, as a fresh copy signed with :data:`SIGN_KEY`."""
+    return _shared(tmp_path_factory, policy, partition_for_tests)
 
-    Saving is the slow part of many modules' fixtures (an export and an ONNX export per
-    stage), so the run saves each preset once: the first test process to ask saves it under
-    a lock in the run's temporary directory (shared by xdist's workers), the others copy it.
-    Each copy is the caller's to change; it is re-signed because every process has its own
-    :data:`SIGN_KEY`."""
+
+def shared_step_bundle(
+    tmp_path_factory: pytest.TempPathFactory, policy: str, key: Ed25519PrivateKey = SIGN_KEY
+) -> Path:
+    """tiny-llama's decoder step (``step``) partitioned under ``policy`` with
+    :data:`STEP_SEED` and saved, as a fresh copy signed with ``key``."""
+    return _shared(tmp_path_factory, f"step-{policy}", partition_step_for_tests, policy, key)
+
+
+def _shared(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    make: Callable[[str], Any],
+    policy: str | None = None,
+    key: Ed25519PrivateKey = SIGN_KEY,
+) -> Path:
+    """Saving is the slow part of many modules' fixtures (an export and an ONNX export per
+    stage), so the run saves each shared bundle once: the first test process to ask saves it
+    under a lock in the run's temporary directory (shared by xdist's workers), the others
+    copy it. Each copy is the caller's to change; it is re-signed because every process has
+    its own :data:`SIGN_KEY`."""
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-bundles"
     shared.mkdir(exist_ok=True)
-    built_at = shared / policy
-    with open(shared / f"{policy}.lock", "w") as lock:
+    built_at = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not built_at.is_dir():
-            partial = shared / f"{policy}.partial"  # a whole bundle or none under its name
+            partial = shared / f"{name}.partial"  # a whole bundle or none under its name
             shutil.rmtree(partial, ignore_errors=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                partition_for_tests(policy).save(partial)
+                make(policy or name).save(partial)
             partial.rename(built_at)
-    copy = tmp_path_factory.mktemp(policy)
+    copy = tmp_path_factory.mktemp(name)
     shutil.copytree(built_at, copy, dirs_exist_ok=True)
-    (copy / SIGNATURE_FILE).write_bytes(sign((copy / "plan.json").read_bytes(), SIGN_KEY))
+    (copy / SIGNATURE_FILE).write_bytes(sign((copy / "plan.json").read_bytes(), key))
     return copy
+
+
+def partition_step_for_tests(policy: str) -> Any:
+    """The program :func:`shared_step_bundle` saves, made afresh (same seed, same pads)."""
+    return partition(step("tiny-llama"), policy, seed=STEP_SEED)
 
 
 def partition_for_tests(policy: str) -> Any:

@@ -14,13 +14,12 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, at_once
-from test_generation import args, prompt, step
+from conftest import TRUSTED, at_once, partition_step_for_tests, shared_step_bundle
+from test_generation import args, prompt
 
 from enclave_runtime.driver import connect
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
-from partitioner.api import partition
 from partitioner.errors import ArtifactError
 from partitioner.plan import Plan
 from runtime.batching import Layout, StageBatcher
@@ -32,12 +31,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
 
 @pytest.fixture(scope="module")
 def all_gpu():
-    return partition(step("tiny-llama"), "all_gpu", seed=3)
+    return partition_step_for_tests("all_gpu")
 
 
 @pytest.fixture(scope="module")
 def cmif():
-    return partition(step("tiny-llama"), "cmif", seed=3)
+    return partition_step_for_tests("cmif")
 
 
 def _gpu_stage(split):
@@ -196,12 +195,13 @@ def test_a_poisoned_call_fails_alone_and_a_dead_device_fails_everyone():
     assert sorted(errors) == sorted(calls) and not out
 
 
-def test_sessions_decoding_at_once_on_a_worker_share_runs_and_keep_their_tokens(cmif, tmp_path):
+def test_sessions_decoding_at_once_on_a_worker_share_runs_and_keep_their_tokens(
+    cmif, tmp_path_factory, tmp_path
+):
     """Four sessions with prompts of different lengths generate at once through one worker:
     each gets the tokens it gets alone in process, and the worker ran its stage fewer times
     than it was called (ModelStatistics: execution_count < inference_count)."""
-    root = tmp_path / "bundle"
-    cmif.save(root, sign_key=SIGN_KEY)
+    root = shared_step_bundle(tmp_path_factory, "cmif")
     address = f"unix:{tmp_path / 'w.sock'}"
     server = serve(GPUWorker(root / "gpu", batch_delay=0.2), address)
     prompts = [prompt(batch=1, seq=n, seed=n) for n in (4, 7, 7, 11)]
@@ -236,17 +236,14 @@ def test_a_plan_naming_another_input_as_padding_is_refused(cmif, name):
         Plan.from_dict(data)
 
 
-def test_only_a_stage_holding_caches_waits_for_batch_mates(cmif, tmp_path):
+def test_only_a_stage_holding_caches_waits_for_batch_mates(tmp_path_factory):
     """A decode step (one call per token) waits for the other sessions; a stateless stage of
     a many-stage preset (slalom: one call per linear layer) must not pay a wait per call."""
-    root = tmp_path / "cmif"
-    cmif.save(root, sign_key=SIGN_KEY)
+    root = shared_step_bundle(tmp_path_factory, "cmif")
     worker = GPUWorker(root / "gpu", batch_delay=0.2)
     [held] = worker.held
     assert worker.batchers[held].max_delay == 0.2
-    slalom = partition(step("tiny-llama"), "slalom", seed=3)
-    root = tmp_path / "slalom"
-    slalom.save(root, sign_key=SIGN_KEY)
+    root = shared_step_bundle(tmp_path_factory, "slalom")
     worker = GPUWorker(root / "gpu", batch_delay=0.2)
     assert not worker.held and worker.batchers
     assert all(b.max_delay == 0.0 for b in worker.batchers.values())

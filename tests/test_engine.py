@@ -19,8 +19,8 @@ import types
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
-from test_generation import prompt, step
+from conftest import TRUSTED, partition_step_for_tests, shared_step_bundle
+from test_generation import prompt
 from test_held_state import _stage_request
 
 from enclave_runtime.driver import WorkerError, worker_client
@@ -29,7 +29,6 @@ from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.generation import context_length, decode_steps
 from enclave_runtime.openai_api import Job
 from enclave_runtime.sessions import Session
-from partitioner.api import partition
 from partitioner.bundle import load_program
 from runtime.kserve import service
 from runtime.state import RowStates, StateError, row_ids, stand_in
@@ -43,14 +42,12 @@ LOAD = [(3, 6), (9, 4), (5, 7), (12, 2)]
 
 @pytest.fixture(scope="module")
 def cmif():
-    return partition(step("tiny-llama"), "cmif", seed=3)
+    return partition_step_for_tests("cmif")
 
 
 @pytest.fixture(scope="module")
 def cmif_root(cmif, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine") / "bundle"
-    cmif.save(root, sign_key=SIGN_KEY)
-    return root
+    return shared_step_bundle(tmp_path_factory, "cmif")
 
 
 class Tokens:
@@ -144,7 +141,7 @@ def run_load(engine: Engine, plan) -> None:
 def test_sessions_decoded_together_get_the_tokens_they_get_alone(policy, cmif):
     """cmif: the GPU stage holds each row's cache; slalom: the enclave keeps the caches and
     left-pads them itself (exact masks, per-row quantisation)."""
-    split = cmif if policy == "cmif" else partition(step("tiny-llama"), policy, seed=3)
+    split = cmif if policy == "cmif" else partition_step_for_tests(policy)
     client = LocalClient(split.spec)
     engine = Engine(model(split.spec, client))
     try:
@@ -439,7 +436,7 @@ def test_decode_steps_take_mask_sets_drawn_ahead_by_the_background_refill():
     """The offline work is offline when serving: a thread keeps one-session decode mask sets
     stocked, so a step takes one instead of drawing it (and its corrections) on the spot;
     only the prefill, whose length varies, draws its own. ``/health`` reports the stock."""
-    split = partition(step("tiny-llama"), "slalom", seed=3)
+    split = partition_step_for_tests("slalom")
     engine = Engine(model(split.spec, LocalClient(split.spec)))
     try:
         for _ in range(600):  # the first batch, drawn while nothing is asked
@@ -462,7 +459,7 @@ def test_a_preset_whose_mask_sets_grow_with_the_cache_is_not_stocked():
     """secureinfer's pads cover the attention products, whose shapes name the cache length: a
     set for one decode step serves no other, so none is stocked (the refill used to start and
     die on the unbound size, leaving ``/health`` at zero for good)."""
-    split = partition(step("tiny-llama"), "secureinfer", seed=3)
+    split = partition_step_for_tests("secureinfer")
     engine = Engine(model(split.spec, LocalClient(split.spec)))
     try:
         assert engine._refill is None

@@ -1,12 +1,18 @@
 """KV-cache generation through split programs, token for token against transformers."""
 
 import dataclasses
-import functools
-import warnings
 
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, built
+from conftest import (
+    SIGN_KEY,
+    STEP_SEED,
+    TRUSTED,
+    built,
+    partition_step_for_tests,
+    shared_step_bundle,
+    step,
+)
 from models import tiny_llama
 
 from enclave_runtime.driver import connect
@@ -23,13 +29,6 @@ DECODERS = ["tiny-llama", "tiny-qwen2", "tiny-phi3", "tiny-gpt2", "tiny-opt", "t
 CMIF_NO_RNM = dataclasses.replace(
     Policy.resolve("cmif"), name="cmif-no-rnm", rnm=None, protects=frozenset()
 )
-
-
-@functools.cache
-def step(name: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return capture_decoder(built(name))
 
 
 def args(ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -143,16 +142,16 @@ def count_full_inputs(program) -> list[int]:
 
 
 @pytest.mark.parametrize("policy", ["cmif", "secureinfer", "slalom"])
-def test_saved_program_generates_over_a_worker(policy, tmp_path):
+def test_saved_program_generates_over_a_worker(policy, tmp_path_factory, tmp_path):
     """Save, load the enclave side only, serve the GPU side with onnxruntime: same tokens as
     the in-process program (the prefill sends zero-length caches over the socket)."""
     ids = prompt(batch=1)
-    split = partition(step("tiny-llama"), policy, seed=6)
-    split.save(tmp_path, sign_key=SIGN_KEY)
-    assert load(tmp_path, trusted_key=TRUSTED).spec.state == split.state
-    server = serve(GPUWorker(tmp_path / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
+    root = shared_step_bundle(tmp_path_factory, policy)
+    split = partition_step_for_tests(policy)
+    assert load(root, trusted_key=TRUSTED).spec.state == split.state
+    server = serve(GPUWorker(root / "gpu", backend="onnx"), f"unix:{tmp_path / 'w.sock'}")
     try:
-        remote = connect(tmp_path, f"unix:{tmp_path / 'w.sock'}", trusted_key=TRUSTED, seed=6)
+        remote = connect(root, f"unix:{tmp_path / 'w.sock'}", trusted_key=TRUSTED, seed=STEP_SEED)
         full = count_full_inputs(remote)
         expected = generate(split, ids, max_new_tokens=6)
         assert torch.equal(generate(remote, ids, max_new_tokens=6), expected)

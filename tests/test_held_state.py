@@ -12,8 +12,14 @@ import dataclasses
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, at_once
-from test_generation import args, prompt, step
+from conftest import (
+    TRUSTED,
+    at_once,
+    partition_step_for_tests,
+    shared_step_bundle,
+    step,
+)
+from test_generation import args, prompt
 
 from enclave_runtime.driver import WorkerError, connect
 from enclave_runtime.executor import Executor
@@ -30,14 +36,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
 
 @pytest.fixture(scope="module")
 def cmif():
-    return partition(step("tiny-llama"), "cmif", seed=3)
+    return partition_step_for_tests("cmif")
 
 
 @pytest.fixture(scope="module")
 def cmif_bundle(cmif, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmif-held")
-    cmif.save(root, sign_key=SIGN_KEY)
-    return root
+    return shared_step_bundle(tmp_path_factory, "cmif")
 
 
 def without_holders(plan: Plan) -> Plan:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SIGN_KEY, built, captured
+from conftest import captured, partition_step_for_tests, shared_step_bundle
 
 from enclave_runtime.generation import generate
 from partitioner.api import partition
 from partitioner.errors import InputError
-from partitioner.generation import capture_decoder
 from runtime.worker import GPUWorker, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,16 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def step():
-    return partition(capture_decoder(built("tiny-llama")), "cmif", seed=3)
+    return partition_step_for_tests("cmif")
 
 
 @pytest.fixture(scope="module")
 def saved(step, tmp_path_factory):
     """``step`` saved and signed once (an ONNX export per GPU stage): the tests below read it
     (a worker, the enclave driver) and write nothing into it."""
-    bundle = tmp_path_factory.mktemp("step") / "b"
-    step.save(bundle, sign_key=SIGN_KEY)
-    return bundle
+    return shared_step_bundle(tmp_path_factory, "cmif")
 
 
 @pytest.mark.parametrize(

@@ -7,20 +7,17 @@ import sys
 import tomllib
 
 import pytest
-from conftest import built
+from conftest import shared_step_bundle
 
 from enclave_runtime.launcher import bundle_root, enclave_command
-from partitioner.api import partition
 from partitioner.errors import ArtifactError
-from partitioner.generation import capture_decoder
+from partitioner.signing import load_private_key
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, key_files):
-    root = tmp_path_factory.mktemp("launch")
-    step = partition(capture_decoder(built("tiny-llama")), "secureinfer", seed=1)
-    step.save(root, sign_key=key_files[0])
-    return root
+    key = load_private_key(key_files[0])
+    return shared_step_bundle(tmp_path_factory, "secureinfer", key=key)
 
 
 def fake_tool(directory, name):

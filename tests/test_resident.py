@@ -11,13 +11,12 @@ stream may omit such an input only after its producer ran in that session.
 import grpc
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
-from test_generation import prompt, step
+from conftest import TRUSTED, partition_step_for_tests, shared_step_bundle
+from test_generation import prompt
 
 from enclave_runtime.driver import connect
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
-from partitioner.api import partition
 from runtime.kserve import NAMES, service, tensor_bytes
 from runtime.worker import GPUWorker, serve
 
@@ -26,10 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
 
 @pytest.fixture(scope="module")
 def secureinfer(tmp_path_factory):
-    split = partition(step("tiny-llama"), "secureinfer", seed=3)
-    root = tmp_path_factory.mktemp("secureinfer")
-    split.save(root, sign_key=SIGN_KEY)
-    return split, root
+    return partition_step_for_tests("secureinfer"), shared_step_bundle(
+        tmp_path_factory, "secureinfer"
+    )
 
 
 def test_gpu_to_gpu_values_are_not_sent_back_up(secureinfer, tmp_path):

@@ -20,14 +20,13 @@ generation after another one started, ``Executor.run(sequence=...)``).
 
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
-from test_generation import args, prompt, step
+from conftest import TRUSTED, partition_step_for_tests, shared_step_bundle
+from test_generation import args, prompt
 from test_held_state import without_holders
 
 from enclave_runtime.driver import connect
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import _empty_state, decode_steps, generate
-from partitioner.api import partition
 from partitioner.errors import TeesplitError
 from runtime.worker import GPUWorker, serve
 
@@ -40,16 +39,14 @@ NEW = 4
 def split():
     # all_gpu: the cache is held (tests/test_held_state.py) and nothing is random, so two
     # executors of the plan give the same tokens whatever the order of their calls
-    out = partition(step("tiny-llama"), "all_gpu", seed=3)
+    out = partition_step_for_tests("all_gpu")
     assert {spec.holder for spec in out.spec.state.values()} != {None}
     return out
 
 
 @pytest.fixture(scope="module")
 def bundle(split, tmp_path_factory):
-    root = tmp_path_factory.mktemp("review-held")
-    split.save(root, sign_key=SIGN_KEY)
-    return root
+    return shared_step_bundle(tmp_path_factory, "all_gpu")
 
 
 def manual_decode(executor: Executor, ids: torch.Tensor, new: int) -> list[int]:

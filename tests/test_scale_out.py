@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED
-from test_generation import step
+from conftest import TRUSTED, partition_step_for_tests, shared_step_bundle
 
 from enclave_runtime.driver import WorkerError
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
-from partitioner.api import partition
 from runtime import balancer
 
 pytestmark = pytest.mark.filterwarnings("ignore:no CUDA device")
@@ -45,14 +43,12 @@ def example():
 
 @pytest.fixture(scope="module")
 def cmif():
-    return partition(step("tiny-llama"), "cmif", seed=3)
+    return partition_step_for_tests("cmif")
 
 
 @pytest.fixture(scope="module")
 def cmif_bundle(cmif, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmif-scale")
-    cmif.save(root, sign_key=SIGN_KEY)
-    return root
+    return shared_step_bundle(tmp_path_factory, "cmif")
 
 
 @needs_nginx

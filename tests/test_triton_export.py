@@ -8,21 +8,18 @@ GPU stage; the CLI names a missing or tampered bundle in one line.
 import hashlib
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SIGN_KEY, built, shared_bundle
+from conftest import shared_bundle, shared_step_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from partitioner.api import partition
 from partitioner.bundle import load_program, read_plan
 from partitioner.cli import main
-from partitioner.generation import capture_decoder
 from partitioner.signing import generate_keypair
 from partitioner.triton_repo import DTYPES, export_repository, version_of
 
@@ -36,14 +33,7 @@ def bundles(tmp_path_factory):
     """A tiny Llama's decoder step under cmif (its GPU stage refills the cache the enclave
     holds) and all_gpu (its GPU stage reads the cache itself), and the model under slalom
     (exact masks: int32 residues cross the cut)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        step = capture_decoder(built("tiny-llama"))
-        out = {}
-        for name in ("cmif", "all_gpu"):
-            path = tmp_path_factory.mktemp(name)
-            partition(step, name, seed=2).save(path, sign_key=SIGN_KEY)
-            out[name] = path
+    out = {name: shared_step_bundle(tmp_path_factory, name) for name in ("cmif", "all_gpu")}
     out["slalom"] = shared_bundle(tmp_path_factory, "slalom")
     return out
 

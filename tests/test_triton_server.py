@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIGN_KEY, TRUSTED, built
+from conftest import TRUSTED, partition_step_for_tests, shared_step_bundle
 
 from enclave_runtime.driver import WorkerClient
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
-from partitioner.api import partition
 from partitioner.bundle import load_program
-from partitioner.generation import capture_decoder
 from partitioner.triton_repo import export_repository
 from runtime import local_triton
 
 
 @pytest.fixture(params=["slalom", "cmif"])
-def triton(request, tmp_path):
+def triton(request, tmp_path_factory, tmp_path):
     """A bundle (the tiny Llama's decoder step: under slalom, stateless masked stages; under
     cmif, a stage holding its KV cache as implicit state), its export served by Triton."""
-    bundle = tmp_path / "bundle"
-    split = partition(capture_decoder(built("tiny-llama")), request.param, seed=3)
-    split.save(bundle, sign_key=SIGN_KEY)
+    bundle = shared_step_bundle(tmp_path_factory, request.param)
+    split = partition_step_for_tests(request.param)
     repo = tmp_path / "repo"
     export_repository(bundle, repo, trusted_key=TRUSTED)
     local_triton.python_backend(repo)

@@ -1,0 +1,86 @@
+"""Models converted once into a folder that loads fast, kept in a cache between processes.
+
+Reads: a source file (a GGUF checkpoint) and ``TEESPLIT_CACHE`` (default
+``$XDG_CACHE_HOME/teesplit``, else ``~/.cache/teesplit``). Writes: one folder per source,
+named for the source's sha256 and the transformers version that converted it, made under a
+lock (two processes asking at once convert once) as ``NAME-KEY.partial`` and renamed into
+place only after the conversion checked itself. Guarantees: a folder is used only if it is
+complete; a changed source or transformers version gets a new folder; where the cache cannot
+be written, callers load from the source instead (slower, never different).
+
+The cache is the compiler's, on the compiler's machine, as trusted as the installed packages
+beside it: nothing here is read by the enclave.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+_DONE = ".converted"  # written last: a folder without it is not used
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``TEESPLIT_CACHE``, else the user's cache folder."""
+    root = os.environ.get("TEESPLIT_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "teesplit"
+
+
+def _key(source: Path) -> str:
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return f"{digest.hexdigest()[:16]}-transformers{importlib.metadata.version('transformers')}"
+
+
+def folder(name: str, source: Path, convert: Callable[[Path], str | None]) -> Path | None:
+    """The converted folder of ``source``, converting it first if no complete one exists.
+
+    ``convert(out)`` writes the folder ``out`` and returns why it does not match the source
+    (None if it does). None (with a warning) when the cache cannot be written or the
+    conversion did not match: the caller then loads ``source`` itself."""
+    final = cache_root() / f"{name}-{_key(source)}"
+    if (final / _DONE).is_file():
+        return final
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(final.parent / f"{name}.lock", "w")
+    except OSError as exc:
+        _uncached(f"{name}: no cache at {final.parent} ({exc}); loading {source} itself")
+        return None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (final / _DONE).is_file():  # another process converted it while this one waited
+            return final
+        partial = final.with_name(final.name + ".partial")
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            why = convert(partial)
+            if why is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+                _uncached(f"{name}: the converted folder is not {source}: {why}; not used")
+                return None
+            (partial / _DONE).write_text(f"{source}\n")
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete one, never used
+            partial.rename(final)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            _uncached(f"{name}: cannot write {partial} ({exc}); loading {source} itself")
+            return None
+    return final
+
+
+def _uncached(why: str) -> None:
+    # a warning, not an error: the caller loads the source itself and gets the same model
+    warnings.warn(why, RuntimeWarning, stacklevel=3)
