@@ -19,7 +19,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.manifest import ManifestOptions, gramine_runner, measure_peak, render_manifest
+from enclave_runtime.manifest import (
+    ManifestOptions,
+    check_worker,
+    gramine_runner,
+    measure_peak,
+    render_manifest,
+)
 from partitioner.bundle import write_inside
 from partitioner.errors import ArtifactError
 
@@ -76,6 +82,12 @@ def enclave_command(
             "enclave driver: plain process (gramine-sgx / gramine-direct not on the PATH), "
             "so no enclave protects it",
         )
+    # what would refuse the launch is checked before the peak is measured (a request served
+    # in a fresh process, ~10 s)
+    check_worker(worker)
+    signer = shutil.which("gramine-sgx-sign") if runner == "gramine-sgx" else None
+    if runner == "gramine-sgx" and signer is None:
+        raise ArtifactError("gramine-sgx is on the PATH but gramine-sgx-sign is not")
     out = root / "gramine"
     if out.is_symlink():
         raise ArtifactError(f"{out} is a link; refusing to write the manifest through it")
@@ -93,10 +105,7 @@ def enclave_command(
         allow_unsigned=allow_unsigned,
     )
     write_inside(root, f"gramine/{manifest.name}", render_manifest(root, settings).encode())
-    if runner == "gramine-sgx":
-        signer = shutil.which("gramine-sgx-sign")
-        if signer is None:
-            raise ArtifactError("gramine-sgx is on the PATH but gramine-sgx-sign is not")
+    if signer is not None:
         subprocess.run(
             [signer, "--manifest", str(manifest), "--output", str(out / f"{APP}.manifest.sgx")],
             check=True,

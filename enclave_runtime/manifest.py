@@ -73,6 +73,16 @@ def enclave_size(peak_bytes: int, margin: float = 1.5) -> str:
     return str(size)
 
 
+def check_worker(worker: str) -> None:
+    """Refuse a worker address the driver cannot reach from inside Gramine."""
+    if worker.startswith("unix:"):
+        # Gramine emulates Unix sockets inside the enclave; a host socket is out of reach
+        raise ArtifactError(
+            f"worker {worker!r}: under Gramine the GPU worker must listen on TCP "
+            "(host:port); Unix sockets do not cross the enclave boundary"
+        )
+
+
 def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     """The manifest for the enclave driver serving ``bundle`` (a saved split program)."""
     root = Path(bundle).resolve()
@@ -82,12 +92,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         files = read_document(root, trusted_key=key)["files"]  # signed: the list is the compiler's
     except ArtifactError as exc:
         raise ArtifactError(f"cannot read the file hashes in {plan_path}: {exc}") from None
-    if options.worker.startswith("unix:"):
-        # Gramine emulates Unix sockets inside the enclave; a host socket is out of reach
-        raise ArtifactError(
-            f"worker {options.worker!r}: under Gramine the GPU worker must listen on TCP "
-            "(host:port); Unix sockets do not cross the enclave boundary"
-        )
+    check_worker(options.worker)
     if options.remote_attestation not in ATTESTATION:
         raise ArtifactError(
             f"remote_attestation={options.remote_attestation!r}; allowed: {list(ATTESTATION)}"

@@ -121,18 +121,28 @@ def test_run_drives_a_worker_and_an_enclave_process(tmp_path, signed_cmif, key_f
     assert "signature verified" in run.stdout
 
 
-def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, key_files, capsys):
+def test_unsigned_and_wrongly_signed_bundles_are_refused(
+    tmp_path, signed_cmif, key_files, capsys, monkeypatch
+):
     """A bundle the trusted key did not sign is refused before a worker or an enclave
-    process starts (stdout stays empty: no banner of either)."""
+    process starts (``run`` never reaches the step that starts them)."""
     out = tmp_path / "bundle"
     shutil.copytree(signed_cmif[0], out)
     (out / "plan.json.sig").unlink()
     ids = ("--ids", "5,6,7,8", "--max-new-tokens", "2")
-    run = teesplit("run", str(out), *ids)
-    assert run.returncode != 0 and "--trusted-key" in run.stderr
-    run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
-    assert run.returncode != 0 and "is not signed" in run.stderr
-    assert "Traceback" not in run.stderr and run.stdout == ""
+    # in this process: each refusal is one line, and nothing is started
+
+    def started(*args):
+        raise AssertionError("teesplit run started a worker and an enclave for a refused bundle")
+
+    monkeypatch.setattr(cli, "_run_both", started)
+    code, stdout, err = teesplit_here(capsys, "run", str(out), *ids)
+    assert code != 0 and "--trusted-key" in err and stdout == ""
+    code, stdout, err = teesplit_here(
+        capsys, "run", str(out), *ids, "--trusted-key", str(key_files[1])
+    )
+    assert code != 0 and "is not signed" in err and stdout == ""
+    assert len(err.strip().splitlines()) == 1
     # the enclave driver refuses it itself, before it looks for a worker
     worker = f"unix:{tmp_path / 'none.sock'}"
     code, _, err = teesplit_here(
@@ -151,9 +161,10 @@ def test_unsigned_and_wrongly_signed_bundles_are_refused(tmp_path, signed_cmif, 
     (out / "plan.json.sig").write_bytes(
         sign((out / "plan.json").read_bytes(), load_private_key(other))
     )
-    run = teesplit("run", str(out), *ids, "--trusted-key", str(key_files[1]))
-    assert run.returncode != 0 and "does not verify with the trusted key" in run.stderr
-    assert run.stdout == ""
+    code, stdout, err = teesplit_here(
+        capsys, "run", str(out), *ids, "--trusted-key", str(key_files[1])
+    )
+    assert code != 0 and "does not verify with the trusted key" in err and stdout == ""
 
 
 def test_enclave_reports_a_missing_worker(tmp_path, signed_cmif, key_files):

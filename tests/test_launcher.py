@@ -9,6 +9,7 @@ import tomllib
 import pytest
 from conftest import shared_step_bundle
 
+from enclave_runtime import launcher
 from enclave_runtime.launcher import bundle_root, enclave_command
 from partitioner.errors import ArtifactError
 from partitioner.signing import load_private_key
@@ -76,10 +77,20 @@ def test_gramine_direct_renders_the_worker_into_the_manifest(
 
 
 def test_gramine_sgx_needs_its_signer(bundle, monkeypatch, tmp_path):
+    """Refused before the launcher measures the enclave's peak (a request served in a fresh
+    process): nothing is run for a launch that cannot happen."""
     fake_tool(tmp_path, "gramine-sgx")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the peak was measured for a launch that is refused")
+
+    monkeypatch.setattr(launcher, "measure_peak", measured)
     with pytest.raises(ArtifactError, match="gramine-sgx-sign is not"):
         enclave_command(bundle, "127.0.0.1:7071", allow_unsigned=True)
+    fake_tool(tmp_path, "gramine-sgx-sign")
+    with pytest.raises(ArtifactError, match="must listen on TCP"):
+        enclave_command(bundle, "unix:/tmp/w.sock", allow_unsigned=True)
 
 
 def test_bundle_root_names_a_wrong_folder(tmp_path):
@@ -105,6 +116,8 @@ def test_the_launcher_writes_nothing_through_a_planted_link(
     (copy / "gramine").mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("untouched")
+    # the measured peak is not what this test is about (tests/test_manifest.py measures it)
+    monkeypatch.setattr(launcher, "measure_peak", lambda *args, **kwargs: 1 << 30)
     (copy / "gramine" / "teesplit-enclave.manifest").symlink_to(victim)
     fake_tool(tmp_path, "gramine-direct")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
