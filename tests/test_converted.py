@@ -130,3 +130,13 @@ def test_the_check_refuses_a_folder_that_differs_from_the_loaded_model(tmp_path)
         config = (tmp_path / "config.json").read_text()
         (tmp_path / "config.json").write_text(config.replace('"rms_norm_eps"', '"x"'))
         assert folder_mismatch(model, tokenizer, tmp_path) == "its config differs"
+
+
+def test_a_missing_gguf_file_is_named(tmp_path, monkeypatch):
+    from partitioner import zoo
+    from partitioner.errors import CaptureError
+
+    monkeypatch.setattr(zoo, "smollm2_dir", lambda: tmp_path)
+    for load in (zoo.smollm2, zoo.smollm2_tokenizer):
+        with pytest.raises(CaptureError, match=f"{zoo.SMOLLM2_FILE} is missing"):
+            load()
