@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from partitioner import converted
 from partitioner.errors import CaptureError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,9 +80,12 @@ def smollm2() -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     folder = smollm2_folder()
-    if folder is None:
-        return _smollm2_from_gguf()
-    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    if folder is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        except Exception as exc:  # truncated or removed since it was checked
+            converted.discard(folder, str(exc).splitlines()[0] if str(exc) else repr(exc))
+    return _smollm2_from_gguf()
 
 
 def smollm2_tokenizer() -> Any:
@@ -90,9 +94,12 @@ def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     folder = smollm2_folder()
-    if folder is None:
-        return _smollm2_tokenizer_from_gguf()
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if folder is not None:
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # truncated or removed since it was checked
+            converted.discard(folder, str(exc).splitlines()[0] if str(exc) else repr(exc))
+    return _smollm2_tokenizer_from_gguf()
 
 
 def _smollm2_from_gguf() -> torch.nn.Module:
@@ -123,8 +130,6 @@ def smollm2_folder() -> Path | None:
     here, on every load; the folder loads in ~1 s. The folder is named for the GGUF file's
     sha256 and the transformers version, and is used only after the conversion checked it
     against the GGUF load (weights bit for bit, config, tokenizer, chat template)."""
-    from partitioner import converted
-
     source = smollm2_dir() / SMOLLM2_FILE
     if not source.is_file():
         raise CaptureError(
@@ -176,6 +181,12 @@ def folder_mismatch(model: torch.nn.Module, tokenizer: Any, out: Path) -> str | 
     ):
         return "its weights differ"
     read = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    # the whole backend (vocabulary, merges, added tokens, normaliser, decoder): what the
+    # token classes read and what a bundle ships to the enclave
+    if tokenizer.backend_tokenizer.to_str() != read.backend_tokenizer.to_str():
+        return "its tokenizer differs"
+    if tokenizer.special_tokens_map != read.special_tokens_map:
+        return "its special tokens differ"
     for text in _PROBES:
         if tokenizer(text).input_ids != read(text).input_ids:
             return f"its tokenizer encodes {text!r} differently"

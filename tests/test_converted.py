@@ -3,6 +3,7 @@ converted once under a lock, used only when complete and checked, never for anot
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
@@ -62,12 +63,56 @@ def test_an_incomplete_folder_is_never_used(cache, tmp_path):
     assert (folder / "weights").read_text() == "converted"
 
 
-def test_a_conversion_that_does_not_match_is_not_used(cache, tmp_path):
+def test_a_conversion_that_does_not_match_is_not_used_nor_tried_again(cache, tmp_path):
     source = tmp_path / "model.gguf"
     source.write_bytes(b"one")
+    convert = Converter(why="its weights differ")
     with pytest.warns(RuntimeWarning, match="its weights differ; not used"):
-        assert converted.folder("m", source, Converter(why="its weights differ")) is None
-    assert [p.name for p in cache.iterdir()] == ["m.lock"]
+        assert converted.folder("m", source, convert) is None
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # nothing of it is left
+    with pytest.warns(RuntimeWarning, match="says the conversion differs"):
+        assert converted.folder("m", source, convert) is None
+    assert convert.calls == 1  # remembered: a load does not convert again each time
+
+
+def test_a_conversion_that_fails_leaves_nothing_and_is_not_used(cache, tmp_path):
+    """A full disk in safetensors raises its own error type, not OSError."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"one")
+
+    def failing(out):
+        (out / "weights").write_text("half")
+        raise ValueError("No space left on device")
+
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        assert converted.folder("m", source, failing) is None
+    assert not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_a_new_conversion_format_converts_again(cache, tmp_path, monkeypatch):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"one")
+    convert = Converter()
+    first = converted.folder("m", source, convert)
+    monkeypatch.setattr(converted, "FORMAT", converted.FORMAT + 1)
+    assert converted.folder("m", source, convert) != first and convert.calls == 2
+
+
+def test_a_folder_that_no_longer_loads_is_removed_and_the_source_read(tmp_path, monkeypatch):
+    """A completed folder truncated or emptied since its check: the load falls back to the
+    GGUF file and the folder goes, so that the next load converts afresh."""
+    from partitioner import zoo
+
+    broken = tmp_path / "smollm2-x"
+    broken.mkdir()
+    (broken / converted._DONE).write_text("")
+    (broken / "config.json").write_text("{")
+    source = object()
+    monkeypatch.setattr(zoo, "smollm2_folder", lambda: broken)
+    monkeypatch.setattr(zoo, "_smollm2_from_gguf", lambda: source)
+    with pytest.warns(RuntimeWarning, match="does not load"):
+        assert zoo.smollm2() is source
+    assert not broken.exists()
 
 
 def test_no_writable_cache_means_loading_the_source(tmp_path, monkeypatch):
@@ -79,7 +124,9 @@ def test_no_writable_cache_means_loading_the_source(tmp_path, monkeypatch):
         assert converted.folder("m", source, Converter()) is None
 
 
-def test_processes_asking_at_once_convert_once(cache, tmp_path):
+def test_loads_asking_at_once_convert_once(cache, tmp_path):
+    """Threads, each with its own open lock file: flock excludes them as it excludes two
+    processes."""
     source = tmp_path / "model.gguf"
     source.write_bytes(b"one")
     convert = Converter(delay=0.3)
@@ -127,6 +174,14 @@ def test_the_check_refuses_a_folder_that_differs_from_the_loaded_model(tmp_path)
         save_file({**weights, name: flipped}, str(tmp_path / "model.safetensors"))
         assert folder_mismatch(model, tokenizer, tmp_path) == "its weights differ"
         save_file(weights, str(tmp_path / "model.safetensors"))
+        vocab = (tmp_path / "tokenizer.json").read_text()
+        swapped = json.loads(vocab)  # two tokens trade ids: every text still encodes
+        ids = swapped["model"]["vocab"]
+        one, two = sorted(ids)[-2:]
+        ids[one], ids[two] = ids[two], ids[one]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(swapped))
+        assert folder_mismatch(model, tokenizer, tmp_path) == "its tokenizer differs"
+        (tmp_path / "tokenizer.json").write_text(vocab)
         config = (tmp_path / "config.json").read_text()
         (tmp_path / "config.json").write_text(config.replace('"rms_norm_eps"', '"x"'))
         assert folder_mismatch(model, tokenizer, tmp_path) == "its config differs"
