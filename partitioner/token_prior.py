@@ -119,8 +119,9 @@ class _Tally:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
         if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
             # counted nowhere, a token would be missed by the strata it should shape
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise PolicyError(
-                f"token prior: the tokenizer gives id {int(ids.max())}, outside the model's "
+                f"token prior: the tokenizer gives id {bad}, outside the model's "
                 f"{self.vocab} embedding rows"
             )
         weights = np.concatenate(self.weights) if self.weights else None

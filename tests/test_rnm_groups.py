@@ -161,6 +161,12 @@ def test_corpus_and_file_priors_count_tokens_and_name_what_is_wrong(tmp_path):
     assert prior.counts[film] == 3 and prior.counts[the] == 2 and prior.source == "corpus:tiny"
     with pytest.raises(PolicyError, match="outside the model's 1000 embedding rows"):
         corpus_prior(tokenizer, ["the film"], "tiny", vocab_size=1000)  # was dropped unsaid
+
+    def negative(texts, add_special_tokens=False):  # a tokenizer giving an id below 0
+        return {"input_ids": [[1, -3, 2] for _ in texts]}
+
+    with pytest.raises(PolicyError, match="gives id -3, outside the model's 10 embedding"):
+        corpus_prior(negative, ["the film"], "tiny", vocab_size=10)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the film\n")
     from_file = prior_from(str(corpus), tokenizer)
