@@ -68,19 +68,25 @@ def signed_cmif(tmp_path_factory, tiny_llama, key_files):
     return out, made.stdout
 
 
-def test_partition_then_inspect(tmp_path, tiny_llama):
+def test_partition_then_inspect(tmp_path, tiny_llama, signed_cmif, capsys):
+    """An unsigned partition says so and signs nothing (all_enclave: no GPU stage to export,
+    in this process); ``inspect`` draws the signed cmif bundle's stages, both sides."""
     out = tmp_path / "bundle"
-    run = teesplit("partition", tiny_llama, "--policy", "slalom", "--out", str(out))
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "audit passed" in run.stdout and "done" in run.stdout
-    assert "NOT signed" in run.stdout  # no --sign-key: it says so, and signs nothing
-    assert not (out / "plan.json.sig").exists()
-    assert (out / "plan.json").is_file() and list((out / "gpu" / "stages").glob("*.onnx"))
-    shown = teesplit("inspect", str(out))
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "tiny-llama under 'slalom'" in shown.stdout and "protections:" in shown.stdout
-    svg = (out / "stages.svg").read_text()
-    stages = json.loads((out / "plan.json").read_text())["plan"]["stages"]
+    code, stdout, err = teesplit_here(
+        capsys, "partition", tiny_llama, "--policy", "all_enclave", "--out", str(out)
+    )
+    assert code == 0, err[-2000:]
+    assert "audit passed" in stdout and "done" in stdout
+    assert "NOT signed" in stdout  # no --sign-key: it says so, and signs nothing
+    assert not (out / "plan.json.sig").exists() and (out / "plan.json").is_file()
+    bundle = tmp_path / "cmif"
+    shutil.copytree(signed_cmif[0], bundle)  # inspect writes stages.svg into it
+    assert list((bundle / "gpu" / "stages").glob("*.onnx"))
+    code, stdout, err = teesplit_here(capsys, "inspect", str(bundle))
+    assert code == 0, err[-2000:]
+    assert "tiny-llama under 'cmif'" in stdout and "protections:" in stdout
+    svg = (bundle / "stages.svg").read_text()
+    stages = json.loads((bundle / "plan.json").read_text())["plan"]["stages"]
     assert svg.startswith("<svg") and svg.count("<rect") == len(stages)
     assert "#fdc086" in svg and "#7fc97f" in svg  # GPU and enclave stages both drawn
 
