@@ -2,11 +2,14 @@
 
 Reads: a source file (a GGUF checkpoint) and ``TEESPLIT_CACHE`` (default
 ``$XDG_CACHE_HOME/teesplit``, else ``~/.cache/teesplit``). Writes: one folder per source,
-named for the source's sha256 and the transformers version that converted it, made under a
-lock (two processes asking at once convert once) as ``NAME-KEY.partial`` and renamed into
-place only after the conversion checked itself. Guarantees: a folder is used only if it is
-complete; a changed source or transformers version gets a new folder; where the cache cannot
-be written, callers load from the source instead (slower, never different).
+named for a key of the source's sha256, :data:`FORMAT` and the versions of the libraries
+that convert it, made under a lock (two processes asking at once convert once) as
+``NAME-KEY.partial`` and renamed into place only after the conversion checked itself; a
+conversion that did not match leaves ``NAME-KEY.mismatch`` instead. Guarantees: a folder is
+used only if it is complete and checked; a changed source, format or library version gets a
+new folder; where the cache cannot be written, the conversion fails or does not match, or a
+folder no longer loads (:func:`discard`), callers load from the source instead (slower,
+never different).
 
 The cache is the compiler's, on the compiler's machine, as trusted as the installed packages
 beside it: nothing here is read by the enclave.

@@ -128,8 +128,8 @@ def smollm2_folder() -> Path | None:
     Why: transformers reads a GGUF file's metadata field by field and maps every tensor name
     through a table it rebuilds per tensor, ~35 s for the model and ~10 s for the tokenizer
     here, on every load; the folder loads in ~1 s. The folder is named for the GGUF file's
-    sha256 and the transformers version, and is used only after the conversion checked it
-    against the GGUF load (weights bit for bit, config, tokenizer, chat template)."""
+    sha256, the conversion's format and the converting libraries' versions, and is used only
+    after the conversion checked it against the GGUF load (:func:`folder_mismatch`)."""
     source = smollm2_dir() / SMOLLM2_FILE
     if not source.is_file():
         raise CaptureError(
@@ -164,8 +164,8 @@ def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
 
 def folder_mismatch(model: torch.nn.Module, tokenizer: Any, out: Path) -> str | None:
     """Why the folder ``out`` does not load as ``model`` and ``tokenizer`` (None if it does):
-    config and generation config, every weight bit for bit, the tokenizer's ids for probe
-    texts, its chat template and special tokens."""
+    config and generation config, every weight bit for bit, the whole tokenizer backend, its
+    special tokens, its ids for probe texts and its chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     back = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
