@@ -130,14 +130,18 @@ def partition(
         if isinstance(model, Captured)
         else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
+    if needs_attention_decomposition(policy):
+        program = decompose_attention(captured.program)
+    else:  # SDPA stays one op: it can read grouped KV heads without repeating them
+        program = share_kv_heads(captured.program)
     # a private copy, untagged: the labels and placement tags below go into node metadata, a
     # capture is often partitioned again (the demo's two bundles), and a tag given in (public,
-    # from an earlier partition of the same program) would unprotect what this policy protects
-    program = rewritten(captured.program, _untagged)
-    if needs_attention_decomposition(policy):
-        program = decompose_attention(program)
-    else:  # SDPA stays one op: it can read grouped KV heads without repeating them
-        program = share_kv_heads(program)
+    # from an earlier partition of the same program) would unprotect what this policy protects.
+    # An attention rewrite made the copy already (it reads no tag); else it is made here.
+    if program is captured.program:
+        program = rewritten(program, _untagged)
+    else:
+        _untagged(program.graph, {})
     label_program(program)
     _tag_state(program, captured.state)
     _tag_padding(program, captured.padding)

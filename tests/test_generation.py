@@ -212,18 +212,23 @@ def test_partition_tags_none_of_a_capture_it_has_nothing_to_rewrite_in():
         assert not any("teesplit" in node.meta for node in captured.program.graph.nodes)
 
 
-def test_partition_sets_every_tag_itself():
+@pytest.mark.parametrize(
+    ("name", "policy"),
+    [("tiny-gpt2", "slalom"), ("tiny-llama", "secureinfer")],  # no rewrite; SDPA decomposed
+)
+def test_partition_sets_every_tag_itself(name, policy):
     """Tags a program arrives with (an earlier partition's ``public``, say, when its
-    ``source`` is partitioned again) are dropped: a weight this policy protects must not
-    pass as public because another policy's base held it."""
-    captured = capture(built("tiny-gpt2"), model_name="tiny-gpt2")
+    ``source`` is partitioned again) are dropped, whether or not an attention rewrite copies
+    the graph first: a weight this policy protects must not pass as public because another
+    policy's base held it."""
+    captured = capture(built(name), model_name=name)
     for node in captured.program.graph.nodes:
         node.meta["teesplit"] = {"public": True, "side": "gpu"}
-    split = partition(captured, "slalom", seed=2)
+    split = partition(captured, policy, seed=2)
     tags = [node.meta.get("teesplit", {}) for node in split.source.graph.nodes]
     assert not any(tag.get("public") for tag in tags)
-    fresh = capture(built("tiny-gpt2"), model_name="tiny-gpt2")
-    assert split.plan() == partition(fresh, "slalom", seed=2).plan()
+    fresh = capture(built(name), model_name=name)
+    assert split.plan() == partition(fresh, policy, seed=2).plan()
 
 
 def test_many_layers_keep_their_cache_order_after_load(tmp_path, trusted_key=TRUSTED):
