@@ -244,31 +244,24 @@ def cmd_export_triton(args: argparse.Namespace) -> None:
     print(f"Triton model repository: {args.out} ({len(written)} models, onnxruntime backend)")
 
 
-def _read_plan(directory: str | Path) -> dict[str, Any]:
-    from partitioner.bundle import read_document
-    from partitioner.errors import ArtifactError
-
-    try:
-        return read_document(Path(directory))["plan"]
-    except ArtifactError as exc:
-        raise SystemExit(f"teesplit: cannot read the bundle: {exc}") from None
-
-
-def _check_signed(directory: str | Path, trusted_key: str) -> None:
-    """Refuse a bundle ``trusted_key`` did not sign (checked before its plan is parsed),
-    before anything is started for it."""
+def _read_plan(directory: str | Path, trusted_key: str | None = None) -> dict[str, Any]:
+    """The bundle's plan, one line on failure; with ``trusted_key``, only if that key signed
+    it (checked before the plan is parsed)."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
     from partitioner.signing import load_public_key
 
+    key = None
+    if trusted_key is not None:
+        try:
+            key = load_public_key(trusted_key)
+        except ArtifactError as exc:
+            raise SystemExit(f"teesplit run: --trusted-key: {exc}") from None
     try:
-        key = load_public_key(trusted_key)
+        return read_document(Path(directory), trusted_key=key)["plan"]
     except ArtifactError as exc:
-        raise SystemExit(f"teesplit run: --trusted-key: {exc}") from None
-    try:
-        read_document(Path(directory), trusted_key=key)
-    except ArtifactError as exc:
-        raise SystemExit(f"teesplit run: refused: {exc}") from None
+        why = "teesplit run: refused" if key is not None else "teesplit: cannot read the bundle"
+        raise SystemExit(f"{why}: {exc}") from None
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
@@ -370,10 +363,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit("teesplit run: give --prompt TEXT or --ids 1,2,3")
     if args.trusted_key is None and not args.allow_unsigned:
         raise SystemExit("teesplit run: give --trusted-key PUB (or --allow-unsigned)")
-    if args.trusted_key is not None:  # the enclave checks it too: this only refuses earlier
-        _check_signed(args.dir, args.trusted_key)
-    else:
-        _read_plan(args.dir)
+    # the enclave checks the signature too: this refuses before anything is started
+    _read_plan(args.dir, args.trusted_key)
     _run_both(
         Path(args.dir),
         prompts,
