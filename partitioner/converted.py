@@ -81,8 +81,9 @@ def folder(name: str, source: Path, convert: Callable[[Path], str | None]) -> Pa
     refused = final.with_name(final.name + ".mismatch")
     if (final / _DONE).is_file():
         return final
+    mismatch = f"{name}: {refused} says the conversion differs; loading {source} itself"
     if refused.is_file():
-        _uncached(f"{name}: {refused} says the conversion differs; loading {source} itself")
+        _uncached(mismatch)
         return None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,8 @@ def folder(name: str, source: Path, convert: Callable[[Path], str | None]) -> Pa
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (final / _DONE).is_file():  # another process converted it while this one waited
             return final
-        if refused.is_file():
+        if refused.is_file():  # another process found the mismatch while this one waited
+            _uncached(mismatch)
             return None
         partial = final.with_name(final.name + ".partial")
         try:
