@@ -11,6 +11,7 @@ measures (``plan.json`` lists each library's sha256, the Gramine manifest as a t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -31,6 +32,7 @@ class CompiledCall:
         self.library = library.path
         self.constants = [c.contiguous() for c in library.constants]
         self.checks = library.checks
+        self.verifies = library.verifies[0] if library.verifies is not None else None
         self.inputs = [(getattr(torch, dtype), list(shape)) for dtype, shape in library.inputs]
         self._checked: set[tuple[object, ...]] = set()
         try:
@@ -85,7 +87,13 @@ class CompiledCall:
                     f"match {shape} (sizes {sizes})"
                 )
 
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(
+        self, *args: torch.Tensor, checks: Sequence[torch.Tensor] = ()
+    ) -> list[torch.Tensor]:
+        """Run the stage on ``args`` (its inputs, checked as above). A library that verifies
+        a GPU reply also takes ``checks``, the check's vectors (the executor's own tensors,
+        ``RingCheck.fused_args``), and raises :class:`IntegrityError` when the reply fails
+        the check, before (and instead of) any refusal of the values made from it."""
         # The library checks its inputs itself before any kernel reads them (dtypes, static
         # sizes, ranges, one value per size across inputs, strides: AOTI_RUNTIME_CHECK_INPUTS
         # above; without it, an input one position short is read past its end). Its checks
@@ -100,17 +108,25 @@ class CompiledCall:
                 self._checked.clear()
             self._checked.add(signature)
         try:
-            outs = self._runner.run([a.contiguous() for a in args] + self.constants)
+            outs = self._runner.run([a.contiguous() for a in args] + list(checks) + self.constants)
         except RuntimeError as exc:
             raise IntegrityError(
                 f"enclave stage {self.name}: its compiled library refused the inputs: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
-        if self.checks:
-            if not bool(outs.pop()):
-                raise InputError(
-                    f"enclave stage {self.name}: a value to be masked is NaN or inf, or its "
-                    "fixed point exceeds its norm limit (refused, rather than sending the GPU "
-                    "a residue that stands for nothing)"
-                )
+        masks_ok = bool(outs.pop()) if self.checks else True
+        # the reply's check first: a value that a wrong reply became may also fail a mask's
+        # norm limit, and which error is raised must not depend on the enclave's data
+        if self.verifies is not None and not bool(outs.pop()):
+            raise IntegrityError(
+                f"GPU stage {self.verifies} returned results that fail the Freivalds check "
+                f"(made in enclave stage {self.name}'s compiled library; exact: an honest "
+                "result always passes, a wrong one passes with probability <= 2**-31)"
+            )
+        if not masks_ok:
+            raise InputError(
+                f"enclave stage {self.name}: a value to be masked is NaN or inf, or its "
+                "fixed point exceeds its norm limit (refused, rather than sending the GPU "
+                "a residue that stands for nothing)"
+            )
         return outs

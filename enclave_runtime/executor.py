@@ -28,7 +28,7 @@ from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
 from partitioner import ops
 from partitioner.dims import concrete_shape
-from partitioner.errors import InputError, IntegrityError, PartitionError
+from partitioner.errors import ArtifactError, InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage
 from runtime.state import HeldState, RowStates, StateError
@@ -189,13 +189,19 @@ class Executor:
             (name, [(i, d) for i, d in enumerate(dims) if isinstance(d, str) and d.isidentifier()])
             for name, dims in plan.input_dims.items()
         ]
+        # and its neighbour: a GPU stage's next stage (whose compiled library may check its
+        # reply: partitioner.aot.FusedCheck), an enclave stage's previous one
+        stages = plan.stages
         self._steps = [
             (
                 stage,
                 [(sources.get(kind, 2), name) for kind, name in stage.extra_inputs],
                 [name for name in stage.outputs if name in clear],
+                stages[i + 1 if stage.side == GPU else i - 1]
+                if 0 <= (i + 1 if stage.side == GPU else i - 1) < len(stages)
+                else None,
             )
-            for stage in plan.stages
+            for i, stage in enumerate(stages)
         ]
 
     def _reply_specs(self) -> dict[str, list[tuple[torch.dtype, list[int | str]]]]:
@@ -404,12 +410,23 @@ class Executor:
         corrections = prot.corrections if prot is not None else {}
         pooled = prot.pooled if prot is not None else ()
         run = self.runner.run
-        for stage, extras, clear_outputs in self._steps:
+        for stage, extras, clear_outputs, neighbour in self._steps:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]
                 if extras:
                     args += [pools[k][name] for k, name in extras]
-                outs = self._module(stage)(*args)
+                module = self._module(stage)
+                if stage.compiled is None or stage.compiled.verifies is None:
+                    outs = module(*args)
+                else:  # the reply of the GPU stage before it is checked in its library
+                    check = checks[neighbour.name]
+                    sent = [gpu[n] if n in gpu else env[n] for n in neighbour.inputs]
+                    pads = [delta.get(n) for n in neighbour.inputs]
+                    try:
+                        outs = module(*args, checks=check.fused_args(sent, pads))
+                    except IntegrityError:
+                        check.draw()  # a failed check told the GPU something about s
+                        raise
                 n = len(stage.outputs)
                 env.update(zip(stage.outputs, outs[:n], strict=True))
                 if stage.masked_outputs:
@@ -421,14 +438,23 @@ class Executor:
             sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
             expected = replies[name]
             check = checks.get(name)
+            # the next stage's compiled library checks this reply before anything reads it
+            fused = (
+                check is not None
+                and neighbour is not None
+                and neighbour.compiled is not None
+                and neighbour.compiled.verifies is not None
+                and neighbour.compiled.verifies[0] == name
+            )
             sums = None
             handed = sent
             if check is not None:
                 # the check's right-hand side from the enclave's own tensors, before the
                 # GPU has them; a runner in this process that could edit what it is handed
                 # gets copies, so that no later stage reads an edited request either
-                pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
-                sums = check.expect(sent, pads)
+                if not fused:
+                    pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
+                    sums = check.expect(sent, pads)
                 if not copies:
                     handed = [t.clone() for t in sent]
             if name not in self._holders:
@@ -452,7 +478,7 @@ class Executor:
                 k = len(corr.delta_outputs)
                 delta.update(zip(corr.delta_outputs, results[:k], strict=True))
                 shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
-            if check is not None:
+            if check is not None and not fused:
                 # checked now, before any enclave stage reads the reply: a stage that
                 # refused what a wrong value became (a NaN, a norm past its limit) would
                 # end the call at a point that depends on the private data; a failed
@@ -479,12 +505,28 @@ class Executor:
         if cached is None or cached[0] is not source:
             if isinstance(source, CompiledLibrary):
                 run = CompiledCall(stage.name, source)
+                if source.verifies is not None:
+                    self._check_fused(stage, source.verifies)
             elif isinstance(source, torch.fx.GraphModule):
                 run = direct_calls(source)
             else:
                 run = source
             cached = self._direct[stage.name] = (source, run)
         return cached[1]
+
+    def _check_fused(self, stage: Stage, verifies: tuple[str, tuple[int, ...]]) -> None:
+        """Refuse a library that checks a reply this plan does not check that way: it must
+        follow the GPU stage it verifies, whose ring check has the library's equations
+        (otherwise the executor would skip a check no one makes)."""
+        gpu, sources = verifies
+        previous = next((n for s, _, _, n in self._steps if s is stage), None)
+        check = self.ring_checks.get(gpu)
+        if previous is None or previous.name != gpu or check is None or check.sources != sources:
+            raise ArtifactError(
+                f"enclave stage {stage.name}: its compiled library checks GPU stage {gpu} "
+                f"(equations on inputs {list(sources)}), which this plan does not place "
+                "before it with that check"
+            )
 
     def _output(self, value: Any, env: dict[str, Any], gpu: dict[str, Any], delta: dict) -> Any:
         if not isinstance(value, str):

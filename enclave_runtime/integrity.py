@@ -40,8 +40,7 @@ import torch
 import torch.fx
 
 from partitioner.errors import IntegrityError
-from partitioner.op_table import op_name
-from partitioner.ops import ring_limbs, ring_recombine, with_attrs
+from partitioner.ops import ring_layers, ring_limbs, ring_recombine, with_attrs
 
 FLOAT_CHECKS = 2  # independent s per request for float masks
 FLOAT_Z = 6.0  # standard deviations of the honest error a row's check allows (2e-9 one-sided)
@@ -239,21 +238,16 @@ class RingCheck:
         self.stage = stage
         self.rng = rng
         placeholders = [n.name for n in module.graph.find_nodes(op="placeholder")]
-        out_node = next(iter(module.graph.find_nodes(op="output")))
+        try:
+            nodes = ring_layers(module)
+        except ValueError as exc:
+            raise IntegrityError(
+                f"GPU stage {stage}: integrity='freivalds' with masking='exact' checks "
+                f"stages whose outputs are linear layers of their inputs; {exc}"
+            ) from None
         # (output, input, weights, bias, carry: the last column passes through unchanged)
         self.layers: list[tuple[int, int, torch.Tensor, torch.Tensor | None, bool]] = []
-        for index, node in enumerate(out_node.args[0]):
-            if not (
-                isinstance(node, torch.fx.Node)
-                and node.op == "call_function"
-                and op_name(node) == "ring_linear"
-                and node.args[0].op == "placeholder"
-            ):
-                raise IntegrityError(
-                    f"GPU stage {stage}: integrity='freivalds' with masking='exact' checks "
-                    f"stages whose outputs are linear layers of their inputs; output {index} "
-                    f"({getattr(node, 'name', node)}) is not"
-                )
+        for index, node in enumerate(nodes):
             weight = _get_attr(module, node.args[1].target)
             bias = node.args[2]
             b = _get_attr(module, bias.target) if bias is not None else None
@@ -290,6 +284,24 @@ class RingCheck:
             (source, a, kappa, [(index, s, (s.shape[0],)) for index, s in outs])
             for source, (outs, a, kappa) in by_source.items()
         ]
+        # the same vectors as int64 tensors (the same bits) for the check compiled into the
+        # enclave stage that unmasks the reply (partitioner.aot): per equation a and κ, then
+        # each output's s
+        self.sources = tuple(source for source, *_ in self.equations)
+        parts = [np.append(a, np.asarray(k, dtype=np.uint64)) for _, a, k, _ in self.equations]
+        parts += [_u64(s.numpy()) for s, _, _ in self.vectors]
+        self._fused = torch.from_numpy(np.concatenate(parts).view(np.int64))
+
+    def fused_args(self, sent: list[torch.Tensor], pads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The compiled check's inputs: per equation the value sent (the enclave's own
+        tensor, never one a runner was handed) and its pad; then one vector holding, per
+        equation, ``a`` and ``κ``, then each output's ``s`` (the same bits as int64).
+        ``sent`` and ``pads`` per stage input."""
+        out: list[torch.Tensor] = []
+        for source in self.sources:
+            out += [sent[source], pads[source]]
+        out.append(self._fused)
+        return out
 
     def expect(self, sent: list[torch.Tensor], pads: list[Any]) -> list[Any]:
         """The right-hand sides ``<sum_o W_oᵀ s_o, x> + sum_o κ_o`` per row, one per input,

@@ -121,6 +121,10 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
             "constants": keys,
             "checks": compiled.checks,
             "inputs": [[dtype, list(shape)] for dtype, shape in compiled.inputs],
+            # the GPU stage whose reply the library checks, and its equations' inputs
+            "verifies": (
+                [compiled.verifies[0], list(compiled.verifies[1])] if compiled.verifies else None
+            ),
         }
     index = {"stages": stages, "eager": report.eager}
     (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")

@@ -432,7 +432,7 @@ def private_copy(data: bytes, name: str) -> Path:
     return path
 
 
-_AOT_ENTRY = {"library", "constants", "checks", "inputs"}
+_AOT_ENTRY = {"library", "constants", "checks", "inputs", "verifies"}
 _DTYPES = {"float32", "float64", "int32", "int64", "bool", "float16", "bfloat16", "int8"}
 
 
@@ -466,8 +466,13 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         where = f"{AOT_INDEX}: stage {name}"
         if name not in stages:
             raise ArtifactError(f"{where}: the plan has no enclave stage of that name")
+        # an entry saved before libraries could verify a reply has no "verifies": none does
+        if isinstance(entry, dict) and set(entry) == _AOT_ENTRY - {"verifies"}:
+            entry = {**entry, "verifies": None}
         if not isinstance(entry, dict) or set(entry) != _AOT_ENTRY:
-            raise ArtifactError(f"{where}: expected keys library, constants, checks, inputs")
+            raise ArtifactError(
+                f"{where}: expected keys library, constants, checks, inputs, verifies"
+            )
         library, keys, checks = entry["library"], entry["constants"], entry["checks"]
         inputs = _input_specs(entry["inputs"], f"{where}.inputs", stages[name])
         if not isinstance(library, str) or not library.startswith(f"{AOT_DIR}/"):
@@ -476,13 +481,33 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
             raise ArtifactError(f"{where}: constants must be a list of weight keys")
         if not isinstance(checks, bool):
             raise ArtifactError(f"{where}: checks must be true or false")
+        verifies = _verifies(entry["verifies"], f"{where}.verifies")
         missing = [k for k in keys if k not in weights]
         if missing:
             raise ArtifactError(f"{where}: constant {missing[0]} is not in the enclave weights")
         if library not in loaded:
             loaded[library] = private_copy(files.read(library), Path(library).name)
         constants = tuple(weights[k] for k in keys)
-        stages[name].compiled = CompiledLibrary(str(loaded[library]), constants, checks, inputs)
+        stages[name].compiled = CompiledLibrary(
+            str(loaded[library]), constants, checks, inputs, verifies
+        )
+
+
+def _verifies(value: Any, where: str) -> tuple[str, tuple[int, ...]] | None:
+    """``null``, or ``[GPU stage, [input index per equation]]`` (the executor then checks
+    that the plan has that stage, before this one, with that check)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or not isinstance(value[1], list)
+        or not value[1]
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value[1])
+    ):
+        raise ArtifactError(f"{where}: expected null or [GPU stage, [input index, ...]]")
+    return value[0], tuple(value[1])
 
 
 def load_program(

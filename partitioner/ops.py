@@ -421,6 +421,28 @@ def _(u: Tensor, w: Tensor, b: Tensor | None, carry: bool = False) -> Tensor:
     return u.new_empty((*u.shape[:-1], w.shape[0] + int(carry)))
 
 
+def ring_layers(module: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Per output of a GPU stage graph, its ``ring_linear`` node, when every output is a
+    ``ring_linear`` of one of the stage's inputs: what a Freivalds check in the ring verifies
+    (``enclave_runtime.integrity.RingCheck`` in the executor, ``partitioner.aot``'s check
+    compiled into the enclave stage that unmasks the reply). Raises ``ValueError`` naming the
+    first output that is not."""
+    from partitioner.op_table import op_name
+
+    out_node = next(iter(module.graph.find_nodes(op="output")))
+    layers = []
+    for index, node in enumerate(out_node.args[0]):
+        if not (
+            isinstance(node, torch.fx.Node)
+            and node.op == "call_function"
+            and op_name(node) == "ring_linear"
+            and node.args[0].op == "placeholder"
+        ):
+            raise ValueError(f"output {index} ({getattr(node, 'name', node)}) is not")
+        layers.append(node)
+    return layers
+
+
 @_operator("ring_matmul", "(Tensor a, Tensor b) -> Tensor")
 def ring_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` in ``Z_{2^64}`` (int64 operands): ten float64 GEMMs over 16-bit limbs, the

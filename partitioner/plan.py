@@ -47,8 +47,9 @@ EXTRA_INPUT_KINDS = ("mask", "delta", "noise")
 @dataclass(frozen=True)
 class CompiledLibrary:
     """An enclave stage compiled ahead of time (``partitioner.aot``): the shared object to
-    load (a verified file), the constants appended to the stage's inputs, and whether its
-    last output is a check flag. ``enclave_runtime.compiled`` runs it."""
+    load (a verified file), the constants appended to the stage's inputs, whether its last
+    output is a check flag, and the GPU reply it verifies, if any. ``enclave_runtime.compiled``
+    runs it."""
 
     path: str
     constants: tuple[Any, ...]
@@ -56,6 +57,10 @@ class CompiledLibrary:
     # per input of the stage (before the constants): its dtype name and plan shape (ints and
     # named sizes); compiled code trusts its inputs' shapes, so the runtime checks them first
     inputs: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
+    # (GPU stage, its inputs per equation): the library checks that stage's reply itself
+    # (``partitioner.aot.FusedCheck``): it takes the check's vectors after the stage's
+    # inputs and returns the check's flag before the masks' flag
+    verifies: tuple[str, tuple[int, ...]] | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ libraries are loaded only if they are the ones ``plan.json`` lists.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -16,8 +17,10 @@ import torch
 from conftest import captured
 
 from enclave_runtime.compiled import CompiledCall
+from enclave_runtime.executor import InProcessRunner
+from enclave_runtime.integrity import RingCheck
 from partitioner import ops
-from partitioner.aot import compile_library, input_specs, lower
+from partitioner.aot import compile_library, fused_check, input_specs, lower
 from partitioner.api import partition
 from partitioner.bundle import AOT_INDEX, load_program
 from partitioner.errors import ArtifactError, InputError, IntegrityError
@@ -119,33 +122,83 @@ class _MaskRows(torch.nn.Module):
         return ops.OPS.ring_mask_rows(x, r, self.limit)
 
 
+class _Recording:
+    """Stands in for an enclave stage whose compiled library checks the reply before it:
+    records what the executor hands it (the stage's inputs and the check's vectors) and
+    runs the eager stage."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __call__(self, *args, checks=()):
+        self.calls.append((args, list(checks)))
+        return self.module(*args)
+
+
+def fused_call(split, stage, verify, ids=IDS):
+    """One request's inputs of ``stage`` and the fused check's vectors, as the executor
+    hands them to a library that makes ``verify``; and the eager outputs."""
+    ex = split.executor(seed=3)
+    direct = ex._module
+    recording = _Recording(ops.direct_calls(stage.module))
+    ex._module = lambda s: recording if s is stage else direct(s)
+    # what the executor reads to hand a stage the check's vectors (never loaded here)
+    stage.compiled = CompiledLibrary("unused", (), True, (), (verify.stage, verify.sources))
+    try:
+        with torch.no_grad():
+            ex(input_ids=ids)
+    finally:
+        stage.compiled = None
+    ((args, checks),) = recording.calls
+    return args, checks, recording.module(*args)
+
+
+def _fusable(split):
+    """The first enclave stage (unmask, residual, RMSNorm, mask) that unmasks the reply of
+    a checked GPU stage right before it, with its position and the check to fuse."""
+    for position, stage in enumerate(split.stages):
+        nodes = stage.module.graph.nodes if stage.side == "enclave" else []
+        if (
+            any(n.target == ops.OPS.ring_unmask_rows.default for n in nodes)
+            and any(n.target == ops.OPS.ring_mask_rows.default for n in nodes)
+            and not any("attention" in str(n.target) for n in nodes)
+            and fused_check(split, position) is not None
+        ):
+            return position, stage, fused_check(split, position)
+    raise AssertionError("no enclave stage follows a checked GPU stage")
+
+
 @pytest.fixture(scope="module")
 def compiled_stage(tmp_path_factory):
-    """One stage of the split (unmask, residual, RMSNorm, mask) compiled to a library."""
-    split = slalom()
-    calls = stage_calls(split)
-    stage = next(
-        s
-        for s in split.stages
-        if s.side == "enclave"
-        and any(n.target == ops.OPS.ring_unmask_rows.default for n in s.module.graph.nodes)
-        and any(n.target == ops.OPS.ring_mask_rows.default for n in s.module.graph.nodes)
-        and not any("attention" in str(n.target) for n in s.module.graph.nodes)
-    )
-    lowered = lower(stage.module)
+    """One stage of the split (unmask, residual, RMSNorm, mask) compiled to a library, as
+    ``compile_enclave`` compiles it: with the Freivalds check of the GPU stage before it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(captured("tiny-llama"), "slalom", seed=5)
+    _, stage, verify = _fusable(split)
+    lowered = lower(stage.module, verify)
     path = tmp_path_factory.mktemp("aot") / f"{lowered.key}.so"
     compile_library(split, lowered, path)
     library = CompiledLibrary(
-        str(path), tuple(lowered.constants), lowered.checks, input_specs(split, lowered)
+        str(path),
+        tuple(lowered.constants),
+        lowered.checks,
+        input_specs(split, lowered),
+        (verify.stage, verify.sources),
     )
     call = CompiledCall(stage.name, library)
-    return split, stage, call, calls
+    return split, stage, call, library, fused_call(split, stage, verify)
+
+
+def _zero_check(checks):
+    """Check vectors under which any reply passes (``a``, ``κ``, ``s`` all zero): for
+    reaching what the stage refuses after the check."""
+    return [c if c.dtype != torch.int64 else torch.zeros_like(c) for c in checks]
 
 
 def test_a_compiled_stage_computes_the_eager_stage(compiled_stage):
-    _, stage, call, calls = compiled_stage
-    args, eager = calls[stage.name]
-    outs = call(*args)
+    _, stage, call, _, (args, checks, eager) = compiled_stage
+    outs = call(*args, checks=checks)
     assert len(outs) == len(eager)
     for got, want in zip(outs, eager, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -153,28 +206,80 @@ def test_a_compiled_stage_computes_the_eager_stage(compiled_stage):
             assert torch.equal(got, want)
         else:  # a reduction may be summed in another order: the last bit may differ
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    # the library takes other sizes of its dynamic dims (here one position, as in decode)
-    one = [
-        a[:, -1:].contiguous() if a.dim() >= 2 and a.shape[1] == IDS.shape[1] else a for a in args
-    ]
+
+    # the library takes other sizes of its dynamic dims (here one position, as in decode);
+    # the check holds row by row, so the last position of each value still passes it
+    def last(a):
+        return a[:, -1:].contiguous() if a.dim() >= 2 and a.shape[1] == IDS.shape[1] else a
+
+    one, one_checks = [last(a) for a in args], [last(c) for c in checks]
     direct = ops.direct_calls(stage.module)
-    for got, want in zip(call(*one), direct(*one), strict=True):
+    for got, want in zip(call(*one, checks=one_checks), direct(*one), strict=True):
         assert got.shape == want.shape
+
+
+def test_a_compiled_stage_checks_the_reply_it_unmasks(compiled_stage):
+    """The GPU stage's Freivalds check, compiled into the stage that unmasks its reply: a
+    reply changed by one unit, by 2**31 (the int32 ring's half) or in its exponent column
+    is refused as the GPU's, and an honest one passes (the products and sums of the check
+    wrap mod 2**64 in compiled int64 code as in numpy's uint64: ``a`` and ``s`` are uniform
+    over 64 bits, so every honest product overflows)."""
+    _, _, call, library, (args, checks, _) = compiled_stage
+    gpu = library.verifies[0]
+    call(*args, checks=checks)
+    reply = next(i for i, a in enumerate(args) if a.dtype == torch.int32)
+    for change in (
+        lambda t: t[0, 3, 7].add_(1),
+        lambda t: t[0, 0, 0].add_(2**31),
+        lambda t: t[..., -1].sub_(2**30),
+    ):
+        hostile = [a.clone() for a in args]
+        change(hostile[reply])
+        with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
+            call(*hostile, checks=checks)
 
 
 def test_a_compiled_stage_refuses_a_value_it_cannot_mask(compiled_stage):
     """A GPU that shifts the masked exponent column of its reply makes the unmasked value
     overflow to inf (and NaN after the non-linearity): the mask that follows must refuse it,
-    compiled as eager, instead of sending the GPU a residue that stands for nothing."""
-    _, stage, call, calls = compiled_stage
-    args, _ = calls[stage.name]
+    compiled as eager, instead of sending the GPU a residue that stands for nothing. The
+    reply's check comes first (above); with check vectors that pass anything, the mask's
+    own refusal is what remains."""
+    _, stage, call, _, (args, checks, _) = compiled_stage
     hostile = [a.clone() for a in args]
     reply = next(i for i, a in enumerate(hostile) if a.dtype == torch.int32)
     hostile[reply][..., -1] -= 2**30  # 2**-e becomes 2**(2**30 + ...): inf
     with pytest.raises(InputError):
         ops.direct_calls(stage.module)(*hostile)
     with pytest.raises(InputError, match="NaN or inf"):
-        call(*hostile)
+        call(*hostile, checks=_zero_check(checks))
+    with pytest.raises(IntegrityError, match="Freivalds"):  # the check's verdict first
+        call(*hostile, checks=checks)
+
+
+def test_a_failed_check_leaves_the_stage_no_reply_to_work_on(compiled_stage):
+    """After a failed check the stage's work must not depend on what the GPU wrote (its
+    time could tell the GPU about the data it was combined with): the lowered graph unmasks
+    a refused reply to zeros. Run eagerly, a stage given a forged reply computes exactly
+    what it computes given its correction as the reply."""
+    split, stage, _, _, (args, checks, _) = compiled_stage
+    lowered = lower(stage.module, fused_check(split, split.stages.index(stage)))
+    reply = next(i for i, a in enumerate(args) if a.dtype == torch.int32)
+    delta = len(stage.inputs) + stage.extra_inputs.index(("delta", stage.inputs[reply]))
+
+    def run(values):
+        with torch.no_grad():
+            return list(lowered.module(*values, *checks, *lowered.constants))
+
+    forged = [a.clone() for a in args]
+    forged[reply][0, 2, 5] += 12345
+    zeroed = list(args)
+    zeroed[reply] = args[delta]  # unmasks to zeros
+    got, want = run(forged), run(zeroed)
+    assert not bool(got[-2]) and not bool(want[-2])  # both fail the check
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert bool(run(list(args))[-2])  # the honest reply passes
 
 
 def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
@@ -182,8 +287,7 @@ def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
     shorter than the correction it is unmasked with, or one column short, must be refused
     before the library reads it (eager ops raise on their own; compiled code would read
     past the end)."""
-    _, stage, call, calls = compiled_stage
-    args, _ = calls[stage.name]
+    _, stage, call, _, (args, checks, _) = compiled_stage
     reply = next(i for i, a in enumerate(args) if a.dtype == torch.int32)
     # the last: a reply with no positions, which the library's own checks pass whatever
     # its sizes (a reviewer's finding: read as the full shape, SIGSEGV)
@@ -191,11 +295,74 @@ def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
         hostile = list(args)
         hostile[reply] = cut(args[reply]).contiguous()
         with pytest.raises(IntegrityError, match=f"enclave stage {stage.name} input"):
-            call(*hostile)
+            call(*hostile, checks=checks)
     wrong_dtype = list(args)
     wrong_dtype[reply] = args[reply].to(torch.int64)
     with pytest.raises(IntegrityError):
-        call(*wrong_dtype)
+        call(*wrong_dtype, checks=checks)
+
+
+class _Forging(InProcessRunner):
+    """A GPU that adds one to one residue of one stage's reply."""
+
+    def __init__(self, plan, target):
+        super().__init__(plan)
+        self.target = target
+
+    def run(self, stage, tensors, expected=None, **kw):
+        outs = super().run(stage, tensors, expected, **kw)
+        if stage == self.target:
+            outs = [o.clone() for o in outs]
+            outs[0].view(-1)[7] += 1
+        return outs
+
+
+def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkeypatch):
+    """With the library attached, the executor hands it the check's vectors and makes no
+    check of its own on that reply (numpy's ``verify`` is made to fail the test if it is
+    called for it), so the library's check is the only one: a forged reply is refused
+    through it, naming the GPU stage, and the secret ``s`` is drawn again."""
+    split, stage, _, library, _ = compiled_stage
+    gpu = library.verifies[0]
+    verify = RingCheck.verify
+
+    def only_others(self, *a):
+        assert self.stage != gpu, "the executor checked a reply its library checks"
+        return verify(self, *a)
+
+    with torch.no_grad():
+        want = split.executor(seed=3)(input_ids=IDS).logits
+        monkeypatch.setattr(RingCheck, "verify", only_others)
+        monkeypatch.setattr(stage, "compiled", library)
+        got = split.executor(seed=3)(input_ids=IDS).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        ex = split.executor(_Forging(split.spec, gpu), seed=3)
+        s = ex.ring_checks[gpu].vectors[0][0].clone()
+        with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
+            ex(input_ids=IDS)
+        assert not torch.equal(s, ex.ring_checks[gpu].vectors[0][0])
+
+
+def test_a_library_checking_another_stage_is_refused(compiled_stage, monkeypatch):
+    """The executor skips its own check of a reply only where the plan has that check
+    right before the library: one that claims another stage, or other equations, is
+    refused before it runs (else nothing would check the reply)."""
+    split, stage, _, library, _ = compiled_stage
+    other = next(s.name for s in split.stages if s.side == "gpu" and s.name != library.verifies[0])
+    for verifies in ((other, library.verifies[1]), (library.verifies[0], (1,))):
+        monkeypatch.setattr(stage, "compiled", dataclasses.replace(library, verifies=verifies))
+        with pytest.raises(ArtifactError, match=f"enclave stage {stage.name}: its compiled"):
+            split.executor(seed=3)(input_ids=IDS)
+
+
+def test_a_bundle_index_names_what_a_library_verifies():
+    from partitioner.bundle import _verifies
+
+    assert _verifies(None, "x") is None
+    assert _verifies(["gpu_1", [0, 2]], "x") == ("gpu_1", (0, 2))
+    for bad in (["gpu_1"], ["gpu_1", []], ["gpu_1", [-1]], [1, [0]], ["gpu_1", [True]], "gpu_1"):
+        with pytest.raises(ArtifactError, match="expected null or"):
+            _verifies(bad, "x")
 
 
 @pytest.fixture(scope="module")
