@@ -108,7 +108,9 @@ class CompiledCall:
                 self._checked.clear()
             self._checked.add(signature)
         try:
-            outs = self._runner.run([a.contiguous() for a in args] + list(checks) + self.constants)
+            outs = self._runner.run(
+                [a.contiguous() for a in args] + [c.contiguous() for c in checks] + self.constants
+            )
         except RuntimeError as exc:
             raise IntegrityError(
                 f"enclave stage {self.name}: its compiled library refused the inputs: "

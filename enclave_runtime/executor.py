@@ -410,23 +410,35 @@ class Executor:
         corrections = prot.corrections if prot is not None else {}
         pooled = prot.pooled if prot is not None else ()
         run = self.runner.run
+        # a reply whose check the next stage's library makes: (its check, what was sent,
+        # the reply), until that stage has run
+        deferred: tuple[Any, list[Any], list[Any]] | None = None
         for stage, extras, clear_outputs, neighbour in self._steps:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]
                 if extras:
                     args += [pools[k][name] for k, name in extras]
-                module = self._module(stage)
-                if stage.compiled is None or stage.compiled.verifies is None:
-                    outs = module(*args)
-                else:  # the reply of the GPU stage before it is checked in its library
+                module = self._module(stage)  # refuses a library that checks another stage
+                if stage.compiled is not None and stage.compiled.verifies is not None:
+                    # the reply of the GPU stage before it is checked in its library
                     check = checks[neighbour.name]
-                    sent = [gpu[n] if n in gpu else env[n] for n in neighbour.inputs]
+                    sent = (
+                        deferred[1]
+                        if deferred is not None
+                        else [gpu[n] if n in gpu else env[n] for n in neighbour.inputs]
+                    )
                     pads = [delta.get(n) for n in neighbour.inputs]
+                    deferred = None
                     try:
                         outs = module(*args, checks=check.fused_args(sent, pads))
                     except IntegrityError:
                         check.draw()  # a failed check told the GPU something about s
                         raise
+                else:
+                    if deferred is not None:  # the library that was to check it is gone
+                        self._check_now(neighbour, deferred, delta)
+                        deferred = None
+                    outs = module(*args)
                 n = len(stage.outputs)
                 env.update(zip(stage.outputs, outs[:n], strict=True))
                 if stage.masked_outputs:
@@ -457,6 +469,8 @@ class Executor:
                     sums = check.expect(sent, pads)
                 if not copies:
                     handed = [t.clone() for t in sent]
+                elif fused:  # checked after the call: on what was sent, whatever the runner does
+                    sent = [t.clone() for t in sent]
             if name not in self._holders:
                 outs = run(name, handed, expected)
             elif rows is not None:
@@ -478,7 +492,9 @@ class Executor:
                 k = len(corr.delta_outputs)
                 delta.update(zip(corr.delta_outputs, results[:k], strict=True))
                 shadow.update(zip(corr.primal_outputs, results[k:], strict=True))
-            if check is not None and not fused:
+            if fused:
+                deferred = (check, sent, list(outs))
+            elif check is not None:
                 # checked now, before any enclave stage reads the reply: a stage that
                 # refused what a wrong value became (a NaN, a norm past its limit) would
                 # end the call at a point that depends on the private data; a failed
@@ -513,6 +529,14 @@ class Executor:
                 run = source
             cached = self._direct[stage.name] = (source, run)
         return cached[1]
+
+    @staticmethod
+    def _check_now(gpu: Stage, deferred: tuple[Any, list[Any], list[Any]], delta: dict) -> None:
+        """The numpy check of a reply that a library was to check, when the stage after it
+        no longer runs that library (its ``compiled`` swapped since the reply came)."""
+        check, sent, outs = deferred
+        pads = [delta.get(n) for n in gpu.inputs]
+        check.check(sent, outs, pads, [delta.get(n) for n in gpu.outputs])
 
     def _check_fused(self, stage: Stage, verifies: tuple[str, tuple[int, ...]]) -> None:
         """Refuse a library that checks a reply this plan does not check that way: it must

@@ -12,6 +12,7 @@ import functools
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import captured
@@ -341,6 +342,108 @@ def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkey
         with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
             ex(input_ids=IDS)
         assert not torch.equal(s, ex.ring_checks[gpu].vectors[0][0])
+
+
+class _Swapping(_Forging):
+    """Forges the reply, and takes the library that was to check it off the next stage
+    while the reply is in flight (a stage's ``compiled`` replaced between two stages)."""
+
+    def __init__(self, plan, target, stage):
+        super().__init__(plan, target)
+        self.stage = stage
+
+    def run(self, stage, tensors, expected=None, **kw):
+        if stage == self.target:
+            self.stage.compiled = None
+        return super().run(stage, tensors, expected, **kw)
+
+
+def test_a_reply_whose_library_is_gone_is_checked_by_the_executor(compiled_stage, monkeypatch):
+    """The executor skips its own check of a reply when the next stage's library makes
+    it; if that library is gone by the time the stage runs, the executor checks the reply
+    itself before the stage reads it (before: the stage read it unchecked)."""
+    split, stage, _, library, _ = compiled_stage
+    monkeypatch.setattr(stage, "compiled", library)
+    gpu = library.verifies[0]
+    ex = split.executor(_Swapping(split.spec, gpu, stage), seed=3)
+    with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
+        with torch.no_grad():
+            ex(input_ids=IDS)
+    assert stage.compiled is None  # the swap happened
+
+
+class _Editing(InProcessRunner):
+    """A runner that says it copies what it is handed (as a serialising client does) but
+    edits the request in place, and replies to the edited request honestly."""
+
+    copies_inputs = True
+
+    def __init__(self, plan, target):
+        super().__init__(plan)
+        self.target = target
+
+    def run(self, stage, tensors, expected=None, **kw):
+        if stage == self.target:
+            tensors[0].view(-1)[3] += 1
+        return super().run(stage, tensors, expected, **kw)
+
+
+def test_a_fused_check_is_made_on_what_was_sent(compiled_stage, monkeypatch):
+    """The compiled check runs after the GPU call: its right-hand side must still be what
+    the enclave sent, not a request a runner edited in place afterwards (the reply to the
+    edited request is consistent with it, and passed a check made on it)."""
+    split, stage, _, library, _ = compiled_stage
+    monkeypatch.setattr(stage, "compiled", library)
+    gpu = library.verifies[0]
+    ex = split.executor(_Editing(split.spec, gpu), seed=3)
+    with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
+        with torch.no_grad():
+            ex(input_ids=IDS)
+
+
+def test_the_compiled_check_wraps_as_the_numpy_check(compiled_stage):
+    """The check's int64 products and sums overflow on every honest input (``a`` and ``s``
+    are uniform over 64 bits); compiled C++ must wrap them mod 2**64 as numpy's uint64 does.
+    Random residues, pads, corrections and vectors, with ``κ`` solved in numpy so that the
+    equation holds, at row counts around the vector width: the library's flag is set, and
+    cleared when the last row's last residue is off by one."""
+    split, stage, call, _, (args, checks, _) = compiled_stage
+    verify = fused_check(split, split.stages.index(stage))
+    assert len(verify.sources) == 1  # one equation: the outputs read one input
+    generator = torch.Generator().manual_seed(11)
+    width_in = checks[0].shape[-1]
+    widths = [args[reply].shape[-1] for _, reply, _ in verify.outputs]
+    assert checks[2].numel() == width_in + 1 + sum(widths)
+
+    def ints(*shape, dtype=torch.int32):
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max, shape, dtype=dtype, generator=generator)
+
+    def u64(t):
+        return t.numpy().astype(np.int64).view(np.uint64)
+
+    def residue(d):  # a difference in Z_2^32, as its signed residue, sign-extended
+        return d.astype(np.uint32).astype(np.int32).astype(np.int64).view(np.uint64)
+
+    def grow(t, rows):
+        if t.dim() < 2 or t.shape[1] != IDS.shape[1]:
+            return t
+        return t.repeat(1, -(-rows // t.shape[1]), *[1] * (t.dim() - 2))[:, :rows].contiguous()
+
+    for rows in (1, 7, 9, 17):
+        replies = [(ints(1, 1, w), ints(1, 1, w), ints(w, dtype=torch.int64)) for w in widths]
+        x, r, a = ints(1, 1, width_in), ints(1, 1, width_in), ints(width_in, dtype=torch.int64)
+        lhs = sum(residue(u64(y) - u64(c)) @ u64(v) for y, c, v in replies)
+        rhs = residue(u64(x) - u64(r)) @ u64(a)
+        kappa = np.asarray((lhs - rhs).reshape(-1)[0], dtype=np.uint64).view(np.int64)
+        vec = torch.cat([a, torch.tensor([int(kappa)]), *(v for _, _, v in replies)])
+        for off, want in ((0, True), (1, False)):  # holds in every row; the last off by one
+            values = [grow(t, rows) for t in args]
+            for (_, reply, delta), (y, c, _) in zip(verify.outputs, replies, strict=True):
+                values[reply], values[delta] = y.repeat(1, rows, 1), c.repeat(1, rows, 1)
+            values[verify.outputs[-1][1]][0, -1, -1] += off
+            extra = [x.repeat(1, rows, 1), r.repeat(1, rows, 1), vec]
+            assert bool(call._runner.run(values + extra + call.constants)[-2]) == want, rows
 
 
 def test_a_library_checking_another_stage_is_refused(compiled_stage, monkeypatch):
