@@ -28,6 +28,7 @@ import torch.fx
 from torch import Tensor
 
 from partitioner.errors import InputError
+from partitioner.op_table import op_name
 
 
 class _Operator:
@@ -427,8 +428,6 @@ def ring_layers(module: torch.fx.GraphModule) -> list[torch.fx.Node]:
     (``enclave_runtime.integrity.RingCheck`` in the executor, ``partitioner.aot``'s check
     compiled into the enclave stage that unmasks the reply). Raises ``ValueError`` naming the
     first output that is not."""
-    from partitioner.op_table import op_name
-
     out_node = next(iter(module.graph.find_nodes(op="output")))
     layers = []
     for index, node in enumerate(out_node.args[0]):
