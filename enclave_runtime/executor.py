@@ -192,14 +192,17 @@ class Executor:
         # and its neighbour: a GPU stage's next stage (whose compiled library may check its
         # reply: partitioner.aot.FusedCheck), an enclave stage's previous one
         stages = plan.stages
+
+        def neighbour(i: int) -> Stage | None:
+            j = i + 1 if stages[i].side == GPU else i - 1
+            return stages[j] if 0 <= j < len(stages) else None
+
         self._steps = [
             (
                 stage,
                 [(sources.get(kind, 2), name) for kind, name in stage.extra_inputs],
                 [name for name in stage.outputs if name in clear],
-                stages[i + 1 if stage.side == GPU else i - 1]
-                if 0 <= (i + 1 if stage.side == GPU else i - 1) < len(stages)
-                else None,
+                neighbour(i),
             )
             for i, stage in enumerate(stages)
         ]

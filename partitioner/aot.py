@@ -210,8 +210,9 @@ def lower(module: torch.fx.GraphModule, verify: FusedCheck | None = None) -> Low
             env[node] = graph.placeholder(node.name)
             env[node].meta = dict(node.meta)
     stage_inputs = len(env)
-    placeholders = list(env)
-    check_inputs = _fused_inputs(graph, verify, placeholders) if verify is not None else []
+    verified, check_inputs = None, 0
+    if verify is not None:
+        verified, check_inputs = _check(graph, env, list(env), verify)
     lifted: dict[str, torch.fx.Node] = {}
 
     def constant(value: torch.Tensor, name: str) -> torch.fx.Node:
@@ -231,9 +232,6 @@ def lower(module: torch.fx.GraphModule, verify: FusedCheck | None = None) -> Low
                 raise NotLowerable(f"attribute {node.target} is not a tensor")
             env[node] = constant(value.detach(), node.target)
     flags: list[torch.fx.Node] = []
-    verified = None
-    if verify is not None:
-        verified = _gate(graph, env, placeholders, verify, check_inputs)
     out_node = None
     for node in nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -287,55 +285,38 @@ def lower(module: torch.fx.GraphModule, verify: FusedCheck | None = None) -> Low
         constants,
         bool(flags),
         stage_inputs=stage_inputs,
-        check_inputs=len(check_inputs),
+        check_inputs=check_inputs,
         verifies=verify,
     )
     result.key = structure_key(result)
     return result
 
 
-def _fused_inputs(
-    graph: torch.fx.Graph, verify: FusedCheck, placeholders: list[torch.fx.Node]
-) -> list[torch.fx.Node]:
-    """The fused check's placeholders, after the stage's and before the constants: per
-    equation the value sent and its pad (the sent value's plan shape); then one int64 vector
-    (``Z_{2^64}``) of static size holding, per equation, ``a`` and ``κ``, then each output's
-    ``s`` (one input, not one per vector: a library's inputs cost microseconds each)."""
-    out = []
-    for eq, sent in enumerate(verify.sent):
-        for name in (f"check_sent_{eq}", f"check_pad_{eq}"):
-            ph = graph.placeholder(name)
-            ph.meta["val"] = sent
-            out.append(ph)
-    vector = graph.placeholder("check_vector")
-    vector.meta["val"] = torch.zeros(_vector_size(verify, placeholders), dtype=torch.int64)
-    out.append(vector)
-    return out
-
-
-def _widths(verify: FusedCheck, placeholders: list[torch.fx.Node]) -> tuple[list[int], list[int]]:
-    """The last dim of each equation's input and of each output (the sizes of ``a``, ``s``)."""
-    inputs = [int(sent.shape[-1]) for sent in verify.sent]
-    outputs = [int(placeholders[reply].meta["val"].shape[-1]) for _, reply, _ in verify.outputs]
-    return inputs, outputs
-
-
-def _vector_size(verify: FusedCheck, placeholders: list[torch.fx.Node]) -> int:
-    inputs, outputs = _widths(verify, placeholders)
-    return sum(inputs) + len(inputs) + sum(outputs)
-
-
-def _gate(
+def _check(
     graph: torch.fx.Graph,
     env: dict[torch.fx.Node, Any],
     placeholders: list[torch.fx.Node],
     verify: FusedCheck,
-    check_inputs: list[torch.fx.Node],
-) -> torch.fx.Node:
-    """The check's flag, and each reply replaced (in ``env``) by ``where(flag, reply, δ)``:
-    a reply that fails the check is unmasked to zeros, so the stage's work after it (and
-    its time) depends on the enclave's data only, never on what the GPU wrote."""
-    vector = check_inputs[-1]
+) -> tuple[torch.fx.Node, int]:
+    """The fused check, made before any constant is lifted so that its inputs come right
+    after the stage's: per equation the value sent and its pad (the sent value's plan shape),
+    then one int64 vector (``Z_{2^64}``) of static size holding, per equation, ``a`` and
+    ``κ``, then each output's ``s`` (one input, not one per vector: a library's inputs cost
+    microseconds each). Returns the check's flag and how many inputs it added; each reply is
+    replaced (in ``env``) by ``where(flag, reply, δ)``: a reply that fails the check is
+    unmasked to zeros, so the stage's work after it (and its time) depends on the enclave's
+    data only, never on what the GPU wrote."""
+    pairs = []
+    for eq, sent in enumerate(verify.sent):
+        pair = [graph.placeholder(f"check_{what}_{eq}") for what in ("sent", "pad")]
+        for ph in pair:
+            ph.meta["val"] = sent
+        pairs.append(pair)
+    inputs = [int(sent.shape[-1]) for sent in verify.sent]
+    outputs = [int(placeholders[reply].meta["val"].shape[-1]) for _, reply, _ in verify.outputs]
+    vector = graph.placeholder("check_vector")
+    size = sum(inputs) + len(inputs) + sum(outputs)
+    vector.meta["val"] = torch.zeros(size, dtype=torch.int64)
     offset = 0
 
     def take(width: int) -> torch.fx.Node:
@@ -344,11 +325,9 @@ def _gate(
         offset += width
         return part
 
-    inputs, outputs = _widths(verify, placeholders)
-    equations = []
-    for eq, width in enumerate(inputs):
-        sent, pad = check_inputs[2 * eq : 2 * eq + 2]
-        equations.append((sent, pad, take(width), take(1)))
+    equations = [
+        (sent, pad, take(width), take(1)) for (sent, pad), width in zip(pairs, inputs, strict=True)
+    ]
     replies = [
         (eq, env[placeholders[reply]], env[placeholders[delta]], take(width))
         for (eq, reply, delta), width in zip(verify.outputs, outputs, strict=True)
@@ -357,7 +336,7 @@ def _gate(
     for _, reply, delta in verify.outputs:
         source, correction = placeholders[reply], placeholders[delta]
         env[source] = graph.call_function(torch.where, (flag, env[source], env[correction]))
-    return flag
+    return flag, 2 * len(pairs) + 1
 
 
 # what the key covers besides the graph: the compile options' version, torch's, and the
