@@ -145,11 +145,22 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
 
 
+def _rows(t: torch.Tensor) -> int:
+    """How many rows (vectors of its last dim) a request holds."""
+    return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
+
+
 class Executor:
     """One split program, ready to serve requests: its stages, a runner and a mask pool.
 
     ``seed`` fixes the pool's CSPRNG and is for tests only; by default it is keyed from the OS.
     """
+
+    #: A GPU reply whose check the next stage's library can make (``partitioner.aot``) is
+    #: checked there when the request sent has at most this many rows, and by the executor
+    #: in numpy otherwise: the library's int64 products cost more per element than numpy's,
+    #: numpy costs more per call (measured in benchmarks/README.md).
+    library_check_rows = 16
 
     def __init__(
         self, plan: Plan, runner: StageRunner | None = None, *, seed: int | str | None = None
@@ -414,8 +425,10 @@ class Executor:
         pooled = prot.pooled if prot is not None else ()
         run = self.runner.run
         # a reply whose check the next stage's library makes: (its check, what was sent,
-        # the reply), until that stage has run
+        # the reply), until that stage has run; and the GPU stage whose reply the executor
+        # checked last, which that library then passes on unread
         deferred: tuple[Any, list[Any], list[Any]] | None = None
+        verified: str | None = None
         for stage, extras, clear_outputs, neighbour in self._steps:
             if stage.side == ENCLAVE:
                 args = [env[n] if n in env else gpu[n] for n in stage.inputs]
@@ -423,17 +436,24 @@ class Executor:
                     args += [pools[k][name] for k, name in extras]
                 module = self._module(stage)  # refuses a library that checks another stage
                 if stage.compiled is not None and stage.compiled.verifies is not None:
-                    # the reply of the GPU stage before it is checked in its library
+                    # the reply of the GPU stage before it is checked in its library,
+                    # unless the executor checked it as it came (a request of many rows)
                     check = checks[neighbour.name]
+                    here = deferred is not None
+                    if not here and verified != neighbour.name:
+                        raise IntegrityError(
+                            f"GPU stage {neighbour.name}: its reply reached enclave stage "
+                            f"{stage.name} unchecked"
+                        )
                     sent = (
                         deferred[1]
                         if deferred is not None
                         else [gpu[n] if n in gpu else env[n] for n in neighbour.inputs]
                     )
                     pads = [delta.get(n) for n in neighbour.inputs]
-                    deferred = None
+                    deferred = verified = None
                     try:
-                        outs = module(*args, checks=check.fused_args(sent, pads))
+                        outs = module(*args, checks=check.fused_args(sent, pads, here))
                     except IntegrityError:
                         check.draw()  # a failed check told the GPU something about s
                         raise
@@ -453,13 +473,15 @@ class Executor:
             sent = [gpu[n] if n in gpu else env[n] for n in stage.inputs]
             expected = replies[name]
             check = checks.get(name)
-            # the next stage's compiled library checks this reply before anything reads it
+            # the next stage's compiled library checks this reply before anything reads it,
+            # if the request is of few rows
             fused = (
                 check is not None
                 and neighbour is not None
                 and neighbour.compiled is not None
                 and neighbour.compiled.verifies is not None
                 and neighbour.compiled.verifies[0] == name
+                and _rows(sent[check.sources[0]]) <= self.library_check_rows
             )
             sums = None
             handed = sent
@@ -504,6 +526,7 @@ class Executor:
                 # check ends it where the GPU lied, which the GPU knows anyway
                 deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
                 check.verify(sums, list(outs), deltas)
+                verified = name
         if prot is not None and prot.rnm is not None:
             site = prot.rnm
             self.last_request = {

@@ -290,17 +290,23 @@ class RingCheck:
         self.sources = tuple(source for source, *_ in self.equations)
         parts = [np.append(a, np.asarray(k, dtype=np.uint64)) for _, a, k, _ in self.equations]
         parts += [_u64(s.numpy()) for s, _, _ in self.vectors]
-        self._fused = torch.from_numpy(np.concatenate(parts).view(np.int64))
+        # and last, whether the library makes the check (1) or the executor made it (0)
+        vector = np.concatenate([*parts, np.ones(1, dtype=np.uint64)]).view(np.int64)
+        self._fused = {True: torch.from_numpy(vector), False: torch.from_numpy(vector.copy())}
+        self._fused[False][-1] = 0
 
-    def fused_args(self, sent: list[torch.Tensor], pads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def fused_args(
+        self, sent: list[torch.Tensor], pads: list[torch.Tensor], here: bool = True
+    ) -> list[torch.Tensor]:
         """The compiled check's inputs: per equation the value sent (the enclave's own
         tensor, never one a runner was handed) and its pad; then one vector holding, per
-        equation, ``a`` and ``κ``, then each output's ``s`` (the same bits as int64).
-        ``sent`` and ``pads`` per stage input."""
+        equation, ``a`` and ``κ``, then each output's ``s`` (the same bits as int64), then
+        ``here``: whether the library makes the check (``False``: the executor has made it,
+        and the library passes the reply on unread). ``sent`` and ``pads`` per stage input."""
         out: list[torch.Tensor] = []
         for source in self.sources:
             out += [sent[source], pads[source]]
-        out.append(self._fused)
+        out.append(self._fused[here])
         return out
 
     def expect(self, sent: list[torch.Tensor], pads: list[Any]) -> list[Any]:

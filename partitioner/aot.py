@@ -23,7 +23,9 @@ which library and which constants each stage runs with. Guarantees:
   Freivalds-checked GPU stage right before it (:func:`fused_check`) makes that check itself,
   on the executor's secret vectors, before its own refusals, and works on zeros in place of
   a reply that fails it; the executor then skips its numpy check of that reply (~110 us of
-  Python per reply on a SmolLM2 decode step, 121 replies a step).
+  Python per reply on a SmolLM2 decode step, 121 replies a step). For requests of many rows
+  (a prefill) numpy's products are cheaper than the library's: the executor checks those
+  replies itself and tells the library, which then reads no reply (:func:`gated_freivalds`).
 * **Compiled once per structure.** Constants (a layer's norm weights, its fixed-point scales
   and limits) become inputs, so the 30 layers of a decoder share a handful of libraries.
 
@@ -159,6 +161,49 @@ def freivalds(
         rhs = (_ring_sub(x, pad) * a).sum(-1) + kappa
         flags.append((lhs[eq] == rhs).all())
     return _all(*flags)
+
+
+def gated_freivalds(
+    vector: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    replies: list[tuple[int, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """:func:`freivalds` on the check's inputs (per equation the value sent and its pad; per
+    output its equation, the reply and its correction) and its ``vector``: per equation
+    ``a`` and ``κ``, then each output's ``s``, then whether to check. When the last is 0 the
+    flag is true and no reply is read: the executor made the check. Why: compiled, the
+    check's int64 products cost more per element than numpy's (AVX2 has no 64-bit
+    multiply), so a library checks only calls of few rows (a decode step), where numpy's
+    cost is per call; a prefill's replies are checked by the executor. ``torch.cond``: one
+    library holds both paths (its operands may not alias, so ``vector`` is sliced inside)."""
+    which = [eq for eq, *_ in replies]
+    inputs = [int(sent.shape[-1]) for sent, _ in pairs]
+    flat = [t for pair in pairs for t in pair] + [t for _, y, delta in replies for t in (y, delta)]
+    split = 2 * len(pairs)
+
+    def check(v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        offset = 0
+
+        def take(width: int) -> torch.Tensor:
+            nonlocal offset
+            offset += width
+            return v[offset - width : offset]
+
+        equations = [
+            (tensors[2 * i], tensors[2 * i + 1], take(width), take(1))
+            for i, width in enumerate(inputs)
+        ]
+        rest = tensors[split:]
+        outputs = [
+            (eq, rest[2 * i], rest[2 * i + 1], take(int(rest[2 * i].shape[-1])))
+            for i, eq in enumerate(which)
+        ]
+        return freivalds(equations, outputs)
+
+    def skip(v: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.ones((), dtype=torch.bool)
+
+    return torch.cond(vector[-1] != 0, check, skip, (vector, *flat))
 
 
 @dataclass(frozen=True)
@@ -312,27 +357,16 @@ def _check(
         for ph in pair:
             ph.meta["val"] = sent
         pairs.append(pair)
+    vector = graph.placeholder("check_vector")
     inputs = [int(sent.shape[-1]) for sent in verify.sent]
     outputs = [int(placeholders[reply].meta["val"].shape[-1]) for _, reply, _ in verify.outputs]
-    vector = graph.placeholder("check_vector")
-    size = sum(inputs) + len(inputs) + sum(outputs)
+    size = sum(inputs) + len(inputs) + sum(outputs) + 1  # the last: whether to check
     vector.meta["val"] = torch.zeros(size, dtype=torch.int64)
-    offset = 0
-
-    def take(width: int) -> torch.fx.Node:
-        nonlocal offset
-        part = graph.call_function(torch.narrow, (vector, 0, offset, width))
-        offset += width
-        return part
-
-    equations = [
-        (sent, pad, take(width), take(1)) for (sent, pad), width in zip(pairs, inputs, strict=True)
-    ]
     replies = [
-        (eq, env[placeholders[reply]], env[placeholders[delta]], take(width))
-        for (eq, reply, delta), width in zip(verify.outputs, outputs, strict=True)
+        (eq, env[placeholders[reply]], env[placeholders[delta]])
+        for eq, reply, delta in verify.outputs
     ]
-    flag = graph.call_function(freivalds, (equations, replies))
+    flag = graph.call_function(gated_freivalds, (vector, pairs, replies))
     for _, reply, delta in verify.outputs:
         source, correction = placeholders[reply], placeholders[delta]
         env[source] = graph.call_function(torch.where, (flag, env[source], env[correction]))

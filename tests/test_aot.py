@@ -18,7 +18,7 @@ import torch
 from conftest import captured
 
 from enclave_runtime.compiled import CompiledCall
-from enclave_runtime.executor import InProcessRunner
+from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.integrity import RingCheck
 from partitioner import ops
 from partitioner.aot import compile_library, fused_check, input_specs, lower
@@ -28,6 +28,7 @@ from partitioner.errors import ArtifactError, InputError, IntegrityError
 from partitioner.plan import CompiledLibrary
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7, 128, 64]])
+ONE = torch.ones(1, dtype=torch.int64)
 
 
 @functools.cache
@@ -140,6 +141,7 @@ def fused_call(split, stage, verify, ids=IDS):
     """One request's inputs of ``stage`` and the fused check's vectors, as the executor
     hands them to a library that makes ``verify``; and the eager outputs."""
     ex = split.executor(seed=3)
+    ex.library_check_rows = ids.shape[1]  # the library checks this request's replies
     direct = ex._module
     recording = _Recording(ops.direct_calls(stage.module))
     ex._module = lambda s: recording if s is stage else direct(s)
@@ -324,6 +326,7 @@ def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkey
     called for it), so the library's check is the only one: a forged reply is refused
     through it, naming the GPU stage, and the secret ``s`` is drawn again."""
     split, stage, _, library, _ = compiled_stage
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1])
     gpu = library.verifies[0]
     verify = RingCheck.verify
 
@@ -342,6 +345,54 @@ def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkey
         with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
             ex(input_ids=IDS)
         assert not torch.equal(s, ex.ring_checks[gpu].vectors[0][0])
+
+
+def test_a_request_of_many_rows_is_checked_by_the_executor(compiled_stage, monkeypatch):
+    """Past ``library_check_rows`` the executor checks the reply in numpy as it comes and
+    tells the library so (the check vector's last entry 0): the library then passes the
+    reply on unread, and a forged reply is refused by the executor's check, before the
+    stage runs. A library told so passes anything: the executor's check is the only one."""
+    split, stage, call, library, (args, checks, _) = compiled_stage
+    gpu = library.verifies[0]
+    monkeypatch.setattr(stage, "compiled", library)
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1] - 1)
+    told, numpy_checks = [], []
+    fused_args, verify = RingCheck.fused_args, RingCheck.verify
+
+    def telling(self, sent, pads, here=True):
+        told.append(here)
+        return fused_args(self, sent, pads, here)
+
+    def counting(self, *a):
+        numpy_checks.append(self.stage)
+        return verify(self, *a)
+
+    monkeypatch.setattr(RingCheck, "fused_args", telling)
+    monkeypatch.setattr(RingCheck, "verify", counting)
+    with torch.no_grad():
+        ex = split.executor(_Forging(split.spec, gpu), seed=3)
+        with pytest.raises(IntegrityError, match=rf"GPU stage {gpu} returned .* row \["):
+            ex(input_ids=IDS)
+        assert told == []  # refused as it came: the stage never ran
+        numpy_checks.clear()
+        split.executor(seed=3)(input_ids=IDS[:, :4])  # 4 rows: the library checks
+        assert told == [True] and gpu not in numpy_checks
+        got = split.executor(seed=3)(input_ids=IDS).logits  # 9 rows: the executor does
+        assert told == [True, False] and gpu in numpy_checks
+        monkeypatch.setattr(stage, "compiled", None)
+        want = split.executor(seed=3)(input_ids=IDS).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(stage, "compiled", library)
+    # told that the executor checked, the library reads no reply
+    reply = fused_check(split, split.stages.index(stage)).outputs[0][1]
+    forged = list(args)
+    forged[reply] = args[reply].clone()
+    forged[reply].view(-1)[7] += 1
+    with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
+        call(*forged, checks=checks)
+    off = [*checks[:-1], checks[-1].clone()]
+    off[-1][-1] = 0
+    call(*forged, checks=off)
 
 
 class _Swapping(_Forging):
@@ -363,6 +414,7 @@ def test_a_reply_whose_library_is_gone_is_checked_by_the_executor(compiled_stage
     it; if that library is gone by the time the stage runs, the executor checks the reply
     itself before the stage reads it (before: the stage read it unchecked)."""
     split, stage, _, library, _ = compiled_stage
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1])
     monkeypatch.setattr(stage, "compiled", library)
     gpu = library.verifies[0]
     ex = split.executor(_Swapping(split.spec, gpu, stage), seed=3)
@@ -393,6 +445,7 @@ def test_a_fused_check_is_made_on_what_was_sent(compiled_stage, monkeypatch):
     the enclave sent, not a request a runner edited in place afterwards (the reply to the
     edited request is consistent with it, and passed a check made on it)."""
     split, stage, _, library, _ = compiled_stage
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1])
     monkeypatch.setattr(stage, "compiled", library)
     gpu = library.verifies[0]
     ex = split.executor(_Editing(split.spec, gpu), seed=3)
@@ -413,7 +466,7 @@ def test_the_compiled_check_wraps_as_the_numpy_check(compiled_stage):
     generator = torch.Generator().manual_seed(11)
     width_in = checks[0].shape[-1]
     widths = [args[reply].shape[-1] for _, reply, _ in verify.outputs]
-    assert checks[2].numel() == width_in + 1 + sum(widths)
+    assert checks[2].numel() == width_in + 1 + sum(widths) + 1  # and last, "check here"
 
     def ints(*shape, dtype=torch.int32):
         info = torch.iinfo(dtype)
@@ -436,7 +489,7 @@ def test_the_compiled_check_wraps_as_the_numpy_check(compiled_stage):
         lhs = sum(residue(u64(y) - u64(c)) @ u64(v) for y, c, v in replies)
         rhs = residue(u64(x) - u64(r)) @ u64(a)
         kappa = np.asarray((lhs - rhs).reshape(-1)[0], dtype=np.uint64).view(np.int64)
-        vec = torch.cat([a, torch.tensor([int(kappa)]), *(v for _, _, v in replies)])
+        vec = torch.cat([a, torch.tensor([int(kappa)]), *(v for _, _, v in replies), ONE])
         for off, want in ((0, True), (1, False)):  # holds in every row; the last off by one
             values = [grow(t, rows) for t in args]
             for (_, reply, delta), (y, c, _) in zip(verify.outputs, replies, strict=True):
