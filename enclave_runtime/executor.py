@@ -159,7 +159,8 @@ class Executor:
     #: A GPU reply whose check the next stage's library can make (``partitioner.aot``) is
     #: checked there when the request sent has at most this many rows, and by the executor
     #: in numpy otherwise: the library's int64 products cost more per element than numpy's,
-    #: numpy costs more per call (measured in benchmarks/README.md).
+    #: numpy costs more per call (~10 against ~6 us a row, ~20 against ~110 us a call, on a
+    #: SmolLM2 stage: benchmarks/README.md). Rows: the request's batch x positions.
     library_check_rows = 16
 
     def __init__(
@@ -440,6 +441,8 @@ class Executor:
                     # unless the executor checked it as it came (a request of many rows)
                     check = checks[neighbour.name]
                     here = deferred is not None
+                    # unreachable today (_module refuses a library whose GPU stage has no
+                    # check first): the one place that would otherwise pass a reply unread
                     if not here and verified != neighbour.name:
                         raise IntegrityError(
                             f"GPU stage {neighbour.name}: its reply reached enclave stage "
@@ -478,6 +481,7 @@ class Executor:
             fused = (
                 check is not None
                 and neighbour is not None
+                and neighbour.side == ENCLAVE
                 and neighbour.compiled is not None
                 and neighbour.compiled.verifies is not None
                 and neighbour.compiled.verifies[0] == name

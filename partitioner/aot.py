@@ -25,7 +25,8 @@ which library and which constants each stage runs with. Guarantees:
   a reply that fails it; the executor then skips its numpy check of that reply (~110 us of
   Python per reply on a SmolLM2 decode step, 121 replies a step). For requests of many rows
   (a prefill) numpy's products are cheaper than the library's: the executor checks those
-  replies itself and tells the library, which then reads no reply (:func:`gated_freivalds`).
+  replies itself and tells the library, which then unmasks the reply without checking it
+  again (:func:`gated_freivalds`).
 * **Compiled once per structure.** Constants (a layer's norm weights, its fixed-point scales
   and limits) become inputs, so the 30 layers of a decoder share a handful of libraries.
 
@@ -227,8 +228,8 @@ class FusedCheck:
 class Lowered:
     """A stage graph in aten only. Its inputs are the stage's, then (``verifies``) the
     fused check's (per equation the value sent and its pad; then one vector of ``a``, ``κ``
-    and ``s``), then ``constants`` in order; its outputs the stage's, then (``verifies``) the
-    check's flag, then (``checks``) the masks' flag."""
+    and ``s`` and whether to check), then ``constants`` in order; its outputs the stage's,
+    then (``verifies``) the check's flag, then (``checks``) the masks' flag."""
 
     module: torch.fx.GraphModule
     constants: list[torch.Tensor]
@@ -346,11 +347,11 @@ def _check(
     """The fused check, made before any constant is lifted so that its inputs come right
     after the stage's: per equation the value sent and its pad (the sent value's plan shape),
     then one int64 vector (``Z_{2^64}``) of static size holding, per equation, ``a`` and
-    ``κ``, then each output's ``s`` (one input, not one per vector: a library's inputs cost
-    microseconds each). Returns the check's flag and how many inputs it added; each reply is
-    replaced (in ``env``) by ``where(flag, reply, δ)``: a reply that fails the check is
-    unmasked to zeros, so the stage's work after it (and its time) depends on the enclave's
-    data only, never on what the GPU wrote."""
+    ``κ``, then each output's ``s``, then whether to check (one input, not one per vector: a
+    library's inputs cost microseconds each). Returns the check's flag and how many inputs
+    it added; each reply is replaced (in ``env``) by ``where(flag, reply, δ)``: a reply that
+    fails the check is unmasked to zeros, so the stage's work after it (and its time)
+    depends on the enclave's data only, never on what the GPU wrote."""
     pairs = []
     for eq, sent in enumerate(verify.sent):
         pair = [graph.placeholder(f"check_{what}_{eq}") for what in ("sent", "pad")]

@@ -22,6 +22,7 @@ from enclave_runtime.manifest import TEMPLATE
 from enclave_runtime.tokenizer import save_tokenizer
 from partitioner.bundle import (
     AOT_DIR,
+    AOT_FORMAT,
     AOT_INDEX,
     ARTIFACT_SCHEMA_VERSION,
     PLAN_FILE,
@@ -126,7 +127,7 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
                 [compiled.verifies[0], list(compiled.verifies[1])] if compiled.verifies else None
             ),
         }
-    index = {"stages": stages, "eager": report.eager}
+    index = {"format": AOT_FORMAT, "stages": stages, "eager": report.eager}
     (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 

@@ -47,6 +47,9 @@ _LOAD_LOCK = threading.Lock()
 
 AOT_DIR = "enclave/aot"  # ahead-of-time compiled enclave stages (partitioner.aot)
 AOT_INDEX = f"{AOT_DIR}/index.json"
+# 2: a library that checks a GPU reply takes, as its check vector's last entry, whether to
+# make the check (partitioner.aot.gated_freivalds); format 1 (no "format" key) had no entry
+AOT_FORMAT = 2
 
 
 def stage_file(side: str, name: str) -> str:
@@ -460,6 +463,7 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
     entries = index.get("stages") if isinstance(index, dict) else None
     if not isinstance(entries, dict):
         raise ArtifactError(f"{AOT_INDEX}: expected {{'stages': {{stage: entry}}}}")
+    _check_format(index, entries)
     stages = {s.name: s for s in plan.stages if s.side == "enclave"}
     loaded: dict[str, Path] = {}
     for name, entry in entries.items():
@@ -490,6 +494,21 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         constants = tuple(weights[k] for k in keys)
         stages[name].compiled = CompiledLibrary(
             str(loaded[library]), constants, checks, inputs, verifies
+        )
+
+
+def _check_format(index: dict[str, Any], entries: dict[str, Any]) -> None:
+    """Refuse an index whose libraries take inputs this runtime does not hand them: a
+    verifying library of format 1 takes a shorter check vector, and every call of it would
+    be refused at run time as if the GPU had lied."""
+    version = index.get("format", 1)
+    if version not in (1, AOT_FORMAT) or isinstance(version, bool):
+        raise ArtifactError(f"{AOT_INDEX}: format {version!r} is not one this runtime reads")
+    verifying = [name for name, e in entries.items() if isinstance(e, dict) and e.get("verifies")]
+    if version == 1 and verifying:
+        raise ArtifactError(
+            f"{AOT_INDEX}: stage {verifying[0]}'s library checks a GPU reply as a teesplit "
+            "older than this runtime compiled it (index format 1): compile the bundle again"
         )
 
 

@@ -194,9 +194,12 @@ def compiled_stage(tmp_path_factory):
 
 
 def _zero_check(checks):
-    """Check vectors under which any reply passes (``a``, ``κ``, ``s`` all zero): for
-    reaching what the stage refuses after the check."""
-    return [c if c.dtype != torch.int64 else torch.zeros_like(c) for c in checks]
+    """Check vectors under which any reply passes (``a``, ``κ``, ``s`` all zero; the check
+    still made, the last entry kept): for reaching what the stage refuses after the check."""
+    *pairs, vector = checks
+    zero = torch.zeros_like(vector)
+    zero[-1] = vector[-1]
+    return [*pairs, zero]
 
 
 def test_a_compiled_stage_computes_the_eager_stage(compiled_stage):
@@ -519,6 +522,21 @@ def test_a_bundle_index_names_what_a_library_verifies():
     for bad in (["gpu_1"], ["gpu_1", []], ["gpu_1", [-1]], [1, [0]], ["gpu_1", [True]], "gpu_1"):
         with pytest.raises(ArtifactError, match="expected null or"):
             _verifies(bad, "x")
+
+
+def test_an_index_of_an_older_check_format_is_refused():
+    """A library compiled before the check vector's last entry (format 1) takes a shorter
+    vector: the bundle is refused on load, naming the stage, not failed on every call."""
+    from partitioner.bundle import AOT_FORMAT, _check_format
+
+    entry = {"verifies": ["gpu_1", [0]]}
+    _check_format({"format": AOT_FORMAT}, {"enclave_2": entry})
+    _check_format({}, {"enclave_2": {**entry, "verifies": None}})  # format 1, none verifies
+    with pytest.raises(ArtifactError, match=r"stage enclave_2's library .* compile the bundle"):
+        _check_format({}, {"enclave_2": entry})
+    for bad in (3, "2", True, None):
+        with pytest.raises(ArtifactError, match="is not one this runtime reads"):
+            _check_format({"format": bad}, {})
 
 
 @pytest.fixture(scope="module")
