@@ -427,7 +427,7 @@ class Executor:
         run = self.runner.run
         # a reply whose check the next stage's library makes: (its check, what was sent,
         # the reply), until that stage has run; and the GPU stage whose reply the executor
-        # checked last, which that library then passes on unread
+        # checked last, which that library then unmasks without checking it again
         deferred: tuple[Any, list[Any], list[Any]] | None = None
         verified: str | None = None
         for stage, extras, clear_outputs, neighbour in self._steps:
@@ -442,7 +442,7 @@ class Executor:
                     check = checks[neighbour.name]
                     here = deferred is not None
                     # unreachable today (_module refuses a library whose GPU stage has no
-                    # check first): the one place that would otherwise pass a reply unread
+                    # check first): the one place that would otherwise pass a reply unchecked
                     if not here and verified != neighbour.name:
                         raise IntegrityError(
                             f"GPU stage {neighbour.name}: its reply reached enclave stage "

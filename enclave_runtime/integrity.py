@@ -302,7 +302,8 @@ class RingCheck:
         tensor, never one a runner was handed) and its pad; then one vector holding, per
         equation, ``a`` and ``κ``, then each output's ``s`` (the same bits as int64), then
         ``here``: whether the library makes the check (``False``: the executor has made it,
-        and the library passes the reply on unread). ``sent`` and ``pads`` per stage input."""
+        and the library unmasks the reply without checking it again). ``sent`` and ``pads``
+        per stage input."""
         out: list[torch.Tensor] = []
         for source in self.sources:
             out += [sent[source], pads[source]]

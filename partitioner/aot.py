@@ -172,7 +172,7 @@ def gated_freivalds(
     """:func:`freivalds` on the check's inputs (per equation the value sent and its pad; per
     output its equation, the reply and its correction) and its ``vector``: per equation
     ``a`` and ``κ``, then each output's ``s``, then whether to check. When the last is 0 the
-    flag is true and no reply is read: the executor made the check. Why: compiled, the
+    flag is true without a product computed: the executor made the check. Why: compiled, the
     check's int64 products cost more per element than numpy's (AVX2 has no 64-bit
     multiply), so a library checks only calls of few rows (a decode step), where numpy's
     cost is per call; a prefill's replies are checked by the executor. ``torch.cond``: one

@@ -352,9 +352,10 @@ def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkey
 
 def test_a_request_of_many_rows_is_checked_by_the_executor(compiled_stage, monkeypatch):
     """Past ``library_check_rows`` the executor checks the reply in numpy as it comes and
-    tells the library so (the check vector's last entry 0): the library then passes the
-    reply on unread, and a forged reply is refused by the executor's check, before the
-    stage runs. A library told so passes anything: the executor's check is the only one."""
+    tells the library so (the check vector's last entry 0): the library then unmasks the
+    reply without checking it again, and a forged reply is refused by the executor's check,
+    before the stage runs. A library told so passes anything: the executor's check is the
+    only one."""
     split, stage, call, library, (args, checks, _) = compiled_stage
     gpu = library.verifies[0]
     monkeypatch.setattr(stage, "compiled", library)
@@ -386,7 +387,7 @@ def test_a_request_of_many_rows_is_checked_by_the_executor(compiled_stage, monke
         want = split.executor(seed=3)(input_ids=IDS).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         monkeypatch.setattr(stage, "compiled", library)
-    # told that the executor checked, the library reads no reply
+    # told that the executor checked, the library does not check the reply
     reply = fused_check(split, split.stages.index(stage)).outputs[0][1]
     forged = list(args)
     forged[reply] = args[reply].clone()
