@@ -331,7 +331,11 @@ class Executor:
             noise = masks.noise[site.token_input]
             identity = site.tables.identity_noise(ids, noise.dtype)
             masks.noise[site.token_input] = torch.where(public[..., None], identity, noise)
-        flat = self.execute(env, masks, binding, last, rows)
+        # the enclave never differentiates: without autograd's bookkeeping on each tensor
+        # a replayed SmolLM2 decode step takes ~13 % less (benchmarks/README.md); what it
+        # returns are inference tensors (read anywhere, written in place only in this mode)
+        with torch.inference_mode():
+            flat = self.execute(env, masks, binding, last, rows)
         if last:
             self._open = None
         if public is not None:
