@@ -318,10 +318,7 @@ class Engine:
             client = self._client_now()
             before = (client.bytes_sent, client.bytes_received)
             args, public = self._inputs(batch, prefill)
-            with torch.no_grad():
-                out = self._executor.run(
-                    args, {}, public_tokens=public, rows=[r.row for r in batch]
-                )
+            out = self._executor.run(args, {}, public_tokens=public, rows=[r.row for r in batch])
         except Exception as exc:
             if isinstance(exc, InputError) and prefill and len(batch) > 1:
                 # one prompt the program refuses must not fail the others prefilled with it;

@@ -454,7 +454,7 @@ class Executor:
                         )
                     sent = (
                         deferred[1]
-                        if deferred is not None
+                        if here
                         else [gpu[n] if n in gpu else env[n] for n in neighbour.inputs]
                     )
                     pads = [delta.get(n) for n in neighbour.inputs]

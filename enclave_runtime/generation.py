@@ -170,14 +170,13 @@ def _steps(
         else:
             public = public_prompt if public_prompt is not None else False
         last = step == max_new_tokens - 1  # the holders of the cache may free it
-        with torch.no_grad():
-            out = program.run(
-                step_inputs(plan, step_ids, past),
-                {},
-                public_tokens=public,
-                last=last,
-                sequence=sequence,
-            )
+        out = program.run(  # its stages run under inference_mode
+            step_inputs(plan, step_ids, past),
+            {},
+            public_tokens=public,
+            last=last,
+            sequence=sequence,
+        )
         if step == 0:
             prompt_request = dict(program.last_request)
         # the request's account is its prompt's: later steps pass public tokens only
