@@ -288,6 +288,23 @@ def test_a_failed_check_leaves_the_stage_no_reply_to_work_on(compiled_stage):
     assert bool(run(list(args))[-2])  # the honest reply passes
 
 
+def test_a_compiled_stage_takes_a_view_as_its_contiguous_copy(compiled_stage):
+    """The library's own checks refuse strides it was not compiled for; an input that is a
+    view of the right values (a transposed copy, a slice of a longer row) runs as its
+    contiguous copy, with the same result, and leaves what it was handed unchanged."""
+    _, _, call, _, (args, checks, _) = compiled_stage
+    want = call(*args, checks=checks)
+    for index in (0, next(i for i, a in enumerate(args) if a.dtype == torch.int32)):
+        wide = torch.cat([args[index], args[index]], dim=-1)
+        viewed = list(args)
+        viewed[index] = wide[..., : args[index].shape[-1]]  # same values, a longer row
+        assert not viewed[index].is_contiguous()
+        before = viewed[index].clone()
+        got = call(*viewed, checks=checks)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert torch.equal(viewed[index], before)
+
+
 def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
     """Compiled code indexes memory by the sizes it is given: a GPU reply one position
     shorter than the correction it is unmasked with, or one column short, must be refused
