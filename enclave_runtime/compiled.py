@@ -2,7 +2,9 @@
 
 Reads a stage's ``.so`` (AOTInductor's C++ runner, in torch) and the constants it was lowered
 with; calling it runs the stage. Guarantees: the library's inputs are what it was compiled
-for (the stage's inputs, contiguous, then its constants); a stage whose lowered graph carries
+for (the stage's inputs, with the sizes and strides it was compiled for, then its constants:
+the library's own checks refuse any other, an input with no elements is checked here, a view
+is copied); a stage whose lowered graph carries
 a check flag raises :class:`InputError` when the flag is false, as the eager kernels raise.
 Nothing here compiles: the enclave loads machine code the compiler built and the bundle
 measures (``plan.json`` lists each library's sha256, the Gramine manifest as a trusted file).
