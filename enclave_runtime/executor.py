@@ -386,8 +386,12 @@ class Executor:
                 )
 
     def binding(self, env: Mapping[str, Any]) -> dict[str, int]:
-        """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs."""
+        """The named dims' values for one call (``{"batch": 1, "seq": 12}``), from the inputs.
+        Raises :class:`InputError` naming two inputs that give one dim different values (a
+        cache one position short): a compiled stage reads some inputs for their sizes only,
+        and would otherwise compute on the wrong one."""
         out: dict[str, int] = {}
+        source: dict[str, str] = {}
         for name, named in self._named_dims:
             value = env.get(name)
             if not isinstance(value, torch.Tensor):
@@ -395,7 +399,13 @@ class Executor:
             shape = value.shape
             for index, dim in named:
                 if index < len(shape):
-                    out[dim] = int(shape[index])
+                    size = int(shape[index])
+                    if out.setdefault(dim, size) != size:
+                        raise InputError(
+                            f"input {name} has {dim} = {size}, where input {source[dim]} has "
+                            f"{dim} = {out[dim]}"
+                        )
+                    source.setdefault(dim, name)
         return out
 
     def execute(

@@ -117,3 +117,25 @@ def test_the_worker_refuses_sizes_outside_the_programs_range(step, saved, tmp_pa
             WorkerClient(address, inputs={stage.name: stage.inputs}).run(stage.name, tensors)
     finally:
         server.shutdown()
+
+
+def test_a_call_whose_inputs_disagree_on_a_size_is_refused(step):
+    """Every input that names a dim must give it one value: a cache one position shorter than
+    the others (a client's bookkeeping gone wrong, or a hostile one) is refused by name before
+    any stage runs, not left to whichever stage reads it first (a compiled stage reads only
+    the sizes of some caches, and would build its positions from the wrong one)."""
+    ids = torch.tensor([[5, 6, 7]])
+    whole = torch.zeros(1, 1, dtype=torch.long)
+    names = list(step.spec.input_dims)
+    past = [n for n in names if n.startswith("past_")]
+    layers = len(past)
+    empty = [
+        torch.zeros(1, *step.spec.input_dims[n][1:2], 0, step.spec.input_dims[n][3]) for n in past
+    ]
+    with torch.no_grad():
+        cache = list(step(ids, whole, empty)[1:])
+    assert len(cache) == layers
+    short = list(cache)
+    short[3] = cache[3][:, :, 1:]
+    with torch.no_grad(), pytest.raises(InputError, match=f"{past[3]}.*past = 2.*past = 3"):
+        step(torch.tensor([[8]]), whole, short)
