@@ -303,6 +303,25 @@ def test_a_compiled_stage_takes_a_view_as_its_contiguous_copy(compiled_stage):
         got = call(*viewed, checks=checks)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
         assert torch.equal(viewed[index], before)
+    # a stride-0 view (one row read for every row) is its copy's values, never a short read
+    rows = args[0].shape[-2]
+    assert rows > 1
+    spread = list(args)
+    spread[0] = args[0][..., :1, :].expand_as(args[0])
+    copied = list(spread)
+    copied[0] = spread[0].contiguous()
+
+    def outcome(inputs):  # its outputs, or what it refuses (these rows are not a real reply)
+        try:
+            return call(*inputs, checks=_zero_check(checks))
+        except (IntegrityError, InputError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    got, want = outcome(spread), outcome(copied)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_a_compiled_stage_refuses_inputs_of_the_wrong_shape(compiled_stage):
