@@ -391,7 +391,6 @@ class Executor:
         cache one position short): a compiled stage reads some inputs for their sizes only,
         and would otherwise compute on the wrong one."""
         out: dict[str, int] = {}
-        source: dict[str, str] = {}
         for name, named in self._named_dims:
             value = env.get(name)
             if not isinstance(value, torch.Tensor):
@@ -402,11 +401,20 @@ class Executor:
                     size = int(shape[index])
                     if out.setdefault(dim, size) != size:
                         raise InputError(
-                            f"input {name} has {dim} = {size}, where input {source[dim]} has "
-                            f"{dim} = {out[dim]}"
+                            f"input {name} has {dim} = {size}, where input "
+                            f"{self._first_naming(env, dim)} has {dim} = {out[dim]}"
                         )
-                    source.setdefault(dim, name)
         return out
+
+    def _first_naming(self, env: Mapping[str, Any], dim: str) -> str:
+        """The first input of a call that gives ``dim`` a value (for :meth:`binding`'s error:
+        found when needed rather than recorded on every call)."""
+        return next(
+            name
+            for name, named in self._named_dims
+            if isinstance(env.get(name), torch.Tensor)
+            and any(d == dim and i < env[name].dim() for i, d in named)
+        )
 
     def execute(
         self,

@@ -290,8 +290,8 @@ def test_a_failed_check_leaves_the_stage_no_reply_to_work_on(compiled_stage):
 
 def test_a_compiled_stage_takes_a_view_as_its_contiguous_copy(compiled_stage):
     """The library's own checks refuse strides it was not compiled for; an input that is a
-    view of the right values (a transposed copy, a slice of a longer row) runs as its
-    contiguous copy, with the same result, and leaves what it was handed unchanged."""
+    view (a slice of a longer row, a row expanded with stride 0) runs as its contiguous copy,
+    with the same outcome, and leaves what it was handed unchanged."""
     _, _, call, _, (args, checks, _) = compiled_stage
     want = call(*args, checks=checks)
     for index in (0, next(i for i, a in enumerate(args) if a.dtype == torch.int32)):
