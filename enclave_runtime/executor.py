@@ -26,11 +26,12 @@ from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
+from enclave_runtime.step import StepCall
 from partitioner import ops
 from partitioner.dims import concrete_shape
 from partitioner.errors import ArtifactError, InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
-from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage
+from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage, StepLibrary
 from runtime.state import HeldState, RowStates, StateError
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
@@ -145,6 +146,14 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
 
 
+def _rows_of(shape: list[int] | None) -> int:
+    """How many rows a tensor of ``shape`` holds (:func:`_rows`, from its shape)."""
+    rows = 1
+    for size in (shape or [1])[:-1]:
+        rows *= size
+    return rows
+
+
 def _rows(t: torch.Tensor) -> int:
     """How many rows (vectors of its last dim) a request holds."""
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
@@ -186,6 +195,8 @@ class Executor:
         # enclave stage -> (its module or library, what runs it)
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
+        self._step: tuple[StepLibrary, StepCall] | None = None
+        self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         clear = {
@@ -438,6 +449,9 @@ class Executor:
             delta.update(masks.pads)
             delta.update(masks.deltas)
         replies = self.replies(binding)
+        step = self._step_call(replies, masks, rows)
+        if step is not None and masks is not None:
+            return self._execute_step(step, env, masks, delta, binding, replies)
         copies = bool(getattr(self.runner, "copies_inputs", False))
         checks = self.ring_checks
         pools = (masks.pads, delta, masks.noise) if masks is not None else None
@@ -563,6 +577,118 @@ class Executor:
                 "public_classes": sorted({"special", *site.public}),
             }
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
+
+    def _step_call(
+        self, replies: dict[str, Expected], masks: MaskSet | None, rows: list[str] | None
+    ) -> StepCall | None:
+        """The plan's step library (``partitioner.aot_step``) when this call can run it:
+        a mask set drawn, no rows to address, and every reply's shape known before it
+        comes (the library indexes replies by the shapes it computed)."""
+        library = self.spec.step
+        if library is None or masks is None or rows is not None:
+            return None
+        if any(shape is None for expected in replies.values() for _, shape in expected):
+            return None
+        if self._step is None or self._step[0] is not library:
+            checked = [name for kind, name in library.sources if kind == "check"]
+            missing = [name for name in checked if name not in self.ring_checks]
+            if missing:
+                raise ArtifactError(
+                    f"the step library checks GPU stages {missing}, which this plan does "
+                    "not check in the ring"
+                )
+            self._step = (library, StepCall(library))
+        return self._step[1]
+
+    def _execute_step(
+        self,
+        step: StepCall,
+        env: dict[str, Any],
+        masks: MaskSet,
+        delta: dict[str, Any],
+        binding: Mapping[str, int],
+        replies: dict[str, Expected],
+    ) -> list[Any]:
+        """One call through the step library: ``execute``'s work, with every enclave stage
+        in the library and each GPU stage's request, reply and check in ``handler``."""
+        library = step.library
+        step.check(env, self.spec.input_dims, binding)
+        checks = self.ring_checks
+        stages = self.spec.stages
+        arrays = masks.arrays
+        copies = bool(getattr(self.runner, "copies_inputs", False))
+        run = self.runner.run
+        # the GPU stages whose replies the library checks (a request of few rows); the
+        # executor checks the others in numpy as they come, as execute does
+        checked = {name for kind, name in library.sources if kind == "check"}
+        here = {
+            name for name in checked if _rows_of(replies[name][0][1]) <= self.library_check_rows
+        }
+        args = []
+        for kind, name in library.sources:
+            if kind == "input":
+                args.append(env[name])
+            elif kind == "pad":
+                args.append(masks.pads[name])
+            elif kind == "delta":
+                args.append(delta[name])
+            elif kind == "check":
+                args.append(checks[name].fused_vector(name in here))
+            else:
+                args.append(self._zero)
+
+        def handler(position: int, verdict: torch.Tensor, sent: list[torch.Tensor]) -> list:
+            code = int(verdict)
+            if code:
+                self._refuse_step(code, library.verdicts.get(position))
+            stage = stages[position]
+            name = stage.name
+            expected = replies[name]
+            check = checks.get(name)
+            in_library = name in here
+            sums = None
+            if check is not None and not in_library:
+                pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
+                sums = check.expect(sent, pads)
+            # the library checks the reply against the tensors it sent: a runner that could
+            # edit what it is handed gets copies, whatever it says
+            handed = sent if copies and not in_library else [t.clone() for t in sent]
+            outs = run(name, handed, expected)
+            check_reply(name, outs, expected)
+            outs = [o if o.is_contiguous() else o.contiguous() for o in outs]
+            for i, o in enumerate(outs):  # compiled code reads it whole
+                if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
+                    raise IntegrityError(f"GPU stage {name} output {i}: storage too small")
+            if check is not None and not in_library:
+                deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
+                check.verify(sums, outs, deltas)
+            return outs
+
+        outs = step(args, handler)
+        code = int(outs[-1])
+        if code:
+            self._refuse_step(code, library.last_verdict)
+        env = dict(env)
+        gpu: dict[str, Any] = {}
+        for (where, name), value in zip(library.outputs, outs, strict=False):
+            (env if where == "env" else gpu)[name] = value
+        return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
+
+    def _refuse_step(self, code: int, verified: str | None) -> None:
+        """Raise what a stage's library would have raised for its verdict ``code``."""
+        if code == 1 and verified is not None:
+            self.ring_checks[verified].draw()  # a failed check told the GPU something about s
+            raise IntegrityError(
+                f"GPU stage {verified} returned results that fail the Freivalds check "
+                "(made in the step library; exact: an honest result always passes, a wrong "
+                "one passes with probability <= 2**-31)"
+            )
+        if code == 2:
+            raise InputError(
+                "a value to be masked is NaN or inf, or its fixed point exceeds its norm "
+                "limit (refused, rather than sending the GPU a residue that stands for nothing)"
+            )
+        raise IntegrityError(f"the step library returned verdict {code}")
 
     def _module(self, stage: Stage) -> Any:
         """The enclave stage's compiled library when it has one (``partitioner.aot``), else

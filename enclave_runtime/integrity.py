@@ -295,6 +295,11 @@ class RingCheck:
         self._fused = {True: torch.from_numpy(vector), False: torch.from_numpy(vector.copy())}
         self._fused[False][-1] = 0
 
+    def fused_vector(self, here: bool = True) -> torch.Tensor:
+        """The compiled check's vector alone (``fused_args``' last tensor): a step library
+        (``partitioner.aot_step``) takes what was sent and its pads from its own values."""
+        return self._fused[here]
+
     def fused_args(
         self, sent: list[torch.Tensor], pads: list[torch.Tensor], here: bool = True
     ) -> list[torch.Tensor]:

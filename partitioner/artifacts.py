@@ -107,28 +107,69 @@ def _save_exported(
 
 
 def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
-    from partitioner.aot import compile_enclave
+    """``enclave/aot/``: the step library when the program has one (every enclave stage in
+    one library, ``partitioner.aot_step``), else one library per stage (``partitioner.aot``),
+    and ``index.json`` naming them."""
+    step, why = _compile_step(program, root, weights)
+    stages: dict[str, Any] = {}
+    eager: dict[str, str] = {}
+    if step is None:
+        from partitioner.aot import compile_enclave
 
-    report = compile_enclave(program, root / AOT_DIR)
-    stages = {}
-    for name, compiled in report.compiled.items():
-        keys = []
-        for i, tensor in enumerate(compiled.constants):
-            key = f"aot/{name}/{i}"
-            weights.add(key, tensor)
-            keys.append(key)
-        stages[name] = {
-            "library": f"{AOT_DIR}/{Path(compiled.path).name}",
-            "constants": keys,
-            "checks": compiled.checks,
-            "inputs": [[dtype, list(shape)] for dtype, shape in compiled.inputs],
-            # the GPU stage whose reply the library checks, and its equations' inputs
-            "verifies": (
-                [compiled.verifies[0], list(compiled.verifies[1])] if compiled.verifies else None
-            ),
-        }
-    index = {"format": AOT_FORMAT, "stages": stages, "eager": report.eager}
+        report = compile_enclave(program, root / AOT_DIR)
+        eager = report.eager
+        for name, compiled in report.compiled.items():
+            keys = []
+            for i, tensor in enumerate(compiled.constants):
+                key = f"aot/{name}/{i}"
+                weights.add(key, tensor)
+                keys.append(key)
+            stages[name] = {
+                "library": f"{AOT_DIR}/{Path(compiled.path).name}",
+                "constants": keys,
+                "checks": compiled.checks,
+                "inputs": [[dtype, list(shape)] for dtype, shape in compiled.inputs],
+                # the GPU stage whose reply the library checks, and its equations' inputs
+                "verifies": (
+                    [compiled.verifies[0], list(compiled.verifies[1])]
+                    if compiled.verifies
+                    else None
+                ),
+            }
+    index = {"format": AOT_FORMAT, "stages": stages, "eager": eager, "step": step}
+    if why:
+        index["no_step"] = why
     (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
+def _compile_step(program: Any, root: Path, weights: _Weights) -> tuple[dict[str, Any] | None, str]:
+    """The index's ``step`` entry (``partitioner.aot_step``: the library, the proxy
+    executor's call list beside it, and what feeds each input), or why there is none."""
+    from partitioner.aot import NotLowerable
+    from partitioner.aot_step import compile_step
+
+    try:
+        library = compile_step(program, root / AOT_DIR)
+    except NotLowerable as exc:
+        return None, str(exc)
+    except Exception as exc:  # export and Inductor raise many types: one library per stage
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    keys = []
+    for i, tensor in enumerate(library.constants):
+        keys.append(f"aot/step/{i}")
+        weights.add(keys[-1], tensor)
+    path = Path(library.path)
+    entry = {
+        "library": f"{AOT_DIR}/{path.name}",
+        "calls": f"{AOT_DIR}/{path.with_suffix('.json').name}",
+        "sources": [list(src) for src in library.sources],
+        "constants": keys,
+        "dtypes": library.dtypes,
+        "outputs": [list(out) for out in library.outputs],
+        "verdicts": {str(k): v for k, v in sorted(library.verdicts.items())},
+        "last_verdict": library.last_verdict,
+    }
+    return entry, ""
 
 
 def save(
@@ -141,9 +182,11 @@ def save(
 ) -> Path:
     """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
 
-    ``compile_enclave``: also compile the enclave stages ahead of time (``partitioner.aot``)
-    into ``enclave/aot/``: one ``.so`` per distinct stage graph, ``index.json`` naming each
-    stage's library and constants (stored in the enclave's weights file). Like every file,
+    ``compile_enclave``: also compile the enclave stages ahead of time into ``enclave/aot/``:
+    all of them as one library that calls back for the GPU stages (``partitioner.aot_step``)
+    where the program allows it, else one ``.so`` per distinct stage graph
+    (``partitioner.aot``); ``index.json`` names the libraries and their constants (stored in
+    the enclave's weights file). Like every file,
     the libraries are listed in ``plan.json`` with their sha256 (signed) and in the Gramine
     manifest as trusted files; a stage that cannot be compiled stays eager (the index says why).
 

@@ -35,7 +35,7 @@ import torch
 
 from partitioner.errors import ArtifactError
 from partitioner.ops import OPS  # .pt2 files name teesplit:: ops: this registers them
-from partitioner.plan import CompiledLibrary, Plan
+from partitioner.plan import CompiledLibrary, Plan, StepLibrary
 from partitioner.rnm_tables import RNMTables
 from partitioner.schema import shape_
 
@@ -422,12 +422,16 @@ def load_stage_modules(
     }
 
 
-def private_copy(data: bytes, name: str) -> Path:
+def private_copy(data: bytes, name: str, beside: Path | None = None) -> Path:
     """``data`` (a library's bytes, already checked against the bundle's sha256) written to a
-    new directory only this process's user can open, so that what is loaded is what was
-    checked, whatever happens to the bundle's file afterwards."""
-    directory = Path(tempfile.mkdtemp(prefix="teesplit-aot-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    new directory only this process's user can open (or to ``beside``'s, one made so), so
+    that what is loaded is what was checked, whatever happens to the bundle's file
+    afterwards."""
+    if beside is None:
+        directory = Path(tempfile.mkdtemp(prefix="teesplit-aot-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    else:
+        directory = beside.parent
     path = directory / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
     with os.fdopen(fd, "wb") as f:
@@ -495,6 +499,89 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         stages[name].compiled = CompiledLibrary(
             str(loaded[library]), constants, checks, inputs, verifies
         )
+    if index.get("step") is not None:
+        plan.step = _step_library(plan, index["step"], files, weights)
+
+
+_STEP_ENTRY = {
+    "library", "calls", "sources", "constants", "dtypes", "outputs", "verdicts", "last_verdict"
+}  # fmt: skip
+_STEP_SOURCES = {"zero", "input", "pad", "delta", "check"}
+
+
+def _step_library(
+    plan: Plan, entry: Any, files: VerifiedFiles, weights: dict[str, torch.Tensor]
+) -> StepLibrary:
+    """The index's ``step`` entry (``partitioner.aot_step``), checked against the plan: its
+    library and call list are read once and checked against ``plan.json``; every call the
+    library makes back into Python is ``teesplit_step::gpu`` on a GPU stage of the plan."""
+    where = f"{AOT_INDEX}: step"
+    if not isinstance(entry, dict) or set(entry) != _STEP_ENTRY:
+        raise ArtifactError(f"{where}: expected keys {sorted(_STEP_ENTRY)}")
+    library, calls = entry["library"], entry["calls"]
+    if not isinstance(library, str) or not library.startswith(f"{AOT_DIR}/"):
+        raise ArtifactError(f"{where}: library must be a file under {AOT_DIR}/")
+    if not library.endswith(".so") or calls != library[: -len(".so")] + ".json":
+        raise ArtifactError(f"{where}: calls must be the library's .json beside it")
+    gpu = {i: s.name for i, s in enumerate(plan.stages) if s.side == "gpu"}
+    prot = plan.protection
+    checked = set(prot.freivalds) if prot is not None and prot.exact is not None else set()
+    sources = entry["sources"]
+    if not isinstance(sources, list) or not all(
+        isinstance(x, list) and len(x) == 2 and x[0] in _STEP_SOURCES and isinstance(x[1], str)
+        for x in sources
+    ):
+        raise ArtifactError(f"{where}.sources: expected [[kind, name], ...]")
+    for kind, name in sources:
+        if (kind == "input" and name not in plan.input_dims) or (
+            kind == "check" and name not in checked
+        ):
+            raise ArtifactError(f"{where}.sources: {kind} {name} is not one of the plan's")
+    keys = entry["constants"]
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k in weights for k in keys):
+        raise ArtifactError(f"{where}.constants: expected weight keys of the enclave weights")
+    dtypes = entry["dtypes"]
+    if not isinstance(dtypes, dict) or not all(
+        name in plan.input_dims and d in _DTYPES for name, d in dtypes.items()
+    ):
+        raise ArtifactError(f"{where}.dtypes: expected {{input: dtype}}")
+    outputs = entry["outputs"]
+    if not isinstance(outputs, list) or not all(
+        isinstance(x, list) and len(x) == 2 and x[0] in ("env", "gpu") and isinstance(x[1], str)
+        for x in outputs
+    ):
+        raise ArtifactError(f"{where}.outputs: expected [[env|gpu, value], ...]")
+    verdicts: dict[int, str | None] = {}
+    raw = entry["verdicts"]
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{where}.verdicts: expected {{GPU stage position: checked stage}}")
+    for key, name in raw.items():
+        if not key.isdigit() or int(key) not in gpu or (name is not None and name not in checked):
+            raise ArtifactError(f"{where}.verdicts: {key}: {name} is not one of the plan's")
+        verdicts[int(key)] = name
+    last = entry["last_verdict"]
+    if last is not None and last not in checked:
+        raise ArtifactError(f"{where}.last_verdict: {last} is not a checked GPU stage")
+    listed = files.read(calls)
+    try:
+        nodes = json.loads(listed, object_pairs_hook=_no_duplicates)["nodes"]
+        targets = [(n["node"]["target"], n["node"]["inputs"][0]["arg"]["as_int"]) for n in nodes]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ArtifactError(f"{calls}: not the call list of a step library") from None
+    for target, stage in targets:
+        if target != "teesplit_step::gpu" or stage not in gpu:
+            raise ArtifactError(f"{calls}: calls {target}({stage}), not a GPU stage of the plan")
+    path = private_copy(files.read(library), Path(library).name)
+    private_copy(listed, Path(calls).name, beside=path)
+    return StepLibrary(
+        str(path),
+        tuple((kind, name) for kind, name in sources),
+        tuple(weights[k] for k in keys),
+        dict(dtypes),
+        tuple((w, name) for w, name in outputs),
+        verdicts,
+        last,
+    )
 
 
 def _check_format(index: dict[str, Any], entries: dict[str, Any]) -> None:

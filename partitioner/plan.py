@@ -63,6 +63,28 @@ class CompiledLibrary:
     verifies: tuple[str, tuple[int, ...]] | None = None
 
 
+@dataclass(frozen=True)
+class StepLibrary:
+    """A split program's enclave stages compiled as one library (``partitioner.aot_step``),
+    which calls ``teesplit_step::gpu`` where the program has a GPU stage.
+    ``enclave_runtime.step`` runs it.
+
+    ``sources``: what each input is, in order: ``("zero", "")`` (a zero verdict), ``("input",
+    name)`` a call input, ``("pad", name)`` / ``("delta", name)`` the mask set's pad or
+    correction of a value, ``("check", stage)`` the check vector of that GPU stage; then the
+    ``constants``. ``dtypes``: each call input's dtype name. ``outputs``: per output
+    ``("env" | "gpu", name)``, then the last stage's verdict. ``verdicts``: per GPU stage
+    position, the GPU stage whose reply the enclave code just before it checked (if any)."""
+
+    path: str
+    sources: tuple[tuple[str, str], ...]
+    constants: tuple[Any, ...]
+    dtypes: dict[str, str]
+    outputs: tuple[tuple[str, str], ...]
+    verdicts: dict[int, str | None]
+    last_verdict: str | None = None
+
+
 @dataclass
 class Stage:
     """A run of nodes on one side, in program order. ``module`` runs it (never serialised)."""
@@ -273,6 +295,9 @@ class Plan:
     # The input counting each row's left padding of the state (``[batch, 1]`` int64, public):
     # a holder may run several sequences as one left-padded batch
     padding: str | None = None
+    # every enclave stage as one compiled library (``partitioner.aot_step``), which the
+    # executor runs instead of the stages when it can. Never serialised.
+    step: StepLibrary | None = field(default=None, repr=False, compare=False)
 
     @property
     def cut_edges(self) -> list[Edge]:

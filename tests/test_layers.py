@@ -31,6 +31,7 @@ DATA = {
     "partitioner.op_table",
     "partitioner.rnm_tables",
     "partitioner.shapes",
+    "partitioner.step_op",  # the GPU call a step library makes: both sides define it alike
 }
 READER = {"partitioner.bundle", "partitioner.signing"}
 WIRE = {"runtime.kserve", "runtime.state"}  # the contract both processes apply
@@ -147,6 +148,7 @@ FORBIDDEN_IN_PROCESSES = [
     "networkx",
     "transformers",
     "partitioner.aot",  # the enclave loads compiled stages; it never compiles them
+    "partitioner.aot_step",
     "torch._inductor",
 ]
 

@@ -1,0 +1,89 @@
+"""Running a split program's whole enclave side from its step library (``partitioner.aot_step``).
+
+Reads a :class:`~partitioner.plan.StepLibrary` (one ``.so``, and the ``.json`` that lists its
+``teesplit_step::gpu`` calls for AOTInductor's proxy executor); calling it runs every enclave
+stage in order, and each GPU stage through ``handler`` (the executor's: it sends the request,
+checks the reply and returns it). Guarantees:
+
+* **Inputs it was compiled for.** The call's inputs are checked before the library reads
+  them: their dtypes here, their sizes and strides by the library's own checks
+  (``AOTI_RUNTIME_CHECK_INPUTS``), an input with no elements here against its plan shape
+  (the library's checks pass any empty tensor), a view copied (a library call cannot be
+  retried: it has made GPU calls).
+* **The handler's error, as it was raised.** An error in the handler (a reply that fails a
+  check, a refused value) ends the library's run; it is raised here as the handler raised
+  it, not as AOTInductor's ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from enclave_runtime import compiled  # noqa: F401  (sets AOTI_RUNTIME_CHECK_INPUTS first)
+from partitioner import step_op
+from partitioner.dims import concrete_shape
+from partitioner.errors import ArtifactError, InputError, IntegrityError
+from partitioner.plan import StepLibrary
+
+
+class StepCall:
+    """A step library, callable with its inputs (without its constants)."""
+
+    def __init__(self, library: StepLibrary) -> None:
+        self.library = library
+        self.constants = [c.contiguous() for c in library.constants]
+        self.dtypes = {name: getattr(torch, d) for name, d in library.dtypes.items()}
+        try:
+            self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(library.path, 1)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"cannot load the step library {library.path}: {str(exc).splitlines()[0]}"
+            ) from None
+
+    def check(
+        self,
+        env: Mapping[str, object],
+        dims: Mapping[str, list[int | str]],
+        binding: Mapping[str, int],
+    ) -> None:
+        """Refuse a call input of the wrong dtype, or with no elements and the wrong shape
+        (:class:`InputError` naming it)."""
+        for name, dtype in self.dtypes.items():
+            value = env.get(name)
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise InputError(f"input {name}: expected {dtype}, got {got}")
+            if value.numel() == 0 and name in dims:
+                try:
+                    want = concrete_shape(dims[name], binding)
+                except ValueError:
+                    want = None
+                if want != list(value.shape):
+                    raise InputError(
+                        f"input {name}: shape {list(value.shape)}, the plan says {dims[name]}"
+                    )
+
+    def __call__(
+        self, args: list[torch.Tensor], handler: Callable[..., list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        raised: list[BaseException] = []
+
+        def handle(stage: int, verdict: torch.Tensor, sent: list[torch.Tensor]) -> list:
+            try:
+                return handler(stage, verdict, sent)
+            except BaseException as exc:  # kept: AOTInductor turns it into a RuntimeError
+                raised.append(exc)
+                raise
+
+        args = [a if a.is_contiguous() else a.contiguous() for a in args]
+        try:
+            with step_op.handling(handle):
+                return self._runner.run([*args, *self.constants])
+        except RuntimeError as exc:
+            if raised:
+                raise raised[0] from None
+            raise IntegrityError(
+                f"the step library refused its inputs: {str(exc).splitlines()[0]}"
+            ) from None

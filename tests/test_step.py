@@ -1,0 +1,308 @@
+"""The step library: a split program's enclave stages compiled as one library that calls
+back into the executor for each GPU stage (``partitioner.aot_step``, ``enclave_runtime.step``).
+
+Every test runs the tiny Llama's decoder step under ``slalom``, saved compiled, signed and
+loaded as the enclave loads it, against a GPU that attacks what the library trusts: the
+replies it reads, the requests it hands out, the order in which a call ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import partition_step_for_tests
+
+from enclave_runtime.executor import Executor, InProcessRunner
+from enclave_runtime.integrity import RingCheck
+from partitioner.aot import NotLowerable
+from partitioner.aot_step import build
+from partitioner.bundle import AOT_INDEX, PLAN_FILE, load_program, sha256
+from partitioner.errors import ArtifactError, InputError, IntegrityError
+from partitioner.signing import SIGNATURE_FILE, load_private_key, sign
+
+IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7]])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, key_files):
+    """(the bundle's folder, the loaded plan, the public key): tiny-llama's decoder step
+    under slalom, saved with its enclave compiled (one step library)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition_step_for_tests("slalom")
+        root = tmp_path_factory.mktemp("step-bundle")
+        split.save(root, sign_key=key_files[0], compile_enclave=True)
+    plan = load_program(root, trusted_key=key_files[1])
+    assert plan.step is not None, json.loads((root / AOT_INDEX).read_text()).get("no_step")
+    return root, plan, key_files[1]
+
+
+def empty_cache(plan):
+    dims = plan.input_dims
+    return [torch.zeros(1, dims[n][1], 0, dims[n][3]) for n in dims if str(n).startswith("past_")]
+
+
+def call(ex, ids=IDS, cache=None):
+    """A prefill (``cache`` None) or a decode step; returns (logits, cache)."""
+    plan = ex.spec
+    whole = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        out = ex(ids, whole, cache if cache is not None else empty_cache(plan))
+    return out[0], list(out[1:])
+
+
+class Recording(InProcessRunner):
+    """A GPU that serves honestly and records each request it is sent."""
+
+    def __init__(self, plan):
+        super().__init__(plan)
+        self.requests: list[str] = []
+
+    def run(self, stage, tensors, expected=None, **kw):
+        self.requests.append(stage)
+        return self.reply(stage, super().run(stage, tensors, expected, **kw))
+
+    def reply(self, stage, outs):
+        return outs
+
+
+class Forging(Recording):
+    """Adds one to one residue of one stage's reply."""
+
+    def __init__(self, plan, target):
+        super().__init__(plan)
+        self.target = target
+
+    def reply(self, stage, outs):
+        if stage == self.target:
+            outs = [o.clone() for o in outs]
+            outs[0].view(-1)[7] += 1
+        return outs
+
+
+def gpu_stages(plan):
+    return [s.name for s in plan.stages if s.side == "gpu"]
+
+
+def library_checked(plan):
+    return [name for kind, name in plan.step.sources if kind == "check"]
+
+
+def test_the_step_library_runs_the_program(compiled):
+    """A prefill and a decode step through the library give what the stages run one by one
+    give (eager here: the library may sum a norm in another order, so within float32's last
+    bits), with one request per GPU stage per call."""
+    _, plan, _ = compiled
+    library = plan.step
+    runner = Recording(plan)
+    ex = Executor(plan, runner, seed=1)
+    logits, cache = call(ex)
+    assert ex._step is not None and len(runner.requests) == len(gpu_stages(plan))
+    next_logits, _ = call(ex, logits[:, -1:].argmax(-1), cache)
+    plan.step = None
+    try:
+        eager = Executor(plan, seed=1)
+        want, want_cache = call(eager)
+        want_next, _ = call(eager, logits[:, -1:].argmax(-1), want_cache)
+    finally:
+        plan.step = library
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(next_logits, want_next, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(cache, want_cache, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["library", "executor"])
+def test_a_forged_reply_ends_the_call_where_the_gpu_lied(compiled, where):
+    """One residue off in a reply the library checks (or, last, the logits, which the
+    executor checks): the call is refused naming the GPU stage, the GPU is sent nothing after
+    the stage that lied (the library's verdict is an input of the next GPU call, which refuses
+    to send), and the check's secret is drawn again."""
+    _, plan, _ = compiled
+    target = library_checked(plan)[1] if where == "library" else gpu_stages(plan)[-1]
+    runner = Forging(plan, target)
+    ex = Executor(plan, runner, seed=1)
+    s = ex.ring_checks[target].vectors[0][0].clone()
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
+        call(ex)
+    assert ex._step is not None
+    assert runner.requests[-1] == target
+    assert not torch.equal(s, ex.ring_checks[target].vectors[0][0])
+
+
+class Shaping(Recording):
+    """Replaces one stage's first output by what ``shape`` makes of it."""
+
+    def __init__(self, plan, target, shape):
+        super().__init__(plan)
+        self.target, self.shape = target, shape
+
+    def reply(self, stage, outs):
+        if stage == self.target:
+            outs = [self.shape(outs[0]), *outs[1:]]
+        return outs
+
+
+def _shrunk(t):
+    out = t.clone()
+    out.untyped_storage().resize_(t.element_size())
+    return out
+
+
+def _transposed_copy(t):
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def test_a_reply_the_library_would_misread_is_refused(compiled):
+    """Compiled code reads a reply by the shape it computed: a reply one column short, or
+    whose storage is smaller than its shape (an in-process runner can make one), is refused
+    before the library reads it; one of the right values in another memory layout is read as
+    its contiguous copy."""
+    _, plan, _ = compiled
+    target = library_checked(plan)[0]
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
+        call(Executor(plan, Shaping(plan, target, lambda t: t[..., 1:]), seed=1))
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
+        call(Executor(plan, Shaping(plan, target, _shrunk), seed=1))
+    got, _ = call(Executor(plan, Shaping(plan, target, _transposed_copy), seed=1))
+    want, _ = call(Executor(plan, seed=1))
+    assert torch.equal(got, want)
+
+
+class Editing(Recording):
+    """Says it copies what it is handed (as a serialising client does), but edits the request
+    in place and answers the edited request honestly."""
+
+    copies_inputs = True
+
+    def __init__(self, plan, target):
+        super().__init__(plan)
+        self.target = target
+
+    def run(self, stage, tensors, expected=None, **kw):
+        if stage == self.target:
+            tensors[0].view(-1)[3] += 1
+        return super().run(stage, tensors, expected, **kw)
+
+
+def test_a_runner_that_edits_what_it_is_handed_is_caught(compiled):
+    """The library checks a reply against the request it sent, after the call: a runner
+    that edited the request in place must not move that request, whatever it says."""
+    _, plan, _ = compiled
+    target = library_checked(plan)[0]
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
+        call(Executor(plan, Editing(plan, target), seed=1))
+
+
+def test_a_request_of_many_rows_is_checked_as_it_comes(compiled, monkeypatch):
+    """Past ``library_check_rows`` the executor checks each reply in numpy as it comes, and
+    the library, told so, does not check it again: a forged reply is refused by that check
+    (it names the row), and an honest call equals the library-checked one."""
+    _, plan, _ = compiled
+    target = library_checked(plan)[0]
+    checked = []
+    verify = RingCheck.verify
+
+    def counting(self, *a):
+        checked.append(self.stage)
+        return verify(self, *a)
+
+    monkeypatch.setattr(RingCheck, "verify", counting)
+    want, _ = call(Executor(plan, seed=1))
+    assert target not in checked
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1] - 1)
+    got, _ = call(Executor(plan, seed=1))
+    assert target in checked and torch.equal(got, want)
+    with pytest.raises(IntegrityError, match=rf"GPU stage {target} returned .* row \["):
+        call(Executor(plan, Forging(plan, target), seed=1))
+
+
+def test_a_value_that_cannot_be_masked_is_never_sent(compiled):
+    """A cache holding NaN makes an attention output that no fixed point carries: the call is
+    refused with the stages' own error, and the GPU is never sent the value (the mask's
+    verdict is an input of the GPU call that would send it)."""
+    _, plan, _ = compiled
+    honest = Recording(plan)
+    _, cache = call(Executor(plan, honest, seed=1))
+    cache = [c.clone() for c in cache]
+    cache[0].view(-1)[0] = float("nan")
+    runner = Recording(plan)
+    with pytest.raises(InputError, match="NaN or inf"):
+        call(Executor(plan, runner, seed=2), torch.tensor([[4]]), cache)
+    stages = gpu_stages(plan)
+    assert runner.requests == stages[: len(runner.requests)] and len(runner.requests) < len(stages)
+
+
+class Failing(Recording):
+    def run(self, stage, tensors, expected=None, **kw):
+        raise ConnectionResetError(f"worker gone during {stage}")
+
+
+def test_an_error_of_the_runner_reaches_the_caller_as_raised(compiled):
+    _, plan, _ = compiled
+    with pytest.raises(ConnectionResetError, match="worker gone during"):
+        call(Executor(plan, Failing(plan), seed=1))
+
+
+def test_inputs_the_library_would_misread_are_refused_by_name(compiled):
+    """The library's own checks pass any tensor with no elements (an empty cache of the wrong
+    head count) and would fail a wrong dtype with AOTInductor's message: both are refused
+    naming the input."""
+    _, plan, _ = compiled
+    ex = Executor(plan, seed=1)
+    cache = empty_cache(plan)
+    wrong = list(cache)
+    wrong[1] = torch.zeros(1, cache[1].shape[1] + 3, 0, cache[1].shape[3])
+    name = [n for n in plan.input_dims if str(n).startswith("past_")][1]
+    with pytest.raises(InputError, match=f"input {name}: shape"):
+        call(ex, cache=wrong)
+    wrong[1] = cache[1].to(torch.float64)
+    with pytest.raises(InputError, match=f"input {name}: expected torch.float32"):
+        call(ex, cache=wrong)
+
+
+def _resign(root, key_file):
+    document = json.loads((root / PLAN_FILE).read_text())
+    for rel in document["files"]:
+        document["files"][rel] = sha256(root / rel)
+    raw = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+    (root / PLAN_FILE).write_bytes(raw)
+    (root / SIGNATURE_FILE).write_bytes(sign(raw, load_private_key(key_file)))
+
+
+def test_a_step_library_that_calls_anything_else_is_refused(compiled, tmp_path, key_files):
+    """The library's call list tells AOTInductor which op to call with which arguments: a
+    list that names another op (here ``aten::add``), or a stage that is not a GPU stage, is
+    refused on load even when the compiler's key signed it; one changed after signing fails
+    its hash."""
+    root, _, public = compiled
+    for edit in ("target", "stage"):
+        copy = tmp_path / edit
+        shutil.copytree(root, copy)
+        calls = copy / json.loads((copy / AOT_INDEX).read_text())["step"]["calls"]
+        listed = json.loads(calls.read_text())
+        node = listed["nodes"][0]["node"]
+        if edit == "target":
+            node["target"] = "aten::add.Tensor"
+        else:
+            node["inputs"][0]["arg"]["as_int"] = 0  # the embedding's enclave stage
+        calls.write_text(json.dumps(listed))
+        with pytest.raises(ArtifactError, match="does not match its sha256"):
+            load_program(copy, trusted_key=public)
+        _resign(copy, key_files[0])
+        with pytest.raises(ArtifactError, match="not a GPU stage of the plan"):
+            load_program(copy, trusted_key=public)
+
+
+def test_programs_the_library_cannot_run_keep_their_stages():
+    """A program without exact masks (here cmif: RNM draws its noise per call in the
+    executor) gets no step library, with the reason; a compiled bundle of it keeps one
+    library per stage (test_aot)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition_step_for_tests("cmif")
+    with pytest.raises(NotLowerable, match="masks nothing exactly"):
+        build(split)
