@@ -776,10 +776,12 @@ def main() -> None:
     parser.add_argument(
         "--enclave",
         nargs="+",
-        choices=["eager", "aot"],
+        choices=["eager", "aot", "step"],
         default=["eager", "aot"],
-        help="how the enclave runs its stages: op by op (eager) or compiled ahead of time "
-        "(partitioner.aot, every preset and all_enclave alike); each mode has its own baseline",
+        help="how the enclave runs its stages: op by op (eager), compiled ahead of time "
+        "(partitioner.aot, every preset and all_enclave alike), or, where a program allows "
+        "it, all of them as one compiled library calling back for the GPU stages "
+        "(partitioner.aot_step; else as aot); each mode has its own baseline",
     )
     parser.add_argument(
         "--aot-cache",
@@ -824,7 +826,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     from enclave_runtime.executor import InProcessRunner
-    from partitioner.aot import compile_enclave
+    from partitioner.aot import NotLowerable, compile_enclave
+    from partitioner.aot_step import compile_step
     from partitioner.api import partition
     from partitioner.errors import TeesplitError
     from partitioner.generation import DecoderStep
@@ -880,10 +883,20 @@ def main() -> None:
             for workload, (call_args, _) in workloads.items():
                 ceilings[workload] = ceiling(split, call_args, args.repeats, compile=True)
         compiled: dict[str, Any] = {}
+        step_library: Any = None
         for mode, (workload, (call_args, public)) in itertools.product(
             args.enclave, workloads.items()
         ):
-            if mode == "aot" and not compiled:
+            if mode == "step" and step_library is None:
+                t2 = time.perf_counter()
+                try:
+                    step_library = compile_step(split, args.aot_cache)
+                    print(f"  {row_label}: step library ({time.perf_counter() - t2:.0f} s)")
+                except NotLowerable as exc:
+                    step_library = False
+                    print(f"  {row_label}: no step library ({exc}): one library per stage")
+            split.spec.step = step_library if mode == "step" and step_library else None
+            if mode in ("aot", "step") and not compiled:
                 t2 = time.perf_counter()
                 report = compile_enclave(split, args.aot_cache)
                 compiled = {s.name: s.compiled for s in split.stages if s.compiled is not None}
@@ -893,7 +906,7 @@ def main() -> None:
                     + (f", {len(report.eager)} eager: {report.eager}" if report.eager else "")
                 )
             for stage in split.stages:
-                stage.compiled = compiled.get(stage.name) if mode == "aot" else None
+                stage.compiled = compiled.get(stage.name) if mode != "eager" else None
             t1 = time.perf_counter()
             phase = {"now": "starting"}
             previous = signal.signal(signal.SIGALRM, _alarm)

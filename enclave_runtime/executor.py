@@ -27,7 +27,7 @@ from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.signature import CallSignature
 from enclave_runtime.step import StepCall
-from partitioner import ops
+from partitioner import ops, step_op
 from partitioner.dims import concrete_shape
 from partitioner.errors import ArtifactError, InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
@@ -639,8 +639,8 @@ class Executor:
 
         def handler(position: int, verdict: torch.Tensor, sent: list[torch.Tensor]) -> list:
             code = int(verdict)
-            if code:
-                self._refuse_step(code, library.verdicts.get(position))
+            if code != step_op.GO_ON:
+                self._refuse_step(code)
             stage = stages[position]
             name = stage.name
             expected = replies[name]
@@ -666,24 +666,27 @@ class Executor:
 
         outs = step(args, handler)
         code = int(outs[-1])
-        if code:
-            self._refuse_step(code, library.last_verdict)
+        if code != step_op.GO_ON:
+            self._refuse_step(code)
         env = dict(env)
         gpu: dict[str, Any] = {}
         for (where, name), value in zip(library.outputs, outs, strict=False):
             (env if where == "env" else gpu)[name] = value
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 
-    def _refuse_step(self, code: int, verified: str | None) -> None:
-        """Raise what a stage's library would have raised for its verdict ``code``."""
-        if code == 1 and verified is not None:
+    def _refuse_step(self, code: int) -> None:
+        """Raise what the stages' libraries would have raised for the verdict ``code``."""
+        stages = self.spec.stages
+        position = code - step_op.FAILED
+        verified = stages[position].name if 0 <= position < len(stages) else None
+        if verified in self.ring_checks:
             self.ring_checks[verified].draw()  # a failed check told the GPU something about s
             raise IntegrityError(
                 f"GPU stage {verified} returned results that fail the Freivalds check "
                 "(made in the step library; exact: an honest result always passes, a wrong "
                 "one passes with probability <= 2**-31)"
             )
-        if code == 2:
+        if code == step_op.REFUSED:
             raise InputError(
                 "a value to be masked is NaN or inf, or its fixed point exceeds its norm "
                 "limit (refused, rather than sending the GPU a residue that stands for nothing)"

@@ -16,9 +16,10 @@ it to ``<key>.so`` (and the ``.json`` AOTInductor's proxy executor reads), retur
   inputs the executor would pass it (the call's inputs, the mask set's pads and
   corrections, the check's vectors, its constants), so the step computes what the stages
   compute, op for op.
-* **The same order of refusals.** A stage's verdict (its fused check's flag first, then its
-  masks' flag) is an input of the next GPU call, whose handler raises before sending
-  anything: the call ends where the per-stage executor would end it.
+* **The same order of refusals.** The verdict so far (the first refusal: a stage's fused
+  check, naming the GPU stage it checked, before its masks' flag) is an input of the next GPU
+  call, whose handler raises before sending anything, and an output of the library: the call
+  ends where the per-stage executor would end it, with its error.
 * **Only where it holds.** A program with RNM, held GPU state, a correction the executor
   computes per call, float Freivalds checks, a stage that does not lower, or a GPU stage
   whose outputs are not rows of one of its inputs gets no step library
@@ -41,13 +42,20 @@ from partitioner.aot import _FORMAT, NotLowerable, _requantised, fused_check, lo
 from partitioner.plan import ENCLAVE, GPU, StepLibrary
 
 
-def _verdict(verified: torch.Tensor | None, masks_ok: torch.Tensor | None) -> torch.Tensor:
-    """0 (go on), 1 (the fused check failed) or 2 (a mask refused its value), as int64."""
-    code = torch.zeros((), dtype=torch.int64)
-    if masks_ok is not None:
-        code = torch.where(masks_ok, code, 2)
+def _verdict(
+    previous: torch.Tensor,
+    verified: torch.Tensor | None,
+    checked: int,
+    masks_ok: torch.Tensor | None,
+) -> torch.Tensor:
+    """The verdict after an enclave stage (``partitioner.step_op``): the first refusal
+    stands; within the stage its check's (of the GPU stage at position ``checked``) comes
+    before its masks', as the stage's own library raises them."""
+    code = previous
     if verified is not None:
-        code = torch.where(verified, code, 1)
+        code = torch.where((code == step_op.GO_ON) & ~verified, step_op.FAILED + checked, code)
+    if masks_ok is not None:
+        code = torch.where((code == step_op.GO_ON) & ~masks_ok, step_op.REFUSED, code)
     return code
 
 
@@ -107,8 +115,6 @@ class _Builder:
         self.constants: list[torch.Tensor] = []
         self.placeholders: list[torch.fx.Node] = []
         self.sources: list[tuple[str, str]] = []  # per placeholder: what feeds it
-        self.verdicts: dict[int, str | None] = {}  # GPU position -> the check before it
-        self.verified: str | None = None  # the GPU stage the last enclave code checked
 
     def placeholder(self, kind: str, name: str, val: Any) -> torch.fx.Node:
         node = self.graph.placeholder(f"p{len(self.placeholders)}")
@@ -175,17 +181,15 @@ class _Builder:
         for name in stage.outputs:
             if name in clear and name not in prot.masked:
                 self.gpu[name] = self.env[name]
-        self.verified = verify.stage if verify is not None else None
         if verified is None and masks_ok is None:
             return code
-        return self.graph.call_function(_verdict, (verified, masks_ok))
+        return self.graph.call_function(_verdict, (code, verified, position - 1, masks_ok))
 
     def gpu_stage(self, position: int, stage: Any, code: torch.fx.Node) -> None:
         like, widths = _reply_rule(stage)
         vals = [p.meta.get("val") for p in stage.module.graph.find_nodes(op="placeholder")]
         sent = [self.value(n, v, gpu_first=True) for n, v in zip(stage.inputs, vals, strict=True)]
         call = self.graph.call_function(step_op.GPU, (position, code, sent, like, widths))
-        self.verdicts[position], self.verified = self.verified, None
         for i, name in enumerate(stage.outputs):
             self.gpu[name] = self.graph.call_function(operator.getitem, (call, i))
 
@@ -231,11 +235,12 @@ def build(program: Any) -> tuple[torch.fx.GraphModule, _Builder, list[tuple[str,
 
 def _key(module: torch.fx.GraphModule, b: _Builder) -> str:
     """What the library depends on: the graph's code, each input's dtype and plan shape,
-    the lowering (``_FORMAT``) and this pass."""
+    the lowering (``_FORMAT``), this pass and the GPU call's definition."""
     shapes = b.program.shapes
     parts = [
         _FORMAT,
         hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        hashlib.sha256(Path(step_op.__file__).read_bytes()).hexdigest()[:16],
         module.code,
         [(str(p.meta["val"].dtype), str(shapes.shape(p.meta["val"]))) for p in b.placeholders],
     ]
@@ -277,8 +282,6 @@ def compile_step(program: Any, directory: str | Path) -> StepLibrary:
         tuple(b.constants),
         dtypes,
         tuple(outputs),
-        dict(b.verdicts),
-        b.verified,
     )
     program.spec.step = library
     return library

@@ -166,8 +166,6 @@ def _compile_step(program: Any, root: Path, weights: _Weights) -> tuple[dict[str
         "constants": keys,
         "dtypes": library.dtypes,
         "outputs": [list(out) for out in library.outputs],
-        "verdicts": {str(k): v for k, v in sorted(library.verdicts.items())},
-        "last_verdict": library.last_verdict,
     }
     return entry, ""
 

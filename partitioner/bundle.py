@@ -503,9 +503,7 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
         plan.step = _step_library(plan, index["step"], files, weights)
 
 
-_STEP_ENTRY = {
-    "library", "calls", "sources", "constants", "dtypes", "outputs", "verdicts", "last_verdict"
-}  # fmt: skip
+_STEP_ENTRY = {"library", "calls", "sources", "constants", "dtypes", "outputs"}
 _STEP_SOURCES = {"zero", "input", "pad", "delta", "check"}
 
 
@@ -551,17 +549,6 @@ def _step_library(
         for x in outputs
     ):
         raise ArtifactError(f"{where}.outputs: expected [[env|gpu, value], ...]")
-    verdicts: dict[int, str | None] = {}
-    raw = entry["verdicts"]
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{where}.verdicts: expected {{GPU stage position: checked stage}}")
-    for key, name in raw.items():
-        if not key.isdigit() or int(key) not in gpu or (name is not None and name not in checked):
-            raise ArtifactError(f"{where}.verdicts: {key}: {name} is not one of the plan's")
-        verdicts[int(key)] = name
-    last = entry["last_verdict"]
-    if last is not None and last not in checked:
-        raise ArtifactError(f"{where}.last_verdict: {last} is not a checked GPU stage")
     listed = files.read(calls)
     try:
         nodes = json.loads(listed, object_pairs_hook=_no_duplicates)["nodes"]
@@ -579,8 +566,6 @@ def _step_library(
         tuple(weights[k] for k in keys),
         dict(dtypes),
         tuple((w, name) for w, name in outputs),
-        verdicts,
-        last,
     )
 
 

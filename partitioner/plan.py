@@ -73,16 +73,14 @@ class StepLibrary:
     name)`` a call input, ``("pad", name)`` / ``("delta", name)`` the mask set's pad or
     correction of a value, ``("check", stage)`` the check vector of that GPU stage; then the
     ``constants``. ``dtypes``: each call input's dtype name. ``outputs``: per output
-    ``("env" | "gpu", name)``, then the last stage's verdict. ``verdicts``: per GPU stage
-    position, the GPU stage whose reply the enclave code just before it checked (if any)."""
+    ``("env" | "gpu", name)``; the library returns the call's verdict after them
+    (``partitioner.step_op``)."""
 
     path: str
     sources: tuple[tuple[str, str], ...]
     constants: tuple[Any, ...]
     dtypes: dict[str, str]
     outputs: tuple[tuple[str, str], ...]
-    verdicts: dict[int, str | None]
-    last_verdict: str | None = None
 
 
 @dataclass

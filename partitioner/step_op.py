@@ -6,9 +6,10 @@ into one shared object; where the program crosses to the GPU it calls
 dispatches back to Python. This module defines that op for both sides: the compiler traces
 it (its fake kernel: output ``i`` is ``sent[like[i]]`` with last dim ``widths[i]``), the
 enclave runs it (its CPU kernel calls the handler of the step call in progress on this
-thread, ``enclave_runtime.step``). ``verdict`` is the enclave stage before it's own verdict
-(0: go on; 1: the reply it unmasked failed its Freivalds check; 2: a value it masked was
-refused), so that the handler ends the call before sending anything after a refusal.
+thread, ``enclave_runtime.step``). ``verdict`` is the verdict of the enclave code before it
+(:data:`GO_ON`; :data:`REFUSED`: a value it masked was refused; :data:`FAILED` plus a GPU
+stage's position: that stage's reply failed the Freivalds check made on it), so that the
+handler ends the call before sending anything after a refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+GO_ON = 0
+REFUSED = 1
+FAILED = 2  # + the position (in the plan's stages) of the GPU stage whose reply failed
 
 Handler = Callable[[int, torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
 
