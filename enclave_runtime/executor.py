@@ -146,6 +146,41 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
 
 
+def _as_read(
+    stage: str,
+    outs: list[torch.Tensor],
+    sent: list[torch.Tensor],
+    like: list[int],
+    widths: list[int],
+    fresh: bool,
+) -> list[torch.Tensor]:
+    """A GPU reply as a step library reads it (``partitioner.step_op``): output ``i`` with
+    the dtype and rows of ``sent[like[i]]`` and ``widths[i]`` columns (refused otherwise:
+    compiled code indexes it by that shape, whatever the plan says), contiguous, its storage
+    as large as its shape, and sharing memory with nothing else the library holds (copied
+    where it does; ``fresh``: copied whatever it shares, for a runner in this process that
+    may keep a reply and write to it later)."""
+    if len(outs) != len(like):
+        raise IntegrityError(f"GPU stage {stage} returned {len(outs)} outputs, not {len(like)}")
+    seen = {t.untyped_storage().data_ptr() for t in sent}
+    out = []
+    for i, (o, source, width) in enumerate(zip(outs, like, widths, strict=True)):
+        model = sent[source]
+        if o.dtype != model.dtype or list(o.shape) != [*model.shape[:-1], width]:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {o.dtype} {list(o.shape)}, the step library "
+                f"reads {model.dtype} {[*model.shape[:-1], width]}"
+            )
+        if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
+            raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")
+        pointer = o.untyped_storage().data_ptr()
+        if fresh or pointer in seen or not o.is_contiguous():
+            o = o.clone(memory_format=torch.contiguous_format)
+        seen.add(o.untyped_storage().data_ptr())
+        out.append(o)
+    return out
+
+
 def _rows_of(shape: list[int] | None) -> int:
     """How many rows a tensor of ``shape`` holds (:func:`_rows`, from its shape)."""
     rows = 1
@@ -196,6 +231,7 @@ class Executor:
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
         self._step: tuple[StepLibrary, StepCall] | None = None
+        self._unpooled = prot is not None and bool(set(prot.corrections) - set(prot.pooled))
         self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -587,6 +623,12 @@ class Executor:
         library = self.spec.step
         if library is None or masks is None or rows is not None:
             return None
+        prot = self.spec.protection
+        if self._holders or prot is None or prot.rnm is not None or self._unpooled:
+            raise ArtifactError(
+                "the plan has a step library, but the executor does work between its stages "
+                "(RNM, state held on the GPU or a correction per call) that the library skips"
+            )
         if any(shape is None for expected in replies.values() for _, shape in expected):
             return None
         if self._step is None or self._step[0] is not library:
@@ -637,7 +679,13 @@ class Executor:
             else:
                 args.append(self._zero)
 
-        def handler(position: int, verdict: torch.Tensor, sent: list[torch.Tensor]) -> list:
+        def handler(
+            position: int,
+            verdict: torch.Tensor,
+            sent: list[torch.Tensor],
+            like: list[int],
+            widths: list[int],
+        ) -> list[torch.Tensor]:
             code = int(verdict)
             if code != step_op.GO_ON:
                 self._refuse_step(code)
@@ -655,22 +703,24 @@ class Executor:
             handed = sent if copies and not in_library else [t.clone() for t in sent]
             outs = run(name, handed, expected)
             check_reply(name, outs, expected)
-            outs = [o if o.is_contiguous() else o.contiguous() for o in outs]
-            for i, o in enumerate(outs):  # compiled code reads it whole
-                if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
-                    raise IntegrityError(f"GPU stage {name} output {i}: storage too small")
+            outs = _as_read(name, outs, sent, like, widths, fresh=not copies)
             if check is not None and not in_library:
                 deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
                 check.verify(sums, outs, deltas)
-            return outs
+            return [*outs, torch.zeros((), dtype=torch.int64)]
 
         outs = step(args, handler)
-        code = int(outs[-1])
+        if len(outs) != len(library.outputs) + 1:
+            raise IntegrityError(
+                f"the step library returned {len(outs)} values, its index lists "
+                f"{len(library.outputs)} and a verdict"
+            )
+        code = int(outs.pop())
         if code != step_op.GO_ON:
             self._refuse_step(code)
         env = dict(env)
         gpu: dict[str, Any] = {}
-        for (where, name), value in zip(library.outputs, outs, strict=False):
+        for (where, name), value in zip(library.outputs, outs, strict=True):
             (env if where == "env" else gpu)[name] = value
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
 

@@ -17,6 +17,7 @@ checks the reply and returns it). Guarantees:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 
 import torch
@@ -35,6 +36,8 @@ class StepCall:
         self.library = library
         self.constants = [c.contiguous() for c in library.constants]
         self.dtypes = {name: getattr(torch, d) for name, d in library.dtypes.items()}
+        self._lock = threading.Lock()
+        self._inside = threading.local()
         try:
             self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(library.path, 1)
         except RuntimeError as exc:
@@ -70,20 +73,30 @@ class StepCall:
     ) -> list[torch.Tensor]:
         raised: list[BaseException] = []
 
-        def handle(stage: int, verdict: torch.Tensor, sent: list[torch.Tensor]) -> list:
+        def handle(*call: object) -> list[torch.Tensor]:
             try:
-                return handler(stage, verdict, sent)
+                return handler(*call)
             except BaseException as exc:  # kept: AOTInductor turns it into a RuntimeError
                 raised.append(exc)
                 raise
 
         args = [a if a.is_contiguous() else a.contiguous() for a in args]
-        try:
-            with step_op.handling(handle):
-                return self._runner.run([*args, *self.constants])
-        except RuntimeError as exc:
-            if raised:
-                raise raised[0] from None
-            raise IntegrityError(
-                f"the step library refused its inputs: {str(exc).splitlines()[0]}"
-            ) from None
+        if getattr(self._inside, "active", False):
+            # the library holds one model: a call from inside its own GPU call would wait
+            # for itself, holding the GIL
+            raise IntegrityError("the step library was called again from inside its GPU call")
+        # another thread waits here without the GIL (the library's run holds it, and the
+        # GPU call inside needs it back)
+        with self._lock:
+            self._inside.active = True
+            try:
+                with step_op.handling(handle):
+                    return self._runner.run([*args, *self.constants])
+            except RuntimeError as exc:
+                if raised:
+                    raise raised[0] from None
+                raise IntegrityError(
+                    f"the step library refused its inputs: {str(exc).splitlines()[0]}"
+                ) from None
+            finally:
+                self._inside.active = False

@@ -17,9 +17,10 @@ it to ``<key>.so`` (and the ``.json`` AOTInductor's proxy executor reads), retur
   corrections, the check's vectors, its constants), so the step computes what the stages
   compute, op for op.
 * **The same order of refusals.** The verdict so far (the first refusal: a stage's fused
-  check, naming the GPU stage it checked, before its masks' flag) is an input of the next GPU
-  call, whose handler raises before sending anything, and an output of the library: the call
-  ends where the per-stage executor would end it, with its error.
+  check, naming the GPU stage it checked, before its masks' flag) is an input of each GPU
+  call, whose handler raises before sending anything, and passed on by it to the next (so
+  the calls are made in program order), and an output of the library: the call ends where
+  the per-stage executor would end it, with its error.
 * **Only where it holds.** A program with RNM, held GPU state, a correction the executor
   computes per call, float Freivalds checks, a stage that does not lower, or a GPU stage
   whose outputs are not rows of one of its inputs gets no step library
@@ -185,29 +186,29 @@ class _Builder:
             return code
         return self.graph.call_function(_verdict, (code, verified, position - 1, masks_ok))
 
-    def gpu_stage(self, position: int, stage: Any, code: torch.fx.Node) -> None:
+    def gpu_stage(self, position: int, stage: Any, code: torch.fx.Node) -> torch.fx.Node:
         like, widths = _reply_rule(stage)
         vals = [p.meta.get("val") for p in stage.module.graph.find_nodes(op="placeholder")]
         sent = [self.value(n, v, gpu_first=True) for n, v in zip(stage.inputs, vals, strict=True)]
         call = self.graph.call_function(step_op.GPU, (position, code, sent, like, widths))
         for i, name in enumerate(stage.outputs):
             self.gpu[name] = self.graph.call_function(operator.getitem, (call, i))
+        # the verdict the call passes on: the next call depends on this one
+        return self.graph.call_function(operator.getitem, (call, len(stage.outputs)))
 
 
 def build(program: Any) -> tuple[torch.fx.GraphModule, _Builder, list[tuple[str, str]]]:
     """The step graph and what feeds it; raises :class:`NotLowerable`."""
     _eligible(program)
     b = _Builder(program)
-    zero = b.placeholder("zero", "", torch.zeros((), dtype=torch.int64))
-    code = zero
+    code = b.placeholder("zero", "", torch.zeros((), dtype=torch.int64))
     for position, stage in enumerate(program.stages):
         if stage.side == ENCLAVE:
             if not isinstance(stage.module, torch.fx.GraphModule):
                 raise NotLowerable(f"enclave stage {stage.name} has no graph")
             code = b.enclave(position, stage, code)
         else:
-            b.gpu_stage(position, stage, code)
-            code = zero
+            code = b.gpu_stage(position, stage, code)
     outputs: list[tuple[str, str]] = []
     nodes = []
     for value in program.flat_outputs:

@@ -505,6 +505,7 @@ def _attach_compiled(plan: Plan, files: VerifiedFiles, weights: dict[str, torch.
 
 _STEP_ENTRY = {"library", "calls", "sources", "constants", "dtypes", "outputs"}
 _STEP_SOURCES = {"zero", "input", "pad", "delta", "check"}
+_STEP_ARGS = ["stage", "verdict", "sent", "like", "widths"]
 
 
 def _step_library(
@@ -530,11 +531,26 @@ def _step_library(
         for x in sources
     ):
         raise ArtifactError(f"{where}.sources: expected [[kind, name], ...]")
+    masked = set(prot.masked) if prot is not None else set()
+    corrected = masked | {
+        name for corr in (prot.corrections.values() if prot else ()) for name in corr.delta_outputs
+    }
+    known = {"zero": {""}, "input": set(plan.input_dims), "pad": masked, "delta": corrected}
+    known["check"] = checked
     for kind, name in sources:
-        if (kind == "input" and name not in plan.input_dims) or (
-            kind == "check" and name not in checked
-        ):
+        if name not in known[kind]:
             raise ArtifactError(f"{where}.sources: {kind} {name} is not one of the plan's")
+    if (
+        len({(k, n) for k, n in sources}) != len(sources)
+        or [k for k, _ in sources].count("zero") != 1
+    ):
+        raise ArtifactError(f"{where}.sources: an input is named twice, or no zero verdict")
+    unpooled = prot is not None and bool(set(prot.corrections) - set(prot.pooled))
+    if plan.held() or prot is None or prot.rnm is not None or unpooled:
+        raise ArtifactError(
+            f"{where}: the plan does work between its enclave stages (RNM, state held on the "
+            "GPU or a correction per call) that a step library skips"
+        )
     keys = entry["constants"]
     if not isinstance(keys, list) or not all(isinstance(k, str) and k in weights for k in keys):
         raise ArtifactError(f"{where}.constants: expected weight keys of the enclave weights")
@@ -549,15 +565,26 @@ def _step_library(
         for x in outputs
     ):
         raise ArtifactError(f"{where}.outputs: expected [[env|gpu, value], ...]")
+    if [name for _, name in outputs] != [v for v in plan.flat_outputs if isinstance(v, str)]:
+        raise ArtifactError(f"{where}.outputs: not the plan's outputs, in its order")
     listed = files.read(calls)
     try:
         nodes = json.loads(listed, object_pairs_hook=_no_duplicates)["nodes"]
-        targets = [(n["node"]["target"], n["node"]["inputs"][0]["arg"]["as_int"]) for n in nodes]
+        calls_made = [
+            (
+                n["node"]["target"],
+                [i["name"] for i in n["node"]["inputs"]],
+                n["node"]["inputs"][0]["arg"]["as_int"],
+            )
+            for n in nodes
+        ]
     except (ValueError, KeyError, IndexError, TypeError):
         raise ArtifactError(f"{calls}: not the call list of a step library") from None
-    for target, stage in targets:
-        if target != "teesplit_step::gpu" or stage not in gpu:
+    for target, names, stage in calls_made:
+        if target != "teesplit_step::gpu" or names != _STEP_ARGS or stage not in gpu:
             raise ArtifactError(f"{calls}: calls {target}({stage}), not a GPU stage of the plan")
+    if [stage for *_, stage in calls_made] != sorted(gpu):
+        raise ArtifactError(f"{calls}: does not call each GPU stage once, in the plan's order")
     path = private_copy(files.read(library), Path(library).name)
     private_copy(listed, Path(calls).name, beside=path)
     return StepLibrary(

@@ -273,28 +273,109 @@ def _resign(root, key_file):
     (root / SIGNATURE_FILE).write_bytes(sign(raw, load_private_key(key_file)))
 
 
-def test_a_step_library_that_calls_anything_else_is_refused(compiled, tmp_path, key_files):
-    """The library's call list tells AOTInductor which op to call with which arguments: a
-    list that names another op (here ``aten::add``), or a stage that is not a GPU stage, is
-    refused on load even when the compiler's key signed it; one changed after signing fails
-    its hash."""
-    root, _, public = compiled
-    for edit in ("target", "stage"):
-        copy = tmp_path / edit
-        shutil.copytree(root, copy)
-        calls = copy / json.loads((copy / AOT_INDEX).read_text())["step"]["calls"]
+def _edited(root, tmp_path, name, edit_calls=None, edit_entry=None):
+    copy = tmp_path / name
+    shutil.copytree(root, copy)
+    index_file = copy / AOT_INDEX
+    index = json.loads(index_file.read_text())
+    if edit_calls is not None:
+        calls = copy / index["step"]["calls"]
         listed = json.loads(calls.read_text())
-        node = listed["nodes"][0]["node"]
-        if edit == "target":
-            node["target"] = "aten::add.Tensor"
-        else:
-            node["inputs"][0]["arg"]["as_int"] = 0  # the embedding's enclave stage
+        edit_calls(listed["nodes"])
         calls.write_text(json.dumps(listed))
-        with pytest.raises(ArtifactError, match="does not match its sha256"):
-            load_program(copy, trusted_key=public)
-        _resign(copy, key_files[0])
-        with pytest.raises(ArtifactError, match="not a GPU stage of the plan"):
-            load_program(copy, trusted_key=public)
+    if edit_entry is not None:
+        edit_entry(index["step"])
+        index_file.write_text(json.dumps(index))
+    return copy
+
+
+def _retarget(nodes):
+    nodes[0]["node"]["target"] = "aten::add.Tensor"
+
+
+def _enclave_stage(nodes):
+    nodes[0]["node"]["inputs"][0]["arg"]["as_int"] = 0  # the embedding's enclave stage
+
+
+def _swapped(nodes):
+    nodes[1], nodes[2] = nodes[2], nodes[1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        (_retarget, "not a GPU stage of the plan"),
+        (_enclave_stage, "not a GPU stage of the plan"),
+        (_swapped, "each GPU stage once, in the plan's order"),
+    ],
+)
+def test_a_step_library_that_calls_anything_else_is_refused(
+    compiled, tmp_path, key_files, edit, refusal
+):
+    """The library's call list tells AOTInductor which op to call with which arguments: a
+    list that names another op (here ``aten::add``), a stage that is not a GPU stage, or the
+    GPU stages in another order is refused on load even when the compiler's key signed it;
+    one changed after signing fails its hash."""
+    root, _, public = compiled
+    copy = _edited(root, tmp_path, edit.__name__, edit_calls=edit)
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        load_program(copy, trusted_key=public)
+    _resign(copy, key_files[0])
+    with pytest.raises(ArtifactError, match=refusal):
+        load_program(copy, trusted_key=public)
+
+
+def _same_pad_twice(entry):
+    pads = [i for i, (kind, _) in enumerate(entry["sources"]) if kind == "pad"]
+    entry["sources"][pads[1]] = entry["sources"][pads[0]]
+
+
+def _outputs_reordered(entry):
+    entry["outputs"] = entry["outputs"][::-1]
+
+
+def _unknown_pad(entry):
+    pad = next(i for i, (kind, _) in enumerate(entry["sources"]) if kind == "pad")
+    entry["sources"][pad] = ["pad", "not_a_value"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        (_same_pad_twice, "named twice"),  # two values masked with one pad
+        (_outputs_reordered, "not the plan's outputs"),
+        (_unknown_pad, "pad not_a_value is not one of the plan's"),
+    ],
+)
+def test_a_signed_step_entry_that_disagrees_with_the_plan_is_refused(
+    compiled, tmp_path, key_files, edit, refusal
+):
+    """The index's step entry says what feeds each input of the library and what each output
+    is; the loader checks it against the plan, signed or not."""
+    root, _, public = compiled
+    copy = _edited(root, tmp_path, edit.__name__, edit_entry=edit)
+    _resign(copy, key_files[0])
+    with pytest.raises(ArtifactError, match=refusal):
+        load_program(copy, trusted_key=public)
+
+
+class Reentering(Recording):
+    """A runner in the enclave's process that calls the executor again from inside a GPU
+    call (the library holds one model, and its run holds the GIL)."""
+
+    executor = None
+
+    def run(self, stage, tensors, expected=None, **kw):
+        call(self.executor)
+        return super().run(stage, tensors, expected, **kw)
+
+
+def test_a_call_from_inside_a_gpu_call_is_refused_not_hung(compiled):
+    _, plan, _ = compiled
+    runner = Reentering(plan)
+    runner.executor = Executor(plan, runner, seed=1)
+    with pytest.raises(IntegrityError, match="called again from inside its GPU call"):
+        call(runner.executor)
 
 
 def test_programs_the_library_cannot_run_keep_their_stages():
