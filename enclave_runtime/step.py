@@ -100,3 +100,38 @@ class StepCall:
                 ) from None
             finally:
                 self._inside.active = False
+
+
+def reply_as_read(
+    stage: str,
+    outs: list[torch.Tensor],
+    sent: list[torch.Tensor],
+    like: list[int],
+    widths: list[int],
+    fresh: bool,
+) -> list[torch.Tensor]:
+    """A GPU reply as a step library reads it (``partitioner.step_op``): output ``i`` with
+    the dtype and rows of ``sent[like[i]]`` and ``widths[i]`` columns (refused otherwise:
+    compiled code indexes it by that shape, whatever the plan says), contiguous, its storage
+    as large as its shape, and sharing memory with nothing else the library holds (copied
+    where it does; ``fresh``: copied whatever it shares, for a runner in this process that
+    may keep a reply and write to it later)."""
+    if len(outs) != len(like):
+        raise IntegrityError(f"GPU stage {stage} returned {len(outs)} outputs, not {len(like)}")
+    seen = {t.untyped_storage().data_ptr() for t in sent}
+    out = []
+    for i, (o, source, width) in enumerate(zip(outs, like, widths, strict=True)):
+        model = sent[source]
+        if o.dtype != model.dtype or list(o.shape) != [*model.shape[:-1], width]:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {o.dtype} {list(o.shape)}, the step library "
+                f"reads {model.dtype} {[*model.shape[:-1], width]}"
+            )
+        if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
+            raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")
+        pointer = o.untyped_storage().data_ptr()
+        if fresh or pointer in seen or not o.is_contiguous():
+            o = o.clone(memory_format=torch.contiguous_format)
+        seen.add(o.untyped_storage().data_ptr())
+        out.append(o)
+    return out
