@@ -112,26 +112,31 @@ def reply_as_read(
 ) -> list[torch.Tensor]:
     """A GPU reply as a step library reads it (``partitioner.step_op``): output ``i`` with
     the dtype and rows of ``sent[like[i]]`` and ``widths[i]`` columns (refused otherwise:
-    compiled code indexes it by that shape, whatever the plan says), contiguous, its storage
-    as large as its shape, and sharing memory with nothing else the library holds (copied
-    where it does; ``fresh``: copied whatever it shares, for a runner in this process that
-    may keep a reply and write to it later)."""
+    compiled code indexes it by that shape, whatever the plan says), contiguous, and not
+    starting where another reply or a request does (copied where it does). ``fresh``: a
+    runner in this process, whose replies are checked for a storage as large as their shape
+    and always copied (it may keep a reply and write to it later)."""
     if len(outs) != len(like):
         raise IntegrityError(f"GPU stage {stage} returned {len(outs)} outputs, not {len(like)}")
-    seen = {t.untyped_storage().data_ptr() for t in sent}
+    seen = [t.data_ptr() for t in sent]
     out = []
     for i, (o, source, width) in enumerate(zip(outs, like, widths, strict=True)):
         model = sent[source]
-        if o.dtype != model.dtype or list(o.shape) != [*model.shape[:-1], width]:
+        shape = o.shape
+        if o.dtype != model.dtype or shape[-1] != width or shape[:-1] != model.shape[:-1]:
             raise IntegrityError(
-                f"GPU stage {stage} output {i}: {o.dtype} {list(o.shape)}, the step library "
+                f"GPU stage {stage} output {i}: {o.dtype} {list(shape)}, the step library "
                 f"reads {model.dtype} {[*model.shape[:-1], width]}"
             )
-        if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
-            raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")
-        pointer = o.untyped_storage().data_ptr()
-        if fresh or pointer in seen or not o.is_contiguous():
+        if fresh:
+            # a tensor made in this process may have a storage smaller than its shape (and
+            # be kept and written to later): checked, then copied. A serialising runner's
+            # replies are new tensors decoded from bytes here.
+            if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
+                raise IntegrityError(f"GPU stage {stage} output {i}: storage too small")
             o = o.clone(memory_format=torch.contiguous_format)
-        seen.add(o.untyped_storage().data_ptr())
+        elif o.data_ptr() in seen or not o.is_contiguous():
+            o = o.clone(memory_format=torch.contiguous_format)
+        seen.append(o.data_ptr())
         out.append(o)
     return out

@@ -106,14 +106,15 @@ def _save_exported(
     torch.export.save(ep, str(path))
 
 
-def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
-    """``enclave/aot/``: the step library when the program has one (every enclave stage in
-    one library, ``partitioner.aot_step``), else one library per stage (``partitioner.aot``),
-    and ``index.json`` naming them."""
-    step, why = _compile_step(program, root, weights)
+def _compile_enclave(program: Any, root: Path, weights: _Weights, step: bool) -> None:
+    """``enclave/aot/``: with ``step``, the step library when the program has one (every
+    enclave stage in one library, ``partitioner.aot_step``); else one library per stage
+    (``partitioner.aot``); and ``index.json`` naming them."""
+    entry, why = _compile_step(program, root, weights) if step else (None, "not asked for")
+    step_entry = entry
     stages: dict[str, Any] = {}
     eager: dict[str, str] = {}
-    if step is None:
+    if step_entry is None:
         from partitioner.aot import compile_enclave
 
         report = compile_enclave(program, root / AOT_DIR)
@@ -136,7 +137,7 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights) -> None:
                     else None
                 ),
             }
-    index = {"format": AOT_FORMAT, "stages": stages, "eager": eager, "step": step}
+    index = {"format": AOT_FORMAT, "stages": stages, "eager": eager, "step": step_entry}
     if why:
         index["no_step"] = why
     (root / AOT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
@@ -176,15 +177,15 @@ def save(
     *,
     tokenizer: Any = None,
     sign_key: Any = None,
-    compile_enclave: bool = False,
+    compile_enclave: bool | str = False,
 ) -> Path:
     """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
 
     ``compile_enclave``: also compile the enclave stages ahead of time into ``enclave/aot/``:
-    all of them as one library that calls back for the GPU stages (``partitioner.aot_step``)
-    where the program allows it, else one ``.so`` per distinct stage graph
-    (``partitioner.aot``); ``index.json`` names the libraries and their constants (stored in
-    the enclave's weights file). Like every file,
+    one ``.so`` per distinct stage graph (``partitioner.aot``; ``True`` or ``"stages"``), or
+    with ``"step"`` all of them as one library that calls back for the GPU stages
+    (``partitioner.aot_step``) where the program allows it; ``index.json`` names the
+    libraries and their constants (stored in the enclave's weights file). Like every file,
     the libraries are listed in ``plan.json`` with their sha256 (signed) and in the Gramine
     manifest as trusted files; a stage that cannot be compiled stays eager (the index says why).
 
@@ -228,8 +229,10 @@ def save(
                 weights["enclave"].add(exact_scale_key(value), prot.exact.inv_scale[value])
                 if value in prot.exact.bias:
                     weights["enclave"].add(exact_bias_key(value), prot.exact.bias[value])
+    if compile_enclave not in (False, None, True, "stages", "step"):
+        raise ArtifactError(f"compile_enclave={compile_enclave!r}: expected 'stages' or 'step'")
     if compile_enclave:
-        _compile_enclave(program, root, weights["enclave"])
+        _compile_enclave(program, root, weights["enclave"], step=compile_enclave == "step")
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
         collected.save(root / weights_file(side))

@@ -551,9 +551,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-key", default=None, help="Ed25519 private key (teesplit keygen)")
     p.add_argument(
         "--compile-enclave",
-        action="store_true",
-        help="compile the enclave stages ahead of time into enclave/aot/ (one shared object "
-        "per distinct stage graph; the enclave loads them instead of running op by op)",
+        nargs="?",
+        const="stages",
+        choices=["stages", "step"],
+        default=False,
+        help="compile the enclave stages ahead of time into enclave/aot/ (stages: one shared "
+        "object per distinct stage graph; step: an exactly masked program as one library "
+        "calling back for its GPU stages, ~17 min for SmolLM2, else as stages); the enclave "
+        "loads them instead of running op by op",
     )
     p.add_argument(
         "--prior",

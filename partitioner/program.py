@@ -92,7 +92,7 @@ class SplitProgram:
         *,
         tokenizer: Any = None,
         sign_key: Any = None,
-        compile_enclave: bool = False,
+        compile_enclave: bool | str = False,
     ) -> Path:
         """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
         from partitioner.artifacts import save  # artifacts imports this module's callers

@@ -34,7 +34,7 @@ def compiled(tmp_path_factory, key_files):
         warnings.simplefilter("ignore")
         split = partition_step_for_tests("slalom")
         root = tmp_path_factory.mktemp("step-bundle")
-        split.save(root, sign_key=key_files[0], compile_enclave=True)
+        split.save(root, sign_key=key_files[0], compile_enclave="step")
     plan = load_program(root, trusted_key=key_files[1])
     assert plan.step is not None, json.loads((root / AOT_INDEX).read_text()).get("no_step")
     return root, plan, key_files[1]
