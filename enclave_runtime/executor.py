@@ -196,7 +196,6 @@ class Executor:
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
         self._step: tuple[StepLibrary, StepCall] | None = None
-        self._unpooled = prot is not None and bool(set(prot.corrections) - set(prot.pooled))
         self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -588,17 +587,13 @@ class Executor:
         library = self.spec.step
         if library is None or masks is None or rows is not None:
             return None
-        prot = self.spec.protection
-        if self._holders or prot is None or prot.rnm is not None or self._unpooled:
-            raise ArtifactError(
-                "the plan has a step library, but the executor does work between its stages "
-                "(RNM, state held on the GPU or a correction per call) that the library skips"
-            )
         if any(shape is None for expected in replies.values() for _, shape in expected):
             return None
         if self._step is None or self._step[0] is not library:
-            checked = [name for kind, name in library.sources if kind == "check"]
-            missing = [name for name in checked if name not in self.ring_checks]
+            why = self.spec.between_stages()
+            if why is not None:
+                raise ArtifactError(f"the plan has a step library, but cannot run as one: {why}")
+            missing = sorted(StepCall.checked_stages(library) - set(self.ring_checks))
             if missing:
                 raise ArtifactError(
                     f"the step library checks GPU stages {missing}, which this plan does "
@@ -627,9 +622,10 @@ class Executor:
         run = self.runner.run
         # the GPU stages whose replies the library checks (a request of few rows); the
         # executor checks the others in numpy as they come, as execute does
-        checked = {name for kind, name in library.sources if kind == "check"}
         here = {
-            name for name in checked if _rows_of(replies[name][0][1]) <= self.library_check_rows
+            name
+            for name in step.checked
+            if _rows_of(replies[name][0][1]) <= self.library_check_rows
         }
         args = []
         for kind, name in library.sources:

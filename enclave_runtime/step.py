@@ -34,6 +34,7 @@ class StepCall:
 
     def __init__(self, library: StepLibrary) -> None:
         self.library = library
+        self.checked = self.checked_stages(library)
         self.constants = [c.contiguous() for c in library.constants]
         self.dtypes = {name: getattr(torch, d) for name, d in library.dtypes.items()}
         self._lock = threading.Lock()
@@ -44,6 +45,11 @@ class StepCall:
             raise ArtifactError(
                 f"cannot load the step library {library.path}: {str(exc).splitlines()[0]}"
             ) from None
+
+    @staticmethod
+    def checked_stages(library: StepLibrary) -> frozenset[str]:
+        """The GPU stages whose replies the library checks (a check vector is its input)."""
+        return frozenset(name for kind, name in library.sources if kind == "check")
 
     def check(
         self,

@@ -61,15 +61,10 @@ def _verdict(
 
 
 def _eligible(program: Any) -> None:
+    why = program.spec.between_stages()
+    if why is not None:
+        raise NotLowerable(why)
     prot = program.protection
-    if prot is None or prot.exact is None:
-        raise NotLowerable("the program masks nothing exactly")
-    if prot.rnm is not None:
-        raise NotLowerable("RNM draws its noise per call in the executor")
-    if program.spec.held():
-        raise NotLowerable("a GPU stage holds state between calls")
-    if set(prot.corrections) - set(prot.pooled):
-        raise NotLowerable("a correction is computed per call")
     if _requantised(program):
         raise NotLowerable("a row-scaled value is quantised again for a correction")
     checked = {s.name for s in program.stages if s.side == GPU and s.name in prot.freivalds}

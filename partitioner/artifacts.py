@@ -110,8 +110,7 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights, step: bool) ->
     """``enclave/aot/``: with ``step``, the step library when the program has one (every
     enclave stage in one library, ``partitioner.aot_step``); else one library per stage
     (``partitioner.aot``); and ``index.json`` naming them."""
-    entry, why = _compile_step(program, root, weights) if step else (None, "not asked for")
-    step_entry = entry
+    step_entry, why = _compile_step(program, root, weights) if step else (None, "not asked for")
     stages: dict[str, Any] = {}
     eager: dict[str, str] = {}
     if step_entry is None:

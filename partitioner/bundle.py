@@ -545,12 +545,9 @@ def _step_library(
         or [k for k, _ in sources].count("zero") != 1
     ):
         raise ArtifactError(f"{where}.sources: an input is named twice, or no zero verdict")
-    unpooled = prot is not None and bool(set(prot.corrections) - set(prot.pooled))
-    if plan.held() or prot is None or prot.rnm is not None or unpooled:
-        raise ArtifactError(
-            f"{where}: the plan does work between its enclave stages (RNM, state held on the "
-            "GPU or a correction per call) that a step library skips"
-        )
+    why = plan.between_stages()
+    if why is not None:
+        raise ArtifactError(f"{where}: the plan cannot run as one library: {why}")
     keys = entry["constants"]
     if not isinstance(keys, list) or not all(isinstance(k, str) and k in weights for k in keys):
         raise ArtifactError(f"{where}.constants: expected weight keys of the enclave weights")

@@ -310,6 +310,21 @@ class Plan:
                 totals[edge.direction] += edge.nbytes
         return totals
 
+    def between_stages(self) -> str | None:
+        """Why the executor must do work of its own between enclave stages (which a step
+        library, ``partitioner.aot_step``, would skip), or ``None``: exact masks, no RNM,
+        no state held on the GPU, every correction pooled."""
+        prot = self.protection
+        if prot is None or prot.exact is None:
+            return "the program masks nothing exactly"
+        if prot.rnm is not None:
+            return "RNM draws its noise per call in the executor"
+        if self.held():
+            return "a GPU stage holds state between calls"
+        if set(prot.corrections) - set(prot.pooled):
+            return "a correction is computed per call"
+        return None
+
     def held(self) -> dict[str, list[HeldSlot]]:
         """Per GPU stage, the states it holds (inputs it is not sent, outputs it keeps)."""
         out: dict[str, list[HeldSlot]] = {}

@@ -1,4 +1,5 @@
-"""The attacker's tools, for tests: what someone who can write a bundle on disk can do.
+"""The attacker's tools, for tests: what someone who can write a bundle on disk can do, and a
+GPU runner that lies about what it does with a request.
 
 A tamperer edits ``plan.json`` (and re-hashes the files it changed, since the hashes live in
 the same file), swaps or links files, and plants payloads where the loader reads text. Each
@@ -12,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from enclave_runtime.executor import InProcessRunner
 
 MARKER = "teesplit-payload-ran"
 
@@ -96,3 +99,19 @@ def plant_file_write(bundle: Path, rel: str, target: Path, source: Path, size: i
             planted.writestr(info, data)
     path.write_bytes(out.getvalue())
     rehash(bundle, rel)
+
+
+class EditingRunner(InProcessRunner):
+    """Says it copies what it is handed (as a serialising client does), but edits the request
+    to stage ``target`` in place and answers the edited request honestly."""
+
+    copies_inputs = True
+
+    def __init__(self, plan: Any, target: str) -> None:
+        super().__init__(plan)
+        self.target = target
+
+    def run(self, stage: str, tensors: list, expected: Any = None, **kw: Any) -> list:
+        if stage == self.target:
+            tensors[0].view(-1)[3] += 1
+        return super().run(stage, tensors, expected, **kw)

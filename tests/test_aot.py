@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from adversary import EditingRunner
 from conftest import captured
 
 from enclave_runtime.compiled import CompiledCall
@@ -464,22 +465,6 @@ def test_a_reply_whose_library_is_gone_is_checked_by_the_executor(compiled_stage
     assert stage.compiled is None  # the swap happened
 
 
-class _Editing(InProcessRunner):
-    """A runner that says it copies what it is handed (as a serialising client does) but
-    edits the request in place, and replies to the edited request honestly."""
-
-    copies_inputs = True
-
-    def __init__(self, plan, target):
-        super().__init__(plan)
-        self.target = target
-
-    def run(self, stage, tensors, expected=None, **kw):
-        if stage == self.target:
-            tensors[0].view(-1)[3] += 1
-        return super().run(stage, tensors, expected, **kw)
-
-
 def test_a_fused_check_is_made_on_what_was_sent(compiled_stage, monkeypatch):
     """The compiled check runs after the GPU call: its right-hand side must still be what
     the enclave sent, not a request a runner edited in place afterwards (the reply to the
@@ -488,7 +473,7 @@ def test_a_fused_check_is_made_on_what_was_sent(compiled_stage, monkeypatch):
     monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1])
     monkeypatch.setattr(stage, "compiled", library)
     gpu = library.verifies[0]
-    ex = split.executor(_Editing(split.spec, gpu), seed=3)
+    ex = split.executor(EditingRunner(split.spec, gpu), seed=3)
     with pytest.raises(IntegrityError, match=f"GPU stage {gpu} returned results that fail"):
         with torch.no_grad():
             ex(input_ids=IDS)

@@ -13,13 +13,14 @@ import warnings
 
 import pytest
 import torch
+from adversary import EditingRunner, read_plan, rehash
 from conftest import partition_step_for_tests
 
 from enclave_runtime.executor import Executor, InProcessRunner
 from enclave_runtime.integrity import RingCheck
 from partitioner.aot import NotLowerable
 from partitioner.aot_step import build
-from partitioner.bundle import AOT_INDEX, PLAN_FILE, load_program, sha256
+from partitioner.bundle import AOT_INDEX, PLAN_FILE, load_program
 from partitioner.errors import ArtifactError, InputError, IntegrityError
 from partitioner.signing import SIGNATURE_FILE, load_private_key, sign
 
@@ -172,29 +173,13 @@ def test_a_reply_the_library_would_misread_is_refused(compiled):
     assert torch.equal(got, want)
 
 
-class Editing(Recording):
-    """Says it copies what it is handed (as a serialising client does), but edits the request
-    in place and answers the edited request honestly."""
-
-    copies_inputs = True
-
-    def __init__(self, plan, target):
-        super().__init__(plan)
-        self.target = target
-
-    def run(self, stage, tensors, expected=None, **kw):
-        if stage == self.target:
-            tensors[0].view(-1)[3] += 1
-        return super().run(stage, tensors, expected, **kw)
-
-
 def test_a_runner_that_edits_what_it_is_handed_is_caught(compiled):
     """The library checks a reply against the request it sent, after the call: a runner
     that edited the request in place must not move that request, whatever it says."""
     _, plan, _ = compiled
     target = library_checked(plan)[0]
     with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
-        call(Executor(plan, Editing(plan, target), seed=1))
+        call(Executor(plan, EditingRunner(plan, target), seed=1))
 
 
 def test_a_request_of_many_rows_is_checked_as_it_comes(compiled, monkeypatch):
@@ -265,11 +250,9 @@ def test_inputs_the_library_would_misread_are_refused_by_name(compiled):
 
 
 def _resign(root, key_file):
-    document = json.loads((root / PLAN_FILE).read_text())
-    for rel in document["files"]:
-        document["files"][rel] = sha256(root / rel)
-    raw = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
-    (root / PLAN_FILE).write_bytes(raw)
+    """What the compiler's key can do: hash every file again and sign the plan."""
+    rehash(root, *read_plan(root)["files"])
+    raw = (root / PLAN_FILE).read_bytes()
     (root / SIGNATURE_FILE).write_bytes(sign(raw, load_private_key(key_file)))
 
 
