@@ -14,6 +14,7 @@ sends them to a GPU worker.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -167,10 +168,12 @@ class Executor:
 
     #: A GPU reply whose check the next stage's library can make (``partitioner.aot``) is
     #: checked there when the request sent has at most this many rows, and by the executor
-    #: in numpy otherwise: the library's int64 products cost more per element than numpy's,
-    #: numpy costs more per call (~10 against ~6 us a row, ~20 against ~110 us a call, on a
-    #: SmolLM2 stage: benchmarks/README.md). Rows: the request's batch x positions.
-    library_check_rows = 16
+    #: in numpy otherwise. Since the libraries read integer vectors whole
+    #: (``partitioner.aot_compiler``) the library's check costs less than numpy's at every
+    #: size measured, 1 to 2,048 rows (benchmarks/README.md), so by default the library
+    #: checks every reply it can; tests lower this to reach the numpy path. Rows: the
+    #: request's batch x positions.
+    library_check_rows = sys.maxsize
 
     def __init__(
         self, plan: Plan, runner: StageRunner | None = None, *, seed: int | str | None = None

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from partitioner.aot_compiler import VERSION as COMPILER_VERSION
+from partitioner.aot_compiler import compile_exported
 from partitioner.errors import ArtifactError
 from partitioner.ops import _DIRECT_NORM, _NORM_SLACK, MAX_ROW_BITS, OPS, ring_layers
 from partitioner.plan import CompiledLibrary
@@ -380,6 +381,7 @@ _FORMAT = "|".join(
     [
         "aoti-checked-inputs-1",
         torch.__version__,
+        COMPILER_VERSION,
         hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
     ]
 )
@@ -450,16 +452,9 @@ def input_specs(program: Any, lowered: Lowered) -> tuple[tuple[str, tuple[int | 
 
 def compile_library(program: Any, lowered: Lowered, path: Path) -> None:
     """Export ``lowered`` with the program's dims dynamic and compile it to ``path`` (.so)."""
-    import torch._inductor
-
     args, specs = _example(program, lowered)
     ep = torch.export.export(lowered.module, args, dynamic_shapes=specs, strict=False)
-    # the library's own input checks (enabled by enclave_runtime.compiled) must take a
-    # decode step's seq = 1: export's example sizes start at 2
-    options = {"aot_inductor.package": False, "aot_inductor.check_lowerbound": False}
-    built = torch._inductor.aot_compile(ep.module(), args, options=options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(str(built), path)
+    compile_exported(ep, args, path)
 
 
 @dataclass

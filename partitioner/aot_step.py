@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch.fx
 
 from partitioner import step_op
 from partitioner.aot import _FORMAT, NotLowerable, _requantised, fused_check, lower
+from partitioner.aot_compiler import compile_exported
 from partitioner.plan import ENCLAVE, GPU, StepLibrary
 
 
@@ -246,8 +246,6 @@ def _key(module: torch.fx.GraphModule, b: _Builder) -> str:
 def compile_step(program: Any, directory: str | Path) -> StepLibrary:
     """Build and compile ``program``'s step library into ``directory`` (cached by key) and
     attach it to the plan (``program.spec.step``). Raises :class:`NotLowerable`."""
-    import torch._inductor
-
     module, b, outputs = build(program)
     key = _key(module, b)
     path = Path(directory) / f"{key}.so"
@@ -261,12 +259,7 @@ def compile_step(program: Any, directory: str | Path) -> StepLibrary:
         args = args[: len(args) - n] + list(b.constants)
         specs = specs[: len(specs) - n] + [None] * n
         ep = torch.export.export(module, tuple(args), dynamic_shapes=tuple(specs), strict=False)
-        options = {"aot_inductor.package": False, "aot_inductor.check_lowerbound": False}
-        built = Path(torch._inductor.aot_compile(ep.module(), tuple(args), options=options))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # AOTInductor's runner reads the proxy executor's calls from <library>.json
-        shutil.copyfile(built.with_suffix(".json"), path.with_suffix(".json"))
-        shutil.copyfile(built, path)
+        compile_exported(ep, tuple(args), path, calls=True)
     dtypes = {
         name: str(p.meta["val"].dtype).removeprefix("torch.")
         for p, (kind, name) in zip(b.placeholders, b.sources, strict=True)

@@ -612,3 +612,19 @@ def test_a_swapped_library_is_refused_before_it_is_loaded(compiled_bundle, tmp_p
     library.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         load_program(copy, trusted_key=public)
+
+
+def test_full_vector_loads_is_in_place_and_undone():
+    """The compile-time rewrite of Inductor's integer loads (``partitioner.aot_compiler``)
+    applies on the pinned torch (else the libraries silently lose ~1.4x on a prefill) and
+    leaves Inductor as it found it; that it changes no result is what the bit-for-bit tests
+    above check, every library being compiled with it."""
+    from torch._inductor.codegen import cpp
+
+    from partitioner.aot_compiler import full_vector_loads
+
+    before = cpp.CppVecKernel._get_vec_load_line
+    with full_vector_loads() as applied:
+        assert applied
+        assert cpp.CppVecKernel._get_vec_load_line is not before
+    assert cpp.CppVecKernel._get_vec_load_line is before

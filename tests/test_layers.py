@@ -149,6 +149,7 @@ FORBIDDEN_IN_PROCESSES = [
     "transformers",
     "partitioner.aot",  # the enclave loads compiled stages; it never compiles them
     "partitioner.aot_step",
+    "partitioner.aot_compiler",
     "torch._inductor",
 ]
 
