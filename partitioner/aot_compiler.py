@@ -32,18 +32,19 @@ from typing import Any
 
 import torch
 
-# the library's own input checks (enabled by enclave_runtime.compiled) must take a decode
-# step's seq = 1: export's example sizes start at 2
-_OPTIONS = {
-    "aot_inductor.package": False,
-    "aot_inductor.check_lowerbound": False,
-    # Inductor's own caches key on its config, not on the rewrite below: a kernel cached
-    # without it would be reused. Our libraries are cached by teesplit's own key.
-    "force_disable_caches": True,
-}
-
 # what a cached library's key must cover of this module: changing it changes the code
 VERSION = "full-loads-1:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+_OPTIONS = {
+    "aot_inductor.package": False,
+    # the library's own input checks (enabled by enclave_runtime.compiled) must take a
+    # decode step's seq = 1: export's example sizes start at 2
+    "aot_inductor.check_lowerbound": False,
+    # Inductor's graph cache keys on its config, which does not see the rewrite below: this
+    # entry (metadata the library carries, read by nothing) puts it in the key, so a graph
+    # compiled without the rewrite is never reused for one compiled with it
+    "aot_inductor.metadata": {"teesplit.compiler": VERSION},
+}
 
 
 @contextlib.contextmanager
@@ -82,6 +83,10 @@ def full_vector_loads() -> Iterator[bool]:
         kernel._get_vec_load_line = original
 
 
+def _options() -> dict[str, Any]:
+    return {**_OPTIONS, "aot_inductor.metadata": dict(_OPTIONS["aot_inductor.metadata"])}
+
+
 def compile_exported(
     ep: torch.export.ExportedProgram, args: tuple[Any, ...], path: Path, calls: bool = False
 ) -> Path:
@@ -92,7 +97,7 @@ def compile_exported(
     import torch._inductor
 
     with full_vector_loads():
-        built = Path(torch._inductor.aot_compile(ep.module(), args, options=dict(_OPTIONS)))
+        built = Path(torch._inductor.aot_compile(ep.module(), args, options=_options()))
     path.parent.mkdir(parents=True, exist_ok=True)
     if calls:
         shutil.copyfile(built.with_suffix(".json"), path.with_suffix(".json"))
