@@ -8,9 +8,9 @@ of 32- or 64-bit integers is read from memory differs (below).
 
 **Full-width integer loads.** Inductor's C++ code reads every vector as
 ``Vectorized<T>::loadu(ptr, count)``. For ``float`` that call checks ``count == size()``
-and issues one unaligned load; for ``int32_t``, ``int64_t`` (and, through
-``VectorizedN``, for every type on AVX2) ATen's implementation always fills a stack buffer
-and ``memcpy``s into it. A masked layer's enclave work is mostly ring arithmetic on int32
+and issues one unaligned load; for ``int32_t`` and ``int64_t`` (AVX2, ``vec256_int.h``,
+also inside ``VectorizedN``) ATen's implementation always fills a stack buffer and
+``memcpy``s into it. A masked layer's enclave work is mostly ring arithmetic on int32
 and int64, and that round trip made it 3-5x slower than the same arithmetic in eager torch
 (``(y - c)`` on a 128 x 1537 int32 reply: 0.38 ms compiled, 0.07 eager, 0.10 compiled
 with full loads; measured on the development machine, torch 2.13.0). So while compiling,
