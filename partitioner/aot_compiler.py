@@ -35,17 +35,6 @@ import torch
 # what a cached library's key must cover of this module: changing it changes the code
 VERSION = "full-loads-1:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
-_OPTIONS = {
-    "aot_inductor.package": False,
-    # the library's own input checks (enabled by enclave_runtime.compiled) must take a
-    # decode step's seq = 1: export's example sizes start at 2
-    "aot_inductor.check_lowerbound": False,
-    # Inductor's graph cache keys on its config, which does not see the rewrite below: this
-    # entry (metadata the library carries, read by nothing) puts it in the key, so a graph
-    # compiled without the rewrite is never reused for one compiled with it
-    "aot_inductor.metadata": {"teesplit.compiler": VERSION},
-}
-
 
 @contextlib.contextmanager
 def full_vector_loads() -> Iterator[bool]:
@@ -84,7 +73,17 @@ def full_vector_loads() -> Iterator[bool]:
 
 
 def _options() -> dict[str, Any]:
-    return {**_OPTIONS, "aot_inductor.metadata": dict(_OPTIONS["aot_inductor.metadata"])}
+    """AOTInductor's options, a fresh dict per compile (Inductor may keep what it is given)."""
+    return {
+        "aot_inductor.package": False,
+        # the library's own input checks (enabled by enclave_runtime.compiled) must take a
+        # decode step's seq = 1: export's example sizes start at 2
+        "aot_inductor.check_lowerbound": False,
+        # Inductor's graph cache keys on its config, which does not see the rewrite above:
+        # this entry (metadata the library carries, read by nothing) puts it in the key, so
+        # a graph compiled without the rewrite is never reused for one compiled with it
+        "aot_inductor.metadata": {"teesplit.compiler": VERSION},
+    }
 
 
 def compile_exported(

@@ -387,6 +387,29 @@ def test_the_executor_leaves_a_fused_check_to_the_library(compiled_stage, monkey
         assert not torch.equal(s, ex.ring_checks[gpu].vectors[0][0])
 
 
+def test_by_default_the_library_checks_a_prefill_too(compiled_stage, monkeypatch):
+    """With ``library_check_rows`` as shipped, a request of many rows (48 positions, past
+    the 16 the executor used to check itself) is checked by the library, and a forged
+    reply is refused there, naming the GPU stage, with no numpy check of that reply."""
+    split, stage, _, library, _ = compiled_stage
+    gpu = library.verifies[0]
+    monkeypatch.setattr(stage, "compiled", library)
+    numpy_checks = []
+    verify = RingCheck.verify
+
+    def counting(self, *a):
+        numpy_checks.append(self.stage)
+        return verify(self, *a)
+
+    monkeypatch.setattr(RingCheck, "verify", counting)
+    ids = (torch.arange(48) * 37 % 250 + 1)[None]
+    with torch.no_grad():
+        ex = split.executor(_Forging(split.spec, gpu), seed=3)
+        with pytest.raises(IntegrityError, match=rf"GPU stage {gpu} .*made in enclave stage"):
+            ex(input_ids=ids)
+    assert gpu not in numpy_checks
+
+
 def test_a_request_of_many_rows_is_checked_by_the_executor(compiled_stage, monkeypatch):
     """Past ``library_check_rows`` the executor checks the reply in numpy as it comes and
     tells the library so (the check vector's last entry 0): the library then unmasks the
