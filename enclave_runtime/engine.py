@@ -51,9 +51,11 @@ from runtime.state import grown, left_padded, stand_in
 
 Emit = Callable[[tuple[Any, ...]], None]
 
-# one-session decode mask sets kept ready, drawn this many at a time (one GEMM per layer)
+# one-session decode mask sets kept ready, drawn this many at a time (one GEMM per layer):
+# 64 a batch is what benchmarks/teebound.py measures the offline cost at (SmolLM2: 8.7 ms a
+# set, against 10.5 at 32; ~1.2 MB of enclave memory a set, so a stock of up to 127 sets)
 MASK_STOCK = 64
-MASK_BATCH = 32
+MASK_BATCH = 64
 
 
 @dataclass

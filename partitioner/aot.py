@@ -58,8 +58,29 @@ _LOW32 = (1 << 32) - 1
 
 
 def _wrap32(v: torch.Tensor) -> torch.Tensor:
-    """int64 integers to their residues in ``Z_{2^32}`` as int32 (signed representative)."""
-    return ((v + _HALF) & _LOW32).sub(_HALF).to(torch.int32)
+    """int64 integers to their residues in ``Z_{2^32}`` as int32 (signed representative): the
+    narrowing conversion keeps the low 32 bits (vectorised, a shuffle; scalar, GCC's
+    modular ``static_cast``), where masking the bits by hand took four int64 passes."""
+    return v.to(torch.int32)
+
+
+def _ring_diff(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``y - c`` in the ring of ``y``'s dtype, in that dtype (int32: the signed residue, which
+    converts to float64 natively; an int64 one has no AVX2 conversion and is emulated)."""
+    if y.dtype != torch.int32:
+        return y - c
+    return _wrap32(y.to(torch.int64) - c.to(torch.int64))
+
+
+def _exp2_neg(e: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** -e`` in float64 for integers ``e``, built from its bits (exactly ``exp2``'s
+    value for every ``e``: normal, subnormal, zero or inf). Inductor evaluates a row's
+    factor once per vector of the row, and a libm ``exp2`` call there was a third of a
+    prefill's unmasking."""
+    k = -e.to(torch.int64)  # the power; |e| < 2**31, so no overflow
+    normal = torch.clamp(k + 1023, 0, 2047) << 52  # 2047: inf; 0 only where tiny, below
+    tiny = torch.where(k < -1074, 0, 1 << torch.clamp(k + 1074, 0, 51))  # subnormal or zero
+    return torch.where(k < -1022, tiny, normal).view(torch.float64)
 
 
 def _ring_sub(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -102,8 +123,8 @@ def unmask_rows(
     y: torch.Tensor, c: torch.Tensor, inv_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``teesplit::ring_unmask_rows`` in aten (``partitioner.ops._dequantize_rows``)."""
-    d = _ring_sub(y, c)
-    out = d[..., :-1].to(torch.float64) * torch.exp2(-d[..., -1].to(torch.float64))[..., None]
+    d = _ring_diff(y, c)
+    out = d[..., :-1].to(torch.float64) * _exp2_neg(d[..., -1])[..., None]
     out = out * inv_scale.to(torch.float64)
     if bias is not None:
         out = out + bias.to(torch.float64)
@@ -121,7 +142,7 @@ def ring_mask(
 
 def ring_unmask(y: torch.Tensor, c: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """``teesplit::ring_unmask`` in aten."""
-    return (_ring_sub(y, c).to(torch.float64) * inv_scale).to(torch.float32)
+    return (_ring_diff(y, c).to(torch.float64) * inv_scale).to(torch.float32)
 
 
 def rnm(ids: Any, candidates: Any, scores: Any, keep: Any, noise: Any) -> torch.Tensor:

@@ -651,3 +651,30 @@ def test_full_vector_loads_is_in_place_and_undone():
         assert applied
         assert cpp.CppVecKernel._get_vec_load_line is not before
     assert cpp.CppVecKernel._get_vec_load_line is before
+
+
+def test_lowered_ring_helpers_equal_the_eager_arithmetic_bit_for_bit():
+    """The lowering's shortcuts (a narrowing conversion for the residue mod 2**32, ``2**-e``
+    built from its bits) against the arithmetic they replace, eager and through Inductor,
+    at every exponent an int32 column can carry (normal, subnormal, zero, inf) and at sizes
+    with and without a scalar tail. A rounding, saturating or off-by-one shortcut fails."""
+    from partitioner import aot
+
+    e = torch.cat([torch.arange(-2200, 2200), torch.tensor([-(2**31), 2**31 - 1])])
+    e = e.to(torch.int32)
+    with np.errstate(over="ignore"):
+        want = torch.from_numpy(np.exp2(-e.numpy().astype(np.float64)))
+    for fn in (aot._exp2_neg, torch.compile(aot._exp2_neg, dynamic=False)):
+        assert torch.equal(fn(e).view(torch.int64), want.view(torch.int64))
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 9, 1537):
+        y, c = (
+            torch.randint(-(2**31), 2**31, (3, n), dtype=torch.int32, generator=gen) for _ in "yc"
+        )
+        wide = y.to(torch.int64) - c.to(torch.int64)
+        residue = ((wide + 2**31) & (2**32 - 1)) - 2**31
+        assert torch.equal(aot._ring_diff(y, c).to(torch.int64), residue)
+        assert torch.equal(
+            aot._wrap32(wide * 12345).to(torch.int64),
+            ops.wrap(wide * 12345, torch.int32).to(torch.int64),
+        )
