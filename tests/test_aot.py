@@ -655,9 +655,10 @@ def test_full_vector_loads_is_in_place_and_undone():
 
 def test_lowered_ring_helpers_equal_the_eager_arithmetic_bit_for_bit():
     """The lowering's shortcuts (a narrowing conversion for the residue mod 2**32, ``2**-e``
-    built from its bits) against the arithmetic they replace, eager and through Inductor,
-    at every exponent an int32 column can carry (normal, subnormal, zero, inf) and at sizes
-    with and without a scalar tail. A rounding, saturating or off-by-one shortcut fails."""
+    built from its bits) against the arithmetic they replace: ``2**-e`` eager and through
+    Inductor at exponents that give normal, subnormal, zero and inf results; the residues
+    eager (the compiled stages' bit-for-bit tests run them through Inductor on uniform
+    pads). A rounding, saturating or off-by-one shortcut fails."""
     from partitioner import aot
 
     e = torch.cat([torch.arange(-2200, 2200), torch.tensor([-(2**31), 2**31 - 1])])
