@@ -14,7 +14,9 @@ sends them to a GPU worker.
 
 from __future__ import annotations
 
+import operator
 import sys
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -22,10 +24,12 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from enclave_runtime import integrity
+from enclave_runtime import fastpath, integrity
 from enclave_runtime.compiled import CompiledCall
+from enclave_runtime.fastpath import FastPath
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
+from enclave_runtime.replies import Expected, check_reply, check_storage
 from enclave_runtime.signature import CallSignature
 from enclave_runtime.step import StepCall, reply_as_read
 from partitioner import ops, step_op
@@ -34,10 +38,6 @@ from partitioner.errors import ArtifactError, InputError, IntegrityError, Partit
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage, StepLibrary
 from runtime.state import HeldState, RowStates, StateError
-
-# What a GPU stage's reply must be: per output, its dtype and (when the call binds every
-# size) its concrete shape.
-Expected = list[tuple[torch.dtype, list[int] | None]]
 
 
 class StageRunner(Protocol):
@@ -111,42 +111,6 @@ class InProcessRunner:
 _EXPECTED_CACHE = 256  # distinct bindings (each holds every GPU stage)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: neither overrides numpy()
-
-
-def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
-    """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
-    shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
-    if not isinstance(outputs, (list, tuple)):
-        raise IntegrityError(f"GPU stage {stage} returned {type(outputs).__name__}, not outputs")
-    if len(outputs) != len(expected):
-        raise IntegrityError(
-            f"GPU stage {stage} returned {len(outputs)} outputs, the plan has {len(expected)}"
-        )
-    for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
-        # a plain dense tensor only: a subclass could show the check (which reads .numpy())
-        # other values than the stages read; a sparse or negated view has no numpy view
-        plain = type(out) in _PLAIN
-        if not plain or out.layout != torch.strided or out.is_neg():
-            raise IntegrityError(
-                f"GPU stage {stage} output {i}: {type(out).__name__}"
-                + (f" ({out.layout}, negated {out.is_neg()})" if plain else "")
-                + ", not a plain dense tensor (refused)"
-            )
-        if out.dtype != dtype:
-            raise IntegrityError(
-                f"GPU stage {stage} output {i}: {out.dtype}, the plan says {dtype}"
-            )
-        if not out.is_cpu:  # the enclave's own tensors: nothing else is its memory
-            raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
-        if shape is not None and list(out.shape) != shape:
-            raise IntegrityError(
-                f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
-            )
-        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
-            raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
-
-
 def _rows_of(shape: list[int] | None) -> int:
     """How many rows a tensor of ``shape`` holds (:func:`_rows`, from its shape)."""
     rows = 1
@@ -199,6 +163,11 @@ class Executor:
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
         self._step: tuple[StepLibrary, StepCall] | None = None
+        # the program as slot moves (None: the generic loop runs it)
+        self._fast: FastPath | None = None
+        self._fast_for: list[Any] | None = None  # the libraries it was built with
+        self._enclave_stages = [s for s in plan.stages if s.side == ENCLAVE]
+        self._fast_bindings: dict[tuple[tuple[str, int], ...], bool] = {}
         self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -448,14 +417,21 @@ class Executor:
         gpu: dict[str, Any] = {}
         delta: dict[str, Any] = {}
         shadow: dict[str, Any] = {}
+        replies = self.replies(binding)
+        copies = bool(getattr(self.runner, "copies_inputs", False))
+        fast = self._fast_path(env, masks, binding, replies, rows)
+        if fast is not None:
+            clear, held = fast[0].run(
+                env, masks, replies, fast[1], self.runner.run, copies, self.library_check_rows
+            )
+            pooled_values = ChainMap(masks.deltas, masks.pads)
+            return [self._output(v, clear, held, pooled_values) for v in self.spec.flat_outputs]
         if masks is not None:
             delta.update(masks.pads)
             delta.update(masks.deltas)
-        replies = self.replies(binding)
         step = self._step_call(replies, masks, rows)
         if step is not None and masks is not None:
             return self._execute_step(step, env, masks, delta, binding, replies)
-        copies = bool(getattr(self.runner, "copies_inputs", False))
         checks = self.ring_checks
         pools = (masks.pads, delta, masks.noise) if masks is not None else None
         # the checks read the set's pads and corrections as numpy views made offline
@@ -519,11 +495,7 @@ class Executor:
             # if the request is of few rows
             fused = (
                 check is not None
-                and neighbour is not None
-                and neighbour.side == ENCLAVE
-                and neighbour.compiled is not None
-                and neighbour.compiled.verifies is not None
-                and neighbour.compiled.verifies[0] == name
+                and fastpath.checked_by_next(stage, neighbour)
                 and _rows(sent[check.sources[0]]) <= self.library_check_rows
             )
             sums = None
@@ -548,6 +520,8 @@ class Executor:
             else:
                 outs = run(name, handed, expected)
             check_reply(name, outs, expected)
+            if not copies:
+                check_storage(name, outs)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if name in float_checks:
                 integrity.check(name, float_checks[name], sent, list(outs))
@@ -580,6 +554,37 @@ class Executor:
                 "public_classes": sorted({"special", *site.public}),
             }
         return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
+
+    def _fast_path(
+        self,
+        env: dict[str, Any],
+        masks: MaskSet | None,
+        binding: Mapping[str, int],
+        replies: dict[str, Expected],
+        rows: list[str] | None,
+    ) -> tuple[FastPath, tuple[tuple[str, int], ...]] | None:
+        """The program as slot moves (``enclave_runtime.fastpath``) when this call can run so:
+        a mask set drawn, no rows to address, and every reply's shape known before it comes
+        (so that the libraries' input scan is made once per binding); with the binding's
+        key. ``None``: the generic loop runs the call."""
+        if masks is None or rows is not None:
+            return None
+        key = tuple(sorted(binding.items()))
+        known = self._fast_bindings.get(key)
+        if known is None:
+            if len(self._fast_bindings) > _EXPECTED_CACHE:
+                self._fast_bindings.clear()
+            known = self._fast_bindings[key] = all(
+                shape is not None for expected in replies.values() for _, shape in expected
+            )
+        if not known:
+            return None
+        # built again when a stage's library is swapped (or first given one)
+        libraries = [s.compiled for s in self._enclave_stages]
+        if self._fast_for is None or not all(map(operator.is_, libraries, self._fast_for)):
+            self._fast = fastpath.build(self, env, masks)
+            self._fast_for = libraries
+        return (self._fast, key) if self._fast is not None else None
 
     def _step_call(
         self, replies: dict[str, Expected], masks: MaskSet | None, rows: list[str] | None

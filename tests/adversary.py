@@ -115,3 +115,16 @@ class EditingRunner(InProcessRunner):
         if stage == self.target:
             tensors[0].view(-1)[3] += 1
         return super().run(stage, tensors, expected, **kw)
+
+
+def shrunk_storage(t: Any) -> Any:
+    """A copy of ``t`` whose storage holds one element, whatever its shape says (a reply an
+    in-process runner can make: compiled code indexing it by its shape reads past its end)."""
+    out = t.clone()
+    out.untyped_storage().resize_(t.element_size())
+    return out
+
+
+def transposed_copy(t: Any) -> Any:
+    """``t``'s values in another memory layout (its dims' strides reversed)."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)

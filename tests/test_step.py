@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from adversary import EditingRunner, read_plan, rehash
+from adversary import EditingRunner, read_plan, rehash, shrunk_storage, transposed_copy
 from conftest import partition_step_for_tests
 
 from enclave_runtime.executor import Executor, InProcessRunner
@@ -147,16 +147,6 @@ class Shaping(Recording):
         return outs
 
 
-def _shrunk(t):
-    out = t.clone()
-    out.untyped_storage().resize_(t.element_size())
-    return out
-
-
-def _transposed_copy(t):
-    return t.transpose(0, -1).contiguous().transpose(0, -1)
-
-
 def test_a_reply_the_library_would_misread_is_refused(compiled):
     """Compiled code reads a reply by the shape it computed: a reply one column short, or
     whose storage is smaller than its shape (an in-process runner can make one), is refused
@@ -167,8 +157,8 @@ def test_a_reply_the_library_would_misread_is_refused(compiled):
     with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
         call(Executor(plan, Shaping(plan, target, lambda t: t[..., 1:]), seed=1))
     with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
-        call(Executor(plan, Shaping(plan, target, _shrunk), seed=1))
-    got, _ = call(Executor(plan, Shaping(plan, target, _transposed_copy), seed=1))
+        call(Executor(plan, Shaping(plan, target, shrunk_storage), seed=1))
+    got, _ = call(Executor(plan, Shaping(plan, target, transposed_copy), seed=1))
     want, _ = call(Executor(plan, seed=1))
     assert torch.equal(got, want)
 

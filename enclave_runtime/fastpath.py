@@ -1,0 +1,341 @@
+"""A call's stages as a list of slot moves, for programs masked exactly.
+
+Why: a SmolLM2 decode step under ``slalom`` makes 121 library calls and 121 GPU round trips.
+Replayed, the executor's generic loop (``Executor.execute``: dict lookups by name, per-stage
+branches for features the program does not use, an empty-input scan of every library input)
+took about as long as the libraries themselves (benchmarks/README.md). Everything that loop
+works out per stage depends only on the plan and the call's sizes, so it is worked out here
+once per binding: each value gets a slot in a list, each stage a tuple of slot numbers.
+
+Reads an :class:`~enclave_runtime.executor.Executor`'s plan, runner, ring checks and
+libraries; writes nothing of theirs. :func:`build` returns ``None`` for a plan it does not
+cover (the executor then runs its generic loop), so the two never disagree on what is
+covered: RNM, float masks or float Freivalds checks, a correction computed per call, GPU
+stages that hold state, a step library.
+
+Guarantees, the same as the generic loop's (the adversarial tests run through both):
+
+* the GPU receives the tensors the plan says, in the stage's order, as the enclave's own
+  tensors only to a runner that says it copies them (``copies_inputs``), else copies;
+* every reply is refused unless it has the plan's count, dtypes and shapes
+  (:func:`~enclave_runtime.replies.check_reply`), and, from a runner that does not
+  serialise, a storage as large as its shape, before anything reads it;
+* a checked reply is verified before any stage reads its values: by the next stage's library
+  (on the enclave's own copy of what was sent, never a tensor a runner was handed) where it
+  makes the check and the request has at most ``Executor.library_check_rows`` rows, else in
+  numpy as it arrives; a failed check redraws the check's secret vectors before it raises;
+* no library is given an empty input: a call whose own inputs are all non-empty and whose
+  sizes equal those of a call that went through the libraries' full input checks gets inputs
+  of the same sizes everywhere (pads and corrections from the binding, replies of the exact
+  shapes checked, library outputs computed from those), so the scan is made once per binding.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from enclave_runtime.compiled import CompiledCall
+from enclave_runtime.integrity import RingCheck
+from enclave_runtime.replies import check_reply, check_storage
+from partitioner.errors import IntegrityError
+from partitioner.plan import ENCLAVE, Stage
+
+_PADS, _DELTAS = 0, 1
+
+
+@dataclass
+class _Library:
+    """An enclave stage: its library, the slots of its inputs and outputs, and, when it
+    checks the reply of the GPU stage before it, that stage's check and the slots of what
+    was sent (the enclave's copies) and of the pads, per equation."""
+
+    stage: Stage
+    call: CompiledCall | _Eager
+    args: list[int]
+    outs: list[int]
+    check: RingCheck | None
+    check_slots: list[int]
+
+
+@dataclass
+class _Gpu:
+    """A GPU stage: the slots it is sent and its replies go to, its inputs' and outputs'
+    names (whose pads and corrections a check made here reads), and its check. ``keep``:
+    where the next library can make the check, the slots that library reads what was sent
+    from, per checked input (position in ``sent``, slot)."""
+
+    name: str
+    sent: list[int]
+    outs: list[int]
+    inputs: list[str]
+    outputs: list[str]
+    check: RingCheck | None
+    keep: list[tuple[int, int]]
+
+
+def checked_by_next(stage: Stage, neighbour: Stage | None) -> bool:
+    """Whether the stage after GPU stage ``stage`` is a library that checks its reply."""
+    return (
+        neighbour is not None
+        and neighbour.side == ENCLAVE
+        and neighbour.compiled is not None
+        and neighbour.compiled.verifies is not None
+        and neighbour.compiled.verifies[0] == stage.name
+    )
+
+
+def _rows(t: torch.Tensor) -> int:
+    """How many rows (vectors of its last dim) a request holds (the executor's count)."""
+    return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
+
+
+def _view(name: str, arrays: dict[str, Any], tables: tuple[dict, dict]) -> Any:
+    """A pad or correction as the generic loop's numpy check reads it: the set's numpy view
+    where it has one, else the tensor (a correction before a pad of the same name), else
+    ``None`` (a value the GPU holds unmasked)."""
+    if name in arrays:
+        return arrays[name]
+    pads, deltas = tables
+    return deltas[name] if name in deltas else pads.get(name)
+
+
+class FastPath:
+    """One program's stages as slot moves (see the module docstring). ``run`` is one call."""
+
+    def __init__(
+        self,
+        steps: list[Any],
+        size: int,
+        inputs: list[tuple[int, str]],
+        pads: list[tuple[int, int, str]],
+        outputs: list[tuple[str, int, bool]],
+    ) -> None:
+        self.steps = steps
+        self.size = size
+        self.inputs = inputs
+        self.pads = pads
+        self.outputs = outputs
+        self.scanned: set[tuple[tuple[str, int], ...]] = set()
+
+    def run(
+        self,
+        env: dict[str, Any],
+        masks: Any,
+        replies: dict[str, Any],
+        key: tuple[tuple[str, int], ...],
+        run: Any,
+        copies: bool,
+        limit: int,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One call: the program's outputs by name, as the enclave holds them and as the GPU
+        does (``Executor._output`` unmasks the latter)."""
+        v: list[Any] = [None] * self.size
+        nonempty = True
+        for slot, name in self.inputs:
+            value = env[name]
+            v[slot] = value
+            if nonempty and isinstance(value, torch.Tensor) and not value.numel():
+                nonempty = False
+        # a binding goes through the libraries' full input checks once (module docstring)
+        scanned = nonempty and key in self.scanned
+        tables = (masks.pads, masks.deltas)
+        for slot, table, name in self.pads:
+            v[slot] = tables[table][name]
+        arrays = masks.arrays
+        unlimited = limit == sys.maxsize
+        verified = False  # whether the next library checks the reply before it
+        for step in self.steps:
+            if type(step) is _Library:
+                args = [v[i] for i in step.args]
+                check = step.check
+                if check is None:
+                    outs = step.call.run_nonempty(args) if scanned else step.call(*args)
+                else:
+                    extra = [v[i] for i in step.check_slots]
+                    extra.append(check.fused_vector(verified))
+                    try:
+                        if scanned:
+                            outs = step.call.run_nonempty(args, extra)
+                        else:
+                            outs = step.call(*args, checks=extra)
+                    except IntegrityError:
+                        check.draw()  # a failed check told the GPU something about s
+                        raise
+                for slot, out in zip(step.outs, outs, strict=True):
+                    v[slot] = out
+                continue
+            name = step.name
+            sent = [v[i] for i in step.sent]
+            expected = replies[name]
+            check = step.check
+            # the next library checks the reply if the request is of few enough rows
+            # (``Executor.library_check_rows``); else it is checked here as it comes
+            here = bool(step.keep) and (unlimited or _rows(sent[check.sources[0]]) <= limit)
+            sums = None
+            if check is not None and not here:
+                sums = check.expect(sent, [_view(n, arrays, tables) for n in step.inputs])
+            for position, slot in step.keep:
+                # what the library checks the reply against: the enclave's own tensor,
+                # copied if the runner is handed the original
+                v[slot] = sent[position].clone() if copies and here else sent[position]
+            outs = run(name, sent if copies else [t.clone() for t in sent], expected)
+            check_reply(name, outs, expected)
+            if not copies:
+                check_storage(name, outs)
+            for slot, out in zip(step.outs, outs, strict=True):
+                v[slot] = out
+            if check is not None and not here:
+                deltas = [_view(n, arrays, tables) for n in step.outputs]
+                check.verify(sums, list(outs), deltas)
+            verified = here
+        if nonempty and not scanned:
+            if len(self.scanned) > 4096:  # a long-running server's many sizes
+                self.scanned.clear()
+            self.scanned.add(key)
+        clear = {name: v[slot] for name, slot, in_env in self.outputs if in_env}
+        return clear, {name: v[slot] for name, slot, in_env in self.outputs if not in_env}
+
+
+class _Eager:
+    """An enclave stage without a library (its module), called as a library is."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+    def run_nonempty(self, args: list[Any]) -> Any:
+        return self.module(*args)
+
+
+class _Unsupported(Exception):
+    """The plan uses something only the generic loop runs (:func:`build` returns ``None``)."""
+
+
+def build(executor: Any, env: dict[str, Any], masks: Any) -> FastPath | None:
+    """The slot moves of ``executor``'s program for calls like this one (``env``'s names,
+    ``masks``' tables), or ``None`` where the generic loop must run it (module docstring).
+    Loads every enclave stage's library (``Executor._module``, which refuses one that checks
+    a reply this plan does not place before it)."""
+    spec = executor.spec
+    prot = spec.protection
+    if (
+        prot is None
+        or prot.exact is None
+        or prot.rnm is not None
+        or spec.step is not None
+        or executor._holders
+        or masks is None
+        or masks.freivalds
+        or masks.noise
+        or any(name not in prot.pooled for name in prot.corrections)
+    ):
+        return None
+    try:
+        return _build(executor, env, masks)
+    except _Unsupported:
+        return None
+
+
+def _build(executor: Any, env: dict[str, Any], masks: Any) -> FastPath:
+    checks = executor.ring_checks
+    slots: dict[tuple[str, ...], int] = {}
+    inputs: list[tuple[int, str]] = []
+    pads: list[tuple[int, int, str]] = []
+    env_names, gpu_names = set(env), set()
+
+    def read(name: str, enclave: bool) -> int:
+        """The slot of ``name`` as a stage reads it: an enclave stage prefers the enclave's
+        plaintext, a GPU stage what the GPU holds (the generic loop's lookups)."""
+        order = ("e", "g") if enclave else ("g", "e")
+        for space in order:
+            if name in (env_names if space == "e" else gpu_names):
+                key = (space, name)
+                if key not in slots and space == "e" and name in env:
+                    inputs.append((len(slots), name))
+                return slots.setdefault(key, len(slots))
+        raise _Unsupported(name)
+
+    def table(name: str, kind: int) -> int:
+        # kind 0: the pads; kind 1: the corrections, read before the pads of the same name
+        if kind == 1 and name in masks.deltas:
+            which = _DELTAS
+        elif name in masks.pads:
+            which = _PADS
+        else:
+            raise _Unsupported(name)
+        key = ("pool", str(which), name)
+        if key not in slots:
+            pads.append((len(slots), which, name))
+        return slots.setdefault(key, len(slots))
+
+    def write(space: str, name: str) -> int:
+        names = env_names if space == "e" else gpu_names
+        if name in names:  # a name written twice: the generic loop's dicts would overwrite
+            raise _Unsupported(name)
+        names.add(name)
+        return slots.setdefault((space, name), len(slots))
+
+    steps: list[Any] = []
+    pending: _Gpu | None = None  # the GPU stage before, until the stage after it is seen
+    for stage, extras, clear_outputs, neighbour in executor._steps:
+        if stage.side == ENCLAVE:
+            call = executor._module(stage)
+            if stage.compiled is None:  # its module, run op by op: it takes no check
+                call = _Eager(call)
+            args = [read(n, True) for n in stage.inputs]
+            for kind, name in extras:
+                if kind not in (0, 1):
+                    raise _Unsupported(name)
+                args.append(table(name, kind))
+            check, check_slots = None, []
+            if stage.compiled is not None and stage.compiled.verifies is not None:
+                # _module has refused a library that checks any stage but the one before
+                if pending is None or pending.name != neighbour.name or pending.check is None:
+                    raise _Unsupported(stage.name)
+                check = pending.check
+                kept = dict(pending.keep)
+                for source in check.sources:
+                    name = neighbour.inputs[source]
+                    check_slots += [kept[source], table(name, 1)]
+            elif pending is not None and pending.keep:
+                raise _Unsupported(pending.name)  # a fused check no library makes
+            pending = None
+            outs = [write("e", name) for name in stage.outputs]
+            outs += [write("g", name) for name in stage.masked_outputs]
+            for name in clear_outputs:  # the GPU reads the enclave's tensor itself
+                if name in gpu_names:
+                    raise _Unsupported(name)
+                gpu_names.add(name)
+                slots[("g", name)] = slots[("e", name)]
+            steps.append(_Library(stage, call, args, outs, check, check_slots))
+            continue
+        if pending is not None and pending.keep:
+            raise _Unsupported(pending.name)
+        check = checks.get(stage.name)
+        sent = [read(n, False) for n in stage.inputs]
+        fused = check is not None and checked_by_next(stage, neighbour)
+        keep: list[tuple[int, int]] = []
+        if fused:
+            keep = [
+                (s, slots.setdefault(("sent", stage.name, str(s)), len(slots)))
+                for s in check.sources
+            ]
+        outs = [write("g", name) for name in stage.outputs]
+        pending = _Gpu(stage.name, sent, outs, list(stage.inputs), list(stage.outputs), check, keep)
+        steps.append(pending)
+    if pending is not None and pending.keep:
+        raise _Unsupported(pending.name)
+    outputs = []
+    for value in executor.spec.flat_outputs:
+        if isinstance(value, str):
+            in_env = value in env_names
+            if not in_env and value not in gpu_names:
+                raise _Unsupported(value)
+            outputs.append((value, slots[("e" if in_env else "g", value)], in_env))
+    return FastPath(steps, len(slots), inputs, pads, outputs)

@@ -1,0 +1,66 @@
+"""What the enclave accepts as a GPU stage's reply, before anything reads it.
+
+Reads a reply (a list of tensors) and what the plan says it must be; writes nothing.
+Guarantees: a reply that passes :func:`check_reply` has the plan's count of outputs, each a
+plain dense CPU tensor of the plan's dtype and (where the call binds every size) shape, and
+finite where it is float; one that passes :func:`check_storage` has a storage as large as its
+shape and strides reach, so compiled code indexing it by its shape stays inside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from partitioner.errors import IntegrityError
+
+# What a GPU stage's reply must be: per output, its dtype and (when the call binds every
+# size) its concrete shape.
+Expected = list[tuple[torch.dtype, list[int] | None]]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: neither overrides numpy()
+
+
+def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
+    """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
+    shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
+    if not isinstance(outputs, (list, tuple)):
+        raise IntegrityError(f"GPU stage {stage} returned {type(outputs).__name__}, not outputs")
+    if len(outputs) != len(expected):
+        raise IntegrityError(
+            f"GPU stage {stage} returned {len(outputs)} outputs, the plan has {len(expected)}"
+        )
+    for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
+        # a plain dense tensor only: a subclass could show the check (which reads .numpy())
+        # other values than the stages read; a sparse or negated view has no numpy view
+        plain = type(out) in _PLAIN
+        if not plain or out.layout != torch.strided or out.is_neg():
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {type(out).__name__}"
+                + (f" ({out.layout}, negated {out.is_neg()})" if plain else "")
+                + ", not a plain dense tensor (refused)"
+            )
+        if out.dtype != dtype:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: {out.dtype}, the plan says {dtype}"
+            )
+        if not out.is_cpu:  # the enclave's own tensors: nothing else is its memory
+            raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
+        if shape is not None and list(out.shape) != shape:
+            raise IntegrityError(
+                f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
+            )
+        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+            raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
+
+
+def check_storage(stage: str, outputs: list[torch.Tensor]) -> None:
+    """Refuse a reply whose storage is smaller than its shape and strides reach: a runner in
+    this process (one that does not serialise) can return one, and compiled code would read
+    past its end. Raises :class:`IntegrityError` naming the output."""
+    for i, out in enumerate(outputs):
+        if not out.numel():
+            continue
+        reach = out.storage_offset() + 1
+        reach += sum((n - 1) * step for n, step in zip(out.shape, out.stride(), strict=True))
+        if out.untyped_storage().nbytes() < reach * out.itemsize:
+            raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")

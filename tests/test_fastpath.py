@@ -1,0 +1,226 @@
+"""The executor's slot loop (``enclave_runtime.fastpath``): an exactly masked program's stages
+run from per-binding slot numbers instead of the generic loop's lookups by name.
+
+Every test runs the tiny Llama's decoder step under ``slalom``, saved with each enclave stage
+compiled (each library checking the reply of the GPU stage before it), signed and loaded as
+the enclave loads it. The attacks the generic loop is tested against are replayed against
+both loops: a forged reply, a reply a library would misread, a runner that edits what it is
+handed, a request of many rows, an empty input once a binding's scan is skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from adversary import EditingRunner, shrunk_storage, transposed_copy
+from conftest import partition_step_for_tests
+
+from enclave_runtime import fastpath
+from enclave_runtime.executor import Executor, InProcessRunner
+from partitioner.bundle import load_program
+from partitioner.errors import IntegrityError
+
+IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7]])
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, key_files):
+    """(the bundle's folder, the public key): tiny-llama's decoder step under slalom, saved
+    with one library per enclave stage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition_step_for_tests("slalom")
+        root = tmp_path_factory.mktemp("stage-libraries")
+        split.save(root, sign_key=key_files[0], compile_enclave=True)
+    return root, key_files[1]
+
+
+def load(bundle):
+    root, public = bundle
+    plan = load_program(root, trusted_key=public)
+    assert all(s.compiled is not None for s in plan.stages if s.side == "enclave")
+    return plan
+
+
+@pytest.fixture(params=["fast", "generic"])
+def loop(request, bundle, monkeypatch):
+    """A freshly loaded plan, run by the fast path or (its fast path refused) by the generic
+    loop; with whether the fast path runs."""
+    fast = request.param == "fast"
+    if not fast:
+        monkeypatch.setattr(fastpath, "build", lambda *a: None)
+    return load(bundle), fast
+
+
+def empty_cache(plan):
+    dims = plan.input_dims
+    return [torch.zeros(1, dims[n][1], 0, dims[n][3]) for n in dims if str(n).startswith("past_")]
+
+
+def call(ex, ids=IDS, cache=None):
+    """A prefill (``cache`` None) or a decode step; returns (logits, cache)."""
+    whole = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        out = ex(ids, whole, cache if cache is not None else empty_cache(ex.spec))
+    return out[0], list(out[1:])
+
+
+def gpu_stages(plan):
+    return [s.name for s in plan.stages if s.side == "gpu"]
+
+
+def library_checked(plan):
+    return [s.compiled.verifies[0] for s in plan.stages if s.compiled and s.compiled.verifies]
+
+
+class Recording(InProcessRunner):
+    """A GPU that serves honestly, records each request and may change its replies."""
+
+    def __init__(self, plan, target=None, change=None):
+        super().__init__(plan)
+        self.requests: list[str] = []
+        self.target, self.change = target, change
+
+    def run(self, stage, tensors, expected=None, **kw):
+        self.requests.append(stage)
+        outs = super().run(stage, tensors, expected, **kw)
+        if stage == self.target and self.change is not None:
+            outs = [self.change(outs[0]), *outs[1:]]
+        return outs
+
+
+def _forged(t):
+    out = t.clone()
+    out.view(-1)[7] += 1
+    return out
+
+
+def test_the_fast_path_runs_the_program_as_the_generic_loop(bundle, monkeypatch):
+    """The same libraries, pads and replies: the fast path's logits and cache equal the
+    generic loop's bit for bit, for a prefill and two decode steps, with one request per GPU
+    stage per call."""
+    plan = load(bundle)
+    runner = Recording(plan)
+    ex = Executor(plan, runner, seed=1)
+    runs = []
+    logits, cache = call(ex)
+    assert ex._fast is not None and len(runner.requests) == len(gpu_stages(plan))
+    tokens = [logits[:, -1:].argmax(-1)]
+    runs.append([logits, *cache])
+    for _ in range(2):
+        logits, cache = call(ex, tokens[-1], cache)
+        tokens.append(logits[:, -1:].argmax(-1))
+        runs.append([logits, *cache])
+    monkeypatch.setattr(fastpath, "build", lambda *a: None)
+    generic = Executor(plan, seed=1)
+    logits, cache = call(generic)
+    want = [[logits, *cache]]
+    for token in tokens[:2]:
+        logits, cache = call(generic, token, cache)
+        want.append([logits, *cache])
+    assert generic._fast is None
+    for got, ref in zip(runs, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+@pytest.mark.parametrize("where", ["library", "executor"])
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_a_forged_reply_is_refused_by_either_loop(loop, where, step):
+    """One residue off in a reply a library checks, or in the logits (checked as they come),
+    in a prefill or in a decode step whose binding's scan the fast path skips: refused naming
+    the GPU stage, nothing sent after it, the check's secret drawn again."""
+    plan, fast = loop
+    target = library_checked(plan)[1] if where == "library" else gpu_stages(plan)[-1]
+    runner = Recording(plan, target)
+    ex = Executor(plan, runner, seed=1)
+    ids, cache = IDS, None
+    if step == "decode":
+        logits, cache = call(ex)
+        ids = logits[:, -1:].argmax(-1)
+        call(ex, ids, cache)  # the binding scanned
+    s = ex.ring_checks[target].vectors[0][0].clone()
+    runner.requests.clear()
+    runner.change = _forged
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
+        call(ex, ids, cache)
+    assert (ex._fast is not None) == fast
+    assert runner.requests[-1] == target
+    assert not torch.equal(s, ex.ring_checks[target].vectors[0][0])
+
+
+def test_a_reply_a_library_would_misread_is_refused_by_either_loop(loop):
+    """A reply one column short, or whose storage is smaller than its shape (an in-process
+    runner can make one), is refused before a library reads it; one of the right values in
+    another memory layout is read as its contiguous copy."""
+    plan, fast = loop
+    target = library_checked(plan)[0]
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
+        call(Executor(plan, Recording(plan, target, lambda t: t[..., 1:]), seed=1))
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
+        call(Executor(plan, Recording(plan, target, shrunk_storage), seed=1))
+    ex = Executor(plan, Recording(plan, target, transposed_copy), seed=1)
+    got, _ = call(ex)
+    want, _ = call(Executor(plan, seed=1))
+    assert torch.equal(got, want) and (ex._fast is not None) == fast
+
+
+def test_a_runner_that_edits_what_it_is_handed_is_caught_by_either_loop(loop):
+    """The library checks the reply against the request the enclave sent, not against the
+    request a runner that says it copies edited in place."""
+    plan, fast = loop
+    target = library_checked(plan)[0]
+    ex = Executor(plan, EditingRunner(plan, target), seed=1)
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
+        call(ex)
+    assert (ex._fast is not None) == fast
+
+
+def test_many_rows_are_checked_as_they_come_by_either_loop(loop, monkeypatch):
+    """Past ``library_check_rows`` the reply is checked in numpy as it comes (naming the row)
+    and the library is told not to check it again; the logits are the same."""
+    plan, fast = loop
+    target = library_checked(plan)[0]
+    want, _ = call(Executor(plan, seed=1))
+    monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1] - 1)
+    ex = Executor(plan, seed=1)
+    got, _ = call(ex)
+    assert torch.equal(got, want) and (ex._fast is not None) == fast
+    with pytest.raises(IntegrityError, match=rf"GPU stage {target} returned .* row \["):
+        call(Executor(plan, Recording(plan, target, _forged), seed=1))
+
+
+def test_an_empty_input_after_a_scanned_binding_is_refused_by_name(loop):
+    """The fast path skips the libraries' empty-input scan for a binding that passed it: a
+    later call of the same sizes with a cache of no elements (a head dim of 0, which the
+    libraries' own checks pass) is still refused naming the input, never read."""
+    plan, _ = loop
+    ex = Executor(plan, seed=1)
+    logits, cache = call(ex)
+    token = logits[:, -1:].argmax(-1)
+    call(ex, token, cache)
+    call(ex, token, cache)
+    wrong = list(cache)
+    wrong[0] = torch.zeros(*cache[0].shape[:-1], 0)
+    with pytest.raises(
+        IntegrityError, match=r"enclave stage \w+ input \d+: shape \[1, 2, \d+, 0\]"
+    ):
+        call(ex, token, wrong)
+
+
+def test_a_swapped_library_rebuilds_the_fast_path(bundle):
+    """A stage's library replaced after a call (``stage.compiled``): the fast path is built
+    again from what the stages hold now (here the stage's module, run op by op), and gives
+    what a fresh executor gives."""
+    plan = load(bundle)
+    ex = Executor(plan, seed=1)
+    want, _ = call(ex)
+    built = ex._fast
+    first = next(s for s in plan.stages if s.compiled is not None and not s.compiled.verifies)
+    first.compiled = None
+    got, _ = call(Executor(plan, seed=1))
+    again, _ = call(ex)
+    assert ex._fast is not None and ex._fast is not built
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, got)
