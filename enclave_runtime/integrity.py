@@ -312,7 +312,7 @@ class RingCheck:
         out: list[torch.Tensor] = []
         for source in self.sources:
             out += [sent[source], pads[source]]
-        out.append(self._fused[here])
+        out.append(self.fused_vector(here))
         return out
 
     def expect(self, sent: list[torch.Tensor], pads: list[Any]) -> list[Any]:

@@ -421,17 +421,17 @@ def test_a_request_of_many_rows_is_checked_by_the_executor(compiled_stage, monke
     monkeypatch.setattr(stage, "compiled", library)
     monkeypatch.setattr(Executor, "library_check_rows", IDS.shape[1] - 1)
     told, numpy_checks = [], []
-    fused_args, verify = RingCheck.fused_args, RingCheck.verify
+    fused_vector, verify = RingCheck.fused_vector, RingCheck.verify
 
-    def telling(self, sent, pads, here=True):
+    def telling(self, here=True):  # what either loop tells the library (its vector's flag)
         told.append(here)
-        return fused_args(self, sent, pads, here)
+        return fused_vector(self, here)
 
     def counting(self, *a):
         numpy_checks.append(self.stage)
         return verify(self, *a)
 
-    monkeypatch.setattr(RingCheck, "fused_args", telling)
+    monkeypatch.setattr(RingCheck, "fused_vector", telling)
     monkeypatch.setattr(RingCheck, "verify", counting)
     with torch.no_grad():
         ex = split.executor(_Forging(split.spec, gpu), seed=3)
