@@ -54,7 +54,7 @@ class _Library:
     was sent (the enclave's copies) and of the pads, per equation."""
 
     stage: Stage
-    call: CompiledCall | _Eager
+    call: CompiledCall | _Callable
     args: list[int]
     outs: list[int]
     check: RingCheck | None
@@ -200,17 +200,19 @@ class FastPath:
         return clear, {name: v[slot] for name, slot, in_env in self.outputs if not in_env}
 
 
-class _Eager:
-    """An enclave stage without a library (its module), called as a library is."""
+class _Callable:
+    """What runs an enclave stage when it is not a library this module calls directly (the
+    stage's module, run op by op, or a caller's wrapper around either), called as a library
+    is: the check's vectors passed only where there are some."""
 
-    def __init__(self, module: Any) -> None:
-        self.module = module
+    def __init__(self, run: Any) -> None:
+        self.run = run
 
-    def __call__(self, *args: Any) -> Any:
-        return self.module(*args)
+    def __call__(self, *args: Any, checks: list[Any] | None = None) -> Any:
+        return self.run(*args, checks=checks) if checks else self.run(*args)
 
-    def run_nonempty(self, args: list[Any]) -> Any:
-        return self.module(*args)
+    def run_nonempty(self, args: list[Any], checks: list[Any] | None = None) -> Any:
+        return self(*args, checks=checks)
 
 
 class _Unsupported(Exception):
@@ -286,8 +288,8 @@ def _build(executor: Any, env: dict[str, Any], masks: Any) -> FastPath:
     for stage, extras, clear_outputs, neighbour in executor._steps:
         if stage.side == ENCLAVE:
             call = executor._module(stage)
-            if stage.compiled is None:  # its module, run op by op: it takes no check
-                call = _Eager(call)
+            if type(call) is not CompiledCall:
+                call = _Callable(call)
             args = [read(n, True) for n in stage.inputs]
             for kind, name in extras:
                 if kind not in (0, 1):
