@@ -579,9 +579,13 @@ class Executor:
             )
         if not known:
             return None
-        # built again when a stage's library is swapped (or first given one), or what
-        # resolves a stage to its callable is (a benchmark's timers)
-        libraries = [self.__dict__.get("_module"), *(s.compiled for s in self._enclave_stages)]
+        # built again when what runs a stage changes: its library swapped (or first given
+        # one), its module, or what resolves a stage to its callable (a benchmark's timers)
+        libraries = [
+            self.__dict__.get("_module"),
+            type(self)._module,
+            *(s.compiled if s.compiled is not None else s.module for s in self._enclave_stages),
+        ]
         if self._fast_for is None or not all(map(operator.is_, libraries, self._fast_for)):
             self._fast = fastpath.build(self, env, masks)
             self._fast_for = libraries

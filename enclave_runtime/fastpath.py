@@ -335,9 +335,6 @@ def _build(executor: Any, env: dict[str, Any], masks: Any) -> FastPath:
         raise _Unsupported(pending.name)
     outputs = []
     for value in executor.spec.flat_outputs:
-        if isinstance(value, str):
-            in_env = value in env_names
-            if not in_env and value not in gpu_names:
-                raise _Unsupported(value)
-            outputs.append((value, slots[("e" if in_env else "g", value)], in_env))
+        if isinstance(value, str):  # as Executor._output looks it up (an input returned too)
+            outputs.append((value, read(value, True), value in env_names))
     return FastPath(steps, len(slots), inputs, pads, outputs)

@@ -23,7 +23,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: neither overrides nu
 def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
     """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
     shape, and (floats) finite values. Raises :class:`IntegrityError` naming the output."""
-    if not isinstance(outputs, (list, tuple)):
+    # exactly a list or tuple: a subclass could yield other tensors on the next pass over it
+    if type(outputs) not in (list, tuple):
         raise IntegrityError(f"GPU stage {stage} returned {type(outputs).__name__}, not outputs")
     if len(outputs) != len(expected):
         raise IntegrityError(
@@ -54,9 +55,12 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
 
 
 def check_storage(stage: str, outputs: list[torch.Tensor]) -> None:
-    """Refuse a reply whose storage is smaller than its shape and strides reach: a runner in
-    this process (one that does not serialise) can return one, and compiled code would read
-    past its end. Raises :class:`IntegrityError` naming the output."""
+    """Refuse a reply whose storage is smaller than its shape and strides reach: a runner that
+    does not serialise (``copies_inputs`` false: its replies are tensors made in this process)
+    can return one, and compiled code would read past its end. A serialising runner's replies
+    are decoded here into new tensors from payloads of exactly their size (the driver's
+    ``WorkerClient``), so the loops skip this for them. Raises :class:`IntegrityError` naming
+    the output."""
     for i, out in enumerate(outputs):
         if not out.numel():
             continue

@@ -19,6 +19,7 @@ from conftest import partition_step_for_tests
 
 from enclave_runtime import fastpath
 from enclave_runtime.executor import Executor, InProcessRunner
+from partitioner.api import partition
 from partitioner.bundle import load_program
 from partitioner.errors import IntegrityError
 
@@ -224,3 +225,91 @@ def test_a_swapped_library_rebuilds_the_fast_path(bundle):
     assert ex._fast is not None and ex._fast is not built
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, got)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = torch.nn.Linear(64, 128)
+        self.down_proj = torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)))
+
+
+class _Tagged(torch.nn.Module):
+    """Returns one of its inputs unchanged beside its result (no stage reads the input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _MLP()
+
+    def forward(self, x, tag):
+        return torch.tanh(self.mlp(torch.relu(x) * 2)), tag
+
+
+@pytest.fixture(scope="module")
+def tagged():
+    torch.manual_seed(0)
+    x, tag = torch.randn(1, 4, 64), torch.arange(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(_Tagged().eval(), "slalom", (x, tag), seed=1)
+    return split.spec, x, tag
+
+
+def test_an_input_the_program_returns_is_returned_by_the_fast_path(tagged, monkeypatch):
+    """A reviewer's finding: an output that is an input no stage reads had no slot, and every
+    call of the fast path raised ``KeyError``."""
+    plan, x, tag = tagged
+    ex = Executor(plan, seed=1)
+    with torch.no_grad():
+        got = ex(x, tag)
+    assert ex._fast is not None and torch.equal(got[1], tag)
+    monkeypatch.setattr(fastpath, "build", lambda *a: None)
+    with torch.no_grad():
+        want = Executor(plan, seed=1)(x, tag)
+    assert torch.equal(got[0], want[0])
+
+
+def test_a_stage_module_swapped_after_a_call_is_the_one_that_runs(tagged):
+    """A reviewer's finding: the fast path kept the module a stage had when it was built."""
+    plan, x, tag = tagged
+    ex = Executor(plan, seed=1)
+    with torch.no_grad():
+        ex(x, tag)
+    stage = next(s for s in plan.stages if s.side == "enclave")
+    original, calls = stage.module, []
+
+    def spy(*args):
+        calls.append(stage.name)
+        return original(*args)
+
+    stage.module = spy
+    try:
+        with torch.no_grad():
+            ex(x, tag)
+    finally:
+        stage.module = original
+    assert calls == [stage.name]
+
+
+class _Shifty(list):
+    """A reply that is a list subclass (an in-process runner can return one): what a second
+    pass over it yields need not be what the first pass checked."""
+
+
+@pytest.mark.parametrize("which", ["fast", "generic"])
+def test_a_reply_that_is_a_list_subclass_is_refused(tagged, monkeypatch, which):
+    plan, x, tag = tagged
+    if which == "generic":
+        monkeypatch.setattr(fastpath, "build", lambda *a: None)
+
+    class Runner(InProcessRunner):
+        def run(self, stage, tensors, expected=None, **kw):
+            return _Shifty(super().run(stage, tensors, expected, **kw))
+
+    ex = Executor(plan, Runner(plan), seed=1)
+    with pytest.raises(IntegrityError, match="returned _Shifty, not outputs"), torch.no_grad():
+        ex(x, tag)
+    assert (ex._fast is not None) == (which == "fast")
