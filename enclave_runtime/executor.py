@@ -580,8 +580,10 @@ class Executor:
         if not known:
             return None
         # built again when what runs a stage changes: its library swapped (or first given
-        # one), its module, or what resolves a stage to its callable (a benchmark's timers)
+        # one), its module, what resolves a stage to its callable (a benchmark's timers), or
+        # a step library given to the plan (which the generic loop then runs)
         libraries = [
+            self.spec.step,
             self.__dict__.get("_module"),
             type(self)._module,
             *(s.compiled if s.compiled is not None else s.module for s in self._enclave_stages),
