@@ -421,8 +421,8 @@ class Executor:
         copies = bool(getattr(self.runner, "copies_inputs", False))
         fast = self._fast_path(env, masks, binding, replies, rows)
         if fast is not None:
-            clear, held = fast[0].run(
-                env, masks, replies, fast[1], self.runner.run, copies, self.library_check_rows
+            clear, held = fast.run(
+                env, masks, replies, self.runner.run, copies, self.library_check_rows
             )
             pooled_values = ChainMap(masks.deltas, masks.pads)
             return [self._output(v, clear, held, pooled_values) for v in self.spec.flat_outputs]
@@ -562,11 +562,11 @@ class Executor:
         binding: Mapping[str, int],
         replies: dict[str, Expected],
         rows: list[str] | None,
-    ) -> tuple[FastPath, tuple[tuple[str, int], ...]] | None:
+    ) -> FastPath | None:
         """The program as slot moves (``enclave_runtime.fastpath``) when this call can run so:
         a mask set drawn, no rows to address, and every reply's shape known before it comes
-        (so that the libraries' input scan is made once per binding); with the binding's
-        key. ``None``: the generic loop runs the call."""
+        (``check_reply`` then vouches for every reply's shape, which the fast path's skipped
+        input scans rely on). ``None``: the generic loop runs the call."""
         if masks is None or rows is not None:
             return None
         key = tuple(sorted(binding.items()))
@@ -591,7 +591,7 @@ class Executor:
         if self._fast_for is None or not all(map(operator.is_, libraries, self._fast_for)):
             self._fast = fastpath.build(self, env, masks)
             self._fast_for = libraries
-        return (self._fast, key) if self._fast is not None else None
+        return self._fast
 
     def _step_call(
         self, replies: dict[str, Expected], masks: MaskSet | None, rows: list[str] | None

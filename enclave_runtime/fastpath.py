@@ -24,10 +24,16 @@ Guarantees, the same as the generic loop's (the adversarial tests run through bo
   (on the enclave's own copy of what was sent, never a tensor a runner was handed) where it
   makes the check and the request has at most ``Executor.library_check_rows`` rows, else in
   numpy as it arrives; a failed check redraws the check's secret vectors before it raises;
-* no library is given an empty input: a call whose own inputs are all non-empty and whose
-  sizes equal those of a call that went through the libraries' full input checks gets inputs
-  of the same sizes everywhere (pads and corrections from the binding, replies of the exact
-  shapes checked, library outputs computed from those), so the scan is made once per binding.
+* no library is given an empty input of a shape it does not take. AOTInductor's own checks
+  pass any input with no elements, whatever its sizes, so ``CompiledCall`` scans for one. The
+  scan is made here on the call's own inputs, every call: when none is empty, nothing the
+  GPU or the caller chose can be, since every reply has exactly the shape the binding gives
+  (the fast path runs only where every reply's shape is known) and the pads and corrections
+  have the binding's shapes by construction; what the libraries compute from those has the
+  shapes their graphs give. So once one call has gone through the libraries' full input
+  checks (which would catch libraries that disagree on a shape), a call whose own inputs are
+  all non-empty skips the scan, whatever its sizes (a generation's every step has new ones).
+  A call with an empty input of its own (a prefill's empty cache) is scanned in full.
 """
 
 from __future__ import annotations
@@ -119,14 +125,14 @@ class FastPath:
         self.inputs = inputs
         self.pads = pads
         self.outputs = outputs
-        self.scanned: set[tuple[tuple[str, int], ...]] = set()
+        # whether a call has gone through the libraries' full input checks (module docstring)
+        self.scanned = False
 
     def run(
         self,
         env: dict[str, Any],
         masks: Any,
         replies: dict[str, Any],
-        key: tuple[tuple[str, int], ...],
         run: Any,
         copies: bool,
         limit: int,
@@ -140,8 +146,7 @@ class FastPath:
             v[slot] = value
             if nonempty and isinstance(value, torch.Tensor) and not value.numel():
                 nonempty = False
-        # a binding goes through the libraries' full input checks once (module docstring)
-        scanned = nonempty and key in self.scanned
+        scanned = nonempty and self.scanned
         tables = (masks.pads, masks.deltas)
         for slot, table, name in self.pads:
             v[slot] = tables[table][name]
@@ -192,10 +197,8 @@ class FastPath:
                 deltas = [_view(n, arrays, tables) for n in step.outputs]
                 check.verify(sums, list(outs), deltas)
             verified = here
-        if nonempty and not scanned:
-            if len(self.scanned) > 4096:  # a long-running server's many sizes
-                self.scanned.clear()
-            self.scanned.add(key)
+        if nonempty:
+            self.scanned = True
         clear = {name: v[slot] for name, slot, in_env in self.outputs if in_env}
         return clear, {name: v[slot] for name, slot, in_env in self.outputs if not in_env}
 

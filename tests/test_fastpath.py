@@ -130,8 +130,8 @@ def test_the_fast_path_runs_the_program_as_the_generic_loop(bundle, monkeypatch)
 @pytest.mark.parametrize("step", ["prefill", "decode"])
 def test_a_forged_reply_is_refused_by_either_loop(loop, where, step):
     """One residue off in a reply a library checks, or in the logits (checked as they come),
-    in a prefill or in a decode step whose binding's scan the fast path skips: refused naming
-    the GPU stage, nothing sent after it, the check's secret drawn again."""
+    in a prefill or in a decode step whose input scan the fast path skips: refused naming the
+    GPU stage, nothing sent after it, the check's secret drawn again."""
     plan, fast = loop
     target = library_checked(plan)[1] if where == "library" else gpu_stages(plan)[-1]
     runner = Recording(plan, target)
@@ -140,7 +140,7 @@ def test_a_forged_reply_is_refused_by_either_loop(loop, where, step):
     if step == "decode":
         logits, cache = call(ex)
         ids = logits[:, -1:].argmax(-1)
-        call(ex, ids, cache)  # the binding scanned
+        call(ex, ids, cache)  # a call scanned in full: the next one skips the scan
     s = ex.ring_checks[target].vectors[0][0].clone()
     runner.requests.clear()
     runner.change = _forged
@@ -192,22 +192,23 @@ def test_many_rows_are_checked_as_they_come_by_either_loop(loop, monkeypatch):
         call(Executor(plan, Recording(plan, target, _forged), seed=1))
 
 
-def test_an_empty_input_after_a_scanned_binding_is_refused_by_name(loop):
-    """The fast path skips the libraries' empty-input scan for a binding that passed it: a
-    later call of the same sizes with a cache of no elements (a head dim of 0, which the
-    libraries' own checks pass) is still refused naming the input, never read."""
+def test_an_empty_input_after_skipped_scans_is_refused_by_name(loop):
+    """The fast path skips the libraries' empty-input scan once a call has passed it, for a
+    call whose own inputs are non-empty, at any sizes: a later call, of the same sizes or of
+    new ones, with a cache of no elements (a head dim of 0, which the libraries' own checks
+    pass) is still refused naming the input, never read."""
     plan, _ = loop
     ex = Executor(plan, seed=1)
     logits, cache = call(ex)
     token = logits[:, -1:].argmax(-1)
+    _, longer = call(ex, token, cache)
     call(ex, token, cache)
-    call(ex, token, cache)
-    wrong = list(cache)
-    wrong[0] = torch.zeros(*cache[0].shape[:-1], 0)
-    with pytest.raises(
-        IntegrityError, match=r"enclave stage \w+ input \d+: shape \[1, 2, \d+, 0\]"
-    ):
-        call(ex, token, wrong)
+    for past in (cache, longer):  # the sizes of a call that skipped the scan, and new ones
+        wrong = list(past)
+        wrong[0] = torch.zeros(*past[0].shape[:-1], 0)
+        shape = rf"\[1, 2, {past[0].shape[2]}, 0\]"
+        with pytest.raises(IntegrityError, match=rf"enclave stage \w+ input \d+: shape {shape}"):
+            call(ex, token, wrong)
 
 
 def test_a_swapped_library_rebuilds_the_fast_path(bundle):
