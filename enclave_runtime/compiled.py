@@ -123,7 +123,8 @@ class CompiledCall:
         self, args: Sequence[torch.Tensor], checks: Sequence[torch.Tensor] = ()
     ) -> list[torch.Tensor]:
         """:meth:`__call__` for a caller that knows no input is empty (the scan above is all
-        that differs): ``enclave_runtime.fastpath`` proves it once per call's sizes."""
+        that differs): ``enclave_runtime.fastpath``, from the call's own inputs and the reply
+        shapes it checks, once one call has passed the full scan."""
         try:
             outs = self._runner.run([*args, *checks, *self.constants])
         except RuntimeError as exc:
