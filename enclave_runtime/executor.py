@@ -112,16 +112,11 @@ _EXPECTED_CACHE = 256  # distinct bindings (each holds every GPU stage)
 
 
 def _rows_of(shape: list[int] | None) -> int:
-    """How many rows a tensor of ``shape`` holds (:func:`_rows`, from its shape)."""
+    """How many rows a tensor of ``shape`` holds (``fastpath.request_rows``, from its shape)."""
     rows = 1
     for size in (shape or [1])[:-1]:
         rows *= size
     return rows
-
-
-def _rows(t: torch.Tensor) -> int:
-    """How many rows (vectors of its last dim) a request holds."""
-    return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
 
 
 class Executor:
@@ -496,7 +491,7 @@ class Executor:
             fused = (
                 check is not None
                 and fastpath.checked_by_next(stage, neighbour)
-                and _rows(sent[check.sources[0]]) <= self.library_check_rows
+                and fastpath.request_rows(sent[check.sources[0]]) <= self.library_check_rows
             )
             sums = None
             handed = sent

@@ -94,8 +94,9 @@ def checked_by_next(stage: Stage, neighbour: Stage | None) -> bool:
     )
 
 
-def _rows(t: torch.Tensor) -> int:
-    """How many rows (vectors of its last dim) a request holds (the executor's count)."""
+def request_rows(t: torch.Tensor) -> int:
+    """How many rows (vectors of its last dim) a request holds (what
+    ``Executor.library_check_rows`` counts)."""
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
 
 
@@ -179,7 +180,7 @@ class FastPath:
             check = step.check
             # the next library checks the reply if the request is of few enough rows
             # (``Executor.library_check_rows``); else it is checked here as it comes
-            here = bool(step.keep) and (unlimited or _rows(sent[check.sources[0]]) <= limit)
+            here = bool(step.keep) and (unlimited or request_rows(sent[check.sources[0]]) <= limit)
             sums = None
             if check is not None and not here:
                 sums = check.expect(sent, [_view(n, arrays, tables) for n in step.inputs])
