@@ -33,7 +33,7 @@ from enclave_runtime.replies import Expected, check_reply, check_storage
 from enclave_runtime.signature import CallSignature
 from enclave_runtime.step import StepCall, reply_as_read
 from partitioner import ops, step_op
-from partitioner.dims import concrete_shape
+from partitioner.dims import concrete_shape, names_in
 from partitioner.errors import ArtifactError, InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
 from partitioner.plan import ENCLAVE, GPU, CompiledLibrary, Plan, Stage, StepLibrary
@@ -153,7 +153,19 @@ class Executor:
         self.last_request: dict[str, Any] = {}
         masked = prot.masked if prot is not None else {}
         self._replies = self._reply_specs()
-        self._expected: dict[tuple[tuple[str, int], ...], dict[str, Expected]] = {}
+        # the dims the replies' shapes name: what they are cached by (a decode step's replies
+        # do not depend on the cache length, so a generation's steps share one entry)
+        self._reply_dims = sorted(
+            {
+                name
+                for outs in self._replies.values()
+                for _, shape in outs
+                for size in shape or ()
+                if isinstance(size, str)
+                for name in names_in(size)
+            }
+        )
+        self._expected: dict[tuple[tuple[str, int | None], ...], dict[str, Expected]] = {}
         # enclave stage -> (its module or library, what runs it)
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
@@ -162,7 +174,7 @@ class Executor:
         self._fast: FastPath | None = None
         self._fast_for: list[Any] | None = None  # the libraries it was built with
         self._enclave_stages = [s for s in plan.stages if s.side == ENCLAVE]
-        self._fast_bindings: dict[tuple[tuple[str, int], ...], bool] = {}
+        self._fast_bindings: dict[tuple[tuple[str, int | None], ...], bool] = {}
         self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -217,8 +229,8 @@ class Executor:
 
     def replies(self, binding: Mapping[str, int]) -> dict[str, Expected]:
         """What each GPU stage's reply must be for a call with these sizes (built once per
-        distinct binding)."""
-        key = tuple(sorted(binding.items()))
+        distinct value of the dims the replies' shapes name)."""
+        key = self._reply_key(binding)
         cached = self._expected.get(key)
         if cached is None:
             if len(self._expected) > _EXPECTED_CACHE:  # a long-running server's many sizes
@@ -227,6 +239,9 @@ class Executor:
                 stage: self._expect(stage, binding) for stage in self._replies
             }
         return cached
+
+    def _reply_key(self, binding: Mapping[str, int]) -> tuple[tuple[str, int | None], ...]:
+        return tuple((dim, binding.get(dim)) for dim in self._reply_dims)
 
     def _expect(self, stage: str, binding: Mapping[str, int]) -> Expected:
         out: Expected = []
@@ -564,7 +579,7 @@ class Executor:
         input scans rely on). ``None``: the generic loop runs the call."""
         if masks is None or rows is not None:
             return None
-        key = tuple(sorted(binding.items()))
+        key = self._reply_key(binding)  # whether every reply's shape is known depends on these
         known = self._fast_bindings.get(key)
         if known is None:
             if len(self._fast_bindings) > _EXPECTED_CACHE:

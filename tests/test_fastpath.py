@@ -314,3 +314,23 @@ def test_a_reply_that_is_a_list_subclass_is_refused(tagged, monkeypatch, which):
     with pytest.raises(IntegrityError, match="returned _Shifty, not outputs"), torch.no_grad():
         ex(x, tag)
     assert (ex._fast is not None) == (which == "fast")
+
+
+def test_a_generation_s_steps_share_their_reply_shapes_and_still_check_them(bundle):
+    """A decode step's replies do not depend on the cache length, so the steps of a
+    generation share what the replies must be (it took ~1 ms to work out per new length on
+    SmolLM2); a reply of another shape is still refused at a length not seen before."""
+    plan = load(bundle)
+    ex = Executor(plan, seed=1)
+    step = {"batch": 1, "seq": 1, "past": 7}
+    assert ex.replies(step) is ex.replies({**step, "past": 8})
+    assert ex.replies(step) is not ex.replies({**step, "seq": 2})
+    target = library_checked(plan)[0]
+    runner = Recording(plan, target)
+    ex = Executor(plan, runner, seed=1)
+    logits, cache = call(ex)
+    token = logits[:, -1:].argmax(-1)
+    logits, cache = call(ex, token, cache)
+    runner.change = lambda t: torch.cat([t, t], dim=1)  # two positions where one was sent
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
+        call(ex, logits[:, -1:].argmax(-1), cache)
