@@ -59,7 +59,6 @@ class _Library:
     checks the reply of the GPU stage before it, that stage's check and the slots of what
     was sent (the enclave's copies) and of the pads, per equation."""
 
-    stage: Stage
     call: CompiledCall | _Callable
     args: list[int]
     outs: list[int]
@@ -319,7 +318,7 @@ def _build(executor: Any, env: dict[str, Any], masks: Any) -> FastPath:
                     raise _Unsupported(name)
                 gpu_names.add(name)
                 slots[("g", name)] = slots[("e", name)]
-            steps.append(_Library(stage, call, args, outs, check, check_slots))
+            steps.append(_Library(call, args, outs, check, check_slots))
             continue
         if pending is not None and pending.keep:
             raise _Unsupported(pending.name)
