@@ -225,6 +225,15 @@ def test_a_compiled_stage_computes_the_eager_stage(compiled_stage):
         assert got.shape == want.shape
 
 
+def test_a_library_has_no_openmp_region(compiled_stage):
+    """Libraries are single-threaded code (``partitioner.aot_compiler``): what the compiling
+    process's thread count was must not change the library its key names. A library with a
+    parallel region references ``GOMP_parallel``."""
+    *_, library, _ = compiled_stage
+    with open(library.path, "rb") as f:
+        assert b"GOMP_parallel" not in f.read()
+
+
 def test_a_compiled_stage_checks_the_reply_it_unmasks(compiled_stage):
     """The GPU stage's Freivalds check, compiled into the stage that unmasks its reply: a
     reply changed by one unit, by 2**31 (the int32 ring's half) or in its exponent column
@@ -651,6 +660,40 @@ def test_full_vector_loads_is_in_place_and_undone():
         assert applied
         assert cpp.CppVecKernel._get_vec_load_line is not before
     assert cpp.CppVecKernel._get_vec_load_line is before
+
+
+def test_int64_products_are_rewritten_and_wrap_as_eager_bit_for_bit():
+    """The compile-time int64 product (``partitioner.aot_compiler``, three 32-bit multiplies
+    per lane on AVX2) against eager torch's wrapping product, on the values where a wrong
+    carry, sign or shift shows: 0, +-1, +-2**31, +-2**32, the int64 extremes and random
+    pairs, elementwise and in the Freivalds check's product-and-sum. The generated code must
+    use it (else this test would compare Inductor with itself), and Inductor is left as found."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codegen import cpp
+    from torch._inductor.utils import run_and_get_code
+
+    from partitioner.aot_compiler import wrapping_int64_products
+
+    edges = [0, 1, -1, 2, 2**31 - 1, 2**31, -(2**31), 2**32 - 1, 2**32, -(2**32)]
+    edges += [2**62, 2**63 - 1, -(2**63), -(2**63) + 1, 0x0123456789ABCDEF, -0x7EDCBA9876543210]
+    e = torch.tensor(edges, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(5)
+    random = torch.randint(-(2**63), 2**63 - 1, (2, 963), dtype=torch.int64, generator=gen)
+    a = torch.cat([e.repeat_interleave(len(edges)), random[0]])
+    b = torch.cat([e.repeat(len(edges)), random[1]])
+
+    def products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a * b, (a.view(-1, 1) * b.view(-1, 1)).view(-1, 53).sum(-1)
+
+    before = cpp.CppVecOverrides.__dict__["mul"]
+    with wrapping_int64_products() as applied, inductor_config.patch(fx_graph_cache=False):
+        compiled = torch.compile(products, dynamic=False)
+        got, code = run_and_get_code(compiled, a, b)
+    assert cpp.CppVecOverrides.__dict__["mul"] is before
+    want = products(a, b)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    if applied:
+        assert "_mm256_mul_epu32" in "".join(code)
 
 
 def test_lowered_ring_helpers_equal_the_eager_arithmetic_bit_for_bit():
