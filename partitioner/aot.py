@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._inductor.cpu_vec_isa import pick_vec_isa
 
 from partitioner.aot_compiler import VERSION as COMPILER_VERSION
 from partitioner.aot_compiler import compile_exported
@@ -396,13 +397,15 @@ def _check(
     return flag, 2 * len(pairs) + 1
 
 
-# what the key covers besides the graph: the compile options' version, torch's, and the
+# what the key covers besides the graph: the compile options' version, torch's, the vector
+# instruction set Inductor generates for (and the compiler's rewrites depend on), and the
 # lowering itself (a library cached under an old lowering must not be reused)
 _FORMAT = "|".join(
     [
         "aoti-checked-inputs-1",
         torch.__version__,
         COMPILER_VERSION,
+        str(pick_vec_isa()),
         hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
     ]
 )

@@ -88,8 +88,10 @@ def full_vector_loads() -> Iterator[bool]:
         kernel._get_vec_load_line = original
 
 
-# One lane of the product (above), then the generic lambda applies it to each vector of a
-# VectorizedN. Written as an expression: Inductor gives an override no place for a helper.
+# One vector of the product (above), applied to each vector of a VectorizedN: on AVX2 an
+# int64 loop is tiled at least 8 wide, so its values are always VectorizedN<int64_t, N >= 2
+# (any other operand fails to compile, and the stage stays eager: slower, never wrong).
+# Written as an expression: Inductor gives an override no place for a helper.
 _MUL64 = (
     "([](auto x, auto y) {{"
     " auto lane = [](at::vec::Vectorized<int64_t> a, at::vec::Vectorized<int64_t> b)"
@@ -98,8 +100,7 @@ _MUL64 = (
     " __m256i cross = _mm256_add_epi64("
     "_mm256_mul_epu32(_mm256_srli_epi64(u, 32), v), _mm256_mul_epu32(u, _mm256_srli_epi64(v, 32)));"
     " return _mm256_add_epi64(_mm256_mul_epu32(u, v), _mm256_slli_epi64(cross, 32)); }};"
-    " if constexpr (std::is_same_v<decltype(x), at::vec::Vectorized<int64_t>>) {{"
-    " return lane(x, y); }} else {{ return x.binary_op(y, lane); }} }})({a}, {b})"
+    " return x.binary_op(y, lane); }})({a}, {b})"
 )
 
 
@@ -156,6 +157,7 @@ def _options() -> dict[str, Any]:
         # SmolLM2 `slalom` stage library, hot: 20.0 us a call without, 23.7 us with, at
         # one enclave thread)
         "cpp.threads": 1,
+        "cpp.dynamic_threads": False,  # else its environment variable brings regions back
         # Inductor's graph cache keys on its config, which does not see the rewrite above:
         # this entry (metadata the library carries, read by nothing) puts it in the key, so
         # a graph compiled without the rewrite is never reused for one compiled with it
