@@ -165,7 +165,9 @@ class Executor:
                 for name in names_in(size)
             }
         )
-        self._expected: dict[tuple[tuple[str, int | None], ...], dict[str, Expected]] = {}
+        # per key: what each reply must be, and whether every reply's shape is known
+        self._expected: dict[tuple[tuple[str, int | None], ...], tuple[dict[str, Expected], bool]]
+        self._expected = {}
         # enclave stage -> (its module or library, what runs it)
         self._direct: dict[str, tuple[Any, Any]] = {}
         self._holders = set(plan.held())  # GPU stages that keep a state between calls
@@ -174,7 +176,6 @@ class Executor:
         self._fast: FastPath | None = None
         self._fast_for: list[Any] | None = None  # the libraries it was built with
         self._enclave_stages = [s for s in plan.stages if s.side == ENCLAVE]
-        self._fast_bindings: dict[tuple[tuple[str, int | None], ...], bool] = {}
         self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
@@ -230,18 +231,19 @@ class Executor:
     def replies(self, binding: Mapping[str, int]) -> dict[str, Expected]:
         """What each GPU stage's reply must be for a call with these sizes (built once per
         distinct value of the dims the replies' shapes name)."""
-        key = self._reply_key(binding)
+        return self._replies_known(binding)[0]
+
+    def _replies_known(self, binding: Mapping[str, int]) -> tuple[dict[str, Expected], bool]:
+        """:meth:`replies`, and whether every reply's shape is known before it comes."""
+        key = tuple((dim, binding.get(dim)) for dim in self._reply_dims)
         cached = self._expected.get(key)
         if cached is None:
             if len(self._expected) > _EXPECTED_CACHE:  # a long-running server's many sizes
                 self._expected.clear()
-            cached = self._expected[key] = {
-                stage: self._expect(stage, binding) for stage in self._replies
-            }
+            expected = {stage: self._expect(stage, binding) for stage in self._replies}
+            known = all(shape is not None for outs in expected.values() for _, shape in outs)
+            cached = self._expected[key] = (expected, known)
         return cached
-
-    def _reply_key(self, binding: Mapping[str, int]) -> tuple[tuple[str, int | None], ...]:
-        return tuple((dim, binding.get(dim)) for dim in self._reply_dims)
 
     def _expect(self, stage: str, binding: Mapping[str, int]) -> Expected:
         out: Expected = []
@@ -427,9 +429,9 @@ class Executor:
         gpu: dict[str, Any] = {}
         delta: dict[str, Any] = {}
         shadow: dict[str, Any] = {}
-        replies = self.replies(binding)
+        replies, known = self._replies_known(binding)
         copies = bool(getattr(self.runner, "copies_inputs", False))
-        fast = self._fast_path(env, masks, binding, replies, rows)
+        fast = self._fast_path(env, masks, known, rows)
         if fast is not None:
             clear, held = fast.run(
                 env, masks, replies, self.runner.run, copies, self.library_check_rows
@@ -569,25 +571,14 @@ class Executor:
         self,
         env: dict[str, Any],
         masks: MaskSet | None,
-        binding: Mapping[str, int],
-        replies: dict[str, Expected],
+        known: bool,
         rows: list[str] | None,
     ) -> FastPath | None:
         """The program as slot moves (``enclave_runtime.fastpath``) when this call can run so:
-        a mask set drawn, no rows to address, and every reply's shape known before it comes
+        a mask set drawn, no rows to address, and every reply's shape ``known`` before it comes
         (``check_reply`` then vouches for every reply's shape, which the fast path's skipped
         input scans rely on). ``None``: the generic loop runs the call."""
-        if masks is None or rows is not None:
-            return None
-        key = self._reply_key(binding)  # whether every reply's shape is known depends on these
-        known = self._fast_bindings.get(key)
-        if known is None:
-            if len(self._fast_bindings) > _EXPECTED_CACHE:
-                self._fast_bindings.clear()
-            known = self._fast_bindings[key] = all(
-                shape is not None for expected in replies.values() for _, shape in expected
-            )
-        if not known:
+        if masks is None or rows is not None or not known:
             return None
         # built again when what runs a stage changes: its library swapped (or first given
         # one), its module, what resolves a stage to its callable (a benchmark's timers), or
