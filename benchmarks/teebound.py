@@ -895,6 +895,10 @@ def main() -> None:
                 except NotLowerable as exc:
                     step_library = False
                     print(f"  {row_label}: no step library ({exc}): one library per stage")
+                except Exception as exc:  # export and Inductor raise many types (artifacts)
+                    step_library = False
+                    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    print(f"  {row_label}: no step library ({why}): one library per stage")
             split.spec.step = step_library if mode == "step" and step_library else None
             if mode in ("aot", "step") and not compiled:
                 t2 = time.perf_counter()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,15 @@ def wrapping_int64_products() -> Iterator[bool]:
         overrides.mul = original
 
 
+# Both rewrites patch Inductor's classes, which every thread shares: a compile in one thread
+# must not restore the originals under another's, nor run unpatched beside one patched
+_REWRITING = threading.RLock()
+
+
 @contextlib.contextmanager
 def rewrites() -> Iterator[None]:
-    """Both compile-time rewrites of this module, for one compile."""
-    with full_vector_loads(), wrapping_int64_products():
+    """Both compile-time rewrites of this module, for one compile (one at a time)."""
+    with _REWRITING, full_vector_loads(), wrapping_int64_products():
         yield
 
 

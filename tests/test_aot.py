@@ -706,6 +706,42 @@ def test_int64_products_are_rewritten_and_wrap_as_eager_bit_for_bit():
     assert "_mm256_mul_epu32" in "".join(code)
 
 
+def test_compile_time_rewrites_are_one_compile_at_a_time():
+    """The rewrites patch Inductor's shared classes: a second thread's compile must wait
+    for the first's to end, else the first's exit restores the originals under the second
+    (whose libraries would lose the rewrite, or be keyed as having it). The second thread
+    must not get in while the first holds them, and both leave Inductor as found."""
+    import threading
+
+    from torch._inductor.codegen import cpp
+
+    from partitioner.aot_compiler import rewrites
+
+    before = cpp.CppVecOverrides.__dict__["mul"]
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with rewrites():
+            inside.set()
+            release.wait(10)
+
+    def second() -> None:
+        inside.wait(10)
+        with rewrites():
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    assert inside.wait(10)
+    assert not second_in.wait(0.5)  # the second compile waits while the first runs
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert second_in.is_set()
+    assert cpp.CppVecOverrides.__dict__["mul"] is before
+
+
 def test_lowered_ring_helpers_equal_the_eager_arithmetic_bit_for_bit():
     """The lowering's shortcuts (a narrowing conversion for the residue mod 2**32, ``2**-e``
     built from its bits) against the arithmetic they replace: ``2**-e`` eager and through
