@@ -29,7 +29,7 @@ from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.fastpath import FastPath
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
-from enclave_runtime.replies import Expected, check_reply, check_storage
+from enclave_runtime.replies import Expected, check_reply
 from enclave_runtime.signature import CallSignature
 from enclave_runtime.step import StepCall, reply_as_read
 from partitioner import ops, step_op
@@ -532,8 +532,6 @@ class Executor:
             else:
                 outs = run(name, handed, expected)
             check_reply(name, outs, expected)
-            if not copies:
-                check_storage(name, outs)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if name in float_checks:
                 integrity.check(name, float_checks[name], sent, list(outs))

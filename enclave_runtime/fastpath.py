@@ -18,8 +18,8 @@ Guarantees, the same as the generic loop's (the adversarial tests run through bo
 * the GPU receives the tensors the plan says, in the stage's order, as the enclave's own
   tensors only to a runner that says it copies them (``copies_inputs``), else copies;
 * every reply is refused unless it has the plan's count, dtypes and shapes
-  (:func:`~enclave_runtime.replies.check_reply`), and, from a runner that does not
-  serialise, a storage as large as its shape, before anything reads it;
+  (:func:`~enclave_runtime.replies.check_reply`), memory of its own and a storage as large
+  as its shape, before anything reads it;
 * a checked reply is verified before any stage reads its values: by the next stage's library
   (on the enclave's own copy of what was sent, never a tensor a runner was handed) where it
   makes the check and the request has at most ``Executor.library_check_rows`` rows, else in
@@ -46,7 +46,7 @@ import torch
 
 from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.integrity import RingCheck
-from enclave_runtime.replies import check_reply, check_storage
+from enclave_runtime.replies import check_reply
 from partitioner.errors import IntegrityError
 from partitioner.plan import ENCLAVE, Stage
 
@@ -189,8 +189,6 @@ class FastPath:
                 v[slot] = sent[position].clone() if copies and here else sent[position]
             outs = run(name, sent if copies else [t.clone() for t in sent], expected)
             check_reply(name, outs, expected)
-            if not copies:
-                check_storage(name, outs)
             for slot, out in zip(step.outs, outs, strict=True):
                 v[slot] = out
             if check is not None and not here:

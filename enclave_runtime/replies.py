@@ -2,9 +2,10 @@
 
 Reads a reply (a list of tensors) and what the plan says it must be; writes nothing.
 Guarantees: a reply that passes :func:`check_reply` has the plan's count of outputs, each a
-plain dense CPU tensor of the plan's dtype and (where the call binds every size) shape, and
-finite where it is float; one that passes :func:`check_storage` has a storage as large as its
-shape and strides reach, so compiled code indexing it by its shape stays inside it.
+plain dense CPU tensor with memory of its own (no zero tensor, functionalisation or functorch
+wrapper), of the plan's dtype and (where the call binds every size) shape, finite where it is
+float, and with a storage as large as its shape and strides reach, so compiled code indexing
+it by its shape stays inside it.
 """
 
 from __future__ import annotations
@@ -50,21 +51,39 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             raise IntegrityError(
                 f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
             )
+        _check_memory(stage, i, out)
         if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
             raise IntegrityError(f"GPU stage {stage} output {i} holds NaN or inf (refused)")
 
 
-def check_storage(stage: str, outputs: list[torch.Tensor]) -> None:
-    """Refuse a reply whose storage is smaller than its shape and strides reach: a runner that
-    does not serialise (``copies_inputs`` false: its replies are tensors made in this process)
-    can return one, and compiled code would read past its end. A serialising runner's replies
-    are decoded here into new tensors from payloads of exactly their size (the driver's
-    ``WorkerClient``), so the loops skip this for them. Raises :class:`IntegrityError` naming
-    the output."""
-    for i, out in enumerate(outputs):
-        if not out.numel():
-            continue
+_functional = torch._is_functional_tensor
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _check_memory(stage: str, i: int, out: torch.Tensor) -> None:
+    """Refuse an output with no memory of its own, or a storage smaller than its shape and
+    strides reach. Each of these is an exact ``torch.Tensor`` that the checks above pass: a
+    zero tensor and a functionalisation wrapper have a data pointer of 0, a functorch batched
+    tensor no storage, and a tensor made in this process (a runner's reply, however it says
+    it handles requests) can have a storage cut short; compiled code indexing any of them by
+    its shape reads memory that is not the reply's."""
+    if out._is_zerotensor() or _functional(out) or _functorch_wrapped(out):
+        raise IntegrityError(
+            f"GPU stage {stage} output {i}: a tensor with no memory of its own (refused)"
+        )
+    if not out.numel():
+        return
+    try:
+        storage = out.untyped_storage().nbytes()
+        pointer = out.data_ptr()
+    except (RuntimeError, NotImplementedError) as exc:
+        raise IntegrityError(
+            f"GPU stage {stage} output {i}: its storage cannot be read ({exc}) (refused)"
+        ) from None
+    if out.is_contiguous():
+        reach = out.storage_offset() + out.numel()
+    else:
         reach = out.storage_offset() + 1
         reach += sum((n - 1) * step for n, step in zip(out.shape, out.stride(), strict=True))
-        if out.untyped_storage().nbytes() < reach * out.itemsize:
-            raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")
+    if not pointer or storage < reach * out.itemsize:
+        raise IntegrityError(f"GPU stage {stage} output {i}: storage too small for its shape")

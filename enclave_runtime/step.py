@@ -120,8 +120,9 @@ def reply_as_read(
     the dtype and rows of ``sent[like[i]]`` and ``widths[i]`` columns (refused otherwise:
     compiled code indexes it by that shape, whatever the plan says), contiguous, and not
     starting where another reply or a request does (copied where it does). ``fresh``: a
-    runner in this process, whose replies are checked for a storage as large as their shape
-    and always copied (it may keep a reply and write to it later)."""
+    runner in this process, whose replies are always copied (it may keep a reply and write
+    to it later). ``outs`` must have passed ``check_reply`` (memory of their own, a storage
+    as large as their shape and strides reach)."""
     if len(outs) != len(like):
         raise IntegrityError(f"GPU stage {stage} returned {len(outs)} outputs, not {len(like)}")
     seen = [t.data_ptr() for t in sent]
@@ -135,11 +136,9 @@ def reply_as_read(
                 f"reads {model.dtype} {[*model.shape[:-1], width]}"
             )
         if fresh:
-            # a tensor made in this process may have a storage smaller than its shape (and
-            # be kept and written to later): checked, then copied. A serialising runner's
-            # replies are new tensors decoded from bytes here.
-            if o.untyped_storage().nbytes() < (o.storage_offset() + o.numel()) * o.itemsize:
-                raise IntegrityError(f"GPU stage {stage} output {i}: storage too small")
+            # a tensor made in this process may be kept and written to later: copied (its
+            # storage has passed check_reply). A serialising runner's replies are new
+            # tensors decoded from bytes here.
             o = o.clone(memory_format=torch.contiguous_format)
         elif o.data_ptr() in seen or not o.is_contiguous():
             o = o.clone(memory_format=torch.contiguous_format)

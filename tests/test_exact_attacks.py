@@ -648,6 +648,15 @@ HOSTILE_FORMS = {
     "a subclass whose numpy() is the honest reply": _two_faced,
     "a sparse reply": lambda reply: reply.to_sparse(),
     "a reply with its negative bit set": lambda reply: torch._neg_view(-reply),
+    # exact torch.Tensor, strided, of the right dtype and shape, with no memory of their own
+    # (a reviewer's attacks: a compiled library read address 0, numpy raised RuntimeError)
+    "a zero tensor (no data)": lambda reply: torch._efficientzerotensor(
+        tuple(reply.shape), dtype=reply.dtype
+    ),
+    "a functionalisation wrapper": lambda reply: torch._to_functional_tensor(reply.clone()),
+    "a functorch batched tensor": lambda reply: torch._C._functorch._add_batch_dim(
+        torch.stack([reply, reply]), 0, 1
+    ),
 }
 
 

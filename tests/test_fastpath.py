@@ -167,6 +167,41 @@ def test_a_reply_a_library_would_misread_is_refused_by_either_loop(loop):
     assert torch.equal(got, want) and (ex._fast is not None) == fast
 
 
+NO_MEMORY = {
+    "zero": lambda t: torch._efficientzerotensor(tuple(t.shape), dtype=t.dtype),
+    "functional": lambda t: torch._to_functional_tensor(t.clone()),
+    "batched": lambda t: torch._C._functorch._add_batch_dim(torch.stack([t, t]), 0, 1),
+}
+
+
+@pytest.mark.parametrize("form", sorted(NO_MEMORY))
+def test_a_reply_with_no_memory_of_its_own_is_refused_by_either_loop(loop, form):
+    """An exact ``torch.Tensor`` of the right dtype and shape with no memory behind it (a
+    zero tensor or a functionalisation wrapper: data pointer 0; a functorch batched tensor:
+    no storage), to a stage a library checks: refused by name before the library reads it (a
+    reviewer's attack: the library read address 0, SIGSEGV; the batched one raised
+    NotImplementedError)."""
+    plan, _ = loop
+    target = library_checked(plan)[0]
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0"):
+        call(Executor(plan, Recording(plan, target, NO_MEMORY[form]), seed=1))
+
+
+class _SaysItCopies(Recording):
+    copies_inputs = True
+
+
+def test_a_runner_that_says_it_copies_still_has_its_replies_storage_checked(loop):
+    """``copies_inputs`` says what a runner does with a request, not what its replies are:
+    a reply whose storage is smaller than its shape is refused as such, never read (a
+    reviewer's attack: the library read past the storage's end and only the Freivalds check
+    on what it found stopped the call)."""
+    plan, _ = loop
+    target = library_checked(plan)[0]
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
+        call(Executor(plan, _SaysItCopies(plan, target, shrunk_storage), seed=1))
+
+
 def test_a_runner_that_edits_what_it_is_handed_is_caught_by_either_loop(loop):
     """The library checks the reply against the request the enclave sent, not against the
     request a runner that says it copies edited in place."""

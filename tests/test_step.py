@@ -147,6 +147,15 @@ class Shaping(Recording):
         return outs
 
 
+def _strided_short(t):
+    """``t``'s values every fourth element of a buffer, the buffer then cut to ``t``'s
+    element count: its shape and strides reach past the end of its storage."""
+    out = torch.empty(*t.shape[:-1], t.shape[-1] * 4, dtype=t.dtype)[..., ::4]
+    out.copy_(t)
+    out.untyped_storage().resize_(t.numel() * t.element_size())
+    return out
+
+
 def test_a_reply_the_library_would_misread_is_refused(compiled):
     """Compiled code reads a reply by the shape it computed: a reply one column short, or
     whose storage is smaller than its shape (an in-process runner can make one), is refused
@@ -158,6 +167,10 @@ def test_a_reply_the_library_would_misread_is_refused(compiled):
         call(Executor(plan, Shaping(plan, target, lambda t: t[..., 1:]), seed=1))
     with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
         call(Executor(plan, Shaping(plan, target, shrunk_storage), seed=1))
+    # strided, with a storage as large as its element count but not as its strides reach (a
+    # reviewer's attack: a check by element count passed it, and the copy read past the end)
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: storage"):
+        call(Executor(plan, Shaping(plan, target, _strided_short), seed=1))
     got, _ = call(Executor(plan, Shaping(plan, target, transposed_copy), seed=1))
     want, _ = call(Executor(plan, seed=1))
     assert torch.equal(got, want)
