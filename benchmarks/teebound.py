@@ -826,7 +826,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from enclave_runtime.executor import InProcessRunner
-    from partitioner.aot import NotLowerable, compile_enclave
+    from partitioner.aot import compile_enclave, why_eager
     from partitioner.aot_step import compile_step
     from partitioner.api import partition
     from partitioner.errors import TeesplitError
@@ -892,12 +892,9 @@ def main() -> None:
                 try:
                     step_library = compile_step(split, args.aot_cache)
                     print(f"  {row_label}: step library ({time.perf_counter() - t2:.0f} s)")
-                except NotLowerable as exc:
+                except Exception as exc:  # NotLowerable, or export's and Inductor's
                     step_library = False
-                    print(f"  {row_label}: no step library ({exc}): one library per stage")
-                except Exception as exc:  # export and Inductor raise many types (artifacts)
-                    step_library = False
-                    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    why = why_eager(exc)
                     print(f"  {row_label}: no step library ({why}): one library per stage")
             split.spec.step = step_library if mode == "step" and step_library else None
             if mode in ("aot", "step") and not compiled:

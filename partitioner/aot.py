@@ -267,6 +267,16 @@ class NotLowerable(Exception):
     """A stage holds an op this pass has no aten spelling for: it stays eager."""
 
 
+def why_eager(exc: Exception) -> str:
+    """Why a compile failed, in one line for a report: a :class:`NotLowerable`'s own reason,
+    else the error's type and the first line of its message (export and Inductor raise many
+    types, some with pages of generated code, some with no message at all)."""
+    if isinstance(exc, NotLowerable):
+        return str(exc)
+    first = next(iter(str(exc).splitlines()), "")
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def lower(module: torch.fx.GraphModule, verify: FusedCheck | None = None) -> Lowered:
     """The lowered copy of ``module`` (``module`` is not changed); with ``verify``, the check
     of the reply it unmasks compiled in, every later use of the reply gated on it."""
@@ -568,11 +578,8 @@ def compile_enclave(program: Any, directory: str | Path) -> CompileReport:
                 if not library.is_file():
                     compile_library(program, lowered, library)
                 report.libraries[lowered.key] = library
-        except NotLowerable as exc:
-            report.eager[stage.name] = str(exc)
-            continue
-        except Exception as exc:  # export and Inductor raise many types: the stage stays eager
-            report.eager[stage.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        except Exception as exc:  # NotLowerable, or export's and Inductor's: the stage stays eager
+            report.eager[stage.name] = why_eager(exc)
             continue
         verifies = lowered.verifies
         stage.compiled = report.compiled[stage.name] = CompiledLibrary(

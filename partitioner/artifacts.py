@@ -145,15 +145,13 @@ def _compile_enclave(program: Any, root: Path, weights: _Weights, step: bool) ->
 def _compile_step(program: Any, root: Path, weights: _Weights) -> tuple[dict[str, Any] | None, str]:
     """The index's ``step`` entry (``partitioner.aot_step``: the library, the proxy
     executor's call list beside it, and what feeds each input), or why there is none."""
-    from partitioner.aot import NotLowerable
+    from partitioner.aot import why_eager
     from partitioner.aot_step import compile_step
 
     try:
         library = compile_step(program, root / AOT_DIR)
-    except NotLowerable as exc:
-        return None, str(exc)
-    except Exception as exc:  # export and Inductor raise many types: one library per stage
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    except Exception as exc:  # NotLowerable, or export's and Inductor's: one library per stage
+        return None, why_eager(exc)
     keys = []
     for i, tensor in enumerate(library.constants):
         keys.append(f"aot/step/{i}")

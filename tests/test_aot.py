@@ -706,6 +706,21 @@ def test_int64_products_are_rewritten_and_wrap_as_eager_bit_for_bit():
     assert "_mm256_mul_epu32" in "".join(code)
 
 
+def test_a_failed_compile_is_reported_in_one_line_whatever_it_raised():
+    """The reason a stage (or a step library) stays eager: a NotLowerable's own, else the
+    error's type and its message's first line, cut to 200 characters; an error with no
+    message still gives a reason (an inline ``splitlines()[0]`` raised IndexError there,
+    inside the handler that was to keep the stage eager)."""
+    from partitioner.aot import NotLowerable, why_eager
+
+    assert why_eager(NotLowerable("call_module node x")) == "call_module node x"
+    long = RuntimeError("C++ compile error " + "x" * 300 + "\nthe generated code")
+    assert why_eager(long) == "RuntimeError: " + ("C++ compile error " + "x" * 300)[:200]
+    assert why_eager(RuntimeError()) == "RuntimeError: "
+    with pytest.raises(IndexError):  # the expression the reports used before
+        str(RuntimeError()).splitlines()[0]
+
+
 def test_compile_time_rewrites_are_one_compile_at_a_time():
     """The rewrites patch Inductor's shared classes: a second thread's compile must wait
     for the first's to end, else the first's exit restores the originals under the second
