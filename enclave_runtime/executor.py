@@ -31,8 +31,8 @@ from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
 from enclave_runtime.replies import Expected, check_reply
 from enclave_runtime.signature import CallSignature
-from enclave_runtime.step import StepCall, reply_as_read
-from partitioner import ops, step_op
+from enclave_runtime.step import StepCall, run_step
+from partitioner import ops
 from partitioner.dims import concrete_shape, names_in
 from partitioner.errors import ArtifactError, InputError, IntegrityError, PartitionError
 from partitioner.ops import direct_calls, prepare_ring_weights
@@ -111,14 +111,6 @@ class InProcessRunner:
 _EXPECTED_CACHE = 256  # distinct bindings (each holds every GPU stage)
 
 
-def _rows_of(shape: list[int] | None) -> int:
-    """How many rows a tensor of ``shape`` holds (``fastpath.request_rows``, from its shape)."""
-    rows = 1
-    for size in (shape or [1])[:-1]:
-        rows *= size
-    return rows
-
-
 class Executor:
     """One split program, ready to serve requests: its stages, a runner and a mask pool.
 
@@ -176,7 +168,6 @@ class Executor:
         self._fast: FastPath | None = None
         self._fast_for: list[Any] | None = None  # the libraries it was built with
         self._enclave_stages = [s for s in plan.stages if s.side == ENCLAVE]
-        self._zero = torch.zeros((), dtype=torch.int64)
         self._open: object = None  # the generation whose state they hold
         # Enclave values that cross to the GPU unmasked (public, DP-sanitised, or unprotected).
         clear = {
@@ -443,7 +434,7 @@ class Executor:
             delta.update(masks.deltas)
         step = self._step_call(replies, masks, rows)
         if step is not None and masks is not None:
-            return self._execute_step(step, env, masks, delta, binding, replies)
+            return run_step(self, step, env, masks, delta, binding, replies)
         checks = self.ring_checks
         pools = (masks.pads, delta, masks.noise) if masks is not None else None
         # the checks read the set's pads and corrections as numpy views made offline
@@ -615,108 +606,6 @@ class Executor:
                 )
             self._step = (library, StepCall(library))
         return self._step[1]
-
-    def _execute_step(
-        self,
-        step: StepCall,
-        env: dict[str, Any],
-        masks: MaskSet,
-        delta: dict[str, Any],
-        binding: Mapping[str, int],
-        replies: dict[str, Expected],
-    ) -> list[Any]:
-        """One call through the step library: ``execute``'s work, with every enclave stage
-        in the library and each GPU stage's request, reply and check in ``handler``."""
-        library = step.library
-        step.check(env, self.spec.input_dims, binding)
-        checks = self.ring_checks
-        stages = self.spec.stages
-        arrays = masks.arrays
-        copies = bool(getattr(self.runner, "copies_inputs", False))
-        run = self.runner.run
-        # the GPU stages whose replies the library checks (a request of few rows); the
-        # executor checks the others in numpy as they come, as execute does
-        here = {
-            name
-            for name in step.checked
-            if _rows_of(replies[name][0][1]) <= self.library_check_rows
-        }
-        args = []
-        for kind, name in library.sources:
-            if kind == "input":
-                args.append(env[name])
-            elif kind == "pad":
-                args.append(masks.pads[name])
-            elif kind == "delta":
-                args.append(delta[name])
-            elif kind == "check":
-                args.append(checks[name].fused_vector(name in here))
-            else:
-                args.append(self._zero)
-
-        def handler(
-            position: int,
-            verdict: torch.Tensor,
-            sent: list[torch.Tensor],
-            like: list[int],
-            widths: list[int],
-        ) -> list[torch.Tensor]:
-            code = int(verdict)
-            if code != step_op.GO_ON:
-                self._refuse_step(code)
-            stage = stages[position]
-            name = stage.name
-            expected = replies[name]
-            check = checks.get(name)
-            in_library = name in here
-            sums = None
-            if check is not None and not in_library:
-                pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
-                sums = check.expect(sent, pads)
-            # the library checks the reply against the tensors it sent: a runner that could
-            # edit what it is handed gets copies, whatever it says
-            handed = sent if copies and not in_library else [t.clone() for t in sent]
-            outs = run(name, handed, expected)
-            check_reply(name, outs, expected)
-            outs = reply_as_read(name, outs, sent, like, widths, fresh=not copies)
-            if check is not None and not in_library:
-                deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
-                check.verify(sums, outs, deltas)
-            return [*outs, torch.zeros((), dtype=torch.int64)]
-
-        outs = step(args, handler)
-        if len(outs) != len(library.outputs) + 1:
-            raise IntegrityError(
-                f"the step library returned {len(outs)} values, its index lists "
-                f"{len(library.outputs)} and a verdict"
-            )
-        code = int(outs.pop())
-        if code != step_op.GO_ON:
-            self._refuse_step(code)
-        env = dict(env)
-        gpu: dict[str, Any] = {}
-        for (where, name), value in zip(library.outputs, outs, strict=True):
-            (env if where == "env" else gpu)[name] = value
-        return [self._output(v, env, gpu, delta) for v in self.spec.flat_outputs]
-
-    def _refuse_step(self, code: int) -> None:
-        """Raise what the stages' libraries would have raised for the verdict ``code``."""
-        stages = self.spec.stages
-        position = code - step_op.FAILED
-        verified = stages[position].name if 0 <= position < len(stages) else None
-        if verified in self.ring_checks:
-            self.ring_checks[verified].draw()  # a failed check told the GPU something about s
-            raise IntegrityError(
-                f"GPU stage {verified} returned results that fail the Freivalds check "
-                "(made in the step library; exact: an honest result always passes, a wrong "
-                "one passes with probability <= 2**-31)"
-            )
-        if code == step_op.REFUSED:
-            raise InputError(
-                "a value to be masked is NaN or inf, or its fixed point exceeds its norm "
-                "limit (refused, rather than sending the GPU a residue that stands for nothing)"
-            )
-        raise IntegrityError(f"the step library returned verdict {code}")
 
     def _module(self, stage: Stage) -> Any:
         """The enclave stage's compiled library when it has one (``partitioner.aot``), else

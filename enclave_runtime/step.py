@@ -13,16 +13,22 @@ checks the reply and returns it). Guarantees:
 * **The handler's error, as it was raised.** An error in the handler (a reply that fails a
   check, a refused value) ends the library's run; it is raised here as the handler raised
   it, not as AOTInductor's ``RuntimeError``.
+
+:func:`run_step` is the executor's call through it: the library's inputs from the call and its
+mask set, and the handler that sends each GPU stage's request and checks its reply (the
+executor's own loop does the same per stage: ``Executor.execute``, ``enclave_runtime.fastpath``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from enclave_runtime import compiled  # noqa: F401  (sets AOTI_RUNTIME_CHECK_INPUTS first)
+from enclave_runtime.replies import Expected, check_reply
 from partitioner import step_op
 from partitioner.dims import concrete_shape
 from partitioner.errors import ArtifactError, InputError, IntegrityError
@@ -145,3 +151,115 @@ def reply_as_read(
         seen.append(o.data_ptr())
         out.append(o)
     return out
+
+
+def _rows_of(shape: list[int] | None) -> int:
+    """How many rows a tensor of ``shape`` holds (``fastpath.request_rows``, from its shape)."""
+    rows = 1
+    for size in (shape or [1])[:-1]:
+        rows *= size
+    return rows
+
+
+def run_step(
+    executor: Any,
+    step: StepCall,
+    env: dict[str, Any],
+    masks: Any,
+    delta: dict[str, Any],
+    binding: Mapping[str, int],
+    replies: dict[str, Expected],
+) -> list[Any]:
+    """One call of ``executor``'s program through the step library: ``Executor.execute``'s
+    work, with every enclave stage in the library and each GPU stage's request, reply and
+    check in ``handler``. ``masks``: the call's mask set; ``delta``: its corrections."""
+    library = step.library
+    step.check(env, executor.spec.input_dims, binding)
+    checks = executor.ring_checks
+    stages = executor.spec.stages
+    arrays = masks.arrays
+    copies = bool(getattr(executor.runner, "copies_inputs", False))
+    run = executor.runner.run
+    # the GPU stages whose replies the library checks (a request of few rows); the executor
+    # checks the others in numpy as they come, as its own loop does
+    here = {
+        name
+        for name in step.checked
+        if _rows_of(replies[name][0][1]) <= executor.library_check_rows
+    }
+    args = []
+    for kind, name in library.sources:
+        if kind == "input":
+            args.append(env[name])
+        elif kind == "pad":
+            args.append(masks.pads[name])
+        elif kind == "delta":
+            args.append(delta[name])
+        elif kind == "check":
+            args.append(checks[name].fused_vector(name in here))
+        else:
+            args.append(torch.zeros((), dtype=torch.int64))
+
+    def handler(
+        position: int,
+        verdict: torch.Tensor,
+        sent: list[torch.Tensor],
+        like: list[int],
+        widths: list[int],
+    ) -> list[torch.Tensor]:
+        code = int(verdict)
+        if code != step_op.GO_ON:
+            _refuse(checks, stages, code)
+        stage = stages[position]
+        name = stage.name
+        expected = replies[name]
+        check = checks.get(name)
+        in_library = name in here
+        sums = None
+        if check is not None and not in_library:
+            pads = [arrays[n] if n in arrays else delta.get(n) for n in stage.inputs]
+            sums = check.expect(sent, pads)
+        # the library checks the reply against the tensors it sent: a runner that could
+        # edit what it is handed gets copies, whatever it says
+        handed = sent if copies and not in_library else [t.clone() for t in sent]
+        outs = run(name, handed, expected)
+        check_reply(name, outs, expected)
+        outs = reply_as_read(name, outs, sent, like, widths, fresh=not copies)
+        if check is not None and not in_library:
+            deltas = [arrays[n] if n in arrays else delta.get(n) for n in stage.outputs]
+            check.verify(sums, outs, deltas)
+        return [*outs, torch.zeros((), dtype=torch.int64)]
+
+    outs = step(args, handler)
+    if len(outs) != len(library.outputs) + 1:
+        raise IntegrityError(
+            f"the step library returned {len(outs)} values, its index lists "
+            f"{len(library.outputs)} and a verdict"
+        )
+    code = int(outs.pop())
+    if code != step_op.GO_ON:
+        _refuse(checks, stages, code)
+    env = dict(env)
+    gpu: dict[str, Any] = {}
+    for (where, name), value in zip(library.outputs, outs, strict=True):
+        (env if where == "env" else gpu)[name] = value
+    return [executor._output(v, env, gpu, delta) for v in executor.spec.flat_outputs]
+
+
+def _refuse(checks: Mapping[str, Any], stages: list[Any], code: int) -> None:
+    """Raise what the stages' libraries would have raised for the verdict ``code``."""
+    position = code - step_op.FAILED
+    verified = stages[position].name if 0 <= position < len(stages) else None
+    if verified in checks:
+        checks[verified].draw()  # a failed check told the GPU something about s
+        raise IntegrityError(
+            f"GPU stage {verified} returned results that fail the Freivalds check "
+            "(made in the step library; exact: an honest result always passes, a wrong "
+            "one passes with probability <= 2**-31)"
+        )
+    if code == step_op.REFUSED:
+        raise InputError(
+            "a value to be masked is NaN or inf, or its fixed point exceeds its norm "
+            "limit (refused, rather than sending the GPU a residue that stands for nothing)"
+        )
+    raise IntegrityError(f"the step library returned verdict {code}")
