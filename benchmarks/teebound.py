@@ -803,6 +803,13 @@ def main() -> None:
         default=True,
         help="all_enclave with its linear layers free, eager and compiled (benchmarks/ceiling.py)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["caching", "torch"],
+        default="caching",
+        help="the process's CPU allocator, for every preset and all_enclave alike: the "
+        "enclave driver's caching one (enclave_runtime.allocator), or torch's own",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teebound.json"))
     args = parser.parse_args()
     if args.quick:
@@ -813,6 +820,12 @@ def main() -> None:
     batches = {w: args.batch or b for w, b in DEFAULT_BATCH.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "caching":
+        from enclave_runtime import allocator
+
+        why = allocator.install()
+        if why is not None:
+            raise SystemExit(f"--allocator caching: {why}")
     common = {}
     for item in args.set:
         key, eq, value = item.partition("=")
@@ -856,7 +869,8 @@ def main() -> None:
     print(
         f"SmolLM2-135M ({layers} layers), batch 1: prefill of {CONTEXT} tokens and one decode "
         f"step at context {CONTEXT}; {torch.get_num_threads()} torch thread(s); "
-        f"repeats {args.repeats}; setup {time.perf_counter() - started:.0f} s"
+        f"{args.allocator} CPU allocator; repeats {args.repeats}; "
+        f"setup {time.perf_counter() - started:.0f} s"
     )
 
     rows: list[dict[str, Any]] = []
@@ -1079,6 +1093,7 @@ def main() -> None:
         "context": CONTEXT,
         "batch": 1,
         "threads": torch.get_num_threads(),
+        "allocator": args.allocator,
         "repeats": args.repeats,
         "offline_batch": batches,
         "quick": args.quick,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from enclave_runtime import allocator
 from enclave_runtime.driver import connect
 from enclave_runtime.generation import encode_prompt, generate
 from enclave_runtime.launcher import bundle_root
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-token-file", default=None, help="the worker's shared secret (TCP)"
     )
     args = parser.parse_args(argv)
+    why = allocator.install()
+    if why is not None:
+        print(f"teesplit enclave: torch's own CPU allocator ({why})", file=sys.stderr, flush=True)
     try:
         serve_stdin(args)
     except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from enclave_runtime import allocator
 from enclave_runtime.driver import WorkerError
 from enclave_runtime.engine import Engine, Request
 from enclave_runtime.openai_api import (
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         model_name=args.model_name,
         api_key=api_key.decode("utf-8", "replace").strip() if api_key is not None else None,
     )
+    why = allocator.install()
+    if why is not None:
+        print(f"teesplit serve: torch's own CPU allocator ({why})", file=sys.stderr, flush=True)
     if args.allow_unsigned:
         print(
             UNSIGNED_WARNING.replace("teesplit enclave", "teesplit serve"),
