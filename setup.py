@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["partitioner", "passes", "runtime", "enclave_runtime"],
-    package_data={"enclave_runtime": ["templates/*.template"]},
+    # the caching CPU allocator's source, and the library when built before packaging
+    package_data={"enclave_runtime": ["templates/*.template", "native/*.cpp", "native/*.so"]},
     entry_points={"console_scripts": ["teesplit = partitioner.cli:main"]},
     install_requires=[
         # 2.13.0 is the CPU build this project is developed against; a looser pin pulls CUDA.

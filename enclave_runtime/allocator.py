@@ -7,8 +7,8 @@ buffer per kernel, and glibc's aligned allocation path, which torch's allocator 
 ~15 % of a replayed SmolLM2 ``slalom`` decode step (``benchmarks/README.md``). Guarantees:
 :func:`install` is idempotent and says, when it cannot install, why (the library not built,
 or not loadable); tensors allocated before keep their own deleter, so installing at any point
-is safe. The library is machine code in the enclave's trusted files (the Gramine manifest
-measures the Python paths it lies in), as the stage libraries are in the bundle's.
+is safe. The library is the enclave process's own machine code, package data of this package
+(``setup.py``) like its Python modules, where the stage libraries are the bundle's.
 """
 
 from __future__ import annotations

@@ -29,9 +29,18 @@ constexpr size_t kMaxCached = size_t(64) << (kClasses - 1);
 constexpr size_t kCacheLimit = size_t(64) << 20;  // 64 MiB on the free lists at most
 constexpr int kUncached = -1;
 
-std::mutex g_mutex;
-std::vector<void*> g_free[kClasses];
-size_t g_cached = 0;
+// Never destroyed (leaked on purpose): tensors still alive while the process's static
+// objects are destroyed at exit (torch's own globals among them) are freed through release(),
+// and torch keeps calling the allocator it was given until the very end.
+struct FreeLists {
+  std::mutex mutex;
+  std::vector<void*> blocks[kClasses];
+  size_t cached = 0;
+};
+FreeLists& lists() {
+  static FreeLists* state = new FreeLists();
+  return *state;
+}
 std::atomic<uint64_t> g_hits{0};
 std::atomic<uint64_t> g_misses{0};
 
@@ -46,12 +55,13 @@ void release(void* user) {
   char* base = static_cast<char*>(user) - kHeader;
   int k;
   std::memcpy(&k, base, sizeof k);
-  if (k != kUncached) {
+  if (k >= 0 && k < kClasses) {  // else kUncached: freed at its own size
     const size_t size = size_t(64) << k;
-    std::lock_guard<std::mutex> guard(g_mutex);
-    if (g_cached + size <= kCacheLimit) {
-      g_free[k].push_back(base);
-      g_cached += size;
+    FreeLists& state = lists();
+    std::lock_guard<std::mutex> guard(state.mutex);
+    if (state.cached + size <= kCacheLimit) {
+      state.blocks[k].push_back(base);
+      state.cached += size;
       return;
     }
   }
@@ -65,12 +75,13 @@ class CachingCpuAllocator final : public at::Allocator {
     const int k = n <= kMaxCached ? size_class(n) : kUncached;
     void* base = nullptr;
     if (k != kUncached) {
-      std::lock_guard<std::mutex> guard(g_mutex);
-      auto& list = g_free[k];
+      FreeLists& state = lists();
+      std::lock_guard<std::mutex> guard(state.mutex);
+      auto& list = state.blocks[k];
       if (!list.empty()) {
         base = list.back();
         list.pop_back();
-        g_cached -= size_t(64) << k;
+        state.cached -= size_t(64) << k;
       }
     }
     if (base != nullptr) {
@@ -89,24 +100,28 @@ class CachingCpuAllocator final : public at::Allocator {
   }
 };
 
-CachingCpuAllocator g_allocator;
+CachingCpuAllocator* allocator() {
+  static CachingCpuAllocator* instance = new CachingCpuAllocator();  // never destroyed
+  return instance;
+}
 
 }  // namespace
 
 // Makes it torch's CPU allocator from now on (tensors allocated before keep their deleter).
 extern "C" void teesplit_cpu_allocator_install() {
-  c10::SetCPUAllocator(&g_allocator, /*priority=*/1);
+  c10::SetCPUAllocator(allocator(), /*priority=*/1);
 }
 
 // Whether it is torch's CPU allocator now.
 extern "C" int teesplit_cpu_allocator_active() {
-  return c10::GetCPUAllocator() == &g_allocator ? 1 : 0;
+  return c10::GetCPUAllocator() == allocator() ? 1 : 0;
 }
 
 // Allocations served from the free lists, allocations that called glibc, bytes cached.
 extern "C" void teesplit_cpu_allocator_stats(uint64_t* hits, uint64_t* misses, uint64_t* cached) {
   *hits = g_hits.load();
   *misses = g_misses.load();
-  std::lock_guard<std::mutex> guard(g_mutex);
-  *cached = g_cached;
+  FreeLists& state = lists();
+  std::lock_guard<std::mutex> guard(state.mutex);
+  *cached = state.cached;
 }
