@@ -8,8 +8,11 @@ overridden; where ``gramine-manifest`` is on the PATH a deployer can render the 
 with it instead.
 
 Guarantees: every file of the enclave bundle is listed in ``sgx.trusted_files`` with its sha256
-(and nothing from ``gpu/``); ``sgx.enclave_size`` is the measured peak memory times a margin,
-rounded up to a power of two; the output parses as TOML.
+(and nothing from ``gpu/``); the interpreter's library folders and the enclave's own package
+folders (``enclave_runtime``, ``partitioner``, ``runtime``: in the checkout under an editable
+install, which its site-packages only points to) are mounted and trusted; ``sgx.enclave_size``
+is the measured peak memory times a margin, rounded up to a power of two; the output parses as
+TOML.
 """
 
 from __future__ import annotations
@@ -83,6 +86,33 @@ def check_worker(worker: str) -> None:
         )
 
 
+# the packages the enclave process imports its own code from (the data layer and the bundle
+# reader are in ``partitioner``; the wire contract in ``runtime``)
+_OWN_PACKAGES = ("enclave_runtime", "partitioner", "runtime")
+
+
+def _own_code(python_paths: list[str]) -> tuple[list[str], list[str]]:
+    """Where this interpreter imports the enclave's own packages from, when that is outside
+    ``python_paths`` (an editable install: the checkout): the folders to mount, and each
+    package's folder to trust (not the checkout: its caches and tests are not the enclave's)."""
+    roots: set[str] = set()
+    dirs: set[str] = set()
+    for name in _OWN_PACKAGES:
+        spec = __import__(name).__spec__
+        origin = spec.origin if spec is not None else None
+        if origin is None:
+            raise ArtifactError(f"cannot tell where the enclave's package {name} is installed")
+        folder = Path(origin).resolve().parent
+        if any(folder.is_relative_to(p) for p in python_paths):
+            continue  # a regular install: its site-packages is mounted and trusted already
+        for value in (str(folder), str(folder.parent)):
+            if not _SAFE_ARG.fullmatch(value):
+                raise ArtifactError(f"{value!r} cannot be written into the manifest")
+        roots.add(str(folder.parent))
+        dirs.add(str(folder))
+    return sorted(roots), sorted(dirs)
+
+
 def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     """The manifest for the enclave driver serving ``bundle`` (a saved split program)."""
     root = Path(bundle).resolve()
@@ -132,6 +162,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
     paths = sysconfig.get_paths()
     keys = ("stdlib", "platstdlib", "purelib", "platlib")
     python_paths = sorted({paths[key] for key in keys})
+    code_roots, code_dirs = _own_code(python_paths)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
         undefined=jinja2.StrictUndefined,
@@ -152,6 +183,8 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         arch_libdir="/lib/x86_64-linux-gnu",
         compute_threads=options.compute_threads,
         python_paths=python_paths,
+        code_roots=code_roots,
+        code_dirs=code_dirs,
         bundle_dir=str(root),
         debug=options.debug,
         enclave_size=enclave_size(options.peak_bytes),

@@ -2,6 +2,7 @@
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import shared_bundle
@@ -89,3 +90,35 @@ def test_a_file_name_cannot_write_toml_into_the_manifest(bundle, tmp_path):
     with pytest.raises(ArtifactError, match="cannot be written into the manifest"):
         worker = '127.0.0.1:1"\nsgx.debug = true'
         render_manifest(bundle, ManifestOptions(peak_bytes=1, worker=worker, allow_unsigned=True))
+
+
+def test_the_enclaves_own_code_is_mounted_and_trusted_wherever_it_is_installed(bundle):
+    """The enclave imports ``enclave_runtime`` (and the data layer, and the wire contract) from
+    wherever this interpreter finds them: under ``make``'s editable install that is the
+    checkout, outside the interpreter's site-packages. Unmounted, the driver could not import
+    itself inside Gramine; untrusted, a host could swap its code. Each package folder is a
+    trusted folder of the manifest (not the checkout: its caches and tests are not the
+    enclave's), and the folder they are imported from is mounted."""
+    import enclave_runtime
+    import partitioner
+    import runtime
+
+    manifest = tomllib.loads(
+        render_manifest(
+            bundle, ManifestOptions(peak_bytes=900 << 20, max_threads=8, allow_unsigned=True)
+        )
+    )
+    mounted = {m["uri"].removeprefix("file:") for m in manifest["fs"]["mounts"] if "uri" in m}
+    trusted = {
+        t.removeprefix("file:") for t in manifest["sgx"]["trusted_files"] if isinstance(t, str)
+    }
+
+    def covered(path: str, folders: set[str]) -> bool:
+        return any(path == f.rstrip("/") or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+    for package in (enclave_runtime, partitioner, runtime):
+        folder = str(Path(package.__file__).resolve().parent)
+        assert covered(folder, mounted), folder
+        assert covered(folder, trusted), folder
+    checkout = str(Path(enclave_runtime.__file__).resolve().parent.parent)
+    assert checkout + "/" not in trusted  # the packages, not everything beside them
