@@ -97,13 +97,14 @@ def _own_code(python_paths: list[str]) -> tuple[list[str], list[str]]:
     package's folder to trust (not the checkout: its caches and tests are not the enclave's)."""
     roots: set[str] = set()
     dirs: set[str] = set()
+    resolved = [Path(p).resolve() for p in python_paths]  # the folders below are resolved too
     for name in _OWN_PACKAGES:
         spec = __import__(name).__spec__
         origin = spec.origin if spec is not None else None
         if origin is None:
             raise ArtifactError(f"cannot tell where the enclave's package {name} is installed")
         folder = Path(origin).resolve().parent
-        if any(folder.is_relative_to(p) for p in python_paths):
+        if any(folder.is_relative_to(p) for p in resolved):
             continue  # a regular install: its site-packages is mounted and trusted already
         for value in (str(folder), str(folder.parent)):
             if not _SAFE_ARG.fullmatch(value):

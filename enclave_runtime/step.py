@@ -21,6 +21,7 @@ executor's own loop does the same per stage: ``Executor.execute``, ``enclave_run
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from enclave_runtime import compiled  # noqa: F401  (sets AOTI_RUNTIME_CHECK_INPUTS first)
+from enclave_runtime.pool import MaskSet
 from enclave_runtime.replies import Expected, check_reply
 from partitioner import step_op
 from partitioner.dims import concrete_shape
@@ -153,19 +155,20 @@ def reply_as_read(
     return out
 
 
+# the verdict a step starts from (step_op.GO_ON): made once, the library only reads it
+_STARTING_VERDICT = torch.zeros((), dtype=torch.int64)
+
+
 def _rows_of(shape: list[int] | None) -> int:
     """How many rows a tensor of ``shape`` holds (``fastpath.request_rows``, from its shape)."""
-    rows = 1
-    for size in (shape or [1])[:-1]:
-        rows *= size
-    return rows
+    return math.prod((shape or [1])[:-1])
 
 
 def run_step(
     executor: Any,
     step: StepCall,
     env: dict[str, Any],
-    masks: Any,
+    masks: MaskSet,
     delta: dict[str, Any],
     binding: Mapping[str, int],
     replies: dict[str, Expected],
@@ -198,7 +201,7 @@ def run_step(
         elif kind == "check":
             args.append(checks[name].fused_vector(name in here))
         else:
-            args.append(torch.zeros((), dtype=torch.int64))
+            args.append(_STARTING_VERDICT)
 
     def handler(
         position: int,
