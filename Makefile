@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
-# the enclave's caching CPU allocator (enclave_runtime/allocator.py): C++ against this torch,
-# rebuilt when its source changes
-ALLOCATOR := enclave_runtime/native/teesplit_cpu_allocator.so
-SETUP := $(STAMP) $(ALLOCATOR)
+# the enclave's native helpers (partitioner/native.py): its caching CPU allocator and the
+# reply check's fast path, C++ against this torch, rebuilt when a source changes
+NATIVE := enclave_runtime/native/teesplit_cpu_allocator.so enclave_runtime/native/teesplit_reply_check.so
+SETUP := $(STAMP) $(NATIVE)
 SST2 ?= ../shared/data/sst2
 # SmolLM2 converted once from GGUF (partitioner/converted.py) for every target here: in the
 # clone, so a fresh clone converts afresh and `make clean` removes it
@@ -33,7 +33,7 @@ $(STAMP): setup.py Makefile
 		echo "nginx not installed: tests/test_scale_out.py will skip"
 	touch $(STAMP)
 
-$(ALLOCATOR): enclave_runtime/native/cpu_allocator.cpp $(STAMP)
+$(NATIVE) &: $(wildcard enclave_runtime/native/*.cpp) partitioner/native.py $(STAMP)
 	$(PY) -m partitioner.native
 
 demo: $(SETUP)
@@ -89,4 +89,4 @@ bench-recovery: $(SETUP)
 	$(PY) benchmarks/privacy/recovery.py --data $(SST2)
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(ALLOCATOR)
+	rm -rf $(VENV) build *.egg-info $(NATIVE)

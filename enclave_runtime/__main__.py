@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-token-file", default=None, help="the worker's shared secret (TCP)"
     )
     args = parser.parse_args(argv)
-    why = allocator.install()
-    if why is not None:
-        print(f"teesplit enclave: torch's own CPU allocator ({why})", file=sys.stderr, flush=True)
+    for note in allocator.prepare():
+        print(f"teesplit enclave: {note}", file=sys.stderr, flush=True)
     try:
         serve_stdin(args)
     except TeesplitError as exc:  # typed errors name what is at fault; no traceback needed

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jinja2
 
+from enclave_runtime.allocator import malloc_tunables
 from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
 from partitioner.signing import SIGNATURE_FILE
@@ -183,6 +184,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         log_level=options.log_level,
         arch_libdir="/lib/x86_64-linux-gnu",
         compute_threads=options.compute_threads,
+        malloc_tunables=malloc_tunables(),
         python_paths=python_paths,
         code_roots=code_roots,
         code_dirs=code_dirs,

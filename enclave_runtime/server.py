@@ -376,9 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         model_name=args.model_name,
         api_key=api_key.decode("utf-8", "replace").strip() if api_key is not None else None,
     )
-    why = allocator.install()
-    if why is not None:
-        print(f"teesplit serve: torch's own CPU allocator ({why})", file=sys.stderr, flush=True)
+    for note in allocator.prepare():
+        print(f"teesplit serve: {note}", file=sys.stderr, flush=True)
     if args.allow_unsigned:
         print(
             UNSIGNED_WARNING.replace("teesplit enclave", "teesplit serve"),

@@ -1,9 +1,10 @@
-"""Building the enclave's native helper: the caching CPU allocator (``enclave_runtime/allocator``).
+"""Building the enclave's native helpers: the caching CPU allocator (``enclave_runtime/allocator``)
+and the fast accept path of the reply check (``enclave_runtime/replies``).
 
-Reads ``enclave_runtime/native/cpu_allocator.cpp``; writes
-``enclave_runtime/native/teesplit_cpu_allocator.so`` (ignored by git; ``make`` builds it at
-install). Compile-time code: it needs a C++ compiler and torch's headers, as the stage
-libraries' compile does (``partitioner.aot_compiler``); the enclave only loads the result.
+Reads ``enclave_runtime/native/*.cpp``; writes ``enclave_runtime/native/teesplit_*.so``
+(ignored by git; ``make`` builds them at install). Compile-time code: it needs a C++ compiler
+and torch's headers, as the stage libraries' compile does (``partitioner.aot_compiler``); the
+enclave only loads the results.
 
     python -m partitioner.native      # build (again) and print where
 """
@@ -16,25 +17,32 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "enclave_runtime" / "native" / "cpu_allocator.cpp"
-TARGET = ROOT / "enclave_runtime" / "native" / "teesplit_cpu_allocator.so"
+NATIVE = ROOT / "enclave_runtime" / "native"
+# name: (source, whether it is a Python module: the allocator is loaded with ctypes)
+HELPERS = {
+    "teesplit_cpu_allocator": ("cpu_allocator.cpp", False),
+    "teesplit_reply_check": ("reply_check.cpp", True),
+}
 
 
-def build_allocator(target: Path = TARGET) -> Path:
-    """Compile :data:`SOURCE` against the installed torch into ``target``; returns it.
-    Raises whatever torch's extension builder raises (no compiler, a compile error)."""
+def build(name: str, folder: Path = NATIVE) -> Path:
+    """Compile helper ``name`` (:data:`HELPERS`) against the installed torch into
+    ``folder/name.so``; returns it. Raises whatever torch's extension builder raises (no
+    compiler, a compile error)."""
     from torch.utils.cpp_extension import load
 
+    source, module = HELPERS[name]
+    target = folder / f"{name}.so"
     with tempfile.TemporaryDirectory(prefix="teesplit-native-") as work:
         load(
-            name="teesplit_cpu_allocator",
-            sources=[str(SOURCE)],
+            name=name,
+            sources=[str(NATIVE / source)],
             extra_cflags=["-O2"],
             build_directory=work,
-            is_python_module=False,
+            is_python_module=module,
             verbose=False,
         )
-        built = Path(work) / "teesplit_cpu_allocator.so"
+        built = Path(work) / f"{name}.so"
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".so.partial")
         shutil.copyfile(built, partial)
@@ -43,7 +51,8 @@ def build_allocator(target: Path = TARGET) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(build_allocator())
-    except Exception as exc:  # the CLI's one line: the build's own message
-        sys.exit(f"teesplit native: cannot build {SOURCE.name}: {str(exc).splitlines()[0]}")
+    for helper, (cpp, _) in HELPERS.items():
+        try:
+            print(build(helper))
+        except Exception as exc:  # the CLI's one line: the build's own message
+            sys.exit(f"teesplit native: cannot build {cpp}: {str(exc).splitlines()[0]}")

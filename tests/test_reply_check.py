@@ -1,0 +1,131 @@
+"""The reply check's native fast path (``enclave_runtime/native/reply_check.cpp``): built by
+``make``, it accepts an honest reply in one call, and it accepts nothing the Python check
+refuses. Every hostile reply below is run through both: the fast path must refuse each, and
+``check_reply`` (the fast path, then the Python check) must raise the Python check's error.
+The end-to-end attacks (``tests/test_exact_attacks.py``, ``tests/test_fastpath.py``) run with
+the fast path in place, as the enclave does."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from adversary import shrunk_storage, transposed_copy
+from conftest import partition_step_for_tests
+
+from enclave_runtime import replies
+from enclave_runtime.executor import Executor, InProcessRunner
+from partitioner.errors import IntegrityError
+
+REPLY = torch.arange(2 * 3 * 7, dtype=torch.int32).reshape(2, 3, 7)
+EXPECTED = [(torch.int32, [2, 3, 7])]
+
+
+def _python_check(outputs, expected):
+    saved, replies.native_accepts = replies.native_accepts, None
+    try:
+        replies.check_reply("s", outputs, expected)
+    finally:
+        replies.native_accepts = saved
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _storage_offset_past_end(t):
+    """``t`` two elements into a storage then cut one element short of its end."""
+    whole = torch.zeros(t.numel() + 2, dtype=t.dtype)
+    view = whole[2:].view(t.shape)
+    whole.untyped_storage().resize_((t.numel() + 1) * t.element_size())
+    return view
+
+
+HOSTILE = {
+    "int64 residues": lambda t: [t.to(torch.int64)],
+    "uint32 view": lambda t: [t.view(torch.uint32)],
+    "a column short": lambda t: [t[..., :-1].clone()],
+    "a flat tensor": lambda t: [t.reshape(-1)],
+    "a 0-dim tensor": lambda t: [t.sum().to(torch.int32)],
+    "a numpy array": lambda t: [t.numpy()],
+    "a list of ints": lambda t: [t.tolist()],
+    "None": lambda t: [None],
+    "too few": lambda t: [],
+    "too many": lambda t: [t, t],
+    "a subclass": lambda t: [t.clone().as_subclass(_Sub)],
+    "a sparse tensor": lambda t: [t.to_sparse()],
+    "a negated view": lambda t: [torch._neg_view(-t)],
+    "a zero tensor": lambda t: [torch._efficientzerotensor(tuple(t.shape), dtype=t.dtype)],
+    "a functionalisation wrapper": lambda t: [torch._to_functional_tensor(t.clone())],
+    "a functorch batched tensor": lambda t: [
+        torch._C._functorch._add_batch_dim(torch.stack([t, t]), 0, 1)
+    ],
+    "a meta tensor": lambda t: [torch.empty_like(t, device="meta")],
+    "a storage cut short": lambda t: [shrunk_storage(t)],
+    "an offset past the storage's end": lambda t: [_storage_offset_past_end(t)],
+    "a generator, not a list": lambda t: (x for x in [t]),
+    "a list subclass": lambda t: type("L", (list,), {})([t]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_the_fast_path_refuses_every_reply_the_python_check_refuses(case):
+    reply = HOSTILE[case](REPLY.clone())
+    with pytest.raises(IntegrityError):
+        _python_check(reply, EXPECTED)
+    assert replies.native_accepts is not None
+    assert not replies.native_accepts(reply, EXPECTED)
+    with pytest.raises(IntegrityError, match="GPU stage s"):
+        replies.check_reply("s", reply, EXPECTED)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_a_float_reply_that_is_not_finite_is_refused_by_both(poison):
+    reply = torch.ones(1, 4)
+    reply[0, 2] = poison
+    expected = [(torch.float32, [1, 4])]
+    assert not replies.native_accepts([reply], expected)
+    with pytest.raises(IntegrityError, match="NaN or inf"):
+        replies.check_reply("s", [reply], expected)
+
+
+def test_an_honest_reply_is_accepted_by_the_fast_path_itself():
+    # the plan's forms: a list of (dtype, shape) pairs, shape a list or None (open sizes)
+    assert replies.native_accepts([REPLY.clone()], EXPECTED)
+    assert replies.native_accepts((REPLY.clone(),), [(torch.int32, None)])
+    float_reply = torch.randn(1, 1, 5)
+    assert replies.native_accepts([float_reply, REPLY], [(torch.float32, [1, 1, 5]), *EXPECTED])
+    assert replies.native_accepts([torch.empty(0, 7, dtype=torch.int64)], [(torch.int64, [0, 7])])
+
+
+def test_what_the_fast_path_passes_on_is_judged_by_the_python_check():
+    """A reply the Python check accepts in a form the fast path does not (a transposed
+    layout, a Parameter's subclass aside): accepted all the same, by the Python check."""
+    other_layout = transposed_copy(REPLY)
+    assert not replies.native_accepts([other_layout], EXPECTED)
+    replies.check_reply("s", [other_layout], EXPECTED)
+
+
+def test_the_executors_expected_replies_take_the_fast_path(monkeypatch):
+    """What the executor passes as ``expected`` is in the form the fast path reads: were it
+    not, every reply would silently fall back to the Python check."""
+    calls = []
+    accepts = replies.native_accepts
+
+    def counting(outputs, expected):
+        verdict = accepts(outputs, expected)
+        calls.append(verdict)
+        return verdict
+
+    monkeypatch.setattr(replies, "native_accepts", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition_step_for_tests("slalom")
+    executor = Executor(split.spec, runner=InProcessRunner(split.spec), seed=3)
+    dims = split.spec.input_dims
+    cache = [torch.zeros(1, dims[n][1], 0, dims[n][3]) for n in dims if n.startswith("past_")]
+    with torch.no_grad():
+        executor(torch.tensor([[5, 17, 99, 3]]), torch.zeros(1, 1, dtype=torch.long), cache)
+    assert len(calls) == len([s for s in split.spec.stages if s.side == "gpu"])
+    assert all(calls)
