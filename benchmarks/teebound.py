@@ -66,7 +66,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import signal
 import statistics
 import sys
@@ -811,23 +810,8 @@ def main() -> None:
         help="the process's CPU allocator, for every preset and all_enclave alike: the "
         "enclave driver's caching one (enclave_runtime.allocator), or torch's own",
     )
-    parser.add_argument(
-        "--thread-cache",
-        choices=["enclave", "glibc"],
-        default="enclave",
-        help="glibc's per-thread cache, for every preset and all_enclave alike: as the enclave "
-        "process starts with it (enclave_runtime.allocator.malloc_env; the benchmark starts "
-        "itself again with it), or glibc's default",
-    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teebound.json"))
     args = parser.parse_args()
-    if args.thread_cache == "enclave":
-        from enclave_runtime.allocator import malloc_env
-
-        env = malloc_env(os.environ)
-        if env != os.environ:  # glibc reads it when a process starts
-            sys.stdout.flush()
-            os.execve(sys.executable, sys.orig_argv, env)
     if args.quick:
         args.repeats, args.fills, args.draw_budget = 1, 1, min(args.draw_budget, 20.0)
         args.timeout = min(args.timeout, 90)
@@ -885,8 +869,7 @@ def main() -> None:
     print(
         f"SmolLM2-135M ({layers} layers), batch 1: prefill of {CONTEXT} tokens and one decode "
         f"step at context {CONTEXT}; {torch.get_num_threads()} torch thread(s); "
-        f"{args.allocator} CPU allocator; GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES')}; "
-        f"repeats {args.repeats}; "
+        f"{args.allocator} CPU allocator; repeats {args.repeats}; "
         f"setup {time.perf_counter() - started:.0f} s"
     )
 
@@ -1111,7 +1094,6 @@ def main() -> None:
         "batch": 1,
         "threads": torch.get_num_threads(),
         "allocator": args.allocator,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "repeats": args.repeats,
         "offline_batch": batches,
         "quick": args.quick,

@@ -9,29 +9,15 @@ buffer per kernel, and glibc's aligned allocation path, which torch's allocator 
 or not loadable); tensors allocated before keep their own deleter, so installing at any point
 is safe. The library is the enclave process's own machine code, package data of this package
 (``setup.py``) like its Python modules, where the stage libraries are the bundle's.
-
-The process's glibc settings go with it (:func:`malloc_env`): the tensors' own objects (each
-``TensorImpl``, a few hundred bytes, ~20 made and freed per compiled stage call) come from
-glibc's ``malloc``, whose per-thread cache keeps 7 freed chunks of a size; a step frees
-hundreds at once, and the rest went through ``_int_malloc``'s bins (~15 % of a replayed decode
-step's samples). ``GLIBC_TUNABLES`` is read once, when a process starts: the launcher, the
-Gramine manifest and the demo's deployment start the enclave process with it; one started by
-hand without it runs as well, on glibc's default.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 LIBRARY = Path(__file__).resolve().parent / "native" / "teesplit_cpu_allocator.so"
-
-# glibc's per-thread cache: chunks kept per size (its default 7; at most 65535). 4096 holds a
-# decode step's freed tensor objects; measured as good as 512 and 65535 (benchmarks/README.md)
-TCACHE_COUNT = 4096
-_TCACHE = "glibc.malloc.tcache_count"
 
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
@@ -77,26 +63,6 @@ def stats() -> dict[str, int]:
     values = [ctypes.c_uint64() for _ in range(3)]
     _loaded.teesplit_cpu_allocator_stats(*(ctypes.byref(v) for v in values))
     return dict(zip(("hits", "misses", "cached"), (int(v.value) for v in values), strict=True))
-
-
-def _tunables(value: str) -> dict[str, str]:
-    return dict(part.partition("=")[::2] for part in value.split(":") if part)
-
-
-def malloc_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` for an enclave process to be started: ``GLIBC_TUNABLES`` with glibc's
-    per-thread cache at :data:`TCACHE_COUNT` chunks a size, added to the tunables already
-    there (a count set there already is kept)."""
-    env = dict(environ)
-    current = env.get("GLIBC_TUNABLES", "")
-    if _TCACHE not in _tunables(current):
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, (current, f"{_TCACHE}={TCACHE_COUNT}")))
-    return env
-
-
-def malloc_tunables() -> str:
-    """The ``GLIBC_TUNABLES`` value :func:`malloc_env` gives a process started with none."""
-    return malloc_env({})["GLIBC_TUNABLES"]
 
 
 def prepare() -> list[str]:

@@ -13,14 +13,12 @@ is reported as "no enclave"; ``gramine-direct`` as "Gramine without SGX (no isol
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.allocator import malloc_env
 from enclave_runtime.manifest import (
     ManifestOptions,
     check_worker,
@@ -39,9 +37,6 @@ class Launch:
     argv: list[str]
     cwd: Path | None
     mode: str  # what a user is told, once, before the driver starts
-    # the environment of a plain process (the allocator's glibc settings); Gramine's
-    # manifest fixes the enclave's own, so ``None`` there: the caller's environment
-    env: dict[str, str] | None = None
 
 
 def bundle_root(path: str | Path) -> Path:
@@ -86,7 +81,6 @@ def enclave_command(
             None,
             "enclave driver: plain process (gramine-sgx / gramine-direct not on the PATH), "
             "so no enclave protects it",
-            malloc_env(os.environ),
         )
     # what would refuse the launch is checked before the peak is measured (a request served
     # in a fresh process, ~10 s)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import jinja2
 
-from enclave_runtime.allocator import malloc_tunables
 from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
 from partitioner.signing import SIGNATURE_FILE
@@ -184,7 +183,6 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         log_level=options.log_level,
         arch_libdir="/lib/x86_64-linux-gnu",
         compute_threads=options.compute_threads,
-        malloc_tunables=malloc_tunables(),
         python_paths=python_paths,
         code_roots=code_roots,
         code_dirs=code_dirs,
@@ -199,6 +197,8 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
 
 _MEASURE = """
 import resource, sys, torch
+from enclave_runtime import allocator
+allocator.install()  # the enclave process's own allocator, as its main installs it
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import generate
 from partitioner.bundle import load_program
@@ -231,7 +231,8 @@ def measure_peak(
     ``seq`` prompt tokens (default batch 1, seq 128) and, for a decoder step, ``new`` generated
     tokens (default 8).
 
-    The GPU stages run in the same process, so this is an upper bound on the enclave's peak.
+    The GPU stages run in the same process, so this is an upper bound on the enclave's peak;
+    the process runs on the enclave process's CPU allocator.
     The bundle runs on this host: give ``trusted_key`` so that its signature is checked first
     (without it the bundle is loaded unsigned: measure only bundles you made).
     """

@@ -335,7 +335,6 @@ def _run_both(
         enclave = subprocess.run(
             launch.argv,
             cwd=launch.cwd,
-            env=launch.env,
             input="\n".join(prompts) + "\n",
             text=True,
             stdout=sys.stdout,

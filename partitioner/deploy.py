@@ -12,7 +12,6 @@ lines of its log.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.allocator import malloc_env
 from partitioner.errors import TeesplitError
 from runtime.local_triton import stop
 
@@ -96,7 +94,6 @@ def local_deployment(
             [sys.executable, "-m", "partitioner.cli", "serve", str(bundle), "--worker", address,
              "--listen", "127.0.0.1:0", "--max-sessions", str(max_sessions), *verify],
             cwd=_ROOT, stdout=subprocess.PIPE, stderr=out, text=True,
-            env=malloc_env(os.environ),  # the enclave process's glibc settings
         )  # fmt: skip
         procs.append(server)
         line = _started(server, "teesplit serve", log_path, "server")

@@ -5,7 +5,6 @@ process, and the suite's other tests run on torch's own."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -102,51 +101,3 @@ def test_install_says_why_when_the_library_is_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(allocator, "LIBRARY", tmp_path / "missing.so")
     why = allocator.install()
     assert why is not None and "missing.so" in why and "partitioner.native" in why
-
-
-def test_the_enclave_process_environment_raises_glibcs_thread_cache():
-    env = allocator.malloc_env({"PATH": "/bin"})
-    assert env == {
-        "PATH": "/bin",
-        "GLIBC_TUNABLES": f"glibc.malloc.tcache_count={allocator.TCACHE_COUNT}",
-    }
-    # a user's own tunables are kept, and a count they chose is theirs
-    mine = allocator.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert mine["GLIBC_TUNABLES"] == (
-        f"glibc.malloc.arena_max=2:glibc.malloc.tcache_count={allocator.TCACHE_COUNT}"
-    )
-    chosen = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=16"}
-    assert allocator.malloc_env(chosen) == chosen
-
-
-# glibc counts a chunk on a thread cache as in use (mallinfo2's uordblks): 1000 freed chunks of
-# 200 bytes stay "in use" only where the cache holds more than glibc's default 7 of a size
-_HELD = """
-import ctypes
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-                .split()]
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = Info
-blocks = [libc.malloc(200) for _ in range(1000)]
-before = libc.mallinfo2().uordblks
-for b in blocks:
-    libc.free(b)
-print(before - libc.mallinfo2().uordblks)
-"""
-
-
-def test_glibc_keeps_freed_tensor_objects_on_the_thread_cache_in_that_environment():
-    def released(env):
-        done = subprocess.run(
-            [sys.executable, "-c", _HELD], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stdout)
-
-    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    assert released(base) > 900 * 200  # the default: all but 7 go back to glibc's bins
-    assert released(allocator.malloc_env(base)) < 100 * 200  # held for the next ones

@@ -45,9 +45,6 @@ def test_plain_process_without_gramine(bundle, monkeypatch, tmp_path):
         "3",
     ]
     assert "plain process" in launch.mode and "no enclave" in launch.mode
-    # started with the enclave process's glibc settings (enclave_runtime.allocator)
-    assert "glibc.malloc.tcache_count=" in launch.env["GLIBC_TUNABLES"]
-    assert launch.env["PATH"] == str(tmp_path)
 
 
 def test_gramine_direct_renders_the_worker_into_the_manifest(
@@ -61,8 +58,6 @@ def test_gramine_direct_renders_the_worker_into_the_manifest(
     assert launch.argv == ["gramine-direct", "teesplit-enclave"]
     assert "no isolation" in launch.mode  # gramine-direct is not an SGX enclave
     manifest = tomllib.loads((launch.cwd / "teesplit-enclave.manifest").read_text())
-    # the manifest fixes the enclave's environment: the glibc settings are in it
-    assert "glibc.malloc.tcache_count=" in manifest["loader"]["env"]["GLIBC_TUNABLES"]
     assert manifest["loader"]["argv"][1:] == [
         "-m",
         "enclave_runtime",

@@ -42,6 +42,20 @@ def _storage_offset_past_end(t):
     return view
 
 
+def _offset_that_wraps(t):
+    """An int64 reply whose offset (2**61 - 4 elements) times 8 bytes wraps to a small number
+    (a reviewer's attack on the first fast path: it read 32 bytes before its storage).
+    ``aten._reshape_alias`` skips the bounds check that ``as_strided`` and ``set_`` make."""
+    base = torch.zeros(4, dtype=torch.int64)
+    empty = torch.empty(0, dtype=torch.int64).set_(base.untyped_storage(), 2**61 - 4, [0], [1])
+    return torch.ops.aten._reshape_alias(empty, list(t.shape), list(t.stride()))
+
+
+def _count_that_wraps(t):
+    """An int64 reply of 2**61 elements over a 32-byte storage."""
+    return torch.ops.aten._reshape_alias(torch.zeros(4, dtype=torch.int64), [2**61], [1])
+
+
 HOSTILE = {
     "int64 residues": lambda t: [t.to(torch.int64)],
     "uint32 view": lambda t: [t.view(torch.uint32)],
@@ -64,20 +78,46 @@ HOSTILE = {
     "a meta tensor": lambda t: [torch.empty_like(t, device="meta")],
     "a storage cut short": lambda t: [shrunk_storage(t)],
     "an offset past the storage's end": lambda t: [_storage_offset_past_end(t)],
+    "an offset whose byte count wraps": lambda t: [_offset_that_wraps(t.to(torch.int64))],
+    "an element count whose byte count wraps": lambda t: [_count_that_wraps(t)],
     "a generator, not a list": lambda t: (x for x in [t]),
     "a list subclass": lambda t: type("L", (list,), {})([t]),
 }
 
 
+WRAPS = ("an offset whose byte count wraps", "an element count whose byte count wraps")
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_the_fast_path_refuses_every_reply_the_python_check_refuses(case):
     reply = HOSTILE[case](REPLY.clone())
+    # the plan's dtype and shape for the wrapping cases, so only their storage is wrong
+    expected = [(torch.int64, list(reply[0].shape))] if case in WRAPS else EXPECTED
     with pytest.raises(IntegrityError):
-        _python_check(reply, EXPECTED)
+        _python_check(reply, expected)
     assert replies.native_accepts is not None
-    assert not replies.native_accepts(reply, EXPECTED)
+    assert not replies.native_accepts(reply, expected)
     with pytest.raises(IntegrityError, match="GPU stage s"):
-        replies.check_reply("s", reply, EXPECTED)
+        replies.check_reply("s", reply, expected)
+
+
+def test_under_a_python_dispatch_mode_the_fast_path_leaves_the_reply_to_the_python_check():
+    """A mode runs Python inside the fast path's own tensor calls, where it could empty the
+    list being read (a reviewer's attack: the first fast path crashed the process)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    outs = [torch.ones(4), torch.ones(4)]
+    expected = [(torch.float32, [4])] * 2
+
+    class Emptying(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            outs.clear()
+            return func(*args, **(kwargs or {}))
+
+    with Emptying():
+        assert not replies.native_accepts(outs, expected)
+    assert len(outs) == 2  # nothing of the fast path ran under the mode
+    assert replies.native_accepts(outs, expected)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])

@@ -17,9 +17,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+
 #include <cstdint>
 #include <exception>
 #include <typeinfo>
+#include <vector>
 
 namespace {
 
@@ -53,26 +56,44 @@ bool plain(const at::Tensor& t, PyObject* dtype, PyObject* shape) {
   const int64_t count = t.numel();
   if (count == 0) return true;
   if (!impl->has_storage() || t.const_data_ptr() == nullptr) return false;
+  // offset + count elements within the storage, in divisions: a product can wrap (a reviewer's
+  // attack: aten._reshape_alias makes an offset of 2**61 - 4 int64 elements, whose byte
+  // count wraps to a small number, and the tensor reads 32 bytes before its storage)
   const int64_t offset = t.storage_offset();
-  if (offset < 0) return false;
-  const uint64_t reach = (static_cast<uint64_t>(offset) + static_cast<uint64_t>(count)) *
-                         static_cast<uint64_t>(t.itemsize());
-  if (t.storage().nbytes() < reach) return false;
+  const size_t item = t.itemsize();
+  if (offset < 0 || item == 0) return false;
+  const size_t room = t.storage().nbytes() / item;
+  if (static_cast<uint64_t>(offset) > room) return false;
+  if (static_cast<uint64_t>(count) > room - static_cast<uint64_t>(offset)) return false;
   if (at::isFloatingType(t.scalar_type()) && !at::isfinite(t).all().item<bool>()) return false;
   return true;
 }
 
 bool accepts(pybind11::handle outs, pybind11::handle expected) {
+  // a Python dispatch mode would run Python inside isfinite below (which could change the
+  // lists or lie about the values): left to the Python check
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0) return false;
   PyObject* replies = outs.ptr();
   PyObject* wanted = expected.ptr();
   if (!(PyList_CheckExact(replies) || PyTuple_CheckExact(replies))) return false;
   if (!PyList_CheckExact(wanted)) return false;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(replies);
   if (count != PyList_GET_SIZE(wanted)) return false;
+  // strong references, taken before anything runs: the items stay alive whatever the lists
+  // become while they are read
+  std::vector<pybind11::object> items;
+  std::vector<pybind11::object> wants;
+  items.reserve(count);
+  wants.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    items.push_back(pybind11::reinterpret_borrow<pybind11::object>(
+        PySequence_Fast_GET_ITEM(replies, i)));
+    wants.push_back(pybind11::reinterpret_borrow<pybind11::object>(PyList_GET_ITEM(wanted, i)));
+  }
   try {
     for (Py_ssize_t i = 0; i < count; ++i) {
-      PyObject* out = PySequence_Fast_GET_ITEM(replies, i);
-      PyObject* want = PyList_GET_ITEM(wanted, i);
+      PyObject* out = items[i].ptr();
+      PyObject* want = wants[i].ptr();
       if (!THPVariable_CheckExact(out)) return false;
       if (!PyTuple_CheckExact(want) || PyTuple_GET_SIZE(want) != 2) return false;
       if (!plain(THPVariable_Unpack(out), PyTuple_GET_ITEM(want, 0), PyTuple_GET_ITEM(want, 1)))
