@@ -56,6 +56,14 @@ def _count_that_wraps(t):
     return torch.ops.aten._reshape_alias(torch.zeros(4, dtype=torch.int64), [2**61], [1])
 
 
+def _pointer_that_throws(t):
+    """A tensor whose writable data pointer cannot be taken (the Python check refuses it as
+    unreadable; a reviewer's finding: the first fast path read its const pointer instead)."""
+    out = t.clone()
+    torch._C._set_throw_on_mutable_data_ptr(out)
+    return out
+
+
 HOSTILE = {
     "int64 residues": lambda t: [t.to(torch.int64)],
     "uint32 view": lambda t: [t.view(torch.uint32)],
@@ -80,6 +88,7 @@ HOSTILE = {
     "an offset past the storage's end": lambda t: [_storage_offset_past_end(t)],
     "an offset whose byte count wraps": lambda t: [_offset_that_wraps(t.to(torch.int64))],
     "an element count whose byte count wraps": lambda t: [_count_that_wraps(t)],
+    "a data pointer that throws": lambda t: [_pointer_that_throws(t)],
     "a generator, not a list": lambda t: (x for x in [t]),
     "a list subclass": lambda t: type("L", (list,), {})([t]),
 }

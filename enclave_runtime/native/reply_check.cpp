@@ -55,7 +55,9 @@ bool plain(const at::Tensor& t, PyObject* dtype, PyObject* shape) {
   if (!same_shape(t, shape) || !t.is_contiguous()) return false;
   const int64_t count = t.numel();
   if (count == 0) return true;
-  if (!impl->has_storage() || t.const_data_ptr() == nullptr) return false;
+  // the writable pointer, as the Python check's data_ptr() asks for: it refuses (throws on) a
+  // tensor marked to, where const_data_ptr() would not (a reviewer's finding)
+  if (!impl->has_storage() || t.mutable_data_ptr() == nullptr) return false;
   // offset + count elements within the storage, in divisions: a product can wrap (a reviewer's
   // attack: aten._reshape_alias makes an offset of 2**61 - 4 int64 elements, whose byte
   // count wraps to a small number, and the tensor reads 32 bytes before its storage)
