@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["partitioner", "passes", "runtime", "enclave_runtime"],
-    # the caching CPU allocator's source, and the library when built before packaging
+    # the native helpers' sources (partitioner/native.py), and their libraries when built
+    # before packaging
     package_data={"enclave_runtime": ["templates/*.template", "native/*.cpp", "native/*.so"]},
     entry_points={"console_scripts": ["teesplit = partitioner.cli:main"]},
     install_requires=[

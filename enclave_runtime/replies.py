@@ -29,8 +29,10 @@ NATIVE = Path(__file__).resolve().parent / "native" / "teesplit_reply_check.so"
 def _load_native() -> Callable[[object, object], bool] | None:
     """The native fast path, or ``None`` where it is not built or not loadable (built against
     another torch): the checks below then judge every reply alone."""
+    if not NATIVE.is_file():
+        return None
     spec = importlib.util.spec_from_file_location("teesplit_reply_check", NATIVE)
-    if not NATIVE.is_file() or spec is None or spec.loader is None:
+    if spec is None or spec.loader is None:
         return None
     try:
         module = importlib.util.module_from_spec(spec)

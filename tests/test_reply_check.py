@@ -149,8 +149,8 @@ def test_an_honest_reply_is_accepted_by_the_fast_path_itself():
 
 
 def test_what_the_fast_path_passes_on_is_judged_by_the_python_check():
-    """A reply the Python check accepts in a form the fast path does not (a transposed
-    layout, a Parameter's subclass aside): accepted all the same, by the Python check."""
+    """A reply the Python check accepts in a form the fast path does not (here a transposed
+    layout): accepted all the same, by the Python check."""
     other_layout = transposed_copy(REPLY)
     assert not replies.native_accepts([other_layout], EXPECTED)
     replies.check_reply("s", [other_layout], EXPECTED)
