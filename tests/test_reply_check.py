@@ -43,12 +43,13 @@ def _storage_offset_past_end(t):
 
 
 def _offset_that_wraps(t):
-    """An int64 reply whose offset (2**61 - 4 elements) times 8 bytes wraps to a small number
-    (a reviewer's attack on the first fast path: it read 32 bytes before its storage).
+    """8 int64 elements at an offset of 2**61 - 4 into a 32-byte storage: (offset + 8) * 8
+    bytes wraps to 32, the storage's size (a reviewer's attack on the first fast path: it
+    accepted the tensor, which reads the 32 bytes before its storage).
     ``aten._reshape_alias`` skips the bounds check that ``as_strided`` and ``set_`` make."""
     base = torch.zeros(4, dtype=torch.int64)
     empty = torch.empty(0, dtype=torch.int64).set_(base.untyped_storage(), 2**61 - 4, [0], [1])
-    return torch.ops.aten._reshape_alias(empty, list(t.shape), list(t.stride()))
+    return torch.ops.aten._reshape_alias(empty, [8], [1])
 
 
 def _count_that_wraps(t):
@@ -86,7 +87,7 @@ HOSTILE = {
     "a meta tensor": lambda t: [torch.empty_like(t, device="meta")],
     "a storage cut short": lambda t: [shrunk_storage(t)],
     "an offset past the storage's end": lambda t: [_storage_offset_past_end(t)],
-    "an offset whose byte count wraps": lambda t: [_offset_that_wraps(t.to(torch.int64))],
+    "an offset whose byte count wraps": lambda t: [_offset_that_wraps(t)],
     "an element count whose byte count wraps": lambda t: [_count_that_wraps(t)],
     "a data pointer that throws": lambda t: [_pointer_that_throws(t)],
     "a generator, not a list": lambda t: (x for x in [t]),
