@@ -140,6 +140,57 @@ def test_a_float_reply_that_is_not_finite_is_refused_by_both(poison):
         replies.check_reply("s", [reply], expected)
 
 
+def _poisoned(dtype):
+    """A reply of ``dtype`` holding a non-finite value, for each dtype that has one."""
+    if dtype.is_complex:
+        reply = torch.ones(1, 4, dtype=dtype)
+        reply[0, 1] = complex(1.0, float("inf"))  # finite real part, infinite imaginary
+        return reply
+    if dtype == torch.float8_e8m0fnu:  # no inf, and 0xFF is its NaN
+        return torch.tensor([[127, 127, 255, 127]], dtype=torch.uint8).view(dtype)
+    return torch.tensor([[1.0, float("nan"), 1.0, 1.0]]).to(dtype)
+
+
+OTHER_FLOATS = [
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]
+
+
+@pytest.mark.parametrize("dtype", OTHER_FLOATS, ids=str)
+def test_a_non_finite_reply_of_any_float_or_complex_dtype_is_refused_by_both(dtype):
+    """Not only float32/64: a plan expecting a complex or 8-bit float output is refused a
+    non-finite one by name (not accepted, and not a NotImplementedError from ``isfinite``,
+    which torch lacks for some 8-bit floats)."""
+    reply = _poisoned(dtype)
+    expected = [(dtype, [1, 4])]
+    assert not replies.native_accepts([reply], expected)
+    with pytest.raises(IntegrityError, match="NaN or inf"):
+        replies.check_reply("s", [reply], expected)
+
+
+@pytest.mark.parametrize("dtype", OTHER_FLOATS, ids=str)
+def test_a_finite_reply_of_any_float_or_complex_dtype_is_accepted(dtype):
+    reply = torch.ones(1, 4, dtype=torch.float32).to(dtype)
+    replies.check_reply("s", [reply], [(dtype, [1, 4])])
+
+
+def test_a_conjugated_view_is_refused_by_both():
+    """A complex reply with the conjugate bit: compiled code reads its memory unconjugated,
+    where a check that resolves the bit reads the conjugate (refused as the negated view is)."""
+    reply = (torch.ones(1, 4, dtype=torch.complex64) * (1 + 2j)).conj()
+    assert reply.is_conj()
+    expected = [(torch.complex64, [1, 4])]
+    assert not replies.native_accepts([reply], expected)
+    with pytest.raises(IntegrityError, match="not a plain dense tensor"):
+        replies.check_reply("s", [reply], expected)
+
+
 def test_an_honest_reply_is_accepted_by_the_fast_path_itself():
     # the plan's forms: a list of (dtype, shape) pairs, shape a list or None (open sizes)
     assert replies.native_accepts([REPLY.clone()], EXPECTED)

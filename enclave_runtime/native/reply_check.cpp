@@ -9,8 +9,8 @@
 // each a plain TensorImpl (no functionalisation, functorch or other wrapper), strided, on the
 // CPU, not a zero tensor, with neither the negative nor the conjugate bit, with no Python
 // dispatch key, of the expected dtype and (where given) shape, contiguous with a non-null data
-// pointer and a storage as large as its offset and elements reach, and finite where it is
-// floating point. It may refuse more than the Python check does (a non-contiguous reply, a
+// pointer and a storage as large as its offset and elements reach, and finite where it is a
+// 16-, 32- or 64-bit float (complex and 8-bit floats are left to the Python check). It may refuse more than the Python check does (a non-contiguous reply, a
 // shape given as a tuple): check_reply then runs the Python check, which accepts it or names
 // what is wrong. It never raises: anything unexpected is a refusal.
 #include <torch/csrc/Dtype.h>
@@ -67,7 +67,14 @@ bool plain(const at::Tensor& t, PyObject* dtype, PyObject* shape) {
   const size_t room = t.storage().nbytes() / item;
   if (static_cast<uint64_t>(offset) > room) return false;
   if (static_cast<uint64_t>(count) > room - static_cast<uint64_t>(offset)) return false;
-  if (at::isFloatingType(t.scalar_type()) && !at::isfinite(t).all().item<bool>()) return false;
+  const auto type = t.scalar_type();
+  if (type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16) {
+    if (!at::isfinite(t).all().item<bool>()) return false;
+  } else if (at::isFloatingType(type) || at::isComplexType(type)) {
+    // complex and 8-bit floats: left to the Python check (this check once passed them
+    // unread: complex is no floating type, and torch's isfinite passes float8_e8m0fnu's NaN)
+    return false;
+  }
   return true;
 }
 
