@@ -66,13 +66,22 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
     for i, (out, (dtype, shape)) in enumerate(zip(outputs, expected, strict=True)):
         # a plain dense tensor only: a subclass could show the check (which reads .numpy())
         # other values than the stages read; a sparse, negated or conjugated view has no
-        # numpy view, and compiled code would read its memory without the bit
+        # numpy view, and compiled code would read its memory without the bit; a nested
+        # tensor's layout says strided, and a quantized tensor's values are its scales' too
         plain = type(out) in _PLAIN
-        if not plain or out.layout != torch.strided or out.is_neg() or out.is_conj():
+        if (
+            not plain
+            or out.layout != torch.strided
+            or out.is_neg()
+            or out.is_conj()
+            or out.is_nested
+            or out.is_quantized
+        ):
             raise IntegrityError(
                 f"GPU stage {stage} output {i}: {type(out).__name__}"
                 + (
-                    f" ({out.layout}, negated {out.is_neg()}, conjugated {out.is_conj()})"
+                    f" ({out.layout}, negated {out.is_neg()}, conjugated {out.is_conj()}, "
+                    f"nested {out.is_nested}, quantized {out.is_quantized})"
                     if plain
                     else ""
                 )

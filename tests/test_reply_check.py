@@ -140,6 +140,10 @@ def test_a_float_reply_that_is_not_finite_is_refused_by_both(poison):
         replies.check_reply("s", [reply], expected)
 
 
+# torch warns on making complex32, nested and quantized tensors (prototype or deprecated)
+QUIET = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
 def _poisoned(dtype):
     """A reply of ``dtype`` holding a non-finite value, for each dtype that has one."""
     if dtype.is_complex:
@@ -152,6 +156,7 @@ def _poisoned(dtype):
 
 
 OTHER_FLOATS = [
+    torch.complex32,
     torch.complex64,
     torch.complex128,
     torch.float8_e4m3fn,
@@ -162,6 +167,7 @@ OTHER_FLOATS = [
 ]
 
 
+@QUIET
 @pytest.mark.parametrize("dtype", OTHER_FLOATS, ids=str)
 def test_a_non_finite_reply_of_any_float_or_complex_dtype_is_refused_by_both(dtype):
     """Not only float32/64: a plan expecting a complex or 8-bit float output is refused a
@@ -174,6 +180,7 @@ def test_a_non_finite_reply_of_any_float_or_complex_dtype_is_refused_by_both(dty
         replies.check_reply("s", [reply], expected)
 
 
+@QUIET
 @pytest.mark.parametrize("dtype", OTHER_FLOATS, ids=str)
 def test_a_finite_reply_of_any_float_or_complex_dtype_is_accepted(dtype):
     reply = torch.ones(1, 4, dtype=torch.float32).to(dtype)
@@ -186,6 +193,46 @@ def test_a_conjugated_view_is_refused_by_both():
     reply = (torch.ones(1, 4, dtype=torch.complex64) * (1 + 2j)).conj()
     assert reply.is_conj()
     expected = [(torch.complex64, [1, 4])]
+    assert not replies.native_accepts([reply], expected)
+    with pytest.raises(IntegrityError, match="not a plain dense tensor"):
+        replies.check_reply("s", [reply], expected)
+
+
+def test_a_packed_float4_reply_is_accepted_whatever_its_bytes():
+    """float4_e2m1fn_x2 has no NaN or inf (and torch cannot widen it to look): every byte
+    is two finite values, so the finiteness check passes it rather than raising."""
+    reply = torch.tensor([[0x00, 0x7F, 0x88, 0xFF]], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    replies.check_reply("s", [reply], [(torch.float4_e2m1fn_x2, [1, 4])])
+
+
+def _nested(dtype):
+    return torch.nested.nested_tensor([torch.ones(2, dtype=dtype), torch.ones(3, dtype=dtype)])
+
+
+def _quantized_nan_scale(dtype):
+    return torch._make_per_tensor_quantized_tensor(
+        torch.ones(1, 4, dtype=torch.int8), float("nan"), 0
+    )
+
+
+@QUIET
+@pytest.mark.parametrize(
+    ("make", "dtype", "shape"),
+    [
+        (_nested, torch.int64, None),
+        (_nested, torch.float32, None),
+        (_nested, torch.float32, [2, 3]),
+        (_quantized_nan_scale, torch.qint8, [1, 4]),
+        (_quantized_nan_scale, torch.qint8, None),
+    ],
+    ids=["nested int", "nested float", "nested float, a shape", "quantized", "quantized, open"],
+)
+def test_a_nested_or_quantized_reply_is_refused_by_both(make, dtype, shape):
+    """A reviewer's finding: a nested tensor is an exact ``torch.Tensor`` with a strided
+    layout (the Python check accepted an int one, and raised untyped errors for a float one),
+    and a quantized tensor's values are its scale's too (one of NaN passed as integers)."""
+    reply = make(dtype if dtype != torch.qint8 else None)
+    expected = [(dtype, shape)]
     assert not replies.native_accepts([reply], expected)
     with pytest.raises(IntegrityError, match="not a plain dense tensor"):
         replies.check_reply("s", [reply], expected)
