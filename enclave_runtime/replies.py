@@ -113,7 +113,7 @@ _ISFINITE_READS = {
     torch.complex128,
 }
 # no encoding of these stands for NaN or inf (and torch cannot widen the packed pairs)
-_ALWAYS_FINITE = {getattr(torch, "float4_e2m1fn_x2", torch.float32)} - {torch.float32}
+_ALWAYS_FINITE = {torch.float4_e2m1fn_x2}
 
 
 def _finite(out: torch.Tensor) -> bool:

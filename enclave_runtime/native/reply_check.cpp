@@ -10,9 +10,10 @@
 // CPU, not a zero tensor, with neither the negative nor the conjugate bit, with no Python
 // dispatch key, of the expected dtype and (where given) shape, contiguous with a non-null data
 // pointer and a storage as large as its offset and elements reach, and finite where it is a
-// 16-, 32- or 64-bit float (complex and 8-bit floats are left to the Python check). It may refuse more than the Python check does (a non-contiguous reply, a
-// shape given as a tuple): check_reply then runs the Python check, which accepts it or names
-// what is wrong. It never raises: anything unexpected is a refusal.
+// 16-, 32- or 64-bit float (complex and 8-bit floats are left to the Python check). It may
+// refuse more than the Python check does (a non-contiguous reply, a shape given as a tuple):
+// check_reply then runs the Python check, which accepts it or names what is wrong. It never
+// raises: anything unexpected is a refusal.
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
