@@ -126,6 +126,37 @@ def test_the_fast_path_runs_the_program_as_the_generic_loop(bundle, monkeypatch)
         assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
+def test_the_fast_path_lets_go_of_a_value_only_after_its_last_reader(bundle):
+    """Each step's ``drop``: the slots no later step reads and the program does not return,
+    released once the step is done (so the allocator reuses memory still in cache). A slot
+    dropped before a later reader would hand that reader ``None``; one never dropped holds
+    its tensor to the call's end. Checked against the reads recomputed here, then run: the
+    fast path's call still gives the generic loop's logits (the test above, bit for bit)."""
+    plan = load(bundle)
+    ex = Executor(plan, InProcessRunner(plan), seed=1)
+    call(ex)
+    fast = ex._fast
+    assert fast is not None
+    outputs = {slot for _, slot, _ in fast.outputs}
+    reads, writes = [], set()
+    for step in fast.steps:
+        if type(step) is fastpath._Library:
+            reads.append({*step.args, *step.check_slots})
+            writes.update(step.outs)
+        else:
+            reads.append(set(step.sent))
+            writes.update([*step.outs, *(slot for _, slot in step.keep)])
+    dropped = set()
+    for i, step in enumerate(fast.steps):
+        assert not set(step.drop) & outputs, step
+        for later in reads[i + 1 :]:
+            assert not set(step.drop) & later, (i, step.drop)
+        assert not set(step.drop) & dropped  # once
+        dropped.update(step.drop)
+    # every value a step makes is released at its last reader, but the program's outputs
+    assert writes - outputs <= dropped and len(dropped) > len(fast.steps)
+
+
 @pytest.mark.parametrize("where", ["library", "executor"])
 @pytest.mark.parametrize("step", ["prefill", "decode"])
 def test_a_forged_reply_is_refused_by_either_loop(loop, where, step):
