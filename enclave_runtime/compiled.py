@@ -143,15 +143,23 @@ class CompiledCall:
         # the reply's check first: a value that a wrong reply became may also fail a mask's
         # norm limit, and which error is raised must not depend on the enclave's data
         if self.verifies is not None and not bool(outs.pop()):
-            raise IntegrityError(
-                f"GPU stage {self.verifies} returned results that fail the Freivalds check "
-                f"(made in enclave stage {self.name}'s compiled library; exact: an honest "
-                "result always passes, a wrong one passes with probability <= 2**-31)"
-            )
+            raise self.check_failed()
         if not masks_ok:
-            raise InputError(
-                f"enclave stage {self.name}: a value to be masked is NaN or inf, or its "
-                "fixed point exceeds its norm limit (refused, rather than sending the GPU "
-                "a residue that stands for nothing)"
-            )
+            raise self.masks_refused()
         return outs
+
+    def check_failed(self) -> IntegrityError:
+        """The error of a call whose fused Freivalds check failed."""
+        return IntegrityError(
+            f"GPU stage {self.verifies} returned results that fail the Freivalds check "
+            f"(made in enclave stage {self.name}'s compiled library; exact: an honest "
+            "result always passes, a wrong one passes with probability <= 2**-31)"
+        )
+
+    def masks_refused(self) -> InputError:
+        """The error of a call whose masks' flag is false."""
+        return InputError(
+            f"enclave stage {self.name}: a value to be masked is NaN or inf, or its "
+            "fixed point exceeds its norm limit (refused, rather than sending the GPU "
+            "a residue that stands for nothing)"
+        )

@@ -34,6 +34,11 @@ Guarantees, the same as the generic loop's (the adversarial tests run through bo
   checks (which would catch libraries that disagree on a shape), a call whose own inputs are
   all non-empty skips the scan, whatever its sizes (a generation's every step has new ones).
   A call with an empty input of its own (a prefill's empty cache) is scanned in full.
+
+A call that skips the scans runs in C++ where ``native/step_loop.cpp`` is built
+(:meth:`FastPath._run_native`: the same moves, the libraries called without the Python
+binding's conversions, Python entered for each GPU request, its reply check and, for a reply
+checked as it comes, the numpy check), with the same guarantees; else here.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from typing import Any
 
 import torch
 
+from enclave_runtime import native_modules
+from enclave_runtime import replies as replies_module
 from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.integrity import RingCheck
 from enclave_runtime.replies import check_reply
@@ -51,6 +58,8 @@ from partitioner.errors import IntegrityError
 from partitioner.plan import ENCLAVE, Stage
 
 _PADS, _DELTAS = 0, 1
+# the same loop in C++ (``native/step_loop.cpp``), for calls it covers (``FastPath.native``)
+_step_loop = native_modules.load("teesplit_step_loop")
 
 
 @dataclass
@@ -129,6 +138,10 @@ class FastPath:
         self.outputs = outputs
         # whether a call has gone through the libraries' full input checks (module docstring)
         self.scanned = False
+        self.native = _native_loop(self)
+        self.libraries = [step for step in steps if type(step) is _Library]
+        self.gpus = [step for step in steps if type(step) is _Gpu]
+        self.wanted = [slot for _, slot, _ in outputs]
 
     def run(
         self,
@@ -154,6 +167,14 @@ class FastPath:
             v[slot] = tables[table][name]
         arrays = masks.arrays
         unlimited = limit == sys.maxsize
+        if self.native is not None and scanned and unlimited:
+            given = [(slot, v[slot]) for slot, _ in self.inputs]
+            given += [(slot, v[slot]) for slot, _, _ in self.pads]
+            if all(type(t) is torch.Tensor for _, t in given):
+                # a view as its contiguous copy, as a library's refusal of its strides makes
+                # the Python loop pass it (CompiledCall.run_nonempty)
+                given = [(slot, t.contiguous()) for slot, t in given]
+                return self._run_native(given, masks, replies, run, copies)
         verified = False  # whether the next library checks the reply before it
         for step in self.steps:
             if type(step) is _Library:
@@ -205,6 +226,80 @@ class FastPath:
             self.scanned = True
         clear = {name: v[slot] for name, slot, in_env in self.outputs if in_env}
         return clear, {name: v[slot] for name, slot, in_env in self.outputs if not in_env}
+
+    def _run_native(
+        self,
+        given: list[tuple[int, torch.Tensor]],
+        masks: Any,
+        replies: dict[str, Any],
+        run: Any,
+        copies: bool,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`run` in C++ (``native/step_loop.cpp``), for a call whose own inputs are
+        tensors (contiguous), none empty, after a call has been scanned in full, with no
+        limit on the rows a library checks. Raises as :meth:`run`."""
+        accepts = replies_module.native_accepts or _refuse_all
+        gpus = self.gpus
+        arrays, tables = masks.arrays, (masks.pads, masks.deltas)
+
+        def expect(index: int, sent: list[torch.Tensor]) -> Any:
+            step = gpus[index]
+            return step.check.expect(sent, [_view(n, arrays, tables) for n in step.inputs])
+
+        def verify(index: int, sums: Any, outs: list[torch.Tensor]) -> None:
+            step = gpus[index]
+            step.check.verify(sums, list(outs), [_view(n, arrays, tables) for n in step.outputs])
+
+        code, index, detail, values = self.native.run(
+            given, run, accepts, check_reply, expect, verify, replies, copies, self.wanted
+        )
+        if code != _step_loop.DONE:
+            step = self.libraries[index]
+            call = step.call
+            if code == _step_loop.CHECK_FAILED:
+                step.check.draw()  # a failed check told the GPU something about s
+                raise call.check_failed()
+            if code == _step_loop.MASKS_REFUSED:
+                raise call.masks_refused()
+            raise IntegrityError(
+                f"enclave stage {call.name}: its compiled library refused the inputs: {detail}"
+            )
+        by_slot = dict(zip(self.wanted, values, strict=True))
+        clear = {name: by_slot[slot] for name, slot, in_env in self.outputs if in_env}
+        return clear, {name: by_slot[slot] for name, slot, in_env in self.outputs if not in_env}
+
+
+def _refuse_all(outputs: object, expected: object) -> bool:
+    """Where the native reply check is not built: every reply goes to ``check_reply``."""
+    return False
+
+
+def _native_loop(fast: FastPath) -> Any | None:
+    """``fast``'s steps as the C++ loop's (``native/step_loop.cpp``), or ``None`` where it is
+    not built or an enclave stage is not a library (run op by op, or wrapped by a caller)."""
+    if _step_loop is None:
+        return None
+    loop = _step_loop.Loop(fast.size)
+    for step in fast.steps:
+        if type(step) is _Library:
+            call = step.call
+            if type(call) is not CompiledCall:
+                return None
+            loop.add_library(
+                call._runner,
+                step.args,
+                step.outs,
+                step.check_slots,
+                step.check,
+                call.constants,
+                bool(call.checks),
+                call.verifies is not None,
+                list(step.drop),
+            )
+        else:
+            here = step.check is not None and not step.keep  # checked in numpy as it comes
+            loop.add_gpu(step.name, step.sent, step.outs, step.keep, here, list(step.drop))
+    return loop
 
 
 class _Callable:

@@ -15,34 +15,17 @@ checked here, which accepts it or names what is wrong.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from enclave_runtime import native_modules
 from partitioner.errors import IntegrityError
 
-NATIVE = Path(__file__).resolve().parent / "native" / "teesplit_reply_check.so"
-
-
-def _load_native() -> Callable[[object, object], bool] | None:
-    """The native fast path, or ``None`` where it is not built or not loadable (built against
-    another torch): the checks below then judge every reply alone."""
-    if not NATIVE.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("teesplit_reply_check", NATIVE)
-    if spec is None or spec.loader is None:
-        return None
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except ImportError:
-        return None
-    return module.accepts
-
-
-native_accepts = _load_native()
+_native = native_modules.load("teesplit_reply_check")
+native_accepts: Callable[[object, object], bool] | None = (
+    _native.accepts if _native is not None else None
+)
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
 # size) its concrete shape.

@@ -1,5 +1,6 @@
-"""Building the enclave's native helpers: the caching CPU allocator (``enclave_runtime/allocator``)
-and the fast accept path of the reply check (``enclave_runtime/replies``).
+"""Building the enclave's native helpers: the caching CPU allocator (``enclave_runtime/allocator``),
+the fast accept path of the reply check (``enclave_runtime/replies``) and the stage loop in C++
+(``enclave_runtime/fastpath``).
 
 Reads ``enclave_runtime/native/*.cpp``; writes ``enclave_runtime/native/teesplit_*.so``
 (ignored by git; ``make`` builds them at install). Compile-time code: it needs a C++ compiler
@@ -22,6 +23,7 @@ NATIVE = ROOT / "enclave_runtime" / "native"
 HELPERS = {
     "teesplit_cpu_allocator": ("cpu_allocator.cpp", False),
     "teesplit_reply_check": ("reply_check.cpp", True),
+    "teesplit_step_loop": ("step_loop.cpp", True),
 }
 
 

@@ -21,7 +21,7 @@ from enclave_runtime import fastpath
 from enclave_runtime.executor import Executor, InProcessRunner
 from partitioner.api import partition
 from partitioner.bundle import load_program
-from partitioner.errors import IntegrityError
+from partitioner.errors import InputError, IntegrityError
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 42, 7]])
 
@@ -400,3 +400,133 @@ def test_a_generation_s_steps_share_their_reply_shapes_and_still_check_them(bund
     runner.change = lambda t: torch.cat([t, t], dim=1)  # two positions where one was sent
     with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
         call(ex, logits[:, -1:].argmax(-1), cache)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The calls the C++ loop (``native/step_loop.cpp``) ran, counted: it must be built
+    (``make`` builds it), and it runs a call once one of the same program has been scanned
+    in full."""
+    assert fastpath._step_loop is not None, "python -m partitioner.native builds it"
+    calls = []
+    original = fastpath.FastPath._run_native
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(fastpath.FastPath, "_run_native", counted)
+    return calls
+
+
+def warm(ex):
+    """A prefill and a decode step (the second is scanned in full): the next decode step
+    runs in C++ where the loop is built. Returns (the next token, the cache)."""
+    logits, cache = call(ex)
+    logits, cache = call(ex, logits[:, -1:].argmax(-1), cache)
+    return logits[:, -1:].argmax(-1), cache
+
+
+def test_the_loop_in_cpp_runs_the_program_as_the_python_loop(bundle, native_calls, monkeypatch):
+    """Decode steps in C++ give the Python fast path's logits and cache bit for bit, with one
+    request per GPU stage in the plan's order, the reply of the logits (checked in numpy as
+    it comes) included."""
+    plan = load(bundle)
+    runs = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(fastpath, "_step_loop", None)
+        runner = Recording(plan)
+        ex = Executor(plan, runner, seed=1)
+        token, cache = warm(ex)
+        runner.requests.clear()
+        out = []
+        for _ in range(3):
+            logits, cache = call(ex, token, cache)
+            token = logits[:, -1:].argmax(-1)
+            out.append([logits, *cache])
+        assert runner.requests == gpu_stages(plan) * 3
+        assert (ex._fast.native is not None) == native
+        runs[native] = out
+    assert len(native_calls) == 3
+    for got, ref in zip(runs[True], runs[False], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+ATTACKS = {
+    "one column short": (lambda t: t[..., 1:], "output 0: shape"),
+    "storage smaller than its shape": (shrunk_storage, "output 0: storage"),
+    **{f"no memory ({form})": (make, "output 0") for form, make in NO_MEMORY.items()},
+    "one residue off": (_forged, "returned results that fail the Freivalds check"),
+}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_reply_after_the_scanned_calls_is_refused_by_either_fast_loop(
+    bundle, native_calls, monkeypatch, attack, native
+):
+    """The attacks on one reply, made on a decode step that the C++ loop runs (and, for
+    comparison, the Python fast loop): refused naming the GPU stage, before anything reads
+    the reply, nothing sent after it; a failed check draws its secret again."""
+    if not native:
+        monkeypatch.setattr(fastpath, "_step_loop", None)
+    plan = load(bundle)
+    change, message = ATTACKS[attack]
+    target = library_checked(plan)[1]
+    runner = Recording(plan, target)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    s = ex.ring_checks[target].vectors[0][0].clone()
+    runner.requests.clear()
+    runner.change = change
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} {message}"):
+        call(ex, token, cache)
+    assert len(native_calls) == int(native)
+    assert runner.requests[-1] == target
+    assert torch.equal(s, ex.ring_checks[target].vectors[0][0]) != ("Freivalds" in message)
+
+
+def test_the_loop_in_cpp_reads_a_transposed_reply_as_its_contiguous_copy(bundle, native_calls):
+    """A reply of the right values in another memory layout, on a step the C++ loop runs:
+    read as its contiguous copy, the logits those of an honest GPU."""
+    plan = load(bundle)
+    target = library_checked(plan)[0]
+    runner = Recording(plan, target)
+    ex, honest = Executor(plan, runner, seed=1), Executor(plan, seed=1)
+    token, cache = warm(ex)
+    warm(honest)
+    runner.change = transposed_copy
+    got, _ = call(ex, token, cache)
+    want, _ = call(honest, token, cache)
+    assert torch.equal(got, want) and len(native_calls) == 2
+
+
+def test_a_runner_that_edits_what_it_is_handed_is_caught_by_the_loop_in_cpp(bundle, native_calls):
+    """The library the C++ loop calls checks the reply against the enclave's own copy of
+    the request, not the request the runner edited in place."""
+    plan = load(bundle)
+    target = library_checked(plan)[0]
+    runner = EditingRunner(plan, target)
+    runner.target = None
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    runner.target = target
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} returned results that fail"):
+        call(ex, token, cache)
+    assert len(native_calls) == 1
+
+
+def test_a_value_the_loop_in_cpp_would_mask_as_nan_is_refused(bundle, native_calls):
+    """A cache holding inf, on a step the C++ loop runs: the library that would mask what
+    it became refuses it (InputError, naming the stage), and no residue of it is sent."""
+    plan = load(bundle)
+    runner = Recording(plan)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    cache = [c.clone() for c in cache]
+    cache[0].fill_(float("inf"))
+    runner.requests.clear()
+    with pytest.raises(InputError, match=r"enclave stage \w+: a value to be masked is NaN"):
+        call(ex, token, cache)
+    assert len(native_calls) == 1 and len(runner.requests) < len(gpu_stages(plan))
