@@ -261,6 +261,8 @@ class FastPath:
                 raise call.check_failed()
             if code == _step_loop.MASKS_REFUSED:
                 raise call.masks_refused()
+            if step.check is not None:
+                step.check.draw()  # as the Python loop: a refused reply told the GPU about s
             raise IntegrityError(
                 f"enclave stage {call.name}: its compiled library refused the inputs: {detail}"
             )

@@ -530,3 +530,33 @@ def test_a_value_the_loop_in_cpp_would_mask_as_nan_is_refused(bundle, native_cal
     with pytest.raises(InputError, match=r"enclave stage \w+: a value to be masked is NaN"):
         call(ex, token, cache)
     assert len(native_calls) == 1 and len(runner.requests) < len(gpu_stages(plan))
+
+
+def _size1_strides(t):
+    """``t``'s values with other strides on its size-1 dims: contiguous by torch's test, so
+    both reply checks pass it, but refused by the strides a library was compiled for."""
+    strides = [s * 7 + 3 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True)]
+    base = t.contiguous().clone()
+    return torch.empty(0, dtype=t.dtype).set_(base.untyped_storage(), 0, t.shape, strides)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+def test_a_reply_a_checking_library_refuses_redraws_its_secret(
+    bundle, native_calls, monkeypatch, native
+):
+    """A reply the library that checks it refuses for its strides (a reviewer's finding: the
+    C++ loop raised without drawing the check's secret again, where the Python loop draws
+    it): refused as an IntegrityError naming the stage, the secret drawn again in both."""
+    if not native:
+        monkeypatch.setattr(fastpath, "_step_loop", None)
+    plan = load(bundle)
+    target = library_checked(plan)[0]
+    runner = Recording(plan, target)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    s = ex.ring_checks[target].vectors[0][0].clone()
+    runner.change = _size1_strides
+    with pytest.raises(IntegrityError, match=r"enclave stage \w+: its compiled library refused"):
+        call(ex, token, cache)
+    assert len(native_calls) == int(native)
+    assert not torch.equal(s, ex.ring_checks[target].vectors[0][0])
