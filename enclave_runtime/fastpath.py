@@ -92,6 +92,15 @@ class _Gpu:
     keep: list[tuple[int, int]]
     drop: tuple[int, ...] = ()  # as _Library's
 
+    def expect(self, sent: list[torch.Tensor], views: tuple[dict, dict, dict]) -> list[Any]:
+        """The check made as the reply comes, its first half: from the enclave's own
+        ``sent``, before the GPU gets it. ``views``: as :func:`_view` reads them."""
+        return self.check.expect(sent, [_view(n, views) for n in self.inputs])
+
+    def verify(self, sums: list[Any], outs: Any, views: tuple[dict, dict, dict]) -> None:
+        """Its second half, on the accepted reply ``outs``: raises IntegrityError."""
+        self.check.verify(sums, list(outs), [_view(n, views) for n in self.outputs])
+
 
 def checked_by_next(stage: Stage, neighbour: Stage | None) -> bool:
     """Whether the stage after GPU stage ``stage`` is a library that checks its reply."""
@@ -110,13 +119,14 @@ def request_rows(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else t.numel()
 
 
-def _view(name: str, arrays: dict[str, Any], tables: tuple[dict, dict]) -> Any:
-    """A pad or correction as the generic loop's numpy check reads it: the set's numpy view
-    where it has one, else the tensor (a correction before a pad of the same name), else
-    ``None`` (a value the GPU holds unmasked)."""
+def _view(name: str, views: tuple[dict, dict, dict]) -> Any:
+    """A pad or correction as the generic loop's numpy check reads it, from ``views`` (the
+    set's numpy views, pads and corrections): the numpy view where it has one, else the
+    tensor (a correction before a pad of the same name), else ``None`` (a value the GPU
+    holds unmasked)."""
+    arrays, pads, deltas = views
     if name in arrays:
         return arrays[name]
-    pads, deltas = tables
     return deltas[name] if name in deltas else pads.get(name)
 
 
@@ -165,7 +175,7 @@ class FastPath:
         tables = (masks.pads, masks.deltas)
         for slot, table, name in self.pads:
             v[slot] = tables[table][name]
-        arrays = masks.arrays
+        views = (masks.arrays, *tables)
         unlimited = limit == sys.maxsize
         if self.native is not None and scanned and unlimited:
             given = [(slot, v[slot]) for slot, _ in self.inputs]
@@ -174,7 +184,7 @@ class FastPath:
                 # a view as its contiguous copy, as a library's refusal of its strides makes
                 # the Python loop pass it (CompiledCall.run_nonempty)
                 given = [(slot, t.contiguous()) for slot, t in given]
-                return self._run_native(given, masks, replies, run, copies)
+                return self._run_native(given, views, replies, run, copies)
         verified = False  # whether the next library checks the reply before it
         for step in self.steps:
             if type(step) is _Library:
@@ -207,7 +217,7 @@ class FastPath:
             here = bool(step.keep) and (unlimited or request_rows(sent[check.sources[0]]) <= limit)
             sums = None
             if check is not None and not here:
-                sums = check.expect(sent, [_view(n, arrays, tables) for n in step.inputs])
+                sums = step.expect(sent, views)
             for position, slot in step.keep:
                 # what the library checks the reply against: the enclave's own tensor,
                 # copied if the runner is handed the original
@@ -217,20 +227,24 @@ class FastPath:
             for slot, out in zip(step.outs, outs, strict=True):
                 v[slot] = out
             if check is not None and not here:
-                deltas = [_view(n, arrays, tables) for n in step.outputs]
-                check.verify(sums, list(outs), deltas)
+                step.verify(sums, outs, views)
             for slot in step.drop:
                 v[slot] = None
             verified = here
         if nonempty:
             self.scanned = True
-        clear = {name: v[slot] for name, slot, in_env in self.outputs if in_env}
-        return clear, {name: v[slot] for name, slot, in_env in self.outputs if not in_env}
+        return self._named(v)
+
+    def _named(self, values: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The program's outputs by name from ``values`` (indexed by slot): as the enclave
+        holds them, and as the GPU does."""
+        clear = {name: values[slot] for name, slot, in_env in self.outputs if in_env}
+        return clear, {name: values[slot] for name, slot, in_env in self.outputs if not in_env}
 
     def _run_native(
         self,
         given: list[tuple[int, torch.Tensor]],
-        masks: Any,
+        views: tuple[dict, dict, dict],
         replies: dict[str, Any],
         run: Any,
         copies: bool,
@@ -240,15 +254,12 @@ class FastPath:
         limit on the rows a library checks. Raises as :meth:`run`."""
         accepts = replies_module.native_accepts or _refuse_all
         gpus = self.gpus
-        arrays, tables = masks.arrays, (masks.pads, masks.deltas)
 
-        def expect(index: int, sent: list[torch.Tensor]) -> Any:
-            step = gpus[index]
-            return step.check.expect(sent, [_view(n, arrays, tables) for n in step.inputs])
+        def expect(index: int, sent: list[torch.Tensor]) -> list[Any]:
+            return gpus[index].expect(sent, views)
 
-        def verify(index: int, sums: Any, outs: list[torch.Tensor]) -> None:
-            step = gpus[index]
-            step.check.verify(sums, list(outs), [_view(n, arrays, tables) for n in step.outputs])
+        def verify(index: int, sums: list[Any], outs: Any) -> None:
+            gpus[index].verify(sums, outs, views)
 
         code, index, detail, values = self.native.run(
             given, run, accepts, check_reply, expect, verify, replies, copies, self.wanted
@@ -266,9 +277,7 @@ class FastPath:
             raise IntegrityError(
                 f"enclave stage {call.name}: its compiled library refused the inputs: {detail}"
             )
-        by_slot = dict(zip(self.wanted, values, strict=True))
-        clear = {name: by_slot[slot] for name, slot, in_env in self.outputs if in_env}
-        return clear, {name: by_slot[slot] for name, slot, in_env in self.outputs if not in_env}
+        return self._named(dict(zip(self.wanted, values, strict=True)))
 
 
 def _refuse_all(outputs: object, expected: object) -> bool:

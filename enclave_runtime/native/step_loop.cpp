@@ -6,12 +6,13 @@
 // tensor in and out of each library, the outputs' flags) cost ~2.7 ms of a 7.6 ms step while
 // the libraries took 4.9 ms (benchmarks/README.md, stop 48). Here the libraries are called
 // from C++ (`AOTIModelContainerRunner::run` on the runner the Python `CompiledCall` loaded),
-// and only what must be Python is: the runner that sends a request, and the reply checks
-// (`replies.check_reply`'s native accept, else the Python check, which names the fault).
+// and only what must be Python is: the runner that sends a request, the reply checks
+// (`replies.check_reply`'s native accept, else the Python check, which names the fault) and,
+// for a reply checked as it comes (the logits), the numpy check's two halves.
 //
 // Guarantees: the same as the Python loop's (enclave_runtime/fastpath.py), which decides when
-// this runs (every library checked in full once, none of the call's own inputs empty, each a
-// contiguous tensor, every reply checked by the library after it):
+// this runs (a call of the program scanned in full before, none of the call's own inputs
+// empty, each a tensor passed contiguous, no limit on the rows a library checks):
 //  * the GPU receives the slots the plan says, copies where the runner does not copy them;
 //    the enclave keeps its own tensor (a copy where the runner is handed it) for the check;
 //  * every reply passes `accepts` or `check_reply` (which raises) before anything reads it;
