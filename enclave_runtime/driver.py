@@ -498,7 +498,7 @@ class WorkerClient:
             if expected is not None:
                 want, want_shape = expected[i]
                 got = DATATYPES.get(spec.datatype)
-                if got != want or (want_shape is not None and list(spec.shape) != want_shape):
+                if got != want or (want_shape is not None and list(spec.shape) != list(want_shape)):
                     raise ProtocolError(
                         f"output {i} is {spec.datatype} {list(spec.shape)}, the plan says "
                         f"{want} {want_shape}"

@@ -29,7 +29,7 @@ from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.fastpath import FastPath
 from enclave_runtime.pool import MaskPool, MaskSet
 from enclave_runtime.randomness import CSPRNG
-from enclave_runtime.replies import Expected, check_reply
+from enclave_runtime.replies import Expected, check_reply, snapshot
 from enclave_runtime.signature import CallSignature
 from enclave_runtime.step import StepCall, run_step
 from partitioner import ops
@@ -237,13 +237,13 @@ class Executor:
         return cached
 
     def _expect(self, stage: str, binding: Mapping[str, int]) -> Expected:
-        out: Expected = []
+        out = []
         for dtype, shape in self._replies[stage]:
             try:
-                out.append((dtype, concrete_shape(shape, binding)))
+                out.append((dtype, tuple(concrete_shape(shape, binding))))
             except ValueError:  # a size the inputs do not name: check the dtype only
                 out.append((dtype, None))
-        return out
+        return tuple(out)
 
     @property
     def stages(self) -> list[Stage]:
@@ -522,6 +522,7 @@ class Executor:
                 outs = run(name, handed, expected, end=True)
             else:
                 outs = run(name, handed, expected)
+            outs = snapshot(outs)
             check_reply(name, outs, expected)
             gpu.update(zip(stage.outputs, outs, strict=True))
             if name in float_checks:

@@ -53,7 +53,7 @@ from enclave_runtime import native_modules
 from enclave_runtime import replies as replies_module
 from enclave_runtime.compiled import CompiledCall
 from enclave_runtime.integrity import RingCheck
-from enclave_runtime.replies import check_reply
+from enclave_runtime.replies import check_reply, snapshot
 from partitioner.errors import IntegrityError
 from partitioner.plan import ENCLAVE, Stage
 
@@ -222,7 +222,7 @@ class FastPath:
                 # what the library checks the reply against: the enclave's own tensor,
                 # copied if the runner is handed the original
                 v[slot] = sent[position].clone() if copies and here else sent[position]
-            outs = run(name, sent if copies else [t.clone() for t in sent], expected)
+            outs = snapshot(run(name, sent if copies else [t.clone() for t in sent], expected))
             check_reply(name, outs, expected)
             for slot, out in zip(step.outs, outs, strict=True):
                 v[slot] = out
@@ -274,6 +274,7 @@ class FastPath:
                 raise call.masks_refused()
             if step.check is not None:
                 step.check.draw()  # as the Python loop: a refused reply told the GPU about s
+            call.check(tuple(values))  # names the input at fault, as the Python loop does
             raise IntegrityError(
                 f"enclave stage {call.name}: its compiled library refused the inputs: {detail}"
             )

@@ -15,7 +15,7 @@ checked here, which accepts it or names what is wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,13 +28,25 @@ native_accepts: Callable[[object, object], bool] | None = (
 )
 
 # What a GPU stage's reply must be: per output, its dtype and (when the call binds every
-# size) its concrete shape.
-Expected = list[tuple[torch.dtype, list[int] | None]]
+# size) its concrete shape. Tuples: it is handed to the runner, and shared by the calls of a
+# binding, so a runner that edits it would change what its own and later replies are checked
+# against (a reviewer's finding).
+Expected = tuple[tuple[torch.dtype, tuple[int, ...] | None], ...]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: neither overrides numpy()
 
 
-def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> None:
+def snapshot(outputs: object) -> object:
+    """A runner's reply as the enclave reads it from now on: a list as a tuple, read once.
+    The runner may keep the list it returned, and code of its own (a finaliser the cyclic GC
+    runs at one of the enclave's allocations) could put another tensor in it after it is
+    checked and before, or while, it is read (a reviewer's finding: a forged result passed
+    the check made as it came). Anything else is returned as it is (:func:`check_reply`
+    refuses all but a tuple)."""
+    return tuple(outputs) if type(outputs) is list else outputs
+
+
+def check_reply(stage: str, outputs: Sequence[torch.Tensor], expected: Expected) -> None:
     """Refuse a GPU reply that is not what the plan says: the count, each output's dtype and
     shape, and (floats, complex) finite values. Raises :class:`IntegrityError` naming the output."""
     if native_accepts is not None and native_accepts(outputs, expected):
@@ -76,7 +88,7 @@ def check_reply(stage: str, outputs: list[torch.Tensor], expected: Expected) -> 
             )
         if not out.is_cpu:  # the enclave's own tensors: nothing else is its memory
             raise IntegrityError(f"GPU stage {stage} output {i} is on {out.device}, not the CPU")
-        if shape is not None and list(out.shape) != shape:
+        if shape is not None and list(out.shape) != list(shape):
             raise IntegrityError(
                 f"GPU stage {stage} output {i}: shape {list(out.shape)}, the plan says {shape}"
             )

@@ -30,7 +30,7 @@ import torch
 
 from enclave_runtime import compiled  # noqa: F401  (sets AOTI_RUNTIME_CHECK_INPUTS first)
 from enclave_runtime.pool import MaskSet
-from enclave_runtime.replies import Expected, check_reply
+from enclave_runtime.replies import Expected, check_reply, snapshot
 from partitioner import step_op
 from partitioner.dims import concrete_shape
 from partitioner.errors import ArtifactError, InputError, IntegrityError
@@ -225,7 +225,7 @@ def run_step(
         # the library checks the reply against the tensors it sent: a runner that could
         # edit what it is handed gets copies, whatever it says
         handed = sent if copies and not in_library else [t.clone() for t in sent]
-        outs = run(name, handed, expected)
+        outs = snapshot(run(name, handed, expected))
         check_reply(name, outs, expected)
         outs = reply_as_read(name, outs, sent, like, widths, fresh=not copies)
         if check is not None and not in_library:

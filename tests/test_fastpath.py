@@ -10,6 +10,8 @@ handed, a request of many rows, an empty input once a binding's scan is skipped.
 
 from __future__ import annotations
 
+import gc
+import sys
 import warnings
 
 import pytest
@@ -560,3 +562,204 @@ def test_a_reply_a_checking_library_refuses_redraws_its_secret(
         call(ex, token, cache)
     assert len(native_calls) == int(native)
     assert not torch.equal(s, ex.ring_checks[target].vectors[0][0])
+
+
+class _SwapWhen:
+    """Code of a runner's that runs inside the enclave's own work: a GC callback (run at every
+    collection, each allocation of a tracked object once the threshold is 1) that puts
+    ``swap`` into ``reply`` at position 0 the first time ``when(frames)`` holds."""
+
+    def __init__(self, reply, swap, when):
+        self.reply, self.swap, self.when = reply, swap, when
+        self.swapped = False
+
+    def __call__(self, phase, info):
+        if self.swapped or phase != "start":
+            return
+        frame, frames = sys._getframe(1), []
+        while frame is not None:
+            frames.append((frame.f_code.co_name, frame.f_code.co_filename))
+            frame = frame.f_back
+        if self.when(frames):
+            self.reply[0] = self.swap
+            self.swapped = True
+
+
+class _GcSwapper(Recording):
+    """Returns ``make(reply)`` for stage ``target`` and arms a :class:`_SwapWhen` that puts
+    ``swap(reply)`` into the list it returned."""
+
+    make = swap = when = None
+    armed: _SwapWhen | None = None
+
+    def run(self, stage, tensors, expected=None, **kw):
+        outs = super().run(stage, tensors, expected, **kw)
+        if stage != self.target or self.make is None:
+            return outs
+        reply = self.make(list(outs))
+        self.armed = _SwapWhen(reply, self.swap(list(outs)), self.when)
+        gc.callbacks.append(self.armed)
+        gc.set_threshold(1)
+        return reply
+
+
+@pytest.fixture
+def gc_restored():
+    threshold, callbacks = gc.get_threshold(), list(gc.callbacks)
+    yield
+    gc.set_threshold(*threshold)
+    gc.callbacks[:] = callbacks
+
+
+def _in_the_numpy_check(frames):
+    return any(name == "verify" and file.endswith("fastpath.py") for name, file in frames)
+
+
+def _after_the_runner(frames):
+    return not any(name == "run" and file.endswith("test_fastpath.py") for name, file in frames)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+def test_a_reply_list_edited_while_its_numpy_check_runs_is_still_refused(
+    bundle, native_calls, monkeypatch, gc_restored, native
+):
+    """A forged reply to the stage checked in numpy as it comes, whose list the runner's own
+    code (a GC callback) gives the honest tensor once the check starts reading (a reviewer's
+    finding, in both loops: the stages read the forged tensor, the check the honest one, and
+    the forged logits were returned). The loops read one snapshot of the reply."""
+    if not native:
+        monkeypatch.setattr(fastpath, "_step_loop", None)
+    plan = load(bundle)
+    runner = _GcSwapper(plan)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    runner.target = next(g.name for g in ex._fast.gpus if g.check is not None and not g.keep)
+    runner.make = lambda reply: [_forged(reply[0]), *reply[1:]]
+    runner.swap = lambda reply: reply[0]
+    runner.when = _in_the_numpy_check
+    with pytest.raises(IntegrityError, match=f"GPU stage {runner.target} returned results"):
+        call(ex, token, cache)
+    assert runner.armed.swapped and len(native_calls) == int(native)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+def test_a_reply_list_edited_after_its_check_is_not_what_the_stages_read(
+    bundle, native_calls, monkeypatch, gc_restored, native
+):
+    """An honest reply whose list the runner's own code gives a tensor of another dtype at the
+    first collection once the runner has returned (in the Python loop, after the reply check
+    and before the slots read it, a reviewer's finding): the enclave reads the reply it
+    checked, so the step gives an honest GPU's logits, or (had the swap come before the loop
+    took its snapshot) the check refuses the tensor it was given, naming it."""
+    if not native:
+        monkeypatch.setattr(fastpath, "_step_loop", None)
+    plan = load(bundle)
+    target = library_checked(plan)[0]
+    runner = _GcSwapper(plan, target)
+    ex, honest = Executor(plan, runner, seed=1), Executor(plan, seed=1)
+    token, cache = warm(ex)
+    warm(honest)
+    runner.make = list
+    runner.swap = lambda reply: reply[0].to(torch.int64)
+    runner.when = _after_the_runner
+    try:
+        got = call(ex, token, cache)[0]
+    except IntegrityError as exc:
+        got = exc
+    assert runner.armed.swapped and len(native_calls) == int(native)
+    if isinstance(got, IntegrityError):
+        assert f"GPU stage {target} output 0: torch.int64, the plan says" in str(got)
+    else:
+        gc.callbacks.remove(runner.armed)
+        assert torch.equal(got, call(honest, token, cache)[0])
+
+
+class _Reshaper(Recording):
+    """Changes what stage ``target``'s reply must be (the list it is handed) before replying
+    with two positions where one was sent."""
+
+    def run(self, stage, tensors, expected=None, **kw):
+        outs = super().run(stage, tensors, expected, **kw)
+        if stage == self.target:
+            for edit in (
+                lambda: expected.__setitem__(0, (expected[0][0], None)),
+                lambda: expected[0][1].__setitem__(1, 2 * expected[0][1][1]),
+            ):
+                try:
+                    edit()
+                except (TypeError, AttributeError):
+                    pass
+            outs = [torch.cat([outs[0], outs[0]], dim=1), *outs[1:]]
+        return outs
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+def test_a_runner_cannot_change_what_replies_must_be(bundle, native_calls, monkeypatch, native):
+    """What a reply must be is handed to the runner (a transport reads the shapes from it) and
+    shared by the calls of a binding: a runner that edits it cannot make its own reply pass
+    the check, nor change what later replies are checked against."""
+    if not native:
+        monkeypatch.setattr(fastpath, "_step_loop", None)
+    plan = load(bundle)
+    target = library_checked(plan)[0]
+    runner = _Reshaper(plan)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    runner.target = target
+    with pytest.raises(IntegrityError, match=f"GPU stage {target} output 0: shape"):
+        call(ex, token, cache)
+    runner.target = None
+    honest = Executor(plan, seed=1)
+    warm(honest)
+    assert torch.equal(call(ex, token, cache)[0], call(honest, token, cache)[0])
+
+
+def test_the_loop_in_cpp_names_a_caller_input_of_another_dtype(bundle, native_calls, monkeypatch):
+    """A cache of another dtype on a step the C++ loop runs is refused naming the stage's input
+    at fault, as the Python loop names it."""
+    messages = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(fastpath, "_step_loop", None)
+        plan = load(bundle)
+        ex = Executor(plan, seed=1)
+        token, cache = warm(ex)
+        with pytest.raises((IntegrityError, InputError)) as raised:
+            call(ex, token, [c.to(torch.float64) for c in cache])
+        messages[native] = str(raised.value)
+    assert len(native_calls) == 1
+    assert messages[True] == messages[False]
+    assert "input" in messages[True]
+
+
+class _Grower(Recording):
+    """A runner that reaches the executor's C++ loop and adds steps to it during a call."""
+
+    loop = None
+    raised: Exception | None = None
+
+    def run(self, stage, tensors, expected=None, **kw):
+        outs = super().run(stage, tensors, expected, **kw)
+        if self.loop is not None:
+            loop, self.loop = self.loop, None
+            try:
+                for _ in range(4096):  # enough to move the loop's step lists in memory
+                    loop.add_gpu("x", [0], [0], [], False, [])
+            except RuntimeError as exc:
+                self.raised = exc
+        return outs
+
+
+def test_the_loop_in_cpp_refuses_new_steps_while_it_runs(bundle, native_calls):
+    """Steps added to the C++ loop during a call (runner code reaching into the executor)
+    would move the step lists it is reading: refused while a call runs."""
+    plan = load(bundle)
+    runner = _Grower(plan)
+    ex = Executor(plan, runner, seed=1)
+    token, cache = warm(ex)
+    honest = Executor(plan, seed=1)
+    warm(honest)
+    runner.loop = ex._fast.native
+    got, _ = call(ex, token, cache)
+    assert "running" in str(runner.raised) and len(native_calls) == 1
+    assert torch.equal(got, call(honest, token, cache)[0])

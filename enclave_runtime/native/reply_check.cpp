@@ -8,10 +8,10 @@
 // exactly a list or tuple of exactly torch.Tensor (or Parameter) objects, as many as expected;
 // each a plain TensorImpl (no functionalisation, functorch or other wrapper), strided, on the
 // CPU, not a zero tensor, with neither the negative nor the conjugate bit, with no Python
-// dispatch key, of the expected dtype and (where given) shape, contiguous with a non-null data
-// pointer and a storage as large as its offset and elements reach, and finite where it is a
-// 16-, 32- or 64-bit float (complex and 8-bit floats are left to the Python check). It may
-// refuse more than the Python check does (a non-contiguous reply, a shape given as a tuple):
+// dispatch key, of the expected dtype and (where given, as a tuple or list) shape, contiguous
+// with a non-null data pointer and a storage as large as its offset and elements reach, and
+// finite where it is a 16-, 32- or 64-bit float (complex and 8-bit floats are left to the
+// Python check). It may refuse more than the Python check does (a non-contiguous reply, say):
 // check_reply then runs the Python check, which accepts it or names what is wrong. It never
 // raises: anything unexpected is a refusal.
 #include <torch/csrc/Dtype.h>
@@ -29,9 +29,10 @@ namespace {
 
 bool same_shape(const at::Tensor& t, PyObject* shape) {
   if (shape == Py_None) return true;
-  if (!PyList_CheckExact(shape) || PyList_GET_SIZE(shape) != t.dim()) return false;
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(shape); ++i) {
-    PyObject* size = PyList_GET_ITEM(shape, i);
+  if (!(PyTuple_CheckExact(shape) || PyList_CheckExact(shape))) return false;
+  if (PySequence_Fast_GET_SIZE(shape) != t.dim()) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(shape); ++i) {
+    PyObject* size = PySequence_Fast_GET_ITEM(shape, i);
     if (!PyLong_CheckExact(size)) return false;
     int overflow = 0;
     const long long value = PyLong_AsLongLongAndOverflow(size, &overflow);
@@ -86,9 +87,9 @@ bool accepts(pybind11::handle outs, pybind11::handle expected) {
   PyObject* replies = outs.ptr();
   PyObject* wanted = expected.ptr();
   if (!(PyList_CheckExact(replies) || PyTuple_CheckExact(replies))) return false;
-  if (!PyList_CheckExact(wanted)) return false;
+  if (!(PyTuple_CheckExact(wanted) || PyList_CheckExact(wanted))) return false;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(replies);
-  if (count != PyList_GET_SIZE(wanted)) return false;
+  if (count != PySequence_Fast_GET_SIZE(wanted)) return false;
   // strong references, taken before anything runs: the items stay alive whatever the lists
   // become while they are read
   std::vector<pybind11::object> items;
@@ -98,7 +99,8 @@ bool accepts(pybind11::handle outs, pybind11::handle expected) {
   for (Py_ssize_t i = 0; i < count; ++i) {
     items.push_back(pybind11::reinterpret_borrow<pybind11::object>(
         PySequence_Fast_GET_ITEM(replies, i)));
-    wants.push_back(pybind11::reinterpret_borrow<pybind11::object>(PyList_GET_ITEM(wanted, i)));
+    wants.push_back(
+        pybind11::reinterpret_borrow<pybind11::object>(PySequence_Fast_GET_ITEM(wanted, i)));
   }
   try {
     for (Py_ssize_t i = 0; i < count; ++i) {

@@ -19,12 +19,17 @@
 //  * a library's fused Freivalds verdict and its masks' flag are read in that order and end
 //    the call with a code the caller raises as the Python loop raises (the check's secret is
 //    redrawn there); an exception from the runner or the check propagates as it was raised;
-//  * a library that throws ends the call with its message (no retry: GPU calls were made).
+//  * a library that throws ends the call with its message and its inputs, which the caller
+//    names the fault from (no retry: GPU calls were made);
+//  * a reply list is read once, into a tuple, before its check: code of the runner's that
+//    runs later (a finaliser) cannot change what is checked or read;
+//  * no step is added while a call runs (the loop reads its step lists by reference).
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -67,6 +72,7 @@ class Loop {
   void add_library(py::object runner, py::object args, py::object outs, py::object check_slots,
                    py::object check, std::vector<at::Tensor> constants, bool flags,
                    bool verifies, py::object drop) {
+    refuse_while_running();
     Library lib;
     lib.runner = runner.cast<Runner*>();
     lib.owner = std::move(runner);
@@ -88,6 +94,7 @@ class Loop {
 
   void add_gpu(py::object name, py::object sent, py::object outs,
                std::vector<std::pair<int, int>> keep, bool checked_here, py::object drop) {
+    refuse_while_running();
     Gpu gpu;
     gpu.checked_here = checked_here;
     gpu.name = std::move(name);
@@ -119,6 +126,7 @@ class Loop {
                 const py::object& accepts, const py::object& check_reply,
                 const py::object& expect, const py::object& verify, const py::dict& replies,
                 bool copies, const std::vector<int>& wanted) {
+    Running running(running_);
     std::vector<at::Tensor> v(size_);
     for (const auto& [slot, value] : inputs) {
       check_slot(slot);
@@ -143,8 +151,9 @@ class Loop {
           outs = lib.runner->run(call);
         } catch (const std::exception& exc) {
           std::string what = exc.what();
+          std::vector<at::Tensor> args(call.begin(), call.begin() + lib.args.size());
           return py::make_tuple(static_cast<int>(kLibraryRaised), index,
-                                what.substr(0, what.find('\n')), py::none());
+                                what.substr(0, what.find('\n')), py::cast(args));
         }
         bool masks_ok = true;
         if (lib.flags) {
@@ -185,7 +194,7 @@ class Loop {
         v[slot] = copies ? t.clone() : t;
       }
       py::object expected = replies[gpu.name];
-      py::object reply = send(gpu.name, request, expected);
+      py::object reply = frozen(send(gpu.name, request, expected));
       if (!accepts(reply, expected).cast<bool>()) check_reply(gpu.name, reply, expected);
       // check_reply accepted exactly a list or tuple of plain tensors, as many as the plan's
       py::sequence got = reply.cast<py::sequence>();
@@ -206,6 +215,36 @@ class Loop {
   }
 
  private:
+  // counts the calls in progress (a runner may call `run` again: that reads, never adds)
+  struct Running {
+    explicit Running(int& count) : count_(count) { ++count_; }
+    ~Running() { --count_; }
+    Running(const Running&) = delete;
+    Running& operator=(const Running&) = delete;
+    int& count_;
+  };
+
+  void refuse_while_running() const {
+    if (running_ > 0)
+      throw std::runtime_error("the loop is running: no step is added during a call");
+  }
+
+  // a list as a tuple of the items it holds now: strong references taken with no Python
+  // allocation between the reads (an allocation can run the cyclic GC, and a finaliser could
+  // edit the list), then the tuple made; anything else as it is (the check refuses it)
+  static py::object frozen(py::object reply) {
+    PyObject* list = reply.ptr();
+    if (!PyList_CheckExact(list)) return reply;
+    const Py_ssize_t count = PyList_GET_SIZE(list);
+    std::vector<py::object> items;
+    items.reserve(static_cast<size_t>(count));
+    for (Py_ssize_t i = 0; i < count; ++i)
+      items.push_back(py::reinterpret_borrow<py::object>(PyList_GET_ITEM(list, i)));
+    py::tuple out(count);
+    for (Py_ssize_t i = 0; i < count; ++i) out[i] = std::move(items[static_cast<size_t>(i)]);
+    return std::move(out);
+  }
+
   void check_slot(int slot) const {
     if (slot < 0 || slot >= size_) throw std::out_of_range("slot outside the loop's values");
   }
@@ -214,6 +253,7 @@ class Loop {
   }
 
   int size_;
+  int running_ = 0;
   std::vector<Library> libraries_;
   std::vector<Gpu> gpus_;
   std::vector<std::pair<bool, size_t>> order_;
