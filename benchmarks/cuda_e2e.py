@@ -2,9 +2,10 @@
 
 For a machine with an NVIDIA GPU (run there by hand: ``python3 benchmarks/cuda_e2e.py``).
 The model is SmolLM2-135M's architecture with seeded random weights (the GPU host need not
-hold the weights package; timing and exactness do not depend on the values). Each preset is
-partitioned here, then one executor per side of the comparison runs the same requests with
-the same mask pads (the same seed):
+hold the weights package; timing and exactness do not depend on the values); under
+``private_finetune`` it carries a seeded peft LoRA, the private fine-tune of a public base
+(peft's). Each preset is partitioned here, then one executor per side of the comparison runs
+the same requests with the same mask pads (the same seed):
 
 * ``cpu``: GPU stages in this process on the CPU (``InProcessRunner``);
 * ``cuda``: GPU stages on the GPU, weights prepared by ``prepare_ring_weights(module, cuda)``
@@ -54,6 +55,41 @@ def smollm2_shape(layers: int) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with a seeded peft LoRA injected in place (rank 8 on q_proj and v_proj): the
+    private fine-tune ``private_finetune`` protects, its base (peft's) public."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(2)  # peft draws lora_A from the global generator
+    model = get_peft_model(model, config).get_base_model().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: the adapter would change nothing
+                torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def prepared(model: torch.nn.Module, layers: int) -> tuple[Any, dict[str, Any]]:
+    """``model``'s captured decoder step and the two workloads: name -> (call args, whether
+    the tokens are public), a 128-token prefill and a decode step on its cache."""
+    from partitioner.generation import DecoderStep, cache_shape, capture_decoder
+
+    heads, head_dim = cache_shape(model)
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, CONTEXT), generator=torch.Generator().manual_seed(1)
+    )
+    empty = [torch.zeros(1, heads, 0, head_dim) for _ in range(2 * layers)]
+    whole = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        past = list(DecoderStep(model)(ids, whole, empty)[1:])
+    workloads = {
+        "prefill": ((ids, whole, empty), False),
+        "decode": ((ids[:, -1:], whole, past), True),
+    }
+    return capture_decoder(model), workloads
 
 
 class CudaRunner:
@@ -119,32 +155,25 @@ def main() -> None:
 
     from enclave_runtime.executor import InProcessRunner
     from partitioner.api import partition
-    from partitioner.generation import DecoderStep, cache_shape, capture_decoder
     from partitioner.policy import Policy
 
     started = time.perf_counter()
-    model = smollm2_shape(args.layers)
-    heads, head_dim = cache_shape(model)
-    ids = torch.randint(
-        0, model.config.vocab_size, (1, CONTEXT), generator=torch.Generator().manual_seed(1)
-    )
-    empty = [torch.zeros(1, heads, 0, head_dim) for _ in range(2 * args.layers)]
-    whole = torch.zeros(1, 1, dtype=torch.long)
-    with torch.no_grad():
-        past = list(DecoderStep(model)(ids, whole, empty)[1:])
-    workloads = {
-        "prefill": ((ids, whole, empty), False),
-        "decode": ((ids[:, -1:], whole, past), True),
-    }
-    step = capture_decoder(model)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    print(
-        f"torch {torch.__version__}, {device}; {args.layers} layers; setup "
-        f"{time.perf_counter() - started:.0f} s"
-    )
+    print(f"torch {torch.__version__}, {device}; {args.layers} layers")
     rows = []
+    models: dict[bool, tuple[Any, dict[str, Any]]] = {}  # by whether it carries the LoRA
     for preset in args.presets:
+        lora = preset == "private_finetune"  # its preset names peft's base public
+        if lora not in models:
+            start = time.perf_counter()
+            model = smollm2_shape(args.layers)
+            models[lora] = prepared(with_lora(model) if lora else model, args.layers)
+            name = "LoRA" if lora else "base"
+            print(f"{name} model captured in {time.perf_counter() - start:.0f} s")
+        step, workloads = models[lora]
+        start = time.perf_counter()
         split = partition(step, Policy.preset(preset))
+        print(f"{preset}: partitioned in {time.perf_counter() - start:.0f} s", flush=True)
         masking = split.protection.masking if split.protection is not None else "none"
         for workload, (call_args, public) in workloads.items():
             results = {}

@@ -127,11 +127,15 @@ def node_flops(node: torch.fx.Node, shapes: ShapeContext) -> int:
 
     The node is replayed on meta tensors of its reference-binding shapes under
     ``FlopCounterMode``; whole SDPA ops use ``sdpa_flop_count`` (the CPU kernel is not in the
-    counter's registry). Elementwise work is not counted, as in the counter itself.
+    counter's registry; grouped-query attention is counted with its keys and values read once
+    per query head, as torch 2.13 counts it, where older releases refuse the shapes).
+    Elementwise work is not counted, as in the counter itself.
     """
     name = op_name(node)
     if name in SDPA_OPS:
         q, k, v = (shapes.concrete_shape(a.meta["val"]) for a in node.args[:3])
+        heads = q[-3:-2]  # (batch..., heads, seq, dim): each query head reads its group's k, v
+        k, v = [*k[:-3], *heads, *k[-2:]], [*v[:-3], *heads, *v[-2:]]
         return int(sdpa_flop_count(q, k, v))
     if name not in MATRIX_PRODUCT_OPS:
         return 0
