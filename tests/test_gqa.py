@@ -156,3 +156,26 @@ def test_key_and_value_from_one_repeat_are_rewritten_once():
     rewritten = share_kv_heads(torch.export.export(module, args))
     assert _repeats_read_by_attention(rewritten.graph) == []
     torch.testing.assert_close(rewritten.module()(*args), module(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_attention_is_counted_with_shapes_every_torch_release_takes(monkeypatch):
+    """The cost model counts a grouped-query attention as each query head reading its group's
+    keys and values (what torch 2.13's ``sdpa_flop_count`` gives). Releases before it refuse
+    grouped shapes (found on a GPU host with torch 2.11: partitioning failed), so the counter
+    is handed equal heads: here it is made to refuse others, as those releases do."""
+    from partitioner import shapes as shapes_module
+
+    original = shapes_module.sdpa_flop_count
+    seen = []
+
+    def strict(q, k, v):
+        assert q[-3] == k[-3] == v[-3], "query/key/value shapes are incompatible"
+        seen.append(original(q, k, v))
+        return seen[-1]
+
+    monkeypatch.setattr(shapes_module, "sdpa_flop_count", strict)
+    model = tiny_llama()
+    split = partition(capture_decoder(model), "all_enclave")
+    layers = model.config.num_hidden_layers
+    assert len(seen) == layers and all(count > 0 for count in seen)
+    assert len(list(split.source.graph.find_nodes(op="call_function", target=SDPA))) == layers
