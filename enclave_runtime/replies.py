@@ -42,8 +42,14 @@ def snapshot(outputs: object) -> object:
     runs at one of the enclave's allocations) could put another tensor in it after it is
     checked and before, or while, it is read (a reviewer's finding: a forged result passed
     the check made as it came). Anything else is returned as it is (:func:`check_reply`
-    refuses all but a tuple)."""
-    return tuple(outputs) if type(outputs) is list else outputs
+    refuses all but a tuple).
+
+    Copied as a list first: ``tuple(a_list)`` reads the list's item array, then allocates the
+    tuple, and that allocation can run the cyclic GC, whose finaliser could empty the list:
+    the tuple was filled from freed memory (a reviewer's finding, SIGSEGV). ``list(a_list)``
+    allocates before it reads, then copies with no allocation the GC runs at; the copy is
+    this function's alone."""
+    return tuple(list(outputs)) if type(outputs) is list else outputs
 
 
 def check_reply(stage: str, outputs: Sequence[torch.Tensor], expected: Expected) -> None:

@@ -11,8 +11,11 @@ handed, a request of many rows, an empty input once a binding's scan is skipped.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -763,3 +766,41 @@ def test_the_loop_in_cpp_refuses_new_steps_while_it_runs(bundle, native_calls):
     got, _ = call(ex, token, cache)
     assert "running" in str(runner.raised) and len(native_calls) == 1
     assert torch.equal(got, call(honest, token, cache)[0])
+
+
+_SNAPSHOT_UNDER_GC = """
+import gc, sys, torch
+from enclave_runtime.replies import snapshot
+reply = [torch.full((4,), float(i)) for i in range(3)]
+fired = []
+def emptied(phase, info):  # the runner's finaliser: empties its list, reuses the memory
+    if phase == "start" and not fired:
+        fired.append(1)
+        reply.clear()
+        junk = [bytearray(64) for _ in range(100)]
+hold = [tuple([object() for _ in range(3)]) for _ in range(2500)]  # no 3-tuple left to reuse
+gc.callbacks.append(emptied)
+gc.set_threshold(1)
+out = snapshot(reply)
+gc.set_threshold(700)
+gc.callbacks.remove(emptied)
+assert fired
+print([t.tolist() for t in out])
+"""
+
+
+def test_a_reply_emptied_by_a_finaliser_while_it_is_snapshotted_is_read_whole_or_empty():
+    """A runner whose finaliser empties the list it returned at the allocation the snapshot
+    makes (a reviewer's finding: ``tuple(a_list)`` then filled the tuple from freed memory,
+    SIGSEGV): the snapshot is the list before or after, never freed memory."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", _SNAPSHOT_UNDER_GC],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() in ("[]", str([[float(i)] * 4 for i in range(3)]))
