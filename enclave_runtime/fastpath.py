@@ -274,7 +274,8 @@ class FastPath:
                 raise call.masks_refused()
             if step.check is not None:
                 step.check.draw()  # as the Python loop: a refused reply told the GPU about s
-            call.check(tuple(values))  # names the input at fault, as the Python loop does
+            if values is not None:
+                call.check(tuple(values))  # names the input at fault, as the Python loop does
             raise IntegrityError(
                 f"enclave stage {call.name}: its compiled library refused the inputs: {detail}"
             )
@@ -311,6 +312,7 @@ def _native_loop(fast: FastPath) -> Any | None:
         else:
             here = step.check is not None and not step.keep  # checked in numpy as it comes
             loop.add_gpu(step.name, step.sent, step.outs, step.keep, here, list(step.drop))
+    loop.seal()  # no step added later, by anyone (a reviewer's finding: runner code did)
     return loop
 
 

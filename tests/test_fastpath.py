@@ -753,9 +753,11 @@ class _Grower(Recording):
         return outs
 
 
-def test_the_loop_in_cpp_refuses_new_steps_while_it_runs(bundle, native_calls):
+def test_the_loop_in_cpp_refuses_new_steps_once_built(bundle, native_calls):
     """Steps added to the C++ loop during a call (runner code reaching into the executor)
-    would move the step lists it is reading: refused while a call runs."""
+    would move the step lists it is reading, and between calls would run unchecked (a
+    reviewer's finding: a step re-asking for the logits returned forged ones): the loop is
+    sealed once built."""
     plan = load(bundle)
     runner = _Grower(plan)
     ex = Executor(plan, runner, seed=1)
@@ -764,7 +766,9 @@ def test_the_loop_in_cpp_refuses_new_steps_while_it_runs(bundle, native_calls):
     warm(honest)
     runner.loop = ex._fast.native
     got, _ = call(ex, token, cache)
-    assert "running" in str(runner.raised) and len(native_calls) == 1
+    assert "sealed" in str(runner.raised) and len(native_calls) == 1
+    with pytest.raises(RuntimeError, match="sealed"):
+        ex._fast.native.add_gpu("x", [0], [0], [], False, [])
     assert torch.equal(got, call(honest, token, cache)[0])
 
 

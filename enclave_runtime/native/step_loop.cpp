@@ -23,7 +23,8 @@
 //    names the fault from (no retry: GPU calls were made);
 //  * a reply list is read once, into a tuple, before its check: code of the runner's that
 //    runs later (a finaliser) cannot change what is checked or read;
-//  * no step is added while a call runs (the loop reads its step lists by reference).
+//  * no step is added once the loop is sealed (`seal`, as soon as it is built) or while a call
+//    runs (the loop reads its step lists by reference).
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 #include <torch/extension.h>
 
@@ -72,7 +73,7 @@ class Loop {
   void add_library(py::object runner, py::object args, py::object outs, py::object check_slots,
                    py::object check, std::vector<at::Tensor> constants, bool flags,
                    bool verifies, py::object drop) {
-    refuse_while_running();
+    refuse_new_steps();
     Library lib;
     lib.runner = runner.cast<Runner*>();
     lib.owner = std::move(runner);
@@ -94,7 +95,7 @@ class Loop {
 
   void add_gpu(py::object name, py::object sent, py::object outs,
                std::vector<std::pair<int, int>> keep, bool checked_here, py::object drop) {
-    refuse_while_running();
+    refuse_new_steps();
     Gpu gpu;
     gpu.checked_here = checked_here;
     gpu.name = std::move(name);
@@ -170,7 +171,8 @@ class Loop {
           return py::make_tuple(static_cast<int>(kLibraryRaised), index,
                                 "returned " + std::to_string(outs.size()) + " outputs, not " +
                                     std::to_string(lib.outs.size()),
-                                py::none());
+                                py::cast(std::vector<at::Tensor>(
+                                    call.begin(), call.begin() + lib.args.size())));
         // contiguous, as the Python loop's retry makes a library's inputs
         for (size_t i = 0; i < outs.size(); ++i) v[lib.outs[i]] = outs[i].contiguous();
         for (int slot : lib.drop) v[slot] = at::Tensor();
@@ -214,6 +216,8 @@ class Loop {
     return py::make_tuple(static_cast<int>(kDone), -1, "", values);
   }
 
+  void seal() { sealed_ = true; }
+
  private:
   // counts the calls in progress (a runner may call `run` again: that reads, never adds)
   struct Running {
@@ -224,7 +228,8 @@ class Loop {
     int& count_;
   };
 
-  void refuse_while_running() const {
+  void refuse_new_steps() const {
+    if (sealed_) throw std::runtime_error("the loop is sealed: no step is added once it is built");
     if (running_ > 0)
       throw std::runtime_error("the loop is running: no step is added during a call");
   }
@@ -254,6 +259,7 @@ class Loop {
 
   int size_;
   int running_ = 0;
+  bool sealed_ = false;
   std::vector<Library> libraries_;
   std::vector<Gpu> gpus_;
   std::vector<std::pair<bool, size_t>> order_;
@@ -266,6 +272,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int>())
       .def("add_library", &Loop::add_library)
       .def("add_gpu", &Loop::add_gpu)
+      .def("seal", &Loop::seal)
       .def("run", &Loop::run);
   m.attr("DONE") = static_cast<int>(kDone);
   m.attr("CHECK_FAILED") = static_cast<int>(kCheckFailed);
