@@ -23,8 +23,9 @@
 //    names the fault from (no retry: GPU calls were made);
 //  * a reply list is read once, into a tuple, before its check: code of the runner's that
 //    runs later (a finaliser) cannot change what is checked or read;
-//  * no step is added once the loop is sealed (`seal`, as soon as it is built) or while a call
-//    runs (the loop reads its step lists by reference).
+//  * a loop runs only once sealed (`seal`, as soon as it is built), and takes no step after:
+//    the loop reads its step lists by reference, and a step added between calls would run
+//    unchecked.
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 #include <torch/extension.h>
 
@@ -127,7 +128,7 @@ class Loop {
                 const py::object& accepts, const py::object& check_reply,
                 const py::object& expect, const py::object& verify, const py::dict& replies,
                 bool copies, const std::vector<int>& wanted) {
-    Running running(running_);
+    if (!sealed_) throw std::runtime_error("the loop is not sealed: seal it once it is built");
     std::vector<at::Tensor> v(size_);
     for (const auto& [slot, value] : inputs) {
       check_slot(slot);
@@ -152,9 +153,7 @@ class Loop {
           outs = lib.runner->run(call);
         } catch (const std::exception& exc) {
           std::string what = exc.what();
-          std::vector<at::Tensor> args(call.begin(), call.begin() + lib.args.size());
-          return py::make_tuple(static_cast<int>(kLibraryRaised), index,
-                                what.substr(0, what.find('\n')), py::cast(args));
+          return raised(index, what.substr(0, what.find('\n')), call, lib);
         }
         bool masks_ok = true;
         if (lib.flags) {
@@ -168,11 +167,10 @@ class Loop {
         }
         if (!masks_ok) return py::make_tuple(static_cast<int>(kMasksRefused), index, "", py::none());
         if (outs.size() != lib.outs.size())
-          return py::make_tuple(static_cast<int>(kLibraryRaised), index,
-                                "returned " + std::to_string(outs.size()) + " outputs, not " +
-                                    std::to_string(lib.outs.size()),
-                                py::cast(std::vector<at::Tensor>(
-                                    call.begin(), call.begin() + lib.args.size())));
+          return raised(index,
+                        "returned " + std::to_string(outs.size()) + " outputs, not " +
+                            std::to_string(lib.outs.size()),
+                        call, lib);
         // contiguous, as the Python loop's retry makes a library's inputs
         for (size_t i = 0; i < outs.size(); ++i) v[lib.outs[i]] = outs[i].contiguous();
         for (int slot : lib.drop) v[slot] = at::Tensor();
@@ -219,19 +217,16 @@ class Loop {
   void seal() { sealed_ = true; }
 
  private:
-  // counts the calls in progress (a runner may call `run` again: that reads, never adds)
-  struct Running {
-    explicit Running(int& count) : count_(count) { ++count_; }
-    ~Running() { --count_; }
-    Running(const Running&) = delete;
-    Running& operator=(const Running&) = delete;
-    int& count_;
-  };
+  // a library's refusal: its message and the inputs it was given (the caller names the
+  // input at fault from them, as the Python loop does)
+  static py::tuple raised(size_t index, const std::string& detail,
+                          const std::vector<at::Tensor>& call, const Library& lib) {
+    std::vector<at::Tensor> args(call.begin(), call.begin() + lib.args.size());
+    return py::make_tuple(static_cast<int>(kLibraryRaised), index, detail, py::cast(args));
+  }
 
   void refuse_new_steps() const {
     if (sealed_) throw std::runtime_error("the loop is sealed: no step is added once it is built");
-    if (running_ > 0)
-      throw std::runtime_error("the loop is running: no step is added during a call");
   }
 
   // a list as a tuple of the items it holds now: strong references taken with no Python
@@ -258,7 +253,6 @@ class Loop {
   }
 
   int size_;
-  int running_ = 0;
   bool sealed_ = false;
   std::vector<Library> libraries_;
   std::vector<Gpu> gpus_;
