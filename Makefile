@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.teesplit-installed
 # the enclave's native helpers (partitioner/native.py): its caching CPU allocator, the reply
-# check's fast path and the stage loop, C++ against this torch, rebuilt when a source changes
+# check's fast path, the stage loop and the pool's int8 corrections, C++ against this torch,
+# rebuilt when a source changes
 NATIVE := enclave_runtime/native/teesplit_cpu_allocator.so enclave_runtime/native/teesplit_reply_check.so \
-	enclave_runtime/native/teesplit_step_loop.so
+	enclave_runtime/native/teesplit_step_loop.so enclave_runtime/native/teesplit_ring_gemm.so
 SETUP := $(STAMP) $(NATIVE)
 SST2 ?= ../shared/data/sst2
 # SmolLM2 converted once from GGUF (partitioner/converted.py) for every target here: in the

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_runtime import integrity
+from enclave_runtime import integrity, ring_gemm
 from enclave_runtime.randomness import CSPRNG
 from partitioner.dims import concrete_shape, names_in
 from partitioner.ops import OPS, prepare_ring_weights
@@ -91,9 +91,13 @@ class MaskPool:
         return tuple(sorted((str(s), int(v)) for s, v in binding.items() if s in self._dims))
 
     def _prepared(self, stage: str) -> Any:
-        """A correction module with its integer weights converted once (not per draw)."""
+        """A correction module with its integer weights converted once (not per draw): for
+        ring layers alone, int8 digits packed for oneDNN (:mod:`enclave_runtime.ring_gemm`,
+        2-3x the float64 GEMM here) where this process can run them; else float64."""
         if stage not in self._modules:
-            self._modules[stage] = prepare_ring_weights(self.protection.corrections[stage].module)
+            module = self.protection.corrections[stage].module
+            packed = ring_gemm.packed(module) if self._batchable(stage) else None
+            self._modules[stage] = packed or prepare_ring_weights(module)
         return self._modules[stage]
 
     def _batchable(self, stage: str) -> bool:

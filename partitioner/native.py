@@ -1,6 +1,6 @@
 """Building the enclave's native helpers: the caching CPU allocator (``enclave_runtime/allocator``),
-the fast accept path of the reply check (``enclave_runtime/replies``) and the stage loop in C++
-(``enclave_runtime/fastpath``).
+the fast accept path of the reply check (``enclave_runtime/replies``), the stage loop in C++
+(``enclave_runtime/fastpath``) and the mask pool's int8 corrections (``enclave_runtime/ring_gemm``).
 
 Reads ``enclave_runtime/native/*.cpp``; writes ``enclave_runtime/native/teesplit_*.so``
 (ignored by git; ``make`` builds them at install). Compile-time code: it needs a C++ compiler
@@ -24,6 +24,7 @@ HELPERS = {
     "teesplit_cpu_allocator": ("cpu_allocator.cpp", False),
     "teesplit_reply_check": ("reply_check.cpp", True),
     "teesplit_step_loop": ("step_loop.cpp", True),
+    "teesplit_ring_gemm": ("ring_gemm.cpp", True),
 }
 
 
@@ -39,7 +40,7 @@ def build(name: str, folder: Path = NATIVE) -> Path:
         load(
             name=name,
             sources=[str(NATIVE / source)],
-            extra_cflags=["-O2"],
+            extra_cflags=["-O3"],
             build_directory=work,
             is_python_module=module,
             verbose=False,

@@ -9,6 +9,7 @@ import torch
 from conftest import captured, eager, model_output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from enclave_runtime import ring_gemm
 from enclave_runtime.randomness import CSPRNG
 from partitioner import ops
 from partitioner.api import partition
@@ -215,6 +216,13 @@ def test_a_batch_of_mask_sets_gets_the_corrections_each_set_would_get_alone():
     binding = {"batch": 1, "seq": 7}
     sets = pool.draw_many(binding, 5)
     assert any(pool._batchable(stage) for stage in sp.protection.pooled)
+    # the batchable corrections ran as int8 GEMMs (enclave_runtime.ring_gemm), checked below
+    # against each set's own float64 correction
+    assert all(
+        isinstance(pool._prepared(stage), ring_gemm.PackedCorrection)
+        for stage in sp.protection.pooled
+        if pool._batchable(stage)
+    )
     for m in sets:
         for stage in sp.protection.pooled:
             corr = sp.protection.corrections[stage]

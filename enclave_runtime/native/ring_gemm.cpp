@@ -1,0 +1,101 @@
+// The recombination step of the mask pool's int8 corrections (enclave_runtime/ring_gemm.py).
+//
+// Why: the pool computes W·[r_1 … r_B] mod 2**32 as one int8 GEMM of the pads' four bytes
+// (stacked as rows) times the weights' digits (stacked as output columns); the GEMM writes each
+// digit product as float32. Folding the 4·D products back into one int32 per output takes
+// eight or more passes of torch ops over the products (about half the GEMM's time at
+// Llama-2-7B's shapes, several times it where the output is wide and the fan-in small); this
+// reads each product once.
+//
+// Guarantee: recombine(products, shifts, corr, out, col0), with rows = out.size(0),
+// cols = corr.size(0) and digits = products.size(1) / cols, sets for m < rows, n < cols
+// out[m, col0 + n] = (corr[n] + sum_{i<4, j<digits, shifts[i*digits+j] < 32}
+//                     products[i*rows + m, j*cols + n] * 2**shifts[i*digits+j]) mod 2**32,
+// with every product an integer float32 of magnitude at most 2**24 (what the GEMM's exactness
+// bound gives; a product outside it, or a non-integer one, raises). All arithmetic is unsigned
+// 32-bit, which wraps by definition. Raises on any shape, dtype or layout it was not built for.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// acc[n] += int(row[n]) * scale (mod 2**32) for n < cols; true if some row[n] is not an
+// integer of magnitude at most 2**24. Written without branches so that the compiler vectorises
+// it; a value out of range is zeroed by its bits before the conversion (which would be
+// undefined for it), and flagged.
+bool fold(const float* __restrict row, uint32_t* __restrict acc, int64_t cols, uint32_t scale) {
+  uint32_t bad = 0;
+  for (int64_t n = 0; n < cols; ++n) {
+    const float v = row[n];
+    const uint32_t in_range = (v >= -16777216.0f) & (v <= 16777216.0f);  // 0 for NaN
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits &= 0u - in_range;
+    float kept;
+    std::memcpy(&kept, &bits, sizeof kept);
+    const int32_t q = static_cast<int32_t>(kept);
+    bad |= (in_range ^ 1u) | static_cast<uint32_t>(static_cast<float>(q) != v);
+    acc[n] += static_cast<uint32_t>(q) * scale;
+  }
+  return bad != 0;
+}
+
+void recombine(const at::Tensor& products, const std::vector<int64_t>& shifts,
+               const at::Tensor& corr, at::Tensor& out, int64_t col0) {
+  TORCH_CHECK(products.scalar_type() == at::kFloat && products.is_cpu() &&
+                  products.is_contiguous() && products.dim() == 2,
+              "recombine: products must be a contiguous 2-d float32 CPU tensor");
+  TORCH_CHECK(corr.scalar_type() == at::kLong && corr.is_cpu() && corr.is_contiguous() &&
+                  corr.dim() == 1,
+              "recombine: corr must be a contiguous int64 CPU vector");
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.is_cpu() && out.is_contiguous() &&
+                  out.dim() == 2,
+              "recombine: out must be a contiguous 2-d int32 CPU tensor");
+  const int64_t rows = out.size(0), cols = corr.size(0), width = out.size(1);
+  TORCH_CHECK(cols > 0 && products.size(1) % cols == 0, "recombine: products are ",
+              products.sizes(), " for ", cols, " columns");
+  const int64_t digits = products.size(1) / cols;
+  TORCH_CHECK(products.size(0) == 4 * rows, "recombine: products are ", products.sizes(),
+              ", not ", 4 * rows, " rows");
+  TORCH_CHECK(col0 >= 0 && col0 + cols <= width, "recombine: columns ", col0, "+", cols,
+              " outside ", width);
+  TORCH_CHECK(static_cast<int64_t>(shifts.size()) == 4 * digits, "recombine: ",
+              shifts.size(), " shifts for ", 4 * digits, " products");
+  for (int64_t s : shifts) TORCH_CHECK(s >= 0, "recombine: negative shift");
+  const float* p = products.data_ptr<float>();
+  const int64_t* c = corr.data_ptr<int64_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  const int64_t stride = digits * cols;
+  std::vector<std::pair<int64_t, uint32_t>> terms;  // (offset of the product block, 2**shift)
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < digits; ++j) {
+      const int64_t s = shifts[i * digits + j];
+      if (s < 32) terms.emplace_back(i * rows * stride + j * cols, uint32_t{1} << s);
+    }
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> acc(cols);
+    bool local_bad = false;
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t n = 0; n < cols; ++n) acc[n] = static_cast<uint32_t>(c[n]);
+      for (const auto& [offset, scale] : terms)
+        local_bad |= fold(p + offset + m * stride, acc.data(), cols, scale);
+      int32_t* dst = o + m * width + col0;
+      for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<int32_t>(acc[n]);
+    }
+    if (local_bad) bad.store(true);
+  });
+  TORCH_CHECK(!bad.load(), "recombine: a digit product is not an integer within 2**24");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("recombine", &recombine, "fold int8 digit products into out[:, col0:] mod 2**32");
+}

@@ -1,0 +1,186 @@
+"""The mask pool's corrections ``W·[r_1 … r_B] mod 2**32`` as int8 GEMMs.
+
+Reads a correction module made of ``teesplit::ring_linear`` layers alone (what
+:meth:`enclave_runtime.pool.MaskPool._batchable` accepts); writes nothing. Guarantees: a
+:class:`PackedCorrection` returns what the module returns, bit for bit
+(``tests/test_ring_gemm.py``), or raises; :func:`packed` gives ``None`` where it cannot
+(no oneDNN int8 matmul in this torch, the native recombination not built, a big-endian host,
+a graph with anything but ring layers), and the pool then runs the float64 GEMM as before.
+
+How: a pad ``u`` (int32) is four bytes ``b_i``; with oneDNN's zero point 128 the GEMM reads
+them as signed digits ``d_i = b_i - 128``, so ``u ≡ Σ 256^i d_i + 0x80808080`` (mod
+``2**32``). The integer weights (12 bits, the exact pass's) are split once into ``D`` balanced
+digits ``w_j`` of ``s`` bits, ``w = Σ 2^{s j} w_j``, with ``D`` the fewest for which every
+digit product's sum is exact in the GEMM's float32 output: ``128 · max|w_j| · fan_in <= 2**24``.
+The four byte rows of the pads are stacked as rows and the ``D`` digits as output columns, so
+one oneDNN int8 matmul (AMX or VNNI where the CPU has them) computes every ``d_i · w_jᵀ``; the
+native ``recombine`` folds them with their shifts ``8 i + s j`` (those ≥ 32 vanish) and
+``0x80808080 · Σ w + b`` in wrapping 32-bit arithmetic. On this project's CPU it is 2–4× the
+float64 GEMM at the decode fill's and Llama-2-7B's shapes (``benchmarks/teebound.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from typing import Any
+
+import torch
+
+from enclave_runtime import native_modules
+from partitioner.ops import OPS, op_name
+
+_native = native_modules.load("teesplit_ring_gemm")
+_BOUND = 2**24  # float32 holds every integer of magnitude up to here exactly
+_OFFSET = 0x80808080  # Σ 128 · 256^i: the zero point's share of every pad
+
+
+def _qlinear() -> Any:
+    try:
+        return torch.ops.onednn.qlinear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_QLINEAR = _qlinear()
+
+
+def available() -> bool:
+    """Whether this process can run the int8 path (module docstring)."""
+    return _native is not None and _QLINEAR is not None and sys.byteorder == "little"
+
+
+def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]] | None:
+    """``(s, [w_0 … w_{D-1}])`` with ``w = Σ 2^{s j} w_j`` exactly, each digit int8 and
+    ``128 · max|w_j| · fan_in <= 2**24``, for the fewest digits ``D`` (at most 4); ``None``
+    where no such split exists (a fan-in above ``2**17``)."""
+    t = w.to(torch.int64)
+    top = int(t.abs().max()) if t.numel() else 0
+    for count in range(1, 5):
+        if count == 1:
+            bits, digits = 0, [t]
+        else:
+            bits = -(-(top.bit_length() + 1) // count)
+            half = 1 << (bits - 1)
+            digits, rest = [], t
+            for _ in range(count - 1):
+                digit = ((rest + half) & ((1 << bits) - 1)) - half
+                digits.append(digit)
+                rest = (rest - digit) >> bits
+            digits.append(rest)  # the top digit keeps what is left, sign included
+        largest = max(int(d.abs().max()) if d.numel() else 0 for d in digits)
+        if largest <= 127 and 128 * largest * fan_in <= _BOUND:
+            return bits, [d.to(torch.int8) for d in digits]
+    return None
+
+
+class PackedLinear:
+    """``ring_linear(u, w, b, carry)`` for int32 ``u`` on the CPU as int8 matmuls and native
+    recombinations (module docstring), ``block`` output columns at a time so that a block's
+    products stay in cache between the two; weights split and packed once, here."""
+
+    block = 512  # columns: at 64 to 512 pad rows, about the fastest measured (stop 51)
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, carry: bool) -> None:
+        self.cols, self.fan_in = w.shape
+        split = weight_digits(w, self.fan_in)
+        if split is None:
+            raise ValueError(f"no int8 digits of a {tuple(w.shape)} weight are exact")
+        bits, digits = split
+        self.digits = len(digits)
+        self.shifts = [8 * i + bits * j for i in range(4) for j in range(self.digits)]
+        corr = _OFFSET * w.to(torch.int64).sum(1)
+        if b is not None:
+            corr = corr + b.to(torch.int64)
+        corr &= 0xFFFFFFFF
+        self.carry = carry
+        self.blocks = []
+        for start in range(0, self.cols, self.block):
+            stop = min(start + self.block, self.cols)
+            width = self.digits * (stop - start)
+            stacked = torch.cat([d[start:stop] for d in digits])
+            self.blocks.append((
+                start,
+                torch.ops.onednn.qlinear_prepack(stacked, None),
+                torch.ones(width),
+                torch.zeros(width, dtype=torch.int64),
+                corr[start:stop].contiguous(),
+            ))  # fmt: skip
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        if u.dtype != torch.int32 or u.device.type != "cpu":
+            raise TypeError(f"int32 CPU pads expected, got {u.dtype} on {u.device}")
+        body = u[..., :-1] if self.carry else u
+        if body.shape[-1] != self.fan_in:
+            raise ValueError(f"pads of width {body.shape[-1]} for a fan-in of {self.fan_in}")
+        rows = body.reshape(-1, self.fan_in)
+        count = rows.shape[0]
+        out = torch.empty((count, self.cols + int(self.carry)), dtype=torch.int32)
+        if self.carry:  # the row's masked scale exponent passes through, as in ring_linear
+            out[:, -1] = u.reshape(-1, u.shape[-1])[:, -1]
+        # the pads' bytes, least significant first (little-endian), as four stacked row blocks
+        stacked = (
+            rows.contiguous().view(torch.uint8).view(count, self.fan_in, 4).permute(2, 0, 1)
+        ).reshape(4 * count, self.fan_in)
+        for start, weights, scale, zero, corr in self.blocks:
+            products = _QLINEAR(
+                stacked, 1.0, 128, weights, scale, zero, None,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+            _native.recombine(products.contiguous(), self.shifts, corr, out, start)
+        return out.reshape(*u.shape[:-1], out.shape[-1])
+
+
+class PackedCorrection:
+    """A correction module (``ring_linear`` layers of its inputs, nothing else) run through
+    :class:`PackedLinear` layers; a layer no int8 digits fit keeps ``ring_linear`` over its
+    weights made float64 once."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        self._steps: list[tuple[str, Any, tuple[str, ...]]] = []
+        self._output: Any = None
+        for node in module.graph.nodes:
+            if node.op == "placeholder":
+                self._steps.append((node.name, None, ()))
+            elif node.op == "get_attr":
+                continue
+            elif node.op == "call_function" and op_name(node) == "ring_linear":
+                u, w = node.args[0], node.args[1]
+                b = node.args[2] if len(node.args) > 2 else node.kwargs.get("b")
+                carry = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("carry"))
+                weight = operator.attrgetter(w.target)(module)
+                bias = None if b is None else operator.attrgetter(b.target)(module)
+                try:
+                    layer: Any = PackedLinear(weight, bias, carry)
+                except ValueError:  # no exact digits (a fan-in over 2**17)
+                    layer = _Float64Layer(weight.to(torch.float64), bias, carry)
+                self._steps.append((node.name, layer, (u.name,)))
+            elif node.op == "output":
+                self._output = node.args[0]
+            else:
+                raise ValueError(f"{node.name} ({node.op} {node.target}) is not a ring layer")
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        env: dict[str, torch.Tensor] = {}
+        feed = iter(inputs)
+        for name, layer, args in self._steps:
+            env[name] = next(feed) if layer is None else layer(env[args[0]])
+        return tuple(env[n.name] for n in self._output)
+
+
+class _Float64Layer:
+    def __init__(self, w64: torch.Tensor, b: torch.Tensor | None, carry: bool) -> None:
+        self.w64, self.b, self.carry = w64, b, carry
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return OPS.ring_linear.default(u, self.w64, self.b, self.carry)
+
+
+def packed(module: Any) -> PackedCorrection | None:
+    """``module`` as a :class:`PackedCorrection`, or ``None`` (module docstring)."""
+    if not available() or not isinstance(module, torch.fx.GraphModule):
+        return None
+    try:
+        return PackedCorrection(module)
+    except ValueError:
+        return None
