@@ -680,7 +680,7 @@ def test_int64_products_are_rewritten_and_wrap_as_eager_bit_for_bit():
     from torch._inductor.codegen import cpp
     from torch._inductor.utils import run_and_get_code
 
-    from partitioner.aot_compiler import wrapping_int64_products
+    from partitioner.aot_compiler import SIMDLEN, wrapping_int64_products
 
     edges = [0, 1, -1, 2, 2**31 - 1, 2**31, -(2**31), 2**32 - 1, 2**32, -(2**32)]
     edges += [2**62, 2**63 - 1, -(2**63), -(2**63) + 1, 0x0123456789ABCDEF, -0x7EDCBA9876543210]
@@ -694,14 +694,17 @@ def test_int64_products_are_rewritten_and_wrap_as_eager_bit_for_bit():
         return a * b, (a.view(-1, 1) * b.view(-1, 1)).view(-1, 53).sum(-1)
 
     before = cpp.CppVecOverrides.__dict__["mul"]
-    with wrapping_int64_products() as applied, inductor_config.patch(fx_graph_cache=False):
+    # the vector width the compiler sets before its rewrites (AVX2 on any CPU that has it)
+    width = {"cpp.simdlen": SIMDLEN, "fx_graph_cache": False}
+    with inductor_config.patch(width), wrapping_int64_products() as applied:
+        isa = str(cpu_vec_isa.pick_vec_isa())
         compiled = torch.compile(products, dynamic=False)
         got, code = run_and_get_code(compiled, a, b)
     assert cpp.CppVecOverrides.__dict__["mul"] is before
     want = products(a, b)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    if str(cpu_vec_isa.pick_vec_isa()) != "avx2":
-        pytest.skip("the rewrite is for AVX2 only; the products above are Inductor's own")
+    if isa != "avx2":
+        pytest.skip("no AVX2 here; the products above are Inductor's own")
     assert applied  # else a torch upgrade dropped the hook, and the check lost ~1.9x
     assert "_mm256_mul_epu32" in "".join(code)
 
