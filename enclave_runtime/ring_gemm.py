@@ -15,8 +15,8 @@ digit product's sum is exact in the GEMM's float32 output: ``128 · max|w_j| · 
 The four byte rows of the pads are stacked as rows and the ``D`` digits as output columns, so
 one oneDNN int8 matmul (AMX or VNNI where the CPU has them) computes every ``d_i · w_jᵀ``; the
 native ``recombine`` folds them with their shifts ``8 i + s j`` (those ≥ 32 vanish) and
-``0x80808080 · Σ w + b`` in wrapping 32-bit arithmetic. On this project's CPU it is 2–4× the
-float64 GEMM at the decode fill's and Llama-2-7B's shapes (``benchmarks/teebound.py``).
+``0x80808080 · Σ w + b`` in wrapping 32-bit arithmetic. On the development CPU (AMX) it is
+1.1–3.2× the float64 GEMM at SmolLM2's and Llama-2-7B's shapes (``benchmarks/ring_pool.py``).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class PackedCorrection:
 
     def __init__(self, module: torch.fx.GraphModule) -> None:
         self._steps: list[tuple[str, Any, tuple[str, ...]]] = []
-        self._output: Any = None
+        self._output: tuple[str, ...] = ()
         for node in module.graph.nodes:
             if node.op == "placeholder":
                 self._steps.append((node.name, None, ()))
@@ -156,16 +156,24 @@ class PackedCorrection:
                     layer = _Float64Layer(weight.to(torch.float64), bias, carry)
                 self._steps.append((node.name, layer, (u.name,)))
             elif node.op == "output":
-                self._output = node.args[0]
+                outputs = node.args[0]
+                if not isinstance(outputs, (tuple, list)) or not all(
+                    isinstance(o, torch.fx.Node) for o in outputs
+                ):
+                    raise ValueError(f"output {outputs!r} is not a tuple of values")
+                self._output = tuple(o.name for o in outputs)
             else:
                 raise ValueError(f"{node.name} ({node.op} {node.target}) is not a ring layer")
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        places = sum(layer is None for _, layer, _ in self._steps)
+        if len(inputs) != places:
+            raise TypeError(f"{len(inputs)} inputs for a correction of {places}")
         env: dict[str, torch.Tensor] = {}
         feed = iter(inputs)
         for name, layer, args in self._steps:
             env[name] = next(feed) if layer is None else layer(env[args[0]])
-        return tuple(env[n.name] for n in self._output)
+        return tuple(env[name] for name in self._output)
 
 
 class _Float64Layer:

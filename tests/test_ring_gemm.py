@@ -62,6 +62,20 @@ def test_packed_layer_at_the_exactness_bound():
     assert torch.equal(PackedLinear(w, None, False)(u), RING(u, w, None))
 
 
+def test_the_zero_point_is_applied_before_the_float32_output():
+    """The true digit sums stay within 2**24, but the unsigned bytes' sum before oneDNN
+    subtracts the zero point does not, and is odd (no float32 holds it): a library that
+    converted to float32 first would round it. Bytes all 0xff, weights all 31, fan-in 4095."""
+    fan_in = 4095
+    w = torch.full((8, fan_in), 31, dtype=torch.int16)
+    assert 255 * 31 * fan_in > 2**24 and (255 * 31 * fan_in) % 2 == 1
+    layer = PackedLinear(w, None, False)
+    assert layer.digits == 1
+    u = torch.full((3, fan_in), -1, dtype=torch.int32)
+    u[1, ::2] = 0x7F7F7F7F
+    assert torch.equal(layer(u), RING(u, w, None))
+
+
 def test_bias_and_the_carried_scale_column():
     w = torch.randint(-2047, 2048, (33, 70), dtype=torch.int16)
     b = torch.randint(-(2**31), 2**31, (33,), dtype=torch.int64).to(torch.int32)
@@ -99,6 +113,8 @@ def test_a_correction_module_runs_packed_and_equals_its_graph():
             return (a + 1,)
 
     assert ring_gemm.packed(torch.fx.symbolic_trace(NotRing())) is None
+    with pytest.raises(TypeError, match="1 inputs for a correction of 2"):
+        packed(a)
 
 
 @pytest.mark.parametrize("value", [0.5, 2.0**24 + 2, float("nan"), float("inf")])
