@@ -7,16 +7,24 @@ Reads a correction module made of ``teesplit::ring_linear`` layers alone (what
 (no oneDNN int8 matmul in this torch, the native recombination not built, a big-endian host,
 a graph with anything but ring layers), and the pool then runs the float64 GEMM as before.
 
-How: a pad ``u`` (int32) is four bytes ``b_i``; with oneDNN's zero point 128 the GEMM reads
-them as signed digits ``d_i = b_i - 128``, so ``u ≡ Σ 256^i d_i + 0x80808080`` (mod
-``2**32``). The integer weights (12 bits, the exact pass's) are split once into ``D`` balanced
-digits ``w_j`` of ``s`` bits, ``w = Σ 2^{s j} w_j``, with ``D`` the fewest for which every
-digit product's sum is exact in the GEMM's float32 output: ``128 · max|w_j| · fan_in <= 2**24``.
-The four byte rows of the pads are stacked as rows and the ``D`` digits as output columns, so
-one oneDNN int8 matmul (AMX or VNNI where the CPU has them) computes every ``d_i · w_jᵀ``; the
-native ``recombine`` folds them with their shifts ``8 i + s j`` (those ≥ 32 vanish) and
-``0x80808080 · Σ w + b`` in wrapping 32-bit arithmetic. On the development CPU (AMX) it is
-1.1–3.2× the float64 GEMM at SmolLM2's and Llama-2-7B's shapes (``benchmarks/ring_pool.py``).
+How: a pad ``u`` (int32) is four bytes ``b_i``; as signed digits ``d_i = b_i - 128`` (the
+bytes with their top bit flipped), ``u ≡ Σ 256^i d_i + 0x80808080`` (mod ``2**32``). The integer
+weights (12 bits, the exact pass's) are split once into ``D`` balanced digits ``w_j`` of ``s``
+bits, ``w = Σ 2^{s j} w_j``, with ``D`` the fewest for which every digit is at most 64 in
+magnitude and every row's digit sum is exact in the matmul's float32 output:
+``128 · Σ_k |w_jk| <= 2**24``. The four byte rows of the pads are stacked as rows and the ``D``
+digits as output columns, so one oneDNN int8 matmul (s8 x s8; AMX or VNNI where the CPU has
+them) computes every ``d_i · w_jᵀ``; the native ``recombine`` folds them with their shifts
+``8 i + s j`` (those ≥ 32 vanish) and ``0x80808080 · Σ w + b`` in wrapping 32-bit arithmetic.
+
+Why signed digits and those bounds (found by an adversarial review, each a test in
+``tests/test_ring_gemm.py``): with unsigned bytes and oneDNN's zero point, its AMX kernel
+rounded the unsigned sum (up to ``255 · Σ|w|``) to float32 before subtracting the zero point's
+share, so a bound on the signed sum did not make the output exact; and without VNNI, oneDNN's
+u8 x s8 instruction adds pairs of products into saturating int16, which a digit above 64 can
+overflow. The tests force every instruction-set level oneDNN may pick (``ONEDNN_MAX_CPU_ISA``).
+On the development CPU (AMX) this is 1.1–3.2× the float64 GEMM at SmolLM2's and Llama-2-7B's
+shapes (``benchmarks/ring_pool.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from partitioner.ops import OPS, op_name
 
 _native = native_modules.load("teesplit_ring_gemm")
 _BOUND = 2**24  # float32 holds every integer of magnitude up to here exactly
-_OFFSET = 0x80808080  # Σ 128 · 256^i: the zero point's share of every pad
+_DIGIT = 64  # the largest weight digit: without VNNI, 2 · 255 · 64 < 2**15 (int16 pair sums)
+_OFFSET = 0x80808080  # Σ 128 · 256^i: what the pads' bytes lose as signed digits
 
 
 def _qlinear() -> Any:
@@ -51,9 +60,10 @@ def available() -> bool:
 
 
 def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]] | None:
-    """``(s, [w_0 … w_{D-1}])`` with ``w = Σ 2^{s j} w_j`` exactly, each digit int8 and
-    ``128 · max|w_j| · fan_in <= 2**24``, for the fewest digits ``D`` (at most 4); ``None``
-    where no such split exists (a fan-in above ``2**17``)."""
+    """``(s, [w_0 … w_{D-1}])`` with ``w = Σ 2^{s j} w_j`` exactly, every digit at most 64 in
+    magnitude and every row's ``128 · Σ_k |w_jk| <= 2**24``, for the fewest digits ``D`` (at
+    most 4); ``None`` where no such split exists (rows too long or too large). ``fan_in`` is
+    ``w``'s second dimension."""
     t = w.to(torch.int64)
     top = int(t.abs().max()) if t.numel() else 0
     for count in range(1, 5):
@@ -68,8 +78,11 @@ def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]
                 digits.append(digit)
                 rest = (rest - digit) >> bits
             digits.append(rest)  # the top digit keeps what is left, sign included
-        largest = max(int(d.abs().max()) if d.numel() else 0 for d in digits)
-        if largest <= 127 and 128 * largest * fan_in <= _BOUND:
+        if fan_in == 0 or not t.numel():
+            return None
+        largest = max(int(d.abs().max()) for d in digits)
+        row_sum = max(int(d.abs().sum(1).max()) for d in digits)
+        if largest <= _DIGIT and 128 * row_sum <= _BOUND:
             return bits, [d.to(torch.int8) for d in digits]
     return None
 
@@ -118,13 +131,13 @@ class PackedLinear:
         out = torch.empty((count, self.cols + int(self.carry)), dtype=torch.int32)
         if self.carry:  # the row's masked scale exponent passes through, as in ring_linear
             out[:, -1] = u.reshape(-1, u.shape[-1])[:, -1]
-        # the pads' bytes, least significant first (little-endian), as four stacked row blocks
-        stacked = (
-            rows.contiguous().view(torch.uint8).view(count, self.fan_in, 4).permute(2, 0, 1)
-        ).reshape(4 * count, self.fan_in)
+        # the pads' bytes, least significant first (little-endian), top bit flipped: signed
+        # digits b - 128, as four stacked row blocks
+        digits = (rows.contiguous().view(torch.uint8) ^ 0x80).view(torch.int8)
+        stacked = digits.view(count, self.fan_in, 4).permute(2, 0, 1).reshape(-1, self.fan_in)
         for start, weights, scale, zero, corr in self.blocks:
             products = _QLINEAR(
-                stacked, 1.0, 128, weights, scale, zero, None,
+                stacked, 1.0, 0, weights, scale, zero, None,
                 1.0, 0, torch.float32, "none", [], "",
             )  # fmt: skip
             _native.recombine(products.contiguous(), self.shifts, corr, out, start)
@@ -141,6 +154,10 @@ class PackedCorrection:
         self._output: tuple[str, ...] = ()
         for node in module.graph.nodes:
             if node.op == "placeholder":
+                value = node.meta.get("val")
+                if isinstance(value, torch.Tensor) and value.dtype != torch.int32:
+                    # Z_{2^64} pads (a value a product reads too): the float64 path's
+                    raise ValueError(f"{node.name} is {value.dtype}, not int32 pads")
                 self._steps.append((node.name, None, ()))
             elif node.op == "get_attr":
                 continue

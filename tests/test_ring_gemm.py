@@ -1,6 +1,11 @@
 """The mask pool's int8 corrections (enclave_runtime.ring_gemm): bit for bit ring_linear's,
 at the edges of their exactness bound, and refusing what breaks it."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,7 +33,8 @@ def test_the_install_builds_the_int8_path():
 @pytest.mark.parametrize(
     ("out", "fan_in", "largest", "digits"),
     [
-        (48, 64, 127, 1),  # int8 weights: one digit
+        (48, 64, 64, 1),  # weights within a digit's bound: one digit
+        (48, 64, 127, 2),  # int8 weights past it: two (no VNNI: int16 pair sums saturate)
         (96, 576, 2047, 2),  # SmolLM2's 12-bit weights
         (40, 1531, 2047, 2),  # a fan-in no multiple of anything
         (24, 5000, 2047, 3),  # past 4096, two 6-bit digits would not be exact
@@ -47,9 +53,9 @@ def test_packed_layer_equals_ring_linear_bit_for_bit(out, fan_in, largest, digit
 
 
 def test_packed_layer_at_the_exactness_bound():
-    """A digit product's sum reaches 2**24 exactly: the pads' bytes all 0 (digits -128 after
-    the zero point) against weights all 32 (one digit), at a fan-in of 4096; and one more
-    unit of weight takes a second digit."""
+    """A digit product's sum reaches 2**24 exactly: the pads' bytes all 0 (signed digits -128)
+    against weights all 32 (one digit), at a fan-in of 4096; and one more unit of weight takes
+    a second digit."""
     fan_in = 4096
     w = torch.full((16, fan_in), 32, dtype=torch.int16)
     bits, digits = weight_digits(w, fan_in)
@@ -62,10 +68,11 @@ def test_packed_layer_at_the_exactness_bound():
     assert torch.equal(PackedLinear(w, None, False)(u), RING(u, w, None))
 
 
-def test_the_zero_point_is_applied_before_the_float32_output():
-    """The true digit sums stay within 2**24, but the unsigned bytes' sum before oneDNN
-    subtracts the zero point does not, and is odd (no float32 holds it): a library that
-    converted to float32 first would round it. Bytes all 0xff, weights all 31, fan-in 4095."""
+def test_an_unsigned_byte_sum_past_float32_does_not_round():
+    """The signed digit sums stay within 2**24, but the same bytes read unsigned sum past it,
+    to an odd number no float32 holds: a kernel that summed unsigned bytes and turned the sum
+    into float32 before taking 128 · Σw off (oneDNN's zero point on AMX did) rounds it. Bytes
+    all 0xff, weights all 31, fan-in 4095 (small shapes; the pool's are below)."""
     fan_in = 4095
     w = torch.full((8, fan_in), 31, dtype=torch.int16)
     assert 255 * 31 * fan_in > 2**24 and (255 * 31 * fan_in) % 2 == 1
@@ -137,3 +144,65 @@ def test_recombination_refuses_shapes_it_was_not_built_for():
         ring_gemm._native.recombine(torch.zeros((8, 6)), [0, 6] * 4, corr, out, 1)
     with pytest.raises(RuntimeError, match="shifts"):
         ring_gemm._native.recombine(torch.zeros((8, 6)), [0] * 4, corr, out, 0)
+
+
+def test_one_signed_digit_rows_at_the_pools_shapes():
+    """A reviewer's attack: oneDNN's AMX kernel rounded its unsigned-byte sum to float32 before
+    subtracting the zero point, at the pool's shapes (64 and more rows, 24 and more columns),
+    where the tests' small shapes took another kernel. Inside the exact pass's own weight range
+    (fan-in 4096, |w| <= 1024): a row of 992s (low digit -32) and one 993, over random pads."""
+    fan_in = 4096
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-1024, 1025, (32, fan_in), generator=g, dtype=torch.int16)
+    w[0] = 992
+    w[0, 1] = 993
+    w[1] = -33 * 32 - 33  # both digits at one sign
+    u = torch.randint(-(2**31), 2**31, (256, fan_in), generator=g, dtype=torch.int64)
+    u = u.to(torch.int32)
+    u[0] = -1
+    assert torch.equal(PackedLinear(w, None, False)(u), RING(u, w, None))
+
+
+def test_constant_rows_with_extreme_pads_at_the_pools_shapes():
+    for fan_in, value in [(2047, -33), (2047, 33), (4095, 31), (1000, 64)]:
+        w = torch.full((40, fan_in), value, dtype=torch.int16)
+        w[1] = -value
+        u = torch.full((64, fan_in), -1, dtype=torch.int32)  # every byte 0xff
+        u[1] = 0
+        u[2] = 0x7F7F7F7F
+        u[3, ::2] = -(2**31)
+        assert torch.equal(PackedLinear(w, None, False)(u), RING(u, w, None)), (fan_in, value)
+
+
+_ISA_CHECK = """
+import torch
+from enclave_runtime.ring_gemm import PackedLinear
+from partitioner.ops import OPS
+bad = []
+for fan_in, value in [(2048, 64), (2047, -33), (4096, 32), (300, 127)]:
+    w = torch.full((40, fan_in), value, dtype=torch.int16)
+    w[1] = -value
+    w[2, ::2] = -value
+    u = torch.full((64, fan_in), -1, dtype=torch.int32)
+    u[1] = 0
+    u[2] = 0x7F7F7F7F
+    u[3] = torch.randint(-(2**31), 2**31, (fan_in,), dtype=torch.int64).to(torch.int32)
+    if not torch.equal(PackedLinear(w, None, False)(u), OPS.ring_linear.default(u, w, None)):
+        bad.append((fan_in, value))
+print("BAD", bad) if bad else print("OK")
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE", "AVX2_VNNI", "AVX512_CORE_VNNI", "ALL"])
+def test_exact_on_every_instruction_set_onednn_may_pick(isa):
+    """oneDNN picks its int8 kernel by the CPU: without VNNI its u8 x s8 pairs saturate int16
+    sums (a digit above 64 was wrong there), and kernels differ in where they turn int32 into
+    float32. Each level is forced with ONEDNN_MAX_CPU_ISA (a level this CPU lacks runs as its
+    best below), at digits and sums at their bounds."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "OK"

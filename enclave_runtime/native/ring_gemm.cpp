@@ -63,8 +63,9 @@ void recombine(const at::Tensor& products, const std::vector<int64_t>& shifts,
   const int64_t digits = products.size(1) / cols;
   TORCH_CHECK(products.size(0) == 4 * rows, "recombine: products are ", products.sizes(),
               ", not ", 4 * rows, " rows");
-  TORCH_CHECK(col0 >= 0 && col0 + cols <= width, "recombine: columns ", col0, "+", cols,
-              " outside ", width);
+  // col0 <= width - cols, not col0 + cols <= width: the sum of a huge col0 could wrap
+  TORCH_CHECK(col0 >= 0 && cols <= width && col0 <= width - cols, "recombine: columns ", col0,
+              "+", cols, " outside ", width);
   TORCH_CHECK(static_cast<int64_t>(shifts.size()) == 4 * digits, "recombine: ",
               shifts.size(), " shifts for ", 4 * digits, " products");
   for (int64_t s : shifts) TORCH_CHECK(s >= 0, "recombine: negative shift");
