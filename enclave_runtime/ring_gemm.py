@@ -23,7 +23,7 @@ rounded the unsigned sum (up to ``255 · Σ|w|``) to float32 before subtracting 
 share, so a bound on the signed sum did not make the output exact; and without VNNI, oneDNN's
 u8 x s8 instruction adds pairs of products into saturating int16, which a digit above 64 can
 overflow. The tests force every instruction-set level oneDNN may pick (``ONEDNN_MAX_CPU_ISA``).
-On the development CPU (AMX) this is 1.1–3.2× the float64 GEMM at SmolLM2's and Llama-2-7B's
+On the development CPU (AMX) this is 1.1–4.2× the float64 GEMM at SmolLM2's and Llama-2-7B's
 shapes (``benchmarks/ring_pool.py``).
 """
 
