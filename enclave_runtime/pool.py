@@ -93,7 +93,7 @@ class MaskPool:
     def _prepared(self, stage: str) -> Any:
         """A correction module with its integer weights converted once (not per draw): for
         ring layers alone, int8 digits packed for oneDNN (:mod:`enclave_runtime.ring_gemm`,
-        2-3x the float64 GEMM here) where this process can run them; else float64."""
+        1.1-4.2x the float64 GEMM here) where this process can run them; else float64."""
         if stage not in self._modules:
             module = self.protection.corrections[stage].module
             packed = ring_gemm.packed(module) if self._batchable(stage) else None

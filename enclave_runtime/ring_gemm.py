@@ -64,8 +64,10 @@ def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]
     magnitude and every row's ``128 · Σ_k |w_jk| <= 2**24``, for the fewest digits ``D`` (at
     most 4); ``None`` where no such split exists (rows too long or too large). ``fan_in`` is
     ``w``'s second dimension."""
+    if fan_in == 0 or not w.numel():
+        return None
     t = w.to(torch.int64)
-    top = int(t.abs().max()) if t.numel() else 0
+    top = int(t.abs().max())
     for count in range(1, 5):
         if count == 1:
             bits, digits = 0, [t]
@@ -78,8 +80,6 @@ def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]
                 digits.append(digit)
                 rest = (rest - digit) >> bits
             digits.append(rest)  # the top digit keeps what is left, sign included
-        if fan_in == 0 or not t.numel():
-            return None
         largest = max(int(d.abs().max()) for d in digits)
         row_sum = max(int(d.abs().sum(1).max()) for d in digits)
         if largest <= _DIGIT and 128 * row_sum <= _BOUND:
