@@ -58,7 +58,7 @@ class MaskPool:
         self.protection = protection
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
-        self._modules: dict[str, Any] = {}
+        self._modules: dict[tuple[str, bool], Any] = {}
         self._layouts: dict[Binding, tuple[list[Any], int]] = {}
         shapes = [shape for shape, _ in protection.masked.values()]
         if protection.rnm is not None and protection.token_shape is not None:
@@ -90,15 +90,21 @@ class MaskPool:
         at any context length, and the pool can be filled ahead without knowing it."""
         return tuple(sorted((str(s), int(v)) for s, v in binding.items() if s in self._dims))
 
-    def _prepared(self, stage: str) -> Any:
-        """A correction module with its integer weights converted once (not per draw): for
-        ring layers alone, int8 digits packed for oneDNN (:mod:`enclave_runtime.ring_gemm`,
-        1.1-4.2x the float64 GEMM here) where this process can run them; else float64."""
-        if stage not in self._modules:
+    def _prepared(self, stage: str, batched: bool = True) -> Any:
+        """A correction module with its integer weights converted once (not per draw). For a
+        batch of sets (``batched``) of ring layers alone: int8 digits packed for oneDNN
+        (:mod:`enclave_runtime.ring_gemm`, 1.1-4.2x the float64 GEMM here) where this process
+        can run them. For one set drawn on the spot, and otherwise: float64. A set drawn on
+        the spot is a request waiting, and oneDNN makes its kernels for each new shape at
+        first use: `make demo`'s `slalom` answer took 9.9 s with every draw int8 (packing
+        and kernels in the request's path), 5.3 s with every draw float64. A batch is the
+        background refill's throughput."""
+        key = (stage, batched and self._batchable(stage))
+        if key not in self._modules:
             module = self.protection.corrections[stage].module
-            packed = ring_gemm.packed(module) if self._batchable(stage) else None
-            self._modules[stage] = packed or prepare_ring_weights(module)
-        return self._modules[stage]
+            packed = ring_gemm.packed(module) if key[1] else None
+            self._modules[key] = packed or prepare_ring_weights(module)
+        return self._modules[key]
 
     def _batchable(self, stage: str) -> bool:
         """A correction that is ``ring_linear`` layers alone maps each row on its own, so the
@@ -120,7 +126,7 @@ class MaskPool:
         exact = self.protection.exact is not None  # float masks keep no numpy views
         for stage in self.protection.pooled:
             corr = self.protection.corrections[stage]
-            module = self._prepared(stage)
+            module = self._prepared(stage, batched=count > 1)
             if count > 1 and self._batchable(stage):
                 inputs = [
                     batched[n] if n in batched else torch.cat([m.deltas[n] for m in sets])
