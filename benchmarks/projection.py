@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.ring_pool import compare, weights
 from enclave_runtime import ring_gemm
-from partitioner.ops import OPS
 
 CONTEXT = 128
 
@@ -74,28 +74,13 @@ def offline_ops(batch: int, quick: bool) -> dict[str, Any]:
     shapes = {**{k: (o, i) for k, (o, i, _) in LLAMA_LAYERS.items()}, "lm_head": LLAMA_HEAD}
     per_layer: dict[str, dict[str, float]] = {}
     for name, (fan_out, fan_in) in shapes.items():
-        largest = min(2047, 2**22 // fan_in)
-        w = torch.randint(-largest, largest + 1, (fan_out, fan_in), dtype=torch.int16)
+        w = weights(fan_in, fan_out)
         u = torch.randint(-(2**31), 2**31, (batch, fan_in), dtype=torch.int64).to(torch.int32)
-        paths: dict[str, Any] = {}
-        w64 = w.to(torch.float64)
-        paths["float64"] = lambda u=u, w64=w64: OPS.ring_linear.default(u, w64, None)
-        if ring_gemm.available():
-            layer = ring_gemm.PackedLinear(w, None, False)
-            paths["int8"] = lambda u=u, layer=layer: layer(u)
-        results, times = {}, {}
-        for path, fn in paths.items():
-            results[path] = fn()
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - start)
-            times[path] = statistics.median(samples) * 1e3
-        if "int8" in results and not torch.equal(results["int8"], results["float64"]):
+        layer = ring_gemm.PackedLinear(w, None, False) if ring_gemm.available() else None
+        f64, int8, equal = compare(u, w.to(torch.float64), layer, repeats)
+        if not equal:
             raise AssertionError(f"{name}: the int8 correction differs from the float64 one")
-        per_layer[name] = times
-        del w64, paths
+        per_layer[name] = {"float64": f64} if int8 is None else {"float64": f64, "int8": int8}
     per_set = {}
     for path in per_layer["lm_head"]:
         body = sum(per_layer[k][path] * n for k, (_, _, n) in LLAMA_LAYERS.items())

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.overhead import median_time  # noqa: E402
 from enclave_runtime import ring_gemm  # noqa: E402
 from partitioner.ops import OPS  # noqa: E402
 
@@ -42,14 +40,23 @@ SHAPES = [
 ]
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+def weights(fan_in: int, fan_out: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random integer weights as large as the exact pass makes them at this fan-in (12 bits,
+    less where one float64 GEMM must stay exact: ``2**31 · max|w| · fan_in <= 2**53``)."""
+    top = min(2047, 2**22 // fan_in)
+    return torch.randint(-top, top + 1, (fan_out, fan_in), generator=gen, dtype=torch.int16)
+
+
+def compare(
+    u: torch.Tensor, w64: torch.Tensor, layer: ring_gemm.PackedLinear | None, repeats: int
+) -> tuple[float, float | None, bool]:
+    """Milliseconds (medians) of ``W·u`` through the float64 GEMM over ``w64`` and through
+    ``layer`` (the pool's int8 op; ``None``: not timed), and whether the two are equal."""
+    f64 = median_time(lambda: OPS.ring_linear.default(u, w64, None), repeats) * 1e3
+    if layer is None:
+        return f64, None, True
+    equal = bool(torch.equal(layer(u), OPS.ring_linear.default(u, w64, None)))
+    return f64, median_time(lambda: layer(u), repeats) * 1e3, equal
 
 
 def main() -> None:
@@ -68,16 +75,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     rows, bad = [], []
     for name, fan_in, fan_out in SHAPES:
-        top = min(2047, 2**22 // fan_in)
-        w = torch.randint(-top, top + 1, (fan_out, fan_in), generator=gen, dtype=torch.int16)
+        w = weights(fan_in, fan_out, gen)
         w64 = w.to(torch.float64)
         layer = ring_gemm.PackedLinear(w, None, False)
         for count in args.rows:
             u = torch.randint(-(2**31), 2**31, (count, fan_in), generator=gen, dtype=torch.int64)
-            u = u.to(torch.int32)
-            equal = bool(torch.equal(layer(u), OPS.ring_linear.default(u, w64, None)))
-            f64 = timed(lambda u=u, w64=w64: OPS.ring_linear.default(u, w64, None), args.repeats)
-            int8 = timed(lambda u=u, layer=layer: layer(u), args.repeats)
+            f64, int8, equal = compare(u.to(torch.int32), w64, layer, args.repeats)
+            assert int8 is not None
             rows.append({
                 "layer": name, "fan_in": fan_in, "fan_out": fan_out, "rows": count,
                 "digits": layer.digits, "float64_ms": f64, "int8_ms": int8, "equal": equal,
