@@ -17,8 +17,6 @@ import torch
 from benchmarks.ring_pool import compare, weights
 from enclave_runtime import ring_gemm
 
-CONTEXT = 128
-
 
 def cpu_rates(quick: bool) -> dict[str, Any]:
     """This CPU's memory bandwidth (a large copy: read + write bytes over time) and float64
@@ -90,16 +88,20 @@ def offline_ops(batch: int, quick: bool) -> dict[str, Any]:
 
 
 def project(
-    rates: dict[str, Any], measured: dict[str, Any] | None, batch: int, ops: dict[str, Any]
+    rates: dict[str, Any],
+    measured: dict[str, Any] | None,
+    batch: int,
+    ops: dict[str, Any],
+    ctx: int,
 ) -> dict[str, Any]:
-    """Llama-2-7B decode step (batch 1, context 128): memory-bound enclave time from bytes
+    """Llama-2-7B decode step (batch 1, context ``ctx``): memory-bound enclave time from bytes
     touched, and the offline mask-set cost as float64 GEMMs (the pool draws ``batch`` sets at a
     time). ``measured``: the SmolLM2 slalom-like decode row, whose enclave time per layer bounds
     this implementation's fixed per-layer cost (Python dispatch of ~100 small ops, the executor
     loop). ``ops``: :func:`offline_ops`, the pool's own correction op timed at these shapes,
     which gives the offline term; the float64-rate estimate is kept beside it. See the
     printout."""
-    h, layers, ffn, vocab, ctx = 4096, 32, 11008, 32000, CONTEXT
+    h, layers, ffn, vocab = 4096, 32, 11008, 32000
     kv = h  # Llama-2-7B: 32 KV heads (no GQA)
     per_layer = 4 * h * h + 3 * h * ffn  # q, k, v, o; gate, up, down
     linear_params = layers * per_layer + vocab * h  # every GPU-side weight, lm_head included

@@ -916,7 +916,7 @@ def main() -> None:
         best = min(exact, key=lambda r: r["enclave_online_ms"]) if exact else None
         measured = None if best is None else {**best, "layers": layers}
         ops = offline_ops(batches["decode"], args.quick)
-        projection = project(rates, measured, batches["decode"], ops)
+        projection = project(rates, measured, batches["decode"], ops, CONTEXT)
         print_projection(rates, projection)
 
     out = Path(args.out)
