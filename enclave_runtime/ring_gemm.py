@@ -59,25 +59,24 @@ def available() -> bool:
     return _native is not None and _QLINEAR is not None and sys.byteorder == "little"
 
 
-def weight_digits(w: torch.Tensor, fan_in: int) -> tuple[int, list[torch.Tensor]] | None:
+def weight_digits(w: torch.Tensor) -> tuple[int, list[torch.Tensor]] | None:
     """``(s, [w_0 … w_{D-1}])`` with ``w = Σ 2^{s j} w_j`` exactly, every digit at most 64 in
     magnitude and every row's ``128 · Σ_k |w_jk| <= 2**24``, for the fewest digits ``D`` (at
-    most 4); ``None`` where no such split exists (rows too long or too large). ``fan_in`` is
-    ``w``'s second dimension."""
-    if fan_in == 0 or not w.numel():
+    most 4); ``None`` where no such split exists (rows too long or too large, or none)."""
+    if not w.numel():
         return None
     # int32 arithmetic for int8/int16 weights (half the memory traffic of int64: packing
     # SmolLM2's 49152 x 576 output layer took 1.5 s in int64, in the first request's path)
     t = w.to(torch.int32 if w.dtype in (torch.int8, torch.int16) else torch.int64)
     top = int(t.abs().max())
     for count in range(1, 5):
+        bits = -(-(top.bit_length() + 1) // count)
         # a balanced digit of b bits is at most 2**(b-1): fewer digits than these cannot fit
-        if -(-(top.bit_length() + 1) // count) > 7 and top > _DIGIT:
+        if top > _DIGIT and bits > 7:
             continue
         if count == 1:
             bits, digits = 0, [t]
         else:
-            bits = -(-(top.bit_length() + 1) // count)
             half = 1 << (bits - 1)
             digits, rest = [], t
             for _ in range(count - 1):
@@ -101,7 +100,7 @@ class PackedLinear:
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, carry: bool) -> None:
         self.cols, self.fan_in = w.shape
-        split = weight_digits(w, self.fan_in)
+        split = weight_digits(w)
         if split is None:
             raise ValueError(f"no int8 digits of a {tuple(w.shape)} weight are exact")
         bits, digits = split

@@ -58,9 +58,9 @@ def test_packed_layer_at_the_exactness_bound():
     a second digit."""
     fan_in = 4096
     w = torch.full((16, fan_in), 32, dtype=torch.int16)
-    bits, digits = weight_digits(w, fan_in)
+    bits, digits = weight_digits(w)
     assert (bits, [int(d.max()) for d in digits]) == (0, [32])
-    assert len(weight_digits(w + 1, fan_in)[1]) == 2
+    assert len(weight_digits(w + 1)[1]) == 2
     assert 128 * 32 * fan_in == 2**24
     u = torch.zeros((4, fan_in), dtype=torch.int32)
     u[1] = -1
@@ -92,7 +92,7 @@ def test_bias_and_the_carried_scale_column():
 
 
 def test_a_fan_in_no_digits_fit_falls_back_to_float64():
-    assert weight_digits(torch.ones((2, 140_000), dtype=torch.int16), 140_000) is None
+    assert weight_digits(torch.ones((2, 140_000), dtype=torch.int16)) is None
     w = torch.randint(-2047, 2048, (3, 140_000), dtype=torch.int16)
     with pytest.raises(ValueError, match="no int8 digits"):
         PackedLinear(w, None, False)
