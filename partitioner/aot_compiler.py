@@ -146,7 +146,11 @@ def wrapping_int64_products() -> Iterator[bool]:
 _REWRITING = threading.RLock()
 
 
-# the vector width every library is generated for (the module docstring: AVX2 everywhere)
+# the vector width every library is generated for (the module docstring: AVX2 everywhere),
+# set by `rewrites` around each compile: on a CPU with AVX-512 and AMX, where Inductor picks
+# 512-bit vectors, a SmolLM2 `slalom` prefill's 121 stage libraries took 131-140 ms replayed,
+# against 104 ms at 256 bits (paired with all_enclave, 1.48-1.52x against 2.04-2.05x; decode
+# even)
 SIMDLEN = 256
 
 
@@ -181,11 +185,6 @@ def _options() -> dict[str, Any]:
         # one enclave thread)
         "cpp.threads": 1,
         "cpp.dynamic_threads": False,  # else its environment variable brings regions back
-        # 256-bit vectors (AVX2) on every host: the two rewrites above are written for them,
-        # and on a CPU with AVX-512 and AMX, where Inductor picks 512-bit vectors, a SmolLM2
-        # `slalom` prefill's 121 stage libraries took 131-140 ms replayed, against 104 ms at
-        # 256 bits (paired with all_enclave, 1.48-1.52x against 2.04-2.05x; decode even)
-        "cpp.simdlen": SIMDLEN,
         # Inductor's graph cache keys on its config, which does not see the rewrite above:
         # this entry (metadata the library carries, read by nothing) puts it in the key, so
         # a graph compiled without the rewrite is never reused for one compiled with it
