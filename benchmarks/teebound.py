@@ -36,6 +36,11 @@ broken down by wrapping the executor's parts:
   apart can differ by 1.5x for the same code; calls made in turn see the same load. (If
   anything against the split: all_enclave's call streams every weight through the caches
   just before each of the split's calls.)
+* steady state (paired in blocks): the same recording replayed once more with each side's
+  calls back to back, one block of all_enclave's then one of the preset's, each block's
+  first call left out: the split as a server decoding a request runs it, its working set
+  (KV cache, mask set, code) left warm by its own previous step, and both blocks seconds
+  apart on the host. Interleaved pairing is the conservative figure, this one the deployed.
 
 Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
 holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
@@ -47,7 +52,9 @@ saying why; an unexpected failure also makes the exit status 1. Everything runs 
 machine's CPU: "GPU" time is CPU time of the GPU stages, and only the enclave-side figures are
 the point. One torch thread by default (``--threads``): on the 2-core development machine, with
 another process busy, two OpenMP threads wait on each other and times swing 2-10x; one thread
-keeps the ratios stable.
+keeps the ratios stable. The process runs with the enclave process's glibc settings
+(``enclave_runtime.allocator.TUNABLES``, as the launcher and the Gramine manifest start it;
+started without them, it starts itself again with them), all_enclave alike.
 
 ``--project`` (on by default) adds a projection for a Llama-2-7B-shaped decode step at context
 128 from this CPU's measured memory bandwidth and the mask pool's correction op timed at
@@ -68,6 +75,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import signal
 import statistics
 import sys
@@ -299,7 +307,14 @@ def replay(
     ``paired``: one call of all_enclave on the same workload. In the plain pass each call is
     then preceded by one such call, so that both see the same moment of a shared, noisy host:
     ``replay_paired_speedup`` is the median of all_enclave's times over the median of this
-    preset's, from calls made in turn (``replay_paired_base_ms`` is the former)."""
+    preset's, from calls made in turn (``replay_paired_base_ms`` is the former). That is
+    against the split: all_enclave's call streams every weight through the caches just before
+    each of the split's calls, whose working set (the KV cache, the mask set, the libraries'
+    code) then starts cold, which a server decoding a request does not see. So the recording
+    is then replayed a third time in steady state, each side's calls back to back in one block
+    right after the other's, the first call of each block left out (it starts cold):
+    ``replay_steady_speedup`` is the median of all_enclave's block over the median of this
+    preset's (``replay_steady_base_ms``, ``replay_steady_ms``)."""
 
     def executor() -> Any:
         ex = split.executor(Replay(replies), seed=REPLAY_SEED)
@@ -328,6 +343,7 @@ def replay(
             start = time.perf_counter()
             ex.run(args, {}, public_tokens=public)
             plain.append(time.perf_counter() - start - (ex.runner.seconds - before))
+    steady, steady_base = steady_state(executor, args, public, len(plain) + warm_up, paired)
     ex = executor()
     clock = Clock()
     inst = Instrumented(ex, clock)
@@ -365,6 +381,13 @@ def replay(
         if base
         else {}
     )
+    if steady:
+        paired_figures.update(
+            replay_steady_calls=len(steady),
+            replay_steady_base_ms=median(steady_base) * 1e3,
+            replay_steady_ms=median(steady) * 1e3,
+            replay_steady_speedup=median(steady_base) / median(steady),
+        )
     return {
         **paired_figures,
         "replay_calls": len(plain),
@@ -373,6 +396,35 @@ def replay(
         "replay_stages_ms": med("enclave_stages"),
         "replay_checks_ms": med("checks"),
     }
+
+
+def steady_state(
+    executor: Callable[[], Any],
+    args: tuple[Any, ...],
+    public: bool,
+    calls: int,
+    paired: Callable[[], Any] | None,
+) -> tuple[list[float], list[float]]:
+    """``calls`` calls of all_enclave back to back, then the recording replayed back to back
+    by a fresh executor (``calls`` calls: all it serves); each block's first call left out.
+    Returns (this preset's times less the replay's own, all_enclave's). Empty without
+    ``paired`` or with fewer than two calls."""
+    if paired is None or calls < 2:
+        return [], []
+    ex = executor()  # its fill evicts the caches too: both blocks start cold
+    base: list[float] = []
+    times: list[float] = []
+    with torch.no_grad():
+        for _ in range(calls):
+            start = time.perf_counter()
+            paired()
+            base.append(time.perf_counter() - start)
+        while ex.runner.next < len(ex.runner.replies):
+            before = ex.runner.seconds
+            start = time.perf_counter()
+            ex.run(args, {}, public_tokens=public)
+            times.append(time.perf_counter() - start - (ex.runner.seconds - before))
+    return times[1:], base[1:]
 
 
 def median(xs: list[float]) -> float:
@@ -653,9 +705,13 @@ def main() -> None:
     batches = {w: args.batch or b for w, b in DEFAULT_BATCH.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.allocator == "caching":
-        from enclave_runtime import allocator
+    from enclave_runtime import allocator
 
+    if not allocator.tuned():  # glibc reads its settings only when a process starts
+        print(f"running again with the enclave process's GLIBC_TUNABLES={allocator.TUNABLES}")
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], allocator.environment())
+    if args.allocator == "caching":
         why = allocator.install()
         if why is not None:
             raise SystemExit(f"--allocator caching: {why}")
@@ -702,7 +758,8 @@ def main() -> None:
     print(
         f"SmolLM2-135M ({layers} layers), batch 1: prefill of {CONTEXT} tokens and one decode "
         f"step at context {CONTEXT}; {torch.get_num_threads()} torch thread(s); "
-        f"{args.allocator} CPU allocator; repeats {args.repeats}; "
+        f"{args.allocator} CPU allocator; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
+        f"repeats {args.repeats}; "
         f"setup {time.perf_counter() - started:.0f} s"
     )
 
@@ -830,6 +887,10 @@ def main() -> None:
             r["replay_paired_speedup_with_offline"] = r["replay_paired_base_ms"] / (
                 r["replay_online_ms"] + r["offline_ms"]
             )
+        if "replay_steady_base_ms" in r:
+            r["replay_steady_speedup_with_offline"] = r["replay_steady_base_ms"] / (
+                r["replay_steady_ms"] + r["offline_ms"]
+            )
 
     print("\n## SmolLM2-135M: enclave time per request (ms, medians; this CPU runs both sides)\n")
     print(
@@ -865,9 +926,10 @@ def main() -> None:
         "| workload | enclave | preset | T_enclave online | (with timers) | enclave stages "
         "| checks | offline/request | speedup online | speedup incl. offline "
         "| all_enclave in turn | **paired speedup online** | paired incl. offline "
-        "| online ÷ eager all_enclave |"
+        "| steady: T_enclave online | steady: all_enclave | **steady speedup online** "
+        "| steady incl. offline | online ÷ eager all_enclave |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         for r in rows:
             if r.get("workload", workload) != workload or "error" in r:
@@ -881,6 +943,10 @@ def main() -> None:
                 f"{fmt(r.get('replay_paired_base_ms'), '.2f')} | "
                 f"{fmt(r.get('replay_paired_speedup'), '.2f')} | "
                 f"{fmt(r.get('replay_paired_speedup_with_offline'), '.2f')} | "
+                f"{fmt(r.get('replay_steady_ms'), '.2f')} | "
+                f"{fmt(r.get('replay_steady_base_ms'), '.2f')} | "
+                f"{fmt(r.get('replay_steady_speedup'), '.2f')} | "
+                f"{fmt(r.get('replay_steady_speedup_with_offline'), '.2f')} | "
                 f"{fmt(r.get('replay_speedup_online_vs_eager'), '.2f')} |"
             )
     print(
@@ -895,7 +961,9 @@ def main() -> None:
         "online from calls with nothing wrapped (the replay's own time left out); the stages "
         "and checks, and '(with timers)', from a second replay with the executor's parts "
         "timed; paired: each of those calls preceded by one all_enclave call (one --enclave "
-        "mode only), the speedup from the medians of the two."
+        "mode only), the speedup from the medians of the two; steady: a third replay, each "
+        "side's calls back to back in one block after the other's, each block's first call "
+        "left out."
     )
 
     if ceilings:
@@ -928,6 +996,7 @@ def main() -> None:
         "batch": 1,
         "threads": torch.get_num_threads(),
         "allocator": args.allocator,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "repeats": args.repeats,
         "offline_batch": batches,
         "quick": args.quick,

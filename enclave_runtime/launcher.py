@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from enclave_runtime import allocator
 from enclave_runtime.manifest import (
     ManifestOptions,
     check_worker,
@@ -37,6 +38,8 @@ class Launch:
     argv: list[str]
     cwd: Path | None
     mode: str  # what a user is told, once, before the driver starts
+    # the process's environment (None: the caller's; Gramine's comes from the manifest)
+    env: dict[str, str] | None = None
 
 
 def bundle_root(path: str | Path) -> Path:
@@ -81,6 +84,7 @@ def enclave_command(
             None,
             "enclave driver: plain process (gramine-sgx / gramine-direct not on the PATH), "
             "so no enclave protects it",
+            allocator.environment(),
         )
     # what would refuse the launch is checked before the peak is measured (a request served
     # in a fresh process, ~10 s)

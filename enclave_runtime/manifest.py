@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jinja2
 
+from enclave_runtime import allocator
 from partitioner.bundle import read_document, sha256
 from partitioner.errors import ArtifactError
 from partitioner.signing import SIGNATURE_FILE
@@ -183,6 +184,7 @@ def render_manifest(bundle: str | Path, options: ManifestOptions) -> str:
         log_level=options.log_level,
         arch_libdir="/lib/x86_64-linux-gnu",
         compute_threads=options.compute_threads,
+        glibc_tunables=allocator.TUNABLES,
         python_paths=python_paths,
         code_roots=code_roots,
         code_dirs=code_dirs,
@@ -250,6 +252,7 @@ def measure_peak(
         ],
         capture_output=True,
         text=True,
+        env=allocator.environment(),  # glibc's cache holds memory too: measure it as it runs
     )
     if result.returncode != 0:
         raise ArtifactError(f"measuring {bundle} failed: {result.stderr.strip()[-500:]}")

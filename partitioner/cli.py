@@ -335,6 +335,7 @@ def _run_both(
         enclave = subprocess.run(
             launch.argv,
             cwd=launch.cwd,
+            env=launch.env,
             input="\n".join(prompts) + "\n",
             text=True,
             stdout=sys.stdout,

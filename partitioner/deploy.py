@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from enclave_runtime import allocator
 from partitioner.errors import TeesplitError
 from runtime.local_triton import stop
 
@@ -94,6 +95,7 @@ def local_deployment(
             [sys.executable, "-m", "partitioner.cli", "serve", str(bundle), "--worker", address,
              "--listen", "127.0.0.1:0", "--max-sessions", str(max_sessions), *verify],
             cwd=_ROOT, stdout=subprocess.PIPE, stderr=out, text=True,
+            env=allocator.environment(),  # the enclave process's glibc settings
         )  # fmt: skip
         procs.append(server)
         line = _started(server, "teesplit serve", log_path, "server")

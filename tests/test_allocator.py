@@ -101,3 +101,22 @@ def test_install_says_why_when_the_library_is_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(allocator, "LIBRARY", tmp_path / "missing.so")
     why = allocator.install()
     assert why is not None and "missing.so" in why and "partitioner.native" in why
+
+
+def test_an_enclave_process_is_started_with_glibcs_cache_sized_for_compiled_stages():
+    env = allocator.environment({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": allocator.TUNABLES}
+    assert allocator.tuned(env) and not allocator.tuned({"PATH": "/bin"})
+    # other tunables are kept, the setting appended to them
+    other = allocator.environment({"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"})
+    assert other["GLIBC_TUNABLES"] == f"glibc.malloc.mxfast=0:{allocator.TUNABLES}"
+    # a user's own cache size is theirs
+    own = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
+    assert allocator.environment(own) == own and allocator.tuned(own)
+
+
+def test_the_enclave_process_says_when_it_was_started_without_it(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert any(allocator.TUNABLES in note for note in allocator.prepare())
+    monkeypatch.setenv("GLIBC_TUNABLES", allocator.TUNABLES)
+    assert not any("GLIBC_TUNABLES" in note for note in allocator.prepare())

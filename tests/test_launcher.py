@@ -9,7 +9,7 @@ import tomllib
 import pytest
 from conftest import shared_step_bundle
 
-from enclave_runtime import launcher
+from enclave_runtime import allocator, launcher
 from enclave_runtime.launcher import bundle_root, enclave_command
 from partitioner.errors import ArtifactError
 from partitioner.signing import load_private_key
@@ -45,6 +45,9 @@ def test_plain_process_without_gramine(bundle, monkeypatch, tmp_path):
         "3",
     ]
     assert "plain process" in launch.mode and "no enclave" in launch.mode
+    # started with glibc's settings for compiled stages, in the caller's environment
+    assert launch.env is not None and launch.env["PATH"] == str(tmp_path)
+    assert launch.env["GLIBC_TUNABLES"].split(":")[-1] == allocator.TUNABLES
 
 
 def test_gramine_direct_renders_the_worker_into_the_manifest(

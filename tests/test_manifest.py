@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import shared_bundle
 
+from enclave_runtime import allocator
 from enclave_runtime.manifest import ManifestOptions, enclave_size, render_manifest
 from partitioner.errors import ArtifactError
 
@@ -48,6 +49,8 @@ def test_rendered_manifest_parses_and_trusts_exactly_the_enclave_bundle(bundle):
     assert enclave_files and {k: hashed[k] for k in enclave_files} == enclave_files
     assert "plan.json" in hashed
     assert not [k for k in hashed if k.startswith("gpu/")]
+    # the enclave process starts with glibc's settings for compiled stages
+    assert manifest["loader"]["env"]["GLIBC_TUNABLES"] == allocator.TUNABLES
 
 
 def test_bad_attestation_setting_and_missing_plan_are_refused(bundle, tmp_path):
