@@ -37,10 +37,11 @@ broken down by wrapping the executor's parts:
   anything against the split: all_enclave's call streams every weight through the caches
   just before each of the split's calls.)
 * steady state (paired in blocks): the same recording replayed once more with each side's
-  calls back to back, one block of all_enclave's then one of the preset's, each block's
-  first call left out: the split as a server decoding a request runs it, its working set
-  (KV cache, mask set, code) left warm by its own previous step, and both blocks seconds
-  apart on the host. Interleaved pairing is the conservative figure, this one the deployed.
+  calls back to back in blocks, all_enclave's and the preset's in the order A B B A, each
+  block's first call left out: the split as a server decoding a request runs it, its working
+  set (KV cache, the libraries' code and data; each call still takes a fresh mask set) left
+  warm by its own previous step. Needs ``--repeats`` ≥ 7 (3 timed calls a block); each
+  round's ratio is kept beside the figure. Interleaved pairing is the conservative figure.
 
 Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
 holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
@@ -311,10 +312,11 @@ def replay(
     against the split: all_enclave's call streams every weight through the caches just before
     each of the split's calls, whose working set (the KV cache, the mask set, the libraries'
     code) then starts cold, which a server decoding a request does not see. So the recording
-    is then replayed a third time in steady state, each side's calls back to back in one block
-    right after the other's, the first call of each block left out (it starts cold):
-    ``replay_steady_speedup`` is the median of all_enclave's block over the median of this
-    preset's (``replay_steady_base_ms``, ``replay_steady_ms``)."""
+    is then replayed a third time in steady state (:func:`steady_state`: each side's calls
+    back to back in blocks, A B B A, each block's first call left out):
+    ``replay_steady_speedup`` is the median of all_enclave's calls over the median of this
+    preset's (``replay_steady_base_ms``, ``replay_steady_ms``), ``replay_steady_rounds`` each
+    round's ratio."""
 
     def executor() -> Any:
         ex = split.executor(Replay(replies), seed=REPLAY_SEED)
@@ -343,7 +345,9 @@ def replay(
             start = time.perf_counter()
             ex.run(args, {}, public_tokens=public)
             plain.append(time.perf_counter() - start - (ex.runner.seconds - before))
-    steady, steady_base = steady_state(executor, args, public, len(plain) + warm_up, paired)
+    steady, steady_base, steady_rounds = steady_state(
+        executor, args, public, len(plain) + warm_up, paired
+    )
     ex = executor()
     clock = Clock()
     inst = Instrumented(ex, clock)
@@ -387,6 +391,7 @@ def replay(
             replay_steady_base_ms=median(steady_base) * 1e3,
             replay_steady_ms=median(steady) * 1e3,
             replay_steady_speedup=median(steady_base) / median(steady),
+            replay_steady_rounds=steady_rounds,
         )
     return {
         **paired_figures,
@@ -404,27 +409,46 @@ def steady_state(
     public: bool,
     calls: int,
     paired: Callable[[], Any] | None,
-) -> tuple[list[float], list[float]]:
-    """``calls`` calls of all_enclave back to back, then the recording replayed back to back
-    by a fresh executor (``calls`` calls: all it serves); each block's first call left out.
-    Returns (this preset's times less the replay's own, all_enclave's). Empty without
-    ``paired`` or with fewer than two calls."""
-    if paired is None or calls < 2:
-        return [], []
-    ex = executor()  # its fill evicts the caches too: both blocks start cold
-    base: list[float] = []
-    times: list[float] = []
-    with torch.no_grad():
-        for _ in range(calls):
+) -> tuple[list[float], list[float], list[float]]:
+    """The recording replayed by a fresh executor in two blocks of back-to-back calls (all it
+    serves: ``calls``), in rounds with blocks of all_enclave's calls in the order A B B A (so
+    that a drift of the host's load over the seconds they take falls on both sides alike);
+    each block's first call left out (it starts cold).
+
+    Returns (this preset's times less the replay's own, all_enclave's, each round's ratio of
+    medians). Empty with fewer than 3 timed calls a side (``calls`` < 8) or without
+    ``paired``."""
+    half = calls // 2
+    if paired is None or half < 4:
+        return [], [], []
+    ex = executor()  # its fill evicts the caches too: each block starts cold anyway
+
+    def base_block() -> list[float]:
+        out = []
+        for _ in range(half):
             start = time.perf_counter()
             paired()
-            base.append(time.perf_counter() - start)
-        while ex.runner.next < len(ex.runner.replies):
+            out.append(time.perf_counter() - start)
+        return out[1:]
+
+    def split_block(count: int) -> list[float]:
+        out = []
+        for _ in range(count):
             before = ex.runner.seconds
             start = time.perf_counter()
             ex.run(args, {}, public_tokens=public)
-            times.append(time.perf_counter() - start - (ex.runner.seconds - before))
-    return times[1:], base[1:]
+            out.append(time.perf_counter() - start - (ex.runner.seconds - before))
+        return out[1:]
+
+    with torch.no_grad():
+        base_1 = base_block()
+        split_1 = split_block(half)
+        split_2 = split_block(calls - half)
+        base_2 = base_block()
+    if ex.runner.next != len(ex.runner.replies):
+        raise AssertionError("the steady-state pass did not replay the whole recording")
+    rounds = [median(base_1) / median(split_1), median(base_2) / median(split_2)]
+    return split_1 + split_2, base_1 + base_2, rounds
 
 
 def median(xs: list[float]) -> float:
@@ -708,9 +732,13 @@ def main() -> None:
     from enclave_runtime import allocator
 
     if not allocator.tuned():  # glibc reads its settings only when a process starts
-        print(f"running again with the enclave process's GLIBC_TUNABLES={allocator.TUNABLES}")
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], allocator.environment())
+        if os.environ.get("TEESPLIT_RESTARTED"):  # glibc dropped them (a secure-mode process)
+            print(f"GLIBC_TUNABLES={allocator.TUNABLES} did not hold: running without it")
+        else:
+            print(f"running again with the enclave process's GLIBC_TUNABLES={allocator.TUNABLES}")
+            sys.stdout.flush()
+            env = {**allocator.environment(), "TEESPLIT_RESTARTED": "1"}
+            os.execve(sys.executable, sys.orig_argv, env)
     if args.allocator == "caching":
         why = allocator.install()
         if why is not None:
@@ -945,7 +973,13 @@ def main() -> None:
                 f"{fmt(r.get('replay_paired_speedup_with_offline'), '.2f')} | "
                 f"{fmt(r.get('replay_steady_ms'), '.2f')} | "
                 f"{fmt(r.get('replay_steady_base_ms'), '.2f')} | "
-                f"{fmt(r.get('replay_steady_speedup'), '.2f')} | "
+                f"{fmt(r.get('replay_steady_speedup'), '.2f')}"
+                + (
+                    " (rounds " + " / ".join(f"{x:.2f}" for x in r["replay_steady_rounds"]) + ")"
+                    if r.get("replay_steady_rounds")
+                    else ""
+                )
+                + " | "
                 f"{fmt(r.get('replay_steady_speedup_with_offline'), '.2f')} | "
                 f"{fmt(r.get('replay_speedup_online_vs_eager'), '.2f')} |"
             )

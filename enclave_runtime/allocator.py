@@ -32,8 +32,8 @@ LIBRARY = Path(__file__).resolve().parent / "native" / "teesplit_cpu_allocator.s
 # caching allocator above never sees them); the rest went to glibc's bins and came back
 # through ``_int_malloc``, ~12 % of a replayed SmolLM2 ``slalom`` decode step's samples
 # (perf, stop 52), and the step ran ~1.2x faster with 1024 a size. That caps the cache at 1024
-# blocks of each of glibc's 64 sizes: at most ~35 MB per thread, held only after as many were
-# freed at once.
+# blocks of each of glibc's 64 sizes: at most ~35 MB per thread that frees them (a thread's
+# cache keeps what it frees, wherever it was allocated), so ~35 MB times the threads at worst.
 TCACHE_COUNT = "glibc.malloc.tcache_count"
 TUNABLES = f"{TCACHE_COUNT}=1024"
 
@@ -88,7 +88,7 @@ def tuned(environ: Mapping[str, str] | None = None) -> bool:
     glibc's per-thread cache size, to :data:`TUNABLES`' value or one of the user's own."""
     environ = os.environ if environ is None else environ
     settings = environ.get("GLIBC_TUNABLES", "").split(":")
-    return any(s.startswith(f"{TCACHE_COUNT}=") for s in settings)
+    return any(s.removeprefix(f"{TCACHE_COUNT}=").isdigit() for s in settings if "=" in s)
 
 
 def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:

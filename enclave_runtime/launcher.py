@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from enclave_runtime import allocator
@@ -38,8 +38,9 @@ class Launch:
     argv: list[str]
     cwd: Path | None
     mode: str  # what a user is told, once, before the driver starts
-    # the process's environment (None: the caller's; Gramine's comes from the manifest)
-    env: dict[str, str] | None = None
+    # the process's environment (None: the caller's; Gramine's comes from the manifest); a
+    # copy of the host's, so kept out of repr (a log of the launch)
+    env: dict[str, str] | None = field(default=None, repr=False)
 
 
 def bundle_root(path: str | Path) -> Path:

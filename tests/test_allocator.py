@@ -113,9 +113,12 @@ def test_an_enclave_process_is_started_with_glibcs_cache_sized_for_compiled_stag
     # a user's own cache size is theirs
     own = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
     assert allocator.environment(own) == own and allocator.tuned(own)
+    # a value glibc would not read as a count (it reads 0: no cache) is not a setting
+    assert not allocator.tuned({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=abc"})
 
 
 def test_the_enclave_process_says_when_it_was_started_without_it(monkeypatch):
+    monkeypatch.setattr(allocator, "install", lambda: None)  # this process keeps torch's own
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert any(allocator.TUNABLES in note for note in allocator.prepare())
     monkeypatch.setenv("GLIBC_TUNABLES", allocator.TUNABLES)

@@ -34,6 +34,7 @@ import pytest
 import torch
 from conftest import self_signed
 
+from enclave_runtime import allocator
 from enclave_runtime.executor import Executor
 from enclave_runtime.generation import decode_steps
 from enclave_runtime.openai_api import encode_chat
@@ -674,6 +675,7 @@ def test_serve_says_what_is_wrong_in_one_line(bundle, key_files, tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
+        env=allocator.environment(),  # as a deployment starts it (else a line says it was not)
     )
     assert result.returncode != 0
     assert "cannot reach the GPU worker" in result.stderr
