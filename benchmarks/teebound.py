@@ -996,8 +996,8 @@ def main() -> None:
         "and checks, and '(with timers)', from a second replay with the executor's parts "
         "timed; paired: each of those calls preceded by one all_enclave call (one --enclave "
         "mode only), the speedup from the medians of the two; steady: a third replay, each "
-        "side's calls back to back in one block after the other's, each block's first call "
-        "left out."
+        "side's calls back to back in blocks (A B B A, A all_enclave's), each block's first "
+        "call left out, the two rounds' ratios in brackets."
     )
 
     if ceilings:
