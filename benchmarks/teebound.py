@@ -345,6 +345,7 @@ def replay(
             start = time.perf_counter()
             ex.run(args, {}, public_tokens=public)
             plain.append(time.perf_counter() - start - (ex.runner.seconds - before))
+    pooled_only(ex, "plain replay")
     steady, steady_base, steady_rounds = steady_state(
         executor, args, public, len(plain) + warm_up, paired
     )
@@ -373,6 +374,7 @@ def replay(
     finally:
         clock.on = False
         inst.restore()
+    pooled_only(ex, "timed replay")
 
     def med(key: str) -> float:
         return median([c.get(key, 0.0) for c in calls]) * 1e3
@@ -447,8 +449,17 @@ def steady_state(
         base_2 = base_block()
     if ex.runner.next != len(ex.runner.replies):
         raise AssertionError("the steady-state pass did not replay the whole recording")
+    pooled_only(ex, "steady-state")
     rounds = [median(base_1) / median(split_1), median(base_2) / median(split_2)]
     return split_1 + split_2, base_1 + base_2, rounds
+
+
+def pooled_only(ex: Any, what: str) -> None:
+    """Every call of a replayed pass took a pooled mask set: one drawn on the spot would be
+    counted as online work (the replay's fills match the measured pass's, which asserts the
+    same)."""
+    if ex.pool is not None and ex.pool.misses:
+        raise AssertionError(f"{ex.pool.misses} pool misses during the {what} pass")
 
 
 def median(xs: list[float]) -> float:
