@@ -59,6 +59,7 @@ class MaskPool:
         self.rng = rng or CSPRNG()
         self._sets: dict[Binding, deque[MaskSet]] = {}
         self._modules: dict[tuple[str, bool], Any] = {}
+        self._ring_only: dict[str, bool] = {}  # stage -> _batchable's answer (the plan's)
         self._layouts: dict[Binding, tuple[list[Any], int]] = {}
         shapes = [shape for shape, _ in protection.masked.values()]
         if protection.rnm is not None and protection.token_shape is not None:
@@ -110,11 +111,13 @@ class MaskPool:
         """A correction that is ``ring_linear`` layers alone maps each row on its own, so the
         pads of many mask sets go through it as one batch: one GEMM ``W·[r_1 … r_n]``,
         compute-bound, instead of ``n`` memory-bound ones."""
-        graph = self.protection.corrections[stage].module.graph
-        return all(
-            n.op in ("placeholder", "get_attr", "output") or n.target == OPS.ring_linear.default
-            for n in graph.nodes
-        )
+        if stage not in self._ring_only:  # asked per stage on every draw: walk the graph once
+            graph = self.protection.corrections[stage].module.graph
+            self._ring_only[stage] = all(
+                n.op in ("placeholder", "get_attr", "output") or n.target == OPS.ring_linear.default
+                for n in graph.nodes
+            )
+        return self._ring_only[stage]
 
     def draw(self, binding: Mapping[str, int]) -> MaskSet:
         return self.draw_many(binding, 1)[0]
@@ -126,8 +129,9 @@ class MaskPool:
         exact = self.protection.exact is not None  # float masks keep no numpy views
         for stage in self.protection.pooled:
             corr = self.protection.corrections[stage]
-            module = self._prepared(stage, batched=count > 1)
-            if count > 1 and self._batchable(stage):
+            batch = count > 1 and self._batchable(stage)
+            module = self._prepared(stage, batched=batch)
+            if batch:
                 inputs = [
                     batched[n] if n in batched else torch.cat([m.deltas[n] for m in sets])
                     for n in corr.delta_inputs
