@@ -338,13 +338,8 @@ def replay(
             plain.append(time.perf_counter() - start)
         while ex.runner.next < len(replies):
             if paired is not None:
-                start = time.perf_counter()
-                paired()
-                base.append(time.perf_counter() - start)
-            before = ex.runner.seconds
-            start = time.perf_counter()
-            ex.run(args, {}, public_tokens=public)
-            plain.append(time.perf_counter() - start - (ex.runner.seconds - before))
+                base.append(seconds(paired))
+            plain.append(replayed_call(ex, args, public))
     pooled_only(ex, "plain replay")
     steady, steady_base, steady_rounds = steady_state(
         executor, args, public, len(plain) + warm_up, paired
@@ -426,21 +421,10 @@ def steady_state(
     ex = executor()  # its fill evicts the caches too: each block starts cold anyway
 
     def base_block() -> list[float]:
-        out = []
-        for _ in range(half):
-            start = time.perf_counter()
-            paired()
-            out.append(time.perf_counter() - start)
-        return out[1:]
+        return [seconds(paired) for _ in range(half)][1:]
 
     def split_block(count: int) -> list[float]:
-        out = []
-        for _ in range(count):
-            before = ex.runner.seconds
-            start = time.perf_counter()
-            ex.run(args, {}, public_tokens=public)
-            out.append(time.perf_counter() - start - (ex.runner.seconds - before))
-        return out[1:]
+        return [replayed_call(ex, args, public) for _ in range(count)][1:]
 
     with torch.no_grad():
         base_1 = base_block()
@@ -452,6 +436,21 @@ def steady_state(
     pooled_only(ex, "steady-state")
     rounds = [median(base_1) / median(split_1), median(base_2) / median(split_2)]
     return split_1 + split_2, base_1 + base_2, rounds
+
+
+def seconds(call: Callable[[], Any]) -> float:
+    """How long one ``call()`` took."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def replayed_call(ex: Any, args: tuple[Any, ...], public: bool) -> float:
+    """How long one call of ``ex`` (a :class:`Replay` runner's executor) took, less the
+    replay's own time (:attr:`Replay.seconds`)."""
+    before = ex.runner.seconds
+    took = seconds(lambda: ex.run(args, {}, public_tokens=public))
+    return took - (ex.runner.seconds - before)
 
 
 def pooled_only(ex: Any, what: str) -> None:
