@@ -18,13 +18,16 @@ broken down by wrapping the executor's parts:
   binding, input checks, ``pool.take``, reply checks, output unmasking, Python dispatch);
 * offline per request: the pool draws mask sets (pads, RNM noise, precomputed corrections
   ``W·r``, Freivalds vectors) in batches, the corrections of a batch as one GEMM per layer
-  (``W·[r_1 … r_B]``); each ``pool.fill(binding, B, batch=B)`` that stocks the pool for the
-  timed calls is timed, and offline per request = fill time / B (median over the fills; the
-  rate is B / fill time, in sets/s). ``B`` is ``--batch`` (default 64 for decode, 4 for
-  prefill, whose sets hold 128 tokens' pads and corrections). What is paid once per executor,
-  not per request, is done first and reported apart (``offline_prepare_ms``): the correction
-  weights packed as int8 digits or made float64 (``pool._prepared``) and one untimed fill, in
-  which oneDNN generates its kernels for the fill's shapes. The timed calls then take only
+  (``W·[r_1 … r_B]``). The sets the calls take are drawn first, untimed; after the calls,
+  ``--fills`` calls ``pool.fill(binding, B, batch=B)`` are timed, each batch dropped once
+  timed so that the next fill reuses its memory (a serving pool refills what requests took;
+  memory a process touches for the first time costs ~9x more on this VM), and offline per
+  request = fill time / B (median over the fills; the rate is B / fill time, in sets/s).
+  ``B`` is ``--batch`` (default 64 for decode, 4 for prefill, whose sets hold 128 tokens'
+  pads and corrections). What is paid once per executor, not per request, is done first and
+  reported apart (``offline_prepare_ms``): the correction weights packed as int8 digits or
+  made float64 (``pool._prepared``) and one untimed fill, in which oneDNN generates its
+  kernels for the fill's shapes. The timed calls then take only
   pooled sets (``pool.misses`` is asserted unchanged);
 * round trips: GPU stage calls per request; bytes to / from the GPU: the ``nbytes`` of the
   tensors passed to / returned by ``runner.run``;
@@ -43,9 +46,9 @@ broken down by wrapping the executor's parts:
   warm by its own previous step. Needs ``--repeats`` ≥ 7 (3 timed calls a block); each
   round's ratio is kept beside the figure. Interleaved pairing is the conservative figure.
 
-Medians over ``--repeats`` calls after one warm-up call. Batched fills go on until the pool
-holds a set for every call (and at least ``--fills`` fills are timed), or, past ``--fills``
-fills, until ``--draw-budget`` seconds of fills per preset and workload are spent; a preset
+Medians over ``--repeats`` calls after one warm-up call. Fills stock the pool until it holds
+a set for every call or ``--draw-budget`` seconds of fills are spent, and ``--fills`` timed
+fills follow the calls (fewer once that budget is spent); a preset
 whose sets are slow to draw then gets fewer timed calls (the count used is in the table; a
 single set serves one call without a warm-up), and a preset and workload past ``--timeout``
 seconds is cut off by SIGALRM. A preset the compiler refuses (or one that fails) is a row
@@ -496,6 +499,7 @@ def measure(
     fill_s: list[float] = []  # seconds per batched fill of ``batch`` sets
     prepare_s = 0.0
     sets = repeats + 1  # one for the warm-up
+    stocked = 0  # batched fills that stocked the pool for the calls (a replay draws as many)
     if pool is not None:
         # once per executor, not per set: the correction weights packed as int8 digits (or
         # made float64), and one untimed fill, in which oneDNN generates its kernels for the
@@ -507,14 +511,17 @@ def measure(
             pool._prepared(stage)
         pool.fill(binding, batch, batch=batch)
         prepare_s = time.perf_counter() - start
-        # each fill draws ``batch`` sets as one batch; they serve the warm-up and timed calls
-        while len(fill_s) * batch < sets or len(fill_s) < max(fills, 1):
-            phase["now"] = f"drawing batched fill {len(fill_s) + 1} ({batch} mask sets)"
+        stocked = 1
+        # the sets the warm-up and timed calls take, untimed: the first ones of this
+        # executor's stream, which each replay (same seed) draws again and so matches the
+        # recorded replies
+        spent = 0.0
+        while pool.available(binding) < sets and spent < draw_budget:
+            phase["now"] = f"stocking {sets} mask sets for the timed calls"
             start = time.perf_counter()
             pool.fill(binding, batch, batch=batch)
-            fill_s.append(time.perf_counter() - start)
-            if len(fill_s) >= max(fills, 1) and sum(fill_s) >= draw_budget:
-                break
+            spent += time.perf_counter() - start
+            stocked += 1
         sets = pool.available(binding)
     warm_up = sets >= 2  # a single expensive set goes to one timed call, without a warm-up
     timed_calls = min(repeats, sets - 1) if warm_up else 1
@@ -554,8 +561,25 @@ def measure(
         inst.restore()
     if pool is not None and pool.misses != misses:
         raise AssertionError(f"{pool.misses - misses} pool misses during the timed calls")
+    if pool is not None:
+        # Timed fills, after the calls, into recycled memory: each batch is dropped once
+        # timed, so the next fill reuses its blocks, as a serving pool refilling what
+        # requests took does. A fill that grows the process instead pays this VM's first
+        # touch of memory its hypervisor has not backed yet (600 MiB blocks touched in a
+        # loop: ~100 ms each, ~950 ms each past ~7.5 GiB), which made a prefill set cost
+        # 1.2-1.8 s in place of ~0.4 s late in a long run (benchmarks/README.md, stop 53).
+        # The first fill may still grow the process (a decode batch outgrows the calls'
+        # sets); the figure is the median.
+        while len(fill_s) < max(fills, 1) and (not fill_s or spent < draw_budget):
+            phase["now"] = f"drawing batched fill {len(fill_s) + 1} ({batch} mask sets)"
+            start = time.perf_counter()
+            pool.fill(binding, batch, batch=batch)
+            fill_s.append(time.perf_counter() - start)
+            spent += fill_s[-1]
+            for _ in range(batch):
+                pool.take(binding)
     phase["now"] = "replaying the GPU's replies"
-    replayed = replay(split, args, public, recorder.replies, len(fill_s), batch, warm_up, paired)
+    replayed = replay(split, args, public, recorder.replies, stocked, batch, warm_up, paired)
 
     def med(key: str) -> float:
         return median([c[key] for c in calls])
@@ -1043,6 +1067,8 @@ def main() -> None:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "repeats": args.repeats,
         "offline_batch": batches,
+        # timed fills reuse the memory of the batch before (see measure)
+        "offline_fill_memory": "recycled",
         "quick": args.quick,
         "presets": args.presets,
         "eager_ms": eager,
