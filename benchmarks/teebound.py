@@ -41,10 +41,13 @@ broken down by wrapping the executor's parts:
   just before each of the split's calls.)
 * steady state (paired in blocks): the same recording replayed once more with each side's
   calls back to back in blocks, all_enclave's and the preset's in the order A B B A, each
-  block's first call left out: the split as a server decoding a request runs it, its working
-  set (KV cache, the libraries' code and data; each call still takes a fresh mask set) left
-  warm by its own previous step. Needs ``--repeats`` ≥ 7 (3 timed calls a block); each
-  round's ratio is kept beside the figure. Interleaved pairing is the conservative figure.
+  block's first half left out as its warm-up: the split as a server decoding a request runs
+  it, its working set (KV cache, the libraries' code and data; each call still takes a fresh
+  mask set) left warm by its own previous steps. A decode step here takes ~8 calls to warm
+  up after a pass over a few hundred MiB (:func:`steady_state`), hence the decode step's
+  longer recording (``--decode-repeats``, default 47: blocks of 24). Needs ≥ 7 timed calls
+  (2 timed a block); each round's ratio, and the preset's times by position in a block, are
+  kept beside the figure. Interleaved pairing is the conservative figure.
 
 Medians over ``--repeats`` calls after one warm-up call. Fills stock the pool until it holds
 a set for every call or ``--draw-budget`` seconds of fills are spent, and ``--fills`` timed
@@ -316,7 +319,7 @@ def replay(
     each of the split's calls, whose working set (the KV cache, the mask set, the libraries'
     code) then starts cold, which a server decoding a request does not see. So the recording
     is then replayed a third time in steady state (:func:`steady_state`: each side's calls
-    back to back in blocks, A B B A, each block's first call left out):
+    back to back in blocks, A B B A, each block's first half left out as its warm-up):
     ``replay_steady_speedup`` is the median of all_enclave's calls over the median of this
     preset's (``replay_steady_base_ms``, ``replay_steady_ms``), ``replay_steady_rounds`` each
     round's ratio."""
@@ -344,7 +347,7 @@ def replay(
                 base.append(seconds(paired))
             plain.append(replayed_call(ex, args, public))
     pooled_only(ex, "plain replay")
-    steady, steady_base, steady_rounds = steady_state(
+    steady, steady_base, steady_rounds, positions = steady_state(
         executor, args, public, len(plain) + warm_up, paired
     )
     ex = executor()
@@ -392,6 +395,7 @@ def replay(
             replay_steady_ms=median(steady) * 1e3,
             replay_steady_speedup=median(steady_base) / median(steady),
             replay_steady_rounds=steady_rounds,
+            replay_steady_positions_ms=[round(t * 1e3, 3) for t in positions],
         )
     return {
         **paired_figures,
@@ -409,25 +413,32 @@ def steady_state(
     public: bool,
     calls: int,
     paired: Callable[[], Any] | None,
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """The recording replayed by a fresh executor in two blocks of back-to-back calls (all it
     serves: ``calls``), in rounds with blocks of all_enclave's calls in the order A B B A (so
     that a drift of the host's load over the seconds they take falls on both sides alike);
-    each block's first call left out (it starts cold).
+    each block's first half left out as its warm-up.
 
-    Returns (this preset's times less the replay's own, all_enclave's, each round's ratio of
-    medians). Empty with fewer than 3 timed calls a side (``calls`` < 8) or without
-    ``paired``."""
+    Why half: after a block of the other side's calls (or any pass over a few hundred MiB), a
+    decode step here is not warm after one call but after ~8 (~50 ms of calls): `slalom`'s
+    steps after all_enclave's took 8.5, 7.9, 7.4, 6.9, 6.7, 6.5, 6.4, 6.3, 6.1, 6.1 ms, and
+    alike after a 600 MiB buffer was merely written (stop 53; the caches' replacement policy
+    adapting after a stream, by the look of it), against 5.7 ms with nothing in between.
+
+    Returns (this preset's timed calls less the replay's own, all_enclave's, each round's
+    ratio of medians, this preset's calls by their position in a block, the mean of its two
+    blocks, warm-up included). Empty with fewer than 2 timed calls a block (``calls`` < 8)
+    or without ``paired``."""
     half = calls // 2
     if paired is None or half < 4:
-        return [], [], []
+        return [], [], [], []
     ex = executor()  # its fill evicts the caches too: each block starts cold anyway
 
     def base_block() -> list[float]:
-        return [seconds(paired) for _ in range(half)][1:]
+        return [seconds(paired) for _ in range(half)]
 
     def split_block(count: int) -> list[float]:
-        return [replayed_call(ex, args, public) for _ in range(count)][1:]
+        return [replayed_call(ex, args, public) for _ in range(count)]
 
     with torch.no_grad():
         base_1 = base_block()
@@ -437,8 +448,11 @@ def steady_state(
     if ex.runner.next != len(ex.runner.replies):
         raise AssertionError("the steady-state pass did not replay the whole recording")
     pooled_only(ex, "steady-state")
+    positions = [(a + b) / 2 for a, b in zip(split_1, split_2, strict=False)]
+    base_1, base_2 = base_1[half // 2 :], base_2[half // 2 :]
+    split_1, split_2 = split_1[half // 2 :], split_2[len(split_2) // 2 :]
     rounds = [median(base_1) / median(split_1), median(base_2) / median(split_2)]
-    return split_1 + split_2, base_1 + base_2, rounds
+    return split_1 + split_2, base_1 + base_2, rounds, positions
 
 
 def seconds(call: Callable[[], Any]) -> float:
@@ -688,6 +702,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)  # the steady pass needs >= 7
     parser.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=47,
+        help="timed calls of the decode step (default 47; --repeats for the prefill): the "
+        "steady-state pass replays them in blocks of half, each block's first half a warm-up",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=None,
@@ -757,6 +778,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.fills, args.draw_budget = 1, 1, min(args.draw_budget, 20.0)
+        args.decode_repeats = 1
         args.timeout = min(args.timeout, 90)
     if args.batch is not None and args.batch < 1:
         raise SystemExit("--batch: at least 1")
@@ -821,7 +843,7 @@ def main() -> None:
         f"SmolLM2-135M ({layers} layers), batch 1: prefill of {CONTEXT} tokens and one decode "
         f"step at context {CONTEXT}; {torch.get_num_threads()} torch thread(s); "
         f"{args.allocator} CPU allocator; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}; "
-        f"repeats {args.repeats}; "
+        f"repeats {args.repeats} (decode {args.decode_repeats}); "
         f"setup {time.perf_counter() - started:.0f} s"
     )
 
@@ -883,7 +905,7 @@ def main() -> None:
                     split,
                     call_args,
                     public,
-                    args.repeats,
+                    args.decode_repeats if workload == "decode" else args.repeats,
                     batches[workload],
                     args.fills,
                     args.draw_budget,
@@ -1031,7 +1053,7 @@ def main() -> None:
         "timed; paired: each of those calls preceded by one all_enclave call (one --enclave "
         "mode only), the speedup from the medians of the two; steady: a third replay, each "
         "side's calls back to back in blocks (A B B A, A all_enclave's), each block's first "
-        "call left out, the two rounds' ratios in brackets."
+        "half left out as its warm-up, the two rounds' ratios in brackets."
     )
 
     if ceilings:
@@ -1066,6 +1088,7 @@ def main() -> None:
         "allocator": args.allocator,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "repeats": args.repeats,
+        "decode_repeats": args.decode_repeats,
         "offline_batch": batches,
         # timed fills reuse the memory of the batch before (see measure)
         "offline_fill_memory": "recycled",

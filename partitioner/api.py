@@ -32,7 +32,7 @@ from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
 from passes.attention import decompose_attention
 from passes.audit import audit
-from passes.base import teesplit_meta
+from passes.base import model_weights, teesplit_meta
 from passes.gqa import share_kv_heads
 from passes.graph_edit import rewritten
 from passes.labels import label_program, user_input_names
@@ -83,9 +83,9 @@ def _tag_padding(program: ExportedProgram, padding: str | None) -> None:
 
 
 def _tag_public(program: ExportedProgram, public: Mapping[str, int]) -> None:
-    """Tag the placeholders of public parameters (bit-identical to the policy's public base):
+    """Tag the placeholders of public weights (bit-identical to the policy's public base):
     placement and taint read the tag, so only the others count as protected."""
-    params = program.graph_signature.inputs_to_parameters
+    params = model_weights(program)
     for node in program.graph.find_nodes(op="placeholder"):
         if params.get(node.name) in public:
             teesplit_meta(node)["public"] = True
@@ -130,6 +130,12 @@ def partition(
         if isinstance(model, Captured)
         else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
+    if policy.public_base == "peft" and captured.peft_caveats:
+        raise PolicyError(
+            f"public_base='peft' cannot tell what the fine-tune changed: "
+            f"{captured.peft_caveats[0]}; name the base's folder or .safetensors file, "
+            "which is compared by value"
+        )
     if needs_attention_decomposition(policy):
         program = decompose_attention(captured.program)
     else:  # SDPA stays one op: it can read grouped KV heads without repeating them

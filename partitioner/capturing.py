@@ -19,6 +19,7 @@ import torch.fx
 from torch.export import Dim, ExportedProgram
 
 from partitioner.errors import CaptureError
+from partitioner.public_base import peft_caveats
 
 # Reference sizes at which symbolic shapes are evaluated for byte and FLOP accounting.
 DEFAULT_REFERENCE = {"batch": 1, "seq": 128}
@@ -41,6 +42,8 @@ class Captured:
     padding: str | None = None
     # sizes at which bytes and FLOPs are counted, when the caller gives none
     reference: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REFERENCE))
+    # why peft's names would not tell what a fine-tune changed (public_base.peft_caveats)
+    peft_caveats: tuple[str, ...] = ()
 
 
 _SPECIAL_CONFIG_KEYS = (
@@ -169,6 +172,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
     name = model_name or model_name_of(model)
+    caveats = peft_caveats(model)  # before the wrapper goes: it holds peft's configs
     if hasattr(model, "get_base_model") and _hf_base(model) is not None:
         # peft injects its adapter layers into the base model in place; the wrapper's forward
         # only forwards **kwargs, which export cannot give named dynamic dims.
@@ -206,7 +210,13 @@ def capture(
         model.train(was_training)
     _refuse_mutation(ep, name)
     params = _input_names(model, args, kwargs)
-    return Captured(ep, name, _dim_names(ep, dynamic_shapes, params), special_token_ids(model))
+    return Captured(
+        ep,
+        name,
+        _dim_names(ep, dynamic_shapes, params),
+        special_token_ids(model),
+        peft_caveats=caveats,
+    )
 
 
 def _input_names(

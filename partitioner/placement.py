@@ -34,7 +34,7 @@ from partitioner.op_table import SHAPE_OPS, op_name
 from partitioner.plan import ENCLAVE, GPU
 from partitioner.policy import Policy
 from partitioner.shapes import ShapeContext
-from passes.base import is_public, is_tensor_value, teesplit_meta
+from passes.base import is_public, is_tensor_value, model_weights, teesplit_meta
 from passes.labels import label_of, user_input_names
 
 _SOURCE, _SINK = "\x00enclave", "\x00gpu"
@@ -121,8 +121,7 @@ class Placer:
         self.policy = policy
         self.shapes = shapes
         self.graph = program.graph
-        sig = program.graph_signature
-        self.params = dict(sig.inputs_to_parameters)
+        self.params = model_weights(program)  # buffers and lifted constants too
         self.user_inputs = set(user_input_names(program))
         self.order = {n.name: i for i, n in enumerate(self.graph.nodes)}
         self._nodes_by_name = {n.name: n for n in self.graph.nodes}

@@ -8,7 +8,14 @@
   Anything the fine-tune changed, and anything the base lacks, stays protected.
 * ``"peft"``: the model is a peft model; the adapter's parameters (peft's ``lora_*``,
   ``modules_to_save``, ... names) are protected, the frozen base's parameters are public. This
-  trusts peft's naming; a base folder checks by value.
+  trusts peft's naming, so it is refused where the names cannot tell what changed
+  (:func:`peft_caveats`: an adapter merged into its base layer, biases peft trains), and a
+  parameter still trainable (``requires_grad``: tuned beside the adapter) is protected; a base
+  folder checks by value.
+
+"Parameters" here are all of the model's tensors: parameters, buffers and the constants
+export lifts (``passes.base.model_weights``); a fine-tuned weight held as a buffer is a
+weight like any other.
 
 Only safetensors is read: a pickle (``pytorch_model.bin``) can run code and is refused.
 Compiler side: the enclave runtime never imports this module.
@@ -25,6 +32,7 @@ import torch
 from torch.export import ExportedProgram
 
 from partitioner.errors import PolicyError
+from passes.base import model_weights, weight_value
 
 # name components that peft gives adapter parameters (and the trained copies of whole modules):
 # every tuner's prefix as of peft 0.21 (LoHa's ``hada_``, LoKr's ``lokr_``, trainable tokens'
@@ -129,38 +137,71 @@ def base_name(fqn: str) -> str:
     return ".".join(part for part in fqn.split(".") if part not in _WRAPPERS)
 
 
+def peft_caveats(model: torch.nn.Module) -> tuple[str, ...]:
+    """Why peft's names would not tell what the fine-tune of ``model`` changed (empty: they
+    do), read off the model before capture: an adapter merged into its base layer (peft's
+    ``merge_adapter``: the layer's weight is then the fine-tuned one, under the base's name),
+    or a config that trains biases (``bias`` other than ``"none"``: they keep their names)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        merged = getattr(module, "merged_adapters", None)
+        if isinstance(merged, (list, tuple)) and merged:
+            found.append(
+                f"adapter {merged[0]!r} is merged into {name or 'the model'} "
+                "(peft's merge_adapter; unmerge_adapter() undoes it)"
+            )
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict):
+            for adapter, config in configs.items():
+                bias = getattr(config, "bias", "none")
+                if bias not in (None, "none"):
+                    found.append(
+                        f"adapter {adapter!r} trains biases (bias={bias!r}), which keep the "
+                        "base's names"
+                    )
+    return tuple(dict.fromkeys(found))
+
+
 def split_parameters(program: ExportedProgram, public_base: str | None) -> ParameterSplit | None:
-    """Public and protected parameters of ``program`` under ``public_base`` (None: no base)."""
+    """Public and protected weights of ``program`` under ``public_base`` (None: no base)."""
     if public_base is None:
         return None
-    params = dict(program.graph_signature.inputs_to_parameters).values()
-    state = program.state_dict
+    weights = {fqn: weight_value(program, fqn) for fqn in model_weights(program).values()}
     out = ParameterSplit(source=public_base)
     if public_base == "peft":
-        if not any(is_adapter_parameter(fqn) for fqn in params):
+        if not any(is_adapter_parameter(fqn) for fqn in weights):
             raise PolicyError(
                 "public_base='peft' but the model has no peft adapter parameters (lora_*, "
                 "modules_to_save, ...): name the base's folder or safetensors file instead"
             )
-        for fqn in params:
-            nbytes = _nbytes(state[fqn])
+        for fqn, tensor in weights.items():
+            nbytes = _nbytes(tensor)
             if is_adapter_parameter(fqn):
                 out.protected[fqn] = nbytes
                 out.why[fqn] = "a peft adapter parameter"
+            elif tensor is None or tensor.requires_grad:
+                # peft freezes its base: one still trainable was tuned beside the adapter
+                # (a bias peft trains, a layer unfrozen by hand) under the base's own name
+                out.protected[fqn] = nbytes
+                out.why[fqn] = "trainable (requires_grad) beside the adapter"
             else:
                 out.public[fqn] = nbytes
         return out
     base = _load_base(Path(public_base))
-    for fqn in params:
-        tensor = state[fqn]
+    for fqn, tensor in weights.items():
         nbytes = _nbytes(tensor)
         match = _match(base_name(fqn), base)
         if is_adapter_parameter(fqn):
             reason = "a peft adapter parameter"
-        elif match is None:
+        elif match is None or tensor is None:
             reason = "the base has no parameter of this name"
         elif not _identical(tensor, base[match]):
-            reason = f"differs from the base's {match}"
+            reason = f"differs from the base's {match}" + (
+                f" (dtype {str(tensor.dtype).removeprefix('torch.')}, the base's "
+                f"{str(base[match].dtype).removeprefix('torch.')})"
+                if tensor.dtype != base[match].dtype
+                else ""
+            )
         else:
             out.public[fqn] = nbytes
             continue
@@ -169,8 +210,8 @@ def split_parameters(program: ExportedProgram, public_base: str | None) -> Param
     return out
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from partitioner.errors import AuditError
 from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Protection, Stage
 from partitioner.policy import Policy
-from passes.base import is_public
+from passes.base import is_public, model_weights, weight_value
 from passes.taint import DP_TAINT, taint_of
 
 
@@ -130,11 +130,15 @@ def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
     transpose's (so a reshaped or flattened copy too), that equals it or is an affine copy of
     it (a quantised or rescaled weight: correlation above ``COPY_CORRELATION``). Catches a
     copy that names and storages do not show."""
-    state = program.source.state_dict
     by_size: dict[int, list[tuple[str, torch.Tensor]]] = {}
     for fqn in protected:
-        t = state.get(fqn)
+        t = weight_value(program.source, fqn)
         if t is None or t.device.type == "meta" or t.numel() < 2:
+            continue
+        if bool((t == t.flatten()[0]).all()):
+            # one value repeated (a bias peft or a config left at zero) tells nothing beyond
+            # that value, and equals every such tensor of its size: searched for, it made an
+            # honest split's zeros a "copy" (a reviewer's finding)
             continue
         flat = t.detach().to(torch.float64)
         by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))
@@ -193,16 +197,13 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
     # 1. protected weights
     if "model" in policy.protects:
         public = {n.name for n in source.graph.find_nodes(op="placeholder") if is_public(n)}
-        protected = [
-            fqn
-            for name, fqn in source.graph_signature.inputs_to_parameters.items()
-            if name not in public
-        ]
+        protected = [fqn for name, fqn in model_weights(source).items() if name not in public]
         violations += _copies_on_gpu(program, protected)
+        values = [weight_value(source, fqn) for fqn in protected]
         storages = {
-            source.state_dict[fqn].untyped_storage().data_ptr()
-            for fqn in protected
-            if fqn in source.state_dict and source.state_dict[fqn].device.type != "meta"
+            t.untyped_storage().data_ptr()
+            for t in values
+            if t is not None and t.device.type != "meta"
         }
         for stage in program.stages:
             if stage.side != GPU:

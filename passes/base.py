@@ -37,6 +37,27 @@ def is_public(node: torch.fx.Node) -> bool:
     return bool(node.meta.get(META_KEY, {}).get("public"))
 
 
+def model_weights(program: Any) -> dict[str, str]:
+    """Placeholder name -> fqn of every tensor the model brings rather than the caller: its
+    parameters, its buffers and the constants export lifted (a plain tensor attribute). Under
+    ``protects: [model]`` all of them are the model's: a fine-tuned weight held as a buffer
+    (as quantised checkpoints hold theirs) was once not protected at all."""
+    sig = program.graph_signature
+    return {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+
+
+def weight_value(program: Any, fqn: str) -> torch.Tensor | None:
+    """The value of weight ``fqn`` of ``program`` (state dict or lifted constants)."""
+    value = program.state_dict.get(fqn)
+    if value is None:
+        value = program.constants.get(fqn)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def fake_like(
     val: torch.Tensor, dtype: torch.dtype, extra: tuple[int, ...] = (), wider: int = 0
 ) -> torch.Tensor:

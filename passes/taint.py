@@ -12,7 +12,7 @@ import torch
 from torch.export import ExportedProgram
 
 from partitioner.policy import Policy
-from passes.base import is_public
+from passes.base import is_public, model_weights
 from passes.labels import user_input_names
 
 INPUT_TAINT, MODEL_TAINT, DP_TAINT = "input", "model", "dp"
@@ -29,8 +29,7 @@ def taint_of(
     for the output it names, so it carries that output's taint: the analysis is repeated until
     the taints of state inputs stop changing (once per chain of state, in practice twice).
     """
-    sig = program.graph_signature
-    params = set(sig.inputs_to_parameters)
+    params = set(model_weights(program))
     users = set(user_input_names(program))
     state = {
         n.name: n.meta["teesplit"]["state_of"]

@@ -36,6 +36,7 @@ from partitioner.plan import ENCLAVE, GPU
 from partitioner.policy import Policy
 from partitioner.public_base import base_name, split_parameters
 from passes.audit import audit
+from passes.base import model_weights
 from passes.exact import quantised_reference
 
 ALPHA = 0.001
@@ -142,10 +143,12 @@ def test_a_base_folder_makes_public_exactly_the_bit_identical_parameters(tmp_pat
     assert why[changed].startswith("differs from the base")
     assert why[missing] == "the base has no parameter of this name"
     assert all(v == "a peft adapter parameter" for k, v in why.items() if "lora_" in k)
-    assert len(params.protected) == 16 + 2  # 16 adapter matrices, the changed and the missing
-    assert len(params.public) + len(params.protected) == len(
-        program.graph_signature.inputs_to_parameters
-    )
+    # buffers are weights too: the rotary tables are not in the base's files (transformers
+    # makes them from the config), so they are protected, as anything the base lacks is
+    rotary = [k for k in params.protected if k.startswith("model.rotary_emb.")]
+    assert len(rotary) == 2 and all(why[k] == why[missing] for k in rotary), rotary
+    assert len(params.protected) == 16 + 2 + 2  # adapter matrices, changed, missing, rotary
+    assert len(params.public) + len(params.protected) == len(model_weights(program))
     # the changed norm's and the missing layer's readers stay in the enclave, not the GPU
     gpu_params = {p for s in split.stages if s.side == GPU for p in s.params}
     assert not gpu_params & set(params.protected)

@@ -27,6 +27,7 @@ from partitioner.plan import GPU
 from partitioner.policy import Policy
 from partitioner.public_base import is_adapter_parameter, split_parameters
 from passes.audit import audit
+from passes.base import model_weights, weight_value
 
 
 def peft_program(config: object) -> object:
@@ -140,3 +141,106 @@ def test_audit_finds_a_flattened_copy_of_a_protected_parameter_on_the_gpu():
     gpu.module.register_buffer("innocent_looking", stolen)
     with pytest.raises(AuditError, match="by value"):
         audit(split, verbose=False)
+
+
+def _lora_on_up_proj(**extra: object) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(num_hidden_layers=1),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], **extra),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return model.eval()
+
+
+def test_a_merged_adapter_is_not_taken_for_the_public_base():
+    """peft's ``merge_adapter()`` (what TRL calls before generating) adds B·A into the base
+    layer's weight and keeps the ``lora_*`` modules: under ``public_base: peft`` the merged
+    weight kept its public name, went to a GPU stage, and a GPU knowing the base read the
+    private update off it (correlation 0.92, a reviewer's finding)."""
+    model = _lora_on_up_proj()
+    model.merge_adapter()
+    with warnings.catch_warnings(), pytest.raises(PolicyError, match="merged into"):
+        warnings.simplefilter("ignore")
+        partition(model, Policy.preset("private_finetune"))
+
+
+def test_biases_that_peft_trains_are_not_public():
+    """``LoraConfig(bias="all")`` trains every bias under the base's own names: under
+    ``public_base: peft`` they were listed public and, with float masks, their bytes were in
+    ``gpu/``. Refused with the config (the names cannot tell), and protected by their
+    ``requires_grad`` where the config is not in sight (a captured program)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(
+        Qwen2ForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"], bias="all")
+    ).eval()
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.k_proj.bias.add_(0.5)  # "trained"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PolicyError, match="trains biases"):
+            partition(model, Policy.preset("private_finetune"))
+        program = capture(model).program
+    split = split_parameters(program, "peft")
+    biases = [f for f in program.graph_signature.inputs_to_parameters.values() if "bias" in f]
+    assert biases and not set(biases) & set(split.public), sorted(set(biases) & set(split.public))
+
+
+class _BufferLinear(torch.nn.Module):
+    """A fine-tuned linear layer whose weight is a buffer (as quantised checkpoints keep
+    theirs) or a plain tensor attribute (which torch.export lifts as a constant)."""
+
+    def __init__(self, weight: torch.Tensor, kind: str) -> None:
+        super().__init__()
+        if kind == "buffer":
+            self.register_buffer("weight", weight)
+        else:
+            self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+@pytest.mark.parametrize("kind", ["buffer", "constant"])
+def test_a_fine_tuned_weight_held_as_a_buffer_stays_in_the_enclave(tmp_path, kind):
+    """Under ``protects: [model]`` only parameters were weights: a fine-tuned ``down_proj``
+    held as a buffer or a lifted constant was in neither list of the report, its linear went
+    to the GPU, and its (quantised) copy was in ``gpu/``; the audit passed."""
+    base = tiny_llama(num_hidden_layers=1)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "b.safetensors")
+    model = tiny_llama(num_hidden_layers=1)
+    mlp = model.model.layers[0].mlp
+    secret = mlp.down_proj.weight.detach() + 0.05 * torch.randn_like(mlp.down_proj.weight)
+    mlp.down_proj = _BufferLinear(secret.contiguous(), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(
+            model, Policy.preset("private_finetune", public_base=str(tmp_path / "b.safetensors"))
+        )
+    source = split.source
+    held = [
+        fqn
+        for fqn in model_weights(source).values()
+        if (value := weight_value(source, fqn)) is not None and torch.equal(value, secret)
+    ]
+    assert held and set(held) <= set(split.parameters.protected), (held, split.parameters)
+
+    def in_down_proj(node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        return any("down_proj" in str(path) for path, _ in stack.values())
+
+    for stage in split.stages:
+        if stage.side == GPU:
+            down = [n.name for n in stage.module.graph.nodes if in_down_proj(n)]
+            assert not down, f"GPU stage {stage.name} computes down_proj: {down}"
