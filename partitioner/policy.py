@@ -292,7 +292,14 @@ class Policy:
             "min_gpu_block": self.min_gpu_block,
             "on_unmaskable": self.on_unmaskable,
             "mask_scale": self.mask_scale,
-        } | ({"public_base": self.public_base} if self.public_base is not None else {})
+        } | ({"public_base": self.public_base_name()} if self.public_base is not None else {})
+
+    def public_base_name(self) -> str | None:
+        """``public_base`` as a plan records it: ``peft``, or the base's file or folder name
+        without the deployer's path (the plan goes to the GPU's side too)."""
+        if self.public_base in (None, "peft"):
+            return self.public_base
+        return Path(self.public_base).name
 
 
 def _rnm_from_dict(data: Mapping[str, Any]) -> RNMConfig:

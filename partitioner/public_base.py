@@ -273,9 +273,13 @@ def _load_base(path: Path) -> dict[str, torch.Tensor]:
         if p.parent.resolve() != path.resolve() and path.is_dir():
             raise PolicyError(f"public_base: {p} lies outside {path}")
         try:
-            base.update(load_file(str(p)))
+            tensors = load_file(str(p))
         except (OSError, SafetensorError) as exc:
             raise PolicyError(f"public_base: cannot read {p}: {exc}") from None
+        twice = sorted(base.keys() & tensors.keys())
+        if twice:  # a later file would decide silently which value is "the base's"
+            raise PolicyError(f"public_base: {twice[0]} is in {p} and in an earlier file")
+        base.update(tensors)
     if path.is_dir():
         _tie_output_embedding(path, base)
     return base

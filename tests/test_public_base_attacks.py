@@ -6,7 +6,11 @@
   in a GPU stage in the clear);
 * a base folder makes public only what is bit-identical: ``-0.0`` is not ``0.0`` (its sign
   bit would reach the GPU), though ``torch.equal`` says they are equal;
-* a malformed sharded index is a :class:`PolicyError` naming the index, not a ``TypeError``.
+* a malformed sharded index is a :class:`PolicyError` naming the index, not a ``TypeError``;
+* (stop 53, a review's findings) under ``peft``, an adapter merged into its base layer, biases
+  peft trains and a weight unfrozen beside the adapter each put fine-tuned values on the GPU;
+  a fine-tuned weight held as a buffer or a lifted constant was not a weight at all; a name in
+  two of a base folder's files let the later one decide; the plan carried the base's path.
 """
 
 from __future__ import annotations
@@ -244,3 +248,42 @@ def test_a_fine_tuned_weight_held_as_a_buffer_stays_in_the_enclave(tmp_path, kin
         if stage.side == GPU:
             down = [n.name for n in stage.module.graph.nodes if in_down_proj(n)]
             assert not down, f"GPU stage {stage.name} computes down_proj: {down}"
+
+
+def test_a_name_in_two_of_the_bases_files_is_refused(tmp_path):
+    """Without an index every ``*.safetensors`` of the folder is read: a stray file holding a
+    fine-tuned tensor under a base name replaced the base's value, silently making it
+    "public"."""
+    from peft import LoraConfig
+
+    state = {k: v.contiguous() for k, v in plain_model().state_dict().items()}
+    save_file(state, tmp_path / "model.safetensors")
+    name = next(iter(state))
+    save_file({name: state[name] + 1}, tmp_path / "zz-finetune.safetensors")
+    _, program = peft_program(LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(PolicyError, match="in an earlier file"):
+        split_parameters(program, str(tmp_path))
+
+
+def test_the_plan_names_the_base_without_the_deployers_path(tmp_path):
+    """The plan goes to the GPU's side too: it recorded the base folder's absolute path."""
+    policy = Policy.preset("private_finetune", public_base=str(tmp_path / "bases" / "smol"))
+    assert policy.to_dict()["public_base"] == "smol"
+    assert Policy.preset("private_finetune").to_dict()["public_base"] == "peft"
+
+
+def test_a_base_weight_trained_beside_the_adapter_is_not_public():
+    """A layer unfrozen by hand and tuned with the adapter keeps its base name: under ``peft``
+    it was public and its int16 copy reached ``gpu/`` (the private update recovered at
+    correlation 0.99). peft freezes its base, so a trainable one is protected."""
+    model = _lora_on_up_proj()
+    down = model.base_model.model.model.layers[0].mlp.down_proj.weight
+    down.requires_grad_(True)
+    with torch.no_grad():
+        down.add_(0.05 * torch.randn_like(down))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune"))
+    fqn = next(f for f in split.parameters.protected if f.endswith("mlp.down_proj.weight"))
+    assert split.parameters.why[fqn].startswith("trainable")
+    assert not any(fqn in s.params for s in split.stages if s.side == GPU)
