@@ -49,7 +49,8 @@ broken down by wrapping the executor's parts:
   (2 timed a block); each round's ratio, and the preset's times by position in a block, are
   kept beside the figure. Interleaved pairing is the conservative figure.
 
-Medians over ``--repeats`` calls after one warm-up call. Fills stock the pool until it holds
+Medians over ``--repeats`` calls (``--decode-repeats`` for the decode step) after one warm-up
+call. Fills stock the pool until it holds
 a set for every call or ``--draw-budget`` seconds of fills are spent, and ``--fills`` timed
 fills follow the calls (fewer once that budget is spent); a preset
 whose sets are slow to draw then gets fewer timed calls (the count used is in the table; a
@@ -582,8 +583,10 @@ def measure(
         # touch of memory its hypervisor has not backed yet (600 MiB blocks touched in a
         # loop: ~100 ms each, ~950 ms each past ~7.5 GiB), which made a prefill set cost
         # 1.2-1.8 s in place of ~0.4 s late in a long run (benchmarks/README.md, stop 53).
-        # The first fill may still grow the process (a decode batch outgrows the calls'
-        # sets); the figure is the median.
+        # The sets the calls left go first: the pool is first in, first out, and a set left
+        # over keeps its whole batch's buffer, which the next fill would then not reuse.
+        while pool.available(binding):
+            pool.take(binding)
         while len(fill_s) < max(fills, 1) and (not fill_s or spent < draw_budget):
             phase["now"] = f"drawing batched fill {len(fill_s) + 1} ({batch} mask sets)"
             start = time.perf_counter()
@@ -717,7 +720,10 @@ def main() -> None:
         + ")",
     )
     parser.add_argument(
-        "--fills", type=int, default=1, help="batched fills timed at least (offline)"
+        "--fills",
+        type=int,
+        default=1,
+        help="batched fills timed after the calls (offline; fewer past --draw-budget)",
     )
     parser.add_argument(
         "--draw-budget",

@@ -130,11 +130,16 @@ def partition(
         if isinstance(model, Captured)
         else capture(model, example_inputs, dynamic_shapes=dynamic_shapes, model_name=model_name)
     )
-    if policy.public_base == "peft" and captured.peft_caveats:
+    if policy.public_base == "peft" and captured.peft_caveats != ():
+        why = (
+            captured.peft_caveats[0]
+            if captured.peft_caveats
+            else "it needs the peft model itself, whose configs and merged layers an exported "
+            "program does not show"
+        )
         raise PolicyError(
-            f"public_base='peft' cannot tell what the fine-tune changed: "
-            f"{captured.peft_caveats[0]}; name the base's folder or .safetensors file, "
-            "which is compared by value"
+            f"public_base='peft' cannot tell what the fine-tune changed: {why}; name the "
+            "base's folder or .safetensors file, which is compared by value"
         )
     if needs_attention_decomposition(policy):
         program = decompose_attention(captured.program)

@@ -42,8 +42,9 @@ class Captured:
     padding: str | None = None
     # sizes at which bytes and FLOPs are counted, when the caller gives none
     reference: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REFERENCE))
-    # why peft's names would not tell what a fine-tune changed (public_base.peft_caveats)
-    peft_caveats: tuple[str, ...] = ()
+    # why peft's names would not tell what a fine-tune changed (public_base.peft_caveats);
+    # None where capture never saw the model (an ExportedProgram given): unknown
+    peft_caveats: tuple[str, ...] | None = None
 
 
 _SPECIAL_CONFIG_KEYS = (

@@ -299,7 +299,7 @@ class Policy:
         without the deployer's path (the plan goes to the GPU's side too)."""
         if self.public_base in (None, "peft"):
             return self.public_base
-        return Path(self.public_base).name
+        return Path(self.public_base).resolve().name or "public-base"  # "/" has no name
 
 
 def _rnm_from_dict(data: Mapping[str, Any]) -> RNMConfig:

@@ -183,7 +183,11 @@ def split_parameters(program: ExportedProgram, public_base: str | None) -> Param
                 # peft freezes its base: one still trainable was tuned beside the adapter
                 # (a bias peft trains, a layer unfrozen by hand) under the base's own name
                 out.protected[fqn] = nbytes
-                out.why[fqn] = "trainable (requires_grad) beside the adapter"
+                out.why[fqn] = (
+                    "no value to show it is the base's"
+                    if tensor is None
+                    else "trainable (requires_grad) beside the adapter"
+                )
             else:
                 out.public[fqn] = nbytes
         return out
@@ -231,11 +235,10 @@ def _match(name: str, base: dict[str, torch.Tensor]) -> str | None:
     ``DecoderStep`` or peft's ``base_model.model`` adds prefixes; the base's own names are
     what is left)."""
     parts = name.split(".")
-    for i in range(len(parts) - 1):  # at least module.param
-        key = ".".join(parts[i:])
-        if key in base:
-            return key
-    return None
+    keys = [k for i in range(len(parts) - 1) if (k := ".".join(parts[i:])) in base]
+    if len(keys) > 1:  # two base tensors could be this one: which is "the base's" is unclear
+        raise PolicyError(f"public_base: {keys[0]} and {keys[1]} both name {name}")
+    return keys[0] if keys else None
 
 
 def _load_base(path: Path) -> dict[str, torch.Tensor]:

@@ -135,10 +135,10 @@ def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
         t = weight_value(program.source, fqn)
         if t is None or t.device.type == "meta" or t.numel() < 2:
             continue
-        if bool((t == t.flatten()[0]).all()):
-            # one value repeated (a bias peft or a config left at zero) tells nothing beyond
-            # that value, and equals every such tensor of its size: searched for, it made an
-            # honest split's zeros a "copy" (a reviewer's finding)
+        if bool((t == 0).all()) or bool((t == 1).all()):
+            # zeros or ones (a bias left at zero, a norm at its initial value) equal every
+            # such tensor of their size: searched for, an honest split's zeros were a "copy"
+            # (a reviewer's finding); they tell nothing beyond their size
             continue
         flat = t.detach().to(torch.float64)
         by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))

@@ -176,8 +176,8 @@ def test_a_merged_adapter_is_not_taken_for_the_public_base():
 def test_biases_that_peft_trains_are_not_public():
     """``LoraConfig(bias="all")`` trains every bias under the base's own names: under
     ``public_base: peft`` they were listed public and, with float masks, their bytes were in
-    ``gpu/``. Refused with the config (the names cannot tell), and protected by their
-    ``requires_grad`` where the config is not in sight (a captured program)."""
+    ``gpu/``. Refused with the config (the names cannot tell); the resolver alone (given the
+    program) also protects them by their ``requires_grad``, while peft leaves them trainable."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -287,3 +287,41 @@ def test_a_base_weight_trained_beside_the_adapter_is_not_public():
     fqn = next(f for f in split.parameters.protected if f.endswith("mlp.down_proj.weight"))
     assert split.parameters.why[fqn].startswith("trainable")
     assert not any(fqn in s.params for s in split.stages if s.side == GPU)
+
+
+def test_peft_is_refused_for_an_exported_program():
+    """The refusals above read the peft model; given its exported program instead, a merged
+    adapter's weight was public again (a second review's finding)."""
+    model = _lora_on_up_proj()
+    model.merge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = capture(model).program
+        with pytest.raises(PolicyError, match="needs the peft model"):
+            partition(program, Policy.preset("private_finetune"))
+
+
+def test_a_base_name_that_two_tensors_could_match_is_refused(tmp_path):
+    """Matching takes the longest dotted suffix: a stray file naming ``model.embed_tokens.weight``
+    beside the base's ``embed_tokens.weight`` decided which value was "the base's" (a second
+    review's finding)."""
+    # the base saved from the inner model (no ``model.`` prefix), as a wrapper's names have one
+    # more prefix than the base's (DecoderStep's); the stray file has the longer name
+    inner = plain_model().state_dict().items()
+    state = {k.removeprefix("model."): v.contiguous() for k, v in inner}
+    save_file(state, tmp_path / "model.safetensors")
+    embed = state["embed_tokens.weight"]
+    save_file({"model.embed_tokens.weight": embed + 0.1}, tmp_path / "zz.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture(plain_model())
+    with pytest.raises(PolicyError, match="both name"):
+        split_parameters(captured.program, str(tmp_path))
+
+
+@pytest.mark.parametrize("where", [".", "/"])
+def test_a_plan_names_any_base_and_loads_back(where):
+    policy = Policy.preset("private_finetune", public_base=where)
+    name = policy.to_dict()["public_base"]
+    assert name and "/" not in name
+    assert Policy.from_dict(policy.to_dict(), source="plan").to_dict() == policy.to_dict()
