@@ -27,8 +27,8 @@ broken down by wrapping the executor's parts:
   pads and corrections). What is paid once per executor, not per request, is done first and
   reported apart (``offline_prepare_ms``): the correction weights packed as int8 digits or
   made float64 (``pool._prepared``) and one untimed fill, in which oneDNN generates its
-  kernels for the fill's shapes. The timed calls then take only
-  pooled sets (``pool.misses`` is asserted unchanged);
+  kernels for the fill's shapes. The timed calls then take only pooled sets (``pool.misses``
+  is asserted unchanged);
 * round trips: GPU stage calls per request; bytes to / from the GPU: the ``nbytes`` of the
   tensors passed to / returned by ``runner.run``;
 * speedups: ``T_enclave(all_enclave) / T_enclave_online`` (a server that draws masks while
@@ -50,13 +50,12 @@ broken down by wrapping the executor's parts:
   kept beside the figure. Interleaved pairing is the conservative figure.
 
 Medians over ``--repeats`` calls (``--decode-repeats`` for the decode step) after one warm-up
-call. Fills stock the pool until it holds
-a set for every call or ``--draw-budget`` seconds of fills are spent, and ``--fills`` timed
-fills follow the calls (fewer once that budget is spent); a preset
-whose sets are slow to draw then gets fewer timed calls (the count used is in the table; a
-single set serves one call without a warm-up), and a preset and workload past ``--timeout``
-seconds is cut off by SIGALRM. A preset the compiler refuses (or one that fails) is a row
-saying why; an unexpected failure also makes the exit status 1. Everything runs on this
+call. Fills stock the pool until it holds a set for every call or ``--draw-budget`` seconds of
+fills are spent, and ``--fills`` timed fills follow the calls (fewer once that budget is spent);
+a preset whose sets are slow to draw then gets fewer timed calls (the count used is in the
+table; a single set serves one call without a warm-up), and a preset and workload past
+``--timeout`` seconds is cut off by SIGALRM. A preset the compiler refuses (or one that fails)
+is a row saying why; an unexpected failure also makes the exit status 1. Everything runs on this
 machine's CPU: "GPU" time is CPU time of the GPU stages, and only the enclave-side figures are
 the point. One torch thread by default (``--threads``): on the 2-core development machine, with
 another process busy, two OpenMP threads wait on each other and times swing 2-10x; one thread
