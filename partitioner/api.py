@@ -26,7 +26,7 @@ from partitioner.placement import Placement, place
 from partitioner.plan import ENCLAVE, GPU, INPUT, Plan, Signature, StateSpec
 from partitioner.policy import Policy
 from partitioner.program import SplitProgram
-from partitioner.public_base import split_parameters
+from partitioner.public_base import base_files, split_parameters
 from partitioner.rnm_tables import TokenPrior
 from partitioner.shapes import ShapeContext, node_flops
 from partitioner.split import build_stages, validate
@@ -125,6 +125,8 @@ def partition(
     raises :class:`AuditError`.
     """
     policy = Policy.resolve(policy)
+    if policy.public_base not in (None, "peft"):
+        base_files(policy.public_base)  # a wrong path named before the (long) capture
     captured = (
         model
         if isinstance(model, Captured)

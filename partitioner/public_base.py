@@ -241,11 +241,12 @@ def _match(name: str, base: dict[str, torch.Tensor]) -> str | None:
     return keys[0] if keys else None
 
 
-def _load_base(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the base: a ``.safetensors`` file, or a folder's safetensors files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def base_files(public_base: str) -> list[Path]:
+    """The safetensors files of a base path (a folder's, through its index where it has one,
+    or the file itself), each inside the folder; :class:`PolicyError` naming what is wrong.
+    Reads no tensor: ``partition`` asks before capture, so a mistyped path is named in
+    seconds, not after a large model is exported."""
+    path = Path(public_base)
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -271,10 +272,19 @@ def _load_base(path: Path) -> dict[str, torch.Tensor]:
         raise PolicyError(f"public_base: {path} is neither a folder nor a .safetensors file")
     else:
         raise PolicyError(f"public_base: {path} does not exist")
-    base: dict[str, torch.Tensor] = {}
     for p in paths:
         if p.parent.resolve() != path.resolve() and path.is_dir():
             raise PolicyError(f"public_base: {p} lies outside {path}")
+    return paths
+
+
+def _load_base(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the base: a ``.safetensors`` file, or a folder's safetensors files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    base: dict[str, torch.Tensor] = {}
+    for p in base_files(str(path)):
         try:
             tensors = load_file(str(p))
         except (OSError, SafetensorError) as exc:

@@ -325,3 +325,15 @@ def test_a_plan_names_any_base_and_loads_back(where):
     name = policy.to_dict()["public_base"]
     assert name and "/" not in name
     assert Policy.from_dict(policy.to_dict(), source="plan").to_dict() == policy.to_dict()
+
+
+class _NotCapturable(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("captured: the base's path was not checked first")
+
+
+def test_a_wrong_base_path_is_named_before_the_model_is_captured(tmp_path):
+    """A mistyped ``public_base`` was named only after capture: minutes for a large model."""
+    policy = Policy.preset("private_finetune", public_base=str(tmp_path / "no-such-base"))
+    with pytest.raises(PolicyError, match="does not exist"):
+        partition(_NotCapturable(), policy, (torch.zeros(2),))
