@@ -20,6 +20,7 @@ from torch.export import Dim, ExportedProgram
 
 from partitioner.errors import CaptureError
 from partitioner.public_base import peft_caveats
+from passes.base import model_weights
 
 # Reference sizes at which symbolic shapes are evaluated for byte and FLOP accounting.
 DEFAULT_REFERENCE = {"batch": 1, "seq": 128}
@@ -285,11 +286,7 @@ def _refuse_mutation(ep: ExportedProgram, name: str) -> None:
         raise CaptureError(
             f"{name} mutates {mutated} during forward; teesplit splits pure inference graphs"
         )
-    owners = {
-        **sig.inputs_to_parameters,
-        **sig.inputs_to_buffers,
-        **sig.inputs_to_lifted_tensor_constants,
-    }
+    owners = model_weights(ep)
     roots: dict[torch.fx.Node, str] = {}
     for node in ep.graph.nodes:
         if node.op == "placeholder":

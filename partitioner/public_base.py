@@ -197,8 +197,10 @@ def split_parameters(program: ExportedProgram, public_base: str | None) -> Param
         match = _match(base_name(fqn), base)
         if is_adapter_parameter(fqn):
             reason = "a peft adapter parameter"
-        elif match is None or tensor is None:
+        elif match is None:
             reason = "the base has no parameter of this name"
+        elif tensor is None:
+            reason = "no value to show it is the base's"
         elif not _identical(tensor, base[match]):
             reason = f"differs from the base's {match}" + (
                 f" (dtype {str(tensor.dtype).removeprefix('torch.')}, the base's "

@@ -28,7 +28,7 @@ from partitioner.errors import PartitionError
 from partitioner.placement import Placement
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Stage, label_counts
 from partitioner.shapes import ShapeContext
-from passes.base import is_tensor_value, teesplit_meta
+from passes.base import is_tensor_value, model_weights, teesplit_meta
 from passes.labels import user_input_names
 
 _SYM_SIZE = torch.ops.aten.sym_size.int
@@ -202,12 +202,7 @@ class _StageBuilder:
 
 
 def _weights(program: ExportedProgram) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    sig = program.graph_signature
-    names = {
-        **sig.inputs_to_parameters,
-        **sig.inputs_to_buffers,
-        **sig.inputs_to_lifted_tensor_constants,
-    }
+    names = model_weights(program)
     values: dict[str, torch.Tensor] = {}
     for fqn in names.values():
         if fqn in program.state_dict:

@@ -39,7 +39,7 @@ from partitioner.op_table import TABLE, is_weight_linear, op_name, props
 from partitioner.ops import OPS, quantize
 from partitioner.plan import Edge
 from partitioner.protection import ExactSpec
-from passes.base import fake_like
+from passes.base import fake_like, model_weights
 
 WEIGHT_MAX = 2047  # integer weights have at most 12 bits (fewer on wide layers)
 MARGIN_BITS = 3  # headroom over the calibration run's largest activation
@@ -574,12 +574,7 @@ def quantised_reference(split: Any) -> Any:
 
     spec: ExactSpec = split.protection.exact
     source = split.source
-    sig = source.graph_signature
-    weights = {
-        **sig.inputs_to_parameters,
-        **sig.inputs_to_buffers,
-        **sig.inputs_to_lifted_tensor_constants,
-    }
+    weights = model_weights(source)
     state = {**source.state_dict, **source.constants}
     region = {n for stage in split.stages if stage.side == "gpu" for n in stage.nodes}
 

@@ -37,7 +37,7 @@ from partitioner.op_table import (
     op_name,
     props,
 )
-from passes.base import AnalysisPass, teesplit_meta
+from passes.base import AnalysisPass, model_weights, teesplit_meta
 
 _ATTENTION = re.compile(r"Attention|Attn")
 _NORM = re.compile(r"Norm")
@@ -93,12 +93,7 @@ class LabelPass(AnalysisPass):
 
     def __init__(self, program: ExportedProgram) -> None:
         super().__init__()
-        sig = program.graph_signature
-        self.weights: dict[str, str] = {
-            **sig.inputs_to_parameters,
-            **sig.inputs_to_buffers,
-            **sig.inputs_to_lifted_tensor_constants,
-        }
+        self.weights: dict[str, str] = model_weights(program)
         self.user_inputs = user_input_names(program)
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
