@@ -1,0 +1,197 @@
+"""The floor under a masked prefill's enclave time on this machine, beside all_enclave's.
+
+Why: issue 11 asks for 8x online on a 128-token SmolLM2 prefill. Under exact masking the
+enclave must, per request, at least (1) run the attention it keeps (issue 12: attention and
+the KV cache stay in the enclave), as all_enclave does, and (2) touch every byte that crosses:
+write each masked value sent to the GPU after reading its one-time pad, and read each reply
+and the correction it is unmasked with. Neither can be fused away: the pads and corrections
+are fresh per request, so they come from memory, not from a cache.
+
+Measured, in one process on one thread:
+
+* ``all_enclave_ms``: the all_enclave split's prefill, its single stage compiled ahead of
+  time (``partitioner.aot``), as ``teebound.py`` runs it;
+* ``attention_ms``: the attention calls one recorded `slalom` prefill made in the enclave,
+  replayed: the same ATen op, on the same arguments, one layer after another;
+* ``stream_ms``: the least ring arithmetic those bytes take: ``sent + pad`` for each value
+  sent and ``reply - correction`` for each reply, in int32, on buffers of the sizes one
+  recorded `slalom` prefill sent and received, round trip by round trip in its order, each
+  repeat on its own copy (so that the pads and replies come from memory, as fresh ones do).
+
+``floor_ms = attention_ms + stream_ms`` leaves out everything else the enclave does (norms,
+SiLU, RoPE, the fixed-point conversions, the checks, the calls); ``bound`` is
+``all_enclave_ms / floor_ms``, what no masked split of this model can beat here.
+
+    python benchmarks/prefill_floor.py [--repeats 5] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def record(split: Any, args: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+    """One prefill of ``split``, its stages eager and its GPU stages run here. Returns, per
+    round trip, (what was sent, what came back), and every attention call the enclave made:
+    (the op, its arguments, its keyword arguments), as ATen received them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from enclave_runtime.executor import InProcessRunner
+
+    trips: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    attention: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+    gpu = [False]
+
+    class Recording(InProcessRunner):
+        def run(self, stage: str, tensors: list[torch.Tensor], *rest: Any, **kw: Any) -> Any:
+            gpu[0] = True
+            try:
+                outs = super().run(stage, tensors, *rest, **kw)
+            finally:
+                gpu[0] = False
+            trips.append(([t.clone() for t in tensors], [o.clone() for o in outs]))
+            return outs
+
+    class Attention(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
+            kw = kw or {}
+            if not gpu[0] and "scaled_dot_product" in func.name():
+                clone = [t.clone() if isinstance(t, torch.Tensor) else t for t in a]
+                attention.append((func, tuple(clone), dict(kw)))
+            return func(*a, **kw)
+
+    with torch.no_grad(), Attention():
+        split.executor(Recording(split.spec), seed=0).run(args, {}, public_tokens=False)
+    return trips, attention
+
+
+def stream_ms(trips: list[tuple[list[torch.Tensor], list[torch.Tensor]]], repeats: int) -> float:
+    """The median time of the ring additions and subtractions over ``trips``' bytes (above),
+    each repeat on fresh buffers."""
+
+    def ring(t: torch.Tensor) -> torch.Tensor:
+        return torch.randint(-(2**31), 2**31 - 1, t.shape, dtype=torch.int32)
+
+    times = []
+    for _ in range(repeats):
+        work = [
+            ([(ring(s), ring(s)) for s in sent], [(ring(o), ring(o)) for o in outs])
+            for sent, outs in trips
+        ]
+        start = time.perf_counter()
+        for sent, outs in work:
+            for value, pad in sent:
+                torch.add(value, pad, out=value)  # the masked value, written where it is sent
+            for reply, correction in outs:
+                torch.sub(reply, correction, out=reply)
+        times.append(time.perf_counter() - start)
+        del work
+    return median(times) * 1e3
+
+
+def attention_ms(calls: list[Any], repeats: int) -> float:
+    """The median over ``repeats`` of the summed time of ``calls`` (:func:`record`'s)."""
+    with torch.no_grad():
+        for func, a, kw in calls[:2]:  # oneDNN's first call for a shape
+            func(*a, **kw)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for func, a, kw in calls:
+                func(*a, **kw)
+            times.append(time.perf_counter() - start)
+    return median(times) * 1e3 if calls else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--aot-cache", default=str(ROOT / "build" / "aot-cache"))
+    parser.add_argument("--adapter", default=str(ROOT / "benchmarks" / "results" / "lora-sst2"))
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "prefill_floor.json")
+    )
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    from enclave_runtime import allocator
+
+    # the enclave process's CPU allocator and glibc settings, as teebound.py runs all_enclave
+    if not allocator.tuned() and not os.environ.get("TEESPLIT_RESTARTED"):
+        env = {**allocator.environment(), "TEESPLIT_RESTARTED": "1"}
+        os.execve(sys.executable, sys.orig_argv, env)
+    why = allocator.install()
+    if why is not None:
+        raise SystemExit(f"the caching CPU allocator: {why}")
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TEESPLIT_CACHE", str(ROOT / "build" / "cache"))
+    import teebound
+
+    from partitioner.aot import compile_enclave
+    from partitioner.api import partition
+    from partitioner.policy import Policy
+
+    adapter = Path(opts.adapter) if opts.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        adapter = None
+    _, step, workloads = teebound.workloads_for(adapter)
+    args, _ = workloads["prefill"]
+    torch.manual_seed(0)
+    base = partition(step, Policy.preset("all_enclave"))
+    compile_enclave(base, opts.aot_cache)
+    executor = base.executor(seed=0)
+    with torch.no_grad():
+        executor.run(args, {}, public_tokens=False)
+        base_ms = []
+        for _ in range(opts.repeats):
+            start = time.perf_counter()
+            executor.run(args, {}, public_tokens=False)
+            base_ms.append(time.perf_counter() - start)
+    split = partition(step, Policy.preset("slalom"))
+    trips, calls = record(split, args)
+    sent = sum(t.nbytes for s, _ in trips for t in s)
+    received = sum(t.nbytes for _, o in trips for t in o)
+    attention = attention_ms(calls, opts.repeats)
+    stream = stream_ms(trips, opts.repeats)
+    floor = attention + stream
+    result = {
+        "model": "SmolLM2-135M" + (" + LoRA" if adapter else ""),
+        "workload": f"prefill of {int(args[0].shape[1])} tokens",
+        "threads": torch.get_num_threads(),
+        "repeats": opts.repeats,
+        "all_enclave_ms": median(base_ms) * 1e3,
+        "round_trips": len(trips),
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "bytes_touched": 2 * sent + 2 * received,  # pads read, masked written; replies, corrections
+        "attention_calls": len(calls),
+        "attention_op": str(calls[0][0]) if calls else None,
+        "attention_ms": attention,
+        "stream_ms": stream,
+        "floor_ms": floor,
+        "bound": median(base_ms) * 1e3 / floor,
+    }
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
