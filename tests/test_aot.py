@@ -786,3 +786,41 @@ def test_lowered_ring_helpers_equal_the_eager_arithmetic_bit_for_bit():
             aot._wrap32(wide * 12345).to(torch.int64),
             ops.wrap(wide * 12345, torch.int32).to(torch.int64),
         )
+
+
+def test_float32_row_mask_equals_the_eager_kernel_at_every_magnitude():
+    """The float32 mask's shorter lowering (``aot._mask_narrow_rows``: no scaled-norm path,
+    ``2**e`` from its bits, the ring sum before the exponent's column is joined), compiled by
+    Inductor as the stage libraries are, against the eager kernel: rows of zeros, of
+    subnormals, near float32's largest value, of one huge entry among tiny ones, at norm
+    limits from 40 to 2**30, on uniform pads; and NaN or inf refused. A scale that is not
+    exactly ``2**e``, or a residue summed in the wrong width, changes some integer."""
+    from partitioner import aot
+    from partitioner.aot_compiler import rewrites
+
+    with rewrites():
+        compiled = torch.compile(aot.mask_rows, dynamic=False)
+    gen = torch.Generator().manual_seed(11)
+    rows, width = 6, 37
+    for trial in range(8):
+        power = torch.randint(-149, 125, (rows, 1), generator=gen).to(torch.float32)
+        x = torch.randn(rows, width, generator=gen) * torch.exp2(power)
+        x[0] = 0.0
+        x[1] = torch.finfo(torch.float32).smallest_normal / 3  # subnormal
+        x[2, :3] = torch.finfo(torch.float32).max
+        x[3, 5] = 1e30 * (trial + 1)
+        for dtype in (torch.float32, torch.float16):
+            xs = x.to(dtype) if dtype == torch.float32 else x.clamp(-6e4, 6e4).to(dtype)
+            r = torch.randint(-(2**31), 2**31, (rows, width + 1), dtype=torch.int32, generator=gen)
+            for limit in (40, 55532, 2**30):
+                want = ops.ring_mask_rows(xs, r, limit)
+                with rewrites():
+                    got, ok = compiled(xs, r, torch.tensor(float(limit), dtype=torch.float64))
+                assert bool(ok)
+                assert torch.equal(got, want), (trial, dtype, limit)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(3, 8)
+        x[1, 2] = bad
+        r = torch.zeros(3, 9, dtype=torch.int32)
+        with rewrites():
+            assert not bool(compiled(x, r, torch.tensor(1000.0, dtype=torch.float64))[1])
