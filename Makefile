@@ -15,7 +15,7 @@ SST2 ?= ../shared/data/sst2
 # clone, so a fresh clone converts afresh and `make clean` removes it
 export TEESPLIT_CACHE ?= $(CURDIR)/build/cache
 
-.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-privacy-finetuned bench-tradeoff bench-recovery bench-integrity bench-teebound clean golden
+.PHONY: demo test scale-out lint bench-finetune bench-compile bench-overhead bench-exact bench-runtime bench-serving bench-privacy bench-privacy-finetuned bench-tradeoff bench-recovery bench-integrity bench-teebound bench-prefill-floor clean golden
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,9 @@ bench-integrity: $(SETUP)
 
 bench-teebound: $(SETUP)
 	$(PY) benchmarks/teebound.py
+
+bench-prefill-floor: $(SETUP)
+	$(PY) benchmarks/prefill_floor.py
 
 bench-privacy: $(SETUP)
 	$(PY) benchmarks/privacy/sst2.py --data $(SST2)
