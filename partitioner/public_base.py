@@ -10,8 +10,9 @@
   ``modules_to_save``, ... names) are protected, the frozen base's parameters are public. This
   trusts peft's naming, so it is refused where the names cannot tell what changed
   (:func:`peft_caveats`: an adapter merged into its base layer, biases peft trains), and a
-  parameter still trainable (``requires_grad``: tuned beside the adapter) is protected; a base
-  folder checks by value.
+  parameter still trainable (``requires_grad``: tuned beside the adapter) is protected, as is
+  every buffer and lifted constant (peft's names speak of parameters only); a base folder
+  checks by value.
 
 "Parameters" here are all of the model's tensors: parameters, buffers and the constants
 export lifts (``passes.base.model_weights``); a fine-tuned weight held as a buffer is a
@@ -174,11 +175,21 @@ def split_parameters(program: ExportedProgram, public_base: str | None) -> Param
                 "public_base='peft' but the model has no peft adapter parameters (lora_*, "
                 "modules_to_save, ...): name the base's folder or safetensors file instead"
             )
+        parameters = set(program.graph_signature.inputs_to_parameters.values())
         for fqn, tensor in weights.items():
             nbytes = _nbytes(tensor)
             if is_adapter_parameter(fqn):
                 out.protected[fqn] = nbytes
                 out.why[fqn] = "a peft adapter parameter"
+            elif fqn not in parameters:
+                # peft's names speak of parameters only: a buffer or a constant the fine-tune
+                # changed (a weight held as a buffer, as quantised checkpoints hold theirs)
+                # keeps its base name, so only its value could show it is the base's
+                out.protected[fqn] = nbytes
+                out.why[fqn] = (
+                    "not a parameter: peft's names do not show whether the fine-tune changed "
+                    "it (a base folder or file compares it by value)"
+                )
             elif tensor is None or tensor.requires_grad:
                 # peft freezes its base: one still trainable was tuned beside the adapter
                 # (a bias peft trains, a layer unfrozen by hand) under the base's own name

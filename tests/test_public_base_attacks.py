@@ -337,3 +337,32 @@ def test_a_wrong_base_path_is_named_before_the_model_is_captured(tmp_path):
     policy = Policy.preset("private_finetune", public_base=str(tmp_path / "no-such-base"))
     with pytest.raises(PolicyError, match="does not exist"):
         partition(_NotCapturable(), policy, (torch.zeros(2),))
+
+
+@pytest.mark.parametrize("kind", ["buffer", "constant"])
+def test_under_peft_a_weight_held_as_a_buffer_is_not_public(kind):
+    """``public_base: peft`` makes the base model's *parameters* public by their names. A
+    buffer or a lifted constant is no parameter, and nothing in peft's names says whether
+    the fine-tune changed it: a fine-tuned ``down_proj`` held as a buffer (as quantised
+    checkpoints hold weights) was public, its linear went to the GPU and its quantised copy
+    with it. Under ``peft`` they are protected (a base folder or file shows them by value)."""
+    model = _lora_on_up_proj()
+    mlp = model.base_model.model.model.layers[0].mlp
+    secret = mlp.down_proj.weight.detach() + 0.05 * torch.randn_like(mlp.down_proj.weight)
+    mlp.down_proj = _BufferLinear(secret.contiguous(), kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune"))
+    source = split.source
+    held = [
+        fqn
+        for fqn in model_weights(source).values()
+        if (value := weight_value(source, fqn)) is not None and torch.equal(value, secret)
+    ]
+    assert held and set(held) <= set(split.parameters.protected), (held, split.parameters)
+    assert all("not a parameter" in split.parameters.why[f] for f in held)
+    for stage in split.stages:
+        if stage.side == GPU:
+            assert not set(held) & set(stage.params), stage.name
+            stack = [n.meta.get("nn_module_stack") or {} for n in stage.module.graph.nodes]
+            assert not any("down_proj" in str(p) for s in stack for p, _ in s.values())
