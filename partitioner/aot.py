@@ -144,9 +144,10 @@ def _mask_narrow_rows(
     * a finite value's square is far from float64's overflow, so the eager kernel never
       takes its scaled-norm path (``top > _DIRECT_NORM``), and ``norm`` is finite exactly
       when every value is: no row maximum, no division per element;
-    * ``e >= log2(slack) - 144`` for any finite row (``|x| < 2**128``, rows under ``2**31``
+    * ``e >= log2(slack) - 145`` for any finite row (``|x| < 2**128``, rows under ``2**31``
       wide), so ``2**e`` is a normal power of two (:func:`_pow2`) for any slack above
-      ``2**-870``; below it the clamp makes the scale too large, and the norm check refuses;
+      ``2**-870`` (an integer norm limit gives at least ~``1 / (4 sqrt(n))``); an exponent
+      below ``-1022`` is refused rather than clamped;
     * ``q`` (``|q| <= limit < 2**31`` when the flag holds) and ``e`` go to int32 before the
       ring addition and the exponent's column is joined last, so that Inductor writes the
       masked rows in the same loop that rounds them, instead of a float64 copy first.
@@ -156,7 +157,12 @@ def _mask_narrow_rows(
     norm = torch.sqrt((a * a).sum(-1))
     e = torch.clamp_max(torch.floor(torch.log2(slack / norm)), float(MAX_ROW_BITS))
     q = torch.round(a * _pow2(e)[..., None])
-    ok = torch.isfinite(norm).all() & (slack > 0) & ((q * q).sum(-1) <= limit * limit).all()
+    ok = (
+        torch.isfinite(norm).all()
+        & (slack > 0)
+        & (e >= -1022.0).all()
+        & ((q * q).sum(-1) <= limit * limit).all()
+    )
 
     def add(v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         return _wrap32(v.to(torch.int32).to(torch.int64) + pad.to(torch.int64))

@@ -9,10 +9,13 @@
 * ``"peft"``: the model is a peft model; the adapter's parameters (peft's ``lora_*``,
   ``modules_to_save``, ... names) are protected, the frozen base's parameters are public. This
   trusts peft's naming, so it is refused where the names cannot tell what changed
-  (:func:`peft_caveats`: an adapter merged into its base layer, biases peft trains), and a
+  (:func:`peft_caveats`: an adapter merged into its base layer, biases peft trains, an
+  initialisation that rewrites the base layer's weight, such as PiSSA's), and a
   parameter still trainable (``requires_grad``: tuned beside the adapter) is protected, as is
-  every buffer and lifted constant (peft's names speak of parameters only); a base folder
-  checks by value.
+  every buffer and lifted constant (peft's names speak of parameters only). What names cannot
+  show stays public under ``"peft"``: a base parameter changed and then frozen (trained and
+  ``requires_grad_(False)``, edited in place, a module swapped for a frozen copy). A base
+  folder or file checks by value and has none of these gaps.
 
 "Parameters" here are all of the model's tensors: parameters, buffers and the constants
 export lifts (``passes.base.model_weights``); a fine-tuned weight held as a buffer is a
@@ -138,11 +141,18 @@ def base_name(fqn: str) -> str:
     return ".".join(part for part in fqn.split(".") if part not in _WRAPPERS)
 
 
+# peft's LoRA initialisations that leave the base layer's weight as it was (peft 0.21); the
+# others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, and any added later) replace it with a residual
+# ``W - scaling B0 A0`` (LoftQ: its quantisation) under the base's name
+_KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+
+
 def peft_caveats(model: torch.nn.Module) -> tuple[str, ...]:
     """Why peft's names would not tell what the fine-tune of ``model`` changed (empty: they
     do), read off the model before capture: an adapter merged into its base layer (peft's
     ``merge_adapter``: the layer's weight is then the fine-tuned one, under the base's name),
-    or a config that trains biases (``bias`` other than ``"none"``: they keep their names)."""
+    or a config that trains biases (``bias`` other than ``"none"``: they keep their names), or
+    one whose initialisation rewrites the base layer's weight (below)."""
     found: list[str] = []
     for name, module in model.named_modules():
         merged = getattr(module, "merged_adapters", None)
@@ -159,6 +169,12 @@ def peft_caveats(model: torch.nn.Module) -> tuple[str, ...]:
                     found.append(
                         f"adapter {adapter!r} trains biases (bias={bias!r}), which keep the "
                         "base's names"
+                    )
+                init = getattr(config, "init_lora_weights", True)
+                if isinstance(init, str) and init.lower() not in _KEEPS_BASE:
+                    found.append(
+                        f"adapter {adapter!r} has init_lora_weights={init!r}, which rewrites "
+                        "the base layer's weight under its name"
                     )
     return tuple(dict.fromkeys(found))
 

@@ -29,7 +29,7 @@ from partitioner.capturing import capture
 from partitioner.errors import AuditError, PolicyError
 from partitioner.plan import GPU
 from partitioner.policy import Policy
-from partitioner.public_base import is_adapter_parameter, split_parameters
+from partitioner.public_base import is_adapter_parameter, peft_caveats, split_parameters
 from passes.audit import audit
 from passes.base import model_weights, weight_value
 
@@ -366,3 +366,37 @@ def test_under_peft_a_weight_held_as_a_buffer_is_not_public(kind):
             assert not set(held) & set(stage.params), stage.name
             stack = [n.meta.get("nn_module_stack") or {} for n in stage.module.graph.nodes]
             assert not any("down_proj" in str(p) for s in stack for p, _ in s.values())
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa"])
+def test_an_initialisation_that_rewrites_the_base_weight_is_refused(init):
+    """Some of peft's LoRA initialisations (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) move part of
+    the base weight into the adapter: ``W_res = W - scaling B0 A0`` replaces the base layer's
+    weight, under the base's name and frozen. Under ``public_base: peft`` that weight was
+    public and went to the GPU, where ``W - W_res`` (for LoRA-GA and CorDA, derived from the
+    fine-tuning data) follows from the public base. Refused, as a merged adapter is."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(num_hidden_layers=1)
+    before = base.model.layers[0].mlp.up_proj.weight.detach().clone()
+    model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=init)
+    ).eval()
+    after = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+    assert not torch.equal(after, before)  # the base layer's weight is no longer the base's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PolicyError, match="init_lora_weights"):
+            partition(model, Policy.preset("private_finetune"))
+
+
+def test_initialisations_that_keep_the_base_weight_are_accepted():
+    """The default and ``gaussian`` initialisations leave the base layer's weight alone."""
+    from peft import LoraConfig, get_peft_model
+
+    for init in (True, "gaussian"):
+        model = get_peft_model(
+            tiny_llama(num_hidden_layers=1),
+            LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=init),
+        ).eval()
+        assert not peft_caveats(model), init
