@@ -375,13 +375,17 @@ def load(
     trusted_key: Any = None,
     allow_unsigned: bool = False,
     seed: int | None = None,
+    enclave_key: Any = None,
 ) -> Executor:
     """A saved split program, verified and ready to run in this process (both sides).
 
     ``trusted_key`` verifies the bundle's signature (see ``partitioner.bundle.load_program``;
     an unsigned bundle needs ``allow_unsigned=True``). ``seed`` fixes its mask pool's CSPRNG
-    (tests only). The enclave driver loads the enclave side alone and serves the GPU stages
-    from a worker (``enclave_runtime.driver.connect``).
+    (tests only); ``enclave_key`` unseals the enclave's weights (default: the key file named
+    by ``$TEESPLIT_ENCLAVE_KEY``). The enclave driver loads the enclave side alone and serves
+    the GPU stages from a worker (``enclave_runtime.driver.connect``).
     """
-    plan = load_program(directory, trusted_key=trusted_key, allow_unsigned=allow_unsigned)
+    plan = load_program(
+        directory, trusted_key=trusted_key, allow_unsigned=allow_unsigned, enclave_key=enclave_key
+    )
     return Executor(plan, seed=seed)

@@ -20,6 +20,7 @@ import torch
 
 from enclave_runtime.manifest import TEMPLATE
 from enclave_runtime.tokenizer import save_tokenizer
+from partitioner import sealing
 from partitioner.bundle import (
     AOT_DIR,
     AOT_FORMAT,
@@ -70,10 +71,10 @@ class _Weights:
         self.tensors[key] = tensor.contiguous().clone()
         self.alias[key] = key
 
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
 
-        save_file(self.tensors, str(path), metadata={"alias": json.dumps(self.alias)})
+        return save(self.tensors, metadata={"alias": json.dumps(self.alias)})
 
 
 def _export(program: Any, name: str, module: torch.fx.GraphModule) -> torch.export.ExportedProgram:
@@ -175,6 +176,7 @@ def save(
     tokenizer: Any = None,
     sign_key: Any = None,
     compile_enclave: bool | str = False,
+    enclave_key: Any = None,
 ) -> Path:
     """Write ``program``'s artifacts to ``directory`` (created; existing files are replaced).
 
@@ -190,6 +192,12 @@ def save(
     enclave driver can tokenize prompts without transformers. ``sign_key`` (an Ed25519 private
     key or the path of its PEM file) signs ``plan.json`` into ``plan.json.sig``; the enclave
     refuses an unsigned bundle unless told otherwise.
+
+    ``enclave_key`` (16 or 32 raw bytes, or the path of a file holding them:
+    ``partitioner.sealing``) seals ``enclave/weights.safetensors``, every tensor the enclave's
+    stages read, the protected parameters among them: the file holds AES-GCM ciphertext, and
+    ``plan.json`` records that and the key's fingerprint (signed with it). Without a key the
+    weights are written in the clear, readable by whoever can read the enclave host's disk.
     """
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
@@ -230,9 +238,15 @@ def save(
         raise ArtifactError(f"compile_enclave={compile_enclave!r}: expected 'stages' or 'step'")
     if compile_enclave:
         _compile_enclave(program, root, weights["enclave"], step=compile_enclave == "step")
+    sealed = None
     for side, collected in weights.items():
         (root / side).mkdir(parents=True, exist_ok=True)
-        collected.save(root / weights_file(side))
+        rel, data = weights_file(side), collected.to_bytes()
+        if side == "enclave" and enclave_key is not None:  # never on disk in the clear
+            key = sealing.load_key(enclave_key)
+            data = sealing.seal(data, key, rel)
+            sealed = {"cipher": sealing.CIPHER, "key": sealing.fingerprint(key), "files": [rel]}
+        (root / rel).write_bytes(data)
     shutil.copyfile(TEMPLATE, root / "enclave" / TEMPLATE.name)
     if tokenizer is not None:
         save_tokenizer(tokenizer, root)
@@ -247,6 +261,8 @@ def save(
         "plan": program.spec.to_dict(),
         "files": files,
     }
+    if sealed is not None:
+        document["sealed"] = sealed
     raw = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode("utf-8")
     (root / PLAN_FILE).write_bytes(raw)
     if sign_key is not None:

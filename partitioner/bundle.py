@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from partitioner import sealing
 from partitioner.errors import ArtifactError
 from partitioner.ops import OPS  # .pt2 files name teesplit:: ops: this registers them
 from partitioner.plan import CompiledLibrary, Plan, StepLibrary
@@ -625,12 +626,54 @@ def _verifies(value: Any, where: str) -> tuple[str, tuple[int, ...]] | None:
     return value[0], tuple(value[1])
 
 
+def sealed_files(document: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """``plan.json``'s record of sealed files (``partitioner.sealing``): (the one file it may
+    name, the record), or (that file, None) for a bundle in the clear. :class:`ArtifactError`
+    for a record of any other shape."""
+    rel = weights_file("enclave")
+    record = document.get("sealed")
+    if record is None:
+        return rel, None
+    if (
+        not isinstance(record, dict)
+        or set(record) != {"cipher", "key", "files"}
+        or record["cipher"] != sealing.CIPHER
+        or not isinstance(record["key"], str)
+        or record["files"] != [rel]
+    ):
+        raise ArtifactError(f"{PLAN_FILE}: 'sealed' must be {{cipher, key, files: [{rel}]}}")
+    return rel, record
+
+
+def _enclave_weights(
+    document: dict[str, Any], files: VerifiedFiles, enclave_key: Any
+) -> dict[str, torch.Tensor]:
+    """The enclave's weights file, unsealed with ``enclave_key`` (bytes or a key file's path;
+    None: the path in ``$TEESPLIT_ENCLAVE_KEY``) where ``plan.json`` says it is sealed."""
+    rel, record = sealed_files(document)
+    data = files.read(rel)
+    if record is not None:
+        if enclave_key is None:
+            enclave_key = os.environ.get(sealing.ENV)
+        if enclave_key is None:
+            raise ArtifactError(
+                f"{rel} is sealed: give the enclave key (enclave_key=, --enclave-key, or the "
+                f"path of its file in ${sealing.ENV})"
+            )
+        key = sealing.load_key(enclave_key)
+        if sealing.fingerprint(key) != record["key"]:
+            raise ArtifactError(f"{rel} was sealed under another enclave key than the one given")
+        data = sealing.unseal(data, key, rel)
+    return weights_from_bytes(data, rel)
+
+
 def load_program(
     directory: str | Path,
     *,
     gpu: bool = True,
     trusted_key: Any = None,
     allow_unsigned: bool = False,
+    enclave_key: Any = None,
 ) -> Plan:
     """A saved program as a :class:`Plan` whose records carry their callables.
 
@@ -639,6 +682,8 @@ def load_program(
     opts out with ``allow_unsigned=True`` (then nothing authenticates it: anyone who can write
     the folder chooses what runs). ``gpu=False`` reads the enclave side only (the enclave host
     need not hold ``gpu/``): GPU stages then have no module, and a runner serves them.
+    ``enclave_key`` (bytes, or a key file's path; default ``$TEESPLIT_ENCLAVE_KEY``) unseals
+    the enclave's weights where the bundle sealed them (``partitioner.sealing``).
     """
     root = Path(directory)
     if trusted_key is None and not allow_unsigned:
@@ -653,7 +698,9 @@ def load_program(
     plan = read_plan(root, document)
     files = VerifiedFiles(root, document["files"])
     weights = {
-        side: weights_from_bytes(files.read(weights_file(side)), weights_file(side))
+        side: _enclave_weights(document, files, enclave_key)
+        if side == "enclave"
+        else weights_from_bytes(files.read(weights_file(side)), weights_file(side))
         for side in sides
     }
     for stage in plan.stages:

@@ -82,6 +82,30 @@ def _captured(spec: str, start: float, cache: dict[str, Any] | None) -> tuple[An
     return model, rows
 
 
+def _enclave_key(args: argparse.Namespace, protects_model: bool) -> Path | None:
+    """The key file to seal the enclave's weights with (``--enclave-key``, made if missing),
+    or None. A policy that protects the model must choose: its weights in the clear are
+    readable by whoever reads the enclave host's disk (``--plaintext-enclave`` says so)."""
+    from partitioner import sealing
+    from partitioner.errors import ArtifactError
+
+    path = getattr(args, "enclave_key", None)
+    if path is None:
+        if protects_model and not getattr(args, "plaintext_enclave", False):
+            raise ArtifactError(
+                "this policy protects the model, whose weights enclave/ would hold in the "
+                "clear: give --enclave-key FILE to seal them (a new key is made there if the "
+                "file is missing), or --plaintext-enclave"
+            )
+        return None
+    path = Path(path)
+    if not path.exists():
+        sealing.new_key(path)
+        print(f"made a new enclave key: {path} (the enclave needs it: keep it secret)")
+    sealing.load_key(path)  # a bad key file fails before a long model load
+    return path
+
+
 def cmd_partition(args: argparse.Namespace, cache: dict[str, Any] | None = None) -> None:
     """``teesplit partition``; ``cache`` keeps loaded models between calls (see _captured)."""
     from partitioner.api import partition
@@ -89,6 +113,7 @@ def cmd_partition(args: argparse.Namespace, cache: dict[str, Any] | None = None)
     from passes.audit import audit
 
     policy = Policy.resolve(args.policy)  # a bad policy fails before a long model load
+    enclave_key = _enclave_key(args, "model" in policy.protects)
     start = time.perf_counter()
     name = Path(args.model).name
     model, rows = _captured(args.model, start, cache)
@@ -120,7 +145,10 @@ def cmd_partition(args: argparse.Namespace, cache: dict[str, Any] | None = None)
         tokenizer=tokenizer,
         sign_key=args.sign_key,
         compile_enclave=args.compile_enclave,
+        enclave_key=enclave_key,
     )
+    if enclave_key is not None:
+        print(f"enclave/weights.safetensors sealed under the enclave key {enclave_key}")
     if args.sign_key is None:
         print(
             "plan.json is NOT signed (no --sign-key): the enclave will refuse it unless run "
@@ -550,6 +578,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="secureinfer", help="a preset or a .yaml/.json file")
     p.add_argument("--out", required=True)
     p.add_argument("--sign-key", default=None, help="Ed25519 private key (teesplit keygen)")
+    seal = p.add_mutually_exclusive_group()
+    seal.add_argument(
+        "--enclave-key",
+        default=None,
+        help="seal enclave/weights.safetensors under the AES key in this file (made if "
+        "missing); the enclave loads it with $TEESPLIT_ENCLAVE_KEY naming the file",
+    )
+    seal.add_argument(
+        "--plaintext-enclave",
+        action="store_true",
+        help="write a protected model's weights to enclave/ in the clear (whoever reads the "
+        "enclave host's disk reads them)",
+    )
     p.add_argument(
         "--compile-enclave",
         nargs="?",

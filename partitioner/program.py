@@ -93,8 +93,10 @@ class SplitProgram:
         tokenizer: Any = None,
         sign_key: Any = None,
         compile_enclave: bool | str = False,
+        enclave_key: Any = None,
     ) -> Path:
-        """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``)."""
+        """Write plan.json, enclave/ and gpu/ (see ``partitioner.artifacts``; ``enclave_key``
+        seals the enclave's weights, ``partitioner.sealing``)."""
         from partitioner.artifacts import save  # artifacts imports this module's callers
 
         return save(
@@ -103,6 +105,7 @@ class SplitProgram:
             tokenizer=tokenizer,
             sign_key=sign_key,
             compile_enclave=compile_enclave,
+            enclave_key=enclave_key,
         )
 
     # -- execution ---------------------------------------------------------------------------

@@ -71,14 +71,20 @@ def signed_cmif(tmp_path_factory, tiny_llama, key_files):
 def test_partition_then_inspect(tmp_path, tiny_llama, signed_cmif, capsys):
     """An unsigned partition says so and signs nothing (all_enclave: no GPU stage to export,
     in this process); ``inspect`` draws the signed cmif bundle's stages, both sides."""
-    out = tmp_path / "bundle"
+    out, key = tmp_path / "bundle", tmp_path / "enclave.key"
     code, stdout, err = teesplit_here(
-        capsys, "partition", tiny_llama, "--policy", "all_enclave", "--out", str(out)
-    )
+        capsys, "partition", tiny_llama, "--policy", "all_enclave", "--out", str(out),
+        "--enclave-key", str(key),
+    )  # fmt: skip
     assert code == 0, err[-2000:]
     assert "audit passed" in stdout and "done" in stdout
     assert "NOT signed" in stdout  # no --sign-key: it says so, and signs nothing
     assert not (out / "plan.json.sig").exists() and (out / "plan.json").is_file()
+    # all_enclave protects the model: its weights sealed under a key made for it
+    assert "made a new enclave key" in stdout and len(key.read_bytes()) == 32
+    assert json.loads((out / "plan.json").read_text())["sealed"]["files"] == [
+        "enclave/weights.safetensors"
+    ]
     bundle = tmp_path / "cmif"
     shutil.copytree(signed_cmif[0], bundle)  # inspect writes stages.svg into it
     assert list((bundle / "gpu" / "stages").glob("*.onnx"))
@@ -91,8 +97,25 @@ def test_partition_then_inspect(tmp_path, tiny_llama, signed_cmif, capsys):
     assert "#fdc086" in svg and "#7fc97f" in svg  # GPU and enclave stages both drawn
 
 
+def test_a_protected_model_is_not_written_in_the_clear_unless_asked(tmp_path, capsys):
+    """A policy that protects the model must seal its weights or say it will not: refused,
+    in one line, before the model is read."""
+    code, _, err = teesplit_here(
+        capsys, "partition", "no-such-model", "--policy", "all_enclave", "--out", "x"
+    )
+    assert code != 0 and "--enclave-key" in err and "no-such-model" not in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = teesplit_here(
+        capsys, "partition", "m", "--policy", "all_enclave", "--out", "x",
+        "--enclave-key", str(tmp_path / "x.key"), "--plaintext-enclave",
+    )  # fmt: skip
+    assert code == 2 and "not allowed with" in err
+
+
 def test_unknown_model_and_missing_bundle_are_named(tmp_path, capsys):
-    run = teesplit("partition", "no-such-model", "--out", str(tmp_path / "x"))
+    run = teesplit(
+        "partition", "no-such-model", "--out", str(tmp_path / "x"), "--plaintext-enclave"
+    )
     assert run.returncode != 0 and "MODEL 'no-such-model' is neither a built-in" in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     code, _, err = teesplit_here(capsys, "inspect", str(tmp_path / "nothing"))
