@@ -646,19 +646,35 @@ def sealed_files(document: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
 
 
 def _enclave_weights(
-    document: dict[str, Any], files: VerifiedFiles, enclave_key: Any
+    document: dict[str, Any], files: VerifiedFiles, enclave_key: Any, signed: bool
 ) -> dict[str, torch.Tensor]:
     """The enclave's weights file, unsealed with ``enclave_key`` (bytes or a key file's path;
-    None: the path in ``$TEESPLIT_ENCLAVE_KEY``) where ``plan.json`` says it is sealed."""
+    None: the path in ``$TEESPLIT_ENCLAVE_KEY``) where ``plan.json`` says it is sealed.
+
+    Refused: a sealed file in a bundle whose signature was not checked (whoever can write
+    the folder would choose the graphs that read the unsealed weights, and could make them
+    send the weights to the GPU), and a key given for a bundle that is not sealed (a
+    plaintext bundle swapped in where sealed ones are expected)."""
     rel, record = sealed_files(document)
+    if enclave_key is None:
+        enclave_key = os.environ.get(sealing.ENV) or None
+    if record is None and enclave_key is not None:
+        raise ArtifactError(
+            f"{rel} is not sealed, though an enclave key was given (enclave_key= or "
+            f"${sealing.ENV}): refusing a bundle in the clear where sealed ones are expected"
+        )
     data = files.read(rel)
     if record is not None:
-        if enclave_key is None:
-            enclave_key = os.environ.get(sealing.ENV)
+        if not signed:
+            raise ArtifactError(
+                f"{rel} is sealed, and a sealed bundle is unsealed only with its signature "
+                "checked (a trusted key): unsigned, whoever can write the folder chooses the "
+                "graphs that read the weights"
+            )
         if enclave_key is None:
             raise ArtifactError(
-                f"{rel} is sealed: give the enclave key (enclave_key=, --enclave-key, or the "
-                f"path of its file in ${sealing.ENV})"
+                f"{rel} is sealed: give the enclave key (the path of its file in "
+                f"${sealing.ENV}, or enclave_key= in Python)"
             )
         key = sealing.load_key(enclave_key)
         if sealing.fingerprint(key) != record["key"]:
@@ -698,7 +714,7 @@ def load_program(
     plan = read_plan(root, document)
     files = VerifiedFiles(root, document["files"])
     weights = {
-        side: _enclave_weights(document, files, enclave_key)
+        side: _enclave_weights(document, files, enclave_key, trusted_key is not None)
         if side == "enclave"
         else weights_from_bytes(files.read(weights_file(side)), weights_file(side))
         for side in sides

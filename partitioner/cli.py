@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
+import os
 import sys
 import time
 from collections import Counter
@@ -408,10 +409,16 @@ DEMO_PROMPT = "What is the capital of France?"
 
 
 def _demo_bundle(
-    out: Path, policy: str, key: Path, public: Path, cache: dict[str, Any] | None = None
+    out: Path,
+    policy: str,
+    key: Path,
+    public: Path,
+    cache: dict[str, Any] | None = None,
+    enclave_key: Path | None = None,
 ) -> None:
-    """SmolLM2 partitioned under ``policy`` into ``out``, signed with the demo's key, unless
-    ``out`` holds that already."""
+    """SmolLM2 partitioned under ``policy`` into ``out``, signed with the demo's key (and,
+    for a policy that protects the model, sealed with ``enclave_key``), unless ``out`` holds
+    that already."""
     from partitioner.bundle import read_document
     from partitioner.errors import ArtifactError
 
@@ -433,7 +440,16 @@ def _demo_bundle(
         )
         with _quiet(log):  # the report is `teesplit inspect`'s; the libraries' noise the log's
             command = ["partition", "smollm2-135m", "--policy", policy, "--out", str(out)]
-            cmd_partition(_parser().parse_args([*command, "--sign-key", str(key)]), cache)
+            command += ["--sign-key", str(key)]
+            if enclave_key is not None and _protects_model(policy):
+                command += ["--enclave-key", str(enclave_key)]
+            cmd_partition(_parser().parse_args(command), cache)
+
+
+def _protects_model(policy: str) -> bool:
+    from partitioner.policy import Policy
+
+    return "model" in Policy.resolve(policy).protects
 
 
 @contextlib.contextmanager
@@ -472,6 +488,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """Partition SmolLM2 under each demo policy (once; the bundles are reused), serve each
     bundle (GPU worker + OpenAI-compatible server in the enclave process), and ask the same
     question through the ``openai`` client, streaming the answer."""
+    from partitioner import sealing
     from partitioner.deploy import local_deployment
     from partitioner.signing import generate_keypair
 
@@ -484,15 +501,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     public = key.with_name(key.name + ".pub")
     if not key.exists():
         generate_keypair(key)
+    # a policy that protects the model has its weights sealed under the demo's enclave key,
+    # which its enclave process is then given ($TEESPLIT_ENCLAVE_KEY)
+    enclave_key = root.with_name(root.name + "-enclave-key")
     policies = args.policies or list(DEMO_POLICIES)
     loaded: dict[str, Any] = {}  # SmolLM2 loaded and captured once for both bundles
     for policy in policies:
-        _demo_bundle(root / policy, policy, key, public, loaded)
+        _demo_bundle(root / policy, policy, key, public, loaded, enclave_key)
     loaded.clear()  # the bundles are saved: the model is not needed in this process
     print(f"question: {args.prompt}")
     for policy in policies:
         print(f"\n{policy}: {DEMO_POLICIES.get(policy, 'policy ' + policy)}", flush=True)
         log = root / f"{policy}-serve.log"
+        os.environ.pop(sealing.ENV, None)
+        if _protects_model(policy):
+            os.environ[sealing.ENV] = str(enclave_key)
         with local_deployment(root / policy, trusted_key=str(public), log=log) as deployed:
             client = openai.OpenAI(
                 base_url=deployed.url, api_key="local", max_retries=0, timeout=600

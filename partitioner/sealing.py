@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from partitioner.errors import ArtifactError
@@ -48,21 +49,27 @@ def new_key(path: str | Path) -> Path:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         raise ArtifactError(f"{target} exists: not replacing a key") from None
+    except OSError as exc:
+        raise ArtifactError(f"enclave key {target}: cannot create it ({exc.strerror})") from None
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(32))
     return target
 
 
-def load_key(source: str | Path | bytes) -> bytes:
-    """A key given as bytes, or read from a file of exactly 16 or 32 raw bytes."""
-    if isinstance(source, bytes):
-        key, where = source, "the enclave key"
+def load_key(source: str | Path | bytes | bytearray) -> bytes:
+    """A key given as bytes, or read from a regular file of exactly 16 or 32 raw bytes (not
+    through a link; a FIFO or a folder is refused, not waited on)."""
+    if isinstance(source, (bytes, bytearray)):
+        key, where = bytes(source), "the enclave key"
     else:
         where = str(source)
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise ArtifactError(f"enclave key {where}: cannot read it ({exc.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ArtifactError(f"enclave key {where}: not a regular file")
         with os.fdopen(fd, "rb") as f:
             key = f.read(65)
     if len(key) not in KEY_SIZES:

@@ -9,7 +9,6 @@ ciphertext or a changed record is refused with an ``ArtifactError`` naming the f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -77,53 +76,76 @@ def test_sealed_no_file_holds_them_and_the_key_loads_the_same_program(program, k
 
 @pytest.fixture(scope="module")
 def sealed(program, key_file, tmp_path_factory):
-    return program.save(tmp_path_factory.mktemp("b") / "sealed", enclave_key=key_file)
+    root = tmp_path_factory.mktemp("b") / "sealed"
+    return program.save(root, sign_key=SIGN_KEY, enclave_key=key_file)
 
 
 def test_no_key_another_key_and_a_short_key_are_refused(sealed, tmp_path, monkeypatch):
     monkeypatch.delenv(sealing.ENV, raising=False)
-    with pytest.raises(ArtifactError, match=r"enclave/weights.safetensors is sealed"):
-        load_program(sealed, allow_unsigned=True)
+    with pytest.raises(ArtifactError, match=r"enclave/weights.safetensors is sealed: give"):
+        load_program(sealed, trusted_key=TRUSTED)
     other = sealing.new_key(tmp_path / "other.key")
     with pytest.raises(ArtifactError, match="another enclave key"):
-        load_program(sealed, allow_unsigned=True, enclave_key=other)
+        load_program(sealed, trusted_key=TRUSTED, enclave_key=other)
     with pytest.raises(ArtifactError, match="16 or 32 raw bytes"):
-        load_program(sealed, allow_unsigned=True, enclave_key=b"short")
+        load_program(sealed, trusted_key=TRUSTED, enclave_key=b"short")
 
 
 def test_the_key_file_named_in_the_environment_unseals(sealed, key_file, monkeypatch):
     monkeypatch.setenv(sealing.ENV, str(key_file))
-    assert load_program(sealed, allow_unsigned=True).stages
+    assert load_program(sealed, trusted_key=TRUSTED).stages
 
 
-def _rehash(root: Path, rel: str) -> None:
-    """What a writer of an unsigned bundle does after changing ``rel``: fix its hash."""
-    doc = json.loads((root / "plan.json").read_text())
-    doc["files"][rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
-    (root / "plan.json").write_text(json.dumps(doc))
+def test_a_sealed_bundle_is_not_unsealed_unsigned(sealed, key_file, tmp_path):
+    """Unsigned, whoever writes the folder chooses the graphs that read the unsealed weights:
+    a stage whose output is its own weight would send it to the GPU (a review's finding).
+    So a sealed bundle is unsealed only with its signature checked."""
+    with pytest.raises(ArtifactError, match="only with its signature checked"):
+        load_program(sealed, allow_unsigned=True, enclave_key=key_file)
 
 
-def test_a_changed_ciphertext_is_refused_even_with_its_hash_fixed(program, key_file, tmp_path):
-    root = program.save(tmp_path / "b", enclave_key=key_file)
+def test_a_key_given_for_a_bundle_in_the_clear_is_refused(program, key_file, tmp_path):
+    """Where sealed bundles are expected, a plaintext one swapped in (an older signed build)
+    is refused rather than loaded."""
+    root = program.save(tmp_path / "clear", sign_key=SIGN_KEY)
+    with pytest.raises(ArtifactError, match="is not sealed, though an enclave key was given"):
+        load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+
+
+def test_a_changed_ciphertext_is_refused(sealed, key_file, tmp_path):
+    """Signed, the changed file fails its hash; and GCM's tag refuses it on its own, as it
+    refuses the file's bytes read under another path (the path is associated data)."""
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(sealed, root)
     rel = "enclave/weights.safetensors"
     data = bytearray((root / rel).read_bytes())
     data[len(data) // 2] ^= 1
     (root / rel).write_bytes(bytes(data))
-    _rehash(root, rel)
+    with pytest.raises(ArtifactError, match="tampered"):
+        load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+    key = sealing.load_key(key_file)
     with pytest.raises(ArtifactError, match="does not decrypt"):
-        load_program(root, allow_unsigned=True, enclave_key=key_file)
+        sealing.unseal(bytes(data), key, rel)
+    with pytest.raises(ArtifactError, match="does not decrypt"):
+        sealing.unseal((sealed / rel).read_bytes(), key, "enclave/other.safetensors")
+    assert sealing.unseal((sealed / rel).read_bytes(), key, rel)
 
 
-def test_a_sealed_record_removed_or_changed_is_refused(program, key_file, tmp_path):
-    root = program.save(tmp_path / "b", sign_key=SIGN_KEY, enclave_key=key_file)
+def test_a_sealed_record_removed_or_changed_is_refused(sealed, key_file, tmp_path):
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(sealed, root)
     doc = json.loads((root / "plan.json").read_text())
     # signed: any change to plan.json breaks the signature
     (root / "plan.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "sealed"}))
     with pytest.raises(ArtifactError, match="signature"):
         load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
-    # unsigned: the ciphertext read as a weights file is refused, and a record naming
-    # another file or cipher is refused by its shape
-    with pytest.raises(ArtifactError):
+    # unsigned: the record removed is a bundle in the clear where a key was given; a record
+    # naming another file or cipher is refused by its shape
+    with pytest.raises(ArtifactError, match="not sealed, though an enclave key"):
         load_program(root, allow_unsigned=True, enclave_key=key_file)
     for bad in ({**doc["sealed"], "files": ["gpu/weights.safetensors"]}, {"cipher": "none"}):
         (root / "plan.json").write_text(json.dumps({**doc, "sealed": bad}))
@@ -136,3 +158,17 @@ def test_a_key_is_never_written_over_and_is_private(tmp_path):
     assert len(path.read_bytes()) == 32 and os.stat(path).st_mode & 0o077 == 0
     with pytest.raises(ArtifactError, match="not replacing"):
         sealing.new_key(path)
+    with pytest.raises(ArtifactError, match="cannot create"):
+        sealing.new_key(tmp_path / "no-such-folder" / "k")
+
+
+def test_a_key_path_that_is_a_folder_or_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (tmp_path, fifo):
+        with pytest.raises(ArtifactError, match="not a regular file"):
+            sealing.load_key(bad)
+    link = tmp_path / "link"
+    link.symlink_to(sealing.new_key(tmp_path / "k"))
+    with pytest.raises(ArtifactError, match="cannot read"):
+        sealing.load_key(link)
