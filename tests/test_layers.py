@@ -33,7 +33,7 @@ DATA = {
     "partitioner.shapes",
     "partitioner.step_op",  # the GPU call a step library makes: both sides define it alike
 }
-READER = {"partitioner.bundle", "partitioner.signing"}
+READER = {"partitioner.bundle", "partitioner.signing", "partitioner.sealing"}
 WIRE = {"runtime.kserve", "runtime.state"}  # the contract both processes apply
 CLI = {"partitioner.cli", "partitioner.deploy"}  # the command and the processes it starts
 
