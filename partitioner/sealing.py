@@ -57,14 +57,15 @@ def new_key(path: str | Path) -> Path:
 
 
 def load_key(source: str | Path | bytes | bytearray) -> bytes:
-    """A key given as bytes, or read from a regular file of exactly 16 or 32 raw bytes (not
-    through a link; a FIFO or a folder is refused, not waited on)."""
+    """A key given as bytes, or read from a regular file of exactly 16 or 32 raw bytes (a
+    link is followed: the deployer names the path, and secret stores such as Kubernetes'
+    mount keys as links; a FIFO or a folder is refused, not waited on)."""
     if isinstance(source, (bytes, bytearray)):
         key, where = bytes(source), "the enclave key"
     else:
         where = str(source)
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise ArtifactError(f"enclave key {where}: cannot read it ({exc.strerror})") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
