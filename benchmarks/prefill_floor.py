@@ -41,6 +41,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -48,11 +49,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def record(split: Any, args: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
@@ -110,28 +106,27 @@ def stream_ms(
     def calls(real: bool) -> list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The calls in order, (op, a, b, out), chunk by chunk: ``masked = value + pad``,
         the value from the cache (the enclave has just computed it) and the masked value
-        written to memory (it is sent); ``reply - correction`` into the scratch."""
+        written to memory (it is sent); ``reply - correction`` into the scratch. Not
+        ``real``: the same calls on one-element tensors."""
         one = torch.zeros(3, dtype=torch.int32)
         out: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def chunks(op: Any, n: int, sent: bool) -> None:
+            # sent: (op, scratch, pad, masked); received: (op, reply, correction, scratch)
+            first, second = (ring(n), ring(n)) if real else (one, one)
+            for i in range(0, n, CHUNK):
+                if not real:
+                    out.append((op, one[:1], one[1:2], one[2:]))
+                    continue
+                part, other = first[i : i + CHUNK], second[i : i + CHUNK]
+                cached = scratch[: part.numel()]
+                out.append((op, cached, other, part) if sent else (op, part, other, cached))
+
         for sent, replies in sizes:
             for n in sent:
-                masked, pad = (ring(n), ring(n)) if real else (one, one)
-                for i in range(0, n, CHUNK):
-                    if real:
-                        part = masked[i : i + CHUNK]
-                        value = scratch[: part.numel()]
-                        out.append((torch.add, value, pad[i : i + CHUNK], part))
-                    else:
-                        out.append((torch.add, one[:1], one[1:2], one[2:]))
+                chunks(torch.add, n, sent=True)
             for n in replies:
-                reply, correction = (ring(n), ring(n)) if real else (one, one)
-                for i in range(0, n, CHUNK):
-                    if real:
-                        part = reply[i : i + CHUNK]
-                        target = scratch[: part.numel()]
-                        out.append((torch.sub, part, correction[i : i + CHUNK], target))
-                    else:
-                        out.append((torch.sub, one[:1], one[1:2], one[2:]))
+                chunks(torch.sub, n, sent=False)
         return out
 
     def run(work: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
@@ -173,19 +168,11 @@ def main() -> None:
     )
     opts = parser.parse_args()
     torch.set_num_threads(1)
-    from enclave_runtime import allocator
-
-    # the enclave process's CPU allocator and glibc settings, as teebound.py runs all_enclave
-    if not allocator.tuned() and not os.environ.get("TEESPLIT_RESTARTED"):
-        env = {**allocator.environment(), "TEESPLIT_RESTARTED": "1"}
-        os.execve(sys.executable, sys.orig_argv, env)
-    why = allocator.install()
-    if why is not None:
-        raise SystemExit(f"the caching CPU allocator: {why}")
-    warnings.simplefilter("ignore")
-    os.environ.setdefault("TEESPLIT_CACHE", str(ROOT / "build" / "cache"))
     import teebound
 
+    teebound.enclave_allocator()  # as teebound.py runs all_enclave
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TEESPLIT_CACHE", str(ROOT / "build" / "cache"))
     from partitioner.aot import compile_enclave
     from partitioner.api import partition
     from partitioner.policy import Policy

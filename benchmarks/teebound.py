@@ -478,6 +478,26 @@ def pooled_only(ex: Any, what: str) -> None:
         raise AssertionError(f"{ex.pool.misses} pool misses during the {what} pass")
 
 
+def enclave_allocator(caching: bool = True) -> None:
+    """This process as the enclave's: run again with its glibc settings if they are not set
+    (glibc reads them only when a process starts), then, with ``caching``, its caching CPU
+    allocator (``enclave_runtime.allocator``). SystemExit if that cannot be installed."""
+    from enclave_runtime import allocator
+
+    if not allocator.tuned():
+        if os.environ.get("TEESPLIT_RESTARTED"):  # glibc dropped them (a secure-mode process)
+            print(f"GLIBC_TUNABLES={allocator.TUNABLES} did not hold: running without it")
+        else:
+            print(f"running again with the enclave process's GLIBC_TUNABLES={allocator.TUNABLES}")
+            sys.stdout.flush()
+            env = {**allocator.environment(), "TEESPLIT_RESTARTED": "1"}
+            os.execve(sys.executable, sys.orig_argv, env)
+    if caching:
+        why = allocator.install()
+        if why is not None:
+            raise SystemExit(f"the caching CPU allocator: {why}")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
@@ -790,20 +810,7 @@ def main() -> None:
     batches = {w: args.batch or b for w, b in DEFAULT_BATCH.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
-    from enclave_runtime import allocator
-
-    if not allocator.tuned():  # glibc reads its settings only when a process starts
-        if os.environ.get("TEESPLIT_RESTARTED"):  # glibc dropped them (a secure-mode process)
-            print(f"GLIBC_TUNABLES={allocator.TUNABLES} did not hold: running without it")
-        else:
-            print(f"running again with the enclave process's GLIBC_TUNABLES={allocator.TUNABLES}")
-            sys.stdout.flush()
-            env = {**allocator.environment(), "TEESPLIT_RESTARTED": "1"}
-            os.execve(sys.executable, sys.orig_argv, env)
-    if args.allocator == "caching":
-        why = allocator.install()
-        if why is not None:
-            raise SystemExit(f"--allocator caching: {why}")
+    enclave_allocator(caching=args.allocator == "caching")
     common = {}
     for item in args.set:
         key, eq, value = item.partition("=")

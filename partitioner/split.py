@@ -28,7 +28,7 @@ from partitioner.errors import PartitionError
 from partitioner.placement import Placement
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Stage, label_counts
 from partitioner.shapes import ShapeContext
-from passes.base import is_tensor_value, model_weights, teesplit_meta
+from passes.base import is_tensor_value, model_weights, teesplit_meta, weight_value
 from passes.labels import user_input_names
 
 _SYM_SIZE = torch.ops.aten.sym_size.int
@@ -205,12 +205,10 @@ def _weights(program: ExportedProgram) -> tuple[dict[str, str], dict[str, torch.
     names = model_weights(program)
     values: dict[str, torch.Tensor] = {}
     for fqn in names.values():
-        if fqn in program.state_dict:
-            values[fqn] = program.state_dict[fqn]
-        elif fqn in program.constants:
-            values[fqn] = program.constants[fqn]
-        else:
+        value = weight_value(program, fqn)
+        if value is None:
             raise PartitionError(f"weight {fqn} is in the export signature but has no value")
+        values[fqn] = value
     return names, values
 
 
