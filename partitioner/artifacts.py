@@ -195,9 +195,11 @@ def save(
 
     ``enclave_key`` (16 or 32 raw bytes, or the path of a file holding them:
     ``partitioner.sealing``) seals ``enclave/weights.safetensors``, every tensor the enclave's
-    stages read, the protected parameters among them: the file holds AES-GCM ciphertext, and
-    ``plan.json`` records that and the key's fingerprint (signed with it). Without a key the
-    weights are written in the clear, readable by whoever can read the enclave host's disk.
+    stages read, the protected parameters among them, and ``enclave/rnm.safetensors`` where
+    there is one (RNM's tables, built from the embedding): the files hold AES-GCM
+    ciphertext, and ``plan.json`` records that and the key's fingerprint (signed with it).
+    Without a key they are written in the clear, readable by whoever can read the enclave
+    host's disk.
     """
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
@@ -210,6 +212,9 @@ def save(
                 shutil.rmtree(root / side)
     root.mkdir(parents=True, exist_ok=True)
     weights = {"enclave": _Weights(), "gpu": _Weights()}
+    # files only the enclave reads, sealed with an enclave key: RNM's tables are the
+    # embedding's cosine neighbours and scores, which describe it where it is protected
+    private: dict[str, bytes] = {}
     for stage in program.stages:
         ep = _export(program, stage.name, stage.module)
         if stage.side == "gpu":
@@ -228,7 +233,7 @@ def save(
             ep = _export(program, f"Freivalds copy of {name}", module)
             _save_exported(ep, f"freivalds/{name}", weights["enclave"], root / freivalds_file(name))
         if prot.rnm is not None:
-            prot.rnm.tables.save(root / RNM_FILE)
+            private[RNM_FILE] = prot.rnm.tables.to_bytes()
         if prot.exact is not None:  # stages carry their own; the executor unmasks outputs
             for value in exact_outputs(program.spec):
                 weights["enclave"].add(exact_scale_key(value), prot.exact.inv_scale[value])
@@ -238,14 +243,16 @@ def save(
         raise ArtifactError(f"compile_enclave={compile_enclave!r}: expected 'stages' or 'step'")
     if compile_enclave:
         _compile_enclave(program, root, weights["enclave"], step=compile_enclave == "step")
+    (root / "gpu").mkdir(parents=True, exist_ok=True)
+    (root / weights_file("gpu")).write_bytes(weights["gpu"].to_bytes())
+    private = {weights_file("enclave"): weights["enclave"].to_bytes(), **private}
     sealed = None
-    for side, collected in weights.items():
-        (root / side).mkdir(parents=True, exist_ok=True)
-        rel, data = weights_file(side), collected.to_bytes()
-        if side == "enclave" and enclave_key is not None:  # never on disk in the clear
-            key = sealing.load_key(enclave_key)
-            data = sealing.seal(data, key, rel)
-            sealed = {"cipher": sealing.CIPHER, "key": sealing.fingerprint(key), "files": [rel]}
+    if enclave_key is not None:  # never on disk in the clear
+        key = sealing.load_key(enclave_key)
+        private = {rel: sealing.seal(data, key, rel) for rel, data in private.items()}
+        sealed = {"cipher": sealing.CIPHER, "key": sealing.fingerprint(key), "files": [*private]}
+    for rel, data in private.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     shutil.copyfile(TEMPLATE, root / "enclave" / TEMPLATE.name)
     if tokenizer is not None:

@@ -627,9 +627,10 @@ def _verifies(value: Any, where: str) -> tuple[str, tuple[int, ...]] | None:
 
 
 def sealed_files(document: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """``plan.json``'s record of sealed files (``partitioner.sealing``): (the one file it may
-    name, the record), or (that file, None) for a bundle in the clear. :class:`ArtifactError`
-    for a record of any other shape."""
+    """``plan.json``'s record of sealed files (``partitioner.sealing``): (the enclave's
+    weights file, the record), or (that file, None) for a bundle in the clear. The record
+    names the weights file first, then at most the RNM tables. :class:`ArtifactError` for a
+    record of any other shape."""
     rel = weights_file("enclave")
     record = document.get("sealed")
     if record is None:
@@ -639,32 +640,38 @@ def sealed_files(document: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         or set(record) != {"cipher", "key", "files"}
         or record["cipher"] != sealing.CIPHER
         or not isinstance(record["key"], str)
-        or record["files"] != [rel]
+        or record["files"] not in ([rel], [rel, RNM_FILE])
     ):
-        raise ArtifactError(f"{PLAN_FILE}: 'sealed' must be {{cipher, key, files: [{rel}]}}")
+        raise ArtifactError(
+            f"{PLAN_FILE}: 'sealed' must be {{cipher, key, files: [{rel}] or [{rel}, {RNM_FILE}]}}"
+        )
     return rel, record
 
 
-def _enclave_weights(
-    document: dict[str, Any], files: VerifiedFiles, enclave_key: Any, signed: bool
-) -> dict[str, torch.Tensor]:
-    """The enclave's weights file, unsealed with ``enclave_key`` (bytes or a key file's path;
-    None: the path in ``$TEESPLIT_ENCLAVE_KEY``) where ``plan.json`` says it is sealed.
+class _EnclaveFiles:
+    """The files only the enclave reads, unsealed with ``enclave_key`` (bytes or a key
+    file's path; None: the path in ``$TEESPLIT_ENCLAVE_KEY``) where ``plan.json`` says they
+    are sealed.
 
-    Refused: a sealed file in a bundle whose signature was not checked (whoever can write
-    the folder would choose the graphs that read the unsealed weights, and could make them
-    send the weights to the GPU), and a key given for a bundle that is not sealed (a
-    plaintext bundle swapped in where sealed ones are expected)."""
-    rel, record = sealed_files(document)
-    if enclave_key is None:
-        enclave_key = os.environ.get(sealing.ENV) or None
-    if record is None and enclave_key is not None:
-        raise ArtifactError(
-            f"{rel} is not sealed, though an enclave key was given (enclave_key= or "
-            f"${sealing.ENV}): refusing a bundle in the clear where sealed ones are expected"
-        )
-    data = files.read(rel)
-    if record is not None:
+    Refused: a sealed bundle whose signature was not checked (whoever can write the folder
+    would choose the graphs that read the unsealed weights, and could make them send the
+    weights to the GPU), and a key given for a bundle that is not sealed (a plaintext bundle
+    swapped in where sealed ones are expected)."""
+
+    def __init__(
+        self, document: dict[str, Any], files: VerifiedFiles, enclave_key: Any, signed: bool
+    ) -> None:
+        rel, record = sealed_files(document)
+        if enclave_key is None:
+            enclave_key = os.environ.get(sealing.ENV) or None
+        if record is None and enclave_key is not None:
+            raise ArtifactError(
+                f"{rel} is not sealed, though an enclave key was given (enclave_key= or "
+                f"${sealing.ENV}): refusing a bundle in the clear where sealed ones are expected"
+            )
+        self.files, self.sealed, self.key = files, [], b""
+        if record is None:
+            return
         if not signed:
             raise ArtifactError(
                 f"{rel} is sealed, and a sealed bundle is unsealed only with its signature "
@@ -676,11 +683,14 @@ def _enclave_weights(
                 f"{rel} is sealed: give the enclave key (the path of its file in "
                 f"${sealing.ENV}, or enclave_key= in Python)"
             )
-        key = sealing.load_key(enclave_key)
-        if sealing.fingerprint(key) != record["key"]:
+        self.key = sealing.load_key(enclave_key)
+        if sealing.fingerprint(self.key) != record["key"]:
             raise ArtifactError(f"{rel} was sealed under another enclave key than the one given")
-        data = sealing.unseal(data, key, rel)
-    return weights_from_bytes(data, rel)
+        self.sealed = record["files"]
+
+    def read(self, rel: str) -> bytes:
+        data = self.files.read(rel)
+        return sealing.unseal(data, self.key, rel) if rel in self.sealed else data
 
 
 def load_program(
@@ -713,10 +723,11 @@ def load_program(
     document = read_document(root, sides, trusted_key=trusted_key, hash_contents=False)
     plan = read_plan(root, document)
     files = VerifiedFiles(root, document["files"])
+    private = _EnclaveFiles(document, files, enclave_key, trusted_key is not None)
     weights = {
-        side: _enclave_weights(document, files, enclave_key, trusted_key is not None)
-        if side == "enclave"
-        else weights_from_bytes(files.read(weights_file(side)), weights_file(side))
+        side: weights_from_bytes(
+            (private if side == "enclave" else files).read(weights_file(side)), weights_file(side)
+        )
         for side in sides
     }
     for stage in plan.stages:
@@ -741,7 +752,7 @@ def load_program(
             own = load_exported(files.read(rel), rel, f"freivalds/{name}", enclave)
             prot.freivalds[name] = (own, outputs)
         if prot.rnm is not None:
-            tables = RNMTables.from_bytes(files.read(RNM_FILE), RNM_FILE)
+            tables = RNMTables.from_bytes(private.read(RNM_FILE), RNM_FILE)
             if tables.epsilon != prot.rnm.epsilon or tables.k != prot.rnm.candidates:
                 raise ArtifactError(f"{RNM_FILE}: its ε or K disagrees with the plan")
             passed = int(tables.keep.sum())

@@ -155,14 +155,17 @@ class RNMTables:
             float(epsilon),
         )
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The tables as a safetensors file's bytes (what :meth:`from_bytes` reads)."""
+        from safetensors.torch import save
 
-        save_file(
+        return save(
             {"candidates": self.candidates, "scores": self.scores, "keep": self.keep},
-            str(path),
             metadata={"epsilon": repr(self.epsilon)},
         )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> RNMTables:

@@ -74,6 +74,52 @@ def test_sealed_no_file_holds_them_and_the_key_loads_the_same_program(program, k
         assert torch.equal(model_output(loaded(input_ids=IDS)), model_output(fresh(input_ids=IDS)))
 
 
+def test_rnm_tables_derived_from_a_protected_embedding_are_sealed_too(
+    key_file, tmp_path, monkeypatch
+):
+    """RNM's tables are the embedding's cosine neighbours and their scores: under
+    ``protects: [model]`` they describe a protected parameter (a fine-tuned embedding), and
+    the enclave alone reads them. In the clear the attack below finds the scores a reader of
+    the disk would recompute from the embedding; sealed, no file holds them, and the key
+    loads the same tables."""
+    from partitioner.policy import Policy, RNMConfig
+
+    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
+    program = partition_for_rnm(policy)
+    tables = program.protection.rnm.tables
+    # what the tables say of the protected embedding: a token's scores are its normalised
+    # cosines with its group's members
+    unit = torch.nn.functional.normalize(
+        program.source.state_dict["model.embed_tokens.weight"].detach(), dim=1
+    )
+    token = int(torch.nonzero(~tables.keep)[0])
+    group = tables.candidates[token][tables.candidates[token] >= 0]
+    cos = unit[group] @ unit[token]
+    normed = (cos - cos.min()) / (cos.max() - cos.min())
+    assert torch.allclose(tables.scores[token, : len(group)], normed, atol=1e-6)
+    raw = tables.scores.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    derived = [raw[len(raw) // 2 : len(raw) // 2 + 128]]
+    clear = program.save(tmp_path / "clear", sign_key=SIGN_KEY)
+    assert found_on_disk(clear, derived) == 1
+    root = program.save(tmp_path / "sealed", sign_key=SIGN_KEY, enclave_key=key_file)
+    assert found_on_disk(root, derived) == 0
+    record = json.loads((root / "plan.json").read_text())["sealed"]
+    assert record["files"] == ["enclave/weights.safetensors", "enclave/rnm.safetensors"]
+    loaded = load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+    assert torch.equal(loaded.protection.rnm.tables.scores, tables.scores)
+    monkeypatch.delenv(sealing.ENV, raising=False)
+    with pytest.raises(ArtifactError, match=r"enclave/weights.safetensors is sealed: give"):
+        load_program(root, trusted_key=TRUSTED)
+
+
+def partition_for_rnm(policy):
+    from conftest import BUNDLE_SEED, captured
+
+    from partitioner.api import partition
+
+    return partition(captured("tiny-llama"), policy, seed=BUNDLE_SEED)
+
+
 @pytest.fixture(scope="module")
 def sealed(program, key_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("b") / "sealed"
