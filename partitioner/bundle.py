@@ -626,25 +626,25 @@ def _verifies(value: Any, where: str) -> tuple[str, tuple[int, ...]] | None:
     return value[0], tuple(value[1])
 
 
-def sealed_files(document: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+def sealed_files(document: dict[str, Any], rnm: bool) -> tuple[str, dict[str, Any] | None]:
     """``plan.json``'s record of sealed files (``partitioner.sealing``): (the enclave's
     weights file, the record), or (that file, None) for a bundle in the clear. The record
-    names the weights file first, then at most the RNM tables. :class:`ArtifactError` for a
-    record of any other shape."""
+    names every file only the enclave reads: the weights file, then the RNM tables where the
+    plan has RNM (``rnm``), so that tables left in the clear beside sealed weights are
+    refused, not read. :class:`ArtifactError` for a record of any other shape."""
     rel = weights_file("enclave")
     record = document.get("sealed")
     if record is None:
         return rel, None
+    files = [rel, RNM_FILE] if rnm else [rel]
     if (
         not isinstance(record, dict)
         or set(record) != {"cipher", "key", "files"}
         or record["cipher"] != sealing.CIPHER
         or not isinstance(record["key"], str)
-        or record["files"] not in ([rel], [rel, RNM_FILE])
+        or record["files"] != files
     ):
-        raise ArtifactError(
-            f"{PLAN_FILE}: 'sealed' must be {{cipher, key, files: [{rel}] or [{rel}, {RNM_FILE}]}}"
-        )
+        raise ArtifactError(f"{PLAN_FILE}: 'sealed' must be {{cipher, key, files: {files}}}")
     return rel, record
 
 
@@ -659,9 +659,14 @@ class _EnclaveFiles:
     swapped in where sealed ones are expected)."""
 
     def __init__(
-        self, document: dict[str, Any], files: VerifiedFiles, enclave_key: Any, signed: bool
+        self,
+        document: dict[str, Any],
+        files: VerifiedFiles,
+        enclave_key: Any,
+        signed: bool,
+        rnm: bool,
     ) -> None:
-        rel, record = sealed_files(document)
+        rel, record = sealed_files(document, rnm)
         if enclave_key is None:
             enclave_key = os.environ.get(sealing.ENV) or None
         if record is None and enclave_key is not None:
@@ -709,7 +714,7 @@ def load_program(
     the folder chooses what runs). ``gpu=False`` reads the enclave side only (the enclave host
     need not hold ``gpu/``): GPU stages then have no module, and a runner serves them.
     ``enclave_key`` (bytes, or a key file's path; default ``$TEESPLIT_ENCLAVE_KEY``) unseals
-    the enclave's weights where the bundle sealed them (``partitioner.sealing``).
+    the enclave's weights and RNM tables where the bundle sealed them (``partitioner.sealing``).
     """
     root = Path(directory)
     if trusted_key is None and not allow_unsigned:
@@ -723,7 +728,8 @@ def load_program(
     document = read_document(root, sides, trusted_key=trusted_key, hash_contents=False)
     plan = read_plan(root, document)
     files = VerifiedFiles(root, document["files"])
-    private = _EnclaveFiles(document, files, enclave_key, trusted_key is not None)
+    rnm = plan.protection is not None and plan.protection.rnm is not None
+    private = _EnclaveFiles(document, files, enclave_key, trusted_key is not None, rnm)
     weights = {
         side: weights_from_bytes(
             (private if side == "enclave" else files).read(weights_file(side)), weights_file(side)

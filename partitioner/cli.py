@@ -149,7 +149,8 @@ def cmd_partition(args: argparse.Namespace, cache: dict[str, Any] | None = None)
         enclave_key=enclave_key,
     )
     if enclave_key is not None:
-        print(f"enclave/weights.safetensors sealed under the enclave key {enclave_key}")
+        sealed = " and enclave/rnm.safetensors" if split.protection and split.protection.rnm else ""
+        print(f"enclave/weights.safetensors{sealed} sealed under the enclave key {enclave_key}")
     if args.sign_key is None:
         print(
             "plan.json is NOT signed (no --sign-key): the enclave will refuse it unless run "
@@ -605,8 +606,9 @@ def _parser() -> argparse.ArgumentParser:
     seal.add_argument(
         "--enclave-key",
         default=None,
-        help="seal enclave/weights.safetensors under the AES key in this file (made if "
-        "missing); the enclave loads it with $TEESPLIT_ENCLAVE_KEY naming the file",
+        help="seal enclave/weights.safetensors (and enclave/rnm.safetensors, under RNM) under "
+        "the AES key in this file (made if missing); the enclave loads them with "
+        "$TEESPLIT_ENCLAVE_KEY naming the file",
     )
     seal.add_argument(
         "--plaintext-enclave",

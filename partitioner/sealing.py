@@ -62,6 +62,10 @@ def load_key(source: str | Path | bytes | bytearray) -> bytes:
     mount keys as links; a FIFO or a folder is refused, not waited on)."""
     if isinstance(source, (bytes, bytearray)):
         key, where = bytes(source), "the enclave key"
+    elif not isinstance(source, (str, Path)):
+        raise ArtifactError(
+            f"enclave key: expected raw bytes or a key file's path, got {type(source).__name__}"
+        )
     else:
         where = str(source)
         try:

@@ -112,6 +112,51 @@ def test_rnm_tables_derived_from_a_protected_embedding_are_sealed_too(
         load_program(root, trusted_key=TRUSTED)
 
 
+def resign(root: Path, change) -> None:
+    """``plan.json`` changed by ``change`` (with the enclave's files' hashes as they are now)
+    and signed again with the compiler's key: the compiler's own mistake, not an attacker's."""
+    import hashlib
+
+    from partitioner.signing import sign
+
+    doc = json.loads((root / "plan.json").read_text())
+    change(doc)
+    for rel in doc["files"]:
+        doc["files"][rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+    raw = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+    (root / "plan.json").write_bytes(raw)
+    (root / "plan.json.sig").write_bytes(sign(raw, SIGN_KEY))
+
+
+def test_a_sealed_record_must_name_exactly_the_files_only_the_enclave_reads(key_file, tmp_path):
+    """A record that seals the weights alone, with RNM's tables in the clear (as bundles
+    sealed before the tables were), is refused rather than read; so is one naming tables
+    that a plan without RNM does not have (a review's finding: both loaded)."""
+    from partitioner.policy import Policy, RNMConfig
+
+    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
+    program = partition_for_rnm(policy)
+    root = program.save(tmp_path / "rnm", sign_key=SIGN_KEY, enclave_key=key_file)
+    (root / "enclave" / "rnm.safetensors").write_bytes(program.protection.rnm.tables.to_bytes())
+    with pytest.raises(ArtifactError, match="tampered"):  # unsigned change: its hash
+        load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+    resign(root, lambda doc: None)  # named sealed, written in the clear: the cipher refuses
+    with pytest.raises(ArtifactError, match=r"enclave/rnm\.safetensors"):
+        load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+    resign(root, lambda doc: doc["sealed"].update(files=["enclave/weights.safetensors"]))
+    with pytest.raises(ArtifactError, match=r"'sealed' must be .*rnm\.safetensors"):
+        load_program(root, trusted_key=TRUSTED, enclave_key=key_file)
+
+    plain = partition_for_tests(PRESET).save(
+        tmp_path / "plain", sign_key=SIGN_KEY, enclave_key=key_file
+    )
+    assert load_program(plain, trusted_key=TRUSTED, enclave_key=key_file).stages
+    files = ["enclave/weights.safetensors", "enclave/rnm.safetensors"]
+    resign(plain, lambda doc: doc["sealed"].update(files=files))
+    with pytest.raises(ArtifactError, match="'sealed' must be"):
+        load_program(plain, trusted_key=TRUSTED, enclave_key=key_file)
+
+
 def partition_for_rnm(policy):
     from conftest import BUNDLE_SEED, captured
 
@@ -210,6 +255,8 @@ def test_a_key_is_never_written_over_and_is_private(tmp_path):
 
 def test_a_key_path_that_is_a_folder_or_a_fifo_is_refused_at_once(tmp_path):
     """A FIFO would block the enclave's start for ever, a folder raised an untyped error."""
+    with pytest.raises(ArtifactError, match="raw bytes or a key file's path, got int"):
+        sealing.load_key(3)  # an untyped TypeError from open() (a review's finding)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for bad in (tmp_path, fifo):
