@@ -6,7 +6,8 @@ not trust the protection pass's own edge labels: taint is recomputed from the so
 each claimed mask, unmask and RNM is looked up as an op in the stage graphs. It checks that
 
 1. no GPU stage holds a protected parameter (by name, by tensor storage, and by value: an
-   equal or affine copy, such as a quantised weight); under a public base, the parameters
+   equal or affine copy, such as a quantised weight, whole or some of its rows or columns:
+   ``passes.copies``); under a public base, the parameters
    tagged ``public`` (bit-identical to the base's) are not protected;
 2. every enclave -> GPU edge whose value depends on the request or on protected weights is
    either masked (a ``teesplit::mask``/``ring_mask`` op produces what crosses) or depends on the
@@ -32,6 +33,7 @@ from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Protection, Stage
 from partitioner.policy import Policy
 from passes.base import is_public, model_weights, weight_value
+from passes.copies import copies_on_gpu
 from passes.taint import DP_TAINT, taint_of
 
 
@@ -125,42 +127,6 @@ def _masked_on_gpu(program: SplitProgram) -> set[str]:
     return masked - {v for s in program.stages if s.side == ENCLAVE for v in s.masked_outputs}
 
 
-def _copies_on_gpu(program: SplitProgram, protected: list[str]) -> list[str]:
-    """By value: a GPU stage tensor of a protected parameter's size, in its order or its
-    transpose's (so a reshaped or flattened copy too), that equals it or is an affine copy of
-    it (a quantised or rescaled weight: correlation above ``COPY_CORRELATION``). Catches a
-    copy that names and storages do not show."""
-    by_size: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    for fqn in protected:
-        t = weight_value(program.source, fqn)
-        if t is None or t.device.type == "meta" or t.numel() < 2:
-            continue
-        if bool((t == 0).all()) or bool((t == 1).all()):
-            # zeros or ones (a bias left at zero, a norm at its initial value) equal every
-            # such tensor of their size: searched for, an honest split's zeros were a "copy"
-            # (a reviewer's finding); they tell nothing beyond their size
-            continue
-        flat = t.detach().to(torch.float64)
-        by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))
-        if flat.dim() == 2:
-            by_size[flat.numel()].append((fqn, flat.t().flatten()))
-    found = []
-    for stage in program.stages:
-        if stage.side != GPU or not by_size:
-            continue
-        for name, tensor in _stage_tensors(stage.module):
-            for fqn, ref in by_size.get(tensor.numel(), ()):
-                if _is_copy(tensor.detach().to(torch.float64).flatten(), ref):
-                    found.append(
-                        f"GPU stage {stage.name} attribute {name} holds a copy of protected "
-                        f"parameter {fqn} (by value)"
-                    )
-    return found
-
-
-COPY_CORRELATION = 0.99
-
-
 def _stage_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     seen = dict(module.named_parameters())
     seen.update(module.named_buffers())
@@ -170,14 +136,6 @@ def _stage_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             if isinstance(value, torch.Tensor):
                 seen.setdefault(node.target, value)
     return [(k, v) for k, v in seen.items() if v.device.type != "meta" and v.numel() > 1]
-
-
-def _is_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if torch.equal(a, b):
-        return True
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    denom = float(a.norm() * b.norm())
-    return denom > 0 and abs(float(a @ b)) / denom > COPY_CORRELATION
 
 
 def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
@@ -198,7 +156,12 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
     if "model" in policy.protects:
         public = {n.name for n in source.graph.find_nodes(op="placeholder") if is_public(n)}
         protected = [fqn for name, fqn in model_weights(source).items() if name not in public]
-        violations += _copies_on_gpu(program, protected)
+        by_fqn = {fqn: weight_value(source, fqn) for fqn in model_weights(source).values()}
+        violations += copies_on_gpu(
+            [(s.name, _stage_tensors(s.module)) for s in program.stages if s.side == GPU],
+            [(f, by_fqn[f]) for f in protected if by_fqn[f] is not None],
+            [(f, v) for f, v in by_fqn.items() if f not in protected and v is not None],
+        )
         values = [weight_value(source, fqn) for fqn in protected]
         storages = {
             t.untyped_storage().data_ptr()

@@ -147,6 +147,54 @@ def test_audit_finds_a_flattened_copy_of_a_protected_parameter_on_the_gpu():
         audit(split, verbose=False)
 
 
+@functools.cache
+def _trained_split() -> object:
+    from peft import LoraConfig
+
+    model, _ = peft_program(LoraConfig(r=8, target_modules=["q_proj", "up_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return partition(model, Policy.preset("private_finetune"))
+
+
+def _int8(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t / t.abs().max() * 127).to(torch.int8)
+
+
+@pytest.mark.parametrize("hiding", ["rows", "columns", "inside a public weight", "one row"])
+def test_audit_finds_part_of_a_protected_parameter_on_the_gpu(hiding):
+    """The by-value search compared whole tensors: a GPU stage holding some rows or columns
+    of a protected weight, quantised, alone or stacked under a public weight the stage
+    holds anyway (as a fused projection would), passed the audit."""
+    split = _trained_split()
+    gpu = next(s for s in split.stages if s.side == GPU and s.module.state_dict())
+    lora_a = next(f for f in split.parameters.protected if "up_proj.lora_A" in f)
+    lora_b = next(f for f in split.parameters.protected if "q_proj.lora_B" in f)
+    a, b = (split.source.state_dict[f].detach() for f in (lora_a, lora_b))
+    public = next(v for v in gpu.module.state_dict().values() if v.dim() == 2)
+    if hiding == "rows":
+        stolen = _int8(a[:3])
+    elif hiding == "columns":
+        stolen = _int8(b[:, 2:5]).t().contiguous()
+    elif hiding == "one row":
+        stolen = _int8(a[5])
+    else:
+        assert public.shape[1] == a.shape[1], (public.shape, a.shape)
+        stolen = torch.cat([public.double(), a[:2].double() * 1000]).to(public.dtype)
+    try:
+        gpu.module.register_buffer("innocent_looking", stolen)
+        with pytest.raises(AuditError, match="by value"):
+            audit(split, verbose=False)
+    finally:
+        del gpu.module.innocent_looking
+    audit(split, verbose=False)  # the honest split passes
+
+
 def _lora_on_up_proj(**extra: object) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 

@@ -1,0 +1,211 @@
+"""The audit's search by value: GPU stage tensors that copy a protected parameter, whole or part.
+
+Reads the source program's weights (which are protected, which public) and every tensor a GPU
+stage holds; writes nothing; returns one line per copy found. A GPU stage may not hold a
+protected parameter by name or storage (the audit checks both); this finds a copy that names
+and storages do not show: one a pass folded into a constant, quantised, reshaped, sliced or
+stacked with other weights. It reports a GPU tensor that
+
+1. equals a protected parameter or is an affine copy of it (a quantised or rescaled weight:
+   correlation above ``COPY_CORRELATION``), in its order or its transpose's (so a reshaped
+   or flattened copy too);
+2. holds, as a row of its view at some width ``w`` (its elements ``w`` at a time) or as a
+   column (a 2-D tensor ``w`` rows tall), an affine copy of a row or column, ``w`` wide, of a
+   protected parameter (``w >= MIN_WIDTH``): some rows or columns of it, one row, or rows
+   stacked under a public weight the stage holds anyway (as a fused projection would).
+
+How (2) scales to a model's weights: every row is centred and signed against ``TABLES``
+tables of ``BITS`` random hyperplanes (one hashing key per table). An affine copy ``a x + b``
+of a row has the same keys where no projection changes sign under its quantisation (``a < 0``
+flips them all: the protected rows enter with both signs), so a pair is a candidate when one
+table's keys agree, and a candidate is a copy when its correlation is above
+``COPY_CORRELATION``. At that correlation's angle (0.14 rad) a table's key differs with
+probability ~0.52, so a row is missed with probability ~0.52**8 < 0.6 %, and a slice of k rows
+only if every one is; copies closer than that are missed less often.
+
+Not a copy: a protected row that is itself an affine copy of a row of a public parameter (a
+trainable token's row left as its base's): the GPU holding the public row learns nothing the
+public base does not tell. Not found: a copy that is not affine row by row (a product with
+another matrix, a rotation, entries permuted within a row), rows narrower than ``MIN_WIDTH``,
+or a row stored across a row boundary of the view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+COPY_CORRELATION = 0.99
+MIN_WIDTH = 16  # narrower rows correlate by chance too often to call one a copy
+BITS = 16
+TABLES = 8
+_SEED = 20251205
+
+
+def whole_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether flat ``a`` equals flat ``b`` or is an affine copy of it (check 1)."""
+    if torch.equal(a, b):
+        return True
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    denom = float(a.norm() * b.norm())
+    return denom > 0 and abs(float(a @ b)) / denom > COPY_CORRELATION
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm, float32 (a constant row: zeros)."""
+    rows = rows.to(torch.float32)
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+class _Hyperplanes:
+    """``TABLES`` x ``BITS`` random hyperplanes per width, the same in every call."""
+
+    def __init__(self) -> None:
+        self._planes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights = torch.tensor([1 << i for i in range(BITS)], dtype=torch.int64)
+
+    def keys(self, rows: torch.Tensor) -> np.ndarray:
+        """(rows, TABLES) int64 keys: the signs of the centred rows' projections (a row's
+        centring and scale change no sign, so neither is computed: ``(x - m) · p = x · p -
+        m Σp``)."""
+        width = rows.shape[1]
+        if width not in self._planes:
+            gen = torch.Generator().manual_seed(_SEED + width)
+            planes = torch.randn(width, TABLES * BITS, generator=gen)
+            self._planes[width] = (planes, planes.sum(0))
+        planes, sums = self._planes[width]
+        x = rows.to(torch.float32)
+        proj = x @ planes - x.mean(dim=1, keepdim=True) * sums
+        signs = (proj > 0).to(torch.int64).view(-1, TABLES, BITS)
+        return (signs * self._weights).sum(-1).numpy()
+
+
+def _views(tensor: torch.Tensor, width: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The rows ``width`` wide that ``tensor`` holds: its rows (the last dimension ``width``;
+    a vector: its elements ``width`` at a time), and its columns where it is 2-D and ``width``
+    rows tall."""
+    t = tensor.detach()
+    if t.shape[-1] == width or (t.dim() == 1 and t.numel() % width == 0):
+        yield "row", t.reshape(-1, width)
+    if t.dim() == 2 and t.shape[0] == width and t.shape[1] > 1:
+        yield "column", t.t()
+
+
+def _protected_rows(
+    values: Iterable[tuple[str, torch.Tensor]],
+) -> dict[int, list[tuple[str, str, torch.Tensor]]]:
+    """Per width: (fqn, "row"/"column", rows) of every protected value at least MIN_WIDTH wide."""
+    out: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
+    for fqn, value in values:
+        t = value.detach()
+        if t.dim() <= 1:
+            if t.numel() >= MIN_WIDTH:
+                out.setdefault(t.numel(), []).append((fqn, "row", t.reshape(1, -1)))
+            continue
+        rows = t.reshape(-1, t.shape[-1])
+        if rows.shape[1] >= MIN_WIDTH:
+            out.setdefault(rows.shape[1], []).append((fqn, "row", rows))
+        if t.dim() == 2 and t.shape[0] >= MIN_WIDTH and t.shape[1] > 1:
+            out.setdefault(t.shape[0], []).append((fqn, "column", t.t()))
+    return out
+
+
+class _Index:
+    """Protected rows of one width: their unit rows, keys (both signs) and owners."""
+
+    def __init__(self, planes: _Hyperplanes, entries: list[tuple[str, str, torch.Tensor]]) -> None:
+        self.planes = planes
+        self.owners = [(fqn, kind, i) for fqn, kind, rows in entries for i in range(len(rows))]
+        rows = torch.cat([r.to(torch.float32) for _, _, r in entries])
+        self.unit = _unit(rows)
+        keys = planes.keys(rows)
+        both = np.concatenate([keys, keys ^ ((1 << BITS) - 1)])  # -x: every sign flipped
+        self.order = [np.argsort(both[:, t], kind="stable") for t in range(TABLES)]
+        self.sorted = [both[self.order[t], t] for t in range(TABLES)]
+
+    def matches(self, rows: torch.Tensor) -> set[int]:
+        """The protected rows (indices into ``owners``) of which some row of ``rows`` is an
+        affine copy."""
+        keys = self.planes.keys(rows)
+        count = len(self.owners)
+        pairs: set[tuple[int, int]] = set()
+        for t in range(TABLES):
+            lo = np.searchsorted(self.sorted[t], keys[:, t], side="left")
+            hi = np.searchsorted(self.sorted[t], keys[:, t], side="right")
+            hits = np.nonzero(hi > lo)[0]
+            for i in hits.tolist():
+                pairs.update((i, int(j) % count) for j in self.order[t][lo[i] : hi[i]])
+        if not pairs:
+            return set()
+        mine = torch.tensor([i for i, _ in pairs])
+        theirs = torch.tensor([j for _, j in pairs])
+        corr = (_unit(rows[mine]) * self.unit[theirs]).sum(1).abs()
+        return {int(j) for j, c in zip(theirs, corr, strict=True) if c > COPY_CORRELATION}
+
+
+def copies_on_gpu(
+    stages: Iterable[tuple[str, list[tuple[str, torch.Tensor]]]],
+    protected: list[tuple[str, torch.Tensor]],
+    public: list[tuple[str, torch.Tensor]],
+) -> list[str]:
+    """Checks 1 and 2 (module docstring) of every ``(stage name, [(attribute, tensor)])`` in
+    ``stages`` against the ``protected`` weights, a protected row that copies a ``public``
+    weight's row left out. One line per copy (per tensor and protected parameter)."""
+    protected = [
+        (fqn, t)
+        for fqn, t in protected
+        if t.device.type != "meta" and t.numel() >= 2 and not _constant(t)
+    ]
+    stages = [(name, tensors) for name, tensors in stages]
+    found: dict[tuple[str, str, str], str] = {}
+    by_size: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for fqn, t in protected:
+        flat = t.detach().to(torch.float64)
+        by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))
+        if flat.dim() == 2:
+            by_size[flat.numel()].append((fqn, flat.t().flatten()))
+    for stage, tensors in stages:
+        for name, tensor in tensors:
+            for fqn, ref in by_size.get(tensor.numel(), ()):
+                if whole_copy(tensor.detach().to(torch.float64).flatten(), ref):
+                    found.setdefault((stage, name, fqn), "whole")
+    planes = _Hyperplanes()
+    for width, entries in sorted(_protected_rows(protected).items()):
+        index = _Index(planes, entries)
+        hits: dict[tuple[str, str], set[int]] = {}
+        for stage, tensors in stages:
+            for name, tensor in tensors:
+                for _, rows in _views(tensor, width):
+                    hits.setdefault((stage, name), set()).update(index.matches(rows))
+        copied = set().union(*hits.values()) if hits else set()
+        if copied:  # only then: which of those rows a public weight has too
+            public_index = _Index(planes, [(str(j), "row", index.unit[j : j + 1]) for j in copied])
+            lookalike = {
+                int(public_index.owners[k][0])
+                for _, value in public
+                if value.device.type != "meta"
+                for _, rows in _views(value, width)
+                for k in public_index.matches(rows)
+            }
+            for (stage, name), rows in hits.items():
+                for j in sorted(rows - lookalike):
+                    fqn, kind, i = index.owners[j]
+                    found.setdefault((stage, name, fqn), f"its {kind} {i}, {width} wide")
+    return [_line(stage, name, fqn, how) for (stage, name, fqn), how in found.items()]
+
+
+def _constant(t: torch.Tensor) -> bool:
+    # zeros or ones (a bias left at zero, a norm at its initial value) equal every such tensor
+    # of their size: searched for, an honest split's zeros were a "copy" (a reviewer's
+    # finding); they tell nothing beyond their size
+    return bool((t == 0).all()) or bool((t == 1).all())
+
+
+def _line(stage: str, name: str, fqn: str, how: str) -> str:
+    return (
+        f"GPU stage {stage} attribute {name} holds a copy of protected parameter {fqn} "
+        f"(by value: {how})"
+    )
