@@ -112,6 +112,37 @@ def test_rnm_tables_derived_from_a_protected_embedding_are_sealed_too(
         load_program(root, trusted_key=TRUSTED)
 
 
+def test_a_sealed_bundle_compiled_ahead_of_time_holds_no_protected_parameter(key_file, tmp_path):
+    """The compiled enclave libraries (``enclave/aot/``) take their weights as inputs from the
+    sealed file; a library that embedded a constant would hold it in the clear. Every
+    parameter of 32 bytes or more is searched for, the norms moved off their initial ones
+    first (a run of 1.0 is in any library)."""
+    from conftest import BUILDERS
+
+    from partitioner.api import partition
+    from partitioner.capturing import capture
+
+    model = BUILDERS["tiny-llama"]()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    program = partition(capture(model, model_name="tiny-llama"), PRESET, seed=BUNDLE_SEED)
+    wanted = []
+    for value in program.source.state_dict.values():
+        raw = value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        if len(raw) >= 32:
+            wanted.append(raw[len(raw) // 2 - 16 : len(raw) // 2 + 16])
+    assert len(wanted) >= 10
+    clear = program.save(tmp_path / "clear", sign_key=SIGN_KEY)
+    assert found_on_disk(clear, wanted) == len(wanted)
+    root = program.save(
+        tmp_path / "sealed", sign_key=SIGN_KEY, enclave_key=key_file, compile_enclave="stages"
+    )
+    assert any((root / "enclave" / "aot").glob("*.so"))
+    assert found_on_disk(root, wanted) == 0
+
+
 def resign(root: Path, change) -> None:
     """``plan.json`` changed by ``change`` (with the enclave's files' hashes as they are now)
     and signed again with the compiler's key: the compiler's own mistake, not an attacker's."""
