@@ -25,11 +25,14 @@
 
 namespace {
 
-// acc[n] += int(row[n]) * scale (mod 2**32) for n < cols; true if some row[n] is not an
+// acc[n] += int(row[n]) * 2**shift (mod 2**32) for n < cols; true if some row[n] is not an
 // integer of magnitude at most 2**24. Written without branches so that the compiler vectorises
 // it; a value out of range is zeroed by its bits before the conversion (which would be
-// undefined for it), and flagged.
-bool fold(const float* __restrict row, uint32_t* __restrict acc, int64_t cols, uint32_t scale) {
+// undefined for it), and flagged. A shift, not a product by 2**shift: baseline x86-64 (SSE2)
+// has no 32-bit vector multiply. Compiled twice, for AVX2 and for the baseline, the loader
+// picking the one the CPU runs (GCC's target_clones): the same source, so the same bits.
+__attribute__((target_clones("avx2", "default")))
+bool fold(const float* __restrict row, uint32_t* __restrict acc, int64_t cols, uint32_t shift) {
   uint32_t bad = 0;
   for (int64_t n = 0; n < cols; ++n) {
     const float v = row[n];
@@ -41,7 +44,7 @@ bool fold(const float* __restrict row, uint32_t* __restrict acc, int64_t cols, u
     std::memcpy(&kept, &bits, sizeof kept);
     const int32_t q = static_cast<int32_t>(kept);
     bad |= (in_range ^ 1u) | static_cast<uint32_t>(static_cast<float>(q) != v);
-    acc[n] += static_cast<uint32_t>(q) * scale;
+    acc[n] += static_cast<uint32_t>(q) << shift;
   }
   return bad != 0;
 }
@@ -73,11 +76,11 @@ void recombine(const at::Tensor& products, const std::vector<int64_t>& shifts,
   const int64_t* c = corr.data_ptr<int64_t>();
   int32_t* o = out.data_ptr<int32_t>();
   const int64_t stride = digits * cols;
-  std::vector<std::pair<int64_t, uint32_t>> terms;  // (offset of the product block, 2**shift)
+  std::vector<std::pair<int64_t, uint32_t>> terms;  // (offset of the product block, shift)
   for (int64_t i = 0; i < 4; ++i)
     for (int64_t j = 0; j < digits; ++j) {
       const int64_t s = shifts[i * digits + j];
-      if (s < 32) terms.emplace_back(i * rows * stride + j * cols, uint32_t{1} << s);
+      if (s < 32) terms.emplace_back(i * rows * stride + j * cols, static_cast<uint32_t>(s));
     }
   std::atomic<bool> bad{false};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -85,8 +88,8 @@ void recombine(const at::Tensor& products, const std::vector<int64_t>& shifts,
     bool local_bad = false;
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t n = 0; n < cols; ++n) acc[n] = static_cast<uint32_t>(c[n]);
-      for (const auto& [offset, scale] : terms)
-        local_bad |= fold(p + offset + m * stride, acc.data(), cols, scale);
+      for (const auto& [offset, shift] : terms)
+        local_bad |= fold(p + offset + m * stride, acc.data(), cols, shift);
       int32_t* dst = o + m * width + col0;
       for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<int32_t>(acc[n]);
     }
