@@ -177,7 +177,21 @@ def capture(
     caveats = peft_caveats(model)  # before the wrapper goes: it holds peft's configs
     if hasattr(model, "get_base_model") and _hf_base(model) is not None:
         # peft injects its adapter layers into the base model in place; the wrapper's forward
-        # only forwards **kwargs, which export cannot give named dynamic dims.
+        # only forwards **kwargs, which export cannot give named dynamic dims. Prompt
+        # learning (prompt, prefix, p-tuning) adds its virtual tokens in that forward, so the
+        # base alone would silently compute without the fine-tune: refused.
+        learned = sorted(
+            name
+            for name, config in (getattr(model, "peft_config", None) or {}).items()
+            if getattr(config, "is_prompt_learning", False)
+        )
+        if learned:
+            raise CaptureError(
+                f"peft adapter(s) {learned} learn a prompt (prompt/prefix tuning, p-tuning), "
+                "which peft's wrapper adds in its forward; the base model it wraps would be "
+                "captured without it. Merge-free prompt learning is not supported: use an "
+                "adapter that changes the model's layers (LoRA, IA3, ...)"
+            )
         model = model.get_base_model()
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = {}

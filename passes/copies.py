@@ -8,7 +8,8 @@ stacked with other weights. It reports a GPU tensor that
 
 1. equals a protected parameter or is an affine copy of it (a quantised or rescaled weight:
    correlation above ``COPY_CORRELATION``), in its order or its transpose's (so a reshaped
-   or flattened copy too);
+   or flattened copy too); or (1b), 2-D, is one row by row or column by column, each with its
+   own scale and offset (a weight quantised per channel, however narrow its rows);
 2. holds, as a row of its view at some width ``w`` (its elements ``w`` at a time) or as a
    column (a 2-D tensor ``w`` rows tall), an affine copy of a row or column, ``w`` wide, of a
    protected parameter (``w >= MIN_WIDTH``): some rows or columns of it, one row, or rows
@@ -42,6 +43,24 @@ MIN_WIDTH = 16  # narrower rows correlate by chance too often to call one a copy
 BITS = 16
 TABLES = 8
 _SEED = 20251205
+
+
+def rowwise_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether 2-D ``a`` (``b``'s shape) is, row by row, an affine copy of ``b``, each row with
+    its own scale and offset (a weight quantised per channel; check 1b): every row of ``b``
+    that is not constant correlates above ``COPY_CORRELATION`` with ``a``'s. At least
+    ``_ROWWISE_ROWS`` such rows at least 3 wide (two centred values always correlate fully;
+    three, by chance, above 0.99 with probability ~0.09 a row)."""
+    if a.dim() != 2 or a.shape != b.shape or a.shape[1] < 3:
+        return False
+    live = (b - b.mean(1, keepdim=True)).norm(dim=1) > 0
+    if int(live.sum()) < _ROWWISE_ROWS:
+        return False
+    corr = (_unit(a[live]) * _unit(b[live])).sum(1).abs()
+    return bool((corr > COPY_CORRELATION).all())
+
+
+_ROWWISE_ROWS = 8
 
 
 def whole_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -167,11 +186,19 @@ def copies_on_gpu(
         by_size.setdefault(flat.numel(), []).append((fqn, flat.flatten()))
         if flat.dim() == 2:
             by_size[flat.numel()].append((fqn, flat.t().flatten()))
+    shaped = [(fqn, t.detach().to(torch.float64)) for fqn, t in protected if t.dim() == 2]
     for stage, tensors in stages:
         for name, tensor in tensors:
             for fqn, ref in by_size.get(tensor.numel(), ()):
                 if whole_copy(tensor.detach().to(torch.float64).flatten(), ref):
                     found.setdefault((stage, name, fqn), "whole")
+            if tensor.dim() != 2:
+                continue
+            held = tensor.detach().to(torch.float64)
+            for fqn, ref in shaped:
+                pairs = ((held, ref), (held.t(), ref.t()), (held, ref.t()), (held.t(), ref))
+                if any(rowwise_copy(a, b) for a, b in pairs):
+                    found.setdefault((stage, name, fqn), "whole, a scale and offset per channel")
     planes = _Hyperplanes()
     for width, entries in sorted(_protected_rows(protected).items()):
         index = _Index(planes, entries)

@@ -166,6 +166,54 @@ def _int8(t: torch.Tensor) -> torch.Tensor:
     return torch.round(t / t.abs().max() * 127).to(torch.int8)
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_learned_prompt_is_refused_not_dropped(method):
+    """peft's prompt learning adds its virtual tokens in the wrapper's forward, which capture
+    unwraps: the captured program was the bare base, the fine-tune silently gone (a review's
+    finding)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from partitioner.errors import CaptureError
+
+    kind = PromptTuningConfig if method == "prompt" else PrefixTuningConfig
+    model = get_peft_model(
+        tiny_llama(num_hidden_layers=1), kind(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(CaptureError, match="learn a prompt"):
+        capture(model.eval())
+
+
+@pytest.mark.parametrize("rank", [4, 8])
+def test_audit_finds_a_narrow_adapter_weight_quantised_per_channel(rank):
+    """``lora_B`` (out x r) quantised per output channel, as the exact pass quantises a GPU
+    weight: the whole tensor correlated ~0.92 (every row has its own scale), its rows are
+    narrower than the row search's 16 and its columns are no affine copies, so the audit
+    passed it at peft's default rank (a review's finding)."""
+    from peft import LoraConfig
+
+    from passes.exact import quantise_weight
+
+    torch.manual_seed(rank)
+    model, _ = peft_program(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune"))
+    lora_b = next(f for f in split.parameters.protected if "lora_B" in f)
+    stolen, _ = quantise_weight(split.source.state_dict[lora_b].detach())
+    gpu = next(s for s in split.stages if s.side == GPU)
+    for layout in (stolen, stolen.t().contiguous()):
+        gpu.module.register_buffer("_exact_linear_99_weight", layout)
+        try:
+            with pytest.raises(AuditError, match="by value"):
+                audit(split, verbose=False)
+        finally:
+            del gpu.module._exact_linear_99_weight
+
+
 @pytest.mark.parametrize("hiding", ["rows", "columns", "inside a public weight", "one row"])
 def test_audit_finds_part_of_a_protected_parameter_on_the_gpu(hiding):
     """The by-value search compared whole tensors: a GPU stage holding some rows or columns
