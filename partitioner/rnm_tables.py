@@ -155,13 +155,20 @@ class RNMTables:
             float(epsilon),
         )
 
-    def to_bytes(self) -> bytes:
-        """The tables as a safetensors file's bytes (what :meth:`from_bytes` reads)."""
+    def to_bytes(self, salted: bool = False) -> bytes:
+        """The tables as a safetensors file's bytes (what :meth:`from_bytes` reads);
+        ``salted``: with 16 random bytes in the metadata, so that the file's hash is no
+        fingerprint of the embedding it was built from."""
+        import os
+
         from safetensors.torch import save
 
+        metadata = {"epsilon": repr(self.epsilon)}
+        if salted:
+            metadata["salt"] = os.urandom(16).hex()
         return save(
             {"candidates": self.candidates, "scores": self.scores, "keep": self.keep},
-            metadata={"epsilon": repr(self.epsilon)},
+            metadata=metadata,
         )
 
     def save(self, path: str | Path) -> None:

@@ -143,6 +143,25 @@ def test_a_sealed_bundle_compiled_ahead_of_time_holds_no_protected_parameter(key
     assert found_on_disk(root, wanted) == 0
 
 
+def test_plan_json_is_no_fingerprint_of_the_enclaves_files_in_the_clear(tmp_path):
+    """The GPU host reads plan.json (its worker checks gpu/ against it). In the clear, the
+    hash of enclave/weights.safetensors depended on the weights alone: a GPU host that
+    compiled candidate fine-tunes matched the deployed one by it (a review's finding). Salted,
+    two saves of one program hash differently; the enclave loads either."""
+    from partitioner.policy import Policy, RNMConfig
+
+    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
+    program = partition_for_rnm(policy)
+    hashes = []
+    for run in ("a", "b"):
+        root = program.save(tmp_path / run, sign_key=SIGN_KEY)
+        files = json.loads((root / "plan.json").read_text())["files"]
+        hashes.append({k: v for k, v in files.items() if k.startswith("enclave/")})
+        assert load_program(root, trusted_key=TRUSTED).protection.rnm.tables is not None
+    for rel in ("enclave/weights.safetensors", "enclave/rnm.safetensors"):
+        assert hashes[0][rel] != hashes[1][rel], rel
+
+
 def resign(root: Path, change) -> None:
     """``plan.json`` changed by ``change`` (with the enclave's files' hashes as they are now)
     and signed again with the compiler's key: the compiler's own mistake, not an attacker's."""
