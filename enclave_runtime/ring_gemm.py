@@ -127,18 +127,21 @@ class PackedLinear:
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         if u.dtype != torch.int32 or u.device.type != "cpu":
             raise TypeError(f"int32 CPU pads expected, got {u.dtype} on {u.device}")
-        body = u[..., :-1] if self.carry else u
-        if body.shape[-1] != self.fan_in:
-            raise ValueError(f"pads of width {body.shape[-1]} for a fan-in of {self.fan_in}")
-        rows = body.reshape(-1, self.fan_in)
+        width = u.shape[-1] - int(self.carry)
+        if width != self.fan_in:
+            raise ValueError(f"pads of width {width} for a fan-in of {self.fan_in}")
+        # whole rows (a view of contiguous pads): the planes read the first fan_in of each
+        rows = u.reshape(-1, u.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
         count = rows.shape[0]
         out = torch.empty((count, self.cols + int(self.carry)), dtype=torch.int32)
         if self.carry:  # the row's masked scale exponent passes through, as in ring_linear
-            out[:, -1] = u.reshape(-1, u.shape[-1])[:, -1]
-        # the pads' bytes, least significant first (little-endian), top bit flipped: signed
-        # digits b - 128, as four stacked row blocks
-        digits = (rows.contiguous().view(torch.uint8) ^ 0x80).view(torch.int8)
-        stacked = digits.view(count, self.fan_in, 4).permute(2, 0, 1).reshape(-1, self.fan_in)
+            out[:, -1] = rows[:, -1]
+        # the pads' bytes, least significant first, top bit flipped: signed digits b - 128,
+        # as four stacked row blocks
+        stacked = torch.empty((4 * count, self.fan_in), dtype=torch.int8)
+        _native.byte_planes(rows, stacked)
         for start, weights, scale, zero, corr in self.blocks:
             products = _QLINEAR(
                 stacked, 1.0, 0, weights, scale, zero, None,

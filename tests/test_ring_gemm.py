@@ -89,6 +89,11 @@ def test_bias_and_the_carried_scale_column():
     u = _pads(6, 71, 3)  # the last column: a row's masked scale exponent
     assert torch.equal(PackedLinear(w, b, True)(u), RING(u, w, b, True))
     assert torch.equal(PackedLinear(w, b, False)(u[:, :70]), RING(u[:, :70], w, b))
+    # batched pads (the pool's), and pads whose last dimension is not contiguous
+    batched = _pads(12, 71, 4).view(2, 6, 71)
+    assert torch.equal(PackedLinear(w, b, True)(batched), RING(batched, w, b, True))
+    strided = _pads(71, 6, 5).t()
+    assert torch.equal(PackedLinear(w, b, True)(strided), RING(strided, w, b, True))
 
 
 def test_a_fan_in_no_digits_fit_falls_back_to_float64():
@@ -144,6 +149,12 @@ def test_recombination_refuses_shapes_it_was_not_built_for():
         ring_gemm._native.recombine(torch.zeros((8, 6)), [0, 6] * 4, corr, out, 1)
     with pytest.raises(RuntimeError, match="shifts"):
         ring_gemm._native.recombine(torch.zeros((8, 6)), [0] * 4, corr, out, 0)
+    pads = torch.zeros((2, 5), dtype=torch.int32)
+    for planes in (torch.empty((8, 6), dtype=torch.int8), torch.empty((6, 5), dtype=torch.int8)):
+        with pytest.raises(RuntimeError, match="byte_planes"):
+            ring_gemm._native.byte_planes(pads, planes)
+    with pytest.raises(RuntimeError, match="byte_planes"):
+        ring_gemm._native.byte_planes(pads.t(), torch.empty((20, 2), dtype=torch.int8))
 
 
 def test_one_signed_digit_rows_at_the_pools_shapes():

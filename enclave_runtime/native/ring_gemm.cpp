@@ -98,8 +98,47 @@ void recombine(const at::Tensor& products, const std::vector<int64_t>& shifts,
   TORCH_CHECK(!bad.load(), "recombine: a digit product is not an integer within 2**24");
 }
 
+// planes[i * rows + m, k] = byte i (least significant first) of pads[m, k], its top bit
+// flipped (the signed digit b - 128), for m < rows = pads.size(0), k < fan_in = planes.size(1):
+// the GEMM's four stacked row blocks, in one pass (a permute and copy of the bytes took a
+// tenth of a prefill's fill). pads: int32 rows, the last dimension contiguous (a row may be
+// wider than fan_in: its carried exponent column is left out).
+__attribute__((target_clones("avx2", "default")))
+void split_row(const uint32_t* __restrict row, int8_t* __restrict b0, int8_t* __restrict b1,
+               int8_t* __restrict b2, int8_t* __restrict b3, int64_t fan_in) {
+  for (int64_t k = 0; k < fan_in; ++k) {
+    const uint32_t v = row[k] ^ 0x80808080u;
+    b0[k] = static_cast<int8_t>(static_cast<uint8_t>(v));
+    b1[k] = static_cast<int8_t>(static_cast<uint8_t>(v >> 8));
+    b2[k] = static_cast<int8_t>(static_cast<uint8_t>(v >> 16));
+    b3[k] = static_cast<int8_t>(static_cast<uint8_t>(v >> 24));
+  }
+}
+
+void byte_planes(const at::Tensor& pads, at::Tensor& planes) {
+  TORCH_CHECK(pads.scalar_type() == at::kInt && pads.is_cpu() && pads.dim() == 2 &&
+                  pads.stride(1) == 1,
+              "byte_planes: pads must be 2-d int32 CPU rows, the last dimension contiguous");
+  TORCH_CHECK(planes.scalar_type() == at::kChar && planes.is_cpu() && planes.is_contiguous() &&
+                  planes.dim() == 2,
+              "byte_planes: planes must be a contiguous 2-d int8 CPU tensor");
+  const int64_t rows = pads.size(0), fan_in = planes.size(1);
+  TORCH_CHECK(planes.size(0) == 4 * rows && fan_in <= pads.size(1), "byte_planes: planes are ",
+              planes.sizes(), " for pads ", pads.sizes());
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(pads.data_ptr<int32_t>());
+  int8_t* o = planes.data_ptr<int8_t>();
+  const int64_t stride = pads.stride(0), plane = rows * fan_in;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int8_t* dst = o + m * fan_in;
+      split_row(u + m * stride, dst, dst + plane, dst + 2 * plane, dst + 3 * plane, fan_in);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recombine", &recombine, "fold int8 digit products into out[:, col0:] mod 2**32");
+  m.def("byte_planes", &byte_planes, "the pads' four signed byte planes, stacked as rows");
 }
