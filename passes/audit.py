@@ -33,7 +33,7 @@ from partitioner.ops import OPS
 from partitioner.plan import ENCLAVE, GPU, INPUT, OUTPUT, Edge, Protection, Stage
 from partitioner.policy import Policy
 from passes.base import is_public, model_weights, weight_value
-from passes.copies import copies_on_gpu
+from passes.copies import copies_on_gpu, unexplained_on_gpu
 from passes.taint import DP_TAINT, taint_of
 
 
@@ -157,11 +157,13 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
         public = {n.name for n in source.graph.find_nodes(op="placeholder") if is_public(n)}
         protected = [fqn for name, fqn in model_weights(source).items() if name not in public]
         by_fqn = {fqn: weight_value(source, fqn) for fqn in model_weights(source).values()}
+        held = [(s.name, _stage_tensors(s.module)) for s in program.stages if s.side == GPU]
+        public_values = [(f, v) for f, v in by_fqn.items() if f not in protected and v is not None]
         violations += copies_on_gpu(
-            [(s.name, _stage_tensors(s.module)) for s in program.stages if s.side == GPU],
-            [(f, by_fqn[f]) for f in protected if by_fqn[f] is not None],
-            [(f, v) for f, v in by_fqn.items() if f not in protected and v is not None],
+            held, [(f, by_fqn[f]) for f in protected if by_fqn[f] is not None], public_values
         )
+        if policy.public_base is not None:
+            violations += unexplained_on_gpu(held, public_values)
         values = [weight_value(source, fqn) for fqn in protected]
         storages = {
             t.untyped_storage().data_ptr()

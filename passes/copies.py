@@ -24,6 +24,9 @@ table's keys agree, and a candidate is a copy when its correlation is above
 probability ~0.52, so a row is missed with probability ~0.52**8 < 0.6 %, and a slice of k rows
 only if every one is; copies closer than that are missed less often.
 
+Under a public base the audit also asks the converse (:func:`unexplained_on_gpu`): that
+every 2-D GPU tensor is a public parameter or its quantisation, recomputed.
+
 Not a copy: a protected row that is itself an affine copy of a row of a public parameter (a
 trainable token's row left as its base's): the GPU holding the public row learns nothing the
 public base does not tell. Not found: a copy that is not affine row by row (a product with
@@ -222,6 +225,52 @@ def copies_on_gpu(
                     fqn, kind, i = index.owners[j]
                     found.setdefault((stage, name, fqn), f"its {kind} {i}, {width} wide")
     return [_line(stage, name, fqn, how) for (stage, name, fqn), how in found.items()]
+
+
+def unexplained_on_gpu(
+    stages: Iterable[tuple[str, list[tuple[str, torch.Tensor]]]],
+    public: list[tuple[str, torch.Tensor]],
+) -> list[str]:
+    """Under a public base, an allow-list rather than a search: every 2-D tensor a GPU stage
+    holds must be bit for bit a public parameter (in its layout or transposed, or cast to
+    the tensor's dtype) or the exact pass's integer quantisation of one
+    (:func:`passes.exact.quantise_weight`, of it or of its transpose). One line per tensor
+    that is neither: it catches what no search for copies can (a protected parameter's
+    product with a public one, such as a merged ``W + s·BA``, or its rows permuted), since
+    it recomputes what the GPU may hold instead of looking for what it must not."""
+    from passes.exact import quantise_weight
+
+    wanted: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for _, tensors in stages:
+        for _, tensor in tensors:
+            if tensor.dim() == 2:
+                wanted.setdefault(tuple(tensor.shape), [])
+    allowed: dict[tuple[int, ...], list[torch.Tensor]] = {shape: [] for shape in wanted}
+    for _, value in public:
+        if value.dim() != 2 or value.device.type == "meta":
+            continue
+        for form in (value.detach(), value.detach().t()):
+            for candidate in (form, quantise_weight(form)[0]):
+                for layout in (candidate, candidate.t()):
+                    if tuple(layout.shape) in allowed:
+                        allowed[tuple(layout.shape)].append(layout)
+    found = []
+    for stage, tensors in stages:
+        for name, tensor in tensors:
+            if tensor.dim() != 2:
+                continue
+            held = tensor.detach()
+            if not any(
+                torch.equal(held, c if c.dtype == held.dtype else c.to(held.dtype))
+                for c in allowed[tuple(held.shape)]
+                if c.is_floating_point() or c.dtype == held.dtype
+            ):
+                found.append(
+                    f"GPU stage {stage} attribute {name} {tuple(held.shape)} {held.dtype} is "
+                    "neither a public parameter nor the exact pass's quantisation of one (by "
+                    "value: under a public base every GPU weight must be one of them)"
+                )
+    return found
 
 
 def _constant(t: torch.Tensor) -> bool:

@@ -183,6 +183,35 @@ def test_a_learned_prompt_is_refused_not_dropped(method):
         capture(model.eval())
 
 
+@pytest.mark.parametrize("swap", ["merged", "permuted"])
+def test_audit_refuses_a_gpu_weight_no_public_parameter_explains(swap):
+    """What no search for copies finds: the GPU's ring weight for q_proj replaced by the
+    quantised merged weight ``W + s·BA`` (what merging the adapter did before stop 53), or by
+    its own rows permuted. Under a public base every GPU weight must be recomputable from
+    a public parameter (a review's finding: both passed the audit)."""
+    from passes.exact import quantise_weight
+
+    split = _trained_split()
+    gpu = next(s for s in split.stages if s.side == GPU and s.module.state_dict())
+    name, held = next((k, v) for k, v in gpu.module.state_dict().items() if v.dim() == 2)
+    sd = split.source.state_dict
+    base = next(k for k in sd if k.endswith("q_proj.base_layer.weight"))
+    lora_a = sd[base.replace("base_layer.weight", "lora_A.default.weight")]
+    lora_b = sd[base.replace("base_layer.weight", "lora_B.default.weight")]
+    assert torch.equal(held, quantise_weight(sd[base])[0])  # the honest one
+    if swap == "merged":
+        forged = quantise_weight(sd[base] + 2.0 * lora_b @ lora_a)[0]
+    else:
+        forged = held[torch.randperm(held.shape[0], generator=torch.Generator().manual_seed(0))]
+    try:
+        setattr(gpu.module, name, forged)
+        with pytest.raises(AuditError, match="neither a public parameter nor"):
+            audit(split, verbose=False)
+    finally:
+        setattr(gpu.module, name, held)
+    audit(split, verbose=False)
+
+
 @pytest.mark.parametrize("rank", [4, 8])
 def test_audit_finds_a_narrow_adapter_weight_quantised_per_channel(rank):
     """``lora_B`` (out x r) quantised per output channel, as the exact pass quantises a GPU
