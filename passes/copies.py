@@ -36,6 +36,7 @@ or a row stored across a row boundary of the view.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -233,44 +234,53 @@ def unexplained_on_gpu(
 ) -> list[str]:
     """Under a public base, an allow-list rather than a search: every 2-D tensor a GPU stage
     holds must be bit for bit a public parameter (in its layout or transposed, or cast to
-    the tensor's dtype) or the exact pass's integer quantisation of one
+    the tensor's float dtype) or the exact pass's integer quantisation of one
     (:func:`passes.exact.quantise_weight`, of it or of its transpose). One line per tensor
     that is neither: it catches what no search for copies can (a protected parameter's
     product with a public one, such as a merged ``W + s·BA``, or its rows permuted), since
-    it recomputes what the GPU may hold instead of looking for what it must not."""
+    it recomputes what the GPU may hold instead of looking for what it must not. Tensors
+    are compared by a 128-bit digest of their dtype, shape and bytes; the transposed
+    quantisations are computed only for what the direct ones leave unexplained."""
     from passes.exact import quantise_weight
 
-    wanted: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for _, tensors in stages:
-        for _, tensor in tensors:
-            if tensor.dim() == 2:
-                wanted.setdefault(tuple(tensor.shape), [])
-    allowed: dict[tuple[int, ...], list[torch.Tensor]] = {shape: [] for shape in wanted}
-    for _, value in public:
-        if value.dim() != 2 or value.device.type == "meta":
-            continue
-        for form in (value.detach(), value.detach().t()):
-            for candidate in (form, quantise_weight(form)[0]):
-                for layout in (candidate, candidate.t()):
-                    if tuple(layout.shape) in allowed:
-                        allowed[tuple(layout.shape)].append(layout)
-    found = []
+    held: dict[tuple[str, tuple[int, ...], bytes], list[str]] = {}
+    floats: set[torch.dtype] = set()
     for stage, tensors in stages:
         for name, tensor in tensors:
-            if tensor.dim() != 2:
+            if tensor.dim() == 2:
+                held.setdefault(_digest(tensor), []).append(f"{stage} attribute {name}")
+                if tensor.is_floating_point():
+                    floats.add(tensor.dtype)
+    missing = set(held)
+    shapes = {shape for _, shape, _ in held}
+    for transposed in (False, True):
+        for _, value in public:
+            if not missing:
+                return []
+            if value.dim() != 2 or value.device.type == "meta":
                 continue
-            held = tensor.detach()
-            if not any(
-                torch.equal(held, c if c.dtype == held.dtype else c.to(held.dtype))
-                for c in allowed[tuple(held.shape)]
-                if c.is_floating_point() or c.dtype == held.dtype
-            ):
-                found.append(
-                    f"GPU stage {stage} attribute {name} {tuple(held.shape)} {held.dtype} is "
-                    "neither a public parameter nor the exact pass's quantisation of one (by "
-                    "value: under a public base every GPU weight must be one of them)"
-                )
-    return found
+            form = value.detach().t() if transposed else value.detach()
+            if tuple(form.shape) not in shapes and tuple(form.shape)[::-1] not in shapes:
+                continue
+            candidates = [quantise_weight(form)[0]]
+            if not transposed:
+                candidates += [form] + [form.to(dtype) for dtype in floats]
+            for candidate in candidates:
+                for layout in (candidate, candidate.t()):
+                    if tuple(layout.shape) in shapes:
+                        missing.discard(_digest(layout))
+    return [
+        f"GPU stage {where} {shape} {dtype} is neither a public parameter nor the exact "
+        "pass's quantisation of one (by value: under a public base every GPU weight must be "
+        "one of them)"
+        for dtype, shape, digest in sorted(missing)
+        for where in held[(dtype, shape, digest)]
+    ]
+
+
+def _digest(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return str(t.dtype), tuple(t.shape), hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _constant(t: torch.Tensor) -> bool:
