@@ -56,7 +56,12 @@ _QLINEAR = _qlinear()
 
 def available() -> bool:
     """Whether this process can run the int8 path (module docstring)."""
-    return _native is not None and _QLINEAR is not None and sys.byteorder == "little"
+    return (
+        _native is not None
+        and hasattr(_native, "byte_planes")  # a library built before it: the float64 path
+        and _QLINEAR is not None
+        and sys.byteorder == "little"
+    )
 
 
 def weight_digits(w: torch.Tensor) -> tuple[int, list[torch.Tensor]] | None:

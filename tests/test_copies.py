@@ -57,3 +57,27 @@ def test_a_protected_row_a_public_weight_has_too_is_not_a_copy():
     assert reported([base.clone()], secret, public) == 0
     assert reported([base.clone()], secret) == 1  # without the public weight: a copy
     assert reported([secret[1:].clone()], secret, public) == 1
+
+
+def test_a_fine_tuned_row_beside_its_public_base_row_is_still_a_copy():
+    """A fine-tuned row is ~0.995 correlated with its base's: excusing every protected row
+    that close to a public one hid trained rows stacked under the public weight (a review's
+    finding). A held row is excused only where a public row is at least as close to it."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(50, 64, generator=gen)
+    trained = base[:4] + 0.1 * torch.randn(4, 64, generator=gen)
+    public = [("embed", base)]
+    assert reported([torch.cat([base, trained])], trained, public) == 1
+    assert reported([trained.flatten().clone()], trained, public) == 1
+    # the public base quantised, as the GPU holds it honestly: closer to the base than to
+    # the fine-tune, so not a copy
+    quantised = torch.round(base / base.abs().amax(1, keepdim=True) * 127).to(torch.int8)
+    assert reported([quantised], trained, public) == 0
+
+
+def test_nothing_held_nothing_computed():
+    """The audit of a split whose GPU holds no weight (secureinfer) built an index of every
+    protected row anyway: 5.9 s and 7.2 GB for SmolLM2 (a review's finding)."""
+    huge = torch.randn(4, 1 << 20)  # would need 4 GiB of hyperplanes for its width
+    assert copies_on_gpu([("gpu_0", [])], [("secret", huge)], []) == []
+    assert reported([torch.randn(3, 5)], huge) == 0  # a held tensor, but no width in common
