@@ -27,11 +27,17 @@ only if every one is; copies closer than that are missed less often.
 Under a public base the audit also asks the converse (:func:`unexplained_on_gpu`): that
 every 2-D GPU tensor is a public parameter or its quantisation, recomputed.
 
-Not a copy: a protected row that is itself an affine copy of a row of a public parameter (a
-trainable token's row left as its base's): the GPU holding the public row learns nothing the
-public base does not tell. Not found: a copy that is not affine row by row (a product with
-another matrix, a rotation, entries permuted within a row), rows narrower than ``MIN_WIDTH``,
-or a row stored across a row boundary of the view.
+Not a copy: a held row that a public parameter's row is at least as close to (a trainable
+token's row left as its base's, or the public base quantised beside a fine-tuned row ~0.995
+its base's): the GPU holding the public row learns nothing the public base does not tell.
+
+Not found by the search (a review tried each; under a public base the allow-list refuses the
+2-D ones): a copy that is not affine row by row (a product with another matrix, a rotation,
+entries permuted or reversed within a row, int4 values packed into wider integers); rows
+narrower than ``MIN_WIDTH`` or wider than ``MAX_WIDTH``; a row stored across a row boundary
+of the view (a weight padded to a wider row, a sub-block ``W[:a, :b]``, a flattened copy
+shifted by a few elements, a slice of a vector at an offset that is not a multiple of its
+width).
 """
 
 from __future__ import annotations
