@@ -25,14 +25,14 @@ probability ~0.52, so a row is missed with probability ~0.52**8 < 0.6 %, and a s
 only if every one is; copies closer than that are missed less often.
 
 Under a public base the audit also asks the converse (:func:`unexplained_on_gpu`): that
-every 2-D GPU tensor is a public parameter or its quantisation, recomputed.
+every GPU tensor is a public parameter or its quantisation, recomputed.
 
 Not a copy: a held row that a public parameter's row is at least as close to (a trainable
 token's row left as its base's, or the public base quantised beside a fine-tuned row ~0.995
 its base's): the GPU holding the public row learns nothing the public base does not tell.
 
-Not found by the search (a review tried each; under a public base the allow-list refuses the
-2-D ones): a copy that is not affine row by row (a product with another matrix, a rotation,
+Not found by the search (a review tried each; under a public base the allow-list refuses
+them all): a copy that is not affine row by row (a product with another matrix, a rotation,
 entries permuted or reversed within a row, int4 values packed into wider integers); rows
 narrower than ``MIN_WIDTH`` or wider than ``MAX_WIDTH``; a row stored across a row boundary
 of the view (a weight padded to a wider row, a sub-block ``W[:a, :b]``, a flattened copy
@@ -276,10 +276,13 @@ def unexplained_on_gpu(
     stages: Iterable[tuple[str, list[tuple[str, torch.Tensor]]]],
     public: list[tuple[str, torch.Tensor]],
 ) -> list[str]:
-    """Under a public base, an allow-list rather than a search: every 2-D tensor a GPU stage
-    holds must be bit for bit a public parameter (in its layout or transposed, or cast to
-    the tensor's float dtype) or the exact pass's integer quantisation of one
-    (:func:`passes.exact.quantise_weight`, of it or of its transpose). One line per tensor
+    """Under a public base, an allow-list rather than a search: every tensor a GPU stage
+    holds must be bit for bit a public parameter (a 2-D one in its layout or transposed; any
+    one cast to the tensor's float dtype) or, 2-D, the exact pass's integer quantisation of
+    one (:func:`passes.exact.quantise_weight`, of it or of its transpose). No honest
+    ``private_finetune`` split of the 29 peft configurations a review built holds anything
+    else (their GPU stages hold 2-D weights alone); a GPU bias quantised at a calibrated
+    scale (an input that is not row-scaled) would be refused here. One line per tensor
     that is neither: it catches what no search for copies can (a protected parameter's
     product with a public one, such as a merged ``W + s·BA``, or its rows permuted), since
     it recomputes what the GPU may hold instead of looking for what it must not. Tensors
@@ -290,7 +293,7 @@ def unexplained_on_gpu(
     held: dict[tuple[torch.dtype, tuple[int, ...], bytes], list[tuple[str, torch.Tensor]]] = {}
     for stage, tensors in stages:
         for name, tensor in tensors:
-            if tensor.dim() == 2 and tensor.device.type != "meta" and tensor.numel():
+            if tensor.dim() >= 1 and tensor.device.type != "meta" and tensor.numel():
                 where = f"{stage} attribute {name}"
                 held.setdefault(_key(tensor), []).append((where, tensor.detach()))
     missing = {where for entries in held.values() for where, _ in entries}
@@ -304,6 +307,11 @@ def unexplained_on_gpu(
             if where in missing and torch.equal(tensor, candidate):
                 missing.discard(where)
 
+    float_dtypes = {d for d in dtypes if d.is_floating_point}
+    for _, value in public:
+        if value.dim() != 2 and value.dim() >= 1 and value.device.type != "meta":
+            for candidate in (value.detach(), *(value.detach().to(d) for d in float_dtypes)):
+                offer(candidate)
     for transposed in (False, True):
         for _, value in public:
             if not missing:
@@ -315,7 +323,6 @@ def unexplained_on_gpu(
                 continue
             candidates = [quantise_weight(form)[0]]
             if not transposed:
-                float_dtypes = {d for d in dtypes if d.is_floating_point}
                 candidates += [form.to(dtype) for dtype in float_dtypes]
             for candidate in candidates:
                 offer(candidate)
@@ -323,7 +330,7 @@ def unexplained_on_gpu(
     return [
         f"GPU stage {where} {tuple(tensor.shape)} {tensor.dtype} is neither a public parameter "
         "nor the exact pass's quantisation of one (by value: under a public base every GPU "
-        "weight must be one of them)"
+        "tensor must be one of them)"
         for entries in held.values()
         for where, tensor in entries
         if where in missing

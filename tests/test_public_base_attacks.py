@@ -212,6 +212,34 @@ def test_audit_refuses_a_gpu_weight_no_public_parameter_explains(swap):
     audit(split, verbose=False)
 
 
+def test_audit_refuses_a_shifted_slice_of_a_protected_vector_under_a_public_base():
+    """A fine-tuned norm's values, a few dropped and rescaled, in a GPU stage: no row of the
+    search is aligned with them (a review's finding), but under a public base nothing on the
+    GPU may be other than a public parameter or its quantisation."""
+    from peft import LoraConfig
+
+    model, _ = peft_program(
+        LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = partition(model, Policy.preset("private_finetune"))
+    norm = next(f for f in split.parameters.protected if "modules_to_save" in f)
+    stolen = split.source.state_dict[norm].detach()[3:40] * 2
+    gpu = next(s for s in split.stages if s.side == GPU)
+    audit(split, verbose=False)
+    gpu.module.register_buffer("innocent_looking", stolen)
+    try:
+        with pytest.raises(AuditError, match="neither a public parameter nor"):
+            audit(split, verbose=False)
+    finally:
+        del gpu.module.innocent_looking
+
+
 @pytest.mark.parametrize("rank", [4, 8])
 def test_audit_finds_a_narrow_adapter_weight_quantised_per_channel(rank):
     """``lora_B`` (out x r) quantised per output channel, as the exact pass quantises a GPU
