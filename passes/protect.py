@@ -54,7 +54,7 @@ from passes.freivalds import freivalds_copies
 from passes.linearity import StageAnalysis, analyse, build_correction
 from passes.mask import rewrite_stage
 from passes.rnm import insert_rnm
-from passes.taint import protection_of, taint_of
+from passes.taint import MODEL_TAINT, protection_of, taint_of
 
 
 @dataclass
@@ -145,7 +145,13 @@ class _Protector:
         exact = exact_pass.new_exact_spec() if masking == "exact" else None
         if exact is not None:
             gpu_stages = [s for s in self.stages if s.side == GPU]
-            amax = exact_pass.calibrate(self.program, set(masked))
+            calibrated = set(masked)
+            if self.policy.public_base is not None:
+                # a scale calibrated on a value a protected parameter shaped (a fine-tune's
+                # rotation of a base layer's input) would be published in plan.json, which
+                # the GPU host reads; those take the default (a row-scaled value needs none)
+                calibrated = {n for n in masked if MODEL_TAINT not in taint.get(n, ())}
+            amax = exact_pass.calibrate(self.program, calibrated)
             exact_pass.plan_inputs(gpu_stages, masked, exact, amax, dict(self.shapes.upper))
             for name in masked:  # pads are drawn in the ring, not in the value's float dtype
                 shape = list(masked[name][0])

@@ -240,6 +240,35 @@ def test_audit_refuses_a_shifted_slice_of_a_protected_vector_under_a_public_base
         del gpu.module.innocent_looking
 
 
+def test_the_plan_the_gpu_host_reads_does_not_depend_on_the_adapter():
+    """OFT under ``on_unmaskable="enclave"``: the base layers' GPU input is the rotated
+    ``x R``, not row-scaled, so its fixed-point scale was calibrated on the fine-tuned model
+    and the plan (``plan.json``, which the GPU host reads) carried it: frac_bits 9, 7 and 0
+    for three rotations (a review's finding). Under a public base a value a protected
+    parameter shaped is not calibrated."""
+    import peft
+
+    plans = []
+    for scale in (0.01, 3.0):
+        model = peft.get_peft_model(
+            tiny_llama(num_hidden_layers=1),
+            peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "up_proj"]),
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            split = partition(
+                model.eval(), Policy.preset("private_finetune", on_unmaskable="enclave")
+            )
+        plans.append(split.protection.exact.to_dict())
+    assert plans[0]["frac_bits"]  # the edges the leak was on
+    assert plans[0] == plans[1]
+
+
 @pytest.mark.parametrize("rank", [4, 8])
 def test_audit_finds_a_narrow_adapter_weight_quantised_per_channel(rank):
     """``lora_B`` (out x r) quantised per output channel, as the exact pass quantises a GPU
