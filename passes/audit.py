@@ -157,18 +157,14 @@ def audit(program: SplitProgram, *, verbose: bool = True) -> AuditReport:
         public = {n.name for n in source.graph.find_nodes(op="placeholder") if is_public(n)}
         protected = [fqn for name, fqn in model_weights(source).items() if name not in public]
         by_fqn = {fqn: weight_value(source, fqn) for fqn in model_weights(source).values()}
-        held = [(s.name, _stage_tensors(s.module)) for s in program.stages if s.side == GPU]
-        public_values = [(f, v) for f, v in by_fqn.items() if f not in protected and v is not None]
-        violations += copies_on_gpu(
-            held, [(f, by_fqn[f]) for f in protected if by_fqn[f] is not None], public_values
-        )
+        secret = {f: by_fqn[f] for f in protected if by_fqn[f] is not None}
+        public_values = [(f, v) for f, v in by_fqn.items() if f not in secret and v is not None]
+        gpu_tensors = [(s.name, _stage_tensors(s.module)) for s in program.stages if s.side == GPU]
+        violations += copies_on_gpu(gpu_tensors, list(secret.items()), public_values)
         if policy.public_base is not None:
-            violations += unexplained_on_gpu(held, public_values)
-        values = [weight_value(source, fqn) for fqn in protected]
+            violations += unexplained_on_gpu(gpu_tensors, public_values)
         storages = {
-            t.untyped_storage().data_ptr()
-            for t in values
-            if t is not None and t.device.type != "meta"
+            t.untyped_storage().data_ptr() for t in secret.values() if t.device.type != "meta"
         }
         for stage in program.stages:
             if stage.side != GPU:

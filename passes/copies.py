@@ -202,11 +202,7 @@ def copies_on_gpu(
     ]
     if not any(tensors for _, tensors in stages):
         return []
-    protected = [
-        (fqn, _real(t))
-        for fqn, t in protected
-        if t.device.type != "meta" and t.numel() >= 2 and not _constant(t)
-    ]
+    protected = [(fqn, _real(t)) for fqn, t in protected if _searchable(t) and not _constant(t)]
     held = [t for _, tensors in stages for _, t in tensors]
     sizes = {t.numel() for t in held}
     shapes = {tuple(t.shape) for t in held if t.dim() == 2}
@@ -223,12 +219,15 @@ def copies_on_gpu(
             shaped.append((fqn, t.detach().to(torch.float64)))
     for stage, tensors in stages:
         for name, tensor in tensors:
-            for fqn, ref in by_size.get(tensor.numel(), ()):
-                if whole_copy(tensor.detach().to(torch.float64).flatten(), ref):
+            same_size = by_size.get(tensor.numel(), ())
+            if not same_size and not (tensor.dim() == 2 and shaped):
+                continue
+            mine = tensor.detach().to(torch.float64)  # once, and only for a comparison
+            for fqn, ref in same_size:
+                if whole_copy(mine.flatten(), ref):
                     found.setdefault((stage, name, fqn), "whole")
             if tensor.dim() != 2:
                 continue
-            mine = tensor.detach().to(torch.float64)
             for fqn, ref in shaped:
                 pairs = ((mine, ref), (mine.t(), ref.t()), (mine, ref.t()), (mine.t(), ref))
                 if any(rowwise_copy(a, b) for a, b in pairs):

@@ -49,6 +49,27 @@ def trained(model: torch.nn.Module) -> list[str]:
     ]
 
 
+def private_split(model: torch.nn.Module) -> object:
+    """``model`` partitioned under ``private_finetune`` (export's warnings hushed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return partition(model, Policy.preset("private_finetune"))
+
+
+def finetuned_split(config: object, part: str, change, seed: int | None = None) -> object:
+    """A one-layer tiny Llama under peft ``config``, every parameter whose name holds ``part``
+    changed in place by ``change`` (``seed`` set after the model is built), partitioned under
+    ``private_finetune``."""
+    model, _ = peft_program(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if part in name:
+                change(param)
+    return private_split(model)
+
+
 @pytest.mark.parametrize("method", ["loha+modules_to_save", "lora+trainable_tokens"])
 def test_every_peft_methods_adapter_is_protected(method):
     from peft import LoHaConfig, LoraConfig
@@ -130,17 +151,11 @@ def test_audit_finds_a_flattened_copy_of_a_protected_parameter_on_the_gpu():
     a protected weight quantised and flattened to one row passed the audit."""
     from peft import LoraConfig
 
-    model, _ = peft_program(LoraConfig(r=4, target_modules=["q_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split = partition(model, Policy.preset("private_finetune"))
+    split = finetuned_split(
+        LoraConfig(r=4, target_modules=["q_proj"]), "lora_B", torch.nn.init.normal_
+    )
     protected = next(f for f in split.parameters.protected if "lora_B" in f)
-    weight = split.source.state_dict[protected]
-    stolen = torch.round(weight / weight.abs().max() * 127).to(torch.int8).flatten()
+    stolen = _int8(split.source.state_dict[protected]).flatten()
     gpu = next(s for s in split.stages if s.side == GPU)
     gpu.module.register_buffer("innocent_looking", stolen)
     with pytest.raises(AuditError, match="by value"):
@@ -151,15 +166,8 @@ def test_audit_finds_a_flattened_copy_of_a_protected_parameter_on_the_gpu():
 def _trained_split() -> object:
     from peft import LoraConfig
 
-    model, _ = peft_program(LoraConfig(r=8, target_modules=["q_proj", "up_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return partition(model, Policy.preset("private_finetune"))
+    config = LoraConfig(r=8, target_modules=["q_proj", "up_proj"])
+    return finetuned_split(config, "lora_B", torch.nn.init.normal_, seed=3)
 
 
 def _int8(t: torch.Tensor) -> torch.Tensor:
@@ -218,16 +226,8 @@ def test_audit_refuses_a_shifted_slice_of_a_protected_vector_under_a_public_base
     GPU may be other than a public parameter or its quantisation."""
     from peft import LoraConfig
 
-    model, _ = peft_program(
-        LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split = partition(model, Policy.preset("private_finetune"))
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
+    split = finetuned_split(config, "modules_to_save", lambda p: p.add_(torch.randn_like(p) * 0.1))
     norm = next(f for f in split.parameters.protected if "modules_to_save" in f)
     stolen = split.source.state_dict[norm].detach()[3:40] * 2
     gpu = next(s for s in split.stages if s.side == GPU)
@@ -280,14 +280,8 @@ def test_audit_finds_a_narrow_adapter_weight_quantised_per_channel(rank):
     from passes.exact import quantise_weight
 
     torch.manual_seed(rank)
-    model, _ = peft_program(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split = partition(model, Policy.preset("private_finetune"))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj"])
+    split = finetuned_split(config, "lora_B", lambda p: p.normal_(std=0.05))
     lora_b = next(f for f in split.parameters.protected if "lora_B" in f)
     stolen, _ = quantise_weight(split.source.state_dict[lora_b].detach())
     gpu = next(s for s in split.stages if s.side == GPU)
@@ -471,9 +465,7 @@ def test_a_base_weight_trained_beside_the_adapter_is_not_public():
     down.requires_grad_(True)
     with torch.no_grad():
         down.add_(0.05 * torch.randn_like(down))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split = partition(model, Policy.preset("private_finetune"))
+    split = private_split(model)
     fqn = next(f for f in split.parameters.protected if f.endswith("mlp.down_proj.weight"))
     assert split.parameters.why[fqn].startswith("trainable")
     assert not any(fqn in s.params for s in split.stages if s.side == GPU)
@@ -540,9 +532,7 @@ def test_under_peft_a_weight_held_as_a_buffer_is_not_public(kind):
     mlp = model.base_model.model.model.layers[0].mlp
     secret = mlp.down_proj.weight.detach() + 0.05 * torch.randn_like(mlp.down_proj.weight)
     mlp.down_proj = _BufferLinear(secret.contiguous(), kind)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split = partition(model, Policy.preset("private_finetune"))
+    split = private_split(model)
     held = _secret_stays_in_the_enclave(split, secret)
     assert all("not a parameter" in split.parameters.why[f] for f in held)
 

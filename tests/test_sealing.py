@@ -36,16 +36,29 @@ def key_file(tmp_path_factory):
     return sealing.new_key(tmp_path_factory.mktemp("key") / "enclave.key")
 
 
-def secrets(program) -> list[bytes]:
-    """The raw bytes of the model's larger weights (what a reader of the disk would look
-    for), each 256 bytes from its middle."""
+def secrets(program, smallest: int = 4096, span: int = 256) -> list[bytes]:
+    """The raw bytes of the model's weights of ``smallest`` bytes or more (what a reader of
+    the disk would look for), each ``span`` bytes from its middle."""
     out = []
     for value in program.source.state_dict.values():
         raw = value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        if len(raw) >= 4096:
-            out.append(raw[len(raw) // 2 : len(raw) // 2 + 256])
+        if len(raw) >= smallest:
+            out.append(raw[len(raw) // 2 - span // 2 : len(raw) // 2 + span // 2])
     assert out
     return out
+
+
+@pytest.fixture(scope="module")
+def rnm_program():
+    """The tiny Llama under all_enclave with RNM on its tokens: tables built from the
+    embedding, which the policy protects."""
+    from conftest import captured
+
+    from partitioner.api import partition
+    from partitioner.policy import Policy, RNMConfig
+
+    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
+    return partition(captured("tiny-llama"), policy, seed=BUNDLE_SEED)
 
 
 def found_on_disk(root: Path, wanted: list[bytes]) -> int:
@@ -75,17 +88,14 @@ def test_sealed_no_file_holds_them_and_the_key_loads_the_same_program(program, k
 
 
 def test_rnm_tables_derived_from_a_protected_embedding_are_sealed_too(
-    key_file, tmp_path, monkeypatch
+    rnm_program, key_file, tmp_path, monkeypatch
 ):
     """RNM's tables are the embedding's cosine neighbours and their scores: under
     ``protects: [model]`` they describe a protected parameter (a fine-tuned embedding), and
     the enclave alone reads them. In the clear the attack below finds the scores a reader of
     the disk would recompute from the embedding; sealed, no file holds them, and the key
     loads the same tables."""
-    from partitioner.policy import Policy, RNMConfig
-
-    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
-    program = partition_for_rnm(policy)
+    program = rnm_program
     tables = program.protection.rnm.tables
     # what the tables say of the protected embedding: a token's scores are its normalised
     # cosines with its group's members
@@ -128,11 +138,7 @@ def test_a_sealed_bundle_compiled_ahead_of_time_holds_no_protected_parameter(key
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=gen) * 0.05)
     program = partition(capture(model, model_name="tiny-llama"), PRESET, seed=BUNDLE_SEED)
-    wanted = []
-    for value in program.source.state_dict.values():
-        raw = value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        if len(raw) >= 32:
-            wanted.append(raw[len(raw) // 2 - 16 : len(raw) // 2 + 16])
+    wanted = secrets(program, smallest=32, span=32)
     assert len(wanted) >= 10
     clear = program.save(tmp_path / "clear", sign_key=SIGN_KEY)
     assert found_on_disk(clear, wanted) == len(wanted)
@@ -143,15 +149,12 @@ def test_a_sealed_bundle_compiled_ahead_of_time_holds_no_protected_parameter(key
     assert found_on_disk(root, wanted) == 0
 
 
-def test_plan_json_is_no_fingerprint_of_the_enclaves_files_in_the_clear(tmp_path):
+def test_plan_json_is_no_fingerprint_of_the_enclaves_files_in_the_clear(rnm_program, tmp_path):
     """The GPU host reads plan.json (its worker checks gpu/ against it). In the clear, the
     hash of enclave/weights.safetensors depended on the weights alone: a GPU host that
     compiled candidate fine-tunes matched the deployed one by it (a review's finding). Salted,
     two saves of one program hash differently; the enclave loads either."""
-    from partitioner.policy import Policy, RNMConfig
-
-    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
-    program = partition_for_rnm(policy)
+    program = rnm_program
     hashes = []
     for run in ("a", "b"):
         root = program.save(tmp_path / run, sign_key=SIGN_KEY)
@@ -178,14 +181,13 @@ def resign(root: Path, change) -> None:
     (root / "plan.json.sig").write_bytes(sign(raw, SIGN_KEY))
 
 
-def test_a_sealed_record_must_name_exactly_the_files_only_the_enclave_reads(key_file, tmp_path):
+def test_a_sealed_record_must_name_exactly_the_files_only_the_enclave_reads(
+    rnm_program, key_file, tmp_path
+):
     """A record that seals the weights alone, with RNM's tables in the clear (as bundles
     sealed before the tables were), is refused rather than read; so is one naming tables
     that a plan without RNM does not have (a review's finding: both loaded)."""
-    from partitioner.policy import Policy, RNMConfig
-
-    policy = Policy.preset(PRESET, name="rnm+model", rnm=RNMConfig(epsilon=1.0, candidates=4))
-    program = partition_for_rnm(policy)
+    program = rnm_program
     root = program.save(tmp_path / "rnm", sign_key=SIGN_KEY, enclave_key=key_file)
     (root / "enclave" / "rnm.safetensors").write_bytes(program.protection.rnm.tables.to_bytes())
     with pytest.raises(ArtifactError, match="tampered"):  # unsigned change: its hash
@@ -205,14 +207,6 @@ def test_a_sealed_record_must_name_exactly_the_files_only_the_enclave_reads(key_
     resign(plain, lambda doc: doc["sealed"].update(files=files))
     with pytest.raises(ArtifactError, match="'sealed' must be"):
         load_program(plain, trusted_key=TRUSTED, enclave_key=key_file)
-
-
-def partition_for_rnm(policy):
-    from conftest import BUNDLE_SEED, captured
-
-    from partitioner.api import partition
-
-    return partition(captured("tiny-llama"), policy, seed=BUNDLE_SEED)
 
 
 @pytest.fixture(scope="module")
